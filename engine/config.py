@@ -1,0 +1,88 @@
+"""EngineConfig: every engine setting in one frozen dataclass, validated once.
+
+Budgets that depend on the model (how many KV blocks fit) are derived by the model runner from the
+model's shape and the memory budget here; the scheduler only sees `SchedulerConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_DEVICES = ("cpu", "cuda")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_LOAD_FORMATS = ("auto", "dummy")
+DEFAULT_CPU_KV_CACHE_GIB = 1.0
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    block_size: int = 16
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # catalogue name, HF directory or .gguf path; None: the default model
+    device: str = "auto"  # "auto" picks cuda when available
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    max_model_len: int | None = None  # None: the model's own limit (capped by the catalogue)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None  # None: max(2048, max_model_len) without chunking
+    block_size: int = 16
+    kv_cache_gib: float | None = None  # absolute KV budget; None: from gpu_memory_utilization
+    gpu_memory_utilization: float = 0.9
+    num_kv_blocks: int | None = None  # exact block count (tests); overrides the memory budget
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    load_format: str = "auto"
+    seed: int = 0  # for dummy weights and unseeded sampling
+    enforce_eager: bool = False  # no CUDA graphs
+
+    def __post_init__(self) -> None:
+        if self.device not in (*_DEVICES, "auto"):
+            raise ValueError(f"device must be one of cpu, cuda, auto; got {self.device!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {self.dtype!r}")
+        if self.load_format not in _LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {_LOAD_FORMATS}; got {self.load_format!r}")
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128; got {self.block_size}")
+        if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
+            raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        for name in ("max_model_len", "max_num_batched_tokens", "num_kv_blocks"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")
+
+    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
+        """The scheduler's view, once the model's context length is known."""
+        budget = self.max_num_batched_tokens
+        if budget is None:
+            budget = 2048 if self.enable_chunked_prefill else max(2048, max_model_len)
+        if not self.enable_chunked_prefill and budget < max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({budget}) must be >= max_model_len ({max_model_len}) "
+                "when chunked prefill is off"
+            )
+        return SchedulerConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=budget,
+            max_model_len=max_model_len,
+            block_size=self.block_size,
+            enable_chunked_prefill=self.enable_chunked_prefill,
+        )

@@ -1,0 +1,110 @@
+"""Typed boundaries between scheduler, runner and callers: ScheduleOutput, RunnerOutput, RequestOutput.
+
+    Scheduler.schedule()  -> ScheduleOutput   what to compute this step (no torch)
+    ModelRunner.execute() -> RunnerOutput     what was sampled
+    LLMEngine.step()      -> RequestOutput    what the caller sees (text so far, finish reason)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """`num_new_tokens` tokens of `seq`, starting at position `start_pos`, computed this step."""
+
+    seq: Sequence
+    start_pos: int  # == seq.num_computed_tokens when scheduled
+    num_new_tokens: int
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids[self.start_pos : self.start_pos + self.num_new_tokens]
+
+    @property
+    def end_pos(self) -> int:
+        return self.start_pos + self.num_new_tokens
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the end of the sequence: its last position is sampled."""
+        return self.end_pos == self.seq.num_tokens
+
+
+@dataclass(frozen=True)
+class BlockCopy:
+    """Copy-on-write: copy the K/V of block `src` into block `dst` before this step's forward."""
+
+    src: int
+    dst: int
+
+
+@dataclass
+class ScheduleOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    block_copies: list[BlockCopy] = field(default_factory=list)
+    preempted_seq_ids: list[int] = field(default_factory=list)
+    finished_seq_ids: list[int] = field(default_factory=list)  # since the last schedule (aborts)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Log-probability of a chosen token, with the top-N alternatives (most likely first)."""
+
+    token_id: int
+    logprob: float
+    top_token_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
+
+@dataclass
+class RunnerOutput:
+    """Per sampled sequence: `num_samples_to_draw` token ids (and logprobs when asked for)."""
+
+    sampled_token_ids: dict[int, list[int]] = field(default_factory=dict)
+    logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
+
+
+@dataclass
+class CompletionOutput:
+    """One of a request's n samples, cumulative so far."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    num_cached_tokens: int = 0
+    metrics: RequestMetrics | None = None
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_token_time: float | None = None
+    finished_time: float | None = None
