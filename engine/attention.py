@@ -1,0 +1,136 @@
+"""Paged attention: metadata for one batch, and the backend that runs it (torch on CPU, Triton on CUDA).
+
+KV cache layout, per layer (the kernels in kernels/ use the same):
+
+    k_cache, v_cache: (num_blocks, block_size, num_kv_heads, head_dim)
+    token at position p of a sequence -> block block_table[p // block_size], offset p % block_size
+    slot = block_id * block_size + offset
+
+A batch is flat: the new tokens of every scheduled sequence, one after another. Sequence s owns rows
+query_start_loc[s] : query_start_loc[s + 1]; its context after this step is seq_lens[s] tokens, the
+last (query_start_loc[s + 1] - query_start_loc[s]) of them new. Prefill, chunked prefill, prefix-cache
+hits and decode are all this one shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # (num_tokens,) int64: where each new token's K/V goes
+    query_start_loc: torch.Tensor  # (num_seqs + 1,) int32
+    seq_lens: torch.Tensor  # (num_seqs,) int32: context length after this step
+    block_tables: torch.Tensor  # (num_seqs, max_blocks) int32, padded with 0
+    # Host copies, so the CPU path never synchronizes to read lengths.
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+class TorchAttention:
+    """Reference backend: gather each sequence's K/V through its block table, then SDPA.
+
+    This is what the Triton kernels are checked against, and the CPU path of the engine."""
+
+    def forward(
+        self,
+        q: torch.Tensor,  # (num_tokens, num_heads, head_dim)
+        k: torch.Tensor,  # (num_tokens, num_kv_heads, head_dim)
+        v: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        k_cache, v_cache = kv_cache
+        write_kv_torch(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_decode_only and meta.num_seqs > 1:
+            return _decode_batched(q, k_cache, v_cache, meta, scale)
+        out = torch.empty_like(q)
+        start = 0
+        for s, (q_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+            qs = q[start : start + q_len]
+            if q_len == seq_len:  # nothing cached before this chunk: attend to the new K/V directly
+                ks, vs = k[start : start + q_len], v[start : start + q_len]
+            else:
+                ks, vs = _gather(k_cache, v_cache, meta.block_tables[s], seq_len)
+            out[start : start + q_len] = _attend(qs, ks, vs, scale, seq_len - q_len)
+            start += q_len
+        return out
+
+
+def write_kv_torch(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    flat_k = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+    flat_v = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+    flat_k.index_copy_(0, slot_mapping, k)
+    flat_v.index_copy_(0, slot_mapping, v)
+
+
+def _gather(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    block_size = k_cache.shape[1]
+    blocks = block_table[: (seq_len + block_size - 1) // block_size]
+    # (num_blocks_used, block_size, kv_heads, head_dim) -> (seq_len, kv_heads, head_dim)
+    ks = k_cache[blocks].flatten(0, 1)[:seq_len]
+    vs = v_cache[blocks].flatten(0, 1)[:seq_len]
+    return ks, vs
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, num_prefix: int
+) -> torch.Tensor:
+    """q: (q_len, H, D), k/v: (kv_len, Hkv, D); query i sits at position num_prefix + i."""
+    q_len, kv_len = q.shape[0], k.shape[0]
+    group = q.shape[1] // k.shape[1]
+    qt = q.transpose(0, 1)  # (H, q_len, D)
+    kt = k.transpose(0, 1).repeat_interleave(group, dim=0)  # (H, kv_len, D)
+    vt = v.transpose(0, 1).repeat_interleave(group, dim=0)
+    if q_len == 1:
+        out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
+    elif num_prefix == 0:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+    else:
+        q_pos = torch.arange(num_prefix, num_prefix + q_len, device=q.device)
+        mask = torch.arange(kv_len, device=q.device)[None, :] <= q_pos[:, None]  # (q_len, kv_len)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)  # (q_len, H, D)
+
+
+def _decode_batched(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """All rows are decode tokens: gather every context padded to the longest, one masked SDPA."""
+    num_seqs, max_len = meta.num_seqs, meta.max_seq_len
+    block_size = k_cache.shape[1]
+    max_blocks = (max_len + block_size - 1) // block_size
+    tables = meta.block_tables[:, :max_blocks]
+    # (num_seqs, max_blocks * block_size, kv_heads, head_dim)
+    ks = k_cache[tables].flatten(1, 2)
+    vs = v_cache[tables].flatten(1, 2)
+    group = q.shape[1] // k_cache.shape[2]
+    kt = ks.transpose(1, 2).repeat_interleave(group, dim=1)  # (S, H, L, D)
+    vt = vs.transpose(1, 2).repeat_interleave(group, dim=1)
+    lens = meta.seq_lens.to(torch.int64)
+    mask = torch.arange(kt.shape[2], device=q.device)[None, :] < lens[:, None]  # (S, L)
+    qt = q.unsqueeze(2)  # (S, H, 1, D)
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None, None, :], scale=scale)
+    return out.squeeze(2)  # (S, H, D)

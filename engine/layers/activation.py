@@ -1,0 +1,12 @@
+"""SiLU-and-mul: the gated MLP activation over a fused gate_up projection."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: (num_tokens, 2 * d) holding [gate | up] -> (num_tokens, d)."""
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]) * x[..., d:]

@@ -1,0 +1,169 @@
+"""Llama-family decoder (Llama 2/3, Mistral without sliding window, SmolLM2) over flat paged batches.
+
+Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm) are the same network with two switches read
+from ModelConfig; engine/models/qwen.py names them. Projections are fused (qkv, gate_up) so each
+layer runs two matmuls where the checkpoint has five; `load_weights` maps HF names onto the slices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from engine.attention import AttentionMetadata
+from engine.layers.activation import silu_and_mul
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding
+from engine.model_config import ModelConfig
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        h = config.hidden_size
+        self.qkv_proj = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, h, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.rotary = rotary
+        self.scale = self.head_dim**-0.5
+
+    def forward(self, positions, hidden, kv_cache: KVCache, meta: AttentionMetadata, backend):
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)  # (num_tokens, num_heads, head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # (num_tokens, num_kv_heads, head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = backend.forward(q, k, v, kv_cache, meta, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, rotary)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions, hidden, residual, kv_cache, meta, backend):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, meta, backend)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        rotary = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, rotary) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (num_tokens,)
+        positions: torch.Tensor,  # (num_tokens,)
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+        backend,
+    ) -> torch.Tensor:
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, meta, backend)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden  # (num_tokens, hidden_size)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into the fused parameters; every parameter must be covered."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for hf_name, tensor in weights:
+            target = _map_name(hf_name, self.config)
+            if target is None:
+                continue
+            name, offset = target
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {hf_name!r} has no place in the model")
+            param = params[name]
+            dst = param.data if offset is None else param.data.narrow(0, *offset)
+            if dst.shape != tensor.shape:
+                raise ValueError(
+                    f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(dst.shape)}"
+                )
+            dst.copy_(tensor)
+            loaded.add(name)
+        self._check_all_loaded(params, loaded)
+
+    def _check_all_loaded(self, params: dict, loaded: set[str]) -> None:
+        missing = [n for n in params if n not in loaded]
+        if self.config.tie_word_embeddings:
+            missing = [n for n in missing if n != "lm_head.weight"]
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}")
+
+    def init_dummy(self, seed: int) -> None:
+        """Random weights (load_format="dummy"): same compute as real weights, for benchmarks."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        for name, param in self.named_parameters():
+            if "norm" in name:
+                param.data.fill_(1.0)
+            else:
+                param.data.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+
+
+def _map_name(hf_name: str, config: ModelConfig) -> tuple[str, tuple[int, int] | None] | None:
+    """HF checkpoint name -> (our parameter name, (row offset, rows) slice or None)."""
+    if "rotary_emb.inv_freq" in hf_name:
+        return None
+    name = hf_name.removeprefix("model.")
+    q = config.num_heads * config.head_dim
+    kv = config.num_kv_heads * config.head_dim
+    i = config.intermediate_size
+    fused = {
+        "self_attn.q_proj": ("self_attn.qkv_proj", (0, q)),
+        "self_attn.k_proj": ("self_attn.qkv_proj", (q, kv)),
+        "self_attn.v_proj": ("self_attn.qkv_proj", (q + kv, kv)),
+        "mlp.gate_proj": ("mlp.gate_up_proj", (0, i)),
+        "mlp.up_proj": ("mlp.gate_up_proj", (i, i)),
+    }
+    for src, (dst, offset) in fused.items():
+        if f".{src}." in name:
+            return name.replace(src, dst), offset
+    return name, None

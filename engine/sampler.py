@@ -1,0 +1,157 @@
+"""Sampler: logits of the sampled rows -> token ids (and logprobs), batched on the model's device.
+
+Order, as in vLLM: penalties -> (logprobs from the penalised logits) -> greedy rows take argmax;
+random rows: temperature -> top-k -> top-p -> min-p -> draw.
+
+Drawing uses the exponential race (argmax of p / E with E ~ Exp(1)), equivalent to sampling from p.
+A seeded row draws its E from a generator seeded by (seed, sample index, output position), so its
+tokens depend on nothing else in the batch: the same across runs, batch positions and preemptions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.outputs import TokenLogprob
+from engine.sampling_params import SamplingParams
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplingRow:
+    """One row to sample: its params, token history (for penalties) and seed coordinates."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sample_index: int = 0
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, seed: int = 0) -> None:
+        self.vocab_size = vocab_size
+        self.generator: torch.Generator | None = None
+        self._seed = seed
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        """logits: (num_rows, vocab) float32."""
+        logits = logits[:, : self.vocab_size].float()
+        if any(r.params.has_penalties for r in rows):
+            logits = apply_penalties(logits, rows)
+        logprobs = None
+        if any(r.params.logprobs is not None for r in rows):
+            logprobs = torch.log_softmax(logits, dim=-1)
+        token_ids = self._choose(logits, rows)
+        token_list = token_ids.tolist()
+        return SamplerOutput(token_list, _gather_logprobs(logprobs, token_list, rows))
+
+    def _choose(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        greedy = logits.argmax(dim=-1)
+        if all(r.params.greedy for r in rows):
+            return greedy
+        probs = _filtered_probs(logits, rows)  # (num_rows, vocab)
+        noise = self._exponential_noise(probs, rows)
+        drawn = (probs / noise).argmax(dim=-1)
+        is_greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
+        return torch.where(is_greedy, greedy, drawn)
+
+    def _exponential_noise(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        if self.generator is None:
+            self.generator = torch.Generator(device=probs.device).manual_seed(self._seed)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, row in enumerate(rows):
+            if row.params.seed is not None and not row.params.greedy:
+                gen = torch.Generator(device=probs.device).manual_seed(_row_seed(row))
+                noise[i].exponential_(generator=gen)
+        return noise
+
+
+def _row_seed(row: SamplingRow) -> int:
+    key = (row.params.seed, row.sample_index, len(row.output_token_ids))
+    # A stable mix (Python's hash of ints is stable; keep it in 63 bits for manual_seed).
+    return (key[0] * 1_000_003 + key[1] * 7919 + key[2]) % (2**63 - 1)
+
+
+def _filtered_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    device = logits.device
+    temps = torch.tensor([r.params.temperature or 1.0 for r in rows], device=device)
+    logits = logits / temps[:, None]
+    if any(r.params.top_k > 0 for r in rows):
+        logits = _top_k(logits, [r.params.top_k for r in rows])
+    if any(r.params.top_p < 1.0 for r in rows):
+        logits = _top_p(logits, torch.tensor([r.params.top_p for r in rows], device=device))
+    probs = torch.softmax(logits, dim=-1)
+    if any(r.params.min_p > 0 for r in rows):
+        min_p = torch.tensor([r.params.min_p for r in rows], device=device)
+        threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+        probs = torch.where(probs < threshold, 0.0, probs)
+    return probs
+
+
+def _top_k(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    k = torch.tensor([k if 0 < k < vocab else vocab for k in ks], device=logits.device)
+    sorted_logits = logits.sort(dim=-1, descending=True).values
+    kth = sorted_logits.gather(-1, (k - 1)[:, None])  # (num_rows, 1)
+    return logits.masked_fill(logits < kth, _NEG_INF)
+
+
+def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
+    drop_sorted = mass_before >= top_p[:, None]  # keep the smallest prefix reaching top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, _NEG_INF)
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Repetition penalty over prompt + output (HF/vLLM rule), presence/frequency over output."""
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for i, row in enumerate(rows):
+        p = row.params
+        if not p.has_penalties:
+            continue
+        out_ids = torch.tensor(row.output_token_ids, dtype=torch.int64, device=logits.device)
+        counts = torch.bincount(out_ids, minlength=vocab)[:vocab].to(logits.dtype)
+        if p.repetition_penalty != 1.0:
+            seen = counts > 0
+            seen[torch.tensor(row.prompt_token_ids, dtype=torch.int64, device=logits.device)] = True
+            penalised = torch.where(
+                logits[i] > 0, logits[i] / p.repetition_penalty, logits[i] * p.repetition_penalty
+            )
+            logits[i] = torch.where(seen, penalised, logits[i])
+        logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    return logits
+
+
+def _gather_logprobs(
+    logprobs: torch.Tensor | None, token_ids: list[int], rows: list[SamplingRow]
+) -> list[TokenLogprob | None]:
+    if logprobs is None:
+        return [None] * len(rows)
+    max_top = max(r.params.logprobs or 0 for r in rows)
+    top_vals, top_ids = logprobs.topk(max(max_top, 1), dim=-1)
+    chosen = logprobs.gather(-1, torch.tensor(token_ids, device=logprobs.device)[:, None])
+    chosen_list, top_vals_l, top_ids_l = chosen[:, 0].tolist(), top_vals.tolist(), top_ids.tolist()
+    result: list[TokenLogprob | None] = []
+    for i, row in enumerate(rows):
+        n = row.params.logprobs
+        if n is None:
+            result.append(None)
+            continue
+        result.append(
+            TokenLogprob(token_ids[i], chosen_list[i], tuple(top_ids_l[i][:n]),
+                         tuple(top_vals_l[i][:n]))
+        )
+    return result
