@@ -1,0 +1,243 @@
+"""Decode attention over the paged KV cache: one query token per sequence.
+
+Grid: (num_seqs, num_kv_heads, num_splits). One program owns the GROUP query heads that share a KV
+head (GQA), so each K/V tile is loaded once for the whole group; the group is padded to 16 rows to
+feed `tl.dot`. The context is cut into `num_splits` contiguous ranges so a small batch still fills
+the GPU (split-KV / flash-decoding):
+
+    context:  |---- split 0 ----|---- split 1 ----|-- split 2 --|
+    program:  partial (max, sum, acc) per split  ->  _reduce_kernel merges them
+
+Each range is walked in tiles of BLOCK_N tokens that may straddle cache blocks: every token's slot
+is looked up in the block table, so any block_size works. With one split the decode kernel writes
+the normalised output itself and the reduce step is skipped. Softmax statistics are kept in fp32,
+in base 2 (the scale is pre-multiplied by log2(e)).
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.kv_cache import check_cache_pair
+
+_LOG2E = 1.4426950408889634
+_MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the parallelism it adds
+_MAX_SPLITS = 16
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, acc_ptr, ml_ptr,
+    qk_scale, block_size, stride_qs, stride_qh, stride_bt, stride_os, stride_oh,
+    GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ctx_len = tl.load(ctx_ptr + seq)
+    split_len = tl.cdiv(tl.cdiv(ctx_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, ctx_len)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + g  # (BLOCK_G,) query heads of this group
+    qmask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :], mask=qmask)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    slot_stride = NUM_KV_HEADS * HEAD_DIM
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) absolute token positions
+        pmask = pos < end
+        block_id = tl.load(bt_ptr + seq * stride_bt + pos // block_size, mask=pmask, other=0)
+        slot = block_id.to(tl.int64) * block_size + pos % block_size
+        kv_off = slot[:, None] * slot_stride + kv_head * HEAD_DIM + d[None, :]  # (BLOCK_N, BLOCK_D)
+        kv_mask = pmask[:, None] & (d[None, :] < HEAD_DIM)
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N)
+        s = tl.where(pmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    hmask = g < GROUP
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # context_len 0 -> zeros
+        o_off = seq * stride_os + heads[:, None] * stride_oh + d[None, :]
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=qmask)
+    else:
+        # Partial buffers: acc (num_seqs, num_heads, NUM_SPLITS, HEAD_DIM), ml (2, same minus dim).
+        row = (seq * (NUM_KV_HEADS * GROUP) + heads) * NUM_SPLITS + split  # (BLOCK_G,)
+        tl.store(acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=qmask)
+        num_rows = tl.num_programs(0) * NUM_KV_HEADS * GROUP * NUM_SPLITS
+        tl.store(ml_ptr + row, m_i, mask=hmask)
+        tl.store(ml_ptr + num_rows + row, l_i, mask=hmask)
+
+
+@triton.jit
+def _reduce_kernel(
+    acc_ptr, ml_ptr, out_ptr, num_rows, stride_os, stride_oh,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    seq, head = tl.program_id(0), tl.program_id(1)
+    sp = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    row0 = (seq * NUM_HEADS + head) * NUM_SPLITS
+    smask = sp < NUM_SPLITS
+    m = tl.load(ml_ptr + row0 + sp, mask=smask, other=float("-inf"))  # (BLOCK_S,)
+    l_part = tl.load(ml_ptr + num_rows + row0 + sp, mask=smask, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # every split empty
+    w = tl.exp2(m - m_max)  # empty splits: exp2(-inf) = 0
+    total = tl.sum(l_part * w, 0)
+    amask = smask[:, None] & (d[None, :] < HEAD_DIM)
+    acc = tl.load(acc_ptr + (row0 + sp)[:, None] * HEAD_DIM + d[None, :], mask=amask, other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)  # (BLOCK_D,)
+    o_off = seq * stride_os + head * stride_oh + d
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # interpreter: a token parallelism so splits are exercised
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, num_sms: int) -> int:
+    """Enough splits for ~2 programs per SM, but each split keeps >= _MIN_TOKENS_PER_SPLIT tokens.
+
+    max_context_len is an upper bound (block-table width * block_size) so that no host sync on
+    context_lens is needed (CUDA graphs).
+    """
+    programs = num_seqs * num_kv_heads
+    wanted = math.ceil(2 * num_sms / max(programs, 1))
+    useful = math.ceil(max_context_len / _MIN_TOKENS_PER_SPLIT)
+    return max(1, min(wanted, useful, _MAX_SPLITS))
+
+
+def _check_decode_args(query, k_cache, v_cache, block_tables, context_lens) -> None:
+    check_cache_pair(k_cache, v_cache)
+    _, _, num_kv_heads, head_dim = k_cache.shape
+    if query.dim() != 3 or query.shape[2] != head_dim:
+        raise ValueError(f"query must be (num_seqs, num_heads, {head_dim}), got {tuple(query.shape)}")
+    num_seqs, num_heads, _ = query.shape
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if query.dtype != k_cache.dtype:
+        raise ValueError(f"query dtype {query.dtype} must match the cache dtype {k_cache.dtype}")
+    if query.stride(2) != 1:
+        raise ValueError("query must be contiguous in its last dimension")
+    if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
+        raise ValueError(
+            f"block_tables must be ({num_seqs}, max_blocks_per_seq), got {tuple(block_tables.shape)}"
+        )
+    if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
+        raise ValueError("block_tables and context_lens must be int32")
+    if context_lens.shape != (num_seqs,):
+        raise ValueError(f"context_lens must be ({num_seqs},), got {tuple(context_lens.shape)}")
+    for name, t in (("query", query), ("block_tables", block_tables), ("context_lens", context_lens)):
+        if t.device != k_cache.device:
+            raise ValueError(f"{name} must be on {k_cache.device}, got {t.device}")
+
+
+def _check_out(out: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty_like(query)
+    if out.shape != query.shape or out.dtype != query.dtype or out.device != query.device:
+        raise ValueError(f"out must be {tuple(query.shape)} {query.dtype} on {query.device}")
+    if out.stride(-1) != 1:
+        raise ValueError("out must be contiguous in its last dimension")
+    return out
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Attention of one query token per sequence over its cached context -> (num_seqs, heads, dim)."""
+    _check_decode_args(query, k_cache, v_cache, block_tables, context_lens)
+    out = _check_out(out, query)
+    num_seqs, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if num_seqs == 0:
+        return out
+    if num_splits is None:
+        max_len = block_tables.shape[1] * block_size
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_len, _num_sms(query.device))
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    rows = num_seqs * num_heads * num_splits
+    partial = num_splits > 1
+    acc = query.new_empty((rows, head_dim) if partial else (1,), dtype=torch.float32)
+    ml = query.new_empty((2 * rows) if partial else 1, dtype=torch.float32)  # max, sum
+    group = num_heads // num_kv_heads
+    block_tables = block_tables.contiguous()
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query, k_cache, v_cache, block_tables, context_lens, out, acc, ml,
+        scale * _LOG2E, block_size, query.stride(0), query.stride(1), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_N=32 if head_dim > 128 else 64,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    if partial:
+        _reduce_kernel[(num_seqs, num_heads)](
+            acc, ml, out, rows, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(head_dim),
+        )  # fmt: skip
+    return out
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens of one sequence -> (length, num_kv_heads, head_dim)."""
+    block_size = cache.shape[1]
+    num_blocks = -(-length // block_size)
+    blocks = cache[block_table[:num_blocks].long()]  # (num_blocks, block_size, kv_heads, dim)
+    return blocks.flatten(0, 1)[:length]
+
+
+def paged_decode_attention_ref(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Torch reference: gather K/V through the block table, plain fp32 softmax per sequence."""
+    _check_decode_args(query, k_cache, v_cache, block_tables, context_lens)
+    out = torch.zeros_like(query)
+    group = query.shape[1] // k_cache.shape[2]
+    for s, length in enumerate(context_lens.tolist()):
+        if length == 0:
+            continue
+        k = gather_kv(k_cache, block_tables[s], length).float().repeat_interleave(group, dim=1)
+        v = gather_kv(v_cache, block_tables[s], length).float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,nhd->hn", query[s].float(), k) * scale  # (num_heads, length)
+        out[s] = torch.einsum("hn,nhd->hd", scores.softmax(-1), v).to(query.dtype)
+    return out
