@@ -76,9 +76,7 @@ def _check_write_args(key, value, k_cache, v_cache, slot_mapping) -> None:
     if value.shape[0] != key.shape[0]:
         raise ValueError(f"key has {key.shape[0]} tokens but value has {value.shape[0]}")
     if slot_mapping.shape != (key.shape[0],):
-        raise ValueError(
-            f"slot_mapping must be ({key.shape[0]},), got {tuple(slot_mapping.shape)}"
-        )
+        raise ValueError(f"slot_mapping must be ({key.shape[0]},), got {tuple(slot_mapping.shape)}")
     if slot_mapping.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
 
@@ -115,7 +113,8 @@ def write_kv_ref(
     _check_write_args(key, value, k_cache, v_cache, slot_mapping)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    flat_k = k_cache.view(-1, *k_cache.shape[2:])  # (num_blocks * block_size, num_kv_heads, head_dim)
+    # (num_blocks * block_size, num_kv_heads, head_dim)
+    flat_k = k_cache.view(-1, *k_cache.shape[2:])
     flat_v = v_cache.view(-1, *v_cache.shape[2:])
     flat_k[slots] = key[keep].to(k_cache.dtype)
     flat_v[slots] = value[keep].to(v_cache.dtype)

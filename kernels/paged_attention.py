@@ -135,7 +135,7 @@ def _check_decode_args(query, k_cache, v_cache, block_tables, context_lens) -> N
     check_cache_pair(k_cache, v_cache)
     _, _, num_kv_heads, head_dim = k_cache.shape
     if query.dim() != 3 or query.shape[2] != head_dim:
-        raise ValueError(f"query must be (num_seqs, num_heads, {head_dim}), got {tuple(query.shape)}")
+        raise ValueError(f"query must be (num_seqs, num_heads, {head_dim}), got {query.shape}")
     num_seqs, num_heads, _ = query.shape
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
@@ -145,13 +145,14 @@ def _check_decode_args(query, k_cache, v_cache, block_tables, context_lens) -> N
         raise ValueError("query must be contiguous in its last dimension")
     if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
         raise ValueError(
-            f"block_tables must be ({num_seqs}, max_blocks_per_seq), got {tuple(block_tables.shape)}"
+            f"block_tables must be ({num_seqs}, max_blocks_per_seq), got {block_tables.shape}"
         )
     if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
         raise ValueError("block_tables and context_lens must be int32")
     if context_lens.shape != (num_seqs,):
         raise ValueError(f"context_lens must be ({num_seqs},), got {tuple(context_lens.shape)}")
-    for name, t in (("query", query), ("block_tables", block_tables), ("context_lens", context_lens)):
+    named = {"query": query, "block_tables": block_tables, "context_lens": context_lens}
+    for name, t in named.items():
         if t.device != k_cache.device:
             raise ValueError(f"{name} must be on {k_cache.device}, got {t.device}")
 
@@ -176,7 +177,7 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Attention of one query token per sequence over its cached context -> (num_seqs, heads, dim)."""
+    """One query token per sequence attends to its cached context -> (num_seqs, heads, dim)."""
     _check_decode_args(query, k_cache, v_cache, block_tables, context_lens)
     out = _check_out(out, query)
     num_seqs, num_heads, head_dim = query.shape

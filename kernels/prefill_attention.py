@@ -14,8 +14,8 @@ the GROUP query heads that share a KV head, flattened into BLOCK_M = BLOCK_Q * G
     row r  ->  token local_tile * BLOCK_Q + r // GROUP,  head kv_head * GROUP + r % GROUP
 
 Sequence s owns tiles [qsl[s] // BLOCK_Q + s, ...): the grid size needs no host sync, and a program
-finds its sequence by binary search over query_start_loc. Flash-attention style online softmax in fp32
-(base 2) over BLOCK_N-key tiles, which may straddle cache blocks.
+finds its sequence by binary search over query_start_loc. Flash-attention style online softmax in
+fp32 (base 2) over BLOCK_N-key tiles, which may straddle cache blocks.
 """
 
 import torch
