@@ -1,0 +1,266 @@
+"""BlockManager: the paged KV cache's bookkeeping (no tensors, no torch).
+
+It owns which physical blocks are free, how many block tables hold each block (reference counts),
+copy-on-write after a fork, and the automatic prefix cache.
+
+    seq.block_ids  [ 7 | 2 | 9 ]          block_size = 4, num_tokens = 10
+    block 7        [ t0 t1 t2 t3 ]        full, computed -> hashed, findable by later prompts
+    block 2        [ t4 t5 t6 t7 ]        full, computed -> hashed
+    block 9        [ t8 t9 __ __ ]        partial -> never hashed
+
+Prefix cache: a full computed block is keyed by a chained hash, block_hash(parent hash, its tokens),
+so one dictionary lookup per block walks a prompt's prefix. A hash only finds a candidate: the
+candidate's stored tokens must equal ours and its parent must be the very block we matched one step
+earlier (`key`, a number never reused), so a collision can cost a miss but never give wrong K/V.
+
+Free blocks: blocks without a hash are reused first; freed blocks that are still findable ("cached")
+wait in LRU order and are evicted least-recently-freed first, losing their hash entry.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict, deque
+from collections.abc import Sequence as SequenceLike
+from dataclasses import dataclass
+
+from engine.outputs import BlockCopy
+from engine.sequence import Sequence
+
+
+def block_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
+    """Chained hash of one full block: depends on every token before it through `parent_hash`."""
+    return hash((parent_hash, token_ids))
+
+
+@dataclass(frozen=True)
+class PrefixHit:
+    """Cached blocks that start a sequence, and how many of its tokens need no compute."""
+
+    block_ids: tuple[int, ...] = ()
+    num_tokens: int = 0  # at most num_tokens - 1: the last position is always computed
+
+
+@dataclass(frozen=True)
+class BlockSnapshot:
+    """A copy of the cache's state for a UI block map and metrics; safe to hand to another thread."""
+
+    num_blocks: int
+    block_size: int
+    num_free: int  # includes cached blocks
+    num_used: int
+    num_cached: int  # free, but still holding a reusable prefix
+    block_owner: tuple[tuple[int, ...] | None, ...]  # per block: None = free, else holder seq ids
+    block_cached: tuple[bool, ...]  # per block: free but findable by the prefix cache
+    prefix_queries_tokens: int
+    prefix_hits_tokens: int
+    usage: float  # num_used / num_blocks
+
+
+class _Block:
+    __slots__ = ("ref_count", "hash", "token_ids", "key", "parent_key")
+
+    def __init__(self) -> None:
+        self.ref_count = 0
+        self.clear()
+
+    def clear(self) -> None:
+        self.hash: int | None = None
+        self.token_ids: tuple[int, ...] | None = None
+        self.key: int | None = None  # unique per registration: identifies this exact content
+        self.parent_key: int | None = None
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._blocks = [_Block() for _ in range(num_blocks)]
+        self._free_uncached: deque[int] = deque(range(num_blocks))
+        self._free_cached: OrderedDict[int, None] = OrderedDict()  # LRU: oldest first
+        self._hash_to_block: dict[int, int] = {}
+        self._holders: dict[int, Sequence] = {}  # seq_id -> seq, for every seq holding blocks
+        self._pending_copies: list[BlockCopy] = []
+        self._keys = itertools.count()
+        self.prefix_queries_tokens = 0
+        self.prefix_hits_tokens = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free_uncached) + len(self._free_cached)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    # -- prefix cache ---------------------------------------------------------------------------
+
+    def match_prefix(self, seq: Sequence) -> PrefixHit | None:
+        """The longest run of cached full blocks that starts `seq` (no side effects).
+
+        None when there is nothing to look up: caching is off or `seq` already has computed tokens."""
+        if not self.enable_prefix_caching or seq.block_ids or seq.num_computed_tokens:
+            return None
+        hit_ids: list[int] = []
+        parent_hash, parent_key = None, None
+        for start in range(0, seq.num_tokens - self.block_size + 1, self.block_size):
+            tokens = tuple(seq.token_ids[start : start + self.block_size])
+            parent_hash = block_hash(parent_hash, tokens)
+            block_id = self._hash_to_block.get(parent_hash)
+            if block_id is None:
+                break
+            block = self._blocks[block_id]
+            if block.token_ids != tokens or block.parent_key != parent_key:
+                break  # a hash collision: different content behind the same hash
+            hit_ids.append(block_id)
+            parent_key = block.key
+        num_tokens = min(len(hit_ids) * self.block_size, seq.num_tokens - 1)
+        return PrefixHit(tuple(hit_ids), num_tokens)
+
+    def cache_blocks(self, seq: Sequence, num_computed_before: int) -> None:
+        """Register the blocks that became full and computed since `num_computed_before`."""
+        if not self.enable_prefix_caching:
+            return
+        first = num_computed_before // self.block_size
+        last = min(seq.num_computed_tokens // self.block_size, len(seq.block_ids))
+        for index in range(first, last):
+            block = self._blocks[seq.block_ids[index]]
+            if block.key is not None:
+                continue  # a prefix hit or a shared block, registered already
+            parent = self._blocks[seq.block_ids[index - 1]] if index else None
+            start = index * self.block_size
+            block.token_ids = tuple(seq.token_ids[start : start + self.block_size])
+            block.hash = block_hash(parent.hash if parent else None, block.token_ids)
+            block.key = next(self._keys)
+            block.parent_key = parent.key if parent else None
+            self._hash_to_block.setdefault(block.hash, seq.block_ids[index])
+
+    # -- allocation -----------------------------------------------------------------------------
+
+    def allocate(self, seq: Sequence, num_new_tokens: int, prefix: PrefixHit | None = None) -> bool:
+        """Make room for `num_new_tokens` more tokens of `seq`, after attaching `prefix` (admission).
+
+        All or nothing: returns False and changes nothing when too few blocks are free."""
+        num_computed = seq.num_computed_tokens if prefix is None else prefix.num_tokens
+        hit_ids = () if prefix is None else prefix.block_ids
+        num_have = len(seq.block_ids) + len(hit_ids)
+        num_needed = -(-(num_computed + num_new_tokens) // self.block_size)
+        cow_indices = self._cow_indices(seq, num_computed, num_new_tokens)
+        num_revived = sum(1 for b in hit_ids if self._blocks[b].ref_count == 0)
+        if max(num_needed - num_have, 0) + len(cow_indices) + num_revived > self.num_free_blocks:
+            return False
+        if prefix is not None:
+            self._attach_prefix(seq, prefix)
+        for index in cow_indices:
+            self._copy_on_write(seq, index)
+        for _ in range(num_needed - num_have):
+            seq.block_ids.append(self._take_free_block())
+        self._holders[seq.seq_id] = seq
+        return True
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """`child` shares all of `parent`'s blocks; a shared partial block is copied on write."""
+        for block_id in parent.block_ids:
+            self._blocks[block_id].ref_count += 1
+        child.block_ids = list(parent.block_ids)
+        self._holders[child.seq_id] = child
+
+    def free(self, seq: Sequence) -> None:
+        """Drop `seq`'s references; its last blocks are freed first so prefixes outlive tails."""
+        for block_id in reversed(seq.block_ids):
+            block = self._blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._release(block_id)
+        seq.block_ids = []
+        self._holders.pop(seq.seq_id, None)
+
+    def take_block_copies(self) -> list[BlockCopy]:
+        """Copy-on-write copies recorded since the last call (the runner does them)."""
+        copies, self._pending_copies = self._pending_copies, []
+        return copies
+
+    def _attach_prefix(self, seq: Sequence, prefix: PrefixHit) -> None:
+        for block_id in prefix.block_ids:
+            if self._blocks[block_id].ref_count == 0:
+                del self._free_cached[block_id]
+            self._blocks[block_id].ref_count += 1
+        seq.block_ids = list(prefix.block_ids)
+        seq.num_computed_tokens = seq.num_cached_tokens = prefix.num_tokens
+        self.prefix_queries_tokens += seq.num_tokens
+        self.prefix_hits_tokens += prefix.num_tokens
+
+    def _cow_indices(self, seq: Sequence, num_computed: int, num_new_tokens: int) -> list[int]:
+        """Table indices of shared, unregistered blocks that this step would write into."""
+        first = num_computed // self.block_size
+        last = min(-(-(num_computed + num_new_tokens) // self.block_size), len(seq.block_ids))
+        return [
+            i
+            for i in range(first, last)
+            if self._blocks[seq.block_ids[i]].ref_count > 1
+            and self._blocks[seq.block_ids[i]].key is None  # registered ones hold final K/V
+        ]
+
+    def _copy_on_write(self, seq: Sequence, index: int) -> None:
+        src = seq.block_ids[index]
+        dst = self._take_free_block()
+        self._blocks[src].ref_count -= 1
+        seq.block_ids[index] = dst
+        self._pending_copies.append(BlockCopy(src, dst))
+
+    def _take_free_block(self) -> int:
+        if self._free_uncached:
+            block_id = self._free_uncached.popleft()
+        else:
+            block_id, _ = self._free_cached.popitem(last=False)  # evict least recently freed
+            self._forget(block_id)
+        self._blocks[block_id].ref_count = 1
+        return block_id
+
+    def _release(self, block_id: int) -> None:
+        block = self._blocks[block_id]
+        if block.hash is not None and self._hash_to_block.get(block.hash) == block_id:
+            self._free_cached[block_id] = None
+        else:
+            block.clear()  # not findable (a duplicate lost the hash slot): plain free block
+            self._free_uncached.append(block_id)
+
+    def _forget(self, block_id: int) -> None:
+        block = self._blocks[block_id]
+        if self._hash_to_block.get(block.hash) == block_id:
+            del self._hash_to_block[block.hash]
+        block.clear()
+
+    # -- monitoring -----------------------------------------------------------------------------
+
+    def snapshot(self) -> BlockSnapshot:
+        holders: list[list[int] | None] = [None] * self.num_blocks
+        for seq in list(self._holders.values()):
+            for block_id in seq.block_ids:
+                holders[block_id] = (holders[block_id] or []) + [seq.seq_id]
+        cached = [False] * self.num_blocks
+        for block_id in self._free_cached:
+            cached[block_id] = True
+        num_free = self.num_free_blocks
+        return BlockSnapshot(
+            num_blocks=self.num_blocks,
+            block_size=self.block_size,
+            num_free=num_free,
+            num_used=self.num_blocks - num_free,
+            num_cached=len(self._free_cached),
+            block_owner=tuple(tuple(h) if h else None for h in holders),
+            block_cached=tuple(cached),
+            prefix_queries_tokens=self.prefix_queries_tokens,
+            prefix_hits_tokens=self.prefix_hits_tokens,
+            usage=self.usage,
+        )
+
+    def ref_count(self, block_id: int) -> int:
+        return self._blocks[block_id].ref_count
+
+    def is_free(self, block_id: int) -> bool:
+        """Whether `block_id` sits in a free list (O(num_blocks): for tests and debugging)."""
+        return block_id in self._free_cached or block_id in self._free_uncached

@@ -1,0 +1,269 @@
+"""Scheduler: which tokens of which sequences the next forward pass computes (no torch).
+
+Each step it spends a token budget (`max_num_batched_tokens`) on running sequences first (a decode
+costs 1 token, an unfinished chunked prefill continues), then admits waiting ones in priority order
+(lower number first, FCFS within a priority), taking prefix-cache hits into account. When KV blocks
+run out it preempts by recompute: the lowest-priority, latest-arrived running sequence loses its
+blocks and returns to the waiting queue with `num_computed_tokens = 0`.
+
+    schedule() -> ScheduleOutput -> runner -> RunnerOutput -> update() -> sampled sequences
+
+schedule() never moves `num_computed_tokens`; update() does, once the runner has computed the chunk.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from engine.block_manager import BlockManager, BlockSnapshot
+from engine.config import SchedulerConfig
+from engine.outputs import RunnerOutput, ScheduledChunk, ScheduleOutput
+from engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SeqSnapshot:
+    seq_id: int
+    request_id: str
+    state: str  # "waiting", "prefill" (running, prompt not yet computed) or "decode"
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_computed_tokens: int
+    num_blocks: int
+    age_s: float  # since arrival
+
+
+@dataclass(frozen=True)
+class SchedulerSnapshot:
+    """A copy of the queues' state for the monitor UI; safe to hand to another thread."""
+
+    num_running: int
+    num_waiting: int
+    seqs: tuple[SeqSnapshot, ...]  # running first, then waiting, each in scheduling order
+    num_preemptions: int
+    blocks: BlockSnapshot
+
+
+def _order(seq: Sequence) -> tuple[int, float, int]:
+    return (seq.priority, seq.arrival_time, seq.seq_id)
+
+
+class Scheduler:
+    def __init__(
+        self, config: SchedulerConfig, block_manager: BlockManager, eos_token_ids: Iterable[int]
+    ) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: list[Sequence] = []  # both sorted by _order
+        self.running: list[Sequence] = []
+        self._finished_seq_ids: list[int] = []  # since the last schedule()
+        self._num_preemptions = 0
+        self._seq_ids = itertools.count()
+
+    def next_seq_id(self) -> int:
+        return next(self._seq_ids)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_preemptions(self) -> int:
+        return self._num_preemptions
+
+    # -- queue changes from the engine ----------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        if seq.num_tokens == 0:
+            raise ValueError("the prompt must contain at least one token")
+        if seq.num_tokens > self.config.max_model_len:
+            raise ValueError(
+                f"the prompt has {seq.num_tokens} tokens, more than the model's context length "
+                f"(max_model_len = {self.config.max_model_len})"
+            )
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, seq, key=_order)
+
+    def abort_request(self, request_id: str) -> list[Sequence]:
+        seqs = [s for s in self.running + self.waiting if s.request_id == request_id]
+        for seq in seqs:
+            self.finish(seq, FinishReason.ABORT)
+        return seqs
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.is_finished:
+            return
+        queue = self.running if seq.status is SequenceStatus.RUNNING else self.waiting
+        if seq in queue:  # the engine may end a sequence it has not added yet
+            queue.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.block_manager.free(seq)
+        self._finished_seq_ids.append(seq.seq_id)
+
+    # -- schedule -------------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduleOutput:
+        out = ScheduleOutput(finished_seq_ids=self._finished_seq_ids)
+        self._finished_seq_ids = []
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.preempted_seq_ids:
+            self._schedule_waiting(out, budget)
+        out.block_copies = self.block_manager.take_block_copies()
+        return out
+
+    def _schedule_running(self, out: ScheduleOutput, budget: int) -> int:
+        # Victims come from the end of `running`, at or after the sequence being scheduled, so a
+        # sequence already given a chunk this step is never preempted.
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if num_new <= 0:
+                continue  # nothing to compute (its sample never arrived)
+            if self._allocate_or_preempt(seq, num_new, out):
+                out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
+                budget -= num_new
+        return budget
+
+    def _allocate_or_preempt(self, seq: Sequence, num_new: int, out: ScheduleOutput) -> bool:
+        while not self.block_manager.allocate(seq, num_new):
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence, out: ScheduleOutput) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self._num_preemptions += 1
+        bisect.insort(self.waiting, seq, key=_order)
+        out.preempted_seq_ids.append(seq.seq_id)
+
+    def _schedule_waiting(self, out: ScheduleOutput, budget: int) -> None:
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            room = self.config.max_num_seqs - len(self.running)
+            if room < min(seq.num_samples_to_draw, self.config.max_num_seqs):
+                break  # a parent forks into n running sequences after its first sample
+            num_new = self._admit(seq, budget)
+            if num_new == 0:
+                break  # FCFS: nobody overtakes the first sequence that does not fit
+            self.waiting.pop(0)
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=_order)
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
+            budget -= num_new
+
+    def _admit(self, seq: Sequence, budget: int) -> int:
+        """Attach cached prefix blocks and allocate the first chunk; 0 when it does not fit."""
+        prefix = self.block_manager.match_prefix(seq)
+        num_computed = seq.num_computed_tokens if prefix is None else prefix.num_tokens
+        num_left = seq.num_tokens - num_computed
+        num_new = min(num_left, budget)
+        if num_new < num_left and not self.config.enable_chunked_prefill:
+            return 0
+        if not self.block_manager.allocate(seq, num_new, prefix):
+            return 0
+        return num_new
+
+    # -- update ---------------------------------------------------------------------------------
+
+    def update(self, schedule: ScheduleOutput, output: RunnerOutput) -> list[Sequence]:
+        """Advance computed counters, append sampled tokens, fork n > 1, finish stopped sequences.
+
+        Returns every sequence that received a token this step (forked children included)."""
+        sampled: list[Sequence] = []
+        for chunk in schedule.chunks:
+            seq = chunk.seq
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # aborted or finished between schedule() and update()
+            samples = chunk.samples  # read before the token count grows
+            num_computed_before = seq.num_computed_tokens
+            seq.num_computed_tokens += chunk.num_new_tokens
+            self.block_manager.cache_blocks(seq, num_computed_before)
+            token_ids = output.sampled_token_ids.get(seq.seq_id)
+            if samples and token_ids:
+                sampled.extend(self._append_samples(seq, token_ids))
+        for seq in sampled:
+            reason = self._stop_reason(seq)
+            if reason is not None:
+                self.finish(seq, reason)
+        return sampled
+
+    def _append_samples(self, seq: Sequence, token_ids: list[int]) -> list[Sequence]:
+        seq.append_token(token_ids[0])
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        if seq.forked:
+            return [seq]
+        seq.forked = True
+        children = []
+        for index, token_id in enumerate(token_ids[1 : seq.sampling_params.n], start=1):
+            child = seq.fork(self.next_seq_id(), index, token_id)
+            self.block_manager.fork(seq, child)
+            bisect.insort(self.running, child, key=_order)
+            children.append(child)
+        return [seq, *children]
+
+    def _stop_reason(self, seq: Sequence) -> FinishReason | None:
+        params = seq.sampling_params
+        token_id = seq.last_token_id
+        if token_id in params.stop_token_ids:
+            return FinishReason.STOP
+        if token_id in self.eos_token_ids and not params.ignore_eos:
+            return FinishReason.STOP
+        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+            return FinishReason.LENGTH
+        if seq.num_tokens >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    # -- monitoring -----------------------------------------------------------------------------
+
+    def snapshot(self) -> SchedulerSnapshot:
+        now = time.monotonic()
+        seqs = tuple(_seq_snapshot(s, now) for s in [*self.running, *self.waiting])
+        return SchedulerSnapshot(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            seqs=seqs,
+            num_preemptions=self._num_preemptions,
+            blocks=self.block_manager.snapshot(),
+        )
+
+
+def _seq_snapshot(seq: Sequence, now: float) -> SeqSnapshot:
+    if seq.status is SequenceStatus.WAITING:
+        state = "waiting"
+    else:
+        state = "prefill" if seq.num_computed_tokens < seq.num_prompt_tokens else "decode"
+    return SeqSnapshot(
+        seq_id=seq.seq_id,
+        request_id=seq.request_id,
+        state=state,
+        num_prompt_tokens=seq.num_prompt_tokens,
+        num_output_tokens=seq.num_output_tokens,
+        num_computed_tokens=seq.num_computed_tokens,
+        num_blocks=len(seq.block_ids),
+        age_s=now - seq.arrival_time,
+    )
