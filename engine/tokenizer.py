@@ -1,8 +1,8 @@
 """Tokenizer: text ↔ token ids and chat templates, for HF directories and GGUF files alike.
 
-A thin wrapper over a `tokenizers.Tokenizer` (the Rust library transformers itself uses), plus what a
-model's tokenizer files say around it: BOS/EOS ids, whether BOS is prepended, and the jinja chat
-template, rendered the way transformers renders it (sandboxed, trim_blocks/lstrip_blocks,
+A thin wrapper over a `tokenizers.Tokenizer` (the Rust library transformers itself uses), plus
+what a model's tokenizer files say around it: BOS/EOS ids, whether BOS is prepended, and the
+jinja chat template, rendered the way transformers renders it (sandboxed, trim_blocks/lstrip_blocks,
 `raise_exception`, `strftime_now`, a non-escaping `tojson`).
 
 A GGUF file carries no tokenizer.json: `from_gguf_metadata` rebuilds the byte-level BPE from the
@@ -84,13 +84,13 @@ class Tokenizer:
 
     @classmethod
     def from_hf_dir(cls, model_dir: str | Path) -> Tokenizer:
-        """tokenizer.json + tokenizer_config.json (+ chat_template.jinja, generation_config.json)."""
+        """From tokenizer.json, tokenizer_config.json, chat_template.jinja and generation_config."""
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
         if not path.is_file():
             raise ValueError(
                 f"{model_dir} has no tokenizer.json; Hearth needs the fast-tokenizer file "
-                "(save it with transformers: AutoTokenizer.from_pretrained(...).save_pretrained(dir))"
+                "(AutoTokenizer.from_pretrained(src).save_pretrained(dir) writes it)"
             )
         try:
             backend = _Backend.from_file(str(path))
@@ -125,8 +125,9 @@ class Tokenizer:
             )
         tokens = list(metadata["tokenizer.ggml.tokens"])
         token_types = list(metadata.get("tokenizer.ggml.token_type") or [])
-        backend = _byte_level_bpe(tokens, metadata.get("tokenizer.ggml.merges") or [],
-                                  metadata.get("tokenizer.ggml.pre"))
+        backend = _byte_level_bpe(
+            tokens, metadata.get("tokenizer.ggml.merges") or [], metadata.get("tokenizer.ggml.pre")
+        )
         _add_gguf_special_tokens(backend, tokens, token_types)
         eos_ids = [metadata.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
         return cls(
@@ -176,13 +177,14 @@ class Tokenizer:
 
     def with_chat_template(self, chat_template: str) -> Tokenizer:
         """A copy using another template (a catalogue override)."""
-        return Tokenizer(self._backend, self.bos_token_id, self.eos_token_ids, chat_template,
-                         self._prepend_bos)
+        return Tokenizer(
+            self._backend, self.bos_token_id, self.eos_token_ids, chat_template, self._prepend_bos
+        )
 
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any
     ) -> str:
-        """The prompt text for `messages`, exactly as transformers' apply_chat_template(tokenize=False)."""
+        """The prompt for `messages`, as transformers' apply_chat_template(tokenize=False) gives."""
         if not self.chat_template:
             raise ValueError(
                 "this model has no chat template; send a plain completion request instead, or set "
@@ -222,11 +224,17 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: Any = None, sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: Any = None,
+    sort_keys: bool = False,
+) -> str:
     # Jinja's own tojson escapes HTML characters; templates expect plain JSON.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _byte_level_bpe(tokens: list[str], merges: Sequence[str], pre: str | None) -> _Backend:
@@ -238,8 +246,11 @@ def _byte_level_bpe(tokens: list[str], merges: Sequence[str], pre: str | None) -
         for i, t in enumerate(tokens)
     }
     pairs = [tuple(m.split(" ", 1)) for m in merges]
-    backend = _Backend(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in
-                                  ("llama-bpe", "llama3", "llama-v3")))
+    backend = _Backend(
+        models.BPE(
+            vocab=vocab, merges=pairs, ignore_merges=pre in ("llama-bpe", "llama3", "llama-v3")
+        )
+    )
     backend.pre_tokenizer = _pre_tokenizer(pre or "default")
     backend.decoder = decoders.ByteLevel()
     return backend
@@ -248,26 +259,36 @@ def _byte_level_bpe(tokens: list[str], merges: Sequence[str], pre: str | None) -
 def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     if pre not in _PRE_TOKENIZERS:
         raise ValueError(
-            f"GGUF pre-tokenizer {pre!r} is not supported; known: {', '.join(sorted(_PRE_TOKENIZERS))}"
+            f"GGUF pre-tokenizer {pre!r} is not supported; "
+            f"known: {', '.join(sorted(_PRE_TOKENIZERS))}"
         )
     split, digits = _PRE_TOKENIZERS[pre]
     if split is not None:
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     if digits:
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                        _GPT2_BYTE_LEVEL])
+        return pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), _GPT2_BYTE_LEVEL]
+        )
     return _GPT2_BYTE_LEVEL
 
 
 def _add_gguf_special_tokens(backend: _Backend, tokens: list[str], types: list[int]) -> None:
-    """Control tokens become special (kept whole, skipped on decode); user-defined ones stay whole."""
-    control = [AddedToken(t, normalized=False, special=True)
-               for t, kind in zip(tokens, types) if kind == _CONTROL]
-    user = [AddedToken(t, normalized=False, special=False)
-            for t, kind in zip(tokens, types) if kind == _USER_DEFINED]
+    """Control tokens become special (kept whole, skipped on decode); user-defined stay whole."""
+    control = [
+        AddedToken(t, normalized=False, special=True)
+        for t, kind in zip(tokens, types, strict=False)
+        if kind == _CONTROL
+    ]
+    user = [
+        AddedToken(t, normalized=False, special=False)
+        for t, kind in zip(tokens, types, strict=False)
+        if kind == _USER_DEFINED
+    ]
     if control:
         backend.add_special_tokens(control)
     if user:
@@ -277,8 +298,11 @@ def _add_gguf_special_tokens(backend: _Backend, tokens: list[str], types: list[i
 @lru_cache(maxsize=1)
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte → printable character table."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table, extra = {}, 0
     for b in range(256):
         if b in printable:
