@@ -94,7 +94,7 @@ class BlockManager:
 
     @property
     def usage(self) -> float:
-        return 1.0 - self.num_free_blocks / self.num_blocks
+        return (self.num_blocks - self.num_free_blocks) / self.num_blocks
 
     # -- prefix cache ---------------------------------------------------------------------------
 
