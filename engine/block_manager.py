@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict, deque
-from collections.abc import Sequence as SequenceLike
 from dataclasses import dataclass
 
 from engine.outputs import BlockCopy
@@ -43,7 +42,7 @@ class PrefixHit:
 
 @dataclass(frozen=True)
 class BlockSnapshot:
-    """A copy of the cache's state for a UI block map and metrics; safe to hand to another thread."""
+    """A copy of the cache state for a UI block map and metrics; safe to hand to another thread."""
 
     num_blocks: int
     block_size: int
@@ -74,7 +73,9 @@ class _Block:
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
+            raise ValueError(
+                f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}"
+            )
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -101,7 +102,7 @@ class BlockManager:
     def match_prefix(self, seq: Sequence) -> PrefixHit | None:
         """The longest run of cached full blocks that starts `seq` (no side effects).
 
-        None when there is nothing to look up: caching is off or `seq` already has computed tokens."""
+        None when there is nothing to look up: caching is off or `seq` has computed tokens."""
         if not self.enable_prefix_caching or seq.block_ids or seq.num_computed_tokens:
             return None
         hit_ids: list[int] = []
@@ -141,7 +142,7 @@ class BlockManager:
     # -- allocation -----------------------------------------------------------------------------
 
     def allocate(self, seq: Sequence, num_new_tokens: int, prefix: PrefixHit | None = None) -> bool:
-        """Make room for `num_new_tokens` more tokens of `seq`, after attaching `prefix` (admission).
+        """Make room for `num_new_tokens` more tokens of `seq`, after attaching `prefix` (admit).
 
         All or nothing: returns False and changes nothing when too few blocks are free."""
         num_computed = seq.num_computed_tokens if prefix is None else prefix.num_tokens

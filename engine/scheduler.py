@@ -59,6 +59,10 @@ class Scheduler:
         self.config = config
         self.block_manager = block_manager
         self.eos_token_ids = frozenset(eos_token_ids)
+        # A sequence longer than the whole cache could never run, even alone: cap it there.
+        self.max_len = min(
+            config.max_model_len, block_manager.num_blocks * block_manager.block_size
+        )
         self.waiting: list[Sequence] = []  # both sorted by _order
         self.running: list[Sequence] = []
         self._finished_seq_ids: list[int] = []  # since the last schedule()
@@ -89,10 +93,10 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         if seq.num_tokens == 0:
             raise ValueError("the prompt must contain at least one token")
-        if seq.num_tokens > self.config.max_model_len:
+        if seq.num_tokens > self.max_len:
             raise ValueError(
-                f"the prompt has {seq.num_tokens} tokens, more than the model's context length "
-                f"(max_model_len = {self.config.max_model_len})"
+                f"the prompt has {seq.num_tokens} tokens, more than fit: max_model_len is "
+                f"{self.config.max_model_len} and the KV cache holds {self.max_len} tokens"
             )
         seq.status = SequenceStatus.WAITING
         bisect.insort(self.waiting, seq, key=_order)
@@ -234,7 +238,7 @@ class Scheduler:
             return FinishReason.STOP
         if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
             return FinishReason.LENGTH
-        if seq.num_tokens >= self.config.max_model_len:
+        if seq.num_tokens >= self.max_len:
             return FinishReason.LENGTH
         return None
 

@@ -1,4 +1,4 @@
-"""BlockManager: invariants under random operations, prefix-cache hits, collisions, LRU, copy-on-write.
+"""BlockManager: invariants under random operations, prefix hits, collisions, LRU, copy-on-write.
 
 A fake KV store stands in for the cache tensors: writing position p of a sequence stores the whole
 token prefix up to p in that slot, so reading a block table back proves that every computed position
@@ -30,7 +30,9 @@ class FakeKV:
             self.slots[copy.dst] = list(self.slots.get(copy.src, [None] * self.bm.block_size))
         before = seq.num_computed_tokens
         for pos in range(before, before + num_new):
-            block = self.slots.setdefault(seq.block_ids[pos // self.bm.block_size], [None] * self.bm.block_size)
+            block = self.slots.setdefault(
+                seq.block_ids[pos // self.bm.block_size], [None] * self.bm.block_size
+            )
             block[pos % self.bm.block_size] = tuple(seq.token_ids[: pos + 1])
         seq.num_computed_tokens += num_new
         self.bm.cache_blocks(seq, before)
@@ -82,8 +84,12 @@ ops = st.lists(
 
 
 @settings(max_examples=120, deadline=None)
-@given(ops=ops, block_size=st.sampled_from([2, 4]), num_blocks=st.integers(4, 24),
-       collide=st.booleans())
+@given(
+    ops=ops,
+    block_size=st.sampled_from([2, 4]),
+    num_blocks=st.integers(4, 24),
+    collide=st.booleans(),
+)
 def test_random_operations_keep_invariants(ops, block_size, num_blocks, collide):
     constant_hash = mock.patch("engine.block_manager.block_hash", lambda parent, tokens: 7)
     with constant_hash if collide else contextlib.nullcontext():
@@ -100,7 +106,7 @@ def test_random_operations_keep_invariants(ops, block_size, num_blocks, collide)
 def _apply(bm, kv, live, ids, op, index, tokens):
     if op == "new" or not live:
         # Prompts built from a few shared stems, so prefix hits are common.
-        seq = make_seq(next(ids), [0, 1, 2, 0, 1, 2, 0, 1][: index] + tokens)
+        seq = make_seq(next(ids), [0, 1, 2, 0, 1, 2, 0, 1][:index] + tokens)
         if admit(bm, kv, seq):
             seq.append_token(tokens[0])
             live.append(seq)

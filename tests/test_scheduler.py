@@ -1,0 +1,339 @@
+"""Scheduler on CPU with a fake runner: batching, budget, chunks, preemption, priority, abort, n>1.
+
+The fake runner keeps a fake KV cache (each written slot holds the token prefix up to its position)
+and, before sampling a sequence, reads back every position through the block table: a scheduling or
+copy-on-write mistake shows up as a wrong slot. Its next token is a function of all earlier tokens,
+so a preempted-and-recomputed sequence must produce exactly the tokens of an unpressured run.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+from collections.abc import Callable
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.block_manager import BlockManager
+from engine.config import SchedulerConfig
+from engine.outputs import RunnerOutput, ScheduleOutput
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import FinishReason, Sequence, SequenceStatus
+
+EOS = 2
+
+
+def next_token(token_ids: list[int]) -> int:
+    return 100 + sum(t * (i + 1) for i, t in enumerate(token_ids)) % 97
+
+
+class FakeRunner:
+    def __init__(self, block_size: int, token_fn: Callable[[Sequence], int] | None = None):
+        self.block_size = block_size
+        self.token_fn = token_fn or (lambda seq: next_token(seq.token_ids))
+        self.slots: dict[int, list] = {}
+
+    def __call__(self, schedule: ScheduleOutput) -> RunnerOutput:
+        for copy in schedule.block_copies:
+            self.slots[copy.dst] = list(self.slots[copy.src])
+        sampled = {}
+        for chunk in schedule.chunks:
+            seq = chunk.seq
+            assert chunk.start_pos == seq.num_computed_tokens
+            for pos in range(chunk.start_pos, chunk.end_pos):
+                block = self.slots.setdefault(seq.block_ids[pos // self.block_size], [None] * 64)
+                block[pos % self.block_size] = tuple(seq.token_ids[: pos + 1])
+            if chunk.samples:
+                self._check_kv(seq)
+                first = self.token_fn(seq)
+                sampled[seq.seq_id] = [first + i for i in range(seq.num_samples_to_draw)]
+        return RunnerOutput(sampled_token_ids=sampled)
+
+    def _check_kv(self, seq: Sequence) -> None:
+        for pos in range(seq.num_tokens):
+            slot = self.slots[seq.block_ids[pos // self.block_size]][pos % self.block_size]
+            assert slot == tuple(seq.token_ids[: pos + 1]), (seq, pos)
+
+
+def make_scheduler(num_blocks: int = 64, block_size: int = 4, **config) -> Scheduler:
+    config = SchedulerConfig(block_size=block_size, **config)
+    return Scheduler(config, BlockManager(num_blocks, block_size), eos_token_ids=[EOS])
+
+
+def add(
+    sched: Scheduler, prompt: list[int], priority: int = 0, arrival: float | None = None, **params
+) -> Sequence:
+    seq_id = sched.next_seq_id()
+    params.setdefault("max_tokens", 4)
+    seq = Sequence(
+        seq_id, f"r{seq_id}", prompt, SamplingParams(**params), priority, arrival_time=arrival
+    )
+    sched.add(seq)
+    return seq
+
+
+def step(sched: Scheduler, runner: FakeRunner) -> tuple[ScheduleOutput, list[Sequence]]:
+    schedule = sched.schedule()
+    assert schedule.num_batched_tokens <= sched.config.max_num_batched_tokens
+    assert sched.num_running <= sched.config.max_num_seqs
+    return schedule, sched.update(schedule, runner(schedule))
+
+
+def run_all(sched: Scheduler, runner: FakeRunner, max_steps: int = 2000) -> list[ScheduleOutput]:
+    schedules = []
+    while sched.has_unfinished:
+        assert len(schedules) < max_steps, "no progress"
+        schedules.append(step(sched, runner)[0])
+    assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
+    return schedules
+
+
+def prompt(length: int, start: int = 10) -> list[int]:
+    return [start + i % 50 for i in range(length)]
+
+
+def test_new_requests_join_while_others_decode():
+    sched = make_scheduler()
+    runner = FakeRunner(4)
+    first = add(sched, prompt(6), max_tokens=6)
+    step(sched, runner)
+    step(sched, runner)
+    second = add(sched, prompt(5, start=30), max_tokens=3)
+    schedule, sampled = step(sched, runner)
+    assert [(c.seq, c.num_new_tokens) for c in schedule.chunks] == [(first, 1), (second, 5)]
+    assert sampled == [first, second] and second.first_token_time is not None
+    run_all(sched, runner)
+    assert first.num_output_tokens == 6 and second.num_output_tokens == 3
+
+
+def test_long_prompt_is_prefilled_in_budget_sized_chunks():
+    sched = make_scheduler(max_num_batched_tokens=16)
+    runner = FakeRunner(4)
+    seq = add(sched, prompt(40), max_tokens=2)
+    chunks = []
+    while sched.has_unfinished:
+        schedule = sched.schedule()
+        chunks += [(c.start_pos, c.num_new_tokens, c.samples) for c in schedule.chunks]
+        sched.update(schedule, runner(schedule))
+    assert chunks == [(0, 16, False), (16, 16, False), (32, 8, True), (40, 1, True)]
+    assert seq.finish_reason is FinishReason.LENGTH
+
+
+def test_without_chunking_a_prompt_waits_for_room_in_the_budget():
+    sched = make_scheduler(max_num_batched_tokens=16, enable_chunked_prefill=False)
+    runner = FakeRunner(4)
+    first, second = add(sched, prompt(10)), add(sched, prompt(10, start=20))
+    schedule, _ = step(sched, runner)
+    assert [c.seq for c in schedule.chunks] == [first]
+    schedule, _ = step(sched, runner)
+    assert [(c.seq, c.num_new_tokens) for c in schedule.chunks] == [(first, 1), (second, 10)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 30), min_size=1, max_size=8),
+    budget=st.integers(8, 40),
+    max_num_seqs=st.integers(1, 5),
+)
+def test_budget_and_seq_limit_hold_in_every_step(lengths, budget, max_num_seqs):
+    sched = make_scheduler(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs)
+    seqs = [add(sched, prompt(n, start=n), max_tokens=3) for n in lengths]
+    run_all(sched, FakeRunner(4))  # step() checks the budget and the seq limit
+    assert all(s.finish_reason is FinishReason.LENGTH and s.num_output_tokens == 3 for s in seqs)
+
+
+def _outputs(num_blocks: int, lengths: list[int], max_tokens: int) -> tuple[list, Scheduler]:
+    sched = make_scheduler(num_blocks=num_blocks, max_num_batched_tokens=24)
+    seqs = [
+        add(sched, prompt(n, start=7 * i), max_tokens=max_tokens) for i, n in enumerate(lengths)
+    ]
+    schedules = run_all(sched, FakeRunner(4))
+    preempted = {i for s in schedules for i in s.preempted_seq_ids}
+    assert preempted == {s.seq_id for s in seqs if s.num_preemptions}
+    return [s.output_token_ids for s in seqs], sched
+
+
+def test_preempted_requests_finish_with_the_same_tokens():
+    lengths = [5, 7, 3, 9]
+    roomy, _ = _outputs(num_blocks=100, lengths=lengths, max_tokens=10)
+    pressed, sched = _outputs(num_blocks=6, lengths=lengths, max_tokens=10)
+    assert sched.num_preemptions > 0
+    assert pressed == roomy
+
+
+@settings(max_examples=20, deadline=None)
+@given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=5), num_blocks=st.integers(6, 12))
+def test_preemption_never_changes_tokens(lengths, num_blocks):
+    assert _outputs(num_blocks, lengths, 8)[0] == _outputs(200, lengths, 8)[0]
+
+
+def test_lower_priority_number_runs_first_and_fcfs_within_a_priority():
+    sched = make_scheduler(max_num_seqs=1)
+    low = add(sched, prompt(3), priority=1, arrival=0.0, max_tokens=2)
+    high_first = add(sched, prompt(3), priority=0, arrival=1.0, max_tokens=2)
+    high_second = add(sched, prompt(3), priority=0, arrival=2.0, max_tokens=2)
+    order = []
+    for schedule in run_all(sched, FakeRunner(4)):
+        order += [c.seq for c in schedule.chunks if c.seq not in order]
+    assert order == [high_first, high_second, low]
+
+
+def test_block_pressure_preempts_the_lowest_priority():
+    sched = make_scheduler(num_blocks=4)
+    runner = FakeRunner(4)
+    low = add(sched, prompt(4), priority=1, max_tokens=8)
+    step(sched, runner)
+    high = add(sched, prompt(8, start=30), priority=0, max_tokens=8)
+    step(sched, runner)  # low decodes into its 2nd block, high takes the other 2
+    schedule, _ = step(sched, runner)  # high needs a 3rd block
+    assert schedule.preempted_seq_ids == [low.seq_id] and low.num_preemptions == 1
+    assert [c.seq for c in schedule.chunks] == [high] and low.status is SequenceStatus.WAITING
+    run_all(sched, runner)
+    assert high.num_output_tokens == low.num_output_tokens == 8
+
+
+def test_abort_frees_blocks_at_once_waiting_and_running():
+    sched = make_scheduler(num_blocks=16, max_num_seqs=1)
+    runner = FakeRunner(4)
+    running, waiting = add(sched, prompt(9), max_tokens=10), add(sched, prompt(5), max_tokens=10)
+    step(sched, runner)
+    assert sched.block_manager.num_free_blocks < 16
+    assert sched.abort_request(running.request_id) == [running]
+    assert sched.block_manager.num_free_blocks == 16 and running.block_ids == []
+    assert running.finish_reason is FinishReason.ABORT and running.is_finished
+    schedule = sched.schedule()
+    assert schedule.finished_seq_ids == [running.seq_id]
+    assert [c.seq for c in schedule.chunks] == [waiting]
+    output = runner(schedule)
+    assert sched.abort_request(waiting.request_id) == [waiting]  # between schedule and update
+    assert sched.update(schedule, output) == []
+    assert not sched.has_unfinished and sched.block_manager.num_free_blocks == 16
+    assert sched.schedule().finished_seq_ids == [waiting.seq_id]
+
+
+def test_abort_of_a_waiting_request():
+    sched = make_scheduler()
+    seq = add(sched, prompt(5))
+    assert sched.abort_request(seq.request_id) == [seq] and sched.num_waiting == 0
+    assert sched.abort_request("no-such-request") == []
+
+
+def test_n_equals_2_forks_and_both_samples_finish():
+    sched = make_scheduler()
+    runner = FakeRunner(4)
+    parent = add(sched, prompt(6), n=2, max_tokens=5)
+    _, sampled = step(sched, runner)
+    child = sampled[1]
+    assert sampled == [parent, child] and child.sample_index == 1 and sched.num_running == 2
+    assert child.output_token_ids == [parent.output_token_ids[0] + 1]
+    schedule, _ = step(sched, runner)
+    assert len(schedule.block_copies) == 1  # the shared, partially filled last block
+    assert parent.block_ids[0] == child.block_ids[0] and parent.block_ids[1] != child.block_ids[1]
+    run_all(sched, runner)
+    for seq in (parent, child):
+        assert seq.finish_reason is FinishReason.LENGTH and seq.num_output_tokens == 5
+    assert parent.output_token_ids != child.output_token_ids
+
+
+def test_abort_request_ends_every_sample():
+    sched = make_scheduler()
+    parent = add(sched, prompt(6), n=3, max_tokens=5)
+    step(sched, FakeRunner(4))
+    aborted = sched.abort_request(parent.request_id)
+    assert len(aborted) == 3 and all(s.finish_reason is FinishReason.ABORT for s in aborted)
+    assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
+
+
+def _scripted(tokens: list[int]) -> Callable[[Sequence], int]:
+    return lambda seq: tokens[seq.num_output_tokens]
+
+
+def _finish(script: list[int], max_model_len: int = 2048, **params) -> Sequence:
+    sched = make_scheduler(max_model_len=max_model_len)
+    seq = add(sched, prompt(4), **params)
+    run_all(sched, FakeRunner(4, _scripted(script)))
+    return seq
+
+
+def test_stop_conditions():
+    script = [5, EOS, 7, 8, 9, 10]
+    seq = _finish(script, max_tokens=3)
+    assert (seq.finish_reason, seq.output_token_ids) == (FinishReason.STOP, [5, EOS])
+    seq = _finish(script, max_tokens=3, ignore_eos=True)
+    assert (seq.finish_reason, seq.output_token_ids) == (FinishReason.LENGTH, [5, EOS, 7])
+    seq = _finish(script, max_tokens=None, ignore_eos=True, stop_token_ids=[8])
+    assert (seq.finish_reason, seq.output_token_ids) == (FinishReason.STOP, [5, EOS, 7, 8])
+    seq = _finish(script, max_model_len=7, max_tokens=None, ignore_eos=True)
+    assert (seq.finish_reason, seq.output_token_ids) == (FinishReason.LENGTH, [5, EOS, 7])
+
+
+def test_engine_finish_frees_blocks():
+    sched = make_scheduler(num_blocks=8)
+    seq = add(sched, prompt(5))
+    step(sched, FakeRunner(4))
+    sched.finish(seq, FinishReason.STOP)
+    assert seq.finish_reason is FinishReason.STOP and not sched.has_unfinished
+    assert sched.block_manager.num_free_blocks == 8
+    assert sched.schedule().finished_seq_ids == [seq.seq_id]
+
+
+def test_second_request_reuses_the_cached_prompt():
+    sched = make_scheduler()
+    runner = FakeRunner(4)
+    add(sched, prompt(20), max_tokens=2)
+    run_all(sched, runner)
+    again = add(sched, prompt(20) + [99], max_tokens=2)
+    schedule, _ = step(sched, runner)
+    assert again.num_cached_tokens == 20 and schedule.chunks[0].start_pos == 20
+    assert sched.block_manager.prefix_hits_tokens == 20
+
+
+def test_add_rejects_a_prompt_longer_than_the_context():
+    sched = make_scheduler(max_model_len=8)
+    try:
+        add(sched, prompt(9))
+    except ValueError as error:
+        assert "max_model_len" in str(error)
+    else:
+        raise AssertionError("a 9-token prompt was accepted with max_model_len 8")
+
+
+def test_a_sequence_stops_where_the_whole_cache_is_full():
+    sched = make_scheduler(num_blocks=2)  # 8 tokens of KV cache
+    seq = add(sched, prompt(5), max_tokens=None)
+    run_all(sched, FakeRunner(4))
+    assert seq.finish_reason is FinishReason.LENGTH and seq.num_tokens == 8
+    try:
+        add(sched, prompt(9))
+    except ValueError as error:
+        assert "KV cache" in str(error)
+    else:
+        raise AssertionError("a prompt larger than the whole cache was accepted")
+
+
+def test_snapshot_lists_live_sequences():
+    sched = make_scheduler(max_num_seqs=1)
+    first, second = add(sched, prompt(6)), add(sched, prompt(3))
+    step(sched, FakeRunner(4))
+    snap = sched.snapshot()
+    assert (snap.num_running, snap.num_waiting, snap.num_preemptions) == (1, 1, 0)
+    assert [(s.seq_id, s.state, s.num_blocks) for s in snap.seqs] == [
+        (first.seq_id, "decode", 2),
+        (second.seq_id, "waiting", 0),
+    ]
+    assert snap.seqs[0].num_output_tokens == 1 and snap.blocks.num_used == 2
+
+
+def test_scheduler_and_block_manager_import_no_torch():
+    for name in ("block_manager.py", "scheduler.py"):
+        source = (pathlib.Path(__file__).parent.parent / "engine" / name).read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""]
+            else:
+                continue
+            assert not any(m.split(".")[0] == "torch" for m in modules), (name, modules)
