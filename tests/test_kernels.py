@@ -124,6 +124,18 @@ def test_decode_attention_half_precision(dtype):
     run_decode([19, 70], 16, 1, 4, 64, dtype=dtype, num_splits=2)
 
 
+def test_decode_attention_writes_into_out():
+    k_cache, v_cache = make_cache(8, 8, 2, 64)
+    tables, lens = make_block_tables([9, 20], 8, 8), int32([9, 20])
+    query = torch.randn(2, 4, 64, device=DEVICE)
+    out = torch.empty_like(query)
+    assert paged_decode_attention(query, k_cache, v_cache, tables, lens, 0.3, out=out) is out
+    ref = paged_decode_attention_ref(query, k_cache, v_cache, tables, lens, 0.3)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    with pytest.raises(ValueError, match="out"):
+        paged_decode_attention(query, k_cache, v_cache, tables, lens, 0.3, out=out[:1])
+
+
 def test_decode_attention_rejects_bad_input():
     k_cache, v_cache = make_cache(4, 8, 2, 64)
     query = torch.randn(2, 4, 64, device=DEVICE)
@@ -160,6 +172,23 @@ def run_prefill(num_new, seq_lens, block_size, num_kv_heads, group, head_dim):
 def test_prefill_attention_matches_ref(block_size, num_kv_heads, group, head_dim):
     # fresh prompt, cached prefix + chunk, decode row, long chunk behind a partial block
     run_prefill([9, 6, 1, 21], [9, 30, 45, 40], block_size, num_kv_heads, group, head_dim)
+
+
+def test_prefill_attention_many_sequences_strided_query():
+    """17 sequences exercise the tile -> sequence binary search; query is a view of fused qkv."""
+    num_new = torch.randint(1, 20, (17,)).tolist()
+    seq_lens = [n + c for n, c in zip(num_new, torch.randint(0, 30, (17,)).tolist(), strict=True)]
+    block_size, kv_heads, group, head_dim = 16, 1, 2, 64
+    num_blocks = sum(-(-n // block_size) for n in seq_lens)
+    k_cache, v_cache = make_cache(num_blocks, block_size, kv_heads, head_dim)
+    tables = make_block_tables(seq_lens, block_size, num_blocks)
+    qkv = torch.randn(sum(num_new), group + 2, head_dim, device=DEVICE)
+    query = qkv[:, :group]  # (num_tokens, num_heads, head_dim), token stride (group + 2) * head_dim
+    qsl = int32([0] + torch.tensor(num_new).cumsum(0).tolist())
+    args = (query, k_cache, v_cache, tables, qsl, int32(seq_lens), 0.3)
+    out = torch.empty_like(query)
+    assert paged_prefill_attention(*args, out=out) is out
+    torch.testing.assert_close(out, paged_prefill_attention_ref(*args), **TOL[torch.float32])
 
 
 def test_prefill_decode_rows_match_decode_kernel():
@@ -234,7 +263,7 @@ def test_rotary_embedding_in_place_on_qkv_views(dtype, head_dim):
 
 
 def test_rotary_matches_hf_rotate_half():
-    head_dim, positions = 64, torch.tensor([0, 3, 17], device=DEVICE)
+    head_dim, positions = 64, int32([0, 3, 17])
     inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=DEVICE).float() / head_dim))
     freqs = torch.outer(torch.arange(32, device=DEVICE).float(), inv_freq)  # (32, head_dim // 2)
     cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
