@@ -238,6 +238,7 @@ class BlockManager:
     # -- monitoring -----------------------------------------------------------------------------
 
     def snapshot(self) -> BlockSnapshot:
+        """Call on the engine thread; the result may then go to any thread."""
         holders: list[list[int] | None] = [None] * self.num_blocks
         for seq in list(self._holders.values()):
             for block_id in seq.block_ids:

@@ -194,6 +194,23 @@ def test_block_pressure_preempts_the_lowest_priority():
     assert high.num_output_tokens == low.num_output_tokens == 8
 
 
+def test_no_admission_in_a_step_that_preempted():
+    sched = make_scheduler(num_blocks=4, max_num_seqs=2)
+    runner = FakeRunner(4)
+    first = add(sched, prompt(8), priority=0, max_tokens=4)
+    second = add(sched, prompt(3, start=30), priority=1, max_tokens=4)
+    step(sched, runner)
+    waiting = add(sched, [40], priority=0, max_tokens=4)
+    step(sched, runner)  # first takes the last free block
+    schedule, _ = step(sched, runner)  # second needs one: it preempts itself
+    assert schedule.preempted_seq_ids == [second.seq_id]
+    assert [c.seq for c in schedule.chunks] == [first]  # waiting would fit, but must wait
+    schedule, _ = step(sched, runner)
+    assert [c.seq for c in schedule.chunks] == [first, waiting]
+    run_all(sched, runner)
+    assert first.num_output_tokens == second.num_output_tokens == waiting.num_output_tokens == 4
+
+
 def test_abort_frees_blocks_at_once_waiting_and_running():
     sched = make_scheduler(num_blocks=16, max_num_seqs=1)
     runner = FakeRunner(4)
