@@ -48,6 +48,7 @@ def test_gguf_config_is_the_documented_shape(gguf_model):
     assert gguf_model.quantization == "Q4_1"
 
 
+@pytest.mark.slow  # transformers' GGUF load takes ~13 s on 2 cores
 def test_gguf_weights_equal_transformers(gguf_model, transformers_state):
     weights = dict(gguf_model.weights())
     assert len(weights) == 2 + 30 * 9 and "lm_head.weight" not in weights
@@ -268,7 +269,7 @@ def test_bad_gguf_files(tmp_path, default_gguf):
         load_gguf(fake)
     truncated = tmp_path / "truncated.gguf"
     with default_gguf.open("rb") as f:
-        truncated.write_bytes(f.read(3_000_000))
+        truncated.write_bytes(f.read(100_000))  # ends inside the vocabulary
     with pytest.raises(ValueError, match="may be truncated"):
         load_gguf(truncated)
 
