@@ -1,0 +1,24 @@
+"""Hearth's synchronous inference engine. `from engine import LLM, SamplingParams`.
+
+LLM and LLMEngine are imported lazily so that `engine.scheduler` & co. stay importable without torch.
+"""
+
+from engine.sampling_params import SamplingParams
+
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams"]
+
+
+def __getattr__(name: str):
+    if name == "LLM":
+        from engine.llm import LLM
+
+        return LLM
+    if name == "LLMEngine":
+        from engine.llm_engine import LLMEngine
+
+        return LLMEngine
+    if name == "EngineConfig":
+        from engine.config import EngineConfig
+
+        return EngineConfig
+    raise AttributeError(name)

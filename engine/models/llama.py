@@ -89,7 +89,10 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, rotary) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(
@@ -140,18 +143,21 @@ class LlamaForCausalLM(nn.Module):
 
     def init_dummy(self, seed: int) -> None:
         """Random weights (load_format="dummy"): same compute as real weights, for benchmarks."""
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        device = next(self.parameters()).device
+        gen = torch.Generator(device=device).manual_seed(seed)
         for name, param in self.named_parameters():
             if "norm" in name:
                 param.data.fill_(1.0)
             else:
-                param.data.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+                param.data.normal_(0.0, 0.02, generator=gen)
 
 
 def _map_name(hf_name: str, config: ModelConfig) -> tuple[str, tuple[int, int] | None] | None:
     """HF checkpoint name -> (our parameter name, (row offset, rows) slice or None)."""
     if "rotary_emb.inv_freq" in hf_name:
         return None
+    if config.tie_word_embeddings and hf_name == "lm_head.weight":
+        return None  # the same tensor as the embedding
     name = hf_name.removeprefix("model.")
     q = config.num_heads * config.head_dim
     kv = config.num_kv_heads * config.head_dim

@@ -1,0 +1,239 @@
+"""LLMEngine: add_request / abort_request / step over scheduler, runner and detokenizers.
+
+One step: Scheduler.schedule() -> ModelRunner.execute() -> Scheduler.update() -> detokenize and apply
+stop strings -> RequestOutput for every request that changed. Synchronous and single-threaded; the
+appliance's AsyncEngine runs it in its own thread. `snapshot()` may be called from other threads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.model_builder import BuiltModel, build_model
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import FinishReason, Sequence
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    seqs: dict[int, Sequence] = field(default_factory=dict)  # sample index -> sequence
+    detoks: dict[int, IncrementalDetokenizer] = field(default_factory=dict)
+    logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
+    num_cached_tokens: int = 0
+    finished_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs.values())
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    scheduler: object  # SchedulerSnapshot (its .blocks is the BlockSnapshot)
+    num_prompt_tokens_total: int
+    num_generation_tokens_total: int
+    num_requests_finished: int
+    model_name: str
+    device: str
+    dtype: str
+    max_model_len: int
+    taken_at: float
+
+    @property
+    def blocks(self):
+        return self.scheduler.blocks
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, progress: bool = True) -> None:
+        self.config = config or EngineConfig()
+        built: BuiltModel = build_model(self.config, progress=progress)
+        self.model_name = built.name
+        self.tokenizer = built.tokenizer
+        self.model_config = built.model_config
+        self.max_model_len = built.max_model_len
+        self.runner = built.runner
+        self.device = str(self.runner.device)
+        self.dtype = str(self.runner.dtype).removeprefix("torch.")
+        block_manager = BlockManager(
+            built.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching
+        )
+        eos = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
+        self.scheduler = Scheduler(
+            self.config.scheduler_config(self.max_model_len), block_manager, sorted(eos)
+        )
+        self._requests: dict[str, _Request] = {}
+        self._lock = threading.Lock()
+        self._num_prompt_tokens = 0
+        self._num_generation_tokens = 0
+        self._num_finished = 0
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+        priority: int = 0,
+    ) -> None:
+        params = params or SamplingParams()
+        token_ids = self._tokenize(prompt)
+        params = self._check_lengths(token_ids, params)
+        with self._lock:
+            if request_id in self._requests:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            now = time.monotonic()
+            text = prompt if isinstance(prompt, str) else None
+            req = _Request(request_id, text, token_ids, params, now)
+            seq = Sequence(self.scheduler.next_seq_id(), request_id, token_ids, params, priority,
+                           arrival_time=now)
+            self._requests[request_id] = req
+            self.scheduler.add(seq)
+            self._num_prompt_tokens += len(token_ids)
+
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int)
+                   or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[0]!r}")
+        if not token_ids:
+            raise ValueError("prompt must not be empty")
+        return token_ids
+
+    def _check_lengths(self, token_ids: list[int], params: SamplingParams) -> SamplingParams:
+        n, limit = len(token_ids), self.max_model_len
+        if n >= limit:
+            raise ValueError(
+                f"prompt has {n} tokens, but the model's context length is {limit}: "
+                "shorten the prompt"
+            )
+        if params.max_tokens is None:
+            from dataclasses import replace
+
+            return replace(params, max_tokens=limit - n)
+        if n + params.max_tokens > limit:
+            raise ValueError(
+                f"prompt has {n} tokens and max_tokens is {params.max_tokens}; together they "
+                f"exceed the model's context length of {limit} tokens: lower max_tokens to at "
+                f"most {limit - n} or shorten the prompt"
+            )
+        return params
+
+    def abort_request(self, request_id: str) -> None:
+        with self._lock:
+            req = self._requests.pop(request_id, None)
+            if req is not None:
+                self.scheduler.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        with self._lock:
+            schedule = self.scheduler.schedule()
+            if schedule.is_empty:
+                return []
+            runner_output = self.runner.execute(schedule)
+            updated = self.scheduler.update(schedule, runner_output)
+            changed: dict[str, _Request] = {}
+            for seq in updated:
+                req = self._requests.get(seq.request_id)
+                if req is None:
+                    continue
+                self._on_token(req, seq, runner_output.logprobs.get(seq.seq_id))
+                changed[req.request_id] = req
+            return [self._finish_output(req) for req in changed.values()]
+
+    def _on_token(self, req: _Request, seq: Sequence, logprobs: list[TokenLogprob] | None) -> None:
+        index = seq.sample_index
+        if index not in req.seqs:
+            req.seqs[index] = seq
+            req.detoks[index] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids,
+                                                       req.params)
+            req.num_cached_tokens = max(req.num_cached_tokens, seq.num_cached_tokens)
+        if logprobs:
+            # A parent that just forked got n entries; its own is the first, children take theirs.
+            req.logprobs.setdefault(index, []).append(logprobs[0])
+            for child_index, lp in enumerate(logprobs[1:], start=1):
+                req.logprobs.setdefault(child_index, []).append(lp)
+        self._num_generation_tokens += 1
+        stopped = req.detoks[index].add_token(seq.last_token_id)
+        if stopped and not seq.is_finished:
+            self.scheduler.finish(seq, FinishReason.STOP)
+
+    def _finish_output(self, req: _Request) -> RequestOutput:
+        outputs = [self._completion(req, i) for i in sorted(req.seqs)]
+        finished = req.finished
+        if finished:
+            req.finished_time = time.monotonic()
+            self._requests.pop(req.request_id, None)
+            self._num_finished += 1
+        first = min((s.first_token_time for s in req.seqs.values() if s.first_token_time),
+                    default=None)
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=outputs,
+            finished=finished,
+            num_cached_tokens=req.num_cached_tokens,
+            metrics=RequestMetrics(req.arrival_time, first, req.finished_time),
+        )
+
+    def _completion(self, req: _Request, index: int) -> CompletionOutput:
+        seq, detok = req.seqs[index], req.detoks[index]
+        reason = seq.finish_reason.value if seq.finish_reason else None
+        stop_reason = detok.stop_reason
+        if stop_reason is None and reason == "stop" and seq.output_token_ids:
+            last = seq.last_token_id
+            stop_reason = last if last in req.params.stop_token_ids else None
+        logprobs = req.logprobs.get(index) if req.params.logprobs is not None else None
+        return CompletionOutput(
+            index=index,
+            text=detok.visible_text(seq.is_finished),
+            token_ids=seq.output_token_ids,
+            finish_reason=reason,
+            logprobs=list(logprobs or []) if req.params.logprobs is not None else None,
+            stop_reason=stop_reason,
+        )
+
+    # -- state for the UI and metrics --------------------------------------------------------
+
+    def snapshot(self) -> EngineSnapshot:
+        with self._lock:
+            return EngineSnapshot(
+                scheduler=self.scheduler.snapshot(),
+                num_prompt_tokens_total=self._num_prompt_tokens,
+                num_generation_tokens_total=self._num_generation_tokens,
+                num_requests_finished=self._num_finished,
+                model_name=self.model_name,
+                device=self.device,
+                dtype=self.dtype,
+                max_model_len=self.max_model_len,
+                taken_at=time.monotonic(),
+            )
+
+    def shutdown(self) -> None:
+        with self._lock:
+            for request_id in list(self._requests):
+                self.scheduler.abort_request(request_id)
+            self._requests.clear()
