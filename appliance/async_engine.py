@@ -1,0 +1,396 @@
+"""AsyncEngine: the synchronous LLMEngine on its own thread, bridged to asyncio.
+
+    asyncio side (event loop)                       engine thread
+    submit() ── Add ──► commands (queue.Queue) ──►  engine.add_request / abort_request
+                                                    engine.step() → DeltaTracker → RequestDelta
+    RequestStream ◄── asyncio.Queue ◄── call_soon_threadsafe(_deliver) ◄──┘
+
+Only the engine thread touches the engine (except `snapshot()`, which the engine makes
+thread-safe, and the tokenizer). Admission is bounded: at most `max_num_seqs + max_queued_requests`
+requests in flight, past that `QueueFullError` (the API answers 429 with Retry-After). If the engine
+thread dies, every in-flight request fails with `EngineUnavailableError` (503) and `wait_dead()`
+returns, so the server can exit non-zero and let its supervisor restart it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol
+
+from appliance.deltas import ABORT, DeltaTracker, RequestDelta
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger("hearth.engine")
+
+
+class EngineState(Enum):
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    DEAD = "dead"
+    STOPPED = "stopped"
+
+
+class EngineUnavailableError(Exception):
+    """The engine cannot take or finish requests: loading, shutting down, or dead (HTTP 503)."""
+
+
+class QueueFullError(Exception):
+    """Too many requests in flight (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestFailedError(Exception):
+    """An unexpected error while adding one request; the engine keeps serving the others (500)."""
+
+
+@dataclass(frozen=True)
+class FinishedRequest:
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    finish_reason: str  # of the last sample to finish
+    e2e_s: float
+    ttft_s: float | None
+
+
+class RequestObserver(Protocol):
+    """What the telemetry wants to hear about each request (times from time.monotonic())."""
+
+    def on_first_token(self, ttft_s: float) -> None: ...
+
+    def on_token_gap(self, itl_s: float) -> None: ...
+
+    def on_finished(self, request: FinishedRequest) -> None: ...
+
+    def on_rejected(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    priority: int
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+    notify: bool  # send the consumer a last delta (server-side abort); not when the client left
+
+
+_STOP = object()
+
+
+class RequestStream:
+    """The deltas of one request, in order. Iterate it; `close()` aborts it if unfinished."""
+
+    def __init__(self, request_id: str, owner: AsyncEngine) -> None:
+        self.request_id = request_id
+        self.arrival_time = time.monotonic()
+        self.done = False  # the last delta (or an error) was delivered
+        self._owner = owner
+        self._queue: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
+        self._consumed_last = False
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+        self.num_generation_tokens = 0
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestDelta:
+        if self._consumed_last:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._consumed_last = True
+            raise item
+        self._consumed_last = item.finished
+        return item
+
+    def close(self) -> None:
+        """Abort the request if it is still running (client gone, error while answering)."""
+        if not self.done:
+            self._owner._abort(self.request_id, notify=False)
+
+
+class AsyncEngine:
+    def __init__(
+        self,
+        engine_factory: Callable[[], Any],
+        max_num_seqs: int,
+        max_queued_requests: int,
+        observer: RequestObserver | None = None,
+    ) -> None:
+        self._engine_factory = engine_factory
+        self.max_in_flight = max_num_seqs + max_queued_requests
+        self._observer = observer
+        self._engine: Any = None
+        self._state = EngineState.LOADING
+        self.error: BaseException | None = None
+        self._streams: dict[str, RequestStream] = {}
+        self._commands: queue.Queue[Any] = queue.Queue()
+        self._tracker = DeltaTracker()
+        self._thread = threading.Thread(target=self._run, name="hearth-engine", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = asyncio.Event()
+        self._dead = asyncio.Event()
+        self._mean_e2e_s = 1.0
+
+    # ---- lifecycle (event loop side) ----
+
+    def start(self) -> None:
+        """Load the engine and run its loop on the engine thread. Call from the event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    @property
+    def engine(self) -> Any:
+        """The loaded LLMEngine (for its tokenizer, model name, context length)."""
+        if self._engine is None:
+            raise EngineUnavailableError(self._unavailable_reason())
+        return self._engine
+
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+
+    async def wait_dead(self) -> None:
+        await self._dead.wait()
+
+    def snapshot(self) -> Any | None:
+        return self._engine.snapshot() if self._engine is not None else None
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop admitting; give in-flight requests `timeout_s` to finish, then abort the rest."""
+        if self._state in (EngineState.LOADING, EngineState.READY):
+            self._state = EngineState.DRAINING
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._streams and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self._streams:
+            logger.warning(
+                "aborting %d request(s) still running after %.0f s", len(self._streams), timeout_s
+            )
+        for request_id in list(self._streams):
+            self._abort(request_id, notify=True)
+        deadline = loop.time() + 5.0  # the aborted requests' last deltas
+        while self._streams and self._state is not EngineState.DEAD and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        if self._state is not EngineState.DEAD:
+            self._state = EngineState.STOPPED
+        self._commands.put(_STOP)
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    # ---- requests (event loop side) ----
+
+    def check_admission(self, num_requests: int = 1) -> None:
+        """Raise unless `num_requests` more requests may start now (all of them, or none)."""
+        if self._state is not EngineState.READY:
+            raise EngineUnavailableError(self._unavailable_reason())
+        if len(self._streams) + num_requests > self.max_in_flight:
+            if self._observer is not None:
+                self._observer.on_rejected()
+            retry_after = min(60, max(1, math.ceil(self._mean_e2e_s)))
+            raise QueueFullError(
+                f"the server is busy: {len(self._streams)} requests in flight, limit "
+                f"{self.max_in_flight}; retry in {retry_after} s",
+                retry_after,
+            )
+
+    def submit(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
+    ) -> RequestStream:
+        self.check_admission(1)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream = RequestStream(request_id, self)
+        self._streams[request_id] = stream
+        self._commands.put(_Add(request_id, prompt, params, priority))
+        return stream
+
+    async def generate(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
+    ) -> AsyncIterator[RequestDelta]:
+        """submit() as an async generator that aborts the request when the consumer stops early."""
+        stream = self.submit(request_id, prompt, params, priority)
+        try:
+            async for delta in stream:
+                yield delta
+        finally:
+            stream.close()
+
+    def _abort(self, request_id: str, notify: bool) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None or stream.done:
+            return
+        if not notify:
+            stream.done = True
+            del self._streams[request_id]
+        self._commands.put(_Abort(request_id, notify))
+
+    def _unavailable_reason(self) -> str:
+        if self._state is EngineState.LOADING:
+            return "the model is still loading; retry shortly"
+        if self._state is EngineState.DEAD:
+            return f"the engine has stopped after an error: {self.error}"
+        return "the server is shutting down"
+
+    # ---- deliveries (event loop side, scheduled by the engine thread) ----
+
+    def _deliver(self, deltas: list[RequestDelta]) -> None:
+        for delta in deltas:
+            stream = self._streams.get(delta.request_id)
+            if stream is None:
+                continue
+            self._observe(stream, delta)
+            stream._queue.put_nowait(delta)
+            if delta.finished:
+                stream.done = True
+                del self._streams[delta.request_id]
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.done = True
+            stream._queue.put_nowait(error)
+
+    def _observe(self, stream: RequestStream, delta: RequestDelta) -> None:
+        num_new = sum(len(sample.token_ids) for sample in delta.samples)
+        stream.num_generation_tokens += num_new
+        if num_new and stream.first_token_time is None:
+            stream.first_token_time = delta.time
+            if self._observer is not None:
+                self._observer.on_first_token(delta.time - stream.arrival_time)
+        elif num_new and self._observer is not None and stream.last_token_time is not None:
+            self._observer.on_token_gap(delta.time - stream.last_token_time)
+        if num_new:
+            stream.last_token_time = delta.time
+        if not delta.finished:
+            return
+        e2e_s = delta.time - stream.arrival_time
+        self._mean_e2e_s = 0.9 * self._mean_e2e_s + 0.1 * e2e_s
+        if self._observer is not None:
+            reasons = [s.finish_reason for s in delta.samples if s.finish_reason]
+            ttft = (
+                None
+                if stream.first_token_time is None
+                else (stream.first_token_time - stream.arrival_time)
+            )
+            self._observer.on_finished(
+                FinishedRequest(
+                    len(delta.prompt_token_ids),
+                    stream.num_generation_tokens,
+                    reasons[-1] if reasons else ABORT,
+                    e2e_s,
+                    ttft,
+                )
+            )
+
+    def _on_ready(self) -> None:
+        if self._state is EngineState.LOADING:
+            self._state = EngineState.READY
+        self._ready.set()
+
+    def _on_dead(self, error: BaseException) -> None:
+        self._state = EngineState.DEAD
+        self.error = error
+        for request_id in list(self._streams):
+            self._fail(request_id, EngineUnavailableError(self._unavailable_reason()))
+        self._dead.set()
+
+    def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the event loop is closed: the process is exiting
+            pass
+
+    # ---- the engine thread ----
+
+    def _run(self) -> None:
+        try:
+            self._engine = self._engine_factory()
+        except BaseException as error:  # noqa: BLE001 - reported, and the server exits non-zero
+            logger.error(
+                "could not load the model: %s", error, exc_info=not isinstance(error, ValueError)
+            )
+            self._call_soon(self._on_dead, error)
+            return
+        self._call_soon(self._on_ready)
+        try:
+            self._loop_steps(self._engine)
+        except BaseException as error:  # noqa: BLE001
+            logger.critical("the engine thread died", exc_info=error)
+            self._call_soon(self._on_dead, error)
+        finally:
+            self._engine.shutdown()
+
+    def _loop_steps(self, engine: Any) -> None:
+        while self._apply_commands(engine, block=not engine.has_unfinished_requests()):
+            if engine.has_unfinished_requests():
+                outputs = engine.step()
+                deltas = self._tracker.update(outputs, time.monotonic())
+                if deltas:
+                    self._call_soon(self._deliver, deltas)
+
+    def _apply_commands(self, engine: Any, block: bool) -> bool:
+        """Run the queued adds and aborts; wait for one when idle. False when told to stop."""
+        try:
+            command = self._commands.get(block=block)
+        except queue.Empty:
+            return True
+        while True:
+            if command is _STOP:
+                return False
+            if isinstance(command, _Add):
+                self._add(engine, command)
+            else:
+                self._abort_now(engine, command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _add(self, engine: Any, command: _Add) -> None:
+        try:
+            engine.add_request(
+                command.request_id, command.prompt, command.params, priority=command.priority
+            )
+        except ValueError as error:
+            self._call_soon(self._fail, command.request_id, error)
+            return
+        except Exception as error:  # noqa: BLE001 - this request fails, the others go on
+            logger.exception("adding request %s failed", command.request_id)
+            engine.abort_request(command.request_id)
+            self._call_soon(self._fail, command.request_id, RequestFailedError(str(error)))
+            return
+        self._tracker.start(command.request_id, command.params.n)
+
+    def _abort_now(self, engine: Any, command: _Abort) -> None:
+        engine.abort_request(command.request_id)
+        last = self._tracker.abort(command.request_id, time.monotonic())
+        if command.notify and last is not None:
+            self._call_soon(self._deliver, [last])

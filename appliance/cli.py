@@ -1,0 +1,91 @@
+"""`hearth`: the command line, and the composition root of the process.
+
+It is the only module that imports ui/, and lazily, so that `--no-ui` never pays gradio's import
+(seconds). It builds Settings, the engine factory, the app, mounts the UI, and runs the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from appliance import __version__
+from appliance.settings import Settings, add_arguments, settings_from
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hearth",
+        description="Hearth: a local LLM inference appliance (OpenAI-compatible API and chat UI).",
+    )
+    parser.add_argument("--version", action="version", version=f"hearth {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model over the OpenAI API (and the browser UI)",
+        description="Serve a model: OpenAI-compatible API at /v1, chat UI at /, /health, "
+        "/metrics. Every option can also be set with its HEARTH_* environment "
+        "variable; a flag wins over the variable.",
+    )
+    add_arguments(serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        try:
+            settings = settings_from(args, os.environ)
+            settings.engine_config()  # fail on bad engine settings before binding anything
+        except ValueError as error:
+            parser.error(str(error))
+        return serve(settings)
+    parser.print_help()
+    return EXIT_USAGE
+
+
+def serve(settings: Settings, engine_factory: Callable[[], Any] | None = None) -> int:
+    """Run `hearth serve` until SIGTERM (exit 0) or an engine failure (exit 1)."""
+    from appliance import lifecycle
+    from appliance.server import create_app
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    sock = lifecycle.bind(settings.host, settings.port)
+    model = settings.model or "the default model"
+    print(f"Loading {model} on {settings.device} ...", flush=True)
+    app = create_app(settings, engine_factory or _engine_factory(settings))
+    if not settings.no_ui:
+        mount_ui(app)
+    return lifecycle.run(app, app.state.hearth, sock)
+
+
+def _engine_factory(settings: Settings) -> Callable[[], Any]:
+    def load() -> Any:
+        from engine.llm_engine import LLMEngine  # torch: imported on the engine thread
+
+        return LLMEngine(settings.engine_config(), progress=True)
+
+    return load
+
+
+def mount_ui(app: Any) -> None:
+    """Mount the browser UI at / when ui/ provides `ui.app.mount_ui(app, context)`."""
+    if importlib.util.find_spec("ui.app") is None:
+        return  # the UI is not built yet: API only
+    from ui.app import mount_ui as mount
+
+    mount(app, app.state.hearth)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

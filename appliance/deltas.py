@@ -1,0 +1,133 @@
+"""Streaming deltas: what changed in a request since the last step, computed on the engine thread.
+
+The engine reports cumulative text and token ids. Slicing off what was already delivered on the
+engine thread means the asyncio side never holds a list the engine may still append to, and each
+step copies only the new tokens (not the whole output: long generations would go quadratic).
+
+    step k:   text "The cap"      token_ids [a b c]   -> SampleDelta(text "The cap", ids [a b c])
+    step k+1: text "The capital"  token_ids [a b c d] -> SampleDelta(text "ital",    ids [d])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.outputs import RequestOutput, TokenLogprob
+
+ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class SampleDelta:
+    """New text, token ids and logprobs of one of a request's n samples."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # set once, on the sample's last delta
+    stop_reason: str | int | None = None
+
+
+@dataclass(frozen=True)
+class RequestDelta:
+    request_id: str
+    samples: list[SampleDelta]  # only the samples that changed
+    prompt_token_ids: list[int]
+    finished: bool  # every sample has its finish_reason; this is the request's last delta
+    num_cached_tokens: int = 0
+    time: float = 0.0  # time.monotonic() on the engine thread when the step ended
+
+
+@dataclass
+class _SampleProgress:
+    num_tokens: int = 0
+    text_len: int = 0
+    num_logprobs: int = 0
+    finished: bool = False
+
+
+@dataclass
+class _Progress:
+    samples: list[_SampleProgress]
+    prompt_token_ids: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0
+
+
+class DeltaTracker:
+    """Remembers how much of each request was delivered. Used by the engine thread only."""
+
+    def __init__(self) -> None:
+        self._requests: dict[str, _Progress] = {}
+
+    def start(self, request_id: str, n: int) -> None:
+        self._requests[request_id] = _Progress([_SampleProgress() for _ in range(n)])
+
+    def forget(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+
+    def update(self, outputs: list[RequestOutput], now: float) -> list[RequestDelta]:
+        deltas = []
+        for output in outputs:
+            progress = self._requests.get(output.request_id)
+            if progress is None:  # aborted already, or not ours
+                continue
+            delta = self._delta(output, progress, now)
+            if delta is not None:
+                deltas.append(delta)
+            if output.finished or (delta is not None and delta.finished):
+                del self._requests[output.request_id]
+        return deltas
+
+    def abort(self, request_id: str, now: float) -> RequestDelta | None:
+        """The last delta of a request the server aborts: unfinished samples end with 'abort'."""
+        progress = self._requests.pop(request_id, None)
+        if progress is None:
+            return None
+        samples = [
+            SampleDelta(index=i, text="", token_ids=[], finish_reason=ABORT)
+            for i, sample in enumerate(progress.samples)
+            if not sample.finished
+        ]
+        return RequestDelta(
+            request_id, samples, progress.prompt_token_ids, True, progress.num_cached_tokens, now
+        )
+
+    def _delta(self, output: RequestOutput, progress: _Progress, now: float) -> RequestDelta | None:
+        if not progress.prompt_token_ids:
+            progress.prompt_token_ids = list(output.prompt_token_ids)
+            progress.num_cached_tokens = output.num_cached_tokens
+        samples = []
+        for completion in output.outputs:
+            while completion.index >= len(progress.samples):
+                progress.samples.append(_SampleProgress())
+            sample = progress.samples[completion.index]
+            if sample.finished:
+                continue
+            delta = SampleDelta(
+                index=completion.index,
+                text=completion.text[sample.text_len :],
+                token_ids=completion.token_ids[sample.num_tokens :],
+                logprobs=None
+                if completion.logprobs is None
+                else completion.logprobs[sample.num_logprobs :],
+                finish_reason=completion.finish_reason,
+                stop_reason=completion.stop_reason,
+            )
+            sample.text_len = len(completion.text)
+            sample.num_tokens = len(completion.token_ids)
+            sample.num_logprobs = len(completion.logprobs or ())
+            sample.finished = completion.finish_reason is not None
+            if delta.text or delta.token_ids or delta.finish_reason:
+                samples.append(delta)
+        finished = output.finished or all(s.finished for s in progress.samples)
+        if not samples and not finished:
+            return None
+        return RequestDelta(
+            output.request_id,
+            samples,
+            progress.prompt_token_ids,
+            finished,
+            progress.num_cached_tokens,
+            now,
+        )

@@ -1,0 +1,235 @@
+"""The FastAPI app: factory, lifespan, thin routes. Each route authenticates, parses the body into a
+protocol schema, and hands over to serving; every error leaves in OpenAI's format.
+
+    /v1/completions  /v1/chat/completions  /v1/models  /tokenize  /detokenize   API key if set
+    /health  /version  /metrics                                                  open
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from functools import wraps
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+from appliance import __version__
+from appliance.async_engine import AsyncEngine, EngineState
+from appliance.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    parse_request,
+)
+from appliance.security import HostOriginGuard, allowed_host_names, check_api_key
+from appliance.serving import EventStream, Serving, api_error, detokenize, tokenize
+from appliance.serving_chat import ChatServing
+from appliance.serving_completion import CompletionServing
+from appliance.settings import Settings
+from appliance.telemetry import Telemetry
+
+logger = logging.getLogger("hearth.server")
+
+
+@dataclass
+class AppContext:
+    """What the routes, the process lifecycle and the UI share (`app.state.hearth`)."""
+
+    settings: Settings
+    engine: AsyncEngine
+    serving: Serving
+    telemetry: Telemetry
+
+
+def create_app(settings: Settings, engine_factory: Callable[[], Any]) -> FastAPI:
+    """The app; the engine loads (on its thread) when the lifespan starts."""
+    context = _build_context(settings, engine_factory)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        context.engine.start()
+        naming = asyncio.ensure_future(_name_metrics_when_ready(context))
+        yield
+        naming.cancel()
+        await asyncio.to_thread(context.engine.shutdown)
+        context.telemetry.close()
+
+    app = FastAPI(
+        title="Hearth",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.hearth = context
+    _add_routes(app, context)
+    app.add_exception_handler(HTTPException, _http_exception)
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.allowed_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    hosts = allowed_host_names(settings.host, settings.allowed_hosts)
+    app.add_middleware(HostOriginGuard, hosts=hosts, origins=settings.allowed_origins)
+    return app
+
+
+def _build_context(settings: Settings, engine_factory: Callable[[], Any]) -> AppContext:
+    engine: AsyncEngine | None = None
+
+    def status() -> dict[str, float]:
+        return {
+            "requests_in_flight": engine.num_in_flight,
+            "engine_ready": float(engine.state is EngineState.READY),
+        }
+
+    telemetry = Telemetry(snapshot=lambda: engine.snapshot(), status=status)
+    engine = AsyncEngine(
+        engine_factory, settings.max_num_seqs, settings.max_queued_requests, observer=telemetry
+    )
+    return AppContext(settings, engine, Serving(engine, settings.served_model_name), telemetry)
+
+
+async def _name_metrics_when_ready(context: AppContext) -> None:
+    await context.engine.wait_ready()
+    context.telemetry.model_name = context.serving.model_names()[0]
+
+
+def _openai_errors(route: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Any exception a route raises leaves as an OpenAI-format error; the server goes on."""
+
+    @wraps(route)
+    async def wrapper(request: Request) -> Any:
+        try:
+            return await route(request)
+        except Exception as error:  # noqa: BLE001
+            if not isinstance(error, (APIError, ValueError)) and api_error(error).status >= 500:
+                logger.exception("%s %s failed", request.method, request.url.path)
+            return error_response(api_error(error))
+
+    return wrapper
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+async def _http_exception(request: Request, exc: HTTPException) -> JSONResponse:
+    message = "no such route" if exc.status_code == 404 else str(exc.detail)
+    return error_response(
+        APIError(
+            exc.status_code,
+            f"{message}: {request.method} {request.url.path}",
+            code=str(exc.status_code),
+        )
+    )
+
+
+class _SSEResponse(StreamingResponse):
+    """Server-sent events that abort their requests however the response ends."""
+
+    def __init__(self, stream: EventStream) -> None:
+        super().__init__(
+            stream.events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._stream = stream
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._stream.close()
+
+
+async def _until_disconnect(request: Request, work: Awaitable[dict[str, Any]]) -> Response:
+    """Run `work`; if the client hangs up first, cancel it (which aborts its requests)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        return Response(status_code=499)  # nobody is listening
+    return JSONResponse(task.result())
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _add_routes(app: FastAPI, context: AppContext) -> None:
+    serving = context.serving
+    completions, chat = CompletionServing(serving), ChatServing(serving)
+    api_key = context.settings.api_key
+
+    def authenticate(request: Request) -> None:
+        check_api_key(request.headers.get("authorization"), api_key)
+
+    @app.get("/health")
+    async def health() -> Response:
+        state = context.engine.state
+        code = 200 if state is EngineState.READY else 503
+        return JSONResponse({"status": "ok" if code == 200 else state.value}, status_code=code)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(context.telemetry.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    @_openai_errors
+    async def models(request: Request) -> Any:
+        authenticate(request)
+        return serving.list_models()
+
+    @app.post("/v1/completions")
+    @_openai_errors
+    async def create_completion(request: Request) -> Any:
+        authenticate(request)
+        body = parse_request(CompletionRequest, await request.body())
+        if body.stream:
+            return _SSEResponse(completions.stream(body))
+        return await _until_disconnect(request, completions.create(body))
+
+    @app.post("/v1/chat/completions")
+    @_openai_errors
+    async def create_chat_completion(request: Request) -> Any:
+        authenticate(request)
+        body = parse_request(ChatCompletionRequest, await request.body())
+        if body.stream:
+            return _SSEResponse(chat.stream(body))
+        return await _until_disconnect(request, chat.create(body))
+
+    @app.post("/tokenize")
+    @_openai_errors
+    async def tokenize_route(request: Request) -> Any:
+        authenticate(request)
+        return tokenize(serving, parse_request(TokenizeRequest, await request.body()))
+
+    @app.post("/detokenize")
+    @_openai_errors
+    async def detokenize_route(request: Request) -> Any:
+        authenticate(request)
+        return detokenize(serving, parse_request(DetokenizeRequest, await request.body()))

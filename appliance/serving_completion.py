@@ -1,0 +1,184 @@
+"""POST /v1/completions: prompts (text or token ids, one or many) → choices, streamed or whole.
+
+Choice `index` is prompt_position * n + sample_index, as OpenAI numbers them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from appliance.protocol import CompletionRequest, bad_request
+from appliance.serving import (
+    DONE,
+    EventStream,
+    Prompt,
+    Result,
+    Serving,
+    api_error,
+    merge,
+    sse,
+    usage,
+)
+from engine.outputs import TokenLogprob
+
+
+class CompletionServing:
+    def __init__(self, serving: Serving) -> None:
+        self._serving = serving
+
+    def prepare(self, request: CompletionRequest) -> tuple[list[Prompt], Any]:
+        """Validate everything that can be checked before the engine sees the request."""
+        serving = self._serving
+        serving.reject_unsupported(
+            request,
+            {
+                "suffix": bool(request.suffix),
+                "best_of": request.best_of not in (None, 1, request.n),
+                "logit_bias": bool(request.logit_bias),
+                "echo with logprobs": request.echo and request.logprobs is not None,
+            },
+        )
+        prompts = self._prompts(request.prompt)
+        params = serving.sampling_params(request, request.max_tokens, request.logprobs)
+        for i, prompt in enumerate(prompts):
+            serving.check_prompt(
+                prompt.token_ids,
+                params.max_tokens,
+                "prompt" if len(prompts) == 1 else f"prompt[{i}]",
+            )
+        return prompts, params
+
+    def _prompts(self, prompt: str | list[Any]) -> list[Prompt]:
+        tokenizer = self._serving.tokenizer
+        if isinstance(prompt, str):
+            return [Prompt(prompt, tokenizer.encode(prompt))]
+        if not prompt:
+            raise bad_request("prompt is empty", param="prompt")
+        if isinstance(prompt[0], int):
+            return [Prompt(tokenizer.decode(prompt, skip_special_tokens=False), list(prompt))]
+        if isinstance(prompt[0], str):
+            return [Prompt(p, tokenizer.encode(p)) for p in prompt]
+        return [Prompt(tokenizer.decode(p, skip_special_tokens=False), list(p)) for p in prompt]
+
+    async def create(self, request: CompletionRequest) -> dict[str, Any]:
+        model = self._serving.resolve_model(request.model)
+        prompts, params = self.prepare(request)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        streams = self._serving.submit(request_id, prompts, params, request.priority)
+        results = await self._serving.collect(streams)
+        choices = []
+        for position, (prompt, result) in enumerate(zip(prompts, results, strict=True)):
+            for sample in result.samples:
+                prefix = prompt.text if request.echo else ""
+                choices.append(
+                    {
+                        "index": position * params.n + sample.index,
+                        "text": prefix + sample.text,
+                        "logprobs": self._logprobs(sample.logprobs, len(prefix)),
+                        "finish_reason": sample.finish_reason,
+                        "stop_reason": sample.stop_reason,
+                    }
+                )
+        num_generated = sum(len(s.token_ids) for r in results for s in r.samples)
+        return {
+            "id": request_id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": choices,
+            "usage": usage(results, num_generated),
+        }
+
+    def stream(self, request: CompletionRequest) -> EventStream:
+        """Validate and submit now, so that errors are HTTP errors; then the events stream."""
+        model = self._serving.resolve_model(request.model)
+        prompts, params = self.prepare(request)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        streams = self._serving.submit(request_id, prompts, params, request.priority)
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        events = self._events(
+            request_id, model, request.echo, prompts, params.n, streams, include_usage
+        )
+        return EventStream(events, streams)
+
+    async def _events(
+        self,
+        request_id: str,
+        model: str,
+        echo: bool,
+        prompts: list[Prompt],
+        n: int,
+        streams: list[Any],
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+        offsets: dict[int, int] = {}  # choice index → characters sent (logprobs text_offset)
+        results = [Result([], 0, []) for _ in prompts]
+        num_generated = 0
+
+        def chunk(choices: list[dict[str, Any]], usage_: Any = None) -> str:
+            body = {
+                "id": request_id,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": choices,
+            }
+            if include_usage:
+                body["usage"] = usage_
+            return sse(body)
+
+        try:
+            async for position, delta in merge(streams):
+                results[position] = Result(delta.prompt_token_ids, delta.num_cached_tokens, [])
+                choices = []
+                for change in delta.samples:
+                    index = position * n + change.index
+                    text = change.text
+                    if index not in offsets and echo:
+                        text = prompts[position].text + text
+                    offset = offsets.get(index, 0)
+                    offsets[index] = offset + len(text)
+                    num_generated += len(change.token_ids)
+                    choices.append(
+                        {
+                            "index": index,
+                            "text": text,
+                            "logprobs": self._logprobs(change.logprobs, offset),
+                            "finish_reason": change.finish_reason,
+                            "stop_reason": change.stop_reason,
+                        }
+                    )
+                if choices:
+                    yield chunk(choices)
+            if include_usage:
+                yield chunk([], usage(results, num_generated))
+        except Exception as error:  # noqa: BLE001 - one request fails; the stream ends cleanly
+            yield sse(api_error(error).body())
+        yield DONE
+
+    def _logprobs(self, logprobs: list[TokenLogprob] | None, offset: int) -> Any:
+        if logprobs is None:
+            return None
+        tokenizer = self._serving.tokenizer
+
+        def text(token_id: int) -> str:
+            return tokenizer.decode([token_id], skip_special_tokens=False)
+
+        tokens, offsets = [], []
+        for entry in logprobs:
+            tokens.append(text(entry.token_id))
+            offsets.append(offset)
+            offset += len(tokens[-1])
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in logprobs],
+            "top_logprobs": [
+                {text(t): lp for t, lp in zip(e.top_token_ids, e.top_logprobs, strict=True)}
+                for e in logprobs
+            ],
+            "text_offset": offsets,
+        }

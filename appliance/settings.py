@@ -1,0 +1,249 @@
+"""Settings: every `hearth serve` option in one frozen dataclass, from flags and HEARTH_* variables.
+
+Precedence: a command-line flag beats its environment variable (`--port` beats `HEARTH_PORT`), which
+beats the default. The environment is read once, here. Each option is declared once in `_OPTIONS`;
+the argparse flags, the environment variable names and `hearth serve --help` all come from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+ENV_PREFIX = "HEARTH_"
+_DEVICES = ("auto", "cpu", "cuda")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None = None  # catalogue name or path; None: the embedded default model
+    served_model_name: tuple[str, ...] = ()  # names clients use; empty: the engine's model name
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    kv_cache_gib: float | None = None
+    gpu_memory_utilization: float = 0.9
+    device: str = "auto"
+    dtype: str = "auto"
+    max_queued_requests: int = 256  # requests admitted beyond max_num_seqs before 429
+    allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers at all
+    allowed_hosts: tuple[str, ...] = ()  # Host headers accepted besides localhost names
+    shutdown_timeout: float = 30.0  # SIGTERM: seconds in-flight requests get to finish
+    no_ui: bool = False
+    log_level: str = "info"
+    access_log: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+        if not self.shutdown_timeout >= 0:
+            raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
+        if self.device not in _DEVICES:
+            raise ValueError(f"device must be one of {', '.join(_DEVICES)}; got {self.device!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {self.dtype!r}")
+        if self.log_level not in _LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty (leave it unset to disable auth)")
+
+    def engine_config(self) -> Any:
+        """The engine's view of these settings (an `engine.config.EngineConfig`)."""
+        from engine.config import EngineConfig
+
+        return EngineConfig(
+            model=self.model,
+            device=self.device,
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            kv_cache_gib=self.kv_cache_gib,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+        )
+
+
+@dataclass(frozen=True)
+class _Option:
+    name: str  # the Settings field
+    parse: Callable[[str], Any]  # one value from a string (flag or environment)
+    help: str
+    list: bool = False  # several values: repeated words on the command line, commas in the env
+    flag: bool = False  # a switch: `--no-ui`; in the env 1/0, true/false, yes/no
+    metavar: str | None = None
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"must be a positive number, got {text}")
+    return value
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"must be true or false, got {text!r}")
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}; got {text!r}")
+        return text
+
+    return parse
+
+
+_OPTIONS = (
+    _Option(
+        "model",
+        str,
+        "model: catalogue name, HF directory or .gguf path (default: "
+        "the embedded SmolLM2-135M-Instruct)",
+        metavar="NAME|PATH",
+    ),
+    _Option(
+        "served_model_name",
+        str,
+        "name(s) clients pass as `model` (default: the model's name)",
+        list=True,
+        metavar="NAME",
+    ),
+    _Option(
+        "host", str, "address to bind; 0.0.0.0 exposes the server to the network", metavar="ADDR"
+    ),
+    _Option("port", int, "port to bind (0: any free port)", metavar="PORT"),
+    _Option(
+        "api_key",
+        str,
+        "require `Authorization: Bearer KEY` on /v1, /tokenize, /detokenize "
+        "(prefer the environment variable: flags show in `ps`)",
+        metavar="KEY",
+    ),
+    _Option(
+        "max_model_len", _positive_int, "context length (default: the model's own)", metavar="N"
+    ),
+    _Option("max_num_seqs", _positive_int, "sequences the engine runs at once", metavar="N"),
+    _Option(
+        "kv_cache_gib",
+        _positive_float,
+        "absolute KV-cache budget in GiB (default: from --gpu-memory-utilization on CUDA)",
+        metavar="G",
+    ),
+    _Option(
+        "gpu_memory_utilization", _positive_float, "fraction of GPU memory to use", metavar="F"
+    ),
+    _Option("device", _choice(_DEVICES), "device (auto: cuda when available)"),
+    _Option("dtype", _choice(_DTYPES), "weights and activations dtype"),
+    _Option(
+        "max_queued_requests",
+        int,
+        "requests that may wait beyond --max-num-seqs; past that, 429 with Retry-After",
+        metavar="N",
+    ),
+    _Option(
+        "allowed_origins",
+        str,
+        "browser origins that get CORS headers, e.g. http://localhost:3000 (default: none)",
+        list=True,
+        metavar="ORIGIN",
+    ),
+    _Option(
+        "allowed_hosts",
+        str,
+        "Host headers accepted besides localhost and the bound "
+        "address (DNS-rebinding defence); '*' accepts any",
+        list=True,
+        metavar="HOST",
+    ),
+    _Option(
+        "shutdown_timeout",
+        float,
+        "on SIGTERM, seconds in-flight requests get to finish before they are aborted",
+        metavar="SECONDS",
+    ),
+    _Option("no_ui", _bool, "serve the API only, without the browser UI", flag=True),
+    _Option("log_level", _choice(_LOG_LEVELS), "log level"),
+    _Option("access_log", _bool, "log every HTTP request", flag=True),
+)
+
+
+def env_name(option_name: str) -> str:
+    return ENV_PREFIX + option_name.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare every option as a flag. Defaults stay unset so that the environment can fill them."""
+    defaults = Settings()
+    for option in _OPTIONS:
+        flag = "--" + option.name.replace("_", "-")
+        default = getattr(defaults, option.name)
+        shown = ", ".join(default) if option.list else default
+        help_text = f"{option.help} [env {env_name(option.name)}; default: {shown or 'none'}]"
+        if option.flag:
+            parser.add_argument(
+                flag, action="store_true", default=argparse.SUPPRESS, help=help_text
+            )
+        else:
+            parser.add_argument(
+                flag,
+                type=_argparse_type(option),
+                default=argparse.SUPPRESS,
+                nargs="+" if option.list else None,
+                metavar=option.metavar,
+                help=help_text,
+            )
+
+
+def _argparse_type(option: _Option) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return option.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = option.name  # argparse names the type in its error messages
+    return parse
+
+
+def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """Flags over environment over defaults. Raises ValueError naming the bad variable or value."""
+    values: dict[str, Any] = {}
+    for option in _OPTIONS:
+        if option.name in vars(args):
+            value = getattr(args, option.name)
+            values[option.name] = tuple(value) if option.list else value
+        elif env_name(option.name) in environ:
+            values[option.name] = _from_env(option, environ[env_name(option.name)])
+    known = {f.name for f in fields(Settings)}
+    return Settings(**{k: v for k, v in values.items() if k in known})
+
+
+def _from_env(option: _Option, text: str) -> Any:
+    try:
+        if option.list:
+            return tuple(option.parse(part.strip()) for part in text.split(",") if part.strip())
+        return option.parse(text)
+    except ValueError as exc:
+        raise ValueError(f"{env_name(option.name)}: {exc}") from None

@@ -1,0 +1,265 @@
+"""FakeEngine: the LLMEngine contract without a model, for testing the server fast and exactly.
+
+Tokens are characters (token id = code point; 1 = BOS, 2 = EOS). Greedy output walks a fixed phrase
+from an offset that depends on the prompt, then emits EOS; sampled output draws letters from a
+per-sample `random.Random(seed + index)`, so seeded requests are reproducible. Each step sleeps
+`step_delay_s` (like a forward pass, releasing the GIL) and emits one token per running sample.
+Magic prompts: "__crash__" makes step() raise (the engine thread dies); "__add_fails__" makes
+add_request raise RuntimeError (one request fails).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+from engine.sampling_params import SamplingParams
+
+PHRASE = "the quick brown fox jumps over the lazy dog. "
+BOS, EOS = 1, 2
+BLOCK_SIZE = 16
+
+
+class FakeTokenizer:
+    vocab_size = 50_000
+    eos_token_ids = (EOS,)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [ord(c) if ord(c) < self.vocab_size else ord("?") for c in text]
+        return [BOS, *ids] if add_special_tokens else ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        specials = {BOS: "<s>", EOS: "</s>"}
+        return "".join(
+            ("" if skip_special_tokens else specials[i]) if i in specials else chr(i) for i in ids
+        )
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+
+@dataclass
+class _Sample:
+    index: int
+    rng: random.Random
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int
+    samples: list[_Sample]
+    arrival: float
+    first_token_time: float | None = None
+    crash: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason for s in self.samples)
+
+
+class FakeEngine:
+    def __init__(
+        self,
+        max_model_len: int = 256,
+        max_num_seqs: int = 8,
+        num_blocks: int = 512,
+        step_delay_s: float = 0.005,
+        model_name: str = "fake-model",
+    ) -> None:
+        self.tokenizer = FakeTokenizer()
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.num_blocks = num_blocks
+        self.step_delay_s = step_delay_s
+        self._waiting: list[_Request] = []
+        self._running: list[_Request] = []
+        self._lock = threading.Lock()
+        self._num_prompt_tokens = 0
+        self._num_generation_tokens = 0
+        self.shut_down = False
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
+    ) -> None:
+        if isinstance(prompt, str) and "__add_fails__" in prompt:
+            raise RuntimeError("add_request blew up")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= i < self.tokenizer.vocab_size for i in ids):
+            raise ValueError(f"token ids must be in [0, {self.tokenizer.vocab_size})")
+        max_tokens = params.max_tokens or self.max_model_len - len(ids)
+        if len(ids) + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens and max_tokens is {max_tokens}; together they "
+                f"exceed the model's context length {self.max_model_len}"
+            )
+        if any(r.request_id == request_id for r in self._waiting + self._running):
+            raise ValueError(f"duplicate request id {request_id!r}")
+        seed = params.seed if params.seed is not None else random.randrange(1 << 30)
+        samples = [
+            _Sample(
+                i, random.Random(seed + i), logprobs=[] if params.logprobs is not None else None
+            )
+            for i in range(params.n)
+        ]
+        request = _Request(
+            request_id,
+            prompt if isinstance(prompt, str) else None,
+            ids,
+            params,
+            priority,
+            samples,
+            time.monotonic(),
+            crash=isinstance(prompt, str) and "__crash__" in prompt,
+        )
+        with self._lock:
+            self._waiting.append(request)
+            self._num_prompt_tokens += len(ids)
+
+    def abort_request(self, request_id: str) -> None:
+        with self._lock:
+            self._waiting = [r for r in self._waiting if r.request_id != request_id]
+            self._running = [r for r in self._running if r.request_id != request_id]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def step(self) -> list[RequestOutput]:
+        time.sleep(self.step_delay_s)
+        with self._lock:
+            self._admit()
+            outputs = [self._advance(r) for r in self._running]
+            self._running = [r for r in self._running if not r.finished]
+        return outputs
+
+    def _admit(self) -> None:
+        self._waiting.sort(key=lambda r: r.priority)
+        while (
+            self._waiting
+            and self._num_seqs_running() + self._waiting[0].params.n <= self.max_num_seqs
+        ):
+            self._running.append(self._waiting.pop(0))
+
+    def _num_seqs_running(self) -> int:
+        return sum(len(r.samples) for r in self._running)
+
+    def _advance(self, request: _Request) -> RequestOutput:
+        if request.crash:
+            raise RuntimeError("simulated engine crash")
+        now = time.monotonic()
+        request.first_token_time = request.first_token_time or now
+        for sample in request.samples:
+            if not sample.finish_reason:
+                self._sample_one(request, sample)
+        outputs = [
+            CompletionOutput(
+                s.index,
+                s.text,
+                list(s.token_ids),
+                s.finish_reason,
+                None if s.logprobs is None else list(s.logprobs),
+                s.stop_reason,
+            )
+            for s in request.samples
+        ]
+        return RequestOutput(
+            request.request_id,
+            request.prompt,
+            list(request.prompt_token_ids),
+            outputs,
+            request.finished,
+            0,
+            RequestMetrics(
+                request.arrival, request.first_token_time, now if request.finished else None
+            ),
+        )
+
+    def _sample_one(self, request: _Request, sample: _Sample) -> None:
+        params = request.params
+        token = self._next_token(request, sample)
+        self._num_generation_tokens += 1
+        sample.token_ids.append(token)
+        if sample.logprobs is not None:
+            top = tuple(range(97, 97 + (params.logprobs or 0)))
+            sample.logprobs.append(
+                TokenLogprob(token, -0.25, top, tuple(-0.5 - i for i in range(len(top))))
+            )
+        if token == EOS and not params.ignore_eos or token in params.stop_token_ids:
+            sample.finish_reason, sample.stop_reason = "stop", token if token != EOS else None
+            sample.text = self._visible_text(sample, params, final=True)
+            return
+        full = self.tokenizer.decode(sample.token_ids)
+        for stop in params.stop:
+            at = full.find(stop)
+            if at >= 0:
+                end = at + len(stop) if params.include_stop_str_in_output else at
+                sample.text, sample.finish_reason, sample.stop_reason = full[:end], "stop", stop
+                return
+        max_tokens = params.max_tokens or self.max_model_len - len(request.prompt_token_ids)
+        if len(sample.token_ids) >= max_tokens:
+            sample.finish_reason = "length"
+            sample.text = full
+            return
+        sample.text = self._visible_text(sample, params, final=False)
+
+    def _visible_text(self, sample: _Sample, params: SamplingParams, final: bool) -> str:
+        """Hold back text that could still become a stop string, as a real detokenizer does."""
+        full = self.tokenizer.decode(sample.token_ids)
+        hold = 0 if final or not params.stop else max(len(s) for s in params.stop) - 1
+        return full[: max(len(sample.text), len(full) - hold)]
+
+    def _next_token(self, request: _Request, sample: _Sample) -> int:
+        position = len(sample.token_ids)
+        if request.params.temperature > 0:
+            return ord(sample.rng.choice("abcdefghijklmnopqrstuvwxyz "))
+        if position == len(PHRASE):
+            return EOS
+        offset = sum(request.prompt_token_ids) % len(PHRASE)
+        return ord(PHRASE[(offset + position) % len(PHRASE)])
+
+    def snapshot(self) -> SimpleNamespace:
+        with self._lock:
+            running, waiting = list(self._running), list(self._waiting)
+            num_used = sum(
+                math.ceil((len(r.prompt_token_ids) + len(s.token_ids)) / BLOCK_SIZE)
+                for r in running
+                for s in r.samples
+            )
+            return SimpleNamespace(
+                scheduler=SimpleNamespace(
+                    num_running=sum(len(r.samples) for r in running),
+                    num_waiting=sum(len(r.samples) for r in waiting),
+                    num_preemptions=0,
+                ),
+                blocks=SimpleNamespace(
+                    num_blocks=self.num_blocks,
+                    num_free=self.num_blocks - num_used,
+                    num_used=num_used,
+                    num_cached=0,
+                    usage=num_used / self.num_blocks,
+                    prefix_queries_tokens=self._num_prompt_tokens,
+                    prefix_hits_tokens=0,
+                ),
+                num_prompt_tokens_total=self._num_prompt_tokens,
+                num_generation_tokens_total=self._num_generation_tokens,
+            )
+
+    def shutdown(self) -> None:
+        self.shut_down = True
