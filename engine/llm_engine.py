@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
@@ -97,8 +97,8 @@ class LLMEngine:
             req = _Request(request_id, text, token_ids, params, now)
             seq = Sequence(self.scheduler.next_seq_id(), request_id, token_ids, params, priority,
                            arrival_time=now)
+            self.scheduler.add(seq)  # may refuse (ValueError): register the request only after
             self._requests[request_id] = req
-            self.scheduler.add(seq)
             self._num_prompt_tokens += len(token_ids)
 
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -125,8 +125,6 @@ class LLMEngine:
                 "shorten the prompt"
             )
         if params.max_tokens is None:
-            from dataclasses import replace
-
             return replace(params, max_tokens=limit - n)
         if n + params.max_tokens > limit:
             raise ValueError(
