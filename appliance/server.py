@@ -116,7 +116,7 @@ def _openai_errors(route: Callable[..., Awaitable[Any]]) -> Callable[..., Awaita
         try:
             return await route(request)
         except Exception as error:  # noqa: BLE001
-            if not isinstance(error, (APIError, ValueError)) and api_error(error).status >= 500:
+            if api_error(error).status == 500:
                 logger.exception("%s %s failed", request.method, request.url.path)
             return error_response(api_error(error))
 
@@ -196,7 +196,9 @@ def _add_routes(app: FastAPI, context: AppContext) -> None:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(context.telemetry.render(), media_type=CONTENT_TYPE_LATEST)
+        # On a thread: engine.snapshot() may wait for the engine step in progress.
+        body = await asyncio.to_thread(context.telemetry.render)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     @_openai_errors

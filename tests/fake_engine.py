@@ -97,7 +97,8 @@ class FakeEngine:
     def add_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
     ) -> None:
-        if isinstance(prompt, str) and "__add_fails__" in prompt:
+        text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+        if "__add_fails__" in text:
             raise RuntimeError("add_request blew up")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
@@ -127,7 +128,7 @@ class FakeEngine:
             priority,
             samples,
             time.monotonic(),
-            crash=isinstance(prompt, str) and "__crash__" in prompt,
+            crash="__crash__" in text,
         )
         with self._lock:
             self._waiting.append(request)

@@ -33,7 +33,10 @@ class RunningServer:
 
 @contextlib.contextmanager
 def running_server(
-    settings: Settings, engine_factory: Callable[[], Any], ready_timeout_s: float = 300
+    settings: Settings,
+    engine_factory: Callable[[], Any],
+    ready_timeout_s: float = 300,
+    wait_ready: bool = True,
 ) -> Iterator[RunningServer]:
     sock = bind("127.0.0.1", 0)
     app = create_app(settings, engine_factory)
@@ -42,7 +45,8 @@ def running_server(
     thread.start()
     running = RunningServer(server.url, server, app.state.hearth, thread)
     try:
-        wait_healthy(running, ready_timeout_s)
+        if wait_ready:
+            wait_healthy(running, ready_timeout_s)
         yield running
     finally:
         server.should_exit = True
