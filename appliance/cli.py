@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_USAGE
 
 
-def serve(settings: Settings, engine_factory: Callable[[], Any] | None = None) -> int:
+def serve(settings: Settings, factory: Callable[[], Any] | None = None) -> int:
     """Run `hearth serve` until SIGTERM (exit 0) or an engine failure (exit 1)."""
     from appliance import lifecycle
     from appliance.server import create_app
@@ -63,13 +63,15 @@ def serve(settings: Settings, engine_factory: Callable[[], Any] | None = None) -
     sock = lifecycle.bind(settings.host, settings.port)
     model = settings.model or "the default model"
     print(f"Loading {model} on {settings.device} ...", flush=True)
-    app = create_app(settings, engine_factory or _engine_factory(settings))
+    app = create_app(settings, factory or engine_factory(settings))
     if not settings.no_ui:
         mount_ui(app)
     return lifecycle.run(app, app.state.hearth, sock)
 
 
-def _engine_factory(settings: Settings) -> Callable[[], Any]:
+def engine_factory(settings: Settings) -> Callable[[], Any]:
+    """Loads the LLMEngine when called (on the engine thread, with a progress bar)."""
+
     def load() -> Any:
         from engine.llm_engine import LLMEngine  # torch: imported on the engine thread
 

@@ -52,9 +52,9 @@ _PARAM_FIELDS = {
 
 @dataclass
 class Prompt:
-    """One prompt, tokenized; `text` is what `echo` repeats."""
+    """One prompt, tokenized; `text` is what `echo` repeats (None: not needed yet)."""
 
-    text: str
+    text: str | None
     token_ids: list[int]
 
 
@@ -178,27 +178,30 @@ class Serving:
     def tokenizer(self) -> Any:
         return self.engine.engine.tokenizer
 
-    def check_prompt(self, token_ids: list[int], max_tokens: int | None, param: str) -> None:
-        """The engine's own checks, early: a 400 that says the numbers, never a truncation."""
+    def check_prompt(self, token_ids: list[int], max_tokens: int | None, where: str) -> None:
+        """The engine's own checks, early: a 400 that says the numbers, never a truncation.
+        `where` names the prompt in the message ("prompt[2]"); the param is its field."""
+        param = where.split("[", 1)[0]
         if not token_ids:
-            raise bad_request(f"{param} is empty", param=param)
+            raise bad_request(f"{where} is empty", param=param)
         vocab_size = self.tokenizer.vocab_size
         bad = [t for t in token_ids if not 0 <= t < vocab_size]
         if bad:
             raise bad_request(
-                f"token id {bad[0]} is out of the vocabulary [0, {vocab_size})", param=param
+                f"{where}: token id {bad[0]} is out of the vocabulary [0, {vocab_size})",
+                param=param,
             )
         limit = self.engine.engine.max_model_len
+        what = "the chat prompt" if param == "messages" else where
         if max_tokens is None and len(token_ids) >= limit:
             raise bad_request(
-                f"prompt has {len(token_ids)} tokens; the model's context length is {limit}",
+                f"{what} has {len(token_ids)} tokens; the model's context length is {limit}",
                 param=param,
             )
         if max_tokens is not None and len(token_ids) + max_tokens > limit:
             raise bad_request(
-                f"prompt has {len(token_ids)} tokens and max_tokens is "
-                f"{max_tokens}; together they exceed the model's context length "
-                f"{limit}",
+                f"{what} has {len(token_ids)} tokens and max_tokens is {max_tokens}; together "
+                f"they exceed the model's context length {limit}",
                 param=param,
             )
 
@@ -233,11 +236,11 @@ class Serving:
         except ValueError as error:
             raise bad_request(str(error), param=_param_of(str(error))) from None
 
-    def reject_unsupported(self, request: Any, checks: dict[str, bool]) -> None:
-        """`checks` maps a field to "it is set to something this server cannot do"."""
-        for name, unsupported in checks.items():
+    def reject_unsupported(self, request: Any, checks: list[tuple[str, bool, str]]) -> None:
+        """`checks`: (param, "set to something this server cannot do", what to call it)."""
+        for param, unsupported, what in checks:
             if unsupported:
-                raise bad_request(f"{name} is not supported by this server", param=name)
+                raise bad_request(f"{what} is not supported by this server", param=param)
         if request.stream_options is not None and not request.stream:
             raise bad_request(
                 "stream_options is only allowed when stream is true", param="stream_options"

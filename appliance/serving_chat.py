@@ -42,18 +42,22 @@ class ChatServing:
         response_type = (request.response_format or {}).get("type", "text")
         serving.reject_unsupported(
             request,
-            {
-                "tools": bool(request.tools),
-                "tool_choice": request.tool_choice not in (None, "none"),
-                "functions": bool(request.functions),
-                "function_call": request.function_call not in (None, "none"),
-                f"response_format {response_type!r}": response_type != "text",
-                "audio": request.audio is not None,
-                "modalities": request.modalities not in (None, ["text"]),
-                "prediction": request.prediction is not None,
-                "web_search_options": request.web_search_options is not None,
-                "logit_bias": bool(request.logit_bias),
-            },
+            [
+                ("tools", bool(request.tools), "tools"),
+                ("tool_choice", request.tool_choice not in (None, "none"), "tool_choice"),
+                ("functions", bool(request.functions), "functions"),
+                ("function_call", request.function_call not in (None, "none"), "function_call"),
+                ("response_format", response_type != "text", f"response_format {response_type!r}"),
+                ("audio", request.audio is not None, "audio"),
+                ("modalities", request.modalities not in (None, ["text"]), "modalities but text"),
+                ("prediction", request.prediction is not None, "prediction"),
+                (
+                    "web_search_options",
+                    request.web_search_options is not None,
+                    "web_search_options",
+                ),
+                ("logit_bias", bool(request.logit_bias), "logit_bias"),
+            ],
         )
         prompt = chat_prompt(serving.tokenizer, request.messages, request.add_generation_prompt)
         max_tokens = request.max_completion_tokens

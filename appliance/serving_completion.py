@@ -34,34 +34,37 @@ class CompletionServing:
         serving = self._serving
         serving.reject_unsupported(
             request,
-            {
-                "suffix": bool(request.suffix),
-                "best_of": request.best_of not in (None, 1, request.n),
-                "logit_bias": bool(request.logit_bias),
-                "echo with logprobs": request.echo and request.logprobs is not None,
-            },
+            [
+                ("suffix", bool(request.suffix), "suffix"),
+                ("best_of", request.best_of not in (None, 1, request.n), "best_of other than n"),
+                ("logit_bias", bool(request.logit_bias), "logit_bias"),
+                (
+                    "echo",
+                    request.echo and request.logprobs is not None,
+                    "echo with logprobs (prompt logprobs)",
+                ),
+            ],
         )
         prompts = self._prompts(request.prompt)
         params = serving.sampling_params(request, request.max_tokens, request.logprobs)
         for i, prompt in enumerate(prompts):
-            serving.check_prompt(
-                prompt.token_ids,
-                params.max_tokens,
-                "prompt" if len(prompts) == 1 else f"prompt[{i}]",
-            )
+            where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            serving.check_prompt(prompt.token_ids, params.max_tokens, where)
+            if prompt.text is None and request.echo:
+                prompt.text = serving.tokenizer.decode(prompt.token_ids, skip_special_tokens=False)
         return prompts, params
 
     def _prompts(self, prompt: str | list[Any]) -> list[Prompt]:
-        tokenizer = self._serving.tokenizer
+        encode = self._serving.tokenizer.encode
         if isinstance(prompt, str):
-            return [Prompt(prompt, tokenizer.encode(prompt))]
+            return [Prompt(prompt, encode(prompt))]
         if not prompt:
             raise bad_request("prompt is empty", param="prompt")
         if isinstance(prompt[0], int):
-            return [Prompt(tokenizer.decode(prompt, skip_special_tokens=False), list(prompt))]
+            return [Prompt(None, list(prompt))]
         if isinstance(prompt[0], str):
-            return [Prompt(p, tokenizer.encode(p)) for p in prompt]
-        return [Prompt(tokenizer.decode(p, skip_special_tokens=False), list(p)) for p in prompt]
+            return [Prompt(p, encode(p)) for p in prompt]
+        return [Prompt(None, list(p)) for p in prompt]
 
     async def create(self, request: CompletionRequest) -> dict[str, Any]:
         model = self._serving.resolve_model(request.model)
@@ -72,7 +75,7 @@ class CompletionServing:
         choices = []
         for position, (prompt, result) in enumerate(zip(prompts, results, strict=True)):
             for sample in result.samples:
-                prefix = prompt.text if request.echo else ""
+                prefix = prompt.text if request.echo and prompt.text else ""
                 choices.append(
                     {
                         "index": position * params.n + sample.index,
@@ -139,7 +142,7 @@ class CompletionServing:
                     index = position * n + change.index
                     text = change.text
                     if index not in offsets and echo:
-                        text = prompts[position].text + text
+                        text = (prompts[position].text or "") + text
                     offset = offsets.get(index, 0)
                     offsets[index] = offset + len(text)
                     num_generated += len(change.token_ids)

@@ -1,0 +1,274 @@
+"""Bad input against the real server: each case gets the right 4xx in OpenAI's error format, names
+the field where there is one, and the server keeps serving afterwards."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from server_harness import running_server
+
+from appliance.cli import engine_factory
+from appliance.settings import Settings
+
+MAX_MODEL_LEN = 512
+MESSAGES = [{"role": "user", "content": "Hi"}]
+C, CHAT = "/v1/completions", "/v1/chat/completions"
+
+
+def completion(**fields):
+    return {"prompt": "Hello", "max_tokens": 2, **fields}
+
+
+def chat(**fields):
+    return {"messages": MESSAGES, "max_tokens": 2, **fields}
+
+
+# (name, method, path, body (dict, or raw bytes), status, param or None, words in the message)
+CASES = [
+    ("malformed JSON", "POST", C, b'{"prompt": ', 400, None, "not valid JSON"),
+    ("body is a list", "POST", C, b"[1, 2]", 400, None, "JSON object"),
+    ("empty body", "POST", C, b"", 400, None, "empty"),
+    ("missing prompt", "POST", C, {"max_tokens": 2}, 400, "prompt", "required"),
+    ("prompt is a number", "POST", C, completion(prompt=5), 400, "prompt", "must be"),
+    ("prompt is empty", "POST", C, completion(prompt=""), 400, "prompt", "empty"),
+    ("prompt list is empty", "POST", C, completion(prompt=[]), 400, "prompt", "empty"),
+    ("token id past vocab", "POST", C, completion(prompt=[10**6]), 400, "prompt", "vocabulary"),
+    ("negative token id", "POST", C, completion(prompt=[-1]), 400, "prompt", "vocabulary"),
+    ("max_tokens a string", "POST", C, completion(max_tokens="ten"), 400, "max_tokens", "integer"),
+    ("max_tokens zero", "POST", C, completion(max_tokens=0), 400, "max_tokens", ">= 1"),
+    ("max_tokens negative", "POST", C, completion(max_tokens=-5), 400, "max_tokens", ">= 1"),
+    (
+        "max_tokens over context",
+        "POST",
+        C,
+        completion(max_tokens=10**5),
+        400,
+        "prompt",
+        f"context length {MAX_MODEL_LEN}",
+    ),
+    (
+        "prompt over context",
+        "POST",
+        C,
+        completion(prompt="hello " * 600, max_tokens=None),
+        400,
+        "prompt",
+        "context length",
+    ),
+    ("temperature negative", "POST", C, completion(temperature=-1), 400, "temperature", ">= 0"),
+    (
+        "temperature a string",
+        "POST",
+        C,
+        completion(temperature="hot"),
+        400,
+        "temperature",
+        "number",
+    ),
+    ("top_p zero", "POST", C, completion(top_p=0), 400, "top_p", "(0, 1]"),
+    ("top_p above one", "POST", C, completion(top_p=1.5), 400, "top_p", "(0, 1]"),
+    ("top_k negative", "POST", C, completion(top_k=-2), 400, "top_k", ">= 0"),
+    ("min_p above one", "POST", C, completion(min_p=2), 400, "min_p", "[0, 1]"),
+    (
+        "presence_penalty 3",
+        "POST",
+        C,
+        completion(presence_penalty=3),
+        400,
+        "presence_penalty",
+        "[-2, 2]",
+    ),
+    (
+        "repetition_penalty 0",
+        "POST",
+        C,
+        completion(repetition_penalty=0),
+        400,
+        "repetition_penalty",
+        "> 0",
+    ),
+    ("n zero", "POST", C, completion(n=0), 400, "n", ">= 1"),
+    ("n huge", "POST", C, completion(n=1000), 400, "n", "<= 128"),
+    ("logprobs 50", "POST", C, completion(logprobs=50), 400, "logprobs", "<= 20"),
+    ("stop empty string", "POST", C, completion(stop=[""]), 400, "stop", "non-empty"),
+    ("stop a number", "POST", C, completion(stop=5), 400, "stop", "string"),
+    ("seed a string", "POST", C, completion(seed="abc"), 400, "seed", "integer"),
+    ("unknown model", "POST", C, completion(model="gpt-9"), 404, "model", "does not exist"),
+    ("suffix", "POST", C, completion(suffix="end"), 400, "suffix", "not supported"),
+    ("best_of", "POST", C, completion(best_of=3), 400, "best_of", "not supported"),
+    (
+        "logit_bias",
+        "POST",
+        C,
+        completion(logit_bias={"42": -100}),
+        400,
+        "logit_bias",
+        "not supported",
+    ),
+    ("unknown field", "POST", C, completion(frobnicate=True), 400, "frobnicate", "Unrecognized"),
+    (
+        "stream_options without stream",
+        "POST",
+        C,
+        completion(stream_options={"include_usage": True}),
+        400,
+        "stream_options",
+        "stream is true",
+    ),
+    (
+        "echo with logprobs",
+        "POST",
+        C,
+        completion(echo=True, logprobs=1),
+        400,
+        "echo",
+        "not supported",
+    ),
+    ("messages missing", "POST", CHAT, {"max_tokens": 2}, 400, "messages", "required"),
+    ("messages empty", "POST", CHAT, chat(messages=[]), 400, "messages", "at least 1"),
+    (
+        "unknown role",
+        "POST",
+        CHAT,
+        chat(messages=[{"role": "robot", "content": "x"}]),
+        400,
+        "messages",
+        "role",
+    ),
+    (
+        "content a number",
+        "POST",
+        CHAT,
+        chat(messages=[{"role": "user", "content": 5}]),
+        400,
+        "messages",
+        "must be",
+    ),
+    (
+        "image part",
+        "POST",
+        CHAT,
+        chat(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}],
+                }
+            ]
+        ),
+        400,
+        "messages",
+        "image_url",
+    ),
+    (
+        "tool message",
+        "POST",
+        CHAT,
+        chat(messages=[{"role": "tool", "content": "{}", "tool_call_id": "1"}]),
+        400,
+        "messages",
+        "not supported",
+    ),
+    (
+        "tools",
+        "POST",
+        CHAT,
+        chat(tools=[{"type": "function", "function": {"name": "f"}}]),
+        400,
+        "tools",
+        "not supported",
+    ),
+    (
+        "json_schema",
+        "POST",
+        CHAT,
+        chat(response_format={"type": "json_schema"}),
+        400,
+        "response_format",
+        "json_schema",
+    ),
+    (
+        "top_logprobs without logprobs",
+        "POST",
+        CHAT,
+        chat(top_logprobs=2),
+        400,
+        "top_logprobs",
+        "logprobs",
+    ),
+    (
+        "top_logprobs 50",
+        "POST",
+        CHAT,
+        chat(logprobs=True, top_logprobs=50),
+        400,
+        "top_logprobs",
+        "[0, 20]",
+    ),
+    (
+        "max_completion_tokens 0",
+        "POST",
+        CHAT,
+        chat(max_completion_tokens=0),
+        400,
+        "max_tokens",
+        ">= 1",
+    ),
+    ("stream a string", "POST", CHAT, chat(stream="yes"), 400, "stream", "boolean"),
+    ("chat unknown model", "POST", CHAT, chat(model="llama-70b"), 404, "model", "does not exist"),
+    ("unknown route", "GET", "/v1/engines", None, 404, None, "no such route"),
+    ("wrong method", "GET", C, None, 405, None, "Method Not Allowed"),
+    ("tokenize nothing", "POST", "/tokenize", {}, 400, "prompt", "exactly one"),
+    ("detokenize bad id", "POST", "/detokenize", {"tokens": [-3]}, 400, "tokens", "vocabulary"),
+]
+
+
+@pytest.fixture(scope="module")
+def http():
+    settings = Settings(device="cpu", max_model_len=MAX_MODEL_LEN, no_ui=True)
+    with (
+        running_server(settings, engine_factory(settings)) as server,
+        httpx.Client(base_url=server.url, timeout=120) as client,
+    ):
+        yield client
+
+
+def test_there_are_at_least_30_cases():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_openai_error(http, case):
+    _, method, path, body, status, param, words = case
+    if isinstance(body, bytes):
+        response = http.request(
+            method, path, content=body, headers={"Content-Type": "application/json"}
+        )
+    else:
+        response = http.request(method, path, json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert words in error["message"]
+    if param is not None:
+        assert error["param"] == param
+    assert http.get("/health").status_code == 200
+
+
+def test_server_still_answers_and_ignores_bookkeeping_fields(http):
+    body = completion(user="u-1", metadata={"k": "v"}, store=False, temperature=0)
+    response = http.post(C, json=body)
+    assert response.status_code == 200 and response.json()["choices"][0]["text"]
+    chat_body = chat(
+        user="u-1",
+        parallel_tool_calls=False,
+        tool_choice="none",
+        response_format={"type": "text"},
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+            {"role": "assistant", "content": "Hello!", "tool_calls": None, "refusal": None},
+            {"role": "user", "content": "Bye"},
+        ],
+    )
+    assert http.post(CHAT, json=chat_body).status_code == 200
