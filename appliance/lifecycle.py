@@ -51,10 +51,8 @@ class HearthServer(uvicorn.Server):
         if not dead.done():
             print(f"Hearth is ready: {self.url}  (OpenAI API: {self.url}v1)", flush=True)
             await dead
+            logger.error("the engine thread died; exiting with status %d", EXIT_ENGINE_DIED)
         ready.cancel()
-        logger.error(
-            "the engine stopped (%s); exiting with status %d", engine.error, EXIT_ENGINE_DIED
-        )
         self.exit_code = EXIT_ENGINE_DIED
         self.should_exit = True
 

@@ -83,15 +83,29 @@ class _Option:
     metavar: str | None = None
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"must be an integer, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"must be a number, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 1:
         raise ValueError(f"must be >= 1, got {value}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _float(text)
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"must be a positive number, got {text}")
     return value
@@ -133,7 +147,7 @@ _OPTIONS = (
     _Option(
         "host", str, "address to bind; 0.0.0.0 exposes the server to the network", metavar="ADDR"
     ),
-    _Option("port", int, "port to bind (0: any free port)", metavar="PORT"),
+    _Option("port", _int, "port to bind (0: any free port)", metavar="PORT"),
     _Option(
         "api_key",
         str,
@@ -158,7 +172,7 @@ _OPTIONS = (
     _Option("dtype", _choice(_DTYPES), "weights and activations dtype"),
     _Option(
         "max_queued_requests",
-        int,
+        _int,
         "requests that may wait beyond --max-num-seqs; past that, 429 with Retry-After",
         metavar="N",
     ),
@@ -179,7 +193,7 @@ _OPTIONS = (
     ),
     _Option(
         "shutdown_timeout",
-        float,
+        _float,
         "on SIGTERM, seconds in-flight requests get to finish before they are aborted",
         metavar="SECONDS",
     ),

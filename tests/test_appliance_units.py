@@ -1,0 +1,149 @@
+"""Unit tests of the appliance's pure parts: settings (flags, HEARTH_* variables), the CLI,
+streaming deltas, the Host/API-key checks. No server, no model: milliseconds."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from appliance import cli
+from appliance.deltas import DeltaTracker
+from appliance.protocol import APIError
+from appliance.security import allowed_host_names, check_api_key, host_of
+from appliance.settings import Settings, add_arguments, settings_from
+from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+
+
+def _settings(argv: list[str], env: dict[str, str]) -> Settings:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return settings_from(parser.parse_args(argv), env)
+
+
+def test_defaults_are_local_and_closed():
+    settings = _settings([], {})
+    assert settings == Settings()
+    assert settings.host == "127.0.0.1" and settings.api_key is None
+    assert settings.allowed_origins == () and settings.allowed_hosts == ()
+
+
+def test_flag_beats_environment_beats_default():
+    env = {
+        "HEARTH_PORT": "9000",
+        "HEARTH_MAX_NUM_SEQS": "8",
+        "HEARTH_NO_UI": "true",
+        "HEARTH_ALLOWED_ORIGINS": "http://a.example, http://b.example",
+        "HEARTH_API_KEY": "from-env",
+        "HEARTH_KV_CACHE_GIB": "2.5",
+    }
+    settings = _settings(["--port", "9100", "--served-model-name", "x", "y"], env)
+    assert settings.port == 9100 and settings.max_num_seqs == 8 and settings.no_ui
+    assert settings.allowed_origins == ("http://a.example", "http://b.example")
+    assert settings.served_model_name == ("x", "y") and settings.api_key == "from-env"
+    assert settings.kv_cache_gib == 2.5
+    assert settings.engine_config().max_num_seqs == 8
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"HEARTH_PORT": "http"}, "HEARTH_PORT: must be an integer"),
+        ({"HEARTH_NO_UI": "maybe"}, "HEARTH_NO_UI: must be true or false"),
+        ({"HEARTH_DEVICE": "tpu"}, "HEARTH_DEVICE: must be one of auto, cpu, cuda"),
+        ({"HEARTH_MAX_MODEL_LEN": "0"}, "HEARTH_MAX_MODEL_LEN: must be >= 1"),
+        ({"HEARTH_PORT": "70000"}, "port must be in [0, 65535]"),
+        ({"HEARTH_API_KEY": ""}, "api_key must not be empty"),
+    ],
+)
+def test_bad_environment_values_name_the_variable(env, words):
+    with pytest.raises(ValueError, match=words.replace("[", r"\[")):
+        _settings([], env)
+
+
+def test_help_documents_every_flag_and_variable(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for name in (
+        "MODEL",
+        "HOST",
+        "PORT",
+        "API_KEY",
+        "MAX_MODEL_LEN",
+        "MAX_NUM_SEQS",
+        "KV_CACHE_GIB",
+        "GPU_MEMORY_UTILIZATION",
+        "DEVICE",
+        "SERVED_MODEL_NAME",
+        "MAX_QUEUED_REQUESTS",
+        "ALLOWED_ORIGINS",
+        "ALLOWED_HOSTS",
+        "NO_UI",
+    ):
+        assert f"HEARTH_{name}" in text
+        assert "--" + name.lower().replace("_", "-") in text
+    assert cli.main([]) == 2
+    assert "serve" in capsys.readouterr().out
+
+
+def test_bad_flag_exits_with_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--gpu-memory-utilization", "-1"])
+    assert exit_info.value.code == 2
+    assert "gpu-memory-utilization" in capsys.readouterr().err
+
+
+def _output(text: str, ids: list[int], finished: bool = False, logprobs=None) -> RequestOutput:
+    reason = "stop" if finished else None
+    return RequestOutput(
+        "r", None, [5, 6], [CompletionOutput(0, text, ids, reason, logprobs)], finished
+    )
+
+
+def test_delta_tracker_sends_only_what_is_new():
+    tracker = DeltaTracker()
+    tracker.start("r", n=1)
+    lp = [TokenLogprob(7, -0.1), TokenLogprob(8, -0.2), TokenLogprob(9, -0.3)]
+    [first] = tracker.update([_output("Hel", [7], logprobs=lp[:1])], now=1.0)
+    assert (first.samples[0].text, first.samples[0].token_ids) == ("Hel", [7])
+    assert first.prompt_token_ids == [5, 6] and not first.finished
+    # A token whose text is held back is still delivered (its id and logprob count).
+    [held] = tracker.update([_output("Hel", [7, 8], logprobs=lp[:2])], now=2.0)
+    assert (held.samples[0].text, held.samples[0].token_ids) == ("", [8])
+    [last] = tracker.update([_output("Hello", [7, 8, 9], True, lp)], now=3.0)
+    assert last.samples[0].text == "lo" and last.samples[0].logprobs == lp[2:]
+    assert last.finished and last.samples[0].finish_reason == "stop"
+    assert tracker.update([_output("Hello", [7, 8, 9], True)], now=4.0) == []  # forgotten
+
+
+def test_delta_tracker_abort_ends_unfinished_samples():
+    tracker = DeltaTracker()
+    tracker.start("r", n=2)
+    tracker.update([_output("a", [1])], now=1.0)
+    final = tracker.abort("r", now=2.0)
+    assert final.finished and [(s.index, s.finish_reason) for s in final.samples] == [
+        (0, "abort"),
+        (1, "abort"),
+    ]
+    assert tracker.abort("r", now=3.0) is None
+
+
+def test_host_names():
+    assert host_of("Example.COM:8000") == "example.com"
+    assert host_of("[::1]:8000") == "::1" and host_of("::1") == "::1"
+    names = allowed_host_names("127.0.0.1", ["my-box.lan"])
+    assert {"localhost", "127.0.0.1", "::1", "my-box.lan"} <= names
+    assert allowed_host_names("127.0.0.1", ["*"]) is None
+    assert "127.0.0.1" in allowed_host_names("0.0.0.0", [])  # this machine's addresses
+
+
+def test_api_key_check():
+    check_api_key(None, None)  # no key configured: open
+    check_api_key("Bearer s3cret", "s3cret")
+    check_api_key("bearer s3cret", "s3cret")
+    for header in (None, "", "s3cret", "Bearer", "Bearer s3cre", "Basic s3cret", "Bearer s3cretX"):
+        with pytest.raises(APIError) as error:
+            check_api_key(header, "s3cret")
+        assert error.value.status == 401
