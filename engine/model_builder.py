@@ -1,19 +1,26 @@
 """Build what an engine needs from an EngineConfig: the resolved model, its weights on the device,
 the tokenizer, the context length, and a ModelRunner with a KV cache sized from the memory budget.
+
+On CUDA the budget is what `gpu_memory_utilization` of the card leaves after the weights and the
+peak of a profiling forward pass (the largest batch the scheduler can form), or `kv_cache_gib`.
+`load_format="dummy"` needs only config.json: random weights, and a stand-in tokenizer (token-id
+prompts only) when the directory has no tokenizer.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 import torch
 
+from engine.attention import AttentionMetadata
 from engine.catalog import resolve_model, verify
 from engine.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig
-from engine.loader import load_model_source
+from engine.loader import LoadedSource, load_hf_config, load_model_source
 from engine.model_config import ModelConfig
-from engine.model_runner import ModelRunner, resolve_dtype
+from engine.model_runner import ModelRunner, RunnerLimits, make_attention_backend, resolve_dtype
 from engine.models.registry import model_class
 from engine.progress import progress_bar
 
@@ -42,14 +49,61 @@ def build_model(config: EngineConfig, progress: bool = True) -> BuiltModel:
     resolved = resolve_model(config.model)
     if config.load_format != "dummy":
         verify(resolved)
-    source = load_model_source(resolved)
+    source = _load_source(resolved, config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     model = _instantiate(source, config, device, dtype, progress)
     max_model_len = _max_model_len(config, source)
-    num_blocks = _num_kv_blocks(config, source.config, device, dtype, max_model_len)
-    runner = ModelRunner(model, source.config, config.block_size, num_blocks, config.seed)
+    sched = config.scheduler_config(max_model_len)
+    limits = RunnerLimits(sched.max_num_seqs, sched.max_num_batched_tokens, max_model_len,
+                          config.enforce_eager)  # fmt: skip
+    num_blocks = _num_kv_blocks(config, source.config, model, limits)
+    runner = ModelRunner(model, source.config, config.block_size, num_blocks, config.seed, limits)
     return BuiltModel(source.name, source.tokenizer, source.config, max_model_len, runner)
+
+
+def _load_source(resolved, config: EngineConfig) -> LoadedSource:
+    """Dummy weights of an HF directory need only its config.json (no safetensors)."""
+    if config.load_format != "dummy" or resolved.format != "hf":
+        return load_model_source(resolved)
+    model_config = load_hf_config(resolved.path)
+    tokenizer = _tokenizer_for_dummy(resolved.path, model_config)
+    eos_ids = tuple(dict.fromkeys((*model_config.eos_token_ids, *tokenizer.eos_token_ids)))
+    model_config = dataclasses.replace(model_config, eos_token_ids=eos_ids)
+    return LoadedSource(resolved.name, model_config, tokenizer, lambda: iter(()),
+                        model_config.max_position_embeddings)  # fmt: skip
+
+
+def _tokenizer_for_dummy(path, model_config: ModelConfig):
+    if (path / "tokenizer.json").is_file():
+        from engine.tokenizer import Tokenizer
+
+        return Tokenizer.from_hf_dir(path)
+    return TokenIdTokenizer(model_config.eos_token_ids, model_config.bos_token_id)
+
+
+class TokenIdTokenizer:
+    """Stand-in tokenizer for dummy-weight benchmarks of a bare config.json: prompts must be token
+    ids, and decoding yields no text (the token ids are in every output)."""
+
+    chat_template = None
+
+    def __init__(self, eos_token_ids: tuple[int, ...], bos_token_id: int | None) -> None:
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.bos_token_id = bos_token_id
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise ValueError("this dummy-weight model has no tokenizer.json: pass prompts as token ids")
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return ""
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise ValueError("this dummy-weight model has no tokenizer.json: no chat template")
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return list(self.eos_token_ids)
 
 
 def _instantiate(source, config: EngineConfig, device, dtype, progress: bool) -> torch.nn.Module:
@@ -102,16 +156,17 @@ def _max_model_len(config: EngineConfig, source) -> int:
     return config.max_model_len
 
 
-def _num_kv_blocks(config, model_config: ModelConfig, device, dtype, max_model_len: int) -> int:
+def _num_kv_blocks(config, model_config: ModelConfig, model, limits: RunnerLimits) -> int:
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    max_model_len = limits.max_model_len
     bytes_per_block = config.block_size * model_config.kv_bytes_per_token(dtype.itemsize)
     if config.kv_cache_gib is not None:
         budget = config.kv_cache_gib * _GIB
     elif device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        used = total - free
-        budget = total * config.gpu_memory_utilization - used - _activation_reserve(config)
+        budget = _cuda_kv_budget(config, model, limits)
     else:
         budget = DEFAULT_CPU_KV_CACHE_GIB * _GIB
     num_blocks = int(budget // bytes_per_block)
@@ -125,6 +180,52 @@ def _num_kv_blocks(config, model_config: ModelConfig, device, dtype, max_model_l
     return num_blocks
 
 
-def _activation_reserve(config: EngineConfig) -> int:
-    """Memory kept free for activations and CUDA graphs (a conservative fixed budget)."""
-    return 2 * _GIB
+def _cuda_kv_budget(config: EngineConfig, model, limits: RunnerLimits) -> int:
+    """total * utilization - (weights + activation peak of a profiling pass) - non-torch memory
+    (CUDA context, cuBLAS workspaces) - a reserve for the decode CUDA graphs' pool."""
+    device = next(model.parameters()).device
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    _profile_forward(model, limits)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    non_torch = total - free - torch.cuda.memory_reserved(device)
+    graph_reserve = 0 if limits.enforce_eager else _GIB // 2
+    budget = total * config.gpu_memory_utilization - peak - non_torch - graph_reserve
+    logger.info("KV budget %.2f GiB (peak %.2f GiB, non-torch %.2f GiB)", budget / _GIB,
+                peak / _GIB, non_torch / _GIB)  # fmt: skip
+    return int(budget)
+
+
+@torch.inference_mode()
+def _profile_forward(model, limits: RunnerLimits) -> None:
+    """One forward over the largest token budget, logits for the most sampled rows. Nothing is
+    written (slot -1) into a one-block scratch cache; every block-table entry points at it."""
+    cfg: ModelConfig = model.config
+    param = next(model.parameters())
+    device = param.device
+    num_tokens = limits.max_num_batched_tokens
+    seq_len = min(limits.max_model_len, num_tokens)
+    lens = [seq_len] * (num_tokens // seq_len)
+    if num_tokens % seq_len:
+        lens.append(num_tokens % seq_len)
+    cache = torch.zeros((1, 16, cfg.num_kv_heads, cfg.head_dim), dtype=param.dtype, device=device)
+    kv_caches = [(cache, cache)] * cfg.num_layers
+    starts = [0]
+    for n in lens:
+        starts.append(starts[-1] + n)
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        block_tables=torch.zeros((len(lens), -(-seq_len // 16)), dtype=torch.int32, device=device),
+        query_lens_cpu=lens, seq_lens_cpu=lens, max_query_len=max(lens), max_seq_len=max(lens),
+    )
+    positions = torch.cat([torch.arange(n, device=device) for n in lens])
+    input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    hidden = model(input_ids, positions, kv_caches, meta, make_attention_backend(device))
+    rows = min(limits.max_num_seqs, num_tokens)
+    model.compute_logits(hidden[:rows]).float().softmax(-1)  # the sampler's float32 logits

@@ -5,14 +5,20 @@ flat input tensors, runs the forward pass, and samples the positions that need a
     rows     a0 a1 a2 a3 a4           b7                       c16 c17 c18
     samples              ^a4          ^b7                      (C's prompt is not done: no sample)
 
-Logits are computed only for the sampled rows.
+Logits are computed only for the sampled rows. Inputs are built with numpy into host buffers
+(pinned on CUDA) and copied without blocking; a decode-only batch on CUDA replays a captured graph
+(engine/cuda_graphs.py), anything else runs eagerly.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata, TorchAttention
+from engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from engine.model_config import ModelConfig
 from engine.outputs import RunnerOutput, ScheduledChunk, ScheduleOutput
 from engine.sampler import Sampler, SamplingRow
@@ -37,20 +43,38 @@ def make_attention_backend(device: torch.device):
     return TorchAttention()
 
 
+@dataclass(frozen=True)
+class RunnerLimits:
+    """Batch limits the runner sizes its buffers (and CUDA graphs) for."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    enforce_eager: bool = False
+
+
 class ModelRunner:
     def __init__(
         self, model: torch.nn.Module, config: ModelConfig, block_size: int, num_blocks: int,
-        seed: int = 0,
+        seed: int = 0, limits: RunnerLimits | None = None,
     ) -> None:
         self.model = model
         self.config = config
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.limits = limits or RunnerLimits()
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.kv_caches = self._allocate_kv_cache(num_blocks)
         self.backend = make_attention_backend(self.device)
         self.sampler = Sampler(config.vocab_size, seed)
+        self.max_blocks = -(-self.limits.max_model_len // block_size)
+        self._host = _HostBuffers(self.limits, self.max_blocks, self.device.type == "cuda")
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not self.limits.enforce_eager:
+            self.graphs = DecodeGraphs(model, self.kv_caches, self.backend,
+                                       self.limits.max_num_seqs, self.max_blocks, block_size)
+            self.graphs.capture()
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         shape = (num_blocks, self.block_size, self.config.num_kv_heads, self.config.head_dim)
@@ -65,13 +89,20 @@ class ModelRunner:
         self._copy_blocks(schedule)
         if schedule.is_empty:
             return RunnerOutput()
-        input_ids, positions, meta = self._prepare_inputs(schedule.chunks)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
-        sampled = [c for c in schedule.chunks if c.samples]
+        chunks = schedule.chunks
+        batch = self._host.fill(chunks, self.block_size)
+        if batch.decode_only and self.graphs and batch.num_seqs <= self.graphs.max_batch_size:
+            hidden = self.graphs.run(batch.decode_inputs())
+        else:
+            input_ids, positions, meta = self._to_device(batch)
+            hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
+        sampled = [c for c in chunks if c.samples]
         if not sampled:
             return RunnerOutput()
-        last_rows = _last_rows(meta, schedule.chunks)
-        logits = self.model.compute_logits(hidden[last_rows])  # (num_sampled_chunks, vocab)
+        if len(sampled) != len(chunks) or hidden.shape[0] != len(chunks):
+            rows = torch.from_numpy(batch.last_rows(chunks)).to(self.device, non_blocking=True)
+            hidden = hidden[rows]
+        logits = self.model.compute_logits(hidden)  # (num_sampled_chunks, vocab)
         return self._sample(logits, sampled)
 
     def _copy_blocks(self, schedule: ScheduleOutput) -> None:
@@ -83,39 +114,21 @@ class ModelRunner:
             k_cache[dst] = k_cache[src]
             v_cache[dst] = v_cache[src]
 
-    def _prepare_inputs(self, chunks: list[ScheduledChunk]):
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens, seq_lens = [], []
-        bs = self.block_size
-        for chunk in chunks:
-            input_ids += chunk.token_ids
-            table = chunk.seq.block_ids
-            for pos in range(chunk.start_pos, chunk.end_pos):
-                slots.append(table[pos // bs] * bs + pos % bs)
-            positions += range(chunk.start_pos, chunk.end_pos)
-            query_lens.append(chunk.num_new_tokens)
-            seq_lens.append(chunk.end_pos)
-        max_blocks = max((s + bs - 1) // bs for s in seq_lens)
-        tables = [c.seq.block_ids[:max_blocks] + [0] * (max_blocks - len(c.seq.block_ids[:max_blocks]))
-                  for c in chunks]
-        dev = self.device
-        starts = [0]
-        for q in query_lens:
-            starts.append(starts[-1] + q)
+    def _to_device(self, batch: _Batch):
+        dev, n, t = self.device, batch.num_seqs, batch.num_tokens
+        host = self._host
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
+            slot_mapping=host.slot_mapping[:t].to(dev, non_blocking=True),
+            query_start_loc=host.query_start_loc[: n + 1].to(dev, non_blocking=True),
+            seq_lens=host.seq_lens[:n].to(dev, non_blocking=True),
+            block_tables=host.block_tables[:n].to(dev, non_blocking=True),
+            query_lens_cpu=batch.query_lens.tolist(),
+            seq_lens_cpu=batch.seq_lens.tolist(),
+            max_query_len=int(batch.query_lens.max()),
+            max_seq_len=int(batch.seq_lens.max()),
         )
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
+        ids = host.input_ids[:t].to(dev, non_blocking=True)
+        pos = host.positions[:t].to(dev, non_blocking=True)
         return ids, pos, meta
 
     def _sample(self, logits: torch.Tensor, chunks: list[ScheduledChunk]) -> RunnerOutput:
@@ -134,21 +147,94 @@ class ModelRunner:
             logits = logits[torch.tensor(row_index, device=logits.device)]
         result = self.sampler.sample(logits, rows)
         out = RunnerOutput()
-        for seq_id, token_id, logprob in zip(owners, result.token_ids, result.logprobs):
+        triples = zip(owners, result.token_ids, result.logprobs, strict=True)
+        for seq_id, token_id, logprob in triples:
             out.sampled_token_ids.setdefault(seq_id, []).append(token_id)
             if logprob is not None:
                 out.logprobs.setdefault(seq_id, []).append(logprob)
         return out
 
 
-def _last_rows(meta: AttentionMetadata, chunks: list[ScheduledChunk]) -> torch.Tensor:
-    rows = [end - 1 for end, c in zip(_cumsum(meta.query_lens_cpu), chunks) if c.samples]
-    return torch.tensor(rows, dtype=torch.int64, device=meta.slot_mapping.device)
+@dataclass
+class _Batch:
+    """One step's layout on the host; the token arrays live in _HostBuffers."""
+
+    num_seqs: int
+    num_tokens: int
+    query_lens: np.ndarray  # (num_seqs,) int64
+    seq_lens: np.ndarray  # (num_seqs,) int64: context after this step
+    host: _HostBuffers
+
+    @property
+    def decode_only(self) -> bool:
+        return self.num_tokens == self.num_seqs
+
+    def last_rows(self, chunks: list[ScheduledChunk]) -> np.ndarray:
+        ends = np.cumsum(self.query_lens) - 1
+        return ends[np.array([c.samples for c in chunks], dtype=bool)]
+
+    def decode_inputs(self) -> DecodeInputs:
+        h = self.host
+        return DecodeInputs(self.num_seqs, h.input_ids, h.positions, h.slot_mapping,
+                            h.seq_lens, h.block_tables)  # fmt: skip
 
 
-def _cumsum(values: list[int]) -> list[int]:
-    out, total = [], 0
-    for v in values:
-        total += v
-        out.append(total)
-    return out
+class _HostBuffers:
+    """Host-side input arrays, reused every step (pinned on CUDA so copies do not block).
+
+    A step's copies complete before the next step refills the buffers: sampling reads the sampled
+    ids back (a sync) at the end of every step that has a forward pass."""
+
+    def __init__(self, limits: RunnerLimits, max_blocks: int, pin: bool) -> None:
+        self.pin = pin and torch.cuda.is_available()
+        self.max_blocks = max_blocks
+        self._alloc_tokens(max(limits.max_num_batched_tokens, limits.max_num_seqs))
+        self._alloc_seqs(limits.max_num_seqs)
+
+    def _tensor(self, shape, dtype) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dtype, pin_memory=self.pin)
+
+    def _alloc_tokens(self, n: int) -> None:
+        self.input_ids = self._tensor(n, torch.int64)
+        self.positions = self._tensor(n, torch.int64)
+        self.slot_mapping = self._tensor(n, torch.int64)
+        self._np_tokens = (
+            self.input_ids.numpy(), self.positions.numpy(), self.slot_mapping.numpy()
+        )
+
+    def _alloc_seqs(self, n: int) -> None:
+        self.seq_lens = self._tensor(n, torch.int32)
+        self.query_start_loc = self._tensor(n + 1, torch.int32)
+        self.block_tables = self._tensor((n, self.max_blocks), torch.int32)
+        self._np_seqs = (self.seq_lens.numpy(), self.query_start_loc.numpy(),
+                         self.block_tables.numpy())  # fmt: skip
+
+    def fill(self, chunks: list[ScheduledChunk], block_size: int) -> _Batch:
+        n = len(chunks)
+        starts = np.fromiter((c.start_pos for c in chunks), np.int64, n)
+        query_lens = np.fromiter((c.num_new_tokens for c in chunks), np.int64, n)
+        seq_lens = starts + query_lens
+        t = int(query_lens.sum())
+        widths = -(-seq_lens // block_size)  # blocks each sequence needs this step
+        if t > self.input_ids.shape[0]:
+            self._alloc_tokens(t)
+        if n > self.seq_lens.shape[0] or int(widths.max()) > self.max_blocks:
+            self.max_blocks = max(self.max_blocks, int(widths.max()))
+            self._alloc_seqs(max(n, self.seq_lens.shape[0]))
+        ids, pos, slots = self._np_tokens
+        lens, qsl, tables = self._np_seqs
+        lens[:n] = seq_lens
+        qsl[0] = 0
+        np.cumsum(query_lens, out=qsl[1 : n + 1])
+        if t == n:  # decode only: one token per sequence, no per-token work
+            ids[:n] = [c.seq.token_ids[c.start_pos] for c in chunks]
+        else:
+            ids[:t] = [tok for c in chunks for tok in c.token_ids]
+        for i, (c, w) in enumerate(zip(chunks, widths.tolist(), strict=True)):
+            tables[i, :w] = c.seq.block_ids[:w]
+        # (t,) position of each new token, and its slot through its sequence's block table
+        row = np.repeat(np.arange(n), query_lens)
+        pos[:t] = np.arange(t) - np.repeat(qsl[:n].astype(np.int64) - starts, query_lens)
+        slots[:t] = tables[row, pos[:t] // block_size].astype(np.int64) * block_size
+        slots[:t] += pos[:t] % block_size
+        return _Batch(n, t, query_lens, seq_lens, self)
