@@ -174,6 +174,8 @@ class LLMEngine:
             for child_index, lp in enumerate(logprobs[1:], start=1):
                 req.logprobs.setdefault(child_index, []).append(lp)
         self._num_generation_tokens += 1
+        if not req.params.detokenize:
+            return
         stopped = req.detoks[index].add_token(seq.last_token_id)
         if stopped and not seq.is_finished:
             self.scheduler.finish(seq, FinishReason.STOP)

@@ -35,6 +35,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-N logprobs per generated token; 0 = only the chosen token
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: token ids only, no text (benchmarks; stop strings need text)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -73,6 +74,8 @@ class SamplingParams:
             raise ValueError("stop must be a list of non-empty strings")
         for token_id in self.stop_token_ids:
             _check_int("stop_token_ids", token_id, low=0)
+        if not self.detokenize and self.stop:
+            raise ValueError("stop strings need detokenize=True (they are matched in the text)")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=_MAX_LOGPROBS)
 

@@ -31,7 +31,7 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
     """Largest s with qsl[s] // BLOCK_Q + s <= tile (the sequence that owns this tile)."""
-    lo: tl.int32 = 0
+    lo = num_seqs * 0  # an int32 scalar, the type the loop carries
     hi = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2

@@ -1,4 +1,7 @@
-"""RMSNorm, optionally fused with the residual add that precedes it in every decoder layer."""
+"""RMSNorm, optionally fused with the residual add that precedes it in every decoder layer.
+
+On CUDA one Triton kernel (kernels/fused.py) does add + norm in a single pass over the row; the CPU
+path keeps the torch ops, in transformers' order."""
 
 from __future__ import annotations
 
@@ -16,11 +19,23 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without `residual`: rmsnorm(x). With it: (rmsnorm(x + residual), x + residual)."""
+        if x.is_cuda:
+            return self._fused(x, residual)
         if residual is not None:
             x = x + residual
             residual = x
         out = self._norm(x)
         return out if residual is None else (out, residual)
+
+    def _fused(self, x: torch.Tensor, residual: torch.Tensor | None):
+        from kernels.fused import rms_norm
+
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (rows, hidden): per-head q/k norms flatten their heads
+        if residual is None:
+            return rms_norm(x2, self.weight, self.eps).view(shape)
+        out, new_res = rms_norm(x2, self.weight, self.eps, residual.reshape(-1, shape[-1]))
+        return out.view(shape), new_res.view(shape)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # Same op order as transformers' LlamaRMSNorm: statistics in float32, cast back, then scale.

@@ -48,7 +48,14 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: (num_tokens, num_heads, head_dim), k: (num_tokens, num_kv_heads, head_dim)."""
+        """q: (num_tokens, num_heads, head_dim), k: (num_tokens, num_kv_heads, head_dim).
+
+        On CUDA q and k are rotated in place by one Triton kernel (they may be views of qkv)."""
+        if q.is_cuda:
+            from kernels.fused import rotary_embedding
+
+            rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim)
+            return q, k
         cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)  # (num_tokens, head_dim // 2)
         cos = torch.cat([cos, cos], dim=-1).unsqueeze(1)  # (num_tokens, 1, head_dim)
         sin = torch.cat([sin, sin], dim=-1).unsqueeze(1)

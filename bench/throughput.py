@@ -1,0 +1,273 @@
+"""End-to-end GPU throughput: Hearth vs transformers on the same inputs and card, with the roofline.
+
+Workloads (random bf16 weights, ignore EOS; configs in bench/configs/):
+    W1  Qwen3-0.6B, nano-vllm's bench.py: 256 seqs, prompt/output lengths U[100, 1024],
+        token ids U[0, 10000]
+    W2  Llama-3-8B, the same 256 sequences
+    W3  Llama-3-8B, 200 x (1024 in / 128 out)
+    W4  Llama-3-8B, batch 1, 128 in / 256 out  (ms per output token)
+
+The floor of a run: decode steps x weight bytes / bandwidth + every K/V row read once per decode
+step / bandwidth + prompt FLOPs / matmul rate, with both ceilings measured in the same run.
+The transformers side runs static `generate` batches on a capped subset (device time is scarce):
+the first `--hf-seqs` sequences, outputs capped at `--hf-max-new` tokens; the table says so.
+
+    python bench/throughput.py W1 W4 [--skip-hf] [--json out.json]
+"""
+
+import argparse
+import gc
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parent.parent
+if sys.path and Path(sys.path[0]).resolve() == _ROOT / "bench":
+    sys.path[0] = str(_ROOT)
+
+import torch  # noqa: E402
+
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.loader import load_hf_config  # noqa: E402
+
+CONFIGS = {
+    "qwen3": _ROOT / "bench/configs/qwen3-0.6b",
+    "llama8b": _ROOT / "bench/configs/llama-3-8b",
+}
+
+
+@dataclass
+class Workload:
+    name: str
+    model: str
+    prompts: list[list[int]]
+    max_tokens: list[int]
+
+
+def make_workload(name: str) -> Workload:
+    rng = random.Random(0)
+    if name in ("W1", "W2"):  # nano-vllm bench.py, same draw order
+        prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))]
+                   for _ in range(256)]  # fmt: skip
+        outs = [rng.randint(100, 1024) for _ in range(256)]
+        return Workload(name, "qwen3" if name == "W1" else "llama8b", prompts, outs)
+    if name == "W3":
+        prompts = [[rng.randint(0, 10000) for _ in range(1024)] for _ in range(200)]
+        return Workload(name, "llama8b", prompts, [128] * 200)
+    if name == "W4":
+        return Workload(name, "llama8b", [[rng.randint(0, 10000) for _ in range(128)]], [256])
+    raise ValueError(f"unknown workload {name!r}")
+
+
+# ------------------------------------------------------------------------------------- ceilings
+def measure_ceilings() -> tuple[float, float]:
+    """(copy bandwidth bytes/s counting read + write, bf16 matmul FLOP/s) on random data."""
+    from triton.testing import do_bench
+
+    src = torch.randn(1 << 28, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    bandwidth = 2 * src.numel() * 4 / (ms * 1e-3)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ b, return_mode="median")
+    return bandwidth, 2 * 8192**3 / (ms * 1e-3)
+
+
+def floor_seconds(w: Workload, bandwidth: float, flops: float) -> dict:
+    cfg = load_hf_config(CONFIGS[w.model])
+    embed = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size  # rows gathered only
+    weight_bytes = (cfg.num_params - embed) * 2
+    steps = max(w.max_tokens)  # continuous batching: the longest output sets the step count
+    pairs = zip(w.prompts, w.max_tokens, strict=True)
+    kv_rows = sum(o * len(p) + o * (o - 1) // 2 for p, o in pairs)  # context read per new token
+    prompt_tokens = sum(len(p) for p in w.prompts)
+    t_weights = steps * weight_bytes / bandwidth
+    t_kv = kv_rows * cfg.kv_bytes_per_token(2) / bandwidth
+    t_prompt = 2 * (cfg.num_params - embed) * prompt_tokens / flops
+    return {"weights_s": t_weights, "kv_s": t_kv, "prompt_s": t_prompt,
+            "total_s": t_weights + t_kv + t_prompt}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------- Hearth
+class StepProfile:
+    """Wall time per engine step and GPU time of the decode graph replays (CUDA events)."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.engine, self.runner = llm.engine, llm.engine.runner
+        self.steps: list[tuple[float, float]] = []  # (step wall s, execute wall s)
+        self.events: list[tuple] = []
+        self._wrap()
+
+    def _wrap(self) -> None:
+        step, execute = self.engine.step, self.runner.execute
+        holder = {}
+
+        def timed_execute(schedule):
+            t = time.perf_counter()
+            out = execute(schedule)
+            holder["exec"] = time.perf_counter() - t
+            return out
+
+        def timed_step():
+            holder["exec"] = 0.0
+            t = time.perf_counter()
+            out = step()
+            self.steps.append((time.perf_counter() - t, holder["exec"]))
+            return out
+
+        self.engine.step, self.runner.execute = timed_step, timed_execute
+        graphs = self.runner.graphs
+        if graphs is not None:
+            run = graphs.run
+
+            def timed_run(inputs):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
+                start.record()
+                out = run(inputs)
+                end.record()
+                self.events.append((start, end, inputs.num_seqs))
+                return out
+
+            graphs.run = timed_run
+
+    def summary(self) -> dict:
+        torch.cuda.synchronize()
+        gpu_ms = [s.elapsed_time(e) for s, e, _ in self.events]
+        walls = [s for s, _ in self.steps]
+        n = max(len(gpu_ms), 1)
+        return {
+            "steps": len(self.steps),
+            "graph_steps": len(gpu_ms),
+            "mean_step_ms": 1e3 * sum(walls) / max(len(walls), 1),
+            "mean_graph_gpu_ms": sum(gpu_ms) / n,
+            "mean_graph_batch": sum(b for *_, b in self.events) / n,
+            "mean_outside_execute_ms": 1e3 * sum(s - e for s, e in self.steps) / max(len(walls), 1),
+        }
+
+
+def run_hearth(w: Workload, args) -> dict:
+    batched = max(16384, max(len(p) for p in w.prompts))
+    llm = LLM(str(CONFIGS[w.model]), load_format="dummy", dtype="bfloat16", progress=False,
+              max_model_len=2048, max_num_seqs=min(256, len(w.prompts)),
+              max_num_batched_tokens=batched, gpu_memory_utilization=args.gpu_util,
+              enable_prefix_caching=False)  # fmt: skip
+    warm = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, detokenize=False)]
+    llm.generate([w.prompts[0][:100]] * 1, warm * 1, use_tqdm=False)
+    params = [SamplingParams(temperature=args.temperature, max_tokens=o, ignore_eos=True,
+                             detokenize=False) for o in w.max_tokens]  # fmt: skip
+    profile = StepProfile(llm)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = llm.generate(w.prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    num_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert num_out == sum(w.max_tokens), (num_out, sum(w.max_tokens))
+    result = {"seconds": elapsed, "output_tokens": num_out, "tok_s": num_out / elapsed,
+              "num_kv_blocks": llm.engine.runner.num_blocks, **profile.summary()}  # fmt: skip
+    if len(outs) == 1:
+        m = outs[0].metrics
+        result["ms_per_token"] = 1e3 * (m.finished_time - m.first_token_time) / (num_out - 1)
+    llm.shutdown()
+    del llm, profile, outs
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+# --------------------------------------------------------------------------------- transformers
+def run_transformers(w: Workload, args) -> dict:
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(CONFIGS[w.model])
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None
+    n = min(args.hf_seqs, len(w.prompts))
+    cap = args.hf_max_new if len(w.prompts) > 1 else args.hf_max_new_single
+    prompts, outs = w.prompts[:n], [min(o, cap) for o in w.max_tokens[:n]]
+    total, t_all = 0, 0.0
+    for i in range(0, n, args.hf_batch):
+        batch, lens = prompts[i : i + args.hf_batch], outs[i : i + args.hf_batch]
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device="cuda")
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device="cuda")
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, max_new_tokens=max(lens),
+                           min_new_tokens=max(lens), do_sample=False, pad_token_id=0)  # fmt: skip
+        torch.cuda.synchronize()
+        t_all += time.perf_counter() - t0
+        total += sum(lens)  # tokens each sequence asked for; padding steps are not counted
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    result = {"subset": f"first {n} seqs, outputs capped at {cap}, static batches of "
+                        f"{args.hf_batch}", "seconds": t_all, "output_tokens": total,
+              "tok_s": total / t_all}  # fmt: skip
+    if len(w.prompts) == 1:
+        result["ms_per_token"] = 1e3 * t_all / total
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workloads", nargs="+", choices=["W1", "W2", "W3", "W4"])
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--hf-seqs", type=int, default=64)
+    parser.add_argument("--hf-batch", type=int, default=64)
+    parser.add_argument("--hf-max-new", type=int, default=128)
+    parser.add_argument("--hf-max-new-single", type=int, default=64)
+    parser.add_argument("--gpu-util", type=float, default=0.9)
+    parser.add_argument("--temperature", type=float, default=0.6, help="nano-vllm samples at 0.6")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    bandwidth, flops = measure_ceilings()
+    card = torch.cuda.get_device_name()
+    print(f"{card}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s",
+          flush=True)  # fmt: skip
+    results = {"card": card, "bandwidth": bandwidth, "flops": flops, "date": time.strftime("%F"),
+               "torch": torch.__version__, "workloads": {}}  # fmt: skip
+    for name in args.workloads:
+        w = make_workload(name)
+        floor = floor_seconds(w, bandwidth, flops)
+        entry = {"floor": floor, "hearth": run_hearth(w, args)}
+        print(name, "hearth", json.dumps(entry["hearth"]), flush=True)
+        if not args.skip_hf:
+            entry["transformers"] = run_transformers(w, args)
+            print(name, "transformers", json.dumps(entry["transformers"]), flush=True)
+        results["workloads"][name] = entry
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{results['card']}  {results['date']}  copy {results['bandwidth'] / 1e12:.2f} TB/s  "
+          f"bf16 {results['flops'] / 1e12:.0f} TFLOP/s")  # fmt: skip
+    print("wl  hearth            floor            % floor  transformers (subset)  step_ms gpu_ms")
+    for name, e in results["workloads"].items():
+        h, f = e["hearth"], e["floor"]
+        total_out = h["output_tokens"]
+        floor_rate = total_out / f["total_s"]
+        if "ms_per_token" in h:
+            floor_ms = 1e3 * (f["weights_s"] + f["kv_s"]) / total_out
+            ours, flr = f"{h['ms_per_token']:.2f} ms/tok", f"{floor_ms:.2f} ms/tok"
+            pct = floor_ms / h["ms_per_token"]
+            hf = e.get("transformers", {}).get("ms_per_token")
+            hf_s = f"{hf:.1f} ms/tok" if hf else "-"
+        else:
+            ours, flr = f"{h['tok_s']:.0f} tok/s", f"{floor_rate:.0f} tok/s"
+            pct = h["tok_s"] / floor_rate
+            hf = e.get("transformers", {}).get("tok_s")
+            hf_s = f"{hf:.0f} tok/s" if hf else "-"
+        print(f"{name}  {ours:17s} {flr:16s} {100 * pct:6.0f}%  {hf_s:22s} "
+              f"{h['mean_step_ms']:7.2f} {h['mean_graph_gpu_ms']:6.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The engine on a CUDA GPU: Triton attention, fused layers and decode CUDA graphs against
+transformers on the same random tiny checkpoints.
+
+Marked `gpu`: conftest skips them on a machine without CUDA. No timing here (bench/ does that).
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from tests.helpers import save_tiny_model
+
+pytestmark = pytest.mark.gpu
+KV_GIB = 0.25  # tests never size the cache from free memory, except the one that checks that
+
+
+def _prompts(n_list, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 512, (n,), generator=gen).tolist() for n in n_list]
+
+
+def _hf_greedy(model, prompts, max_new):
+    outs = []
+    model.generation_config.eos_token_id = None
+    for ids in prompts:
+        x = torch.tensor([ids], device="cuda")
+        with torch.no_grad():
+            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new,
+                               min_new_tokens=max_new, do_sample=False, pad_token_id=0)  # fmt: skip
+        outs.append(y[0, len(ids) :].tolist())
+    return outs
+
+
+def _llm(path, **kwargs) -> LLM:
+    kwargs.setdefault("kv_cache_gib", KV_GIB)
+    return LLM(str(path), device="cuda", progress=False, block_size=16, **kwargs)
+
+
+def _generate(llm, prompts, max_new, **kwargs):
+    params = SamplingParams(temperature=0, max_tokens=max_new, ignore_eos=True, **kwargs)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def _free(*objs):
+    for o in objs:
+        if isinstance(o, LLM):
+            o.shutdown()
+    del objs
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_greedy_float32_matches_transformers(tmp_path, arch, enforce_eager):
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny_model(tmp_path / arch, arch)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    prompts = _prompts((5, 17, 33, 64, 1, 130))
+    llm = _llm(path, dtype="float32", enforce_eager=enforce_eager)
+    assert (llm.engine.runner.graphs is None) == enforce_eager
+    ours = _generate(llm, prompts, 24)
+    assert ours == _hf_greedy(hf, prompts, 24)
+    # chunked prefill over several steps, mixing prefill chunks with decode rows
+    chunked = _llm(path, dtype="float32", enforce_eager=enforce_eager, max_num_batched_tokens=19)
+    assert _generate(chunked, prompts, 24) == ours
+    _free(llm, chunked, hf)
+
+
+def test_cuda_graph_tokens_equal_eager(tmp_path):
+    path = save_tiny_model(tmp_path / "llama", "llama")
+    prompts = _prompts((3, 40, 7, 90, 12))  # 5 rows: graphs pad the batch to 8
+    graphs = _llm(path, dtype="float32")
+    eager = _llm(path, dtype="float32", enforce_eager=True)
+    assert graphs.engine.runner.graphs is not None and 8 in graphs.engine.runner.graphs.sizes
+    assert _generate(graphs, prompts, 40) == _generate(eager, prompts, 40)
+    # bf16 too: same kernels, same batch shapes except the padding rows
+    graphs16 = _llm(path, dtype="bfloat16")
+    eager16 = _llm(path, dtype="bfloat16", enforce_eager=True)
+    assert _generate(graphs16, prompts[:1], 40) == _generate(eager16, prompts[:1], 40)
+    _free(graphs, eager, graphs16, eager16)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_bf16_logprobs_within_bf16_tolerance(tmp_path, arch):
+    """Our bf16 log-probs of the first steps are as close to the fp32 reference as transformers'
+    own bf16 run is (teacher-forced on our tokens, so both see the same sequence)."""
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny_model(tmp_path / arch, arch)
+    prompt = _prompts((37,))[0]
+    llm = _llm(path, dtype="bfloat16")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=5)
+    out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    seq = torch.tensor([prompt + out.token_ids[:-1]], device="cuda")
+    ref = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).cuda().eval()
+        with torch.no_grad():
+            logits = hf(seq).logits[0, len(prompt) - 1 :].float()  # (steps, vocab)
+        ref[dtype] = torch.log_softmax(logits, -1)
+        del hf
+    ours_err, hf_err = 0.0, 0.0
+    for step, lp in enumerate(out.logprobs):
+        ids = torch.tensor(lp.top_token_ids, device="cuda")
+        ours = torch.tensor(lp.top_logprobs, device="cuda")
+        ours_err = max(ours_err, (ours - ref[torch.float32][step, ids]).abs().max().item())
+        hf_err = max(hf_err, (ref[torch.bfloat16][step, ids] - ref[torch.float32][step, ids])
+                     .abs().max().item())  # fmt: skip
+    assert ours_err <= 2 * hf_err + 0.05, (ours_err, hf_err)
+    _free(llm)
+
+
+def test_kv_cache_sized_from_gpu_memory_utilization(tmp_path):
+    path = save_tiny_model(tmp_path / "qwen3", "qwen3")
+    free, total = torch.cuda.mem_get_info()
+    util = min(0.95, (total - free) / total + 0.05)  # ~5% of the card on top of what is in use
+    llm = LLM(str(path), device="cuda", progress=False, gpu_memory_utilization=util,
+              max_model_len=512)  # fmt: skip
+    runner = llm.engine.runner
+    kv_bytes = runner.num_blocks * runner.block_size * runner.config.kv_bytes_per_token(2)
+    assert 0.5 * 0.05 * total < kv_bytes < 0.06 * total
+    assert len(_generate(llm, _prompts((9, 300)), 8)) == 2
+    _free(llm)
+
+
+def test_dummy_weights_without_tokenizer():
+    config_dir = str(Path(__file__).resolve().parent.parent / "bench/configs/qwen3-0.6b")
+    llm = LLM(config_dir, load_format="dummy", device="cuda", progress=False,
+              max_model_len=256, kv_cache_gib=0.5, max_num_seqs=8)  # fmt: skip
+    out = _generate(llm, _prompts((20, 3, 100)), 12, detokenize=False)
+    assert [len(t) for t in out] == [12, 12, 12]
+    with pytest.raises(ValueError, match="token ids"):
+        llm.generate("hello", use_tqdm=False)
+    _free(llm)
