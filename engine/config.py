@@ -46,6 +46,7 @@ class EngineConfig:
     load_format: str = "auto"
     seed: int = 0  # for dummy weights and unseeded sampling
     enforce_eager: bool = False  # no CUDA graphs
+    gguf_keep_quantized: bool = False  # GGUF: run the linears from their blocks (less memory)
 
     def __post_init__(self) -> None:
         if self.device not in (*_DEVICES, "auto"):

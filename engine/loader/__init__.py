@@ -36,13 +36,16 @@ class LoadedSource:
     tokenizer: Tokenizer
     weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]  # a fresh iterator per call
     max_model_len: int  # the model's limit, capped by the catalogue's max_model_len
-    quantization: str | None = None  # e.g. "Q4_1" for a GGUF (weights come dequantized)
+    quantization: str | None = None  # e.g. "Q4_1" for a GGUF, "awq" for an AWQ checkpoint
 
 
-def load_model_source(resolved: ResolvedModel) -> LoadedSource:
-    """Read config and tokenizer now; weights are read when `weights()` is iterated."""
+def load_model_source(resolved: ResolvedModel, gguf_keep_quantized: bool = False) -> LoadedSource:
+    """Read config and tokenizer now; weights are read when `weights()` is iterated.
+
+    A GGUF's weights come dequantized to float unless `gguf_keep_quantized`; an HF directory's
+    quantized weights (config.json's quantization_config) always stay packed."""
     if resolved.format == "gguf":
-        gguf = load_gguf(resolved.path)
+        gguf = load_gguf(resolved.path, keep_quantized=gguf_keep_quantized)
         config, tokenizer, weights, quant = (
             gguf.config,
             gguf.tokenizer,
@@ -52,7 +55,8 @@ def load_model_source(resolved: ResolvedModel) -> LoadedSource:
     elif resolved.format == "hf":
         config, tokenizer = load_hf_config(resolved.path), Tokenizer.from_hf_dir(resolved.path)
         iter_hf_weights(resolved.path)  # validates the files now, before the model is built
-        weights, quant = (lambda: iter_hf_weights(resolved.path)), None
+        weights = lambda: iter_hf_weights(resolved.path)  # noqa: E731
+        quant = config.quantization.method if config.quantization else None
     else:
         raise ValueError(f"unknown model format {resolved.format!r}; expected 'gguf' or 'hf'")
     # Stop on every id either the config or the tokenizer files call end-of-sequence.

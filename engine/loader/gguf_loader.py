@@ -15,6 +15,7 @@ Two things undo llama.cpp's converter so the tensors equal the HF checkpoint's:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -26,6 +27,8 @@ import numpy as np
 import torch
 
 from engine.model_config import ModelConfig
+from engine.quantization.config import QuantConfig
+from engine.quantization.gguf_quant import BLOCKS
 from engine.tokenizer import Tokenizer
 
 _ARCHITECTURES = {
@@ -52,6 +55,8 @@ _BLOCK = {
     "ffn_norm": "post_attention_layernorm",
 }
 _BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# Projections Hearth fuses: kept quantized only when every member has the same block type.
+_FUSED = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 _GGUF_MAGIC = b"GGUF"
 
 
@@ -59,23 +64,36 @@ _GGUF_MAGIC = b"GGUF"
 class GGUFModel:
     config: ModelConfig
     tokenizer: Tokenizer
-    weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]  # dequantizes lazily, float32
+    weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]  # lazily, one tensor at a time
     quantization: str  # the most common type of the 2-D weights, e.g. "Q4_1"
 
 
-def load_gguf(path: str | Path) -> GGUFModel:
-    """Read a GGUF file's metadata and tensor index; weights are dequantized on iteration."""
+def load_gguf(path: str | Path, keep_quantized: bool = False) -> GGUFModel:
+    """Read a GGUF file's metadata and tensor index; weights are read on iteration.
+
+    By default every tensor comes dequantized to float32. With `keep_quantized`, the decoder's
+    linear weights in a block format Hearth runs (engine/quantization/gguf_quant.py) come as raw
+    blocks named `...q_proj.qweight` (uint8, one row per output), and config.quantization lists
+    them; embeddings, norms and the rest still come as float32.
+    """
     reader = _open(Path(path))
     metadata = {key: field.contents() for key, field in reader.fields.items()}
     tensor_names = [t.name for t in reader.tensors]
     config = _model_config(metadata, tensor_names, path)
     hf_names = {t.name: _hf_name(t.name, path) for t in reader.tensors}
     types = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) == 2)
+    kept = _kept_quantized(reader, hf_names) if keep_quantized else {}
+    if kept:
+        config = dataclasses.replace(config, quantization=QuantConfig("gguf", gguf_types=kept))
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
         for tensor in reader.tensors:
             name = hf_names[tensor.name]
-            if name is not None:
+            if name is None:
+                continue
+            if name.removesuffix(".weight") in kept:
+                yield name.removesuffix(".weight") + ".qweight", _raw_blocks(tensor, name, config)
+            else:
                 yield name, _dequantize(tensor, name, config)
 
     return GGUFModel(
@@ -166,6 +184,33 @@ def _dequantize(tensor: Any, hf_name: str, config: ModelConfig) -> torch.Tensor:
         elif ".k_proj." in hf_name:
             weight = _unpermute(weight, config.num_kv_heads)
     return weight
+
+
+def _kept_quantized(reader: Any, hf_names: dict[str, str | None]) -> dict[str, str]:
+    """HF module name → block type, for the linears the model can hold in block format."""
+    types = {}
+    for tensor in reader.tensors:
+        name = hf_names[tensor.name]
+        if name and name.endswith("_proj.weight") and tensor.tensor_type.name in BLOCKS:
+            types[name.removesuffix(".weight")] = tensor.tensor_type.name
+    kept = {}
+    for name, qtype in types.items():
+        prefix, _, proj = name.rpartition(".")
+        group = next(g for g in _FUSED if proj in g)
+        if all(types.get(f"{prefix}.{member}") == qtype for member in group):
+            kept[name] = qtype
+    return kept
+
+
+def _raw_blocks(tensor: Any, hf_name: str, config: ModelConfig) -> torch.Tensor:
+    """The tensor's blocks as (rows, row_bytes) uint8, Q/K rows in HF order."""
+    raw = torch.from_numpy(np.array(tensor.data, dtype=np.uint8))  # a copy: the file is read-only
+    if config.architecture == "LlamaForCausalLM":
+        if ".q_proj." in hf_name:
+            raw = _unpermute(raw, config.num_heads)
+        elif ".k_proj." in hf_name:
+            raw = _unpermute(raw, config.num_kv_heads)
+    return raw
 
 
 def _unpermute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:

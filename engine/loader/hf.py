@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from engine.model_config import SUPPORTED_ARCHITECTURES, ModelConfig
+from engine.quantization.config import parse_quantization_config
 
 _INDEX_FILE = "model.safetensors.index.json"
 
@@ -56,6 +57,7 @@ def _model_config(cfg: dict, arch: str, model_dir: Path) -> ModelConfig:
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys(eos_ids)),
         torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
+        quantization=parse_quantization_config(cfg, str(model_dir / "config.json")),
     )
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata
 from engine.layers.activation import silu_and_mul
+from engine.layers.linear import QuantizedLinear, make_linear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.model_config import ModelConfig
@@ -22,15 +23,17 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, prefix: str) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         h = config.hidden_size
-        self.qkv_proj = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, h, bias=False)
+        quant, qkv = config.quantization, tuple(f"{prefix}.{p}_proj" for p in "qkv")
+        self.qkv_proj = make_linear(h, self.q_size + 2 * self.kv_size, config.attention_bias,
+                                    quant, qkv)
+        self.o_proj = make_linear(self.q_size, h, False, quant, (f"{prefix}.o_proj",))
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.rotary = rotary
@@ -50,20 +53,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, prefix: str) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        h, i, quant = config.hidden_size, config.intermediate_size, config.quantization
+        gate_up = (f"{prefix}.gate_proj", f"{prefix}.up_proj")
+        self.gate_up_proj = make_linear(h, 2 * i, False, quant, gate_up)
+        self.down_proj = make_linear(i, h, False, quant, (f"{prefix}.down_proj",))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, prefix: str) -> None:
         super().__init__()
-        self.self_attn = Attention(config, rotary)
-        self.mlp = MLP(config)
+        self.self_attn = Attention(config, rotary, f"{prefix}.self_attn")
+        self.mlp = MLP(config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -86,7 +91,9 @@ class LlamaForCausalLM(nn.Module):
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, rotary) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, rotary, f"model.layers.{i}") for i in range(config.num_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
@@ -115,12 +122,17 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the fused parameters; every parameter must be covered."""
         params = dict(self.named_parameters())
+        quantized = {n: m for n, m in self.named_modules() if isinstance(m, QuantizedLinear)}
         loaded: set[str] = set()
         for hf_name, tensor in weights:
             target = _map_name(hf_name, self.config)
             if target is None:
                 continue
             name, offset = target
+            module_name, _, attr = name.rpartition(".")
+            if module_name in quantized and attr != "bias":
+                quantized[module_name].load(attr, tensor, offset)
+                continue
             if name not in params:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no place in the model")
             param = params[name]
@@ -133,6 +145,8 @@ class LlamaForCausalLM(nn.Module):
             dst.copy_(tensor)
             loaded.add(name)
         self._check_all_loaded(params, loaded)
+        for module in quantized.values():
+            module.finalize()
 
     def _check_all_loaded(self, params: dict, loaded: set[str]) -> None:
         missing = [n for n in params if n not in loaded]
@@ -143,9 +157,15 @@ class LlamaForCausalLM(nn.Module):
 
     def init_dummy(self, seed: int) -> None:
         """Random weights (load_format="dummy"): same compute as real weights, for benchmarks."""
-        device = next(self.parameters()).device
+        device = self.embed_tokens.weight.device
         gen = torch.Generator(device=device).manual_seed(seed)
+        quantized_names = {n for n, m in self.named_modules() if isinstance(m, QuantizedLinear)}
+        for module in self.modules():
+            if isinstance(module, QuantizedLinear):
+                module.init_dummy(gen)
         for name, param in self.named_parameters():
+            if name.endswith(".bias") and name.rpartition(".")[0] in quantized_names:
+                continue
             if "norm" in name:
                 param.data.fill_(1.0)
             else:

@@ -1,0 +1,209 @@
+"""Linear layers: `make_linear` picks nn.Linear or a quantized linear for one (possibly fused)
+projection.
+
+Quantized linears keep the checkpoint's packed integers as buffers and dequantize inside the
+matmul: on CUDA with the Triton kernels of kernels/quant_gemm.py, elsewhere with the torch
+reference (dequantize the whole weight, then F.linear), which gives bit for bit the float model a
+dequantized checkpoint would give.
+
+Loading goes through `load(name, tensor, shard)`: `shard` is (first output, number of outputs) of
+a fused projection (q/k/v, gate/up), None for the whole layer; `finalize()` runs once every tensor
+has arrived and fills what a format leaves implicit (symmetric zero points, trivial g_idx).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.quantization import awq, compressed_tensors, gguf_quant, gptq
+from engine.quantization.config import QuantConfig, UnsupportedQuantization
+from engine.quantization.int_pack import default_g_idx, dequantize_int_layout, pack_factor
+
+
+def make_linear(in_features: int, out_features: int, bias: bool, quant: QuantConfig | None,
+                module_names: tuple[str, ...]) -> nn.Module:
+    """`module_names`: the checkpoint's (HF) names of the projections fused into this one, in
+    output order, e.g. ("model.layers.0.self_attn.q_proj", "...k_proj", "...v_proj")."""
+    if quant is None:
+        return nn.Linear(in_features, out_features, bias=bias)
+    if quant.method == "gguf":
+        types = {quant.gguf_types.get(name) for name in module_names}
+        if len(types) != 1 or None in types:
+            return nn.Linear(in_features, out_features, bias=bias)  # the loader dequantized it
+        return GGUFLinear(in_features, out_features, bias, types.pop())
+    ignored = [quant.is_ignored(name) for name in module_names]
+    if all(ignored):
+        return nn.Linear(in_features, out_features, bias=bias)
+    if any(ignored):
+        raise UnsupportedQuantization(f"{', '.join(module_names)} are fused in Hearth but only "
+                                      "some of them are quantized in the checkpoint")
+    return IntQuantLinear(in_features, out_features, bias, quant)
+
+
+class QuantizedLinear(nn.Module):
+    """Common interface of the quantized linears (the model's loader calls only these)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self._filled: dict[str, int] = {}
+
+    def load(self, name: str, tensor: torch.Tensor, shard: tuple[int, int] | None) -> None:
+        raise NotImplementedError
+
+    def finalize(self) -> None:
+        raise NotImplementedError
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """W (out_features, in_features), float32: the reference path and tests."""
+        raise NotImplementedError
+
+    def init_dummy(self, gen: torch.Generator) -> None:
+        raise NotImplementedError
+
+    def _copy(self, key: str, buffer: torch.Tensor, piece: torch.Tensor, shard, dim: int) -> None:
+        offset, size = shard if shard is not None else (0, buffer.shape[dim])
+        dst = buffer.narrow(dim, offset, size)
+        if dst.shape != piece.shape:
+            raise ValueError(f"quantized tensor {key} has shape {tuple(piece.shape)}, expected "
+                             f"{tuple(dst.shape)} (is group_size / bits in config.json right?)")
+        dst.copy_(piece)
+        self._filled[key] = self._filled.get(key, 0) + size
+
+    def _check_filled(self, keys: tuple[str, ...], total: int) -> None:
+        for key in keys:
+            if self._filled.get(key, 0) != total:
+                raise ValueError(f"checkpoint is missing quantized tensor {key!r} for a "
+                                 f"{self.in_features}x{self.out_features} linear")
+
+    def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.dequantized_weight().to(x.dtype)
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+
+class IntQuantLinear(QuantizedLinear):
+    """AWQ, GPTQ and compressed-tensors weights, held in the int layout (engine/quantization/
+    int_pack.py): qweight (K // pack, N) int32, zeros (G, N) uint8, scales (G, N), g_idx (K,)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, quant: QuantConfig):
+        super().__init__(in_features, out_features, bias)
+        group = quant.group_size or in_features
+        if in_features % group and not quant.desc_act:
+            raise UnsupportedQuantization(
+                f"group size {group} does not divide the layer's {in_features} inputs; quantize "
+                f"with a group size that does (e.g. 64 or 32 for 576 inputs)")
+        pack = pack_factor(quant.bits)
+        if in_features % pack or out_features % pack:
+            raise UnsupportedQuantization(f"{in_features}x{out_features} linear cannot hold "
+                                          f"{quant.bits}-bit weights packed {pack} per int32")
+        self.quant = quant
+        num_groups = (in_features + group - 1) // group
+        scale_dtype = torch.float32 if torch.get_default_dtype() == torch.float32 else torch.float16
+        self.register_buffer("qweight", torch.empty(in_features // pack, out_features,
+                                                    dtype=torch.int32))
+        self.register_buffer("zeros", torch.empty(num_groups, out_features, dtype=torch.uint8))
+        self.register_buffer("scales", torch.empty(num_groups, out_features, dtype=scale_dtype))
+        self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32))
+
+    def load(self, name: str, tensor: torch.Tensor, shard: tuple[int, int] | None) -> None:
+        q = self.quant
+        if q.method == "awq":
+            pieces = awq.to_int_layout(name, tensor, q.bits)
+        elif q.method == "gptq":
+            pieces = gptq.to_int_layout(name, tensor, q.bits, q.gptq_v2)
+        else:
+            pieces = compressed_tensors.to_int_layout(name, tensor, q.bits, q.sym)
+        for key, piece in pieces.items():
+            if key == "g_idx":
+                self._load_g_idx(piece)
+            else:
+                self._copy(key, getattr(self, key), piece, shard, dim=-1)
+
+    def _load_g_idx(self, g_idx: torch.Tensor) -> None:
+        if "g_idx" in self._filled and not torch.equal(self.g_idx, g_idx.to(self.g_idx.device)):
+            raise UnsupportedQuantization("fused projections (q/k/v or gate/up) carry different "
+                                          "g_idx; such act-order checkpoints are not supported")
+        self._copy("g_idx", self.g_idx, g_idx, None, dim=0)
+        self._filled["g_idx"] = self.in_features
+
+    def finalize(self) -> None:
+        n = self.out_features
+        if "zeros" not in self._filled and self.quant.sym:
+            self.zeros.fill_(1 << (self.quant.bits - 1))
+            self._filled["zeros"] = n
+        if "g_idx" not in self._filled:
+            self.g_idx.copy_(default_g_idx(self.in_features, self.quant.group_size))
+            self._filled["g_idx"] = self.in_features
+        self._check_filled(("qweight", "zeros", "scales"), n)
+        if int(self.g_idx.max()) >= self.scales.shape[0] or int(self.g_idx.min()) < 0:
+            raise ValueError("g_idx points past the scales; the checkpoint is inconsistent")
+
+    def dequantized_weight(self) -> torch.Tensor:
+        w_t = dequantize_int_layout(self.qweight, self.zeros, self.scales, self.g_idx,
+                                    self.quant.bits)
+        return w_t.t()  # (N, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda:
+            return self._forward_reference(x)
+        from kernels.quant_gemm import int_quant_matmul
+
+        out = int_quant_matmul(x.reshape(-1, self.in_features), self.qweight, self.zeros,
+                               self.scales, self.g_idx, self.quant.bits, self.quant.group_size)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+    def init_dummy(self, gen: torch.Generator) -> None:
+        """Random weights with the statistics of a real checkpoint (benchmarks)."""
+        self.qweight.random_(-(2**31), 2**31 - 1, generator=gen)
+        self.zeros.fill_(1 << (self.quant.bits - 1))
+        self.scales.uniform_(0.02 / (1 << self.quant.bits), 0.04 / (1 << self.quant.bits),
+                             generator=gen)
+        self.g_idx.copy_(default_g_idx(self.in_features, self.quant.group_size))
+        if self.bias is not None:
+            self.bias.data.zero_()
+
+
+class GGUFLinear(QuantizedLinear):
+    """llama.cpp block-quantized weight, raw: qweight (N, row_bytes) uint8 (engine/quantization/
+    gguf_quant.py)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, qtype: str) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.qtype = qtype
+        self.register_buffer("qweight", torch.empty(
+            out_features, gguf_quant.row_bytes(qtype, in_features), dtype=torch.uint8))
+
+    def load(self, name: str, tensor: torch.Tensor, shard: tuple[int, int] | None) -> None:
+        if name != "qweight":
+            raise ValueError(f"unexpected GGUF tensor {name!r} for a quantized linear")
+        self._copy("qweight", self.qweight, tensor, shard, dim=0)
+
+    def finalize(self) -> None:
+        self._check_filled(("qweight",), self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return gguf_quant.dequantize(self.qweight, self.qtype, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda or self.qtype not in gguf_quant.KERNEL_TYPES:
+            return self._forward_reference(x)
+        from kernels.quant_gemm import gguf_matmul
+
+        out = gguf_matmul(x.reshape(-1, self.in_features), self.qweight, self.qtype)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+    def init_dummy(self, gen: torch.Generator) -> None:
+        """Random nibbles with small float16 scales in every block header."""
+        block, size = gguf_quant.BLOCKS[self.qtype]
+        self.qweight.random_(0, 256, generator=gen)
+        header = self.qweight.view(self.out_features, -1, size)[..., :4]  # d (and m) fields
+        scale = torch.full(header.shape[:-1] + (2,), 0.001, dtype=torch.float16,
+                           device=header.device)
+        header.copy_(scale.view(torch.uint8)[..., : header.shape[-1]])
+        if self.bias is not None:
+            self.bias.data.zero_()

@@ -1,0 +1,250 @@
+"""Dequantize-and-multiply for quantized linears: out (M, N) = x (M, K) @ W^T, W never materialised.
+
+Two kernels, one tiling:
+- `int_quant_matmul`: AWQ / GPTQ / compressed-tensors weights in the int layout
+  (engine/quantization/int_pack.py): qweight (K // p, N) int32, 4 or 8 bits packed along K; zeros (G, N) uint8; scales
+  (G, N); g_idx (K,) (read only for act-order; otherwise group = k // group_size).
+- `gguf_matmul`: llama.cpp Q4_0 / Q4_1 / Q8_0 blocks, raw: qweight (N, K // 32 * block_bytes) uint8;
+  the float16 d (and m) of each block are rebuilt from their two bytes inside the kernel.
+
+Each program owns a (BLOCK_M, BLOCK_N) tile of the output and walks its share of K in BLOCK_K
+steps: load x, dequantize the (BLOCK_K, BLOCK_N) weight tile in registers (fp32 math, cast to x's
+dtype, exactly as the reference), tl.dot. Decode (M <= 16) is a GEMV: one M tile, so the grid has
+only N / BLOCK_N programs; split-K gives every SM work, each split writing fp32 partial sums that
+are added afterwards (deterministic, no atomics):
+
+    grid = (M tiles, N tiles, SPLIT_K)          K: |--split 0--|--split 1--|...|--split S-1--|
+
+References (`*_ref`) dequantize the whole weight with engine/quantization and call F.linear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+_ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GGUF_KERNEL_TYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
+_GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+# --------------------------------------------------------------------------------- int (AWQ/GPTQ)
+@triton.jit
+def _int_dequant_tile(qw_ptr, z_ptr, s_ptr, g_ptr, rk, rn, K, N, stride_qk, stride_zg, stride_sg,
+                      BITS: tl.constexpr, GROUP_SIZE: tl.constexpr):
+    PACK: tl.constexpr = 32 // BITS
+    mask = (rk < K)[:, None] & (rn < N)[None, :]
+    words = tl.load(qw_ptr + (rk // PACK)[:, None] * stride_qk + rn[None, :], mask=mask, other=0)
+    q = (words >> ((rk % PACK) * BITS)[:, None]) & ((1 << BITS) - 1)  # (BLOCK_K, BLOCK_N)
+    if GROUP_SIZE > 0:
+        g = rk // GROUP_SIZE
+    else:  # act-order: any group per input channel
+        g = tl.load(g_ptr + rk, mask=rk < K, other=0)
+    z = tl.load(z_ptr + g[:, None] * stride_zg + rn[None, :], mask=mask, other=0)
+    s = tl.load(s_ptr + g[:, None] * stride_sg + rn[None, :], mask=mask, other=0.0)
+    return (q - z.to(tl.int32)).to(tl.float32) * s.to(tl.float32)
+
+
+@triton.jit
+def _int_gemm_kernel(
+    x_ptr, qw_ptr, z_ptr, s_ptr, g_ptr, out_ptr,
+    M, N, K, k_per_split,
+    stride_xm, stride_qk, stride_zg, stride_sg, stride_os, stride_om,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_s * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x_mask = (rm < M)[:, None] & (rk < k_end)[None, :]
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :], mask=x_mask,
+                    other=0.0)
+        w = _int_dequant_tile(qw_ptr, z_ptr, s_ptr, g_ptr, rk, rn, k_end, N, stride_qk, stride_zg,
+                              stride_sg, BITS, GROUP_SIZE)
+        acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
+    out_mask = (rm < M)[:, None] & (rn < N)[None, :]
+    offs = pid_s * stride_os + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def int_quant_matmul_ref(x, qweight, zeros, scales, g_idx, bits: int) -> torch.Tensor:
+    from engine.quantization.int_pack import dequantize_int_layout
+
+    w_t = dequantize_int_layout(qweight, zeros, scales, g_idx, bits)  # (K, N)
+    return F.linear(x, w_t.t().to(x.dtype))
+
+
+def int_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
+                     scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
+                     group_size: int | None, split_k: int | None = None) -> torch.Tensor:
+    """x (M, K) @ dequantized W^T (K, N) → (M, N) in x's dtype. `group_size` None: use g_idx."""
+    M, K = x.shape
+    N = qweight.shape[1]
+    _check_int_args(x, qweight, zeros, scales, g_idx, bits)
+    if group_size is not None and (K % group_size or not torch.equal(
+            g_idx[:: group_size].cpu(), torch.arange(K // group_size, dtype=g_idx.dtype))):
+        group_size = None  # not the trivial g_idx: read it
+    return _launch(x, N, K, split_k, lambda out, grid, k_split, blocks: _int_gemm_kernel[grid](
+        x, qweight, zeros, scales, g_idx, out, M, N, K, k_split,
+        x.stride(0), qweight.stride(0), zeros.stride(0), scales.stride(0),
+        out.stride(0), out.stride(1),
+        BITS=bits, GROUP_SIZE=group_size or 0, PRECISION=_precision(x), **blocks,
+    ))  # fmt: skip
+
+
+def _check_int_args(x, qweight, zeros, scales, g_idx, bits: int) -> None:
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    _check_x(x)
+    M, K = x.shape
+    pack = 32 // bits
+    if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[0] * pack != K:
+        raise ValueError(f"qweight must be ({K // pack}, N) int32 for K={K}, {bits} bits; got "
+                         f"{tuple(qweight.shape)} {qweight.dtype}")
+    N = qweight.shape[1]
+    if zeros.shape != scales.shape or zeros.dim() != 2 or zeros.shape[1] != N:
+        raise ValueError(f"zeros and scales must both be (G, {N}); got {tuple(zeros.shape)}, "
+                         f"{tuple(scales.shape)}")
+    if g_idx.shape != (K,) or g_idx.dtype != torch.int32:
+        raise ValueError(f"g_idx must be ({K},) int32, got {tuple(g_idx.shape)} {g_idx.dtype}")
+    for name, t in (("qweight", qweight), ("zeros", zeros), ("scales", scales), ("g_idx", g_idx)):
+        if t.device != x.device or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous and on x's device ({x.device})")
+
+
+# ----------------------------------------------------------------------------------------- GGUF
+@triton.jit
+def _f16_at(ptr, offs, mask):
+    """The float16 stored little-endian at byte offsets `offs`, as float32."""
+    lo = tl.load(ptr + offs, mask=mask, other=0).to(tl.uint16)
+    hi = tl.load(ptr + offs + 1, mask=mask, other=0).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _gguf_dequant_tile(w_ptr, rk, rn, K, N, row_bytes, QTYPE: tl.constexpr,
+                       BLOCK_BYTES: tl.constexpr):
+    mask = (rk < K)[:, None] & (rn < N)[None, :]
+    j = rk % 32  # position in the 32-weight block
+    base = rn[None, :].to(tl.int64) * row_bytes + ((rk // 32) * BLOCK_BYTES)[:, None]  # (BK, BN)
+    d = _f16_at(w_ptr, base, mask)
+    if QTYPE == 2:  # Q8_0: [d | 32 x int8]
+        q = tl.load(w_ptr + base + 2 + j[:, None], mask=mask, other=0).to(tl.int8, bitcast=True)
+        return q.to(tl.float32) * d
+    header = 2 if QTYPE == 0 else 4
+    byte = tl.load(w_ptr + base + header + (j % 16)[:, None], mask=mask, other=0)
+    q = ((byte >> ((j // 16) * 4).to(tl.uint8)[:, None]) & 0xF).to(tl.float32)
+    if QTYPE == 0:  # Q4_0: [d | 16 B]
+        return d * (q - 8.0)
+    return d * q + _f16_at(w_ptr, base + 2, mask)  # Q4_1: [d | m | 16 B]
+
+
+@triton.jit
+def _gguf_gemm_kernel(
+    x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, row_bytes, stride_xm, stride_os, stride_om,
+    QTYPE: tl.constexpr, BLOCK_BYTES: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_s * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x_mask = (rm < M)[:, None] & (rk < k_end)[None, :]
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :], mask=x_mask,
+                    other=0.0)
+        w = _gguf_dequant_tile(w_ptr, rk, rn, k_end, N, row_bytes, QTYPE, BLOCK_BYTES)
+        acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
+    out_mask = (rm < M)[:, None] & (rn < N)[None, :]
+    offs = pid_s * stride_os + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def gguf_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, qtype: str) -> torch.Tensor:
+    from engine.quantization.gguf_quant import dequantize
+
+    return F.linear(x, dequantize(qweight, qtype, x.shape[1]).to(x.dtype))
+
+
+def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: str,
+                split_k: int | None = None) -> torch.Tensor:
+    """x (M, K) @ W^T with W (N, K) in llama.cpp blocks → (M, N) in x's dtype."""
+    if qtype not in GGUF_KERNEL_TYPES:
+        raise ValueError(f"no kernel for GGUF type {qtype}; supported: "
+                         f"{', '.join(GGUF_KERNEL_TYPES)} (others use gguf_matmul_ref)")
+    _check_x(x)
+    M, K = x.shape
+    block_bytes = _GGUF_BLOCK_BYTES[qtype]
+    if K % 32 or qweight.dtype != torch.uint8 or qweight.dim() != 2 or \
+            qweight.shape[1] != K // 32 * block_bytes:
+        raise ValueError(f"{qtype} weight for K={K} must be (N, {K // 32 * block_bytes}) uint8 "
+                         f"(K a multiple of 32); got {tuple(qweight.shape)} {qweight.dtype}")
+    if qweight.device != x.device or not qweight.is_contiguous():
+        raise ValueError(f"qweight must be contiguous and on x's device ({x.device})")
+    N = qweight.shape[0]
+    return _launch(x, N, K, split_k, lambda out, grid, k_split, blocks: _gguf_gemm_kernel[grid](
+        x, qweight, out, M, N, K, k_split, qweight.stride(0), x.stride(0),
+        out.stride(0), out.stride(1),
+        QTYPE=GGUF_KERNEL_TYPES[qtype], BLOCK_BYTES=block_bytes, PRECISION=_precision(x),
+        **blocks,
+    ))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- launching
+def _check_x(x: torch.Tensor) -> None:
+    if x.dim() != 2 or x.dtype not in _ACT_DTYPES or x.stride(1) != 1:
+        raise ValueError(f"x must be 2-D (M, K), contiguous rows, in {_ACT_DTYPES}; got "
+                         f"{tuple(x.shape)} {x.dtype}")
+
+
+def _precision(x: torch.Tensor) -> str:
+    return "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+
+
+def _blocks(M: int) -> dict[str, int]:
+    if M <= 16:
+        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4}
+    if M <= 64:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8}
+
+
+def _default_split(M: int, N: int, K: int, blocks: dict[str, int], device) -> int:
+    """Decode: enough K splits that the grid covers every SM about twice."""
+    if M > 16 or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(N, blocks["BLOCK_N"])
+    max_split = max(1, K // (blocks["BLOCK_K"] * 2))
+    return max(1, min(max_split, triton.cdiv(2 * sms, tiles)))
+
+
+def _launch(x: torch.Tensor, N: int, K: int, split_k: int | None, run) -> torch.Tensor:
+    M = x.shape[0]
+    blocks = _blocks(M)
+    if split_k is None:
+        split_k = _default_split(M, N, K, blocks, x.device)
+    if not isinstance(split_k, int) or split_k < 1:
+        raise ValueError(f"split_k must be a positive integer, got {split_k!r}")
+    k_split = triton.cdiv(triton.cdiv(K, split_k), blocks["BLOCK_K"]) * blocks["BLOCK_K"]
+    split_k = triton.cdiv(K, k_split)
+    if M == 0:
+        return x.new_empty((0, N))
+    grid = (triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(N, blocks["BLOCK_N"]), split_k)
+    if split_k == 1:
+        out = torch.empty((1, M, N), device=x.device, dtype=x.dtype)
+        run(out, grid, k_split, blocks)
+        return out[0]
+    partial = torch.empty((split_k, M, N), device=x.device, dtype=torch.float32)
+    run(partial, grid, k_split, blocks)
+    return partial.sum(0).to(x.dtype)
