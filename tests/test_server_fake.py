@@ -4,9 +4,12 @@ model are in test_api_real.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -284,3 +287,34 @@ def test_metrics_names(server, client):
     ):
         assert name in text, name
     assert metric(text, "vllm:generation_tokens_total") >= 3
+
+
+def test_bench_serve_script(server, tmp_path):
+    path = Path(__file__).resolve().parents[1] / "bench" / "serve.py"
+    spec = importlib.util.spec_from_file_location("bench_serve", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_serve"] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    out = tmp_path / "result.json"
+    argv = [
+        "--base-url",
+        server.url.rstrip("/"),
+        "--api-key",
+        KEY,
+        "--num-prompts",
+        "4",
+        "--input-len",
+        "8",
+        "--output-len",
+        "5",
+        "--max-concurrency",
+        "2",
+        "--result-json",
+        str(out),
+    ]
+    assert bench.main(argv) == 0
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["completed"] == 4 and summary["total_output_tokens"] == 20
+    assert summary["total_input_tokens"] == 32
+    assert 0 < summary["median_ttft_ms"] <= summary["p99_e2el_ms"]
+    assert summary["mean_itl_ms"] > 0
