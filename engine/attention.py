@@ -99,18 +99,17 @@ def _attend(
 ) -> torch.Tensor:
     """q: (q_len, H, D), k/v: (kv_len, Hkv, D); query i sits at position num_prefix + i."""
     q_len, kv_len = q.shape[0], k.shape[0]
-    group = q.shape[1] // k.shape[1]
-    qt = q.transpose(0, 1)  # (H, q_len, D)
-    kt = k.transpose(0, 1).repeat_interleave(group, dim=0)  # (H, kv_len, D)
-    vt = v.transpose(0, 1).repeat_interleave(group, dim=0)
+    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (heads, len, D)
     if q_len == 1:
-        out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
+        out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=True)
     elif num_prefix == 0:
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale,
+                                             enable_gqa=True)
     else:
         q_pos = torch.arange(num_prefix, num_prefix + q_len, device=q.device)
         mask = torch.arange(kv_len, device=q.device)[None, :] <= q_pos[:, None]  # (q_len, kv_len)
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale,
+                                             enable_gqa=True)
     return out.transpose(0, 1)  # (q_len, H, D)
 
 
@@ -118,19 +117,20 @@ def _decode_batched(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """All rows are decode tokens: gather every context padded to the longest, one masked SDPA."""
-    num_seqs, max_len = meta.num_seqs, meta.max_seq_len
-    block_size = k_cache.shape[1]
-    max_blocks = (max_len + block_size - 1) // block_size
+    """All rows are decode tokens: gather every context padded to the longest, one masked pass.
+
+    Plain matmuls with the GQA group folded into the query rows: no K/V repetition."""
+    num_seqs, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    max_blocks = (meta.max_seq_len + block_size - 1) // block_size
     tables = meta.block_tables[:, :max_blocks]
-    # (num_seqs, max_blocks * block_size, kv_heads, head_dim)
-    ks = k_cache[tables].flatten(1, 2)
+    ks = k_cache[tables].flatten(1, 2)  # (S, L, Hkv, D)
     vs = v_cache[tables].flatten(1, 2)
-    group = q.shape[1] // k_cache.shape[2]
-    kt = ks.transpose(1, 2).repeat_interleave(group, dim=1)  # (S, H, L, D)
-    vt = vs.transpose(1, 2).repeat_interleave(group, dim=1)
+    qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # (S, Hkv, G, D)
+    scores = torch.matmul(qg, ks.permute(0, 2, 3, 1)) * scale  # (S, Hkv, G, L)
     lens = meta.seq_lens.to(torch.int64)
-    mask = torch.arange(kt.shape[2], device=q.device)[None, :] < lens[:, None]  # (S, L)
-    qt = q.unsqueeze(2)  # (S, H, 1, D)
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None, None, :], scale=scale)
-    return out.squeeze(2)  # (S, H, D)
+    pad = torch.arange(ks.shape[1], device=q.device)[None, :] >= lens[:, None]  # (S, L)
+    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = torch.matmul(probs, vs.permute(0, 2, 1, 3))  # (S, Hkv, G, D)
+    return out.reshape(num_seqs, num_heads, head_dim)

@@ -1,0 +1,129 @@
+"""CPU benchmark: the default model, prompt ~512 tokens, 128 new tokens, batch 1 and batch 16.
+
+Reports prefill tok/s (prompt tokens / time until every sequence has its first token) and decode
+tok/s (tokens generated after that / time), for Hearth, and in the same run for transformers and,
+when `llama_cpp` is importable (pip install llama-cpp-python: a ~9 min source build, kept out of CI),
+llama.cpp on the same GGUF. Not a test: numbers go to docs/benchmarks.md.
+
+    python bench/cpu.py [--dtype float32|bfloat16] [--batch 1 16] [--skip-transformers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from engine import LLM, SamplingParams  # noqa: E402
+
+PROMPT_LEN, NEW_TOKENS = 512, 128
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _prompts(batch: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    # Distinct prompts, so the prefix cache cannot skip work; ids from the ordinary vocabulary.
+    return [torch.randint(100, 40000, (PROMPT_LEN,), generator=gen).tolist() for _ in range(batch)]
+
+
+def bench_hearth(llm: LLM, batch: int) -> tuple[float, float]:
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    prompts = _prompts(batch, seed=batch)
+    start = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"b{batch}-{i}", p, params)
+    first: set[str] = set()
+    t_first = None
+    done = 0
+    while done < batch:
+        for out in engine.step():
+            first.add(out.request_id)
+            done += out.finished
+        if t_first is None and len(first) == batch:
+            t_first = time.perf_counter()
+    end = time.perf_counter()
+    prefill = batch * PROMPT_LEN / (t_first - start)
+    decode = batch * (NEW_TOKENS - 1) / (end - t_first)
+    return prefill, decode
+
+
+def bench_transformers(batch: int) -> tuple[float, float]:
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import default_model_dir
+
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir(), gguf_file=GGUF,
+                                                 dtype=torch.float32).eval()
+    x = torch.tensor(_prompts(batch, seed=batch))
+    mask = torch.ones_like(x)
+    with torch.no_grad():
+        start = time.perf_counter()
+        model.generate(x, attention_mask=mask, max_new_tokens=1, do_sample=False)
+        t_prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(x, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                       min_new_tokens=NEW_TOKENS)
+        total = time.perf_counter() - start
+    return batch * PROMPT_LEN / t_prefill, batch * (NEW_TOKENS - 1) / (total - t_prefill)
+
+
+def bench_llama_cpp(batch: int) -> tuple[float, float] | None:
+    if batch != 1 or importlib.util.find_spec("llama_cpp") is None:
+        return None
+    from llama_cpp import Llama
+
+    from tests.helpers import default_model_dir
+
+    llm = Llama(str(default_model_dir() / GGUF), n_ctx=1024, n_threads=os.cpu_count(),
+                verbose=False)
+    prompt = _prompts(1, seed=batch)[0]
+    start = time.perf_counter()
+    llm.eval(prompt)
+    t_prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(NEW_TOKENS - 1):
+        token = llm.sample(temp=0.0)
+        llm.eval([token])
+    return PROMPT_LEN / t_prefill, (NEW_TOKENS - 1) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, commit {commit}, "
+          f"{time.strftime('%Y-%m-%d')}")
+    llm = LLM(device="cpu", dtype=args.dtype, progress=False, enable_prefix_caching=False,
+              max_num_batched_tokens=2048)
+    bench_hearth(llm, 1)  # warm-up
+    rows = []
+    for batch in args.batch:
+        rows.append((f"hearth {args.dtype}", batch, *bench_hearth(llm, batch)))
+        if not args.skip_transformers:
+            rows.append(("transformers float32", batch, *bench_transformers(batch)))
+        cpp = bench_llama_cpp(batch)
+        if cpp:
+            rows.append(("llama.cpp Q4_1", batch, *cpp))
+    print("| backend | batch | prefill tok/s | decode tok/s |")
+    print("|---|---|---|---|")
+    for name, batch, prefill, decode in rows:
+        print(f"| {name} | {batch} | {prefill:.0f} | {decode:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
