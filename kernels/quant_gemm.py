@@ -2,8 +2,9 @@
 
 Two kernels, one tiling:
 - `int_quant_matmul`: AWQ / GPTQ / compressed-tensors weights in the int layout
-  (engine/quantization/int_pack.py): qweight (K // p, N) int32, 4 or 8 bits packed along K; zeros (G, N) uint8; scales
-  (G, N); g_idx (K,) (read only for act-order; otherwise group = k // group_size).
+  (engine/quantization/int_pack.py): qweight (K // p, N) int32, 4 or 8 bits packed along K;
+  zeros (G, N) uint8; scales (G, N); g_idx (K,) (read only for act-order; otherwise
+  group = k // group_size).
 - `gguf_matmul`: llama.cpp Q4_0 / Q4_1 / Q8_0 blocks, raw: qweight (N, K // 32 * block_bytes) uint8;
   the float16 d (and m) of each block are rebuilt from their two bytes inside the kernel.
 

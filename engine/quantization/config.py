@@ -7,7 +7,7 @@ One frozen dataclass for every format, so the model and the loader never look at
     "gptq"               quant_method == "gptq"                       qweight, qzeros, scales, g_idx
     "compressed-tensors" quant_method "compressed-tensors"          weight_packed, weight_scale,
                          (format "pack-quantized", W4A16 / W8A16)   weight_zero_point, weight_shape
-    "gguf"               a GGUF opened with gguf_keep_quantized        qweight (raw llama.cpp blocks)
+    "gguf"               a GGUF opened with gguf_keep_quantized        qweight (raw blocks)
 """
 
 from __future__ import annotations

@@ -1,0 +1,77 @@
+"""`hearth quantize`: a float HF model directory → a 4/8-bit checkpoint in a standard layout.
+
+    hearth quantize --method awq|gptq|rtn --bits 4 --group-size 64 SRC DST
+
+The model runs in Hearth's own engine code (engine/quantization/pipeline.py) on the CPU in float32;
+calibration uses the text shipped in engine/quantization/calibration.txt. Registered in
+appliance/cli.py with `register(commands)` and dispatched with `run(args)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from engine.quantization.pipeline import METHODS, QuantizeOptions
+
+__all__ = ["QuantizeOptions", "quantize", "register", "run"]
+
+
+def register(commands) -> argparse.ArgumentParser:
+    """Add the `quantize` subcommand to the CLI's subparsers."""
+    p = commands.add_parser(
+        "quantize",
+        help="quantize a float HF model directory to AWQ / GPTQ / RTN int4 or int8",
+        description="Quantize a float Hugging Face model directory (config.json + safetensors) "
+        "into a checkpoint Hearth and other engines load: AutoAWQ GEMM layout for awq, "
+        "AutoGPTQ layout (with g_idx) for gptq and rtn.",
+    )
+    p.add_argument("--method", choices=METHODS, required=True,
+                   help="awq: activation-aware scales; gptq: second-order updates; rtn: rounding")
+    p.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    p.add_argument("--group-size", type=int, default=128,
+                   help="inputs per quantization group; must divide every layer's input size "
+                   "(the default model's hidden size 576 needs 64 or 32)")
+    p.add_argument("--num-samples", type=int, default=16, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None,
+                     help="symmetric (no zero points; gptq/rtn default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="with zero points")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("src", type=Path, help="float model directory")
+    p.add_argument("dst", type=Path, help="output directory")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        options = QuantizeOptions(args.method, args.bits, args.group_size, args.sym,
+                                  args.num_samples, args.seq_len)
+        quantize(options, args.src, args.dst, progress=not args.no_progress)
+    except ValueError as error:
+        print(f"hearth quantize: error: {error}")
+        return 2
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def quantize(options: QuantizeOptions, src: Path, dst: Path, progress: bool = True) -> Path:
+    import torch
+
+    from engine.progress import progress_bar
+    from engine.quantization.calibration import calibration_samples, load_float_model
+    from engine.quantization.export import write_checkpoint
+    from engine.quantization.pipeline import check_group_size, quantize_model
+
+    src, dst = Path(src), Path(dst)
+    model = load_float_model(src)
+    if model.config.quantization is not None:
+        raise ValueError(f"{src} is already quantized ({model.config.quantization.method})")
+    check_group_size(model, options.group_size)
+    samples = [] if options.method == "rtn" else calibration_samples(
+        src, options.num_samples, options.seq_len)
+    desc = f"Quantizing ({options.method})"
+    with torch.no_grad(), progress_bar(len(model.layers), desc, "layer", progress) as bar:
+        results = quantize_model(model, samples, options, on_layer=lambda i: bar.update(1))
+    return write_checkpoint(model, results, options, src, dst)
