@@ -11,6 +11,7 @@ The torch reference (what the CPU engine runs) is timed beside each for scale.
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +22,7 @@ import torch  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from kernels.paged_attention import (  # noqa: E402
+    DecodeTile,
     _num_sms,
     choose_num_splits,
     paged_decode_attention,
@@ -74,6 +76,32 @@ def bench_decode(batch: int, context: int, args, ceiling: float) -> str:
             f"{gbps:8.0f} {100 * gbps * 1e9 / ceiling:6.0f}% {ref:>9}")  # fmt: skip
 
 
+def sweep_decode_tiles(args, ceiling: float) -> None:
+    """GB/s of each launch shape at two serving-sized batches (Qwen3-0.6B-like and Llama-3-8B)."""
+    print("\ndecode tile sweep: batch context block_n warps stages  GB/s  of_copy")
+    for batch, context in ((128, 1024), (256, 2048), (1, 2048)):
+        k_cache, v_cache, tables = _setup([context] * batch, args.block_size, args.dtype)
+        query = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=args.dtype, device="cuda")
+        lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+        out = torch.empty_like(query)
+        moved = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * args.dtype.itemsize
+        for block_n in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3):
+                    tile = DecodeTile(block_n, warps, stages)
+                    call = (query, k_cache, v_cache, tables, lens, HEAD_DIM**-0.5)
+                    try:
+                        fn = partial(paged_decode_attention, *call, out=out, tile=tile)
+                        ms = do_bench(fn, return_mode="median")
+                    except Exception as e:  # out of shared memory / registers for this shape
+                        print(f"    {batch:5d} {context:7d} {block_n:7d} {warps:5d} {stages:6d}"
+                              f"  failed: {type(e).__name__}")  # fmt: skip
+                        continue
+                    gbps = moved / (ms * 1e-3) / 1e9
+                    print(f"    {batch:5d} {context:7d} {block_n:7d} {warps:5d} {stages:6d} "
+                          f"{gbps:6.0f} {100 * gbps * 1e9 / ceiling:6.0f}%")  # fmt: skip
+
+
 def bench_prefill(num_seqs: int, seq_len: int, args) -> str:
     k_cache, v_cache, tables = _setup([seq_len] * num_seqs, args.block_size, args.dtype)
     num_tokens = num_seqs * seq_len
@@ -97,6 +125,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--skip-ref", action="store_true", help="do not time the torch reference")
+    parser.add_argument("--sweep", action="store_true", help="also sweep decode launch shapes")
     args = parser.parse_args()
     args.dtype = getattr(torch, args.dtype)
     if not torch.cuda.is_available():
@@ -108,6 +137,8 @@ def main() -> None:
     for batch in (1, 8, 64, 256):
         for context in (512, 2048, 8192):
             print("      ", bench_decode(batch, context, args, ceiling))
+    if args.sweep:
+        sweep_decode_tiles(args, ceiling)
     print("\nprefill   seqs  seq_len  kernel_ms  TFLOP/s    ref_ms")
     for num_seqs, seq_len in ((16, 512), (4, 2048), (1, 8192)):
         print("       ", bench_prefill(num_seqs, seq_len, args))

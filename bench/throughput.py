@@ -45,6 +45,7 @@ class Workload:
     model: str
     prompts: list[list[int]]
     max_tokens: list[int]
+    temperature: float = 0.0  # W1/W2 sample at 0.6 as nano-vllm's bench.py does; W3/W4 greedy
 
 
 def make_workload(name: str) -> Workload:
@@ -53,7 +54,7 @@ def make_workload(name: str) -> Workload:
         prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))]
                    for _ in range(256)]  # fmt: skip
         outs = [rng.randint(100, 1024) for _ in range(256)]
-        return Workload(name, "qwen3" if name == "W1" else "llama8b", prompts, outs)
+        return Workload(name, "qwen3" if name == "W1" else "llama8b", prompts, outs, 0.6)
     if name == "W3":
         prompts = [[rng.randint(0, 10000) for _ in range(1024)] for _ in range(200)]
         return Workload(name, "llama8b", prompts, [128] * 200)
@@ -112,11 +113,11 @@ class StepProfile:
             holder["exec"] = time.perf_counter() - t
             return out
 
-        def timed_step():
-            holder["exec"] = 0.0
+        def timed_step(**kwargs):
+            holder["exec"], holder["graph"] = 0.0, False
             t = time.perf_counter()
-            out = step()
-            self.steps.append((time.perf_counter() - t, holder["exec"]))
+            out = step(**kwargs)
+            self.steps.append((time.perf_counter() - t, holder["exec"], holder["graph"]))
             return out
 
         self.engine.step, self.runner.execute = timed_step, timed_execute
@@ -125,6 +126,7 @@ class StepProfile:
             run = graphs.run
 
             def timed_run(inputs):
+                holder["graph"] = True
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
                 start.record()
                 out = run(inputs)
@@ -137,15 +139,18 @@ class StepProfile:
     def summary(self) -> dict:
         torch.cuda.synchronize()
         gpu_ms = [s.elapsed_time(e) for s, e, _ in self.events]
-        walls = [s for s, _ in self.steps]
-        n = max(len(gpu_ms), 1)
+        graph = [(s, e) for s, e, g in self.steps if g]
+        eager = [s for s, _, g in self.steps if not g]
+        n = max(len(graph), 1)
         return {
             "steps": len(self.steps),
-            "graph_steps": len(gpu_ms),
-            "mean_step_ms": 1e3 * sum(walls) / max(len(walls), 1),
-            "mean_graph_gpu_ms": sum(gpu_ms) / n,
-            "mean_graph_batch": sum(b for *_, b in self.events) / n,
-            "mean_outside_execute_ms": 1e3 * sum(s - e for s, e in self.steps) / max(len(walls), 1),
+            "eager_steps": len(eager),
+            "eager_total_s": sum(eager),
+            "graph_steps": len(graph),
+            "graph_step_ms": 1e3 * sum(s for s, _ in graph) / n,
+            "graph_execute_ms": 1e3 * sum(e for _, e in graph) / n,
+            "graph_gpu_ms": sum(gpu_ms) / max(len(gpu_ms), 1),  # H2D copies + forward + LM head
+            "graph_batch": sum(b for *_, b in self.events) / max(len(gpu_ms), 1),
         }
 
 
@@ -157,7 +162,7 @@ def run_hearth(w: Workload, args) -> dict:
               enable_prefix_caching=False)  # fmt: skip
     warm = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, detokenize=False)]
     llm.generate([w.prompts[0][:100]] * 1, warm * 1, use_tqdm=False)
-    params = [SamplingParams(temperature=args.temperature, max_tokens=o, ignore_eos=True,
+    params = [SamplingParams(temperature=w.temperature, max_tokens=o, ignore_eos=True,
                              detokenize=False) for o in w.max_tokens]  # fmt: skip
     profile = StepProfile(llm)
     torch.cuda.synchronize()
@@ -223,7 +228,6 @@ def main() -> None:
     parser.add_argument("--hf-max-new", type=int, default=128)
     parser.add_argument("--hf-max-new-single", type=int, default=64)
     parser.add_argument("--gpu-util", type=float, default=0.9)
-    parser.add_argument("--temperature", type=float, default=0.6, help="nano-vllm samples at 0.6")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     bandwidth, flops = measure_ceilings()
@@ -249,7 +253,8 @@ def main() -> None:
 def print_table(results: dict) -> None:
     print(f"\n{results['card']}  {results['date']}  copy {results['bandwidth'] / 1e12:.2f} TB/s  "
           f"bf16 {results['flops'] / 1e12:.0f} TFLOP/s")  # fmt: skip
-    print("wl  hearth            floor            % floor  transformers (subset)  step_ms gpu_ms")
+    print("wl  hearth            floor            % floor  transformers (subset)  "
+          "decode step_ms gpu_ms")
     for name, e in results["workloads"].items():
         h, f = e["hearth"], e["floor"]
         total_out = h["output_tokens"]
@@ -266,7 +271,7 @@ def print_table(results: dict) -> None:
             hf = e.get("transformers", {}).get("tok_s")
             hf_s = f"{hf:.0f} tok/s" if hf else "-"
         print(f"{name}  {ours:17s} {flr:16s} {100 * pct:6.0f}%  {hf_s:22s} "
-              f"{h['mean_step_ms']:7.2f} {h['mean_graph_gpu_ms']:6.2f}")  # fmt: skip
+              f"{h['graph_step_ms']:7.2f} {h['graph_gpu_ms']:6.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Decode CUDA graphs: the model's forward for a decode-only batch, captured once per padded batch
-size and replayed with new inputs copied into static buffers.
+"""Decode CUDA graphs: the model's forward and LM head for a decode-only batch, captured once per
+padded batch size and replayed with new inputs copied into static buffers.
 
     batch of 5 decode rows -> padded to the captured size 8:
         input_ids   [t0 t1 t2 t3 t4 | 0  0  0 ]
@@ -81,8 +81,9 @@ class DecodeGraphs:
         )
 
     def _forward(self, size: int) -> torch.Tensor:
-        return self.model(self.input_ids[:size], self.positions[:size], self.kv_caches,
-                          self._meta(size), self.backend)  # fmt: skip
+        hidden = self.model(self.input_ids[:size], self.positions[:size], self.kv_caches,
+                            self._meta(size), self.backend)  # fmt: skip
+        return self.model.compute_logits(hidden)  # (size, vocab)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -106,7 +107,7 @@ class DecodeGraphs:
         return None
 
     def run(self, inputs: DecodeInputs) -> torch.Tensor:
-        """Copy the step's inputs into the static buffers, replay -> (num_seqs, hidden)."""
+        """Copy the step's inputs into the static buffers, replay -> logits (num_seqs, vocab)."""
         n = inputs.num_seqs
         size = self.padded_size(n)
         if size is None:

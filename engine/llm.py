@@ -70,7 +70,7 @@ class LLM:
         enable = use_tqdm and len(request_ids) > 1
         with progress_bar(len(request_ids), "Generating", "req", enable=enable) as bar:
             while len(done) < len(request_ids):
-                for out in self.engine.step():
+                for out in self.engine.step(finished_only=True):
                     if out.finished:
                         done[out.request_id] = out
                         bar.update(1)

@@ -145,7 +145,9 @@ class LLMEngine:
 
     # -- the step ---------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """One scheduler/runner/update round. `finished_only`: return only the requests that
+        finished (offline generate reads nothing else, and a partial output costs O(tokens))."""
         with self._lock:
             schedule = self.scheduler.schedule()
             if schedule.is_empty:
@@ -159,7 +161,8 @@ class LLMEngine:
                     continue
                 self._on_token(req, seq, runner_output.logprobs.get(seq.seq_id))
                 changed[req.request_id] = req
-            return [self._finish_output(req) for req in changed.values()]
+            return [self._finish_output(req) for req in changed.values()
+                    if not finished_only or req.finished]
 
     def _on_token(self, req: _Request, seq: Sequence, logprobs: list[TokenLogprob] | None) -> None:
         index = seq.sample_index

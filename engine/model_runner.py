@@ -91,18 +91,22 @@ class ModelRunner:
             return RunnerOutput()
         chunks = schedule.chunks
         batch = self._host.fill(chunks, self.block_size)
+        sampled = [c for c in chunks if c.samples]
         if batch.decode_only and self.graphs and batch.num_seqs <= self.graphs.max_batch_size:
-            hidden = self.graphs.run(batch.decode_inputs())
+            logits = self.graphs.run(batch.decode_inputs())  # (num_seqs, vocab), every row
+            if len(sampled) != len(chunks):
+                logits = logits[torch.from_numpy(batch.last_rows(chunks)).to(self.device)]
         else:
             input_ids, positions, meta = self._to_device(batch)
             hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
-        sampled = [c for c in chunks if c.samples]
+            if not sampled:
+                return RunnerOutput()
+            if len(sampled) != len(chunks) or hidden.shape[0] != len(chunks):
+                rows = torch.from_numpy(batch.last_rows(chunks)).to(self.device, non_blocking=True)
+                hidden = hidden[rows]
+            logits = self.model.compute_logits(hidden)  # (num_sampled_chunks, vocab)
         if not sampled:
             return RunnerOutput()
-        if len(sampled) != len(chunks) or hidden.shape[0] != len(chunks):
-            rows = torch.from_numpy(batch.last_rows(chunks)).to(self.device, non_blocking=True)
-            hidden = hidden[rows]
-        logits = self.model.compute_logits(hidden)  # (num_sampled_chunks, vocab)
         return self._sample(logits, sampled)
 
     def _copy_blocks(self, schedule: ScheduleOutput) -> None:
@@ -139,8 +143,7 @@ class ModelRunner:
             seq = chunk.seq
             for k in range(seq.num_samples_to_draw):
                 index = seq.sample_index if seq.forked else k
-                rows.append(SamplingRow(seq.sampling_params, seq.prompt_token_ids,
-                                        seq.output_token_ids, index))
+                rows.append(_sampling_row(seq, index))
                 owners.append(seq.seq_id)
                 row_index.append(i)
         if len(rows) != len(chunks):
@@ -153,6 +156,17 @@ class ModelRunner:
             if logprob is not None:
                 out.logprobs.setdefault(seq_id, []).append(logprob)
         return out
+
+
+def _sampling_row(seq, index: int) -> SamplingRow:
+    """Token histories are copied (O(length)) only for rows whose penalties or seed need them."""
+    p = seq.sampling_params
+    if p.has_penalties or (p.seed is not None and not p.greedy):
+        return SamplingRow(p, seq.prompt_token_ids, seq.output_token_ids, index)
+    return SamplingRow(p, _NO_TOKENS, _NO_TOKENS, index)
+
+
+_NO_TOKENS: list[int] = []
 
 
 @dataclass

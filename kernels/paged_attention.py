@@ -15,6 +15,7 @@ in base 2 (the scale is pre-multiplied by log2(e)).
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -107,6 +108,19 @@ def _reduce_kernel(
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
+@dataclass(frozen=True)
+class DecodeTile:
+    """Launch shape of the decode kernel: keys per tile, warps, software-pipelining depth."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def default_tile(head_dim: int) -> DecodeTile:
+    return DecodeTile(block_n=32 if head_dim > 128 else 64)
+
+
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -176,6 +190,7 @@ def paged_decode_attention(
     scale: float,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    tile: DecodeTile | None = None,
 ) -> torch.Tensor:
     """One query token per sequence attends to its cached context -> (num_seqs, heads, dim)."""
     _check_decode_args(query, k_cache, v_cache, block_tables, context_lens)
@@ -194,6 +209,7 @@ def paged_decode_attention(
     acc = query.new_empty((rows, head_dim) if partial else (1,), dtype=torch.float32)
     ml = query.new_empty((2 * rows) if partial else 1, dtype=torch.float32)  # max, sum
     group = num_heads // num_kv_heads
+    tile = tile or default_tile(head_dim)
     block_tables = block_tables.contiguous()
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, context_lens, out, acc, ml,
@@ -201,9 +217,9 @@ def paged_decode_attention(
         out.stride(0), out.stride(1),
         GROUP=group, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_N=32 if head_dim > 128 else 64,
+        BLOCK_N=tile.block_n,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
     if partial:
         _reduce_kernel[(num_seqs, num_heads)](
