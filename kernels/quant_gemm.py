@@ -86,9 +86,9 @@ def int_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor
                      scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
                      group_size: int | None, split_k: int | None = None) -> torch.Tensor:
     """x (M, K) @ dequantized W^T (K, N) → (M, N) in x's dtype. `group_size` None: use g_idx."""
+    _check_int_args(x, qweight, zeros, scales, g_idx, bits)
     M, K = x.shape
     N = qweight.shape[1]
-    _check_int_args(x, qweight, zeros, scales, g_idx, bits)
     if group_size is not None and (K % group_size or not torch.equal(
             g_idx[:: group_size].cpu(), torch.arange(K // group_size, dtype=g_idx.dtype))):
         group_size = None  # not the trivial g_idx: read it
