@@ -266,7 +266,10 @@ class AsyncEngine:
             stream = self._streams.get(delta.request_id)
             if stream is None:
                 continue
-            self._observe(stream, delta)
+            try:
+                self._observe(stream, delta)
+            except Exception:  # noqa: BLE001 - metrics must never cost a request its answer
+                logger.exception("recording metrics for %s failed", delta.request_id)
             stream._queue.put_nowait(delta)
             if delta.finished:
                 stream.done = True
