@@ -32,9 +32,10 @@ from appliance.protocol import (
     parse_request,
 )
 from appliance.security import HostOriginGuard, allowed_host_names, check_api_key
-from appliance.serving import EventStream, Serving, api_error, detokenize, tokenize
+from appliance.serving import EventStream, Serving, api_error
 from appliance.serving_chat import ChatServing
 from appliance.serving_completion import CompletionServing
+from appliance.serving_tokens import detokenize, tokenize
 from appliance.settings import Settings
 from appliance.telemetry import Telemetry
 

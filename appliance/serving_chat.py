@@ -23,11 +23,11 @@ from appliance.serving import (
     Result,
     Serving,
     api_error,
-    chat_prompt,
     merge,
     sse,
     usage,
 )
+from appliance.serving_tokens import chat_prompt
 from engine.outputs import TokenLogprob
 
 _MAX_TOP_LOGPROBS = 20

@@ -103,6 +103,14 @@ def test_streamed_text_equals_whole_text_greedy(client, model):
     assert "".join(pieces) == whole.choices[0].text and len(pieces) > 1
     assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 12
 
+    echoed = client.completions.create(echo=True, logprobs=None, **plain).choices[0].text
+    assert echoed == plain["prompt"] + whole.choices[0].text
+    logprobs = client.completions.create(logprobs=3, **plain).choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 12
+    assert all(len(top) <= 3 for top in logprobs.top_logprobs)
+    assert logprobs.text_offset == sorted(logprobs.text_offset)
+    assert max(logprobs.top_logprobs[0].values()) == pytest.approx(logprobs.token_logprobs[0])
+
 
 def test_n2_and_seeds_are_reproducible(client, model):
     def sample(seed):
