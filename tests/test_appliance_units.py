@@ -12,6 +12,7 @@ from appliance.deltas import DeltaTracker
 from appliance.protocol import APIError
 from appliance.security import allowed_host_names, check_api_key, host_of
 from appliance.settings import Settings, add_arguments, settings_from
+from appliance.telemetry import NO_GPU, GpuSampler, HostSampler
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 
 
@@ -147,3 +148,16 @@ def test_api_key_check():
         with pytest.raises(APIError) as error:
             check_api_key(header, "s3cret")
         assert error.value.status == 401
+
+
+def test_samplers_without_a_gpu_report_and_do_not_crash():
+    gpu = GpuSampler()
+    if gpu.status == NO_GPU:  # this machine (CI, the 2-core box): NVML absent
+        assert gpu.sample() == []
+    else:
+        assert all(0 <= s.utilization <= 1 and s.memory_total_bytes > 0 for s in gpu.sample())
+    gpu.close()
+    host = HostSampler().sample()
+    assert 0 <= host.cpu_utilization <= 1
+    assert 0 < host.process_rss_bytes < host.memory_total_bytes
+    assert 0 < host.memory_used_bytes <= host.memory_total_bytes
