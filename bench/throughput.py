@@ -160,8 +160,12 @@ def run_hearth(w: Workload, args) -> dict:
               max_model_len=2048, max_num_seqs=min(256, len(w.prompts)),
               max_num_batched_tokens=batched, gpu_memory_utilization=args.gpu_util,
               enable_prefix_caching=False)  # fmt: skip
-    warm = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, detokenize=False)]
-    llm.generate([w.prompts[0][:100]] * 1, warm * 1, use_tqdm=False)
+    # Warm-up: 1, 3 and (if allowed) 16 short prompts, so no kernel compiles in the timed run.
+    warm = SamplingParams(temperature=w.temperature, max_tokens=8, ignore_eos=True,
+                          detokenize=False)  # fmt: skip
+    for n in (1, 3, 16):
+        llm.generate([p[: 37 + 29 * i] for i, p in enumerate(w.prompts[:1] * n)], warm,
+                     use_tqdm=False)  # fmt: skip
     params = [SamplingParams(temperature=w.temperature, max_tokens=o, ignore_eos=True,
                              detokenize=False) for o in w.max_tokens]  # fmt: skip
     profile = StepProfile(llm)
@@ -173,6 +177,8 @@ def run_hearth(w: Workload, args) -> dict:
     assert num_out == sum(w.max_tokens), (num_out, sum(w.max_tokens))
     result = {"seconds": elapsed, "output_tokens": num_out, "tok_s": num_out / elapsed,
               "num_kv_blocks": llm.engine.runner.num_blocks, **profile.summary()}  # fmt: skip
+    if args.profile:
+        result["kernels"] = profile_graph(llm.engine.runner, w)
     if len(outs) == 1:
         m = outs[0].metrics
         result["ms_per_token"] = 1e3 * (m.finished_time - m.first_token_time) / (num_out - 1)
@@ -181,6 +187,33 @@ def run_hearth(w: Workload, args) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     return result
+
+
+def profile_graph(runner, w: Workload) -> list[tuple[str, float]]:
+    """Kernel time per replay of the decode graph at this workload's typical batch and context
+    (random block tables, nothing written): where a decode step's GPU time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs = runner.graphs
+    batch = graphs.padded_size(min(len(w.prompts), 128))
+    ctx = min(2047, sum(len(p) for p in w.prompts) // len(w.prompts) + max(w.max_tokens) // 2)
+    width = graphs.block_tables.shape[1]
+    blocks = torch.randperm(runner.num_blocks, device="cuda")[: batch * width].int()
+    graphs.block_tables[:batch].copy_(blocks.view(batch, width))
+    graphs.seq_lens[:batch].fill_(ctx)
+    graphs.slot_mapping[:batch].fill_(-1)
+    graphs.positions[:batch].fill_(ctx - 1)
+    reps = 5
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            graphs.graphs[batch].replay()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:10]
+    table = [(e.key[:60], e.device_time_total / reps / 1e3) for e in rows]  # ms per replay
+    print(f"  graph batch {batch}, context {ctx}: ms per replay by kernel", flush=True)
+    for name, ms in table:
+        print(f"    {ms:7.3f}  {name}", flush=True)
+    return table
 
 
 # --------------------------------------------------------------------------------- transformers
@@ -229,6 +262,7 @@ def main() -> None:
     parser.add_argument("--hf-max-new-single", type=int, default=64)
     parser.add_argument("--gpu-util", type=float, default=0.9)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--profile", action="store_true", help="kernel times of a decode replay")
     args = parser.parse_args()
     bandwidth, flops = measure_ceilings()
     card = torch.cuda.get_device_name()

@@ -222,6 +222,19 @@ class _HostBuffers:
         self.block_tables = self._tensor((n, self.max_blocks), torch.int32)
         self._np_seqs = (self.seq_lens.numpy(), self.query_start_loc.numpy(),
                          self.block_tables.numpy())  # fmt: skip
+        self._row_owner: list[tuple[list[int] | None, int]] = [(None, 0)] * n  # (block list, width)
+
+    def _fill_tables(self, chunks: list[ScheduledChunk], widths: list[int], bs: int) -> None:
+        """Block-table rows, rewriting only what may have changed since the last step. A row that
+        keeps the same block list object (free / prefix attach replace it) changes only from the
+        block this step writes into (copy-on-write) onwards: in steady decoding, one entry."""
+        tables, owners = self._np_seqs[2], self._row_owner
+        for i, (c, w) in enumerate(zip(chunks, widths, strict=True)):
+            ids = c.seq.block_ids
+            owner, written = owners[i]
+            first = 0 if owner is not ids else min(written, c.start_pos // bs)
+            tables[i, first:w] = ids[first:w]
+            owners[i] = (ids, w)
 
     def fill(self, chunks: list[ScheduledChunk], block_size: int) -> _Batch:
         n = len(chunks)
@@ -244,8 +257,7 @@ class _HostBuffers:
             ids[:n] = [c.seq.token_ids[c.start_pos] for c in chunks]
         else:
             ids[:t] = [tok for c in chunks for tok in c.token_ids]
-        for i, (c, w) in enumerate(zip(chunks, widths.tolist(), strict=True)):
-            tables[i, :w] = c.seq.block_ids[:w]
+        self._fill_tables(chunks, widths.tolist(), block_size)
         # (t,) position of each new token, and its slot through its sequence's block table
         row = np.repeat(np.arange(n), query_lens)
         pos[:t] = np.arange(t) - np.repeat(qsl[:n].astype(np.int64) - starts, query_lens)

@@ -43,7 +43,7 @@ def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])  # one binary per serving run, any batch
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr,
     qk_scale, block_size, num_seqs, stride_qt, stride_qh, stride_bt, stride_ot, stride_oh,
