@@ -14,10 +14,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from appliance import __version__
+from appliance import __version__, bundle, doctor, models_cli
 from appliance.settings import Settings, add_arguments, settings_from
 
 EXIT_USAGE = 2
+# Subcommands that live in their own module: `add_parser(subparsers)` and `run(args) -> int`.
+TOOLS = {"models": models_cli, "bundle": bundle, "doctor": doctor}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         "variable; a flag wins over the variable.",
     )
     add_arguments(serve)
+    for tool in TOOLS.values():
+        tool.add_parser(commands)
     return parser
 
 
@@ -48,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as error:
             parser.error(str(error))
         return serve(settings)
+    if args.command in TOOLS:
+        return TOOLS[args.command].run(args)
     parser.print_help()
     return EXIT_USAGE
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +122,86 @@ def resolve_model(model: str | Path | None, catalog: Catalog | None = None) -> R
         f", from {catalog.source}), a Hugging Face model directory with config.json, "
         "or a .gguf file"
     )
+
+
+def catalog_path(path: str | Path | None = None) -> Path | None:
+    """The file load_catalog() reads (None: built-in), which `hearth models` writes."""
+    if path is None:
+        path = os.environ.get("HEARTH_MODELS_TOML") or None
+    if path is None and _REPO_CATALOG.is_file():
+        path = _REPO_CATALOG
+    return None if path is None else Path(path)
+
+
+def model_files(resolved: ResolvedModel) -> list[Path]:
+    """Every file of a model: the .gguf file, or each file under an HF directory (sorted)."""
+    if resolved.format == "gguf":
+        return [resolved.path]
+    root = resolved.path
+    hidden = lambda p: any(part.startswith(".") for part in p.relative_to(root).parts)  # noqa: E731
+    return sorted(p for p in root.rglob("*") if p.is_file() and not hidden(p))
+
+
+def hash_files(resolved: ResolvedModel) -> dict[str, str]:
+    """sha256 of every model file, keyed as ModelSpec.sha256 is (relative to the model's base)."""
+    base = resolved.path if resolved.format == "hf" else resolved.path.parent
+    return {p.relative_to(base).as_posix(): _sha256(p) for p in model_files(resolved)}
+
+
+def save_catalog(catalog: Catalog, path: str | Path) -> None:
+    """Write `catalog` as TOML (atomically), keeping the leading comment block of the old file.
+
+    Paths under the catalogue's directory are written relative to it, so that a state directory
+    can move; package entries keep their package and file.
+    """
+    path = Path(path)
+    header = _leading_comments(path) or "# Hearth model catalogue, written by `hearth models`.\n\n"
+    lines = [header, f"default = {_toml_str(catalog.default)}\n"]
+    for spec in catalog.models.values():
+        lines.append(_toml_table(spec, path.parent.resolve()))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _leading_comments(path: Path) -> str:
+    if not path.is_file():
+        return ""
+    head = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if not line.startswith("#") and line.strip():
+            break
+        head.append(line)
+    return "".join(head).rstrip("\n") + "\n\n" if head else ""
+
+
+def _toml_table(spec: ModelSpec, base: Path) -> str:
+    out = [f"\n[models.{_toml_key(spec.name)}]\n"]
+    for key in ModelSpec.__dataclass_fields__:
+        value = getattr(spec, key)
+        if key in ("name", "sha256") or value is None:
+            continue
+        if isinstance(value, Path):
+            value = _relative_if_under(value, base)
+        out.append(f"{key} = {value if isinstance(value, int) else _toml_str(str(value))}\n")
+    if spec.sha256:
+        out.append(f"\n[models.{_toml_key(spec.name)}.sha256]\n")
+        out += [f"{_toml_str(name)} = {_toml_str(hex_)}\n" for name, hex_ in spec.sha256.items()]
+    return "".join(out)
+
+
+def _relative_if_under(path: Path, base: Path) -> str:
+    absolute = path.resolve()
+    return absolute.relative_to(base).as_posix() if absolute.is_relative_to(base) else str(absolute)
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_str(key)
+
+
+def _toml_str(text: str) -> str:
+    # A JSON string with ASCII escapes is a valid TOML basic string.
+    return json.dumps(text, ensure_ascii=True)
 
 
 def verify(resolved: ResolvedModel) -> None:

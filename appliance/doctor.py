@@ -1,0 +1,185 @@
+"""`hearth doctor`: is this machine ready to serve? One line per check, OK or what to fix.
+
+Checks: Python, the serving packages, torch, the NVIDIA driver / CUDA / GPUs (NVML), the model's
+files and their sha256, memory and disk for that model, and whether the port is free. The model,
+host and port come from the same flags and HEARTH_* variables as `hearth serve`. Exit status 1
+when a check fails; a warning (no GPU, estimate close to the limit) does not fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance import __version__
+from appliance.settings import Settings, settings_from
+
+_GIB = 1 << 30
+_PYTHON_MIN = (3, 10)
+
+
+@dataclass(frozen=True)
+class Check:
+    status: str  # "OK" | "WARN" | "FAIL"
+    name: str
+    detail: str
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "doctor", help="check this machine: Python, GPU, memory, disk, port, model checksums",
+        description=__doc__.split("\n\n")[1],
+    )  # fmt: skip
+    for flag, kind in (("--model", str), ("--host", str), ("--port", int), ("--device", str)):
+        env = "HEARTH_" + flag[2:].upper()
+        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"[env {env}]")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from(args, os.environ)
+    except ValueError as error:
+        print(f"FAIL settings: {error}")
+        return 1
+    checks = run_checks(settings)
+    width = max(len(c.name) for c in checks)
+    for check in checks:
+        print(f"{check.status:<4}  {check.name:<{width}}  {check.detail}")
+    failed = sum(c.status == "FAIL" for c in checks)
+    print(f"{failed} check(s) failed" if failed else "ready to serve")
+    return 1 if failed else 0
+
+
+def run_checks(settings: Settings) -> list[Check]:
+    checks = [_python(), _serving_packages(), _torch(), _gpus()]
+    weight_bytes, model_checks = _model(settings)
+    checks += model_checks
+    checks += [_memory(weight_bytes), _disk(), _port(settings.host, settings.port)]
+    return checks
+
+
+def _python() -> Check:
+    version = ".".join(map(str, sys.version_info[:3]))
+    if sys.version_info[:2] < _PYTHON_MIN:
+        return Check("FAIL", "python", f"{version}: Hearth needs Python 3.10 or newer")
+    return Check("OK", "python", f"{version} ({sys.executable})")
+
+
+def _serving_packages() -> Check:
+    missing = [m for m in ("fastapi", "uvicorn", "pydantic", "prometheus_client", "psutil")
+               if importlib.util.find_spec(m) is None]  # fmt: skip
+    if missing:
+        return Check(
+            "FAIL", "packages", f"missing {', '.join(missing)}: pip install 'hearth[serve]'"
+        )
+    return Check("OK", "packages", f"hearth {__version__}, fastapi, uvicorn, pydantic")
+
+
+def _torch() -> Check:
+    try:
+        import torch
+    except ImportError as error:
+        return Check("FAIL", "torch", f"cannot import torch ({error}): install the bundle's wheels")
+    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
+    return Check("OK", "torch", f"{torch.__version__} ({cuda}), {torch.get_num_threads()} threads")
+
+
+def _gpus() -> Check:
+    try:
+        import pynvml
+    except ImportError:
+        return Check("WARN", "gpu", "nvidia-ml-py is not installed: cannot look for GPUs")
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as error:
+        return Check("WARN", "gpu", f"no NVIDIA GPU (NVML: {error}): Hearth will run on the CPU")
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2()
+        cards = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            name = pynvml.nvmlDeviceGetName(handle)
+            cards.append(f"{name} ({memory.free / _GIB:.0f}/{memory.total / _GIB:.0f} GiB free)")
+    finally:
+        pynvml.nvmlShutdown()
+    if not cards:
+        return Check("WARN", "gpu", f"driver {driver} but no GPU visible: running on the CPU")
+    detail = f"driver {driver}, CUDA {cuda // 1000}.{cuda % 1000 // 10}: {'; '.join(cards)}"
+    return Check(_cuda_torch_status(), "gpu", detail)
+
+
+def _cuda_torch_status() -> str:
+    try:
+        import torch
+    except ImportError:
+        return "WARN"
+    return "OK" if torch.cuda.is_available() else "WARN"  # a CPU torch cannot use the GPUs
+
+
+def _model(settings: Settings) -> tuple[int, list[Check]]:
+    """The chosen model: where its files are, their sha256, and about how much memory its weights
+    take (a quantized GGUF is dequantized to float: budget 4x the file)."""
+    from appliance.models_cli import check_model
+    from engine.catalog import load_catalog, model_files, resolve_model, verify
+
+    try:
+        catalog = load_catalog()
+        resolved = resolve_model(settings.model, catalog)
+        size = sum(p.stat().st_size for p in model_files(resolved))
+    except ValueError as error:
+        return 0, [Check("FAIL", "model", str(error))]
+    weight_bytes = size * (4 if resolved.format == "gguf" else 1)
+    found = Check("OK", "model", f"{resolved.name}: {resolved.path} ({size / 1e6:.0f} MB), "
+                                 f"catalogue {catalog.source}")  # fmt: skip
+    if resolved.name in catalog.models:
+        ok, line = check_model(catalog, resolved.name)
+        return weight_bytes, [found, Check("OK" if ok else "FAIL", "checksums", line)]
+    verify(resolved)
+    return weight_bytes, [
+        found,
+        Check("WARN", "checksums", "a path, not a catalogue entry: no sha256"),
+    ]
+
+
+def _memory(weight_bytes: int) -> Check:
+    import psutil
+
+    from engine.config import DEFAULT_CPU_KV_CACHE_GIB
+
+    available = psutil.virtual_memory().available
+    need = weight_bytes + (DEFAULT_CPU_KV_CACHE_GIB + 1) * _GIB  # + KV cache and the runtime
+    detail = f"{available / _GIB:.1f} GiB available, the model needs about {need / _GIB:.1f} GiB"
+    if available < need:
+        return Check("FAIL", "memory", detail + ": free memory or pick a smaller model")
+    return Check("OK", "memory", detail)
+
+
+def _disk() -> Check:
+    from engine.catalog import catalog_path
+
+    place = catalog_path()
+    directory = place.parent if place is not None else Path.cwd()
+    free = shutil.disk_usage(directory).free
+    detail = f"{free / _GIB:.1f} GiB free in {directory}"
+    if free < _GIB:
+        return Check("FAIL", "disk", detail + ": Hearth needs 1 GiB for logs and kernel caches")
+    return Check("OK", "disk", detail)
+
+
+def _port(host: str, port: int) -> Check:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            return Check("FAIL", "port", f"{host}:{port} is not free ({error.strerror}): stop "
+                         "what uses it or choose another with --port / HEARTH_PORT")  # fmt: skip
+    return Check("OK", "port", f"{host}:{port} is free")
