@@ -1,0 +1,77 @@
+"""The browser UI: a Gradio Blocks app (chat tab, monitor tab) mounted at / of the server's FastAPI
+app, in the same process and on the same port as /v1. `appliance.cli` imports this module lazily
+(`hearth serve --no-ui` never pays gradio's import).
+
+With an API key set, the UI asks for it at a login page (any user name, the key as the password):
+the UI must not be a way around the key. Nothing is fetched from the internet: no analytics, and
+system fonts instead of Google Fonts, for air-gapped sites.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
+
+import gradio as gr  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
+
+from appliance.server import AppContext  # noqa: E402
+from ui.block_map import CSS as BLOCK_MAP_CSS  # noqa: E402
+from ui.chat import build_chat_tab  # noqa: E402
+from ui.monitor import build_monitor_tab  # noqa: E402
+from ui.throughput import ThroughputHistory  # noqa: E402
+
+SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
+MONO_FONTS = ("ui-monospace", "monospace")
+CSS = (
+    BLOCK_MAP_CSS
+    + """
+.hearth-gpu table, .hearth-host table { font-size: 13px; }
+.hearth-gpu td, .hearth-host td { padding: 1px 10px 1px 0; }
+"""
+)
+
+
+def build_ui(context: AppContext) -> gr.Blocks:
+    history = ThroughputHistory()
+    with gr.Blocks(title="Hearth", analytics_enabled=False) as blocks:
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat") as chat_tab:
+                build_chat_tab(context)
+            with gr.Tab("Monitor", id="monitor") as monitor_tab:
+                timer = build_monitor_tab(context, history)
+        # The monitor refreshes only while someone looks at it.
+        monitor_tab.select(lambda: gr.Timer(active=True), None, timer, queue=False)
+        chat_tab.select(lambda: gr.Timer(active=False), None, timer, queue=False)
+    return blocks
+
+
+def mount_ui(app: FastAPI, context: AppContext) -> FastAPI:
+    """Mount the UI at / (the routes added before it, /v1 and the rest, still match first)."""
+    theme = gr.themes.Soft(font=SYSTEM_FONTS, font_mono=MONO_FONTS)
+    return gr.mount_gradio_app(
+        app,
+        build_ui(context),
+        path="/",
+        auth=_key_check(context.settings.api_key),
+        auth_message="This server has an API key: enter it as the password (any user name).",
+        footer_links=[],
+        theme=theme,
+        css=CSS,
+        ssr_mode=False,
+        mcp_server=False,
+        run_history=False,
+    )
+
+
+def _key_check(api_key: str | None):  # noqa: ANN202 - gradio's auth callable, or None: no login
+    if api_key is None:
+        return None
+    expected = api_key.encode()
+
+    def check(username: str, password: str) -> bool:
+        return hmac.compare_digest(password.encode(), expected)
+
+    return check

@@ -1,0 +1,154 @@
+"""The chat tab: streaming multi-turn chat with the served model, through the AsyncEngine.
+
+    message ─► model_messages (system prompt + turns) ─► chat template ─► AsyncEngine.submit
+            ◄─ one Chatbot update per delta ◄─ RequestStream
+    Stop / Clear cancel the streaming event: its task is cancelled, `finally` closes the stream,
+    and closing an unfinished stream aborts the request (the engine frees its blocks).
+
+Every error a request can meet (context too long, server busy, model loading) ends up as a message
+in the chat, worded as the API words it; never a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from appliance.protocol import ChatMessage
+from appliance.server import AppContext
+from appliance.serving import api_error
+from appliance.serving_tokens import chat_prompt
+from engine.sampling_params import SamplingParams
+from ui.conversation import ReplyStats, Turn, display_messages, mark_stopped, model_messages
+
+logger = logging.getLogger("hearth.ui")
+
+MAX_TOKENS_LIMIT = 4096  # the slider's end; the context length also caps each reply
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    system_prompt: str
+    temperature: float
+    top_p: float
+    max_tokens: int
+
+
+Update = tuple[list[Turn], list[dict[str, str]]]
+
+
+async def reply(
+    context: AppContext, turns: list[Turn], options: ChatOptions
+) -> AsyncIterator[Update]:
+    """Stream the answer to `turns` (the last one is the user's) as (turns, display) updates."""
+    try:
+        stream = _submit(context, turns, options)
+    except Exception as error:  # noqa: BLE001 - shown in the chat, the server goes on
+        yield _with_error(turns, error)
+        return
+    text, stats = "", None
+    try:
+        async for delta in stream:
+            sample = delta.samples[0] if delta.samples else None
+            text += sample.text if sample else ""
+            finish = sample.finish_reason if sample and delta.finished else None
+            stats = _stats(stream, delta.prompt_token_ids, delta.num_cached_tokens, finish)
+            updated = [*turns, Turn("assistant", text, stats)]
+            yield updated, display_messages(updated)
+    except Exception as error:  # noqa: BLE001
+        partial = [*turns, Turn("assistant", text, stats)] if text else turns
+        yield _with_error(partial, error)
+    finally:
+        stream.close()  # aborts the request if Stop or Clear cancelled this task mid-stream
+
+
+def _submit(context: AppContext, turns: list[Turn], options: ChatOptions) -> Any:
+    serving = context.serving
+    messages = [ChatMessage(**m) for m in model_messages(options.system_prompt, turns)]
+    prompt = chat_prompt(serving.tokenizer, messages, add_generation_prompt=True)
+    serving.check_prompt(prompt.token_ids, None, "messages")  # the prompt alone must fit
+    room = serving.engine.engine.max_model_len - len(prompt.token_ids)
+    params = SamplingParams(
+        max_tokens=max(1, min(int(options.max_tokens), room)),
+        temperature=float(options.temperature),
+        top_p=float(options.top_p),
+    )
+    return context.engine.submit(f"ui-{uuid.uuid4().hex[:16]}", prompt.token_ids, params)
+
+
+def _stats(stream: Any, prompt_ids: list[int], num_cached: int, finish: str | None) -> ReplyStats:
+    first, last = stream.first_token_time, stream.last_token_time
+    return ReplyStats(
+        num_prompt_tokens=len(prompt_ids),
+        num_cached_tokens=num_cached,
+        num_generated_tokens=stream.num_generation_tokens,
+        ttft_s=None if first is None else first - stream.arrival_time,
+        decode_s=None if first is None or last is None else last - first,
+        finish_reason=finish,
+    )
+
+
+def _with_error(turns: list[Turn], error: BaseException) -> Update:
+    api = api_error(error)
+    if api.status >= 500:
+        logger.error("chat request failed: %r", error)
+    message = api.message
+    if "context length" in message:
+        message += ". Press Clear to start a new conversation, or lower max tokens."
+    updated = [*turns, Turn("assistant", message, error=True)]
+    return updated, display_messages(updated)
+
+
+def build_chat_tab(context: AppContext) -> None:
+    """The chat tab's components and events; call inside a `gr.Tab`."""
+    turns = gr.State([])
+    with gr.Row():
+        with gr.Column(scale=4):
+            chatbot = gr.Chatbot(elem_id="chatbot", height=480, label="Chat", buttons=["copy"])
+            with gr.Row():
+                message = gr.Textbox(
+                    elem_id="chat-input",
+                    placeholder="Message the model (Enter to send)",
+                    show_label=False,
+                    scale=6,
+                )
+                send = gr.Button("Send", variant="primary", elem_id="chat-send", scale=1)
+                stop = gr.Button("Stop", variant="stop", elem_id="chat-stop", scale=1)
+                clear = gr.Button("Clear", elem_id="chat-clear", scale=1)
+        with gr.Column(scale=1, min_width=220):
+            system = gr.Textbox(label="System prompt", lines=4, placeholder="(the model's default)")
+            temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature")
+            top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top p")
+            max_tokens = gr.Slider(
+                1, MAX_TOKENS_LIMIT, value=256, step=1, label="Max tokens", elem_id="max-tokens"
+            )
+
+    async def respond(text, history, system_prompt, temp, p, limit):  # noqa: ANN001 - gradio
+        if not text.strip():
+            yield gr.skip(), gr.skip(), gr.skip()
+            return
+        history = [*history, Turn("user", text)]
+        yield "", display_messages(history), history
+        options = ChatOptions(system_prompt, temp, p, limit)
+        async for updated, shown in reply(context, history, options):
+            yield gr.skip(), shown, updated
+
+    inputs = [message, turns, system, temperature, top_p, max_tokens]
+    outputs = [message, chatbot, turns]
+    # concurrency_limit=None: the engine batches concurrent chats; admission limits live there.
+    events = [
+        trigger(respond, inputs, outputs, concurrency_limit=None, show_progress="minimal")
+        for trigger in (message.submit, send.click)
+    ]
+
+    def stopped(history: list[Turn]) -> tuple[list[dict[str, str]], list[Turn]]:
+        history = mark_stopped(history)
+        return display_messages(history), history
+
+    stop.click(stopped, [turns], [chatbot, turns], cancels=events, queue=False)
+    clear.click(lambda: ([], [], ""), None, [chatbot, turns, message], cancels=events, queue=False)

@@ -1,0 +1,143 @@
+"""The monitor tab: KV block map, cache and scheduler state, throughput, GPU and host, refreshed by
+a `gr.Timer` about once a second while the tab is open.
+
+Everything comes from `engine.snapshot()` (a copy taken under the engine's lock; taken on a worker
+thread, since it may wait for the step in progress) and the telemetry samplers; never from /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from appliance.server import AppContext
+from ui.block_map import render_block_map
+from ui.panels import (
+    SCHEDULER_COLUMNS,
+    cache_summary,
+    format_rate,
+    gpu_panel,
+    host_panel,
+    scheduler_rows,
+)
+from ui.throughput import GENERATION, PROMPT, ThroughputHistory
+
+logger = logging.getLogger("hearth.ui")
+
+REFRESH_S = 1.0
+LOADING = "*The model is loading…*"
+
+
+@dataclass
+class MonitorView:
+    """The tab's components, in the order `refresh` fills them."""
+
+    header: Any
+    block_map: Any
+    summary: Any
+    scheduler: Any
+    throughput: Any
+    gpu: Any
+    host: Any
+
+    def outputs(self) -> list[Any]:
+        return [
+            self.header,
+            self.block_map,
+            self.summary,
+            self.scheduler,
+            self.throughput,
+            self.gpu,
+            self.host,
+        ]
+
+
+def build_monitor_tab(context: AppContext, history: ThroughputHistory) -> gr.Timer:
+    """The monitor's components; call inside a `gr.Tab`. Returns its (inactive) timer, which the
+    app switches on while the tab is selected."""
+    header = gr.Markdown(LOADING, elem_id="monitor-header")
+    with gr.Row():
+        with gr.Column(scale=3):
+            gr.Markdown("### KV cache")
+            block_map = gr.HTML(elem_id="block-map")
+            summary = gr.Markdown(elem_id="cache-summary")
+            gr.Markdown("### Scheduler")
+            scheduler = gr.Dataframe(
+                headers=SCHEDULER_COLUMNS,
+                elem_id="scheduler-table",
+                interactive=False,
+                wrap=True,
+            )
+        with gr.Column(scale=2):
+            throughput = gr.LinePlot(
+                x="seconds ago",
+                y="tokens/s",
+                color="kind",
+                title="Throughput",
+                x_lim=[-history.window_s, 0],
+                elem_id="throughput-plot",
+                height=260,
+            )
+            gr.Markdown("### GPU")
+            gpu = gr.HTML(elem_id="gpu-panel")
+            gr.Markdown("### Host")
+            host = gr.HTML(elem_id="host-panel")
+    view = MonitorView(header, block_map, summary, scheduler, throughput, gpu, host)
+    timer = gr.Timer(REFRESH_S, active=False)
+
+    async def tick() -> list[Any]:
+        try:
+            return await refresh(context, history)
+        except Exception as error:  # noqa: BLE001 - say so in the tab, not in a toast each second
+            logger.exception("monitor refresh failed")
+            return [f"**Monitor error:** {type(error).__name__}: {error}"] + [gr.skip()] * 6
+
+    timer.tick(tick, None, view.outputs(), show_progress="hidden", concurrency_limit=None)
+    return timer
+
+
+async def refresh(context: AppContext, history: ThroughputHistory) -> list[Any]:
+    """Values for MonitorView.outputs(), from one engine snapshot and one telemetry sample."""
+    snapshot = await asyncio.to_thread(context.engine.snapshot)
+    telemetry = context.telemetry
+    gpu = gpu_panel(telemetry.gpu.sample(), telemetry.gpu.status)
+    host = host_panel(telemetry.host.sample())
+    if snapshot is None:  # the engine is still loading
+        return [LOADING, "", "", [], _plot(history), gpu, host]
+    history.record(
+        snapshot.taken_at, snapshot.num_prompt_tokens_total, snapshot.num_generation_tokens_total
+    )
+    scheduler, blocks = snapshot.scheduler, snapshot.blocks
+    seq_requests = {s.seq_id: s.request_id for s in scheduler.seqs}
+    header = (
+        f"**{snapshot.model_name}** on {snapshot.device} ({snapshot.dtype}), context "
+        f"{snapshot.max_model_len} tokens · running {scheduler.num_running} · waiting "
+        f"{scheduler.num_waiting} · prompt {format_rate(history.latest(PROMPT))} · "
+        f"generation {format_rate(history.latest(GENERATION))}"
+    )
+    return [
+        header,
+        render_block_map(blocks, seq_requests),
+        cache_summary(blocks, scheduler.num_preemptions),
+        pd.DataFrame(scheduler_rows(scheduler.seqs), columns=SCHEDULER_COLUMNS),
+        _plot(history),
+        gpu,
+        host,
+    ]
+
+
+def _plot(history: ThroughputHistory) -> pd.DataFrame:
+    rates = history.rates(time.monotonic())
+    return pd.DataFrame(
+        {
+            "seconds ago": [r.seconds_ago for r in rates],
+            "tokens/s": [r.tokens_per_s for r in rates],
+            "kind": [r.kind for r in rates],
+        }
+    )

@@ -1,0 +1,115 @@
+"""The monitor's text panels, as pure functions of snapshots and samples: cache summary, scheduler
+table, GPU panel, host panel. Units are formatted here, once (`format_bytes`, `format_rate`).
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+
+from appliance.telemetry import GpuSample, HostSample
+from engine.block_manager import BlockSnapshot
+
+SCHEDULER_COLUMNS = ["request", "state", "prompt tokens", "generated", "blocks", "age (s)"]
+
+
+def format_bytes(num_bytes: float | None) -> str:
+    if num_bytes is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(num_bytes) < 1024 or unit == "GiB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_rate(tokens_per_s: float | None) -> str:
+    return "n/a" if tokens_per_s is None else f"{tokens_per_s:.1f} tok/s"
+
+
+def hit_rate(blocks: BlockSnapshot) -> float | None:
+    """Prompt tokens found in the prefix cache over those looked up; None before any lookup."""
+    if not blocks.prefix_queries_tokens:
+        return None
+    return blocks.prefix_hits_tokens / blocks.prefix_queries_tokens
+
+
+def cache_summary(blocks: BlockSnapshot, num_preemptions: int) -> str:
+    """One Markdown line under the block map."""
+    rate = hit_rate(blocks)
+    hits = "n/a" if rate is None else f"{rate:.0%}"
+    return (
+        f"**KV cache {blocks.usage:.0%} used** ({blocks.num_used} / {blocks.num_blocks} blocks) · "
+        f"{blocks.num_cached} cached · prefix-cache hit rate {hits} "
+        f"({blocks.prefix_hits_tokens} / {blocks.prefix_queries_tokens} prompt tokens) · "
+        f"preemptions {num_preemptions}"
+    )
+
+
+def scheduler_rows(seqs: Sequence) -> list[list]:
+    """One row per live sequence (SeqSnapshot): running first, then waiting."""
+    return [
+        [
+            s.request_id,
+            s.state,
+            s.num_prompt_tokens,
+            s.num_output_tokens,
+            s.num_blocks,
+            round(s.age_s, 1),
+        ]
+        for s in seqs
+    ]
+
+
+def gpu_panel(samples: Sequence[GpuSample], status: str) -> str:
+    """HTML: one card per GPU, or the sampler's status ("no NVIDIA GPU") stated plainly."""
+    if not samples:
+        return (
+            f'<div class="hearth-gpu" data-num-gpus="0"><b>{html.escape(_capitalized(status))}'
+            "</b>: the engine runs on the CPU; there is no GPU to show.</div>"
+        )
+    cards = "".join(_gpu_card(s) for s in samples)
+    return f'<div class="hearth-gpu" data-num-gpus="{len(samples)}">{cards}</div>'
+
+
+def _gpu_card(sample: GpuSample) -> str:
+    def optional(value: float | None, unit: str) -> str:
+        return "n/a" if value is None else f"{value:.0f} {unit}"
+
+    memory = sample.memory_used_bytes / max(1, sample.memory_total_bytes)
+    # Clocks: shown when the telemetry sampler reports them.
+    sm_clock = getattr(sample, "sm_clock_mhz", None)
+    memory_clock = getattr(sample, "memory_clock_mhz", None)
+    rows = [
+        ("utilisation", f"{sample.utilization:.0%}"),
+        (
+            "memory",
+            f"{format_bytes(sample.memory_used_bytes)} / "
+            f"{format_bytes(sample.memory_total_bytes)} ({memory:.0%})",
+        ),
+        ("temperature", optional(sample.temperature_c, "°C")),
+        ("power", optional(sample.power_w, "W")),
+        ("clocks", f"SM {optional(sm_clock, 'MHz')}, memory {optional(memory_clock, 'MHz')}"),
+    ]
+    body = "".join(f"<tr><td>{k}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    title = html.escape(f"GPU {sample.index}: {sample.name}")
+    return f"<div><b>{title}</b><table>{body}</table></div>"
+
+
+def host_panel(sample: HostSample) -> str:
+    memory = sample.memory_used_bytes / max(1, sample.memory_total_bytes)
+    rows = [
+        ("CPU", f"{sample.cpu_utilization:.0%} (all cores)"),
+        (
+            "RAM",
+            f"{format_bytes(sample.memory_used_bytes)} / "
+            f"{format_bytes(sample.memory_total_bytes)} ({memory:.0%})",
+        ),
+        ("process RSS", format_bytes(sample.process_rss_bytes)),
+    ]
+    body = "".join(f"<tr><td>{k}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f'<div class="hearth-host"><table>{body}</table></div>'
+
+
+def _capitalized(text: str) -> str:
+    return text[:1].upper() + text[1:]
