@@ -1,0 +1,235 @@
+#!/usr/bin/env bash
+# Hearth offline installer. Run it from an unpacked bundle (`hearth bundle` builds one):
+#
+#   tar xf hearth-bundle.tar && sudo hearth-bundle/install.sh
+#
+# It needs no network: it checks every file against manifest.json (sha256sum) and refuses to go
+# on if one was altered, creates a venv, installs the bundled wheels (pip --no-index), installs the
+# bundled models into the catalogue, writes /etc/hearth/hearth.env (kept on upgrade), and installs
+# and starts a hardened systemd unit, then waits for /health and prints the URL. Where systemd is
+# not running (a container), it says so and prints how to start Hearth by hand.
+# Running it again upgrades in place: config and models are kept. See installers/uninstall.sh.
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+usage: install.sh [--prefix DIR] [--host ADDR] [--port N] [--python PYTHON] [--user NAME]
+                  [--no-systemd] [--wait SECONDS]
+
+  --prefix DIR    install under DIR (DIR/opt/hearth, DIR/etc/hearth, DIR/var/lib/hearth);
+                  no user is created and no service started (for staging and tests)
+  --host ADDR     address the server binds (default 127.0.0.1; 0.0.0.0 for the network)
+  --port N        port (default 8000); --host/--port only apply to a new hearth.env
+  --python PY     the Python to build the venv with (default python3; must match the bundle)
+  --user NAME     the service's system user (default hearth)
+  --no-systemd    do not install or start the systemd unit
+  --wait SECONDS  how long to wait for /health after starting the service (default 300)
+EOF
+}
+
+say() { printf '==> %s\n' "$*"; }
+die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
+
+BUNDLE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PREFIX="" HOST=127.0.0.1 PORT=8000 PYTHON=python3 SERVICE_USER=hearth SYSTEMD=auto WAIT=300
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --prefix) [ $# -ge 2 ] || die "--prefix needs a directory"; PREFIX=$(realpath -m "$2"); shift 2 ;;
+        --host) HOST=${2:?--host needs an address}; shift 2 ;;
+        --port) PORT=${2:?--port needs a number}; shift 2 ;;
+        --python) PYTHON=${2:?--python needs an interpreter}; shift 2 ;;
+        --user) SERVICE_USER=${2:?--user needs a name}; shift 2 ;;
+        --wait) WAIT=${2:?--wait needs seconds}; shift 2 ;;
+        --no-systemd) SYSTEMD=no; shift ;;
+        -h | --help) usage; exit 0 ;;
+        *) usage >&2; die "unknown option $1" ;;
+    esac
+done
+
+OPT=$PREFIX/opt/hearth
+ETC=$PREFIX/etc/hearth
+STATE=$PREFIX/var/lib/hearth
+UNIT=$PREFIX/etc/systemd/system/hearth.service
+AS_SERVICE_USER=""
+[ "$(id -u)" = 0 ] && [ -z "$PREFIX" ] && AS_SERVICE_USER="sudo -u $SERVICE_USER "
+
+# 1. Nothing altered on the way: every file of wheels/ and models/ is listed in manifest.json and
+#    matches its sha256. (manifest.json itself is checked by comparing its sha256, printed here,
+#    with the one `hearth bundle` printed on the connected machine.)
+verify_bundle() {
+    command -v sha256sum >/dev/null || die "sha256sum is missing: install coreutils"
+    command -v "$PYTHON" >/dev/null || die "$PYTHON not found: install python3 and python3-venv"
+    [ -f "$BUNDLE/manifest.json" ] || die "no manifest.json beside install.sh: unpack the whole bundle"
+    say "manifest.json sha256 $(sha256sum "$BUNDLE/manifest.json" | cut -d' ' -f1)"
+    local sums
+    sums=$(mktemp)
+    BUNDLE_PYTHON=$("$PYTHON" - "$BUNDLE" "$sums" <<'PY'
+import json, os, sys
+bundle, sums = sys.argv[1], sys.argv[2]
+manifest = json.load(open(os.path.join(bundle, "manifest.json")))
+with open(sums, "w") as f:
+    for rel, entry in sorted(manifest["files"].items()):
+        f.write(f"{entry['sha256']}  {rel}\n")
+unlisted = []
+for top in ("wheels", "models"):
+    for root, _, names in os.walk(os.path.join(bundle, top)):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), bundle)
+            if rel not in manifest["files"]:
+                unlisted.append(rel)
+if unlisted:
+    sys.exit("install.sh: refusing to install: not in manifest.json (added after the bundle was "
+             "built): " + ", ".join(sorted(unlisted)))
+print(manifest["python_version"])
+PY
+    ) || { rm -f "$sums"; exit 1; }
+    local report
+    if ! report=$(cd "$BUNDLE" && sha256sum --check --quiet "$sums" 2>/dev/null); then
+        rm -f "$sums"
+        local bad
+        bad=$(printf '%s\n' "$report" | sed -n 's/: FAILED.*$//p' | paste -sd ' ' -)
+        die "refusing to install: ${bad:-some files} do(es) not match manifest.json (altered or damaged on the way); get a fresh copy of the bundle"
+    fi
+    rm -f "$sums"
+    say "all files match manifest.json (Python $BUNDLE_PYTHON bundle)"
+}
+
+# 2. The venv, from the bundled wheels only. Reused (upgraded) when its Python matches.
+install_venv() {
+    local have venv_python
+    have=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    [ "$have" = "$BUNDLE_PYTHON" ] || die "the bundle's wheels are for Python $BUNDLE_PYTHON, but $PYTHON is $have: pass --python python$BUNDLE_PYTHON (or build the bundle with --python-version $have)"
+    venv_python=$OPT/venv/bin/python
+    if [ -x "$venv_python" ] && [ "$("$venv_python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" = "$have" ]; then
+        say "upgrading $OPT/venv"
+    else
+        say "creating $OPT/venv"
+        rm -rf "$OPT/venv"
+        mkdir -p "$OPT"
+        "$PYTHON" -m venv "$OPT/venv" || die "cannot create a venv: install python3-venv"
+    fi
+    # --isolated: ignore pip configuration and PIP_* variables (an index URL would mean network).
+    local pip=("$venv_python" -m pip --isolated --disable-pip-version-check --no-input -q)
+    say "installing wheels (pip --no-index)"
+    "${pip[@]}" install --no-index --find-links "$BUNDLE/wheels" --upgrade -r "$BUNDLE/requirements.txt"
+    # The same version number may carry new code: always reinstall Hearth itself.
+    "${pip[@]}" install --no-index --no-deps --force-reinstall "$BUNDLE"/wheels/hearth-*.whl
+    mkdir -p "$OPT/bin"
+    cat >"$OPT/bin/hearth-serve" <<EOF
+#!/bin/sh
+# Start Hearth as the systemd unit does: settings from hearth.env, flags after them win.
+set -a; . "$ETC/hearth.env"; set +a
+exec "$OPT/venv/bin/hearth" serve "\$@"
+EOF
+    chmod 755 "$OPT/bin/hearth-serve"
+}
+
+# 3. Models: files under the state directory, entries merged into its catalogue (other models and
+#    the default model kept), then every checksum verified where the server will read them.
+install_models() {
+    mkdir -p "$STATE/models"
+    local dir name
+    for dir in "$BUNDLE"/models/*/; do
+        [ -d "$dir" ] || continue
+        name=$(basename "$dir")
+        say "installing model $name"
+        rm -rf "$STATE/models/$name.new"
+        cp -R "$dir" "$STATE/models/$name.new"
+        rm -rf "$STATE/models/$name"
+        mv "$STATE/models/$name.new" "$STATE/models/$name"
+    done
+    cp "$BUNDLE/models/models.toml" "$STATE/models/bundle-models.toml"
+    local hearth=("$OPT/venv/bin/hearth" models --catalog "$STATE/models.toml")
+    "${hearth[@]}" import --replace "$STATE/models/bundle-models.toml"
+    "${hearth[@]}" verify || die "a model file does not match its sha256 (see above)"
+}
+
+# 4. Configuration, written once: an upgrade keeps the operator's edits.
+write_config() {
+    mkdir -p "$ETC"
+    if [ -f "$ETC/hearth.env" ]; then
+        say "keeping $ETC/hearth.env"
+        return
+    fi
+    local no_ui=1
+    grep -q '"ui": true' "$BUNDLE/manifest.json" && no_ui=0
+    cat >"$ETC/hearth.env" <<EOF
+# Hearth settings for the hearth service (systemd EnvironmentFile). Upgrades keep this file.
+# Every \`hearth serve --help\` option has a HEARTH_* variable. After editing:
+#   systemctl restart hearth
+HEARTH_HOST=$HOST
+HEARTH_PORT=$PORT
+HEARTH_MODELS_TOML=$STATE/models.toml
+HEARTH_NO_UI=$no_ui
+# HEARTH_MODEL=smollm2-135m-instruct
+# HEARTH_API_KEY=change-me
+# HEARTH_DEVICE=auto
+# Caches (compiled kernels) go to the writable state directory.
+HOME=$STATE
+XDG_CACHE_HOME=$STATE/cache
+TRITON_CACHE_DIR=$STATE/cache/triton
+HF_HUB_OFFLINE=1
+EOF
+    chmod 640 "$ETC/hearth.env"
+    say "wrote $ETC/hearth.env"
+}
+
+# 5. The unit, with this install's paths; started where systemd runs (not under --prefix).
+install_unit() {
+    mkdir -p "$(dirname "$UNIT")"
+    sed -e "s|/opt/hearth|$OPT|g" -e "s|/etc/hearth|$ETC|g" -e "s|/var/lib/hearth|$STATE|g" \
+        -e "s|^User=.*|User=$SERVICE_USER|" -e "s|^Group=.*|Group=$SERVICE_USER|" \
+        "$BUNDLE/hearth.service" >"$UNIT.tmp"
+    mv "$UNIT.tmp" "$UNIT"
+    if [ "$(id -u)" = 0 ] && [ -z "$PREFIX" ]; then
+        if ! id "$SERVICE_USER" >/dev/null 2>&1; then
+            useradd --system --home-dir "$STATE" --no-create-home --shell /usr/sbin/nologin \
+                "$SERVICE_USER"
+            say "created system user $SERVICE_USER"
+        fi
+        chown -R "$SERVICE_USER:$SERVICE_USER" "$STATE"
+        chown "root:$SERVICE_USER" "$ETC/hearth.env"
+    fi
+}
+
+start_service() {
+    local host port url
+    host=$(set -a; . "$ETC/hearth.env"; echo "${HEARTH_HOST:-127.0.0.1}")
+    port=$(set -a; . "$ETC/hearth.env"; echo "${HEARTH_PORT:-8000}")
+    case "$host" in 0.0.0.0 | ::) url="http://127.0.0.1:$port/" ;; *) url="http://$host:$port/" ;; esac
+    if [ "$SYSTEMD" = no ] || [ -n "$PREFIX" ] || [ ! -d /run/systemd/system ] || ! command -v systemctl >/dev/null; then
+        say "systemd is not running here (a container?) or was not asked for: the unit is in $UNIT but not started."
+        say "Start Hearth by hand with:"
+        printf '    %s%s\n' "$AS_SERVICE_USER" "$OPT/bin/hearth-serve"
+        say "then it answers at $url (OpenAI API: ${url}v1)"
+        return
+    fi
+    systemctl daemon-reload
+    systemctl enable --quiet hearth.service
+    systemctl restart hearth.service
+    say "waiting for ${url}health (up to $WAIT s)"
+    if ! "$OPT/venv/bin/python" - "${url}health" "$WAIT" <<'PY'
+import sys, time, urllib.request
+url, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            if response.status == 200:
+                sys.exit(0)
+    except OSError:
+        pass
+    time.sleep(2)
+sys.exit(1)
+PY
+    then
+        die "Hearth did not become healthy: see journalctl -u hearth -n 50"
+    fi
+    say "Hearth is running: $url (OpenAI API: ${url}v1)"
+}
+
+verify_bundle
+install_venv
+install_models
+write_config
+install_unit
+start_service
