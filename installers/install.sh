@@ -117,8 +117,12 @@ install_venv() {
     mkdir -p "$OPT/bin"
     cat >"$OPT/bin/hearth-serve" <<EOF
 #!/bin/sh
-# Start Hearth as the systemd unit does: settings from hearth.env, flags after them win.
-set -a; . "$ETC/hearth.env"; set +a
+# Start Hearth as the systemd unit does, with the settings of hearth.env. A variable already in
+# the environment (docker run -e, a Kubernetes env) wins over the file; flags win over both.
+while IFS= read -r line; do
+    case "\$line" in '' | '#'*) continue ;; esac
+    printenv "\${line%%=*}" >/dev/null || export "\$line"
+done <"$ETC/hearth.env"
 exec "$OPT/venv/bin/hearth" serve "\$@"
 EOF
     chmod 755 "$OPT/bin/hearth-serve"
