@@ -56,5 +56,5 @@ def quantized_to_checkpoint(q, zeros, scales, g_idx, bits: int = 4) -> dict[str,
         "qweight": pack(q.t().contiguous(), bits, dim=0),
         "qzeros": pack(((zeros - 1) & ((1 << bits) - 1)).t().contiguous(), bits, dim=1),
         "scales": scales.t().contiguous().to(torch.float16),
-        "g_idx": g_idx.to(torch.int32),
+        "g_idx": g_idx.to(torch.int32).clone(),
     }
