@@ -122,7 +122,9 @@ def build_chat_tab(context: AppContext) -> None:
                 clear = gr.Button("Clear", elem_id="chat-clear", scale=1)
         with gr.Column(scale=1, min_width=220):
             system = gr.Textbox(label="System prompt", lines=4, placeholder="(the model's default)")
-            temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature")
+            temperature = gr.Slider(
+                0.0, 2.0, value=0.7, step=0.05, label="Temperature", elem_id="temperature"
+            )
             top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top p")
             max_tokens = gr.Slider(
                 1, MAX_TOKENS_LIMIT, value=256, step=1, label="Max tokens", elem_id="max-tokens"
