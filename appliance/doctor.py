@@ -177,9 +177,25 @@ def _disk() -> Check:
 def _port(host: str, port: int) -> Check:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as `hearth serve` binds
         try:
             sock.bind((host, port))
         except OSError as error:
+            if _hearth_answers(host, port):
+                return Check("WARN", "port", f"{host}:{port} is in use by a running Hearth "
+                             "(its /health is OK)")  # fmt: skip
             return Check("FAIL", "port", f"{host}:{port} is not free ({error.strerror}): stop "
                          "what uses it or choose another with --port / HEARTH_PORT")  # fmt: skip
     return Check("OK", "port", f"{host}:{port} is free")
+
+
+def _hearth_answers(host: str, port: int) -> bool:
+    import json
+    import urllib.request
+
+    shown = f"[{host}]" if ":" in host else ("127.0.0.1" if host == "0.0.0.0" else host)
+    try:
+        with urllib.request.urlopen(f"http://{shown}:{port}/health", timeout=2) as response:
+            return json.load(response).get("status") == "ok"
+    except (OSError, ValueError):
+        return False

@@ -115,17 +115,19 @@ install_venv() {
     # The same version number may carry new code: always reinstall Hearth itself.
     "${pip[@]}" install --no-index --no-deps --force-reinstall "$BUNDLE"/wheels/hearth-*.whl
     mkdir -p "$OPT/bin"
-    cat >"$OPT/bin/hearth-serve" <<EOF
+    # bin/hearth: the hearth command with the settings of hearth.env (as the unit has them); a
+    # variable already in the environment (docker run -e, a Kubernetes env) wins over the file,
+    # and flags win over both. bin/hearth-serve: what the unit runs, for starting by hand.
+    cat >"$OPT/bin/hearth" <<EOF
 #!/bin/sh
-# Start Hearth as the systemd unit does, with the settings of hearth.env. A variable already in
-# the environment (docker run -e, a Kubernetes env) wins over the file; flags win over both.
 while IFS= read -r line; do
     case "\$line" in '' | '#'*) continue ;; esac
     printenv "\${line%%=*}" >/dev/null || export "\$line"
 done <"$ETC/hearth.env"
-exec "$OPT/venv/bin/hearth" serve "\$@"
+exec "$OPT/venv/bin/hearth" "\$@"
 EOF
-    chmod 755 "$OPT/bin/hearth-serve"
+    printf '#!/bin/sh\nexec "%s" serve "$@"\n' "$OPT/bin/hearth" >"$OPT/bin/hearth-serve"
+    chmod 755 "$OPT/bin/hearth" "$OPT/bin/hearth-serve"
 }
 
 # 3. Models: files under the state directory, entries merged into its catalogue (other models and

@@ -191,9 +191,16 @@ def test_offline_install_serve_upgrade_uninstall(bundle, tmp_path):
         assert "upgrading" in again.stdout and "keeping" in again.stdout
         assert "HEARTH_MAX_NUM_SEQS=8" in env_file.read_text()
         assert f"HEARTH_PORT={port}" in env_file.read_text()
-        listing = subprocess.run([str(hearth), "models", "--catalog", str(catalog), "list"],
-                                 capture_output=True, text=True, check=True).stdout  # fmt: skip
+        # bin/hearth reads hearth.env as the unit does: the installed catalogue, the port.
+        wrapper = str(prefix / "opt/hearth/bin/hearth")
+        listing = subprocess.run([*offline, wrapper, "models", "list"], capture_output=True,
+                                 text=True, check=True).stdout  # fmt: skip
         assert f"* {MODEL}" in listing and "extra" in listing
+        doctor = subprocess.run([*offline, wrapper, "doctor"], capture_output=True, text=True)
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        assert f"OK    port       127.0.0.1:{port} is free" in doctor.stdout
+        assert f"OK {MODEL}: 1 file(s) match" in doctor.stdout
+        assert str(prefix / "var/lib/hearth/models") in doctor.stdout
 
     removed = subprocess.run(["bash", str(bundle / "uninstall.sh"), "--prefix", str(prefix)],
                              capture_output=True, text=True)  # fmt: skip
