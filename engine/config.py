@@ -46,6 +46,9 @@ class EngineConfig:
     load_format: str = "auto"
     seed: int = 0  # for dummy weights and unseeded sampling
     enforce_eager: bool = False  # no CUDA graphs
+    # Overlap the next step's scheduling and input building with this step's GPU run (sampled
+    # ids fed back on the device). None: on for CUDA, off on CPU.
+    async_scheduling: bool | None = None
     gguf_keep_quantized: bool = False  # GGUF: run the linears from their blocks (less memory)
 
     def __post_init__(self) -> None:

@@ -108,10 +108,13 @@ class DecodeGraphs:
 
     def run(self, inputs: DecodeInputs) -> torch.Tensor:
         """Copy the step's inputs into the static buffers, replay -> logits (num_seqs, vocab)."""
+        self.load(inputs)
+        return self.replay(inputs.num_seqs)
+
+    def load(self, inputs: DecodeInputs) -> None:
+        """Copy the step's inputs into the static buffers (non-blocking, from pinned memory)."""
         n = inputs.num_seqs
-        size = self.padded_size(n)
-        if size is None:
-            raise ValueError(f"batch of {n} exceeds the largest captured size {self.sizes[-1]}")
+        size = self._size(n)
         self.input_ids[:n].copy_(inputs.input_ids[:n], non_blocking=True)
         self.positions[:n].copy_(inputs.positions[:n], non_blocking=True)
         self.slot_mapping[:n].copy_(inputs.slot_mapping[:n], non_blocking=True)
@@ -120,5 +123,17 @@ class DecodeGraphs:
         if size > n:  # padding rows: write nothing, read nothing
             self.slot_mapping[n:size].fill_(-1)
             self.seq_lens[n:size].zero_()
+
+    def replay(self, num_seqs: int) -> torch.Tensor:
+        """Replay on the loaded buffers -> logits (num_seqs, vocab)."""
+        size = self._size(num_seqs)
         self.graphs[size].replay()
-        return self.outputs[size][:n]
+        return self.outputs[size][:num_seqs]
+
+    def _size(self, num_seqs: int) -> int:
+        size = self.padded_size(num_seqs)
+        if size is None:
+            raise ValueError(
+                f"batch of {num_seqs} exceeds the largest captured size {self.sizes[-1]}"
+            )
+        return size

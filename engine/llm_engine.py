@@ -3,6 +3,16 @@
 One step: Scheduler.schedule() -> ModelRunner.execute() -> Scheduler.update() -> detokenize and apply
 stop strings -> RequestOutput for every request that changed. Synchronous and single-threaded; the
 appliance's AsyncEngine runs it in its own thread. `snapshot()` may be called from other threads.
+
+Async scheduling (`EngineConfig.async_scheduling`, on for CUDA) overlaps the CPU with the GPU:
+
+    step k:  schedule N+1 | launch N+1 (inputs gathered on the device from N's ids) |
+             read N's ids (sync) | resolve + detokenize N -> outputs | update N+1 with placeholders
+    GPU:     ....... N ........|.............. N+1 ..................................
+
+A sequence that stops at N (EOS, stop string) was already scheduled at N+1: its token from N+1 is
+discarded (update() skips finished sequences). Requests with penalties, logprobs or n > 1 need
+their tokens on the host before the next step: while any is live, steps run synchronously.
 """
 
 from __future__ import annotations
@@ -15,9 +25,11 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_builder import BuiltModel, build_model
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+from engine.model_runner import InFlightSample
+from engine.outputs import (CompletionOutput, RequestMetrics, RequestOutput, RunnerOutput,
+                            ScheduleOutput, TokenLogprob)  # fmt: skip
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import PLACEHOLDER_TOKEN_ID, Scheduler
 from engine.sequence import FinishReason, Sequence
 
 
@@ -37,6 +49,19 @@ class _Request:
     @property
     def finished(self) -> bool:
         return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs.values())
+
+
+@dataclass
+class _InFlight:
+    """A launched step whose sampled ids are still on the device (async scheduling)."""
+
+    sample: InFlightSample
+    placeholders: list[tuple[Sequence, int]]  # (sequence, position of its placeholder token)
+
+
+def _needs_sync(params: SamplingParams) -> bool:
+    """Penalties read the token history, logprobs and n > 1 forks read the sampled ids."""
+    return params.has_penalties or params.logprobs is not None or params.n > 1
 
 
 @dataclass(frozen=True)
@@ -79,6 +104,10 @@ class LLMEngine:
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
         self._num_finished = 0
+        overlap = self.config.async_scheduling
+        self._async = self.runner.device.type == "cuda" if overlap is None else overlap
+        self._inflight: _InFlight | None = None
+        self._sync_request_ids: set[str] = set()  # live requests that need synchronous steps
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -99,6 +128,8 @@ class LLMEngine:
                            arrival_time=now)
             self.scheduler.add(seq)  # may refuse (ValueError): register the request only after
             self._requests[request_id] = req
+            if _needs_sync(params):
+                self._sync_request_ids.add(request_id)
             self._num_prompt_tokens += len(token_ids)
 
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -137,6 +168,7 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> None:
         with self._lock:
             req = self._requests.pop(request_id, None)
+            self._sync_request_ids.discard(request_id)
             if req is not None:
                 self.scheduler.abort_request(request_id)
 
@@ -149,6 +181,10 @@ class LLMEngine:
         """One scheduler/runner/update round. `finished_only`: return only the requests that
         finished (offline generate reads nothing else, and a partial output costs O(tokens))."""
         with self._lock:
+            if self._async and not self._sync_request_ids:
+                return self._step_overlapped(finished_only)
+            if self._inflight is not None:
+                return self._drain(finished_only)  # the next step runs synchronously
             schedule = self.scheduler.schedule()
             if schedule.is_empty:
                 return []
@@ -163,6 +199,45 @@ class LLMEngine:
                 changed[req.request_id] = req
             return [self._finish_output(req) for req in changed.values()
                     if not finished_only or req.finished]
+
+    def _step_overlapped(self, finished_only: bool) -> list[RequestOutput]:
+        """Schedule and launch step N+1 while N runs, then finish N (see the module docstring)."""
+        schedule = self.scheduler.schedule()
+        if schedule.is_empty:
+            return self._drain(finished_only)
+        prev = self._inflight
+        sample = self.runner.launch(schedule, prev.sample if prev else None)
+        outputs = self._resolve(prev, finished_only) if prev else []
+        self._inflight = self._update_with_placeholders(schedule, sample)
+        return outputs
+
+    def _update_with_placeholders(self, schedule: ScheduleOutput,
+                                  sample: InFlightSample) -> _InFlight:  # fmt: skip
+        placeholders = {c.seq.seq_id: [PLACEHOLDER_TOKEN_ID] for c in schedule.chunks if c.samples}
+        updated = self.scheduler.update(schedule, RunnerOutput(placeholders))
+        return _InFlight(sample, [(seq, seq.num_tokens - 1) for seq in updated])
+
+    def _drain(self, finished_only: bool) -> list[RequestOutput]:
+        inflight, self._inflight = self._inflight, None
+        return self._resolve(inflight, finished_only) if inflight else []
+
+    def _resolve(self, inflight: _InFlight, finished_only: bool) -> list[RequestOutput]:
+        """Read a launched step's ids back (the one sync), put them in place of the placeholders,
+        apply stop rules and detokenize."""
+        if not inflight.placeholders:
+            return []
+        token_ids = inflight.sample.token_ids.tolist()
+        rows = inflight.sample.seq_rows
+        changed: dict[str, _Request] = {}
+        for seq, position in inflight.placeholders:
+            self.scheduler.resolve_token(seq, position, token_ids[rows[seq.seq_id]])
+            req = self._requests.get(seq.request_id)
+            if req is None:
+                continue  # aborted while its step ran
+            self._on_token(req, seq, None)
+            changed[req.request_id] = req
+        return [self._finish_output(req) for req in changed.values()
+                if not finished_only or req.finished]
 
     def _on_token(self, req: _Request, seq: Sequence, logprobs: list[TokenLogprob] | None) -> None:
         index = seq.sample_index
@@ -189,6 +264,7 @@ class LLMEngine:
         if finished:
             req.finished_time = time.monotonic()
             self._requests.pop(req.request_id, None)
+            self._sync_request_ids.discard(req.request_id)
             self._num_finished += 1
         first = min((s.first_token_time for s in req.seqs.values() if s.first_token_time),
                     default=None)
@@ -240,3 +316,5 @@ class LLMEngine:
             for request_id in list(self._requests):
                 self.scheduler.abort_request(request_id)
             self._requests.clear()
+            self._sync_request_ids.clear()
+            self._inflight = None

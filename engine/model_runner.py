@@ -22,6 +22,7 @@ from engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from engine.model_config import ModelConfig
 from engine.outputs import RunnerOutput, ScheduledChunk, ScheduleOutput
 from engine.sampler import Sampler, SamplingRow
+from engine.scheduler import PLACEHOLDER_TOKEN_ID
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,6 +42,14 @@ def make_attention_backend(device: torch.device):
             return TorchAttention()
         return TritonAttention()
     return TorchAttention()
+
+
+@dataclass(frozen=True)
+class InFlightSample:
+    """A launched step's sampled ids, still on the device (async scheduling)."""
+
+    token_ids: torch.Tensor | None  # (num_sampled,) int64; None: the step sampled nothing
+    seq_rows: dict[int, int]  # seq_id -> row of token_ids
 
 
 @dataclass(frozen=True)
@@ -86,28 +95,69 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, schedule: ScheduleOutput) -> RunnerOutput:
-        self._copy_blocks(schedule)
-        if schedule.is_empty:
+        logits, sampled = self._forward(schedule, None)
+        if logits is None:
             return RunnerOutput()
+        return self._sample(logits, sampled)
+
+    @torch.inference_mode()
+    def launch(self, schedule: ScheduleOutput, prev: InFlightSample | None) -> InFlightSample:
+        """Async scheduling: enqueue the step and its sampling without waiting for the GPU.
+
+        Input tokens that are still placeholders come from `prev` (the step before, on the same
+        stream) by a gather on the device. Every sampled sequence draws one row (no n > 1 parent),
+        without penalties or logprobs: the engine runs such requests synchronously."""
+        logits, sampled = self._forward(schedule, prev)
+        if logits is None:
+            return InFlightSample(None, {})
+        rows = [_sampling_row(c.seq, c.seq.sample_index) for c in sampled]
+        token_ids = self.sampler.sample_on_device(logits, rows)  # (num_sampled,) int64
+        return InFlightSample(token_ids, {c.seq.seq_id: i for i, c in enumerate(sampled)})
+
+    def _forward(self, schedule: ScheduleOutput, prev: InFlightSample | None):
+        """-> (logits of the sampled chunks (num_sampled, vocab) or None, the sampled chunks)."""
+        self._copy_blocks(schedule)
         chunks = schedule.chunks
+        if not chunks:
+            return None, []
         batch = self._host.fill(chunks, self.block_size)
         sampled = [c for c in chunks if c.samples]
         if batch.decode_only and self.graphs and batch.num_seqs <= self.graphs.max_batch_size:
-            logits = self.graphs.run(batch.decode_inputs())  # (num_seqs, vocab), every row
+            self.graphs.load(batch.decode_inputs())
+            self._host.record_copies()
+            self._patch_placeholders(self.graphs.input_ids, batch, chunks, prev)
+            logits = self.graphs.replay(batch.num_seqs)  # (num_seqs, vocab), every row
             if len(sampled) != len(chunks):
                 logits = logits[torch.from_numpy(batch.last_rows(chunks)).to(self.device)]
-        else:
-            input_ids, positions, meta = self._to_device(batch)
-            hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
-            if not sampled:
-                return RunnerOutput()
-            if len(sampled) != len(chunks) or hidden.shape[0] != len(chunks):
-                rows = torch.from_numpy(batch.last_rows(chunks)).to(self.device, non_blocking=True)
-                hidden = hidden[rows]
-            logits = self.model.compute_logits(hidden)  # (num_sampled_chunks, vocab)
+            return logits, sampled
+        input_ids, positions, meta = self._to_device(batch)
+        self._host.record_copies()
+        self._patch_placeholders(input_ids, batch, chunks, prev)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
         if not sampled:
-            return RunnerOutput()
-        return self._sample(logits, sampled)
+            return None, []
+        if len(sampled) != len(chunks) or hidden.shape[0] != len(chunks):
+            rows = torch.from_numpy(batch.last_rows(chunks)).to(self.device, non_blocking=True)
+            hidden = hidden[rows]
+        return self.model.compute_logits(hidden), sampled  # (num_sampled_chunks, vocab)
+
+    def _patch_placeholders(self, input_ids: torch.Tensor, batch: _Batch,
+                            chunks: list[ScheduledChunk], prev: InFlightSample | None) -> None:
+        """input_ids[i] = prev's sampled id wherever the host had only a placeholder."""
+        dst = np.flatnonzero(batch.host.input_ids.numpy()[: batch.num_tokens]
+                             == PLACEHOLDER_TOKEN_ID)  # fmt: skip
+        if dst.size == 0:
+            return
+        if prev is None or prev.token_ids is None:
+            raise RuntimeError("placeholder input tokens without the step that samples them")
+        owner = np.repeat(np.arange(batch.num_seqs), batch.query_lens)[dst]
+        index = np.empty((2, dst.size), dtype=np.int64)  # (dst row, src row in prev)
+        index[0] = dst
+        index[1] = [prev.seq_rows[chunks[i].seq.seq_id] for i in owner.tolist()]
+        index_dev = torch.from_numpy(index)
+        if self.device.type == "cuda":
+            index_dev = index_dev.pin_memory().to(self.device, non_blocking=True)
+        input_ids[index_dev[0]] = prev.token_ids[index_dev[1]]
 
     def _copy_blocks(self, schedule: ScheduleOutput) -> None:
         if not schedule.block_copies:
@@ -196,12 +246,14 @@ class _Batch:
 class _HostBuffers:
     """Host-side input arrays, reused every step (pinned on CUDA so copies do not block).
 
-    A step's copies complete before the next step refills the buffers: sampling reads the sampled
-    ids back (a sync) at the end of every step that has a forward pass."""
+    Refilling waits for the last step's host-to-device copies (an event recorded right after
+    them, not after the forward): with async scheduling the next step is built while the GPU may
+    not have reached this step's copies yet."""
 
     def __init__(self, limits: RunnerLimits, max_blocks: int, pin: bool) -> None:
         self.pin = pin and torch.cuda.is_available()
         self.max_blocks = max_blocks
+        self._copied = torch.cuda.Event() if self.pin else None
         self._alloc_tokens(max(limits.max_num_batched_tokens, limits.max_num_seqs))
         self._alloc_seqs(limits.max_num_seqs)
 
@@ -236,7 +288,13 @@ class _HostBuffers:
             tables[i, first:w] = ids[first:w]
             owners[i] = (ids, w)
 
+    def record_copies(self) -> None:
+        if self._copied is not None:
+            self._copied.record()
+
     def fill(self, chunks: list[ScheduledChunk], block_size: int) -> _Batch:
+        if self._copied is not None:
+            self._copied.synchronize()
         n = len(chunks)
         starts = np.fromiter((c.start_pos for c in chunks), np.int64, n)
         query_lens = np.fromiter((c.num_new_tokens for c in chunks), np.int64, n)

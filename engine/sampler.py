@@ -6,6 +6,10 @@ random rows: temperature -> top-k -> top-p -> min-p -> draw.
 Drawing uses the exponential race (argmax of p / E with E ~ Exp(1)), equivalent to sampling from p.
 A seeded row draws its E from a generator seeded by (seed, sample index, output position), so its
 tokens depend on nothing else in the batch: the same across runs, batch positions and preemptions.
+
+Nothing here waits for the GPU until the ids are read back: per-row parameters travel from pinned
+memory without blocking, a batch with one temperature divides by one cached device scalar, and
+`sample_on_device` leaves the ids on the device (async scheduling reads them a step later).
 """
 
 from __future__ import annotations
@@ -41,9 +45,10 @@ class Sampler:
         self.vocab_size = vocab_size
         self.generator: torch.Generator | None = None
         self._seed = seed
+        self._scalars: dict[tuple[float, str], torch.Tensor] = {}
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        """logits: (num_rows, vocab) float32."""
+        """logits: (num_rows, vocab). Reads the ids back (one sync)."""
         logits = logits[:, : self.vocab_size].float()
         if any(r.params.has_penalties for r in rows):
             logits = apply_penalties(logits, rows)
@@ -52,17 +57,51 @@ class Sampler:
             logprobs = torch.log_softmax(logits, dim=-1)
         token_ids = self._choose(logits, rows)
         token_list = token_ids.tolist()
-        return SamplerOutput(token_list, _gather_logprobs(logprobs, token_list, rows))
+        return SamplerOutput(token_list, _gather_logprobs(logprobs, token_ids, token_list, rows))
+
+    def sample_on_device(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """The same draw as `sample`, for rows without penalties or logprobs -> (num_rows,) int64
+        ids left on the device: nothing here waits for the GPU."""
+        return self._choose(logits[:, : self.vocab_size].float(), rows)
 
     def _choose(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        greedy = logits.argmax(dim=-1)
-        if all(r.params.greedy for r in rows):
-            return greedy
-        probs = _filtered_probs(logits, rows)  # (num_rows, vocab)
+        greedy_rows = [r.params.greedy for r in rows]
+        if all(greedy_rows):
+            return logits.argmax(dim=-1)
+        probs = self._filtered_probs(logits, rows)  # (num_rows, vocab)
         noise = self._exponential_noise(probs, rows)
         drawn = (probs / noise).argmax(dim=-1)
-        is_greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
-        return torch.where(is_greedy, greedy, drawn)
+        if not any(greedy_rows):
+            return drawn
+        is_greedy = _to_device(greedy_rows, torch.bool, logits.device)
+        return torch.where(is_greedy, logits.argmax(dim=-1), drawn)
+
+    def _filtered_probs(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        device = logits.device
+        temps = [r.params.temperature or 1.0 for r in rows]
+        if all(t == temps[0] for t in temps):
+            logits = logits / self._scalar(temps[0], device)  # (1, 1): a true division, as below
+        else:
+            logits = logits / _to_device(temps, torch.float32, device)[:, None]
+        if any(r.params.top_k > 0 for r in rows):
+            logits = _top_k(logits, [r.params.top_k for r in rows])
+        if any(r.params.top_p < 1.0 for r in rows):
+            logits = _top_p(logits, _to_device([r.params.top_p for r in rows], torch.float32,
+                                               device))  # fmt: skip
+        probs = torch.softmax(logits, dim=-1)
+        if any(r.params.min_p > 0 for r in rows):
+            min_p = _to_device([r.params.min_p for r in rows], torch.float32, device)
+            threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+            probs = torch.where(probs < threshold, 0.0, probs)
+        return probs
+
+    def _scalar(self, value: float, device: torch.device) -> torch.Tensor:
+        """A cached (1, 1) float32 device tensor: a CPU scalar would make CUDA multiply by the
+        reciprocal, which rounds differently from the per-row division."""
+        key = (value, str(device))
+        if key not in self._scalars:
+            self._scalars[key] = torch.tensor([[value]], dtype=torch.float32, device=device)
+        return self._scalars[key]
 
     def _exponential_noise(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         if self.generator is None:
@@ -81,25 +120,18 @@ def _row_seed(row: SamplingRow) -> int:
     return (key[0] * 1_000_003 + key[1] * 7919 + key[2]) % (2**63 - 1)
 
 
-def _filtered_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    device = logits.device
-    temps = torch.tensor([r.params.temperature or 1.0 for r in rows], device=device)
-    logits = logits / temps[:, None]
-    if any(r.params.top_k > 0 for r in rows):
-        logits = _top_k(logits, [r.params.top_k for r in rows])
-    if any(r.params.top_p < 1.0 for r in rows):
-        logits = _top_p(logits, torch.tensor([r.params.top_p for r in rows], device=device))
-    probs = torch.softmax(logits, dim=-1)
-    if any(r.params.min_p > 0 for r in rows):
-        min_p = torch.tensor([r.params.min_p for r in rows], device=device)
-        threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
-        probs = torch.where(probs < threshold, 0.0, probs)
-    return probs
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on `device` without blocking: staged in pinned memory on CUDA (the
+    caching host allocator keeps the staging block until the copy has run)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _top_k(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
     vocab = logits.shape[-1]
-    k = torch.tensor([k if 0 < k < vocab else vocab for k in ks], device=logits.device)
+    k = _to_device([k if 0 < k < vocab else vocab for k in ks], torch.int64, logits.device)
     sorted_logits = logits.sort(dim=-1, descending=True).values
     kth = sorted_logits.gather(-1, (k - 1)[:, None])  # (num_rows, 1)
     return logits.masked_fill(logits < kth, _NEG_INF)
@@ -122,11 +154,11 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
         p = row.params
         if not p.has_penalties:
             continue
-        out_ids = torch.tensor(row.output_token_ids, dtype=torch.int64, device=logits.device)
+        out_ids = _to_device(row.output_token_ids, torch.int64, logits.device)
         counts = torch.bincount(out_ids, minlength=vocab)[:vocab].to(logits.dtype)
         if p.repetition_penalty != 1.0:
             seen = counts > 0
-            seen[torch.tensor(row.prompt_token_ids, dtype=torch.int64, device=logits.device)] = True
+            seen[_to_device(row.prompt_token_ids, torch.int64, logits.device)] = True
             penalised = torch.where(
                 logits[i] > 0, logits[i] / p.repetition_penalty, logits[i] * p.repetition_penalty
             )
@@ -136,13 +168,14 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
 
 
 def _gather_logprobs(
-    logprobs: torch.Tensor | None, token_ids: list[int], rows: list[SamplingRow]
+    logprobs: torch.Tensor | None, token_tensor: torch.Tensor, token_ids: list[int],
+    rows: list[SamplingRow],
 ) -> list[TokenLogprob | None]:
     if logprobs is None:
         return [None] * len(rows)
     max_top = max(r.params.logprobs or 0 for r in rows)
     top_vals, top_ids = logprobs.topk(max(max_top, 1), dim=-1)
-    chosen = logprobs.gather(-1, torch.tensor(token_ids, device=logprobs.device)[:, None])
+    chosen = logprobs.gather(-1, token_tensor[:, None])
     chosen_list, top_vals_l, top_ids_l = chosen[:, 0].tolist(), top_vals.tolist(), top_ids.tolist()
     result: list[TokenLogprob | None] = []
     for i, row in enumerate(rows):

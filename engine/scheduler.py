@@ -9,6 +9,11 @@ blocks and returns to the waiting queue with `num_computed_tokens = 0`.
     schedule() -> ScheduleOutput -> runner -> RunnerOutput -> update() -> sampled sequences
 
 schedule() never moves `num_computed_tokens`; update() does, once the runner has computed the chunk.
+
+Async scheduling (the engine overlaps the next step's CPU work with this step's GPU run) calls
+update() with PLACEHOLDER_TOKEN_ID for each sample still on the device, so the next schedule()
+sees exact lengths; resolve_token() later puts the real id in its place and applies the stop
+rules that depend on its value (the length rules already ran in update()).
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ class SchedulerSnapshot:
     seqs: tuple[SeqSnapshot, ...]  # running first, then waiting, each in scheduling order
     num_preemptions: int
     blocks: BlockSnapshot
+
+
+PLACEHOLDER_TOKEN_ID = -1  # a sampled token not read back yet (async scheduling)
 
 
 def _order(seq: Sequence) -> tuple[int, float, int]:
@@ -229,12 +237,26 @@ class Scheduler:
             children.append(child)
         return [seq, *children]
 
+    def resolve_token(self, seq: Sequence, position: int, token_id: int) -> None:
+        """Replace the placeholder at `position` (the sequence's last token) with `token_id`;
+        finish the sequence if that token stops it, as update() would have."""
+        seq.token_ids[position] = token_id
+        if not seq.is_finished:
+            reason = self._stop_reason(seq)
+            if reason is not None:
+                self.finish(seq, reason)
+        elif seq.finish_reason is FinishReason.LENGTH and self._stops_on(seq, token_id):
+            seq.finish_reason = FinishReason.STOP  # update() checks the token first
+
+    def _stops_on(self, seq: Sequence, token_id: int) -> bool:
+        params = seq.sampling_params
+        if token_id in params.stop_token_ids:
+            return True
+        return token_id in self.eos_token_ids and not params.ignore_eos
+
     def _stop_reason(self, seq: Sequence) -> FinishReason | None:
         params = seq.sampling_params
-        token_id = seq.last_token_id
-        if token_id in params.stop_token_ids:
-            return FinishReason.STOP
-        if token_id in self.eos_token_ids and not params.ignore_eos:
+        if self._stops_on(seq, seq.last_token_id):
             return FinishReason.STOP
         if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
             return FinishReason.LENGTH
