@@ -78,6 +78,18 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, sym
     scales = torch.zeros(n, k // group_size)
     zeros = torch.zeros(n, k // group_size, dtype=torch.int32)
     block = max(group_size, 128 // group_size * group_size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of small ops: thread hand-offs cost more than they save
+    try:
+        _gptq_blocks(w, hinv, (q, scales, zeros), bits, group_size, sym, block)
+    finally:
+        torch.set_num_threads(threads)
+    return QuantResult(q, scales, zeros, group_size)
+
+
+def _gptq_blocks(w, hinv, out, bits: int, group_size: int, sym: bool, block: int) -> None:
+    q, scales, zeros = out
+    n, k = w.shape
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1, err1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1)
@@ -92,7 +104,6 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, sym
             w1[:, i:] -= err[:, None] * h1[i, i:][None, :]
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return QuantResult(q, scales, zeros, group_size)
 
 
 def awq_scales(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int,
