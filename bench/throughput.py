@@ -12,7 +12,9 @@ step / bandwidth + prompt FLOPs / matmul rate, with both ceilings measured in th
 The transformers side runs static `generate` batches on a capped subset (device time is scarce):
 the first `--hf-seqs` sequences, outputs capped at `--hf-max-new` tokens; the table says so.
 
-    python bench/throughput.py W1 W4 [--skip-hf] [--json out.json]
+    python bench/throughput.py W1 W4 [--skip-hf] [--async-scheduling on|off|both] [--json out.json]
+
+`--async-scheduling both` runs Hearth twice, synchronous steps first (the baseline, same card).
 """
 
 import argparse
@@ -104,12 +106,18 @@ class StepProfile:
         self._wrap()
 
     def _wrap(self) -> None:
-        step, execute = self.engine.step, self.runner.execute
+        step, execute, launch = self.engine.step, self.runner.execute, self.runner.launch
         holder = {}
 
         def timed_execute(schedule):
             t = time.perf_counter()
             out = execute(schedule)
+            holder["exec"] = time.perf_counter() - t
+            return out
+
+        def timed_launch(schedule, prev):
+            t = time.perf_counter()
+            out = launch(schedule, prev)
             holder["exec"] = time.perf_counter() - t
             return out
 
@@ -121,20 +129,21 @@ class StepProfile:
             return out
 
         self.engine.step, self.runner.execute = timed_step, timed_execute
+        self.runner.launch = timed_launch
         graphs = self.runner.graphs
         if graphs is not None:
-            run = graphs.run
+            replay = graphs.replay
 
-            def timed_run(inputs):
+            def timed_replay(num_seqs):
                 holder["graph"] = True
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
                 start.record()
-                out = run(inputs)
+                out = replay(num_seqs)
                 end.record()
-                self.events.append((start, end, inputs.num_seqs))
+                self.events.append((start, end, num_seqs))
                 return out
 
-            graphs.run = timed_run
+            graphs.replay = timed_replay
 
     def summary(self) -> dict:
         torch.cuda.synchronize()
@@ -149,17 +158,17 @@ class StepProfile:
             "graph_steps": len(graph),
             "graph_step_ms": 1e3 * sum(s for s, _ in graph) / n,
             "graph_execute_ms": 1e3 * sum(e for _, e in graph) / n,
-            "graph_gpu_ms": sum(gpu_ms) / max(len(gpu_ms), 1),  # H2D copies + forward + LM head
+            "graph_gpu_ms": sum(gpu_ms) / max(len(gpu_ms), 1),  # forward + LM head (replay)
             "graph_batch": sum(b for *_, b in self.events) / max(len(gpu_ms), 1),
         }
 
 
-def run_hearth(w: Workload, args) -> dict:
+def run_hearth(w: Workload, args, async_scheduling: bool = True) -> dict:
     batched = max(16384, max(len(p) for p in w.prompts))
     llm = LLM(str(CONFIGS[w.model]), load_format="dummy", dtype="bfloat16", progress=False,
               max_model_len=2048, max_num_seqs=min(256, len(w.prompts)),
               max_num_batched_tokens=batched, gpu_memory_utilization=args.gpu_util,
-              enable_prefix_caching=False)  # fmt: skip
+              enable_prefix_caching=False, async_scheduling=async_scheduling)  # fmt: skip
     # Warm-up: 1, 3 and (if allowed) 16 short prompts, so no kernel compiles in the timed run.
     warm = SamplingParams(temperature=w.temperature, max_tokens=8, ignore_eos=True,
                           detokenize=False)  # fmt: skip
@@ -262,6 +271,7 @@ def main() -> None:
     parser.add_argument("--hf-max-new-single", type=int, default=64)
     parser.add_argument("--gpu-util", type=float, default=0.9)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--async-scheduling", choices=["on", "off", "both"], default="on")
     parser.add_argument("--profile", action="store_true", help="kernel times of a decode replay")
     args = parser.parse_args()
     bandwidth, flops = measure_ceilings()
@@ -273,8 +283,13 @@ def main() -> None:
     for name in args.workloads:
         w = make_workload(name)
         floor = floor_seconds(w, bandwidth, flops)
-        entry = {"floor": floor, "hearth": run_hearth(w, args)}
-        print(name, "hearth", json.dumps(entry["hearth"]), flush=True)
+        entry = {"floor": floor}
+        if args.async_scheduling in ("off", "both"):
+            entry["hearth_sync"] = run_hearth(w, args, async_scheduling=False)
+            print(name, "hearth sync", json.dumps(entry["hearth_sync"]), flush=True)
+        if args.async_scheduling in ("on", "both"):
+            entry["hearth"] = run_hearth(w, args, async_scheduling=True)
+            print(name, "hearth", json.dumps(entry["hearth"]), flush=True)
         if not args.skip_hf:
             entry["transformers"] = run_transformers(w, args)
             print(name, "transformers", json.dumps(entry["transformers"]), flush=True)
@@ -290,22 +305,28 @@ def print_table(results: dict) -> None:
     print("wl  hearth            floor            % floor  transformers (subset)  "
           "decode step_ms gpu_ms")
     for name, e in results["workloads"].items():
-        h, f = e["hearth"], e["floor"]
-        total_out = h["output_tokens"]
-        floor_rate = total_out / f["total_s"]
-        if "ms_per_token" in h:
-            floor_ms = 1e3 * (f["weights_s"] + f["kv_s"]) / total_out
-            ours, flr = f"{h['ms_per_token']:.2f} ms/tok", f"{floor_ms:.2f} ms/tok"
-            pct = floor_ms / h["ms_per_token"]
-            hf = e.get("transformers", {}).get("ms_per_token")
-            hf_s = f"{hf:.1f} ms/tok" if hf else "-"
-        else:
-            ours, flr = f"{h['tok_s']:.0f} tok/s", f"{floor_rate:.0f} tok/s"
-            pct = h["tok_s"] / floor_rate
-            hf = e.get("transformers", {}).get("tok_s")
-            hf_s = f"{hf:.0f} tok/s" if hf else "-"
-        print(f"{name}  {ours:17s} {flr:16s} {100 * pct:6.0f}%  {hf_s:22s} "
-              f"{h['graph_step_ms']:7.2f} {h['graph_gpu_ms']:6.2f}")  # fmt: skip
+        for key in ("hearth_sync", "hearth"):
+            if key in e:
+                _print_row(name + (" sync" if key == "hearth_sync" else ""), e, e[key])
+
+
+def _print_row(name: str, e: dict, h: dict) -> None:
+    f = e["floor"]
+    total_out = h["output_tokens"]
+    floor_rate = total_out / f["total_s"]
+    if "ms_per_token" in h:
+        floor_ms = 1e3 * (f["weights_s"] + f["kv_s"]) / total_out
+        ours, flr = f"{h['ms_per_token']:.2f} ms/tok", f"{floor_ms:.2f} ms/tok"
+        pct = floor_ms / h["ms_per_token"]
+        hf = e.get("transformers", {}).get("ms_per_token")
+        hf_s = f"{hf:.1f} ms/tok" if hf else "-"
+    else:
+        ours, flr = f"{h['tok_s']:.0f} tok/s", f"{floor_rate:.0f} tok/s"
+        pct = h["tok_s"] / floor_rate
+        hf = e.get("transformers", {}).get("tok_s")
+        hf_s = f"{hf:.0f} tok/s" if hf else "-"
+    print(f"{name}  {ours:17s} {flr:16s} {100 * pct:6.0f}%  {hf_s:22s} "
+          f"{h['graph_step_ms']:7.2f} {h['graph_gpu_ms']:6.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

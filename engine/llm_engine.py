@@ -26,8 +26,8 @@ from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_builder import BuiltModel, build_model
 from engine.model_runner import InFlightSample
-from engine.outputs import (CompletionOutput, RequestMetrics, RequestOutput, RunnerOutput,
-                            ScheduleOutput, TokenLogprob)  # fmt: skip
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, RunnerOutput
+from engine.outputs import ScheduleOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 from engine.scheduler import PLACEHOLDER_TOKEN_ID, Scheduler
 from engine.sequence import FinishReason, Sequence

@@ -139,3 +139,31 @@ def test_dummy_weights_without_tokenizer():
     with pytest.raises(ValueError, match="token ids"):
         llm.generate("hello", use_tqdm=False)
     _free(llm)
+
+
+def test_async_scheduling_tokens_equal_sync(tmp_path):
+    """The overlapped step (next step scheduled while the GPU runs, sampled ids fed back on the
+    device) gives the same greedy and seeded tokens as the synchronous one, sequences finishing
+    at different steps and on stop tokens included, and frees every block."""
+    path = save_tiny_model(tmp_path / "qwen3", "qwen3")
+    prompts = _prompts((3, 40, 7, 90, 12, 1, 33))
+    lengths = [30, 5, 17, 1, 30, 12, 2]
+    results = {}
+    for overlap in (False, True):
+        llm = _llm(path, dtype="float32", async_scheduling=overlap, max_num_batched_tokens=64)
+        assert llm.engine._async is overlap
+        greedy = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
+        seeded = [SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=i, max_tokens=n,
+                                 ignore_eos=True) for i, n in enumerate(lengths)]  # fmt: skip
+        runs = [llm.generate(prompts, p, use_tqdm=False) for p in (greedy, seeded)]
+        stop = runs[0][0].outputs[0].token_ids[6]  # sequence 0 stops early on its 7th token
+        stopped = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True,
+                                  stop_token_ids=[stop]) for n in lengths]  # fmt: skip
+        runs.append(llm.generate(prompts, stopped, use_tqdm=False))
+        results[overlap] = [[(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in run]
+                            for run in runs]  # fmt: skip
+        assert llm.engine.scheduler.block_manager.snapshot().num_used == 0
+        _free(llm)
+    assert results[True] == results[False]
+    assert [len(t) for t, _ in results[True][0]] == lengths
+    assert results[True][2][0][1] == "stop"
