@@ -85,13 +85,15 @@ def int_quant_matmul_ref(x, qweight, zeros, scales, g_idx, bits: int) -> torch.T
 def int_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
                      scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
                      group_size: int | None, split_k: int | None = None) -> torch.Tensor:
-    """x (M, K) @ dequantized W^T (K, N) → (M, N) in x's dtype. `group_size` None: use g_idx."""
+    """x (M, K) @ dequantized W^T (K, N) → (M, N) in x's dtype.
+
+    With `group_size`, input k belongs to group k // group_size and g_idx is not read (the caller
+    checked it is trivial, once, at load); None: groups come from g_idx (act-order)."""
     _check_int_args(x, qweight, zeros, scales, g_idx, bits)
     M, K = x.shape
     N = qweight.shape[1]
-    if group_size is not None and (K % group_size or not torch.equal(
-            g_idx[:: group_size].cpu(), torch.arange(K // group_size, dtype=g_idx.dtype))):
-        group_size = None  # not the trivial g_idx: read it
+    if group_size is not None and K % group_size:
+        raise ValueError(f"group_size {group_size} does not divide K={K}; pass None to use g_idx")
     return _launch(x, N, K, split_k, lambda out, grid, k_split, blocks: _int_gemm_kernel[grid](
         x, qweight, zeros, scales, g_idx, out, M, N, K, k_split,
         x.stride(0), qweight.stride(0), zeros.stride(0), scales.stride(0),

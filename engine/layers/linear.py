@@ -140,6 +140,10 @@ class IntQuantLinear(QuantizedLinear):
         self._check_filled(("qweight", "zeros", "scales"), n)
         if int(self.g_idx.max()) >= self.scales.shape[0] or int(self.g_idx.min()) < 0:
             raise ValueError("g_idx points past the scales; the checkpoint is inconsistent")
+        trivial = default_g_idx(self.in_features, self.quant.group_size, self.g_idx.device)
+        # The kernel computes k // group_size unless g_idx says otherwise (act-order).
+        self.kernel_group_size = (self.quant.group_size or self.in_features
+                                  if torch.equal(self.g_idx, trivial) else None)
 
     def dequantized_weight(self) -> torch.Tensor:
         w_t = dequantize_int_layout(self.qweight, self.zeros, self.scales, self.g_idx,
@@ -152,7 +156,7 @@ class IntQuantLinear(QuantizedLinear):
         from kernels.quant_gemm import int_quant_matmul
 
         out = int_quant_matmul(x.reshape(-1, self.in_features), self.qweight, self.zeros,
-                               self.scales, self.g_idx, self.quant.bits, self.quant.group_size)
+                               self.scales, self.g_idx, self.quant.bits, self.kernel_group_size)
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
@@ -163,6 +167,7 @@ class IntQuantLinear(QuantizedLinear):
         self.scales.uniform_(0.02 / (1 << self.quant.bits), 0.04 / (1 << self.quant.bits),
                              generator=gen)
         self.g_idx.copy_(default_g_idx(self.in_features, self.quant.group_size))
+        self.kernel_group_size = self.quant.group_size or self.in_features
         if self.bias is not None:
             self.bias.data.zero_()
 
