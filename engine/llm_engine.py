@@ -7,7 +7,8 @@ appliance's AsyncEngine runs it in its own thread. `snapshot()` may be called fr
 Async scheduling (`EngineConfig.async_scheduling`, on for CUDA) overlaps the CPU with the GPU:
 
     step k:  schedule N+1 | launch N+1 (inputs gathered on the device from N's ids) |
-             read N's ids (sync) | resolve + detokenize N -> outputs | update N+1 with placeholders
+             wait for N's ids (copied to pinned memory right after N's sampling, not behind N+1) |
+             resolve + detokenize N -> outputs | update N+1 with placeholders
     GPU:     ....... N ........|.............. N+1 ..................................
 
 A sequence that stops at N (EOS, stop string) was already scheduled at N+1: its token from N+1 is
@@ -226,7 +227,7 @@ class LLMEngine:
         apply stop rules and detokenize."""
         if not inflight.placeholders:
             return []
-        token_ids = inflight.sample.token_ids.tolist()
+        token_ids = inflight.sample.read()
         rows = inflight.sample.seq_rows
         changed: dict[str, _Request] = {}
         for seq, position in inflight.placeholders:

@@ -48,8 +48,17 @@ def make_attention_backend(device: torch.device):
 class InFlightSample:
     """A launched step's sampled ids, still on the device (async scheduling)."""
 
-    token_ids: torch.Tensor | None  # (num_sampled,) int64; None: the step sampled nothing
+    token_ids: torch.Tensor | None  # (num_sampled,) int64 on the device; None: nothing sampled
     seq_rows: dict[int, int]  # seq_id -> row of token_ids
+    host_ids: torch.Tensor | None = None  # pinned copy, valid once `ready` has completed
+    ready: torch.cuda.Event | None = None
+
+    def read(self) -> list[int]:
+        """The sampled ids on the host. The copy was enqueued right after sampling: reading it
+        must not wait for the next step, which the engine has launched on the same stream."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host_ids.tolist()
 
 
 @dataclass(frozen=True)
@@ -112,7 +121,14 @@ class ModelRunner:
             return InFlightSample(None, {})
         rows = [_sampling_row(c.seq, c.seq.sample_index) for c in sampled]
         token_ids = self.sampler.sample_on_device(logits, rows)  # (num_sampled,) int64
-        return InFlightSample(token_ids, {c.seq.seq_id: i for i, c in enumerate(sampled)})
+        seq_rows = {c.seq.seq_id: i for i, c in enumerate(sampled)}
+        if self.device.type != "cuda":
+            return InFlightSample(token_ids, seq_rows, token_ids)
+        host_ids = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+        host_ids.copy_(token_ids, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return InFlightSample(token_ids, seq_rows, host_ids, ready)
 
     def _forward(self, schedule: ScheduleOutput, prev: InFlightSample | None):
         """-> (logits of the sampled chunks (num_sampled, vocab) or None, the sampled chunks)."""
