@@ -87,9 +87,12 @@ def engine_factory(settings: Settings) -> Callable[[], Any]:
 
 
 def mount_ui(app: Any) -> None:
-    """Mount the browser UI at / when ui/ provides `ui.app.mount_ui(app, context)`."""
-    if importlib.util.find_spec("ui.app") is None:
-        return  # the UI is not built yet: API only
+    """Mount the browser UI at / (`ui.app.mount_ui`); without gradio, serve the API only."""
+    if importlib.util.find_spec("gradio") is None:
+        logging.getLogger("hearth").warning(
+            "gradio is not installed: serving the API only (pip install 'hearth[ui]', or --no-ui)"
+        )
+        return
     from ui.app import mount_ui as mount
 
     mount(app, app.state.hearth)
