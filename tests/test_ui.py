@@ -48,6 +48,8 @@ from ui.panels import cache_summary, format_bytes, gpu_panel, hit_rate, host_pan
 from ui.throughput import GENERATION, PROMPT, ThroughputHistory
 
 gradio = pytest.importorskip("gradio")
+# gradio's own queue code, not ours
+pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
 
 CHROMIUM = os.environ.get("HEARTH_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -58,6 +60,8 @@ CHROMIUM_ARGS = [
 ]
 API_KEY = "ui-test-key"
 SCREENSHOTS = os.environ.get("HEARTH_UI_SCREENSHOTS")
+LONG_GENERATION_S = 4.0  # how long the "long generation" should run, at the measured decode rate
+measured = {"tokens_per_s": 10.0}  # updated by the first chat test (CI machines vary 30x)
 
 
 def snapshot(owners, cached=None, block_size=16, queries=0, hits=0) -> BlockSnapshot:
@@ -218,7 +222,7 @@ def test_cache_summary_and_hit_rate():
     assert hit_rate(snap) == 0.25
     assert hit_rate(snapshot([None])) is None
     line = cache_summary(snap, num_preemptions=3)
-    assert "25% used" in line and "hit rate 25%" in line and "preemptions 3" in line
+    assert "25.0% used" in line and "hit rate 25%" in line and "preemptions 3" in line
 
 
 def test_gpu_panel_without_and_with_gpus():
@@ -290,9 +294,9 @@ def page(server):
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.set_default_timeout(60_000)
         page.goto(server.url)  # the login page; never wait for "networkidle" with Gradio
-        page.locator("input[name=username]").fill("me")
-        page.locator("input[name=password]").fill(API_KEY)
-        page.locator("input[name=password]").press("Enter")
+        page.get_by_label("username").fill("me")
+        page.get_by_label("password").fill(API_KEY)
+        page.get_by_role("button", name="Login").click()
         page.locator("#chat-input textarea").wait_for()
         yield page
         browser.close()
@@ -354,12 +358,15 @@ def test_chat_streams_an_answer(page, server):
     answer, stats = text.rsplit("\n", 1)
     assert answer.strip(), "empty answer"
     assert len(lengths - {0}) >= 2, f"the answer did not stream: lengths seen {sorted(lengths)}"
-    assert re.search(r"TTFT [\d.]+ s · [\d.]+ tok/s · \d+ prompt tokens", stats), stats
+    rate = re.search(r"TTFT [\d.]+ s · ([\d.]+) tok/s · \d+ prompt tokens", stats)
+    assert rate, stats
+    measured["tokens_per_s"] = float(rate.group(1))
     _screenshot(page, "ui-chat.png")
 
 
 def test_block_map_shows_a_long_generation_then_frees_it(page, server):
-    _send(page, "Write a long story about a dragon who learns to bake bread.", max_tokens=160)
+    max_tokens = int(min(256, max(24, measured["tokens_per_s"] * LONG_GENERATION_S)))
+    _send(page, "Write a long story about a dragon who learns to bake bread.", max_tokens)
     _reply(page).wait_for()
     _open_tab(page, "Monitor")
     block_map = page.locator("#block-map .hearth-block-map")
@@ -368,7 +375,9 @@ def test_block_map_shows_a_long_generation_then_frees_it(page, server):
     )
     assert page.locator("#block-map .cell.used").count() > 0
     assert "ui-" in page.locator("#scheduler-table").inner_text()  # the live request's row
-    _screenshot(page, "ui-monitor.png")
+    if SCREENSHOTS:
+        page.wait_for_timeout(2500)  # the throughput plot draws from its second sample on
+        _screenshot(page, "ui-monitor.png")
     page.wait_for_function(
         "() => document.querySelector('#block-map .hearth-block-map')?.dataset.numUsed === '0'",
         timeout=120_000,
@@ -383,7 +392,7 @@ def test_stop_aborts_the_request_mid_stream(page, server):
     _send(page, "Count from 1 to 1000, separated by commas.", max_tokens=1000)
     reply = _reply(page)
     page.wait_for_function(
-        "() => (document.querySelector('#chatbot [data-testid=bot]')?.innerText || '').length > 8"
+        "() => (document.querySelector('#chatbot [data-testid=bot]')?.innerText || '').trim()"
     )
     assert server.context.engine.num_in_flight == 1
     page.locator("#chat-stop").click()

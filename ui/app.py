@@ -9,8 +9,12 @@ system fonts instead of Google Fonts, for air-gapped sites.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import os
+from collections.abc import AsyncIterator
+from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
@@ -20,8 +24,7 @@ from fastapi import FastAPI  # noqa: E402
 from appliance.server import AppContext  # noqa: E402
 from ui.block_map import CSS as BLOCK_MAP_CSS  # noqa: E402
 from ui.chat import build_chat_tab  # noqa: E402
-from ui.monitor import build_monitor_tab  # noqa: E402
-from ui.throughput import ThroughputHistory  # noqa: E402
+from ui.monitor import Readings, build_monitor_tab  # noqa: E402
 
 SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
 MONO_FONTS = ("ui-monospace", "monospace")
@@ -29,19 +32,19 @@ CSS = (
     BLOCK_MAP_CSS
     + """
 .hearth-gpu table, .hearth-host table { font-size: 13px; }
-.hearth-gpu td, .hearth-host td { padding: 1px 10px 1px 0; }
+.hearth-gpu *, .hearth-host * { border: none !important; }
+.hearth-gpu td, .hearth-host td { padding: 1px 12px 1px 0; }
 """
 )
 
 
-def build_ui(context: AppContext) -> gr.Blocks:
-    history = ThroughputHistory()
+def build_ui(context: AppContext, readings: Readings) -> gr.Blocks:
     with gr.Blocks(title="Hearth", analytics_enabled=False) as blocks:
         with gr.Tabs():
             with gr.Tab("Chat", id="chat") as chat_tab:
                 build_chat_tab(context)
             with gr.Tab("Monitor", id="monitor") as monitor_tab:
-                timer = build_monitor_tab(context, history)
+                timer = build_monitor_tab(context, readings)
         # The monitor refreshes only while someone looks at it.
         monitor_tab.select(lambda: gr.Timer(active=True), None, timer, queue=False)
         chat_tab.select(lambda: gr.Timer(active=False), None, timer, queue=False)
@@ -49,11 +52,14 @@ def build_ui(context: AppContext) -> gr.Blocks:
 
 
 def mount_ui(app: FastAPI, context: AppContext) -> FastAPI:
-    """Mount the UI at / (the routes added before it, /v1 and the rest, still match first)."""
+    """Mount the UI at / (the routes added before it, /v1 and the rest, still match first), and
+    sample the throughput for the monitor while the app runs."""
+    readings = Readings(context.telemetry)
+    _sample_during_lifespan(app, readings, context)
     theme = gr.themes.Soft(font=SYSTEM_FONTS, font_mono=MONO_FONTS)
     return gr.mount_gradio_app(
         app,
-        build_ui(context),
+        build_ui(context, readings),
         path="/",
         auth=_key_check(context.settings.api_key),
         auth_message="This server has an API key: enter it as the password (any user name).",
@@ -64,6 +70,21 @@ def mount_ui(app: FastAPI, context: AppContext) -> FastAPI:
         mcp_server=False,
         run_history=False,
     )
+
+
+def _sample_during_lifespan(app: FastAPI, readings: Readings, context: AppContext) -> None:
+    outer = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[Any]:
+        async with outer(app) as state:
+            sampler = asyncio.ensure_future(readings.sample_forever(context.engine))
+            try:
+                yield state
+            finally:
+                sampler.cancel()
+
+    app.router.lifespan_context = lifespan
 
 
 def _key_check(api_key: str | None):  # noqa: ANN202 - gradio's auth callable, or None: no login

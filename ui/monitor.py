@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,47 @@ logger = logging.getLogger("hearth.ui")
 
 REFRESH_S = 1.0
 LOADING = "*The model is loading…*"
+
+
+class Readings:
+    """What the monitor keeps between refreshes, shared by every browser session: the throughput
+    history (fed by `sample_forever` while the server runs, so the plot has the last minutes when a
+    monitor opens), and the last host sample. psutil's CPU % covers the time since its previous
+    call, so two calls moments apart (two open monitors, a tab switch) would read ~0 %: readings
+    closer than `min_interval_s` share one sample."""
+
+    def __init__(self, telemetry: Any, min_interval_s: float = 0.5) -> None:
+        self.history = ThroughputHistory()
+        self._telemetry = telemetry
+        self._min_interval_s = min_interval_s
+        self._host: tuple[float, Any] | None = None  # (time.monotonic(), HostSample)
+        self._lock = threading.Lock()
+
+    def host(self) -> Any:
+        with self._lock:
+            now = time.monotonic()
+            if self._host is None or now - self._host[0] >= self._min_interval_s:
+                self._host = (now, self._telemetry.host.sample())
+            return self._host[1]
+
+    def record(self, snapshot: Any) -> None:
+        self.history.record(
+            snapshot.taken_at,
+            snapshot.num_prompt_tokens_total,
+            snapshot.num_generation_tokens_total,
+        )
+
+    async def sample_forever(self, engine: Any, interval_s: float = REFRESH_S) -> None:
+        """Record the token counters every `interval_s` until cancelled (the app's lifespan)."""
+        while True:
+            try:
+                snapshot = await asyncio.to_thread(engine.snapshot)
+            except Exception:  # noqa: BLE001 - the plot stops; the server goes on
+                logger.exception("throughput sampling stopped")
+                return
+            if snapshot is not None:
+                self.record(snapshot)
+            await asyncio.sleep(interval_s)
 
 
 @dataclass
@@ -58,7 +100,7 @@ class MonitorView:
         ]
 
 
-def build_monitor_tab(context: AppContext, history: ThroughputHistory) -> gr.Timer:
+def build_monitor_tab(context: AppContext, readings: Readings) -> gr.Timer:
     """The monitor's components; call inside a `gr.Tab`. Returns its (inactive) timer, which the
     app switches on while the tab is selected."""
     header = gr.Markdown(LOADING, elem_id="monitor-header")
@@ -75,12 +117,14 @@ def build_monitor_tab(context: AppContext, history: ThroughputHistory) -> gr.Tim
                 wrap=True,
             )
         with gr.Column(scale=2):
+            gr.Markdown("### Throughput")
             throughput = gr.LinePlot(
                 x="seconds ago",
                 y="tokens/s",
                 color="kind",
-                title="Throughput",
-                x_lim=[-history.window_s, 0],
+                color_map={PROMPT: "#2563eb", GENERATION: "#d97706"},
+                show_label=False,
+                x_lim=[-readings.history.window_s, 0],
                 elem_id="throughput-plot",
                 height=260,
             )
@@ -93,7 +137,7 @@ def build_monitor_tab(context: AppContext, history: ThroughputHistory) -> gr.Tim
 
     async def tick() -> list[Any]:
         try:
-            return await refresh(context, history)
+            return await refresh(context, readings)
         except Exception as error:  # noqa: BLE001 - say so in the tab, not in a toast each second
             logger.exception("monitor refresh failed")
             return [f"**Monitor error:** {type(error).__name__}: {error}"] + [gr.skip()] * 6
@@ -102,17 +146,15 @@ def build_monitor_tab(context: AppContext, history: ThroughputHistory) -> gr.Tim
     return timer
 
 
-async def refresh(context: AppContext, history: ThroughputHistory) -> list[Any]:
+async def refresh(context: AppContext, readings: Readings) -> list[Any]:
     """Values for MonitorView.outputs(), from one engine snapshot and one telemetry sample."""
     snapshot = await asyncio.to_thread(context.engine.snapshot)
-    telemetry = context.telemetry
-    gpu = gpu_panel(telemetry.gpu.sample(), telemetry.gpu.status)
-    host = host_panel(telemetry.host.sample())
+    history, gpus = readings.history, context.telemetry.gpu
+    gpu = gpu_panel(gpus.sample(), gpus.status)
+    host = host_panel(readings.host())
     if snapshot is None:  # the engine is still loading
         return [LOADING, "", "", [], _plot(history), gpu, host]
-    history.record(
-        snapshot.taken_at, snapshot.num_prompt_tokens_total, snapshot.num_generation_tokens_total
-    )
+    readings.record(snapshot)
     scheduler, blocks = snapshot.scheduler, snapshot.blocks
     seq_requests = {s.seq_id: s.request_id for s in scheduler.seqs}
     header = (

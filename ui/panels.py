@@ -39,7 +39,7 @@ def cache_summary(blocks: BlockSnapshot, num_preemptions: int) -> str:
     rate = hit_rate(blocks)
     hits = "n/a" if rate is None else f"{rate:.0%}"
     return (
-        f"**KV cache {blocks.usage:.0%} used** ({blocks.num_used} / {blocks.num_blocks} blocks) · "
+        f"**KV cache {blocks.usage:.1%} used** ({blocks.num_used} / {blocks.num_blocks} blocks) · "
         f"{blocks.num_cached} cached · prefix-cache hit rate {hits} "
         f"({blocks.prefix_hits_tokens} / {blocks.prefix_queries_tokens} prompt tokens) · "
         f"preemptions {num_preemptions}"
