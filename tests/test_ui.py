@@ -284,22 +284,37 @@ def test_ui_login_wants_the_api_key(server):
 # ---- in the browser ----
 
 
+def _no_browser(reason: str) -> None:
+    """Skip on a developer's machine; fail where the browser tests must run (CI)."""
+    if os.environ.get("HEARTH_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"browser tests required (HEARTH_REQUIRE_BROWSER=1), but {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
-def page(server):
-    sync_api = pytest.importorskip("playwright.sync_api")
+def browser():
+    try:
+        from playwright import sync_api
+    except ImportError:
+        _no_browser("playwright is not installed (pip install playwright)")
     if not shutil.which(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+        _no_browser(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(60_000)
-        page.goto(server.url)  # the login page; never wait for "networkidle" with Gradio
-        page.get_by_label("username").fill("me")
-        page.get_by_label("password").fill(API_KEY)
-        page.get_by_role("button", name="Login").click()
-        page.locator("#chat-input textarea").wait_for()
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(60_000)
+    page.goto(server.url)  # the login page; never wait for "networkidle" with Gradio
+    page.get_by_label("username").fill("me")
+    page.get_by_label("password").fill(API_KEY)
+    page.get_by_role("button", name="Login").click()
+    page.locator("#chat-input textarea").wait_for()
+    return page
 
 
 def _open_tab(page, name: str) -> None:
