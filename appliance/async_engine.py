@@ -91,6 +91,7 @@ class _Abort:
 
 
 _STOP = object()
+_IDLE_STEP_S = 0.001
 
 
 class RequestStream:
@@ -349,15 +350,23 @@ class AsyncEngine:
             logger.critical("the engine thread died", exc_info=error)
             self._call_soon(self._on_dead, error)
         finally:
-            self._engine.shutdown()
+            try:
+                self._engine.shutdown()
+            except Exception:  # noqa: BLE001 - exiting anyway
+                logger.exception("engine shutdown failed")
 
     def _loop_steps(self, engine: Any) -> None:
         while self._apply_commands(engine, block=not engine.has_unfinished_requests()):
-            if engine.has_unfinished_requests():
-                outputs = engine.step()
-                deltas = self._tracker.update(outputs, time.monotonic())
-                if deltas:
-                    self._call_soon(self._deliver, deltas)
+            if not engine.has_unfinished_requests():
+                continue
+            started = time.monotonic()
+            outputs = engine.step()
+            now = time.monotonic()
+            deltas = self._tracker.update(outputs, now)
+            if deltas:
+                self._call_soon(self._deliver, deltas)
+            elif now - started < _IDLE_STEP_S:
+                time.sleep(_IDLE_STEP_S)  # nothing could be scheduled: do not spin a core
 
     def _apply_commands(self, engine: Any, block: bool) -> bool:
         """Run the queued adds and aborts; wait for one when idle. False when told to stop."""

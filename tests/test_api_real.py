@@ -84,7 +84,7 @@ def test_chat_answers_with_usage_and_logprobs(client, model, server):
 
 
 def test_streamed_text_equals_whole_text_greedy(client, model):
-    chat = dict(model=model, messages=QUESTION, temperature=0, max_tokens=16)
+    chat = dict(model=model, messages=QUESTION, temperature=0, max_tokens=12)
     whole = client.chat.completions.create(**chat)
     chunks = list(
         client.chat.completions.create(stream=True, **chat, stream_options={"include_usage": True})
@@ -97,16 +97,16 @@ def test_streamed_text_equals_whole_text_greedy(client, model):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
-    plain = dict(model=model, prompt="The three primary colors are", temperature=0, max_tokens=12)
+    plain = dict(model=model, prompt="The three primary colors are", temperature=0, max_tokens=8)
     whole = client.completions.create(**plain)
     pieces = [c.choices[0].text for c in client.completions.create(stream=True, **plain)]
     assert "".join(pieces) == whole.choices[0].text and len(pieces) > 1
-    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 12
+    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 8
 
     echoed = client.completions.create(echo=True, logprobs=None, **plain).choices[0].text
     assert echoed == plain["prompt"] + whole.choices[0].text
     logprobs = client.completions.create(logprobs=3, **plain).choices[0].logprobs
-    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 12
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 8
     assert all(len(top) <= 3 for top in logprobs.top_logprobs)
     assert logprobs.text_offset == sorted(logprobs.text_offset)
     assert max(logprobs.top_logprobs[0].values()) == pytest.approx(logprobs.token_logprobs[0])
@@ -120,7 +120,7 @@ def test_n2_and_seeds_are_reproducible(client, model):
             n=2,
             seed=seed,
             temperature=1.0,
-            max_tokens=8,
+            max_tokens=6,
             logprobs=True,
         )
         assert sorted(c.index for c in out.choices) == [0, 1]
@@ -130,10 +130,9 @@ def test_n2_and_seeds_are_reproducible(client, model):
 
     first = sample(1234)
     assert sample(1234) == first
-    others = [sample(seed) for seed in (1, 2, 3)]
-    assert any(other != first for other in others)
+    assert sample(1) != first  # 2 x 6 tokens at temperature 1: equal by chance ~never
 
-    plain = dict(model=model, prompt="Once upon a time", temperature=1.2, max_tokens=10)
+    plain = dict(model=model, prompt="Once upon a time", temperature=1.2, max_tokens=6)
     assert (
         client.completions.create(seed=5, **plain).choices[0].text
         == client.completions.create(seed=5, **plain).choices[0].text
