@@ -373,9 +373,22 @@ def test_chat_streams_an_answer(page, server):
     answer, stats = text.rsplit("\n", 1)
     assert answer.strip(), "empty answer"
     assert len(lengths - {0}) >= 2, f"the answer did not stream: lengths seen {sorted(lengths)}"
-    rate = re.search(r"TTFT [\d.]+ s · ([\d.]+) tok/s · \d+ prompt tokens", stats)
+    rate = re.search(r"TTFT [\d.]+ s · ([\d.]+) tok/s · (\d+) prompt tokens", stats)
     assert rate, stats
     measured["tokens_per_s"] = float(rate.group(1))
+
+    # A second turn: the whole conversation goes to the model, its start from the prefix cache.
+    page.locator("#chat-input textarea").fill("And of Germany?")
+    page.locator("#chat-input textarea").press("Enter")
+    page.wait_for_function(
+        """() => {
+            const bots = document.querySelectorAll('#chatbot [data-testid=bot]');
+            return bots.length === 2 && bots[1].innerText.includes('tok/s');
+        }"""
+    )
+    second = re.search(r"(\d+) prompt tokens \((\d+) cached\)", _reply(page).inner_text())
+    assert int(second.group(1)) > int(rate.group(2)) + len(answer) // 8  # includes turn one
+    assert int(second.group(2)) > 0
     _screenshot(page, "ui-chat.png")
 
 

@@ -109,7 +109,7 @@ def build_chat_tab(context: AppContext) -> None:
     turns = gr.State([])
     with gr.Row():
         with gr.Column(scale=4):
-            chatbot = gr.Chatbot(elem_id="chatbot", height=480, label="Chat", buttons=["copy"])
+            chatbot = gr.Chatbot(elem_id="chatbot", height=480, show_label=False, buttons=["copy"])
             with gr.Row():
                 message = gr.Textbox(
                     elem_id="chat-input",
@@ -154,3 +154,4 @@ def build_chat_tab(context: AppContext) -> None:
 
     stop.click(stopped, [turns], [chatbot, turns], cancels=events, queue=False)
     clear.click(lambda: ([], [], ""), None, [chatbot, turns, message], cancels=events, queue=False)
+    chatbot.clear(lambda: ([], ""), None, [turns, message], cancels=events, queue=False)  # its bin
