@@ -167,6 +167,7 @@ def test_stats_line():
         "TTFT 0.25 s · 20.0 tok/s · 40 prompt tokens (32 cached) · 11 generated · hit max tokens"
     )
     assert "n/a tok/s" in format_stats(ReplyStats(5, 0, 1, 0.1, None, "stop"))
+    assert format_stats(ReplyStats(5, 0, 0, None, None, "abort")).endswith("aborted by the server")
 
 
 def test_display_shows_stats_and_errors_but_the_model_sees_neither():

@@ -19,6 +19,7 @@ from typing import Any
 
 import gradio as gr
 
+from appliance.deltas import ABORT
 from appliance.protocol import ChatMessage
 from appliance.server import AppContext
 from appliance.serving import api_error
@@ -56,7 +57,9 @@ async def reply(
         async for delta in stream:
             sample = delta.samples[0] if delta.samples else None
             text += sample.text if sample else ""
-            finish = sample.finish_reason if sample and delta.finished else None
+            finish = None
+            if delta.finished:  # no finish reason: the server aborted it (shutting down)
+                finish = (sample.finish_reason if sample else None) or ABORT
             stats = _stats(stream, delta.prompt_token_ids, delta.num_cached_tokens, finish)
             updated = [*turns, Turn("assistant", text, stats)]
             yield updated, display_messages(updated)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 STOPPED = "stopped"  # finish reason of a reply cut short with the Stop button
+ABORTED = "abort"  # the server aborted the request (appliance.deltas.ABORT), e.g. on shutdown
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ def format_stats(stats: ReplyStats) -> str:
         parts.append("stopped")
     elif stats.finish_reason == "length":
         parts.append("hit max tokens")
+    elif stats.finish_reason == ABORTED:
+        parts.append("aborted by the server")
     return " · ".join(parts)
 
 
