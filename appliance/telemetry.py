@@ -68,6 +68,8 @@ class GpuSample:
     memory_total_bytes: int
     temperature_c: float | None
     power_w: float | None
+    sm_clock_mhz: float | None = None
+    memory_clock_mhz: float | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,10 @@ class GpuSampler:
             memory_total_bytes=int(memory.total),
             temperature_c=_optional(lambda: nvml.nvmlDeviceGetTemperature(handle, 0)),
             power_w=_optional(lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000),
+            sm_clock_mhz=_optional(lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM)),
+            memory_clock_mhz=_optional(
+                lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM)
+            ),
         )
 
     def close(self) -> None:

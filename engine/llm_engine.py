@@ -1,8 +1,9 @@
 """LLMEngine: add_request / abort_request / step over scheduler, runner and detokenizers.
 
-One step: Scheduler.schedule() -> ModelRunner.execute() -> Scheduler.update() -> detokenize and apply
-stop strings -> RequestOutput for every request that changed. Synchronous and single-threaded; the
-appliance's AsyncEngine runs it in its own thread. `snapshot()` may be called from other threads.
+One step: Scheduler.schedule() -> ModelRunner.execute() -> Scheduler.update() -> detokenize and
+apply stop strings -> RequestOutput for every request that changed. Synchronous and
+single-threaded; the appliance's AsyncEngine runs it in its own thread. `snapshot()` may be
+called from other threads.
 
 Async scheduling (`EngineConfig.async_scheduling`, on for CUDA) overlaps the CPU with the GPU:
 
@@ -27,8 +28,14 @@ from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_builder import BuiltModel, build_model
 from engine.model_runner import InFlightSample
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, RunnerOutput
-from engine.outputs import ScheduleOutput, TokenLogprob
+from engine.outputs import (
+    CompletionOutput,
+    RequestMetrics,
+    RequestOutput,
+    RunnerOutput,
+    ScheduleOutput,
+    TokenLogprob,
+)
 from engine.sampling_params import SamplingParams
 from engine.scheduler import PLACEHOLDER_TOKEN_ID, Scheduler
 from engine.sequence import FinishReason, Sequence
@@ -63,6 +70,9 @@ class _InFlight:
 def _needs_sync(params: SamplingParams) -> bool:
     """Penalties read the token history, logprobs and n > 1 forks read the sampled ids."""
     return params.has_penalties or params.logprobs is not None or params.n > 1
+
+
+_SNAPSHOT_REFRESH_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,7 @@ class LLMEngine:
         )
         self._requests: dict[str, _Request] = {}
         self._lock = threading.Lock()
+        self._snapshot: EngineSnapshot | None = None
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
         self._num_finished = 0
@@ -144,7 +155,9 @@ class LLMEngine:
             bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int)
                    or not 0 <= t < vocab]
             if bad:
-                raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[0]!r}")
+                raise ValueError(
+                    f"prompt token ids must be integers in [0, {vocab}); got {bad[0]!r}"
+                )
         if not token_ids:
             raise ValueError("prompt must not be empty")
         return token_ids
@@ -168,6 +181,7 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         with self._lock:
+            self._snapshot = None  # the blocks come back now: the next reader must see it
             req = self._requests.pop(request_id, None)
             self._sync_request_ids.discard(request_id)
             if req is not None:
@@ -182,24 +196,32 @@ class LLMEngine:
         """One scheduler/runner/update round. `finished_only`: return only the requests that
         finished (offline generate reads nothing else, and a partial output costs O(tokens))."""
         with self._lock:
-            if self._async and not self._sync_request_ids:
-                return self._step_overlapped(finished_only)
-            if self._inflight is not None:
-                return self._drain(finished_only)  # the next step runs synchronously
-            schedule = self.scheduler.schedule()
-            if schedule.is_empty:
-                return []
-            runner_output = self.runner.execute(schedule)
-            updated = self.scheduler.update(schedule, runner_output)
-            changed: dict[str, _Request] = {}
-            for seq in updated:
-                req = self._requests.get(seq.request_id)
-                if req is None:
-                    continue
-                self._on_token(req, seq, runner_output.logprobs.get(seq.seq_id))
-                changed[req.request_id] = req
-            return [self._finish_output(req) for req in changed.values()
-                    if not finished_only or req.finished]
+            outputs = self._step(finished_only)
+            now = time.monotonic()
+            cached = self._snapshot
+            if cached is None or now - cached.taken_at > _SNAPSHOT_REFRESH_S or not self._requests:
+                self._snapshot = self._build_snapshot()  # readers on other threads never wait
+            return outputs
+
+    def _step(self, finished_only: bool) -> list[RequestOutput]:
+        if self._async and not self._sync_request_ids:
+            return self._step_overlapped(finished_only)
+        if self._inflight is not None:
+            return self._drain(finished_only)  # the next step runs synchronously
+        schedule = self.scheduler.schedule()
+        if schedule.is_empty:
+            return []
+        runner_output = self.runner.execute(schedule)
+        updated = self.scheduler.update(schedule, runner_output)
+        changed: dict[str, _Request] = {}
+        for seq in updated:
+            req = self._requests.get(seq.request_id)
+            if req is None:
+                continue
+            self._on_token(req, seq, runner_output.logprobs.get(seq.seq_id))
+            changed[req.request_id] = req
+        return [self._finish_output(req) for req in changed.values()
+                if not finished_only or req.finished]
 
     def _step_overlapped(self, finished_only: bool) -> list[RequestOutput]:
         """Schedule and launch step N+1 while N runs, then finish N (see the module docstring)."""
@@ -299,18 +321,39 @@ class LLMEngine:
     # -- state for the UI and metrics --------------------------------------------------------
 
     def snapshot(self) -> EngineSnapshot:
+        """Engine state for the UI and /metrics, callable from any thread.
+
+        A busy engine refreshes a cached copy after each step (at most every 0.2 s and whenever it
+        goes idle), so readers get it without waiting behind a forward pass; an idle engine is
+        read directly."""
+        cached = self._snapshot
+        if cached is not None and time.monotonic() - cached.taken_at <= _SNAPSHOT_REFRESH_S:
+            return cached
+        if not self._lock.acquire(timeout=_SNAPSHOT_REFRESH_S):
+            return cached if cached is not None else self._wait_snapshot()
+        try:
+            self._snapshot = self._build_snapshot()
+            return self._snapshot
+        finally:
+            self._lock.release()
+
+    def _wait_snapshot(self) -> EngineSnapshot:
         with self._lock:
-            return EngineSnapshot(
-                scheduler=self.scheduler.snapshot(),
-                num_prompt_tokens_total=self._num_prompt_tokens,
-                num_generation_tokens_total=self._num_generation_tokens,
-                num_requests_finished=self._num_finished,
-                model_name=self.model_name,
-                device=self.device,
-                dtype=self.dtype,
-                max_model_len=self.max_model_len,
-                taken_at=time.monotonic(),
-            )
+            self._snapshot = self._build_snapshot()
+            return self._snapshot
+
+    def _build_snapshot(self) -> EngineSnapshot:
+        return EngineSnapshot(
+            scheduler=self.scheduler.snapshot(),
+            num_prompt_tokens_total=self._num_prompt_tokens,
+            num_generation_tokens_total=self._num_generation_tokens,
+            num_requests_finished=self._num_finished,
+            model_name=self.model_name,
+            device=self.device,
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            taken_at=time.monotonic(),
+        )
 
     def shutdown(self) -> None:
         with self._lock:
