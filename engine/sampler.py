@@ -10,6 +10,16 @@ tokens depend on nothing else in the batch: the same across runs, batch position
 Nothing here waits for the GPU until the ids are read back: per-row parameters travel from pinned
 memory without blocking, a batch with one temperature divides by one cached device scalar, and
 `sample_on_device` leaves the ids on the device (async scheduling reads them a step later).
+
+The fused kernel (kernels/sampling.py, CUDA only): a row with no top-k / top-p / min-p, no
+penalties and no logprobs ("plain") is drawn by one pass over its logits instead of ~8 torch
+passes. Which path a row takes depends on its own params and the device alone, never on the rest
+of the batch: plain rows always take the kernel on CUDA, other rows always the torch path (a batch
+of both runs both and keeps each row's own result). So a seeded request is reproducible across
+runs, batch positions and batch mates on CUDA; its draws differ from the CPU path's for the same
+seed (the kernel keys Philox by the same (seed, sample index, output position) triple, but it is
+another random stream). Unseeded plain rows take keys from a per-call counter under the engine
+seed. Greedy rows give torch.argmax's token either way. The CPU path is unchanged.
 """
 
 from __future__ import annotations
@@ -20,6 +30,8 @@ import torch
 
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
+
+_MASK63 = 2**63 - 1
 
 _NEG_INF = float("-inf")
 
@@ -41,10 +53,14 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, seed: int = 0) -> None:
+    def __init__(self, vocab_size: int, seed: int = 0, use_kernel: bool | None = None) -> None:
+        """use_kernel: None = the fused kernel for plain rows on CUDA; True also elsewhere (tests,
+        in Triton's interpreter); False = never (the benchmark's baseline)."""
         self.vocab_size = vocab_size
         self.generator: torch.Generator | None = None
+        self.use_kernel = use_kernel
         self._seed = seed
+        self._kernel_calls = 0
         self._scalars: dict[tuple[float, str], torch.Tensor] = {}
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
@@ -62,9 +78,38 @@ class Sampler:
     def sample_on_device(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """The same draw as `sample`, for rows without penalties or logprobs -> (num_rows,) int64
         ids left on the device: nothing here waits for the GPU."""
-        return self._choose(logits[:, : self.vocab_size].float(), rows)
+        logits = logits[:, : self.vocab_size]
+        if self._kernel_on(logits) and all(_is_plain(r.params) for r in rows):
+            return self._race(logits, rows)  # reads the model's dtype: no float32 copy
+        return self._choose(logits.float(), rows)
+
+    def _kernel_on(self, logits: torch.Tensor) -> bool:
+        return self.use_kernel if self.use_kernel is not None else logits.is_cuda
 
     def _choose(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        plain = [_is_plain(r.params) for r in rows] if self._kernel_on(logits) else []
+        if plain and all(plain):
+            return self._race(logits, rows)
+        token_ids = self._choose_torch(logits, rows)
+        if not any(plain):
+            return token_ids
+        is_plain = _to_device(plain, torch.bool, logits.device)
+        return torch.where(is_plain, self._race(logits, rows), token_ids)
+
+    def _race(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """The fused kernel's draw for every row (greedy rows: argmax)."""
+        from kernels.sampling import exponential_race
+
+        self._kernel_calls += 1
+        call_key = _mix64(_mix64(self._seed) ^ self._kernel_calls)
+        keys = [_row_seed(r) if r.params.seed is not None else (call_key + i) & _MASK63
+                for i, r in enumerate(rows)]  # fmt: skip
+        temps = [0.0 if r.params.greedy else r.params.temperature for r in rows]
+        device = logits.device
+        return exponential_race(logits, _to_device(temps, torch.float32, device),
+                                _to_device(keys, torch.int64, device))  # fmt: skip
+
+    def _choose_torch(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         greedy_rows = [r.params.greedy for r in rows]
         if all(greedy_rows):
             return logits.argmax(dim=-1)
@@ -112,6 +157,20 @@ class Sampler:
                 gen = torch.Generator(device=probs.device).manual_seed(_row_seed(row))
                 noise[i].exponential_(generator=gen)
         return noise
+
+
+def _is_plain(p: SamplingParams) -> bool:
+    """A row the fused kernel draws: temperature (or greedy) only."""
+    return (p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0 and not p.has_penalties
+            and p.logprobs is None)  # fmt: skip
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser, kept in 63 bits: well-spread keys from small counters."""
+    z = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & _MASK63
 
 
 def _row_seed(row: SamplingRow) -> int:
