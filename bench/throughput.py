@@ -15,6 +15,8 @@ the first `--hf-seqs` sequences, outputs capped at `--hf-max-new` tokens; the ta
     python bench/throughput.py W1 W4 [--skip-hf] [--async-scheduling on|off|both] [--json out.json]
 
 `--async-scheduling both` runs Hearth twice, synchronous steps first (the baseline, same card).
+`--fusions both` runs Hearth twice too, first without the fused sampling kernel and without the
+K/V write fused into decode attention (the baseline), then with them (the default).
 """
 
 import argparse
@@ -34,6 +36,7 @@ import torch  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.loader import load_hf_config  # noqa: E402
+from engine.triton_attention import TritonAttention  # noqa: E402
 
 CONFIGS = {
     "qwen3": _ROOT / "bench/configs/qwen3-0.6b",
@@ -163,12 +166,15 @@ class StepProfile:
         }
 
 
-def run_hearth(w: Workload, args, async_scheduling: bool = True) -> dict:
+def run_hearth(w: Workload, args, async_scheduling: bool = True, fused: bool = True) -> dict:
     batched = max(16384, max(len(p) for p in w.prompts))
+    TritonAttention.fuse_kv_write = fused  # read when the engine makes its backend
     llm = LLM(str(CONFIGS[w.model]), load_format="dummy", dtype="bfloat16", progress=False,
               max_model_len=2048, max_num_seqs=min(256, len(w.prompts)),
               max_num_batched_tokens=batched, gpu_memory_utilization=args.gpu_util,
               enable_prefix_caching=False, async_scheduling=async_scheduling)  # fmt: skip
+    TritonAttention.fuse_kv_write = True
+    llm.engine.runner.sampler.use_kernel = None if fused else False
     # Warm-up: 1, 3 and (if allowed) 16 short prompts, so no kernel compiles in the timed run.
     warm = SamplingParams(temperature=w.temperature, max_tokens=8, ignore_eos=True,
                           detokenize=False)  # fmt: skip
@@ -272,6 +278,8 @@ def main() -> None:
     parser.add_argument("--gpu-util", type=float, default=0.9)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--async-scheduling", choices=["on", "off", "both"], default="on")
+    parser.add_argument("--fusions", choices=["on", "off", "both"], default="on",
+                        help="fused sampling kernel + K/V write in decode attention")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="kernel times of a decode replay")
     args = parser.parse_args()
     bandwidth, flops = measure_ceilings()
@@ -287,7 +295,10 @@ def main() -> None:
         if args.async_scheduling in ("off", "both"):
             entry["hearth_sync"] = run_hearth(w, args, async_scheduling=False)
             print(name, "hearth sync", json.dumps(entry["hearth_sync"]), flush=True)
-        if args.async_scheduling in ("on", "both"):
+        if args.async_scheduling in ("on", "both") and args.fusions in ("off", "both"):
+            entry["hearth_unfused"] = run_hearth(w, args, async_scheduling=True, fused=False)
+            print(name, "hearth unfused", json.dumps(entry["hearth_unfused"]), flush=True)
+        if args.async_scheduling in ("on", "both") and args.fusions in ("on", "both"):
             entry["hearth"] = run_hearth(w, args, async_scheduling=True)
             print(name, "hearth", json.dumps(entry["hearth"]), flush=True)
         if not args.skip_hf:
@@ -305,9 +316,10 @@ def print_table(results: dict) -> None:
     print("wl  hearth            floor            % floor  transformers (subset)  "
           "decode step_ms gpu_ms")
     for name, e in results["workloads"].items():
-        for key in ("hearth_sync", "hearth"):
+        suffixes = {"hearth_sync": " sync", "hearth_unfused": " base", "hearth": ""}
+        for key, suffix in suffixes.items():
             if key in e:
-                _print_row(name + (" sync" if key == "hearth_sync" else ""), e, e[key])
+                _print_row(name + suffix, e, e[key])
 
 
 def _print_row(name: str, e: dict, h: dict) -> None:

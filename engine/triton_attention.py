@@ -1,11 +1,15 @@
 """TritonAttention: the CUDA attention backend over the paged KV cache (same interface as
 TorchAttention in engine/attention.py).
 
-    write_kv (new K/V into their slots; slot -1 = padding, writes nothing)
-      -> decode-only batch:  paged_decode_attention (GQA-grouped, split-KV; no host sync, so it
-                             runs inside a CUDA graph)
-      -> anything else:      paged_prefill_attention (varlen causal over the paged context; decode
-                             rows of a mixed batch are one-token sequences)
+    decode-only batch:  paged_decode_attention with the K/V write fused in (GQA-grouped,
+                        split-KV; no host sync, so it runs inside a CUDA graph; one launch per
+                        layer where write_kv + attention took two)
+    anything else:      write_kv (new K/V into their slots; slot -1 = padding, writes nothing),
+                        then paged_prefill_attention (varlen causal over the paged context;
+                        decode rows of a mixed batch are one-token sequences)
+
+`fuse_kv_write` (class default, read when a backend is made) turns the fusion off: the
+benchmark's baseline sets it before building the engine, whose graphs capture the choice.
 """
 
 from __future__ import annotations
@@ -14,11 +18,16 @@ import torch
 
 from engine.attention import AttentionMetadata
 from kernels.kv_cache import write_kv
-from kernels.paged_attention import paged_decode_attention
+from kernels.paged_attention import NewKV, paged_decode_attention
 from kernels.prefill_attention import paged_prefill_attention
 
 
 class TritonAttention:
+    fuse_kv_write: bool = True
+
+    def __init__(self) -> None:
+        self.fuse_kv_write = type(self).fuse_kv_write
+
     def forward(
         self,
         q: torch.Tensor,  # (num_tokens, num_heads, head_dim), may be a strided view of qkv
@@ -29,8 +38,14 @@ class TritonAttention:
         scale: float,
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, unlike q
+        if meta.is_decode_only and self.fuse_kv_write:
+            new_kv = NewKV(k, v, meta.slot_mapping)
+            return paged_decode_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, out=out,
+                new_kv=new_kv,
+            )  # fmt: skip
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode_only:
             return paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, out=out

@@ -12,6 +12,12 @@ Each range is walked in tiles of BLOCK_N tokens that may straddle cache blocks: 
 is looked up in the block table, so any block_size works. With one split the decode kernel writes
 the normalised output itself and the reduce step is skipped. Softmax statistics are kept in fp32,
 in base 2 (the scale is pre-multiplied by log2(e)).
+
+With `new_kv` the step's own K/V write is fused in (one graph node less per layer): the newest
+position (context_len - 1) is not read from the cache but from the new key/value rows, folded
+into the softmax in fp32 by the split that owns it, and that program also stores the rows into
+their slot (slot < 0: padding, nothing stored). No program of the launch reads that slot, so
+there is no race; later launches find it written.
 """
 
 import math
@@ -31,16 +37,21 @@ _MAX_SPLITS = 16
 @triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, acc_ptr, ml_ptr,
+    kn_ptr, vn_ptr, slot_ptr, stride_kn, stride_knh, stride_vn, stride_vnh,
     qk_scale, block_size, stride_qs, stride_qh, stride_bt, stride_os, stride_oh,
     GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSE_NEW: tl.constexpr,
 ):  # fmt: skip
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx_len = tl.load(ctx_ptr + seq)
     split_len = tl.cdiv(tl.cdiv(ctx_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, ctx_len)
+    last = ctx_len - 1  # the newest position: from kn/vn when FUSE_NEW
+    cache_end = end
+    if FUSE_NEW:
+        cache_end = tl.minimum(end, last)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -52,9 +63,9 @@ def _decode_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     slot_stride = NUM_KV_HEADS * HEAD_DIM
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in range(start, cache_end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) absolute token positions
-        pmask = pos < end
+        pmask = pos < cache_end
         block_id = tl.load(bt_ptr + seq * stride_bt + pos // block_size, mask=pmask, other=0)
         slot = block_id.to(tl.int64) * block_size + pos % block_size
         kv_off = slot[:, None] * slot_stride + kv_head * HEAD_DIM + d[None, :]  # (BLOCK_N, BLOCK_D)
@@ -69,6 +80,13 @@ def _decode_kernel(
         v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+    if FUSE_NEW:
+        if (last >= start) & (last < end):  # this split owns the newest position
+            m_i, l_i, acc = _fold_new_token(
+                q, m_i, l_i, acc, kn_ptr + seq * stride_kn + kv_head * stride_knh,
+                vn_ptr + seq * stride_vn + kv_head * stride_vnh, k_ptr, v_ptr, slot_ptr + seq,
+                qk_scale, kv_head, NUM_KV_HEADS, HEAD_DIM, BLOCK_D,
+            )  # fmt: skip
 
     hmask = g < GROUP
     if NUM_SPLITS == 1:
@@ -82,6 +100,29 @@ def _decode_kernel(
         num_rows = tl.num_programs(0) * NUM_KV_HEADS * GROUP * NUM_SPLITS
         tl.store(ml_ptr + row, m_i, mask=hmask)
         tl.store(ml_ptr + num_rows + row, l_i, mask=hmask)
+
+
+@triton.jit
+def _fold_new_token(
+    q, m_i, l_i, acc, kn_ptr, vn_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, qk_scale, kv_head,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax step for the one new key/value row (fp32), and its store into the cache."""
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    kn = tl.load(kn_ptr + d, mask=dmask, other=0.0)
+    vn = tl.load(vn_ptr + d, mask=dmask, other=0.0)
+    s = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * qk_scale  # (BLOCK_G,)
+    m_new = tl.maximum(m_i, s)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new)
+    acc = acc * alpha[:, None] + p[:, None] * vn.to(tl.float32)[None, :]
+    slot = tl.load(slot_ptr).to(tl.int64)
+    if slot >= 0:
+        dst = slot * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + d
+        tl.store(k_cache_ptr + dst, kn.to(k_cache_ptr.dtype.element_ty), mask=dmask)
+        tl.store(v_cache_ptr + dst, vn.to(v_cache_ptr.dtype.element_ty), mask=dmask)
+    return m_new, l_i * alpha + p, acc
 
 
 @triton.jit
@@ -106,6 +147,16 @@ def _reduce_kernel(
     out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)  # (BLOCK_D,)
     o_off = seq * stride_os + head * stride_oh + d
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@dataclass(frozen=True)
+class NewKV:
+    """The step's new key/value rows (num_seqs, num_kv_heads, head_dim) and their slots
+    (num_seqs,) int32/int64, -1 = padding: written by the decode kernel itself."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    slot_mapping: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -191,10 +242,15 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     tile: DecodeTile | None = None,
+    new_kv: NewKV | None = None,
 ) -> torch.Tensor:
-    """One query token per sequence attends to its cached context -> (num_seqs, heads, dim)."""
+    """One query token per sequence attends to its cached context -> (num_seqs, heads, dim).
+
+    new_kv: the newest position's K/V come from these rows (the cache is not read there) and are
+    stored into their slots: write_kv and attention in one launch."""
     _check_decode_args(query, k_cache, v_cache, block_tables, context_lens)
     out = _check_out(out, query)
+    new_k, new_v, slots = _check_new_kv(new_kv, query, k_cache)
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     if num_seqs == 0:
@@ -213,13 +269,14 @@ def paged_decode_attention(
     block_tables = block_tables.contiguous()
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, context_lens, out, acc, ml,
+        new_k, new_v, slots, new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1),
         scale * _LOG2E, block_size, query.stride(0), query.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_N=tile.block_n,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
+        FUSE_NEW=new_kv is not None, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
     if partial:
         _reduce_kernel[(num_seqs, num_heads)](
@@ -228,6 +285,27 @@ def paged_decode_attention(
             BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(head_dim),
         )  # fmt: skip
     return out
+
+
+def _check_new_kv(new_kv: NewKV | None, query: torch.Tensor, k_cache: torch.Tensor):
+    """-> (key, value, slot_mapping) for the kernel; without new_kv, placeholders never read."""
+    if new_kv is None:
+        return query, query, query  # FUSE_NEW=False: the kernel ignores these pointers
+    num_seqs, _, head_dim = query.shape
+    shape = (num_seqs, k_cache.shape[2], head_dim)
+    for name, t in (("new_kv.key", new_kv.key), ("new_kv.value", new_kv.value)):
+        if t.shape != shape or t.dtype != k_cache.dtype or t.stride(2) != 1:
+            raise ValueError(f"{name} must be {shape} {k_cache.dtype}, contiguous in head_dim; "
+                             f"got {tuple(t.shape)} {t.dtype}")  # fmt: skip
+        if t.device != k_cache.device:
+            raise ValueError(f"{name} must be on {k_cache.device}, got {t.device}")
+    slots = new_kv.slot_mapping
+    if slots.shape != (num_seqs,) or slots.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"new_kv.slot_mapping must be ({num_seqs},) int32/int64, got "
+                         f"{tuple(slots.shape)} {slots.dtype}")  # fmt: skip
+    if slots.device != k_cache.device:
+        raise ValueError(f"new_kv.slot_mapping must be on {k_cache.device}")
+    return new_kv.key, new_kv.value, slots.contiguous()
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

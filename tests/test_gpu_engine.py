@@ -167,3 +167,36 @@ def test_async_scheduling_tokens_equal_sync(tmp_path):
     assert results[True] == results[False]
     assert [len(t) for t, _ in results[True][0]] == lengths
     assert results[True][2][0][1] == "stop"
+
+
+def test_plain_seeded_rows_reproducible_on_cuda(tmp_path):
+    """A seeded temperature-only row takes the fused sampling kernel: the same tokens alone and
+    beside other rows, with synchronous and overlapped steps."""
+    path = save_tiny_model(tmp_path / "qwen3", "qwen3")
+    prompts = _prompts((5, 40, 9))
+    seeded = SamplingParams(temperature=0.8, seed=7, max_tokens=20, ignore_eos=True)
+    other = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
+    runs = []
+    for overlap in (False, True):
+        llm = _llm(path, dtype="float32", async_scheduling=overlap)
+        alone = llm.generate(prompts[1:2], seeded, use_tqdm=False)[0].outputs[0].token_ids
+        batch = llm.generate(prompts, [other, seeded, other], use_tqdm=False)
+        runs += [alone, batch[1].outputs[0].token_ids]
+        _free(llm)
+    assert all(r == runs[0] for r in runs) and len(set(runs[0])) > 1
+
+
+def test_fused_kv_write_tokens_equal_unfused(tmp_path, monkeypatch):
+    """Decode attention with the K/V write fused in gives the greedy tokens of write_kv + decode."""
+    from engine.triton_attention import TritonAttention
+
+    path = save_tiny_model(tmp_path / "llama", "llama")
+    prompts = _prompts((3, 40, 7, 90, 12))
+    fused = _llm(path, dtype="float32")
+    tokens = _generate(fused, prompts, 30)
+    _free(fused)
+    monkeypatch.setattr(TritonAttention, "fuse_kv_write", False)
+    unfused = _llm(path, dtype="float32")
+    assert not unfused.engine.runner.backend.fuse_kv_write
+    assert _generate(unfused, prompts, 30) == tokens
+    _free(unfused)

@@ -17,7 +17,7 @@ from kernels.fused import (
     silu_and_mul_ref,
 )
 from kernels.kv_cache import write_kv, write_kv_ref
-from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+from kernels.paged_attention import NewKV, paged_decode_attention, paged_decode_attention_ref
 from kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -122,6 +122,57 @@ def test_decode_attention_half_precision(dtype):
     if dtype == torch.bfloat16 and INTERPRETED:
         pytest.skip("Triton's interpreter miscomputes bf16 tl.dot; covered by test_kernels_gpu.py")
     run_decode([19, 70], 16, 1, 4, 64, dtype=dtype, num_splits=2)
+
+
+def run_decode_fused_write(context_lens, block_size, num_kv_heads, group, head_dim, num_splits,
+                           dtype=torch.float32):  # fmt: skip
+    """Decode with the new token's K/V fused in == write_kv_ref then the reference attention; the
+    cache ends up as write_kv_ref leaves it. The slot of the newest position holds stale random
+    values before the call, so reading it instead of the new rows would fail."""
+    num_blocks = sum(-(-n // block_size) for n in context_lens) + 3
+    k_cache, v_cache = make_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    tables = make_block_tables(context_lens, block_size, num_blocks)
+    n = len(context_lens)
+    qkv = torch.randn(n, num_kv_heads * (group + 2), head_dim, dtype=dtype, device=DEVICE)
+    query = qkv[:, : num_kv_heads * group]  # strided views of one projection, as in the model
+    key, value = qkv[:, num_kv_heads * group : -num_kv_heads], qkv[:, -num_kv_heads:]
+    slots = [int(tables[s, (c - 1) // block_size]) * block_size + (c - 1) % block_size
+             if c > 0 else -1 for s, c in enumerate(context_lens)]  # fmt: skip
+    slots = torch.tensor(slots, device=DEVICE)
+    ctx, scale = int32(context_lens), head_dim**-0.5
+    new_kv = NewKV(key, value, slots)
+    out = paged_decode_attention(query, k_cache, v_cache, tables, ctx, scale,
+                                 num_splits=num_splits, new_kv=new_kv)  # fmt: skip
+    write_kv_ref(key, value, k_ref, v_ref, slots)
+    ref = paged_decode_attention_ref(query, k_ref, v_ref, tables, ctx, scale)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    torch.testing.assert_close(k_cache, k_ref, rtol=0, atol=0)
+    torch.testing.assert_close(v_cache, v_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize(
+    "block_size,num_kv_heads,group,head_dim", [(8, 2, 1, 64), (16, 1, 4, 128), (16, 3, 3, 64)]
+)
+def test_decode_attention_fused_kv_write(num_splits, block_size, num_kv_heads, group, head_dim):
+    # 1 (only the new token), a partial last block, the new token first in a split, padding (0)
+    run_decode_fused_write([1, 13, 65, 130, 0], block_size, num_kv_heads, group, head_dim,
+                           num_splits)  # fmt: skip
+
+
+def test_decode_attention_fused_kv_write_rejects_bad_input():
+    k_cache, v_cache = make_cache(4, 8, 2, 64)
+    query = torch.randn(2, 4, 64, device=DEVICE)
+    tables, ctx = make_block_tables([5, 9], 8, 4), int32([5, 9])
+    key = torch.randn(2, 2, 64, device=DEVICE)
+    slots = torch.tensor([4, 8], device=DEVICE)
+    with pytest.raises(ValueError, match="new_kv.key"):
+        paged_decode_attention(query, k_cache, v_cache, tables, ctx, 1.0,
+                               new_kv=NewKV(key[:, :1], key, slots))  # fmt: skip
+    with pytest.raises(ValueError, match="slot_mapping"):
+        paged_decode_attention(query, k_cache, v_cache, tables, ctx, 1.0,
+                               new_kv=NewKV(key, key, slots[:1]))  # fmt: skip
 
 
 def test_decode_attention_writes_into_out():

@@ -5,7 +5,7 @@ Marked `gpu`: conftest skips them on a machine without CUDA.
 
 import pytest
 import torch
-from test_kernels import TOL, int32, make_block_tables, make_cache
+from test_kernels import TOL, int32, make_block_tables, make_cache, run_decode_fused_write
 
 from kernels.fused import (
     rms_norm,
@@ -61,6 +61,16 @@ def test_decode_attention_full(dtype, num_seqs, max_len, group, head_dim, block_
     ref = paged_decode_attention_ref(*args)
     torch.testing.assert_close(paged_decode_attention(*args), ref, **TOL[dtype])
     torch.testing.assert_close(paged_decode_attention(*args, num_splits=1), ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_seqs,max_len,num_splits", [(1, 384, None), (1, 384, 8),
+                                                         (128, 1100, None), (5, 3000, 16)])
+def test_decode_attention_fused_kv_write_full(dtype, num_seqs, max_len, num_splits):
+    """Llama-3-8B's attention shape (32 heads over 8 KV heads, dim 128) with the K/V write fused."""
+    lens = random_lens(num_seqs, 1, max_len)
+    lens[0] = max_len
+    run_decode_fused_write(lens, 16, 8, 4, 128, num_splits, dtype=dtype)
 
 
 def test_decode_attention_cuda_graph_replay():
