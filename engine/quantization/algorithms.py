@@ -60,7 +60,7 @@ def fake_quant(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.
 
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, sym: bool,
-         damp: float = 0.01) -> QuantResult:
+         damp: float = 0.05) -> QuantResult:
     """GPTQ (Frantar et al. 2022): quantize input columns left to right, pushing each column's
     rounding error onto the columns not yet quantized through the inverse Hessian's Cholesky
     factor. `hessian` (K, K) = 2/n sum x x^T over calibration inputs x. Groups start at multiples

@@ -147,7 +147,7 @@ def _awq_layer(model, i: int, x: dict[str, torch.Tensor], o: QuantizeOptions):
         linear = layer.get_submodule(name)
         w = linear.weight.data.float()
         if name != "self_attn.qkv_proj":  # AutoAWQ skips q/k: attention scores amplify clipping
-            w = algorithms.awq_clip(w, tokens[name], o.bits, o.group_size)
+            w = algorithms.awq_clip(w, tokens[name][::4], o.bits, o.group_size)
         results[f"layers.{i}.{name}"] = _set(linear, algorithms.rtn(w, o.bits, o.group_size,
                                                                     sym=False))
     return results
