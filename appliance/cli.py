@@ -14,12 +14,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from appliance import __version__, bundle, doctor, models_cli
+from appliance import __version__, bundle, doctor, models_cli, quantize
 from appliance.settings import Settings, add_arguments, settings_from
 
 EXIT_USAGE = 2
 # Subcommands that live in their own module: `add_parser(subparsers)` and `run(args) -> int`.
-TOOLS = {"models": models_cli, "bundle": bundle, "doctor": doctor}
+TOOLS = {
+    "models": models_cli, "bundle": bundle, "doctor": doctor, "quantize": quantize,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

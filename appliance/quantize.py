@@ -14,10 +14,10 @@ from pathlib import Path
 
 from engine.quantization.pipeline import METHODS, QuantizeOptions
 
-__all__ = ["QuantizeOptions", "quantize", "register", "run"]
+__all__ = ["QuantizeOptions", "add_parser", "quantize", "run"]
 
 
-def register(commands) -> argparse.ArgumentParser:
+def add_parser(commands) -> argparse.ArgumentParser:
     """Add the `quantize` subcommand to the CLI's subparsers."""
     p = commands.add_parser(
         "quantize",
@@ -26,17 +26,30 @@ def register(commands) -> argparse.ArgumentParser:
         "into a checkpoint Hearth and other engines load: AutoAWQ GEMM layout for awq, "
         "AutoGPTQ layout (with g_idx) for gptq and rtn.",
     )
-    p.add_argument("--method", choices=METHODS, required=True,
-                   help="awq: activation-aware scales; gptq: second-order updates; rtn: rounding")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        required=True,
+        help="awq: activation-aware scales; gptq: second-order updates; rtn: rounding",
+    )
     p.add_argument("--bits", type=int, default=4, choices=(4, 8))
-    p.add_argument("--group-size", type=int, default=128,
-                   help="inputs per quantization group; must divide every layer's input size "
-                   "(the default model's hidden size 576 needs 64 or 32)")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=128,
+        help="inputs per quantization group; must divide every layer's input size "
+        "(the default model's hidden size 576 needs 64 or 32)",
+    )
     p.add_argument("--num-samples", type=int, default=16, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window")
     sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=None,
-                     help="symmetric (no zero points; gptq/rtn default)")
+    sym.add_argument(
+        "--sym",
+        dest="sym",
+        action="store_true",
+        default=None,
+        help="symmetric (no zero points; gptq/rtn default)",
+    )
     sym.add_argument("--asym", dest="sym", action="store_false", help="with zero points")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("src", type=Path, help="float model directory")
@@ -46,8 +59,9 @@ def register(commands) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        options = QuantizeOptions(args.method, args.bits, args.group_size, args.sym,
-                                  args.num_samples, args.seq_len)
+        options = QuantizeOptions(
+            args.method, args.bits, args.group_size, args.sym, args.num_samples, args.seq_len
+        )
         quantize(options, args.src, args.dst, progress=not args.no_progress)
     except ValueError as error:
         print(f"hearth quantize: error: {error}")
@@ -69,8 +83,11 @@ def quantize(options: QuantizeOptions, src: Path, dst: Path, progress: bool = Tr
     if model.config.quantization is not None:
         raise ValueError(f"{src} is already quantized ({model.config.quantization.method})")
     check_group_size(model, options.group_size)
-    samples = [] if options.method == "rtn" else calibration_samples(
-        src, options.num_samples, options.seq_len)
+    samples = (
+        []
+        if options.method == "rtn"
+        else calibration_samples(src, options.num_samples, options.seq_len)
+    )
     desc = f"Quantizing ({options.method})"
     with torch.no_grad(), progress_bar(len(model.layers), desc, "layer", progress) as bar:
         results = quantize_model(model, samples, options, on_layer=lambda i: bar.update(1))

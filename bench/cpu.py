@@ -2,7 +2,8 @@
 
 Reports prefill tok/s (prompt tokens / time until every sequence has its first token) and decode
 tok/s (tokens generated after that / time), for Hearth, and in the same run for transformers and,
-when `llama_cpp` is importable (pip install llama-cpp-python: a ~9 min source build, kept out of CI),
+when `llama_cpp` is importable (pip install llama-cpp-python: a ~9 min source build, kept out
+of CI),
 llama.cpp on the same GGUF. Not a test: numbers go to docs/benchmarks.md.
 
     python bench/cpu.py [--dtype float32|bfloat16] [--batch 1 16] [--skip-transformers]

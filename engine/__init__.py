@@ -1,6 +1,7 @@
 """Hearth's synchronous inference engine. `from engine import LLM, SamplingParams`.
 
-LLM and LLMEngine are imported lazily so that `engine.scheduler` & co. stay importable without torch.
+LLM and LLMEngine are imported lazily so that `engine.scheduler` & co. stay importable without
+torch.
 """
 
 from engine.sampling_params import SamplingParams

@@ -1,4 +1,5 @@
-"""Paged attention: metadata for one batch, and the backend that runs it (torch on CPU, Triton on CUDA).
+"""Paged attention: metadata for one batch, and the backend that runs it (torch on CPU, Triton on
+CUDA).
 
 KV cache layout, per layer (the kernels in kernels/ use the same):
 
@@ -8,7 +9,8 @@ KV cache layout, per layer (the kernels in kernels/ use the same):
 
 A batch is flat: the new tokens of every scheduled sequence, one after another. Sequence s owns rows
 query_start_loc[s] : query_start_loc[s + 1]; its context after this step is seq_lens[s] tokens, the
-last (query_start_loc[s + 1] - query_start_loc[s]) of them new. Prefill, chunked prefill, prefix-cache
+last (query_start_loc[s + 1] - query_start_loc[s]) of them new. Prefill, chunked prefill,
+prefix-cache
 hits and decode are all this one shape.
 """
 

@@ -65,7 +65,7 @@ def build_model(config: EngineConfig, progress: bool = True) -> BuiltModel:
 def _load_source(resolved, config: EngineConfig) -> LoadedSource:
     """Dummy weights of an HF directory need only its config.json (no safetensors)."""
     if config.load_format != "dummy" or resolved.format != "hf":
-        return load_model_source(resolved)
+        return load_model_source(resolved, config.gguf_keep_quantized)
     model_config = load_hf_config(resolved.path)
     tokenizer = _tokenizer_for_dummy(resolved.path, model_config)
     eos_ids = tuple(dict.fromkeys((*model_config.eos_token_ids, *tokenizer.eos_token_ids)))
@@ -121,7 +121,8 @@ def _instantiate(source, config: EngineConfig, device, dtype, progress: bool) ->
     if config.load_format == "dummy":
         model.init_dummy(config.seed)
     else:
-        with progress_bar(total=None, desc="Loading weights", unit="tensor", enable=progress) as bar:
+        bar_args = dict(total=None, desc="Loading weights", unit="tensor", enable=progress)
+        with progress_bar(**bar_args) as bar:
             model.load_weights(_counted(source.weights(), bar))
     return model.eval()
 

@@ -1,4 +1,5 @@
-"""Typed boundaries between scheduler, runner and callers: ScheduleOutput, RunnerOutput, RequestOutput.
+"""Typed boundaries between scheduler, runner and callers: ScheduleOutput, RunnerOutput,
+RequestOutput.
 
     Scheduler.schedule()  -> ScheduleOutput   what to compute this step (no torch)
     ModelRunner.execute() -> RunnerOutput     what was sampled

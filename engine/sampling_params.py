@@ -1,6 +1,7 @@
 """SamplingParams: how one request's tokens are chosen and when it stops.
 
-Validation lives here so that every entry point (offline `LLM`, the HTTP API, the UI) rejects the same
+Validation lives here so that every entry point (offline `LLM`, the HTTP API, the UI) rejects the
+same
 bad values with the same message. Every error names the field.
 """
 

@@ -1,6 +1,7 @@
 """Test setup shared by every test module.
 
-Triton reads TRITON_INTERPRET when `@triton.jit` runs, so it is set here, before any kernel module is
+Triton reads TRITON_INTERPRET when `@triton.jit` runs, so it is set here, before any kernel module
+is
 imported: on a machine without CUDA the kernels run in Triton's interpreter (small shapes only).
 """
 

@@ -1,4 +1,5 @@
-"""Greedy output token-identical to transformers (float32, same weights), alone, batched, chunked."""
+"""Greedy output token-identical to transformers (float32, same weights): alone, batched,
+chunked."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ PROJS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 
 def _cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="hearth")
-    quantize_cmd.register(parser.add_subparsers(dest="command"))
+    quantize_cmd.add_parser(parser.add_subparsers(dest="command"))
     return quantize_cmd.run(parser.parse_args(argv))
 
 

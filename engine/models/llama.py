@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Mistral without sliding window, SmolLM2) over flat paged batches.
+"""Llama-family decoder (Llama 2/3, Mistral without sliding window, SmolLM2) over flat paged
+batches.
 
 Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm) are the same network with two switches read
 from ModelConfig; engine/models/qwen.py names them. Projections are fused (qkv, gate_up) so each
