@@ -119,7 +119,7 @@ def model_logits(model, input_ids: list[int]) -> torch.Tensor:
 
 def bench_kernels(device: str = "cuda", dtype=torch.bfloat16) -> list[dict]:
     """Llama-3-8B linears at M = 1, 16, 256: int4 (group 128), Q4_0 and bf16 F.linear."""
-    from engine.quantization.int_pack import default_g_idx, pack
+    from kernels.int_pack import default_g_idx, pack
     from kernels.quant_gemm import gguf_matmul, int_quant_matmul
 
     rows = []

@@ -26,6 +26,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.gguf_quant import dequantize
+from kernels.int_pack import dequantize_int_layout
+
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GGUF_KERNEL_TYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
 _GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
@@ -76,8 +79,6 @@ def _int_gemm_kernel(
 
 
 def int_quant_matmul_ref(x, qweight, zeros, scales, g_idx, bits: int) -> torch.Tensor:
-    from engine.quantization.int_pack import dequantize_int_layout
-
     w_t = dequantize_int_layout(qweight, zeros, scales, g_idx, bits)  # (K, N)
     return F.linear(x, w_t.t().to(x.dtype))
 
@@ -174,8 +175,6 @@ def _gguf_gemm_kernel(
 
 
 def gguf_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, qtype: str) -> torch.Tensor:
-    from engine.quantization.gguf_quant import dequantize
-
     return F.linear(x, dequantize(qweight, qtype, x.shape[1]).to(x.dtype))
 
 

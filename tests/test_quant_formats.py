@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from engine.layers.linear import GGUFLinear, IntQuantLinear, make_linear
-from engine.quantization import awq, compressed_tensors, gguf_quant, gptq
+from engine.quantization import awq, compressed_tensors, gptq
 from engine.quantization.config import (
     QuantConfig,
     UnsupportedQuantization,
     parse_quantization_config,
 )
-from engine.quantization.int_pack import AWQ_ORDER, pack, unpack
+from kernels import gguf_quant
+from kernels.int_pack import AWQ_ORDER, pack, unpack
 
 
 def _word(hex_value: int) -> torch.Tensor:

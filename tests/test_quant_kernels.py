@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.quantization.int_pack import default_g_idx, pack
+from kernels.int_pack import default_g_idx, pack
 from kernels.quant_gemm import gguf_matmul, gguf_matmul_ref, int_quant_matmul, int_quant_matmul_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.quantization import awq, compressed_tensors, gguf_quant, gptq
+from engine.quantization import awq, compressed_tensors, gptq
 from engine.quantization.config import QuantConfig, UnsupportedQuantization
-from engine.quantization.int_pack import default_g_idx, dequantize_int_layout, pack_factor
+from kernels import gguf_quant
+from kernels.int_pack import default_g_idx, dequantize_int_layout, pack_factor
 
 
 def make_linear(in_features: int, out_features: int, bias: bool, quant: QuantConfig | None,

@@ -28,8 +28,8 @@ import torch
 
 from engine.model_config import ModelConfig
 from engine.quantization.config import QuantConfig
-from engine.quantization.gguf_quant import BLOCKS
 from engine.tokenizer import Tokenizer
+from kernels.gguf_quant import BLOCKS
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from engine.quantization import awq, gptq
 from engine.quantization.algorithms import QuantResult
-from engine.quantization.int_pack import default_g_idx
+from kernels.int_pack import default_g_idx
 
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
            "generation_config.json", "chat_template.jinja", "tokenizer.model")
