@@ -59,7 +59,7 @@ class TorchAttention:
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache
         write_kv_torch(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.is_decode_only and meta.num_seqs > 1:
+        if meta.is_decode_only:  # plain matmuls: SDPA's CPU math path is slow for one query row
             return _decode_batched(q, k_cache, v_cache, meta, scale)
         out = torch.empty_like(q)
         start = 0
@@ -130,9 +130,10 @@ def _decode_batched(
     vs = v_cache[tables].flatten(1, 2)
     qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # (S, Hkv, G, D)
     scores = torch.matmul(qg, ks.permute(0, 2, 3, 1)) * scale  # (S, Hkv, G, L)
-    lens = meta.seq_lens.to(torch.int64)
-    pad = torch.arange(ks.shape[1], device=q.device)[None, :] >= lens[:, None]  # (S, L)
-    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    if min(meta.seq_lens_cpu) < ks.shape[1]:  # some contexts are shorter than the padded length
+        lens = meta.seq_lens.to(torch.int64)
+        pad = torch.arange(ks.shape[1], device=q.device)[None, :] >= lens[:, None]  # (S, L)
+        scores.masked_fill_(pad[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = torch.matmul(probs, vs.permute(0, 2, 1, 3))  # (S, Hkv, G, D)
     return out.reshape(num_seqs, num_heads, head_dim)
