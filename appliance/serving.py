@@ -85,6 +85,24 @@ class EventStream:
             stream.close()
 
 
+@dataclass(frozen=True)
+class ChunkWriter:
+    """The SSE chunks of one streamed response: the fields every chunk repeats, fixed once."""
+
+    request_id: str
+    object: str  # "chat.completion.chunk" or "text_completion"
+    model: str
+    include_usage: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __call__(self, choices: list[dict[str, Any]], usage: Any = None) -> str:
+        body = {"id": self.request_id, "object": self.object, "created": self.created,
+                "model": self.model, "choices": choices}
+        if self.include_usage:
+            body["usage"] = usage
+        return sse(body)
+
+
 def sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 

@@ -18,6 +18,7 @@ from typing import Any
 from appliance.protocol import ChatCompletionRequest, bad_request
 from appliance.serving import (
     DONE,
+    ChunkWriter,
     EventStream,
     Prompt,
     Result,
@@ -118,21 +119,9 @@ class ChatServing:
     async def _events(
         self, request_id: str, model: str, n: int, streams: list[Any], include_usage: bool
     ) -> AsyncIterator[str]:
-        created = int(time.time())
+        chunk = ChunkWriter(request_id, "chat.completion.chunk", model, include_usage)
         result = Result([], 0, [])
         num_generated = 0
-
-        def chunk(choices: list[dict[str, Any]], usage_: Any = None) -> str:
-            body = {
-                "id": request_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": choices,
-            }
-            if include_usage:
-                body["usage"] = usage_
-            return sse(body)
 
         try:
             yield chunk(

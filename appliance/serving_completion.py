@@ -13,6 +13,7 @@ from typing import Any
 from appliance.protocol import CompletionRequest, bad_request
 from appliance.serving import (
     DONE,
+    ChunkWriter,
     EventStream,
     Prompt,
     Result,
@@ -117,22 +118,10 @@ class CompletionServing:
         streams: list[Any],
         include_usage: bool,
     ) -> AsyncIterator[str]:
-        created = int(time.time())
+        chunk = ChunkWriter(request_id, "text_completion", model, include_usage)
         offsets: dict[int, int] = {}  # choice index → characters sent (logprobs text_offset)
         results = [Result([], 0, []) for _ in prompts]
         num_generated = 0
-
-        def chunk(choices: list[dict[str, Any]], usage_: Any = None) -> str:
-            body = {
-                "id": request_id,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": choices,
-            }
-            if include_usage:
-                body["usage"] = usage_
-            return sse(body)
 
         try:
             async for position, delta in merge(streams):
