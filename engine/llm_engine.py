@@ -213,15 +213,8 @@ class LLMEngine:
             return []
         runner_output = self.runner.execute(schedule)
         updated = self.scheduler.update(schedule, runner_output)
-        changed: dict[str, _Request] = {}
-        for seq in updated:
-            req = self._requests.get(seq.request_id)
-            if req is None:
-                continue
-            self._on_token(req, seq, runner_output.logprobs.get(seq.seq_id))
-            changed[req.request_id] = req
-        return [self._finish_output(req) for req in changed.values()
-                if not finished_only or req.finished]
+        pairs = [(seq, runner_output.logprobs.get(seq.seq_id)) for seq in updated]
+        return self._emit(pairs, finished_only)
 
     def _step_overlapped(self, finished_only: bool) -> list[RequestOutput]:
         """Schedule and launch step N+1 while N runs, then finish N (see the module docstring)."""
@@ -251,13 +244,19 @@ class LLMEngine:
             return []
         token_ids = inflight.sample.read()
         rows = inflight.sample.seq_rows
-        changed: dict[str, _Request] = {}
         for seq, position in inflight.placeholders:
             self.scheduler.resolve_token(seq, position, token_ids[rows[seq.seq_id]])
+        return self._emit([(seq, None) for seq, _ in inflight.placeholders], finished_only)
+
+    def _emit(self, tokens: list[tuple[Sequence, list[TokenLogprob] | None]],
+              finished_only: bool) -> list[RequestOutput]:
+        """Detokenize and stop-check each sequence's new token; outputs of the changed requests."""
+        changed: dict[str, _Request] = {}
+        for seq, logprobs in tokens:
             req = self._requests.get(seq.request_id)
             if req is None:
                 continue  # aborted while its step ran
-            self._on_token(req, seq, None)
+            self._on_token(req, seq, logprobs)
             changed[req.request_id] = req
         return [self._finish_output(req) for req in changed.values()
                 if not finished_only or req.finished]

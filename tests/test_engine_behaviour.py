@@ -152,3 +152,22 @@ def test_priority_runs_urgent_request_first(model_dir):
     while engine.has_unfinished_requests():
         order += [o.request_id for o in engine.step() if o.finished]
     assert order == ["r1", "r0", "r2"]
+
+
+def test_overlapped_steps_give_the_same_tokens_as_synchronous_steps(model_dir):
+    """Async scheduling (on by default only on CUDA) forced on for the CPU: same tokens, same
+    finish reasons (a stop token found a step late), every block back."""
+    prompts = _prompts(3, 20, seed=11)
+    free = _llm(model_dir).generate(prompts, GREEDY, use_tqdm=False)
+    stop_id = free[2].outputs[0].token_ids[4]
+    params = [GREEDY,
+              SamplingParams(temperature=0.8, seed=3, max_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[stop_id])]
+    results = []
+    for overlap in (False, True):
+        llm = _llm(model_dir, async_scheduling=overlap)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        results.append([(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs])
+        assert _all_blocks_free(llm)
+    assert results[0] == results[1]
+    assert results[1][2][1] == "stop"
