@@ -78,10 +78,7 @@ class Sampler:
     def sample_on_device(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """The same draw as `sample`, for rows without penalties or logprobs -> (num_rows,) int64
         ids left on the device: nothing here waits for the GPU."""
-        logits = logits[:, : self.vocab_size]
-        if self._kernel_on(logits) and all(_is_plain(r.params) for r in rows):
-            return self._race(logits, rows)  # reads the model's dtype: no float32 copy
-        return self._choose(logits.float(), rows)
+        return self._choose(logits[:, : self.vocab_size], rows)
 
     def _kernel_on(self, logits: torch.Tensor) -> bool:
         return self.use_kernel if self.use_kernel is not None else logits.is_cuda
@@ -89,8 +86,8 @@ class Sampler:
     def _choose(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         plain = [_is_plain(r.params) for r in rows] if self._kernel_on(logits) else []
         if plain and all(plain):
-            return self._race(logits, rows)
-        token_ids = self._choose_torch(logits, rows)
+            return self._race(logits, rows)  # reads the model's dtype: no float32 copy
+        token_ids = self._choose_torch(logits.float(), rows)
         if not any(plain):
             return token_ids
         is_plain = _to_device(plain, torch.bool, logits.device)
