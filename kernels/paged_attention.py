@@ -18,6 +18,11 @@ position (context_len - 1) is not read from the cache but from the new key/value
 into the softmax in fp32 by the split that owns it, and that program also stores the rows into
 their slot (slot < 0: padding, nothing stored). No program of the launch reads that slot, so
 there is no race; later launches find it written.
+
+An fp8 cache (kernels/kv_cache.py) is read as e4m3 tiles converted to the query dtype (exact: e4m3
+values fit in fp16/bf16); the K scale is folded into the softmax scale and the V scale into the
+output, so no tile is multiplied. The new row of a fused write is quantized first and folded in
+as the cache will hold it, so fused and unfused steps agree.
 """
 
 import math
@@ -27,7 +32,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_cache import check_cache_pair
+from kernels.kv_cache import (
+    FP8_DTYPE,
+    KVScales,
+    check_cache_pair,
+    check_compute_dtype,
+    check_scales,
+    dequantize,
+    quantize_fp8,
+)
 
 _LOG2E = 1.4426950408889634
 _MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the parallelism it adds
@@ -38,10 +51,12 @@ _MAX_SPLITS = 16
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, acc_ptr, ml_ptr,
     kn_ptr, vn_ptr, slot_ptr, stride_kn, stride_knh, stride_vn, stride_vnh,
+    k_scale_ptr, v_scale_ptr,
     qk_scale, block_size, stride_qs, stride_qh, stride_bt, stride_os, stride_oh,
     GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSE_NEW: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):  # fmt: skip
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx_len = tl.load(ctx_ptr + seq)
@@ -58,6 +73,12 @@ def _decode_kernel(
     heads = kv_head * GROUP + g  # (BLOCK_G,) query heads of this group
     qmask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :], mask=qmask)
+    k_scale = 1.0
+    v_scale = 1.0
+    if KV_FP8:  # scores and output in the cache's units times the scales
+        k_scale = tl.load(k_scale_ptr)
+        v_scale = tl.load(v_scale_ptr)
+        qk_scale = qk_scale * k_scale
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -85,8 +106,10 @@ def _decode_kernel(
             m_i, l_i, acc = _fold_new_token(
                 q, m_i, l_i, acc, kn_ptr + seq * stride_kn + kv_head * stride_knh,
                 vn_ptr + seq * stride_vn + kv_head * stride_vnh, k_ptr, v_ptr, slot_ptr + seq,
-                qk_scale, kv_head, NUM_KV_HEADS, HEAD_DIM, BLOCK_D,
+                qk_scale, k_scale, v_scale, kv_head, NUM_KV_HEADS, HEAD_DIM, BLOCK_D, KV_FP8,
             )  # fmt: skip
+    if KV_FP8:
+        acc = acc * v_scale
 
     hmask = g < GROUP
     if NUM_SPLITS == 1:
@@ -104,14 +127,20 @@ def _decode_kernel(
 
 @triton.jit
 def _fold_new_token(
-    q, m_i, l_i, acc, kn_ptr, vn_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, qk_scale, kv_head,
-    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    q, m_i, l_i, acc, kn_ptr, vn_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, qk_scale, k_scale,
+    v_scale, kv_head, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):  # fmt: skip
-    """Online-softmax step for the one new key/value row (fp32), and its store into the cache."""
+    """Online-softmax step for the one new key/value row (fp32), and its store into the cache.
+    fp8: the row is quantized first; its scores and values stay in the cache's units, as the
+    tiles' do (qk_scale already holds the K scale, the caller applies the V scale)."""
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
     kn = tl.load(kn_ptr + d, mask=dmask, other=0.0)
     vn = tl.load(vn_ptr + d, mask=dmask, other=0.0)
+    if KV_FP8:
+        kn = quantize_fp8(kn, k_scale)
+        vn = quantize_fp8(vn, v_scale)
     s = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * qk_scale  # (BLOCK_G,)
     m_new = tl.maximum(m_i, s)
     alpha = tl.exp2(m_i - m_new)
@@ -204,8 +233,7 @@ def _check_decode_args(query, k_cache, v_cache, block_tables, context_lens) -> N
     num_seqs, num_heads, _ = query.shape
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    if query.dtype != k_cache.dtype:
-        raise ValueError(f"query dtype {query.dtype} must match the cache dtype {k_cache.dtype}")
+    check_compute_dtype(query, k_cache)
     if query.stride(2) != 1:
         raise ValueError("query must be contiguous in its last dimension")
     if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
@@ -243,14 +271,16 @@ def paged_decode_attention(
     num_splits: int | None = None,
     tile: DecodeTile | None = None,
     new_kv: NewKV | None = None,
+    scales: KVScales | None = None,
 ) -> torch.Tensor:
     """One query token per sequence attends to its cached context -> (num_seqs, heads, dim).
 
     new_kv: the newest position's K/V come from these rows (the cache is not read there) and are
-    stored into their slots: write_kv and attention in one launch."""
+    stored into their slots: write_kv and attention in one launch. scales: an fp8 cache's."""
     _check_decode_args(query, k_cache, v_cache, block_tables, context_lens)
     out = _check_out(out, query)
     new_k, new_v, slots = _check_new_kv(new_kv, query, k_cache)
+    k_scale, v_scale = check_scales(scales, k_cache)
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     if num_seqs == 0:
@@ -270,13 +300,14 @@ def paged_decode_attention(
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, context_lens, out, acc, ml,
         new_k, new_v, slots, new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1),
-        scale * _LOG2E, block_size, query.stride(0), query.stride(1), block_tables.stride(0),
-        out.stride(0), out.stride(1),
+        k_scale, v_scale, scale * _LOG2E, block_size, query.stride(0), query.stride(1),
+        block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_N=tile.block_n,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        FUSE_NEW=new_kv is not None, num_warps=tile.num_warps, num_stages=tile.num_stages,
+        FUSE_NEW=new_kv is not None, KV_FP8=k_cache.dtype == FP8_DTYPE,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
     if partial:
         _reduce_kernel[(num_seqs, num_heads)](
@@ -294,8 +325,8 @@ def _check_new_kv(new_kv: NewKV | None, query: torch.Tensor, k_cache: torch.Tens
     num_seqs, _, head_dim = query.shape
     shape = (num_seqs, k_cache.shape[2], head_dim)
     for name, t in (("new_kv.key", new_kv.key), ("new_kv.value", new_kv.value)):
-        if t.shape != shape or t.dtype != k_cache.dtype or t.stride(2) != 1:
-            raise ValueError(f"{name} must be {shape} {k_cache.dtype}, contiguous in head_dim; "
+        if t.shape != shape or t.dtype != query.dtype or t.stride(2) != 1:
+            raise ValueError(f"{name} must be {shape} {query.dtype}, contiguous in head_dim; "
                              f"got {tuple(t.shape)} {t.dtype}")  # fmt: skip
         if t.device != k_cache.device:
             raise ValueError(f"{name} must be on {k_cache.device}, got {t.device}")
@@ -312,8 +343,9 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
     """The first `length` tokens of one sequence -> (length, num_kv_heads, head_dim)."""
     block_size = cache.shape[1]
     num_blocks = -(-length // block_size)
-    blocks = cache[block_table[:num_blocks].long()]  # (num_blocks, block_size, kv_heads, dim)
-    return blocks.flatten(0, 1)[:length]
+    raw = cache.view(torch.uint8) if cache.dtype == FP8_DTYPE else cache  # CUDA: no fp8 indexing
+    blocks = raw[block_table[:num_blocks].long()]  # (num_blocks, block_size, kv_heads, dim)
+    return blocks.flatten(0, 1)[:length].view(cache.dtype)
 
 
 def paged_decode_attention_ref(
@@ -323,16 +355,20 @@ def paged_decode_attention_ref(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    scales: KVScales | None = None,
 ) -> torch.Tensor:
-    """Torch reference: gather K/V through the block table, plain fp32 softmax per sequence."""
+    """Torch reference: gather K/V through the block table (dequantized from fp8), plain fp32
+    softmax per sequence."""
     _check_decode_args(query, k_cache, v_cache, block_tables, context_lens)
+    k_scale, v_scale = check_scales(scales, k_cache)
     out = torch.zeros_like(query)
     group = query.shape[1] // k_cache.shape[2]
     for s, length in enumerate(context_lens.tolist()):
         if length == 0:
             continue
-        k = gather_kv(k_cache, block_tables[s], length).float().repeat_interleave(group, dim=1)
-        v = gather_kv(v_cache, block_tables[s], length).float().repeat_interleave(group, dim=1)
+        k = dequantize(gather_kv(k_cache, block_tables[s], length), k_scale)
+        v = dequantize(gather_kv(v_cache, block_tables[s], length), v_scale)
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,nhd->hn", query[s].float(), k) * scale  # (num_heads, length)
         out[s] = torch.einsum("hn,nhd->hd", scores.softmax(-1), v).to(query.dtype)
     return out

@@ -16,13 +16,23 @@ the GROUP query heads that share a KV head, flattened into BLOCK_M = BLOCK_Q * G
 Sequence s owns tiles [qsl[s] // BLOCK_Q + s, ...): the grid size needs no host sync, and a program
 finds its sequence by binary search over query_start_loc. Flash-attention style online softmax in
 fp32 (base 2) over BLOCK_N-key tiles, which may straddle cache blocks.
+
+An fp8 cache is read as in kernels/paged_attention.py: tiles converted to the query dtype, the K
+scale folded into the softmax scale and the V scale into the output.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_cache import check_cache_pair
+from kernels.kv_cache import (
+    FP8_DTYPE,
+    KVScales,
+    check_cache_pair,
+    check_compute_dtype,
+    check_scales,
+    dequantize,
+)
 from kernels.paged_attention import gather_kv
 
 _LOG2E = 1.4426950408889634
@@ -45,11 +55,11 @@ def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit(do_not_specialize=["num_seqs"])  # one binary per serving run, any batch
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale, block_size, num_seqs, stride_qt, stride_qh, stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):  # fmt: skip
     tile, kv_head = tl.program_id(0), tl.program_id(1)
     seq = _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q)
@@ -72,6 +82,8 @@ def _prefill_kernel(
     qmask = rmask[:, None] & (d[None, :] < HEAD_DIM)
     q_off = (q_start + tok)[:, None].to(tl.int64) * stride_qt + heads[:, None] * stride_qh
     q = tl.load(q_ptr + q_off + d[None, :], mask=qmask, other=0.0)  # (BLOCK_M, BLOCK_D)
+    if KV_FP8:  # scores and output in the cache's units times the scales
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -83,7 +95,7 @@ def _prefill_kernel(
         slot = block_id.to(tl.int64) * block_size + pos % block_size
         kv_off = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + d[None, :]
         kv_mask = pmask[:, None] & (d[None, :] < HEAD_DIM)
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)  # (BLOCK_N, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         causal = pmask[None, :] & (pos[None, :] <= q_pos[:, None])
         s = tl.where(causal, s, float("-inf"))
@@ -91,10 +103,12 @@ def _prefill_kernel(
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if KV_FP8:
+        acc = acc * tl.load(v_scale_ptr)
     out = acc / l_i[:, None]
     o_off = (q_start + tok)[:, None].to(tl.int64) * stride_ot + heads[:, None] * stride_oh
     tl.store(out_ptr + o_off + d[None, :], out.to(out_ptr.dtype.element_ty), mask=qmask)
@@ -107,8 +121,7 @@ def _check_prefill_args(query, k_cache, v_cache, block_tables, query_start_loc, 
         raise ValueError(f"query must be (num_tokens, num_heads, {head_dim}), got {query.shape}")
     if query.shape[1] % num_kv_heads != 0:
         raise ValueError(f"num_heads {query.shape[1]} is not a multiple of {num_kv_heads}")
-    if query.dtype != k_cache.dtype:
-        raise ValueError(f"query dtype {query.dtype} must match the cache dtype {k_cache.dtype}")
+    check_compute_dtype(query, k_cache)
     if query.stride(2) != 1:
         raise ValueError("query must be contiguous in its last dimension")
     num_seqs = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
@@ -145,9 +158,12 @@ def paged_prefill_attention(
     seq_lens: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    scales: KVScales | None = None,
 ) -> torch.Tensor:
-    """Causal attention of the new tokens over their whole context -> (num_tokens, heads, dim)."""
+    """Causal attention of the new tokens over their whole context -> (num_tokens, heads, dim).
+    scales: an fp8 cache's."""
     _check_prefill_args(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
+    k_scale, v_scale = check_scales(scales, k_cache)
     if out is None:
         out = torch.empty_like(query)
     elif out.shape != query.shape or out.dtype != query.dtype or out.stride(-1) != 1:
@@ -164,12 +180,12 @@ def paged_prefill_attention(
     block_tables = block_tables.contiguous()
     _prefill_kernel[(num_tiles, num_kv_heads)](
         query, k_cache, v_cache, block_tables, query_start_loc.contiguous(), seq_lens, out,
-        scale * _LOG2E, block_size, num_seqs, query.stride(0), query.stride(1),
+        k_scale, v_scale, scale * _LOG2E, block_size, num_seqs, query.stride(0), query.stride(1),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m,
         BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2,
+        KV_FP8=k_cache.dtype == FP8_DTYPE, num_warps=4, num_stages=2,
     )  # fmt: skip
     return out
 
@@ -182,9 +198,12 @@ def paged_prefill_attention_ref(
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    scales: KVScales | None = None,
 ) -> torch.Tensor:
-    """Torch reference: per sequence, gather its K/V and run masked fp32 softmax attention."""
+    """Torch reference: per sequence, gather its K/V (dequantized from fp8) and run masked fp32
+    softmax attention."""
     _check_prefill_args(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
+    k_scale, v_scale = check_scales(scales, k_cache)
     out = torch.empty_like(query)
     group = query.shape[1] // k_cache.shape[2]
     starts = query_start_loc.tolist()
@@ -192,8 +211,9 @@ def paged_prefill_attention_ref(
         q = query[starts[s] : starts[s + 1]].float()  # (num_new, num_heads, head_dim)
         if q.shape[0] == 0:
             continue
-        k = gather_kv(k_cache, block_tables[s], seq_len).float().repeat_interleave(group, dim=1)
-        v = gather_kv(v_cache, block_tables[s], seq_len).float().repeat_interleave(group, dim=1)
+        k = dequantize(gather_kv(k_cache, block_tables[s], seq_len), k_scale)
+        v = dequantize(gather_kv(v_cache, block_tables[s], seq_len), v_scale)
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         q_pos = torch.arange(seq_len - q.shape[0], seq_len, device=q.device)
         visible = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # (new, len)
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale

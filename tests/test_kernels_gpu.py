@@ -5,7 +5,16 @@ Marked `gpu`: conftest skips them on a machine without CUDA.
 
 import pytest
 import torch
-from test_kernels import TOL, int32, make_block_tables, make_cache, run_decode_fused_write
+from test_kernels import (
+    TOL,
+    assert_same_bytes,
+    int32,
+    make_block_tables,
+    make_cache,
+    make_scales,
+    run_decode,
+    run_decode_fused_write,
+)
 
 from kernels.fused import (
     rms_norm,
@@ -15,7 +24,7 @@ from kernels.fused import (
     silu_and_mul,
     silu_and_mul_ref,
 )
-from kernels.kv_cache import write_kv, write_kv_ref
+from kernels.kv_cache import FP8_DTYPE, write_kv, write_kv_ref
 from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
 from kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 
@@ -47,6 +56,26 @@ def test_write_kv_full(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_fp8_full(dtype):
+    """The hardware's fp32 -> e4m3 rounding (nearest even, saturated) is torch's, byte for byte,
+    with a scale that is not a power of two."""
+    num_blocks, block_size, kv_heads, head_dim, num_tokens = 2048, 16, 8, 128, 4096
+    k_cache, v_cache = make_cache(num_blocks, block_size, kv_heads, head_dim, FP8_DTYPE)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    key, value = (torch.randn(num_tokens, kv_heads, head_dim, device="cuda") * 60
+                  for _ in range(2))  # fmt: skip  # some beyond 448 * scale: saturated
+    key[0, 0, :64] = torch.logspace(-12, 1, 64, base=2, device="cuda")  # subnormals of e4m3
+    key, value = key.to(dtype), value.to(dtype)
+    slots = torch.randperm(num_blocks * block_size, device="cuda")[:num_tokens]
+    slots[::7] = -1
+    scales = make_scales()
+    write_kv(key, value, k_cache, v_cache, slots, scales)
+    write_kv_ref(key, value, k_ref, v_ref, slots, scales)
+    assert_same_bytes(k_cache, k_ref)
+    assert_same_bytes(v_cache, v_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_seqs,max_len", [(64, 4096), (1, 4096), (256, 700), (3, 33)])
 @pytest.mark.parametrize("group,head_dim,block_size", [(4, 128, 16), (1, 64, 32), (8, 128, 8)])
 def test_decode_attention_full(dtype, num_seqs, max_len, group, head_dim, block_size):
@@ -71,6 +100,46 @@ def test_decode_attention_fused_kv_write_full(dtype, num_seqs, max_len, num_spli
     lens = random_lens(num_seqs, 1, max_len)
     lens[0] = max_len
     run_decode_fused_write(lens, 16, 8, 4, 128, num_splits, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_seqs,max_len,num_splits", [(64, 4096, None), (1, 4096, None),
+                                                         (256, 700, None), (3, 33, 1)])
+@pytest.mark.parametrize("group,head_dim,block_size", [(4, 128, 16), (1, 64, 32)])
+def test_decode_attention_fp8_full(dtype, num_seqs, max_len, num_splits, group, head_dim,
+                                   block_size):  # fmt: skip
+    kv_heads = 32 // group if group > 1 else 8
+    lens = random_lens(num_seqs, 1, max_len)
+    lens[0] = max_len
+    run_decode(lens, block_size, kv_heads, group, head_dim, dtype, num_splits, fp8=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("num_seqs,max_len,num_splits", [(1, 384, 8), (128, 1100, None)])
+def test_decode_attention_fp8_fused_kv_write_full(dtype, num_seqs, max_len, num_splits):
+    lens = random_lens(num_seqs, 1, max_len)
+    lens[0] = max_len
+    run_decode_fused_write(lens, 16, 8, 4, 128, num_splits, dtype=dtype, fp8=True)
+
+
+def test_decode_attention_fp8_cuda_graph_reads_scales_at_replay():
+    """Scales are tensors: a graph captured with one value replays with the value they hold."""
+    k_cache, v_cache = make_cache(512, 16, 8, 128, FP8_DTYPE)
+    tables = make_block_tables([2048] * 4, 16, 512)
+    query = torch.randn(4, 32, 128, dtype=torch.bfloat16, device="cuda")
+    lens, out, scales = int32([5, 100, 2048, 1]), torch.empty_like(query), make_scales()
+    args = (query, k_cache, v_cache, tables, lens, 128**-0.5 / 4)
+    paged_decode_attention(*args, out=out, scales=scales)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_decode_attention(*args, out=out, scales=scales)
+    lens.copy_(int32([1500, 7, 33, 2000]))
+    scales.k.fill_(0.25)
+    scales.v.fill_(3.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = paged_decode_attention_ref(*args, scales)
+    torch.testing.assert_close(out, ref, **TOL[torch.bfloat16])
 
 
 def test_decode_attention_cuda_graph_replay():
@@ -106,6 +175,24 @@ def test_prefill_attention_full(dtype, group, head_dim, block_size):
     args = (query, k_cache, v_cache, tables, qsl, int32(seq_lens), head_dim**-0.5)
     out = paged_prefill_attention(*args)
     torch.testing.assert_close(out, paged_prefill_attention_ref(*args), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group,head_dim,block_size", [(4, 128, 16), (3, 64, 8)])
+def test_prefill_attention_fp8_full(dtype, group, head_dim, block_size):
+    kv_heads = 8 if group != 3 else 3
+    num_new = random_lens(12, 1, 512) + [1] * 8  # prefill chunks and decode rows
+    cached = random_lens(20, 0, 3500)
+    seq_lens = [c + n for c, n in zip(cached, num_new, strict=True)]
+    num_blocks = sum(-(-n // block_size) for n in seq_lens) + 1
+    k_cache, v_cache = make_cache(num_blocks, block_size, kv_heads, head_dim, FP8_DTYPE)
+    tables = make_block_tables(seq_lens, block_size, num_blocks)
+    qsl = int32([0] + torch.tensor(num_new).cumsum(0).tolist())
+    query = torch.randn(sum(num_new), kv_heads * group, head_dim, dtype=dtype, device="cuda")
+    args = (query, k_cache, v_cache, tables, qsl, int32(seq_lens), head_dim**-0.5 / 4)
+    scales = make_scales()
+    out = paged_prefill_attention(*args, scales=scales)
+    torch.testing.assert_close(out, paged_prefill_attention_ref(*args, scales), **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
