@@ -16,7 +16,7 @@ hits and decode are all this one shape.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,8 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     max_query_len: int
     max_seq_len: int
+    # CPU decode: the padding mask every layer shares, built on first use (_padding_mask)
+    cpu_padding_mask: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def num_seqs(self) -> int:
@@ -91,9 +93,16 @@ def _gather(
     block_size = k_cache.shape[1]
     blocks = block_table[: (seq_len + block_size - 1) // block_size]
     # (num_blocks_used, block_size, kv_heads, head_dim) -> (seq_len, kv_heads, head_dim)
-    ks = k_cache[blocks].flatten(0, 1)[:seq_len]
-    vs = v_cache[blocks].flatten(0, 1)[:seq_len]
+    ks = _gather_blocks(k_cache, blocks).flatten(0, 1)[:seq_len]
+    vs = _gather_blocks(v_cache, blocks).flatten(0, 1)[:seq_len]
     return ks, vs
+
+
+def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """cache[blocks] for any shape of `blocks`, as whole-row index_select (2-3x faster on CPU
+    than advanced indexing)."""
+    rows = cache.view(cache.shape[0], -1).index_select(0, blocks.reshape(-1))
+    return rows.view(*blocks.shape, *cache.shape[1:])
 
 
 def _attend(
@@ -101,18 +110,20 @@ def _attend(
 ) -> torch.Tensor:
     """q: (q_len, H, D), k/v: (kv_len, Hkv, D); query i sits at position num_prefix + i."""
     q_len, kv_len = q.shape[0], k.shape[0]
-    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (heads, len, D)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:  # repeat K/V per query head: SDPA's enable_gqa runs the slow math path on CPU
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    # (1, heads, len, D): SDPA's fused CPU kernel takes 4-D inputs only
+    qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     if q_len == 1:
-        out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
     elif num_prefix == 0:
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale,
-                                             enable_gqa=True)
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
     else:
         q_pos = torch.arange(num_prefix, num_prefix + q_len, device=q.device)
         mask = torch.arange(kv_len, device=q.device)[None, :] <= q_pos[:, None]  # (q_len, kv_len)
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale,
-                                             enable_gqa=True)
-    return out.transpose(0, 1)  # (q_len, H, D)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    return out[0].transpose(0, 1)  # (q_len, H, D)
 
 
 def _decode_batched(
@@ -121,19 +132,33 @@ def _decode_batched(
 ) -> torch.Tensor:
     """All rows are decode tokens: gather every context padded to the longest, one masked pass.
 
-    Plain matmuls with the GQA group folded into the query rows: no K/V repetition."""
+    The GQA group is folded into the query length — (seqs, kv_heads, group, head_dim) against
+    (seqs, kv_heads, context, head_dim) — so SDPA takes its fused CPU kernel with no K/V
+    repetition (its `enable_gqa` path falls back to the slow math kernel on CPU)."""
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    max_blocks = (meta.max_seq_len + block_size - 1) // block_size
-    tables = meta.block_tables[:, :max_blocks]
-    ks = k_cache[tables].flatten(1, 2)  # (S, L, Hkv, D)
-    vs = v_cache[tables].flatten(1, 2)
+    max_len = meta.max_seq_len
+    tables = meta.block_tables[:, : (max_len + block_size - 1) // block_size]
+    # (S, Hkv, L, D) views, cut to the longest context
+    ks = _gather_blocks(k_cache, tables).flatten(1, 2)[:, :max_len].transpose(1, 2)
+    vs = _gather_blocks(v_cache, tables).flatten(1, 2)[:, :max_len].transpose(1, 2)
     qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # (S, Hkv, G, D)
-    scores = torch.matmul(qg, ks.permute(0, 2, 3, 1)) * scale  # (S, Hkv, G, L)
-    if min(meta.seq_lens_cpu) < ks.shape[1]:  # some contexts are shorter than the padded length
-        lens = meta.seq_lens.to(torch.int64)
-        pad = torch.arange(ks.shape[1], device=q.device)[None, :] >= lens[:, None]  # (S, L)
-        scores.masked_fill_(pad[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    out = torch.matmul(probs, vs.permute(0, 2, 1, 3))  # (S, Hkv, G, D)
+    out = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=_padding_mask(meta, q.dtype),
+                                         scale=scale)
     return out.reshape(num_seqs, num_heads, head_dim)
+
+
+def _padding_mask(meta: AttentionMetadata, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive (S, 1, 1, L) mask hiding the padding of contexts shorter than the longest; built
+    once per batch (every layer shares it), None when all contexts are equally long."""
+    if min(meta.seq_lens_cpu) == meta.max_seq_len:
+        return None
+    cached = meta.cpu_padding_mask
+    if cached is None or cached.dtype != dtype:
+        lens = meta.seq_lens.to(torch.int64)
+        pad = torch.arange(meta.max_seq_len, device=lens.device)[None, :] >= lens[:, None]
+        cached = torch.zeros(pad.shape, dtype=dtype, device=lens.device)
+        cached.masked_fill_(pad, float("-inf"))
+        cached = cached[:, None, None, :]
+        meta.cpu_padding_mask = cached
+    return cached

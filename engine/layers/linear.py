@@ -19,7 +19,7 @@ from torch import nn
 
 from engine.quantization import awq, compressed_tensors, gptq
 from engine.quantization.config import QuantConfig, UnsupportedQuantization
-from kernels import gguf_quant
+from kernels import cpu_int4, gguf_quant
 from kernels.int_pack import default_g_idx, dequantize_int_layout, pack_factor
 
 
@@ -190,11 +190,25 @@ class GGUFLinear(QuantizedLinear):
 
     def finalize(self) -> None:
         self._check_filled(("qweight",), self.out_features)
+        self._prepare_cpu_int4()
+
+    def _prepare_cpu_int4(self) -> None:
+        if self.qweight.device.type != "cpu" or not cpu_int4.supported(
+                self.qtype, self.out_features, self.in_features, self.act_dtype):
+            return
+        self.int4 = cpu_int4.pack_gguf(self.qweight, self.qtype, self.in_features, self.act_dtype)
+        self.qweight = torch.empty(0, dtype=torch.uint8)  # the packed copy is the weight now
 
     def dequantized_weight(self) -> torch.Tensor:
+        if self.int4 is not None:
+            return cpu_int4.dequantize(self.int4).float()
         return gguf_quant.dequantize(self.qweight, self.qtype, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int4 is not None and x.dtype == self.int4.scale_zero.dtype:
+            out = cpu_int4.linear(x.reshape(-1, self.in_features), self.int4)
+            out = out.reshape(*x.shape[:-1], self.out_features)
+            return out if self.bias is None else out + self.bias
         if not x.is_cuda or self.qtype not in gguf_quant.KERNEL_TYPES:
             return self._forward_reference(x)
         from kernels.quant_gemm import gguf_matmul
@@ -213,3 +227,4 @@ class GGUFLinear(QuantizedLinear):
         header.copy_(scale.view(torch.uint8)[..., : header.shape[-1]])
         if self.bias is not None:
             self.bias.data.zero_()
+        self._prepare_cpu_int4()

@@ -44,6 +44,22 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1),
                              persistent=False)
         self.head_dim = head_dim
+        self._prepared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def prepare(self, positions: torch.Tensor, dtype: torch.dtype) -> None:
+        """CPU: look up this forward pass's cos/sin once, for every layer that follows.
+
+        The next `prepare` replaces them; layers use them only for this same `positions` object."""
+        if positions.is_cuda:
+            return
+        cos, sin = self._cos_sin(positions)
+        self._prepared = (positions, cos.to(dtype), sin.to(dtype))
+
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)  # (num_tokens, head_dim // 2)
+        cos = torch.cat([cos, cos], dim=-1).unsqueeze(1)  # (num_tokens, 1, head_dim)
+        sin = torch.cat([sin, sin], dim=-1).unsqueeze(1)
+        return cos, sin
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -56,9 +72,11 @@ class RotaryEmbedding(nn.Module):
 
             rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim)
             return q, k
-        cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)  # (num_tokens, head_dim // 2)
-        cos = torch.cat([cos, cos], dim=-1).unsqueeze(1)  # (num_tokens, 1, head_dim)
-        sin = torch.cat([sin, sin], dim=-1).unsqueeze(1)
+        prepared = self._prepared
+        if prepared is not None and prepared[0] is positions and prepared[1].dtype == q.dtype:
+            cos, sin = prepared[1], prepared[2]
+        else:
+            cos, sin = self._cos_sin(positions)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 

@@ -91,6 +91,7 @@ class LlamaForCausalLM(nn.Module):
         rotary = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
+        self.rotary = rotary  # shared by every layer
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(config, rotary, f"model.layers.{i}") for i in range(config.num_layers)
@@ -112,6 +113,7 @@ class LlamaForCausalLM(nn.Module):
         backend,
     ) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
+        self.rotary.prepare(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta, backend)
         hidden, _ = self.norm(hidden, residual)

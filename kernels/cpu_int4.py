@@ -1,0 +1,103 @@
+"""GGUF Q4_0 / Q4_1 weights on CPU through torch's packed-int4 GEMV (`_weight_int4pack_mm_for_cpu`).
+
+Decode on a CPU is bound by memory bandwidth: a float32 weight costs 8x the bytes of a 4-bit one.
+torch ships a vectorised int4 weight-only matmul for CPUs (bf16/fp16 activations, group-wise
+scale and zero point), which reads the weights at their packed size:
+
+    w[n, k] = (q[n, k] - 8) * scale[k // G, n] + zero[k // G, n]          q in 0..15, G = 32
+
+llama.cpp's blocks map onto it exactly, group for group:
+    Q4_0: w = (q - 8) * d            → scale = d, zero = 0
+    Q4_1: w = q * d + m              → scale = d, zero = m + 8 d
+(d, m are float16 in the file; scale and zero are held in the activation dtype, so bf16 rounds
+them to 8 significant bits — far below the 4-bit quantization step.)
+
+The packed layout (checked by tests/test_cpu_int4.py against torch, since torch owns it): rows in
+tiles of 64; byte [tile, k, j] holds q[64 tile + j, k] in its low nibble and q[64 tile + 32 + j, k]
+in its high nibble. `dequantize` reads it back for large batches (prefill), where a dense bf16
+matmul beats the GEMV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels.gguf_quant import BLOCKS, _nibbles
+
+TYPES = ("Q4_0", "Q4_1")
+GROUP = 32
+_TILE = 64  # output rows per packed tile
+_ACT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass
+class Int4Weight:
+    packed: torch.Tensor  # (N, K // 2) uint8, torch's CPU int4 layout
+    scale_zero: torch.Tensor  # (K // 32, N, 2) in the activation dtype
+    out_features: int
+    in_features: int
+
+
+def supported(qtype: str, out_features: int, in_features: int, dtype: torch.dtype) -> bool:
+    """Whether this weight can take the int4 path (and torch has the kernel)."""
+    return (qtype in TYPES and dtype in _ACT_DTYPES and out_features % _TILE == 0
+            and in_features % GROUP == 0
+            and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+
+
+def pack_gguf(raw: torch.Tensor, qtype: str, in_features: int, dtype: torch.dtype) -> Int4Weight:
+    """(N, row_bytes) uint8 Q4_0 / Q4_1 rows → Int4Weight (same bytes per weight as the file)."""
+    n = raw.shape[0]
+    if not supported(qtype, n, in_features, dtype):
+        raise ValueError(f"{qtype} {n}x{in_features} in {dtype} cannot take the CPU int4 path "
+                         f"(needs Q4_0/Q4_1, rows a multiple of {_TILE}, bf16/fp16)")
+    size = BLOCKS[qtype][1]
+    blocks = raw.reshape(n, in_features // GROUP, size)
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float()[..., 0]  # (N, K // 32)
+    if qtype == "Q4_0":
+        qs, zero = blocks[..., 2:], torch.zeros_like(d)
+    else:
+        m = blocks[..., 2:4].contiguous().view(torch.float16).float()[..., 0]
+        qs, zero = blocks[..., 4:], m + 8.0 * d
+    q = _nibbles(qs.reshape(-1, 16), 16).reshape(n, in_features).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    scale_zero = torch.stack([d.t(), zero.t()], dim=-1).to(dtype).contiguous()
+    return Int4Weight(packed, scale_zero, n, in_features)
+
+
+def matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    """x (M, K) @ W^T → (M, N), x in the dtype the weight was packed for."""
+    if x.dim() != 2 or x.shape[1] != w.in_features or x.dtype != w.scale_zero.dtype:
+        raise ValueError(f"x must be (M, {w.in_features}) {w.scale_zero.dtype}; got "
+                         f"{tuple(x.shape)} {x.dtype}")
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), w.packed, GROUP,
+                                                      w.scale_zero)
+
+
+def unpack(w: Int4Weight) -> torch.Tensor:
+    """The 4-bit values q (N, K) uint8, read back from the packed layout."""
+    n, k = w.out_features, w.in_features
+    tiles = w.packed.view(n // _TILE, k, _TILE // 2)
+    q = torch.stack((tiles & 0x0F, tiles >> 4), dim=1)  # (tiles, 2, K, 32): rows 64t + 32h + j
+    return q.permute(0, 1, 3, 2).reshape(n, k)
+
+
+def dequantize(w: Int4Weight) -> torch.Tensor:
+    """W (N, K) in the activation dtype: q * scale + (zero - 8 scale), computed in float32."""
+    n, k = w.out_features, w.in_features
+    sz = w.scale_zero.float().transpose(0, 1).contiguous()  # (N, K // 32, 2)
+    scale = sz[..., 0:1]
+    offset = sz[..., 1:2] - 8.0 * scale
+    q = unpack(w).view(n, k // GROUP, GROUP).to(torch.float32)
+    return torch.addcmul(offset, q, scale).view(n, k).to(w.scale_zero.dtype)
+
+
+def linear(x: torch.Tensor, w: Int4Weight, gemv_max_rows: int = 32) -> torch.Tensor:
+    """The engine's entry: the int4 GEMV for a few rows (decode), dequantize + dense matmul for
+    many (prefill), where compute rather than weight bytes dominates."""
+    if x.shape[0] <= gemv_max_rows:
+        return matmul(x, w)
+    return F.linear(x, dequantize(w))
