@@ -16,6 +16,7 @@ from typing import Any
 ENV_PREFIX = "HEARTH_"
 _DEVICES = ("auto", "cpu", "cuda")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -29,6 +30,7 @@ class Settings:
     max_model_len: int | None = None
     max_num_seqs: int = 64
     kv_cache_gib: float | None = None
+    kv_cache_dtype: str = "auto"
     gpu_memory_utilization: float = 0.9
     device: str = "auto"
     dtype: str = "auto"
@@ -53,6 +55,11 @@ class Settings:
             raise ValueError(f"device must be one of {', '.join(_DEVICES)}; got {self.device!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {self.dtype!r}")
+        if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(_KV_CACHE_DTYPES)}; "
+                f"got {self.kv_cache_dtype!r}"
+            )
         if self.log_level not in _LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
         if self.api_key is not None and not self.api_key:
@@ -69,6 +76,7 @@ class Settings:
             max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs,
             kv_cache_gib=self.kv_cache_gib,
+            kv_cache_dtype=self.kv_cache_dtype,
             gpu_memory_utilization=self.gpu_memory_utilization,
         )
 
@@ -164,6 +172,11 @@ _OPTIONS = (
         _positive_float,
         "absolute KV-cache budget in GiB (default: from --gpu-memory-utilization on CUDA)",
         metavar="G",
+    ),
+    _Option(
+        "kv_cache_dtype",
+        _choice(_KV_CACHE_DTYPES),
+        "KV-cache dtype: auto (the model dtype) or fp8 (e4m3, CUDA only: twice the cached tokens)",
     ),
     _Option(
         "gpu_memory_utilization", _positive_float, "fraction of GPU memory to use", metavar="F"

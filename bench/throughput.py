@@ -17,6 +17,8 @@ the first `--hf-seqs` sequences, outputs capped at `--hf-max-new` tokens; the ta
 `--async-scheduling both` runs Hearth twice, synchronous steps first (the baseline, same card).
 `--fusions both` runs Hearth twice too, first without the fused sampling kernel and without the
 K/V write fused into decode attention (the baseline), then with them (the default).
+`--kv-cache-dtype fp8` runs Hearth with an e4m3 KV cache (twice the blocks; the floor then counts
+one byte per cached value).
 """
 
 import argparse
@@ -83,7 +85,7 @@ def measure_ceilings() -> tuple[float, float]:
     return bandwidth, 2 * 8192**3 / (ms * 1e-3)
 
 
-def floor_seconds(w: Workload, bandwidth: float, flops: float) -> dict:
+def floor_seconds(w: Workload, bandwidth: float, flops: float, kv_bytes: int = 2) -> dict:
     cfg = load_hf_config(CONFIGS[w.model])
     embed = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size  # rows gathered only
     weight_bytes = (cfg.num_params - embed) * 2
@@ -92,7 +94,7 @@ def floor_seconds(w: Workload, bandwidth: float, flops: float) -> dict:
     kv_rows = sum(o * len(p) + o * (o - 1) // 2 for p, o in pairs)  # context read per new token
     prompt_tokens = sum(len(p) for p in w.prompts)
     t_weights = steps * weight_bytes / bandwidth
-    t_kv = kv_rows * cfg.kv_bytes_per_token(2) / bandwidth
+    t_kv = kv_rows * cfg.kv_bytes_per_token(kv_bytes) / bandwidth
     t_prompt = 2 * (cfg.num_params - embed) * prompt_tokens / flops
     return {"weights_s": t_weights, "kv_s": t_kv, "prompt_s": t_prompt,
             "total_s": t_weights + t_kv + t_prompt}  # fmt: skip
@@ -172,7 +174,8 @@ def run_hearth(w: Workload, args, async_scheduling: bool = True, fused: bool = T
     llm = LLM(str(CONFIGS[w.model]), load_format="dummy", dtype="bfloat16", progress=False,
               max_model_len=2048, max_num_seqs=min(256, len(w.prompts)),
               max_num_batched_tokens=batched, gpu_memory_utilization=args.gpu_util,
-              enable_prefix_caching=False, async_scheduling=async_scheduling)  # fmt: skip
+              enable_prefix_caching=False, async_scheduling=async_scheduling,
+              kv_cache_dtype=args.kv_cache_dtype)  # fmt: skip
     TritonAttention.fuse_kv_write = True
     llm.engine.runner.sampler.use_kernel = None if fused else False
     # Warm-up: 1, 3 and (if allowed) 16 short prompts, so no kernel compiles in the timed run.
@@ -281,16 +284,19 @@ def main() -> None:
     parser.add_argument("--fusions", choices=["on", "off", "both"], default="on",
                         help="fused sampling kernel + K/V write in decode attention")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="kernel times of a decode replay")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3"], default="auto",
+                        help="Hearth's KV cache: auto (bf16) or fp8 (e4m3)")  # fmt: skip
     args = parser.parse_args()
     bandwidth, flops = measure_ceilings()
     card = torch.cuda.get_device_name()
     print(f"{card}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s",
           flush=True)  # fmt: skip
     results = {"card": card, "bandwidth": bandwidth, "flops": flops, "date": time.strftime("%F"),
-               "torch": torch.__version__, "workloads": {}}  # fmt: skip
+               "torch": torch.__version__, "kv_cache_dtype": args.kv_cache_dtype,
+               "workloads": {}}  # fmt: skip
     for name in args.workloads:
         w = make_workload(name)
-        floor = floor_seconds(w, bandwidth, flops)
+        floor = floor_seconds(w, bandwidth, flops, 2 if args.kv_cache_dtype == "auto" else 1)
         entry = {"floor": floor}
         if args.async_scheduling in ("off", "both"):
             entry["hearth_sync"] = run_hearth(w, args, async_scheduling=False)
@@ -312,7 +318,8 @@ def main() -> None:
 
 def print_table(results: dict) -> None:
     print(f"\n{results['card']}  {results['date']}  copy {results['bandwidth'] / 1e12:.2f} TB/s  "
-          f"bf16 {results['flops'] / 1e12:.0f} TFLOP/s")  # fmt: skip
+          f"bf16 {results['flops'] / 1e12:.0f} TFLOP/s  "
+          f"KV cache {results.get('kv_cache_dtype', 'auto')}")  # fmt: skip
     print("wl  hearth            floor            % floor  transformers (subset)  "
           "decode step_ms gpu_ms")
     for name, e in results["workloads"].items():

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 _DEVICES = ("cpu", "cuda")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "dummy")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # auto: the model dtype; fp8: e4m3, CUDA only
 DEFAULT_CPU_KV_CACHE_GIB = 1.0
 
 
@@ -50,6 +51,7 @@ class EngineConfig:
     # ids fed back on the device). None: on for CUDA, off on CPU.
     async_scheduling: bool | None = None
     gguf_keep_quantized: bool = False  # GGUF: run the linears from their blocks (less memory)
+    kv_cache_dtype: str = "auto"  # fp8: half the bytes per cached token (engine/kv_cache.py)
 
     def __post_init__(self) -> None:
         if self.device not in (*_DEVICES, "auto"):
@@ -60,6 +62,11 @@ class EngineConfig:
             raise ValueError(
                 f"load_format must be one of {_LOAD_FORMATS}; got {self.load_format!r}"
             )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; "
+                             f"got {self.kv_cache_dtype!r}")  # fmt: skip
+        if self.kv_cache_dtype != "auto" and self.device == "cpu":
+            raise ValueError(fp8_needs_cuda_message(self.kv_cache_dtype))
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128; got {self.block_size}")
         if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
@@ -92,3 +99,9 @@ class EngineConfig:
             block_size=self.block_size,
             enable_chunked_prefill=self.enable_chunked_prefill,
         )
+
+
+def fp8_needs_cuda_message(kv_cache_dtype: str) -> str:
+    return (f"kv_cache_dtype={kv_cache_dtype!r} needs a CUDA GPU (compute capability 8.9 or "
+            "newer); the CPU attention path keeps the cache in the model dtype: use "
+            "kv_cache_dtype='auto'")  # fmt: skip

@@ -18,6 +18,7 @@ import torch
 from engine.attention import AttentionMetadata
 from engine.catalog import resolve_model, verify
 from engine.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig
+from engine.kv_cache import resolve_kv_cache_dtype
 from engine.loader import LoadedSource, load_hf_config, load_model_source
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner, RunnerLimits, make_attention_backend, resolve_dtype
@@ -52,13 +53,15 @@ def build_model(config: EngineConfig, progress: bool = True) -> BuiltModel:
     source = _load_source(resolved, config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype, device)  # before the weights
     model = _instantiate(source, config, device, dtype, progress)
     max_model_len = _max_model_len(config, source)
     sched = config.scheduler_config(max_model_len)
     limits = RunnerLimits(sched.max_num_seqs, sched.max_num_batched_tokens, max_model_len,
                           config.enforce_eager)  # fmt: skip
-    num_blocks = _num_kv_blocks(config, source.config, model, limits)
-    runner = ModelRunner(model, source.config, config.block_size, num_blocks, config.seed, limits)
+    num_blocks = _num_kv_blocks(config, source.config, model, limits, kv_dtype)
+    runner = ModelRunner(model, source.config, config.block_size, num_blocks, config.seed, limits,
+                         kv_cache_dtype=kv_dtype)  # fmt: skip
     return BuiltModel(source.name, source.tokenizer, source.config, max_model_len, runner)
 
 
@@ -157,13 +160,14 @@ def _max_model_len(config: EngineConfig, source) -> int:
     return config.max_model_len
 
 
-def _num_kv_blocks(config, model_config: ModelConfig, model, limits: RunnerLimits) -> int:
+def _num_kv_blocks(config, model_config: ModelConfig, model, limits: RunnerLimits,
+                   kv_dtype: torch.dtype) -> int:  # fmt: skip
+    """Blocks of `kv_dtype` the budget holds: an fp8 cache gets twice the blocks of bf16."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    param = next(model.parameters())
-    device, dtype = param.device, param.dtype
+    device = next(model.parameters()).device
     max_model_len = limits.max_model_len
-    bytes_per_block = config.block_size * model_config.kv_bytes_per_token(dtype.itemsize)
+    bytes_per_block = config.block_size * model_config.kv_bytes_per_token(kv_dtype.itemsize)
     if config.kv_cache_gib is not None:
         budget = config.kv_cache_gib * _GIB
     elif device.type == "cuda":

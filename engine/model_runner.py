@@ -19,6 +19,7 @@ import torch
 
 from engine.attention import AttentionMetadata, TorchAttention
 from engine.cuda_graphs import DecodeGraphs, DecodeInputs
+from engine.kv_cache import allocate_kv_cache
 from engine.model_config import ModelConfig
 from engine.outputs import RunnerOutput, ScheduledChunk, ScheduleOutput
 from engine.sampler import Sampler, SamplingRow
@@ -75,6 +76,7 @@ class ModelRunner:
     def __init__(
         self, model: torch.nn.Module, config: ModelConfig, block_size: int, num_blocks: int,
         seed: int = 0, limits: RunnerLimits | None = None,
+        kv_cache_dtype: torch.dtype | None = None,  # None: the model dtype
     ) -> None:
         self.model = model
         self.config = config
@@ -83,7 +85,9 @@ class ModelRunner:
         self.limits = limits or RunnerLimits()
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.kv_caches = self._allocate_kv_cache(num_blocks)
+        self.kv_cache_dtype = kv_cache_dtype or self.dtype
+        self.kv_caches = allocate_kv_cache(config, num_blocks, block_size, self.kv_cache_dtype,
+                                           self.device)  # fmt: skip
         self.backend = make_attention_backend(self.device)
         self.sampler = Sampler(config.vocab_size, seed)
         self.max_blocks = -(-self.limits.max_model_len // block_size)
@@ -93,14 +97,6 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, self.kv_caches, self.backend,
                                        self.limits.max_num_seqs, self.max_blocks, block_size)
             self.graphs.capture()
-
-    def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        shape = (num_blocks, self.block_size, self.config.num_kv_heads, self.config.head_dim)
-        return [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(self.config.num_layers)
-        ]
 
     @torch.inference_mode()
     def execute(self, schedule: ScheduleOutput) -> RunnerOutput:
@@ -180,9 +176,8 @@ class ModelRunner:
             return
         src = torch.tensor([c.src for c in schedule.block_copies], device=self.device)
         dst = torch.tensor([c.dst for c in schedule.block_copies], device=self.device)
-        for k_cache, v_cache in self.kv_caches:
-            k_cache[dst] = k_cache[src]
-            v_cache[dst] = v_cache[src]
+        for layer in self.kv_caches:
+            layer.copy_blocks(src, dst)
 
     def _to_device(self, batch: _Batch):
         dev, n, t = self.device, batch.num_seqs, batch.num_tokens

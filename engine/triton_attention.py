@@ -10,6 +10,9 @@ TorchAttention in engine/attention.py).
 
 `fuse_kv_write` (class default, read when a backend is made) turns the fusion off: the
 benchmark's baseline sets it before building the engine, whose graphs capture the choice.
+
+An fp8 cache (engine/kv_cache.py's LayerKVCache) brings its layer's scales; every kernel takes
+them (tensors, so the captured graphs read their current values).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from engine.attention import AttentionMetadata
+from engine.kv_cache import LayerKVCache
 from kernels.kv_cache import write_kv
 from kernels.paged_attention import NewKV, paged_decode_attention
 from kernels.prefill_attention import paged_prefill_attention
@@ -33,24 +37,26 @@ class TritonAttention:
         q: torch.Tensor,  # (num_tokens, num_heads, head_dim), may be a strided view of qkv
         k: torch.Tensor,  # (num_tokens, num_kv_heads, head_dim)
         v: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: LayerKVCache | tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache
+        scales = getattr(kv_cache, "scales", None)  # a plain (k, v) pair: not fp8, none
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, unlike q
         if meta.is_decode_only and self.fuse_kv_write:
             new_kv = NewKV(k, v, meta.slot_mapping)
             return paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, out=out,
-                new_kv=new_kv,
+                new_kv=new_kv, scales=scales,
             )  # fmt: skip
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping, scales)
         if meta.is_decode_only:
             return paged_decode_attention(
-                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, out=out
-            )
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, out=out,
+                scales=scales,
+            )  # fmt: skip
         return paged_prefill_attention(
             q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
-            out=out,
-        )
+            out=out, scales=scales,
+        )  # fmt: skip

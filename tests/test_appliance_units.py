@@ -37,12 +37,14 @@ def test_flag_beats_environment_beats_default():
         "HEARTH_ALLOWED_ORIGINS": "http://a.example, http://b.example",
         "HEARTH_API_KEY": "from-env",
         "HEARTH_KV_CACHE_GIB": "2.5",
+        "HEARTH_KV_CACHE_DTYPE": "fp8",
     }
     settings = _settings(["--port", "9100", "--served-model-name", "x", "y"], env)
     assert settings.port == 9100 and settings.max_num_seqs == 8 and settings.no_ui
     assert settings.allowed_origins == ("http://a.example", "http://b.example")
     assert settings.served_model_name == ("x", "y") and settings.api_key == "from-env"
     assert settings.kv_cache_gib == 2.5
+    assert settings.engine_config().kv_cache_dtype == "fp8"
     assert settings.engine_config().max_num_seqs == 8
 
 
@@ -52,6 +54,7 @@ def test_flag_beats_environment_beats_default():
         ({"HEARTH_PORT": "http"}, "HEARTH_PORT: must be an integer"),
         ({"HEARTH_NO_UI": "maybe"}, "HEARTH_NO_UI: must be true or false"),
         ({"HEARTH_DEVICE": "tpu"}, "HEARTH_DEVICE: must be one of auto, cpu, cuda"),
+        ({"HEARTH_KV_CACHE_DTYPE": "int8"}, "HEARTH_KV_CACHE_DTYPE: must be one of auto, fp8"),
         ({"HEARTH_MAX_MODEL_LEN": "0"}, "HEARTH_MAX_MODEL_LEN: must be >= 1"),
         ({"HEARTH_PORT": "70000"}, "port must be in [0, 65535]"),
         ({"HEARTH_API_KEY": ""}, "api_key must not be empty"),
@@ -75,6 +78,7 @@ def test_help_documents_every_flag_and_variable(capsys):
         "MAX_MODEL_LEN",
         "MAX_NUM_SEQS",
         "KV_CACHE_GIB",
+        "KV_CACHE_DTYPE",
         "GPU_MEMORY_UTILIZATION",
         "DEVICE",
         "SERVED_MODEL_NAME",

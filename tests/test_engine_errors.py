@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine import LLM, SamplingParams
 from tests.helpers import save_tiny_model
@@ -72,3 +73,14 @@ def test_bad_engine_settings():
         LLM(device="tpu", progress=False)
     with pytest.raises(ValueError, match="block_size"):
         LLM(block_size=7, progress=False)
+
+
+def test_fp8_kv_cache_needs_cuda(tmp_path):
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        LLM(device="cpu", kv_cache_dtype="fp8", progress=False)
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, fp8, fp8_e4m3"):
+        LLM(device="cpu", kv_cache_dtype="int8", progress=False)
+    if not torch.cuda.is_available():  # device "auto" resolves to the CPU before weights load
+        path = save_tiny_model(tmp_path / "llama", "llama")
+        with pytest.raises(ValueError, match="kv_cache_dtype='fp8_e4m3' needs a CUDA GPU"):
+            LLM(str(path), kv_cache_dtype="fp8_e4m3", progress=False)

@@ -200,3 +200,93 @@ def test_fused_kv_write_tokens_equal_unfused(tmp_path, monkeypatch):
     assert not unfused.engine.runner.backend.fuse_kv_write
     assert _generate(unfused, prompts, 30) == tokens
     _free(unfused)
+
+
+
+def _hf_model(path, dtype, fp8_kv: bool):
+    """transformers' model; fp8_kv: its keys and values rounded to e4m3 (scale 1, saturated)
+    before attention, which is what an fp8 KV cache does to them."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def fp8_kv_sdpa(module, query, key, value, *args, **kwargs):
+        key, value = (t.float().clamp(-448, 448).to(torch.float8_e4m3fn).to(t.dtype)
+                      for t in (key, value))  # fmt: skip
+        return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
+
+    AttentionInterface.register("hearth_fp8_kv", fp8_kv_sdpa)
+    attn = "hearth_fp8_kv" if fp8_kv else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    return model.cuda().eval()
+
+
+def _first_step_logprobs(model, prompts) -> list[torch.Tensor]:
+    """(vocab,) log-probs of the first generated token of each prompt."""
+    out = []
+    for ids in prompts:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids], device="cuda")).logits[0, -1].float()
+        out.append(torch.log_softmax(logits, -1))
+    return out
+
+
+def _worst_gap(outputs, ref, other=None) -> float:
+    """Largest |log-prob difference| over each output's first-step top-5 tokens, against
+    full-vocabulary log-probs `ref`, or against another run's top 5 (`other`: shared ids)."""
+    worst = 0.0
+    for i, out in enumerate(outputs):
+        first = out.logprobs[0]
+        for token, lp in zip(first.top_token_ids, first.top_logprobs, strict=True):
+            if other is None:
+                worst = max(worst, abs(lp - ref[i][token].item()))
+            else:
+                theirs = dict(zip(other[i].logprobs[0].top_token_ids,
+                                  other[i].logprobs[0].top_logprobs))  # fmt: skip
+                worst = max(worst, abs(lp - theirs[token]) if token in theirs else 0.0)
+    return worst
+
+
+def test_fp8_kv_cache_doubles_blocks_and_stays_close_to_bf16(tmp_path):
+    """An e4m3 KV cache: twice the blocks of bf16 in the same budget; prefill, decode CUDA graphs,
+    the fused K/V write and a copy-on-write of a forked block all read and write it. Closeness is
+    judged against what rounding K/V to e4m3 does to transformers' own model (the measured
+    yardstick; this random tiny model is sensitive: ~0.4 nats on its first-step log-probs):
+      - float32 model + fp8 KV == transformers float32 with K/V rounded to e4m3 (first-step
+        log-probs within 0.1: only elements on an e4m3 rounding boundary may round differently);
+      - bf16 model: fp8 KV moves our log-probs from the bf16-KV ones no more than twice as far
+        as e4m3 rounding moves transformers' bf16 ones (+0.05 for bf16 noise)."""
+    path = save_tiny_model(tmp_path / "llama", "llama")
+    prompts = _prompts((5, 17, 33, 64, 1, 130))
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=5)
+    runs, blocks = {}, {}
+    for dtype, kv in (("bfloat16", "auto"), ("bfloat16", "fp8"), ("float32", "fp8")):
+        llm = _llm(path, dtype=dtype, kv_cache_dtype=kv)
+        runner = llm.engine.runner
+        blocks[dtype, kv] = runner.num_blocks
+        expected = torch.float8_e4m3fn if kv == "fp8" else torch.bfloat16
+        assert runner.kv_caches[0].key.dtype == expected
+        runs[dtype, kv] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        if (dtype, kv) == ("bfloat16", "fp8"):  # 2 greedy samples of a 33-token prompt: its
+            pair = llm.generate(prompts[2], SamplingParams(  # last block is copied on write
+                temperature=0, max_tokens=12, n=2, ignore_eos=True), use_tqdm=False)  # fmt: skip
+            assert pair[0].outputs[0].token_ids == pair[0].outputs[1].token_ids
+        _free(llm)
+    assert blocks["bfloat16", "fp8"] == 2 * blocks["bfloat16", "auto"], blocks
+    eager = _llm(path, dtype="bfloat16", kv_cache_dtype="fp8", enforce_eager=True)
+    graphs_tokens = runs["bfloat16", "fp8"][0].token_ids
+    assert _generate(eager, prompts[:1], 16) == [graphs_tokens]  # batch 1: same split count
+    _free(eager)
+    hf = {}
+    for dtype, fp8 in ((torch.float32, True), (torch.bfloat16, False), (torch.bfloat16, True)):
+        model = _hf_model(path, dtype, fp8)
+        hf[dtype, fp8] = _first_step_logprobs(model, prompts)
+        _free(model)
+    emulated = _worst_gap(runs["float32", "fp8"], hf[torch.float32, True])
+    ours = _worst_gap(runs["bfloat16", "auto"], None, runs["bfloat16", "fp8"])
+    theirs = max((hf[torch.bfloat16, True][i] - hf[torch.bfloat16, False][i])[
+        list(out.logprobs[0].top_token_ids)].abs().max().item()
+        for i, out in enumerate(runs["bfloat16", "auto"]))  # fmt: skip
+    print(f"fp8 KV: blocks {blocks}; fp32 vs emulation {emulated:.4f}; bf16 KV -> fp8 KV moves "
+          f"our log-probs {ours:.4f}, transformers' {theirs:.4f}")
+    assert emulated <= 0.1
+    assert ours <= 2 * theirs + 0.05
