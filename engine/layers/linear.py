@@ -174,12 +174,17 @@ class IntQuantLinear(QuantizedLinear):
 
 
 class GGUFLinear(QuantizedLinear):
-    """llama.cpp block-quantized weight, raw: qweight (N, row_bytes) uint8 (engine/quantization/
-    gguf_quant.py)."""
+    """llama.cpp block-quantized weight, raw: qweight (N, row_bytes) uint8 (kernels/gguf_quant.py).
+
+    On CPU in bf16/fp16, Q4_0/Q4_1 weights are repacked once for torch's int4 GEMV
+    (kernels/cpu_int4.py) and the raw bytes are released: decode reads 4-bit weights, as
+    llama.cpp does. In float32 the CPU path stays the exact reference (dequantize, F.linear)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, qtype: str) -> None:
         super().__init__(in_features, out_features, bias)
         self.qtype = qtype
+        self.act_dtype = torch.get_default_dtype()  # the model's dtype (set while building)
+        self.int4: cpu_int4.Int4Weight | None = None
         self.register_buffer("qweight", torch.empty(
             out_features, gguf_quant.row_bytes(qtype, in_features), dtype=torch.uint8))
 
