@@ -34,6 +34,7 @@ class Settings:
     gpu_memory_utilization: float = 0.9
     device: str = "auto"
     dtype: str = "auto"
+    gguf_keep_quantized: bool = False  # GGUF linears from their blocks (CPU bf16: int4 GEMV)
     max_queued_requests: int = 256  # requests admitted beyond max_num_seqs before 429
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers at all
     allowed_hosts: tuple[str, ...] = ()  # Host headers accepted besides localhost names
@@ -78,6 +79,7 @@ class Settings:
             kv_cache_gib=self.kv_cache_gib,
             kv_cache_dtype=self.kv_cache_dtype,
             gpu_memory_utilization=self.gpu_memory_utilization,
+            gguf_keep_quantized=self.gguf_keep_quantized,
         )
 
 
@@ -183,6 +185,13 @@ _OPTIONS = (
     ),
     _Option("device", _choice(_DEVICES), "device (auto: cuda when available)"),
     _Option("dtype", _choice(_DTYPES), "weights and activations dtype"),
+    _Option(
+        "gguf_keep_quantized",
+        _bool,
+        "run a GGUF model's linears from its quantized blocks instead of dequantizing at load "
+        "(less memory; on CPU with --dtype bfloat16, Q4 weights take the int4 GEMV: ~2x decode)",
+        flag=True,
+    ),
     _Option(
         "max_queued_requests",
         _int,

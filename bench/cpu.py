@@ -6,7 +6,11 @@ when `llama_cpp` is importable (pip install llama-cpp-python: a ~9 min source bu
 of CI),
 llama.cpp on the same GGUF. Not a test: numbers go to docs/benchmarks.md.
 
-    python bench/cpu.py [--dtype float32|bfloat16] [--batch 1 16] [--skip-transformers]
+    python bench/cpu.py [--dtype float32|bfloat16] [--gguf-keep-quantized] [--batch 1 16]
+                        [--skip-transformers]
+
+`--dtype bfloat16 --gguf-keep-quantized` runs the GGUF's Q4_1 linears from their 4-bit blocks
+through torch's int4 GEMV (kernels/cpu_int4.py): the weights llama.cpp reads.
 """
 
 from __future__ import annotations
@@ -102,6 +106,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--gguf-keep-quantized", action="store_true",
+                        help="run the Q4_1 linears from their blocks (int4 GEMV in bf16)")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -110,11 +116,12 @@ def main() -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, commit {commit}, "
           f"{time.strftime('%Y-%m-%d')}")
     llm = LLM(device="cpu", dtype=args.dtype, progress=False, enable_prefix_caching=False,
-              max_num_batched_tokens=2048)
+              max_num_batched_tokens=2048, gguf_keep_quantized=args.gguf_keep_quantized)
+    name = f"hearth {args.dtype}" + (" Q4_1 kept" if args.gguf_keep_quantized else "")
     bench_hearth(llm, 1)  # warm-up
     rows = []
     for batch in args.batch:
-        rows.append((f"hearth {args.dtype}", batch, *bench_hearth(llm, batch)))
+        rows.append((name, batch, *bench_hearth(llm, batch)))
         if not args.skip_transformers:
             rows.append(("transformers float32", batch, *bench_transformers(batch)))
         cpp = bench_llama_cpp(batch)

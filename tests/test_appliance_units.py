@@ -39,13 +39,15 @@ def test_flag_beats_environment_beats_default():
         "HEARTH_KV_CACHE_GIB": "2.5",
         "HEARTH_KV_CACHE_DTYPE": "fp8",
     }
-    settings = _settings(["--port", "9100", "--served-model-name", "x", "y"], env)
+    settings = _settings(["--port", "9100", "--served-model-name", "x", "y",
+                          "--gguf-keep-quantized"], env)
     assert settings.port == 9100 and settings.max_num_seqs == 8 and settings.no_ui
     assert settings.allowed_origins == ("http://a.example", "http://b.example")
     assert settings.served_model_name == ("x", "y") and settings.api_key == "from-env"
     assert settings.kv_cache_gib == 2.5
     assert settings.engine_config().kv_cache_dtype == "fp8"
     assert settings.engine_config().max_num_seqs == 8
+    assert settings.engine_config().gguf_keep_quantized
 
 
 @pytest.mark.parametrize(
