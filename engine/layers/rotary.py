@@ -72,12 +72,19 @@ class RotaryEmbedding(nn.Module):
 
             rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim)
             return q, k
-        prepared = self._prepared
-        if prepared is not None and prepared[0] is positions and prepared[1].dtype == q.dtype:
-            cos, sin = prepared[1], prepared[2]
-        else:
-            cos, sin = self._cos_sin(positions)
+        cos, sin = self._cpu_cos_sin(positions, q.dtype)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """CPU: x (num_tokens, heads, head_dim) rotated, out of place (q and k heads together)."""
+        cos, sin = self._cpu_cos_sin(positions, x.dtype)
+        return _rotate(x, cos, sin)
+
+    def _cpu_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        prepared = self._prepared
+        if prepared is not None and prepared[0] is positions and prepared[1].dtype == dtype:
+            return prepared[1], prepared[2]
+        return self._cos_sin(positions)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

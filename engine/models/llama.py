@@ -43,12 +43,18 @@ class Attention(nn.Module):
     def forward(self, positions, hidden, kv_cache: KVCache, meta: AttentionMetadata, backend):
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)  # (num_tokens, num_heads, head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)  # (num_tokens, num_kv_heads, head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        if self.q_norm is None and not qkv.is_cuda:  # CPU: rotate q and k heads in one pass
+            heads = self.num_heads + self.num_kv_heads
+            qk = self.rotary.rotate(positions, qkv[:, : self.q_size + self.kv_size].view(
+                -1, heads, self.head_dim))
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        else:
+            q = q.view(-1, self.num_heads, self.head_dim)  # (num_tokens, num_heads, head_dim)
+            k = k.view(-1, self.num_kv_heads, self.head_dim)  # (num_tokens, kv_heads, head_dim)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(positions, q, k)
         out = backend.forward(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
