@@ -19,6 +19,9 @@ the first `--hf-seqs` sequences, outputs capped at `--hf-max-new` tokens; the ta
 K/V write fused into decode attention (the baseline), then with them (the default).
 `--kv-cache-dtype fp8` runs Hearth with an e4m3 KV cache (twice the blocks; the floor then counts
 one byte per cached value).
+`--weights awq-int4` runs Hearth with AWQ int4 (group 128) dummy weights in every decoder linear
+(the LM head stays bf16, as AWQ checkpoints keep it); the floor then counts 4 bits per linear
+weight plus its group's fp16 scale and 8-bit zero.
 """
 
 import argparse
@@ -26,6 +29,7 @@ import gc
 import json
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,10 +89,35 @@ def measure_ceilings() -> tuple[float, float]:
     return bandwidth, 2 * 8192**3 / (ms * 1e-3)
 
 
-def floor_seconds(w: Workload, bandwidth: float, flops: float, kv_bytes: int = 2) -> dict:
+AWQ_INT4 = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+            "version": "gemm"}
+
+
+def model_dir(w: Workload, weights: str) -> str:
+    """The config directory Hearth loads: the workload's, or a copy with AWQ int4 declared."""
+    if weights == "bf16":
+        return str(CONFIGS[w.model])
+    config = json.loads((CONFIGS[w.model] / "config.json").read_text())
+    config["quantization_config"] = AWQ_INT4
+    out = Path(tempfile.mkdtemp(prefix=f"hearth-{w.model}-awq-"))
+    (out / "config.json").write_text(json.dumps(config))
+    return str(out)
+
+
+def _linear_params(cfg) -> int:
+    h, hd = cfg.hidden_size, cfg.head_dim
+    attn = h * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)  # q, k, v, o
+    return cfg.num_layers * (attn + 3 * h * cfg.intermediate_size)
+
+
+def floor_seconds(w: Workload, bandwidth: float, flops: float, kv_bytes: int = 2,
+                  weights: str = "bf16") -> dict:
     cfg = load_hf_config(CONFIGS[w.model])
     embed = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size  # rows gathered only
     weight_bytes = (cfg.num_params - embed) * 2
+    if weights == "awq-int4":  # 4-bit linears + per-128 fp16 scale and 8-bit zero
+        linear = _linear_params(cfg)
+        weight_bytes -= linear * 2 - linear * (0.5 + 3 / 128)
     steps = max(w.max_tokens)  # continuous batching: the longest output sets the step count
     pairs = zip(w.prompts, w.max_tokens, strict=True)
     kv_rows = sum(o * len(p) + o * (o - 1) // 2 for p, o in pairs)  # context read per new token
@@ -171,7 +200,7 @@ class StepProfile:
 def run_hearth(w: Workload, args, async_scheduling: bool = True, fused: bool = True) -> dict:
     batched = max(16384, max(len(p) for p in w.prompts))
     TritonAttention.fuse_kv_write = fused  # read when the engine makes its backend
-    llm = LLM(str(CONFIGS[w.model]), load_format="dummy", dtype="bfloat16", progress=False,
+    llm = LLM(model_dir(w, args.weights), load_format="dummy", dtype="bfloat16", progress=False,
               max_model_len=2048, max_num_seqs=min(256, len(w.prompts)),
               max_num_batched_tokens=batched, gpu_memory_utilization=args.gpu_util,
               enable_prefix_caching=False, async_scheduling=async_scheduling,
@@ -286,6 +315,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="kernel times of a decode replay")
     parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3"], default="auto",
                         help="Hearth's KV cache: auto (bf16) or fp8 (e4m3)")  # fmt: skip
+    parser.add_argument("--weights", choices=["bf16", "awq-int4"], default="bf16",
+                        help="Hearth's decoder linears: bf16 or AWQ int4 g128 (dummy)")
     args = parser.parse_args()
     bandwidth, flops = measure_ceilings()
     card = torch.cuda.get_device_name()
@@ -293,10 +324,12 @@ def main() -> None:
           flush=True)  # fmt: skip
     results = {"card": card, "bandwidth": bandwidth, "flops": flops, "date": time.strftime("%F"),
                "torch": torch.__version__, "kv_cache_dtype": args.kv_cache_dtype,
+               "weights": args.weights,
                "workloads": {}}  # fmt: skip
     for name in args.workloads:
         w = make_workload(name)
-        floor = floor_seconds(w, bandwidth, flops, 2 if args.kv_cache_dtype == "auto" else 1)
+        floor = floor_seconds(w, bandwidth, flops, 2 if args.kv_cache_dtype == "auto" else 1,
+                              args.weights)
         entry = {"floor": floor}
         if args.async_scheduling in ("off", "both"):
             entry["hearth_sync"] = run_hearth(w, args, async_scheduling=False)
@@ -319,7 +352,8 @@ def main() -> None:
 def print_table(results: dict) -> None:
     print(f"\n{results['card']}  {results['date']}  copy {results['bandwidth'] / 1e12:.2f} TB/s  "
           f"bf16 {results['flops'] / 1e12:.0f} TFLOP/s  "
-          f"KV cache {results.get('kv_cache_dtype', 'auto')}")  # fmt: skip
+          f"KV cache {results.get('kv_cache_dtype', 'auto')}  "
+          f"weights {results.get('weights', 'bf16')}")  # fmt: skip
     print("wl  hearth            floor            % floor  transformers (subset)  "
           "decode step_ms gpu_ms")
     for name, e in results["workloads"].items():
