@@ -1,6 +1,6 @@
 """Dequantize-and-multiply for quantized linears: out (M, N) = x (M, K) @ W^T, W never materialised.
 
-Two kernels, one tiling:
+Two kernels, one tiling (int weights at M <= 16 go to kernels/int_gemv.py instead):
 - `int_quant_matmul`: AWQ / GPTQ / compressed-tensors weights in the int layout
   (engine/quantization/int_pack.py): qweight (K // p, N) int32, 4 or 8 bits packed along K;
   zeros (G, N) uint8; scales (G, N); g_idx (K,) (read only for act-order; otherwise
@@ -27,11 +27,13 @@ import triton
 import triton.language as tl
 
 from kernels.gguf_quant import dequantize
+from kernels.int_gemv import int_gemv, supports
 from kernels.int_pack import dequantize_int_layout
 
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GGUF_KERNEL_TYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
 _GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+GEMV_MAX_M = 16  # int_quant_matmul sends up to this many rows to int_gemv (0: never; benchmarks)
 
 
 # --------------------------------------------------------------------------------- int (AWQ/GPTQ)
@@ -85,22 +87,35 @@ def int_quant_matmul_ref(x, qweight, zeros, scales, g_idx, bits: int) -> torch.T
 
 def int_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
                      scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
-                     group_size: int | None, split_k: int | None = None) -> torch.Tensor:
+                     group_size: int | None, split_k: int | None = None, *,
+                     counters: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) @ dequantized W^T (K, N) → (M, N) in x's dtype.
 
     With `group_size`, input k belongs to group k // group_size and g_idx is not read (the caller
-    checked it is trivial, once, at load); None: groups come from g_idx (act-order)."""
+    checked it is trivial, once, at load); None: groups come from g_idx (act-order).
+    Up to GEMV_MAX_M rows go to the decode GEMV (kernels/int_gemv.py; `counters` are its split-K
+    counters, see there) when `_gemv_fits`."""
     _check_int_args(x, qweight, zeros, scales, g_idx, bits)
     M, K = x.shape
     N = qweight.shape[1]
     if group_size is not None and K % group_size:
         raise ValueError(f"group_size {group_size} does not divide K={K}; pass None to use g_idx")
+    if _gemv_fits(x, bits, group_size):
+        return int_gemv(x, qweight, zeros, scales, bits, group_size, split_k=split_k,
+                        counters=counters)
     return _launch(x, N, K, split_k, lambda out, grid, k_split, blocks: _int_gemm_kernel[grid](
         x, qweight, zeros, scales, g_idx, out, M, N, K, k_split,
         x.stride(0), qweight.stride(0), zeros.stride(0), scales.stride(0),
         out.stride(0), out.stride(1),
         BITS=bits, GROUP_SIZE=group_size or 0, PRECISION=_precision(x), **blocks,
     ))  # fmt: skip
+
+
+def _gemv_fits(x: torch.Tensor, bits: int, group_size: int | None) -> bool:
+    """Not act-order, and what int_gemv.supports."""
+    if x.shape[0] > GEMV_MAX_M or group_size is None:
+        return False
+    return supports(x, bits, group_size)
 
 
 def _check_int_args(x, qweight, zeros, scales, g_idx, bits: int) -> None:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from kernels.int_gemv import GemvBlocks, int_gemv
 from kernels.int_pack import default_g_idx, pack
 from kernels.quant_gemm import gguf_matmul, gguf_matmul_ref, int_quant_matmul, int_quant_matmul_ref
 
@@ -14,11 +15,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 5e-2)}
 
 
-def _int_weights(k: int, n: int, bits: int, group: int | None, act_order: bool, seed: int):
+def _int_weights(k: int, n: int, bits: int, group: int | None, act_order: bool, seed: int,
+                 sym: bool = False):
     gen = torch.Generator().manual_seed(seed)
     groups = k // (group or k)
     q = torch.randint(0, 1 << bits, (k, n), generator=gen)
     zeros = torch.randint(0, 1 << bits, (groups, n), generator=gen, dtype=torch.int32)
+    if sym:
+        zeros.fill_(1 << (bits - 1))
     scales = torch.rand(groups, n, generator=gen) * 0.02 + 0.001
     g_idx = default_g_idx(k, group)
     if act_order:
@@ -47,6 +51,55 @@ def test_int_kernel_half_precision():
     assert out.dtype == torch.float16
     ref = int_quant_matmul_ref(x.float(), qweight, zeros, scales, g_idx, 4)
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+# Decode GEMV (kernels/int_gemv.py): fp32 accumulation of exact weights, so the reference is the
+# fp32 product of the same (dtype-rounded) x; the output's rounding to x's dtype sets the tolerance.
+GEMV_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _check_gemv(out, x, weights, bits: int) -> None:
+    ref = int_quant_matmul_ref(x.float(), *weights, bits)
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    tol = GEMV_TOL[x.dtype]
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol * ref.abs().mean().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("m, k, n, split_k", [(1, 256, 96, 2), (3, 384, 200, 3), (16, 256, 80, 1)])
+def test_int_gemv_matches_reference(dtype, group, m, k, n, split_k):
+    """int_quant_matmul sends M <= 16 to the GEMV; N is no multiple of the block (masks), splits
+    do not divide K evenly; symmetric zeros for group 64, random ones otherwise."""
+    weights = _int_weights(k, n, 4, group, False, seed=m * group + k, sym=group == 64)
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    out = int_quant_matmul(x, *weights, 4, group, split_k=split_k)
+    _check_gemv(out, x, weights, 4)
+
+
+@pytest.mark.parametrize("m, group", [(1, 32), (5, 128)])
+def test_int_gemv_8bit(m, group):
+    weights = _int_weights(256, 72, 8, group, False, seed=m)
+    x = torch.randn(m, 256, device=DEVICE)
+    _check_gemv(int_quant_matmul(x, *weights, 8, group, split_k=2), x, weights, 8)
+
+
+def test_int_gemv_split_reduction_is_deterministic_and_resets_counters():
+    """Several N tiles and splits: the last split of each tile sums the partials in split order,
+    so two calls agree bit for bit, and every counter is back at zero for the next call."""
+    weights = _int_weights(512, 160, 4, 128, False, seed=3)
+    qweight, zeros, scales, _ = weights
+    x = torch.randn(2, 512, device=DEVICE)
+    counters = torch.zeros(160, dtype=torch.int32, device=DEVICE)
+    blocks = GemvBlocks(block_n=64, block_k=64, num_warps=2, waves=2)
+    outs = [int_gemv(x, qweight, zeros, scales, 4, 128, split_k=5, counters=counters,
+                     blocks=blocks) for _ in range(2)]
+    assert torch.equal(outs[0], outs[1])
+    assert not counters.any()
+    _check_gemv(outs[0], x, weights, 4)
+    with pytest.raises(ValueError, match="counters must be"):
+        int_gemv(x, qweight, zeros, scales, 4, 128, split_k=5, counters=counters[:2],
+                 blocks=blocks)
 
 
 def _gguf_weights(qtype: str, n: int, k: int, seed: int) -> torch.Tensor:
@@ -98,3 +151,24 @@ def test_full_shapes_gpu(dtype, m):
     x = torch.randn(m, 14336, device=DEVICE, dtype=dtype)
     torch.testing.assert_close(gguf_matmul(x, raw, "Q4_0"), gguf_matmul_ref(x, raw, "Q4_0"),
                                rtol=TOL[dtype][0], atol=TOL[dtype][1] * 10)
+
+
+LLAMA3_8B_LINEARS = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
+                     "down": (14336, 4096)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("linear", sorted(LLAMA3_8B_LINEARS))
+def test_int_gemv_full_shapes_gpu(linear, m, dtype):
+    """Llama-3-8B linears, AWQ-style int4 group 128, through the default split-K: fp32-exact up to
+    the output's rounding, deterministic, counters left at zero."""
+    k, n = LLAMA3_8B_LINEARS[linear]
+    weights = _int_weights(k, n, 4, 128, False, seed=k + n + m)
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    counters = torch.zeros(n, dtype=torch.int32, device=DEVICE)
+    out = int_quant_matmul(x, *weights, 4, 128, counters=counters)
+    _check_gemv(out, x, weights, 4)
+    assert torch.equal(out, int_quant_matmul(x, *weights, 4, 128, counters=counters))
+    assert not counters.any()

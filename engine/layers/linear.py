@@ -108,6 +108,9 @@ class IntQuantLinear(QuantizedLinear):
         self.register_buffer("zeros", torch.empty(num_groups, out_features, dtype=torch.uint8))
         self.register_buffer("scales", torch.empty(num_groups, out_features, dtype=scale_dtype))
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32))
+        # The decode GEMV's split-K counters (kernels/int_gemv.py): zeros, left zero by every call.
+        self.register_buffer("split_counters", torch.empty(out_features, dtype=torch.int32),
+                             persistent=False)
 
     def load(self, name: str, tensor: torch.Tensor, shard: tuple[int, int] | None) -> None:
         q = self.quant
@@ -139,6 +142,7 @@ class IntQuantLinear(QuantizedLinear):
             self.g_idx.copy_(default_g_idx(self.in_features, self.quant.group_size))
             self._filled["g_idx"] = self.in_features
         self._check_filled(("qweight", "zeros", "scales"), n)
+        self.split_counters.zero_()
         if int(self.g_idx.max()) >= self.scales.shape[0] or int(self.g_idx.min()) < 0:
             raise ValueError("g_idx points past the scales; the checkpoint is inconsistent")
         trivial = default_g_idx(self.in_features, self.quant.group_size, self.g_idx.device)
@@ -157,7 +161,8 @@ class IntQuantLinear(QuantizedLinear):
         from kernels.quant_gemm import int_quant_matmul
 
         out = int_quant_matmul(x.reshape(-1, self.in_features), self.qweight, self.zeros,
-                               self.scales, self.g_idx, self.quant.bits, self.kernel_group_size)
+                               self.scales, self.g_idx, self.quant.bits, self.kernel_group_size,
+                               counters=self.split_counters)
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
@@ -169,6 +174,7 @@ class IntQuantLinear(QuantizedLinear):
                              generator=gen)
         self.g_idx.copy_(default_g_idx(self.in_features, self.quant.group_size))
         self.kernel_group_size = self.quant.group_size or self.in_features
+        self.split_counters.zero_()
         if self.bias is not None:
             self.bias.data.zero_()
 
