@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import platform
 import subprocess
@@ -82,24 +83,35 @@ def bench_transformers(batch: int) -> tuple[float, float]:
     return batch * PROMPT_LEN / t_prefill, batch * (NEW_TOKENS - 1) / (total - t_prefill)
 
 
-def bench_llama_cpp(batch: int) -> tuple[float, float] | None:
+_LLAMA_CPP = """
+import json, os, sys, time
+from llama_cpp import Llama
+llm = Llama(sys.argv[1], n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
+prompt = json.loads(sys.argv[2])
+start = time.perf_counter()
+llm.eval(prompt)
+t_prefill = time.perf_counter() - start
+start = time.perf_counter()
+for _ in range(int(sys.argv[3]) - 1):
+    llm.eval([llm.sample(temp=0.0)])
+print(json.dumps([len(prompt) / t_prefill, (int(sys.argv[3]) - 1) / (time.perf_counter() - start)]))
+"""
+
+
+def bench_llama_cpp(batch: int) -> tuple[float, float] | str | None:
+    """llama.cpp at batch 1 in a child process (its OpenMP runtime and torch's stay apart, and a
+    crash of the native library is reported instead of ending the benchmark)."""
     if batch != 1 or importlib.util.find_spec("llama_cpp") is None:
         return None
-    from llama_cpp import Llama
-
     from tests.helpers import default_model_dir
 
-    llm = Llama(str(default_model_dir() / GGUF), n_ctx=1024, n_threads=os.cpu_count(),
-                verbose=False)
-    prompt = _prompts(1, seed=batch)[0]
-    start = time.perf_counter()
-    llm.eval(prompt)
-    t_prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(NEW_TOKENS - 1):
-        token = llm.sample(temp=0.0)
-        llm.eval([token])
-    return PROMPT_LEN / t_prefill, (NEW_TOKENS - 1) / (time.perf_counter() - start)
+    prompt = json.dumps(_prompts(1, seed=batch)[0])
+    proc = subprocess.run([sys.executable, "-c", _LLAMA_CPP, str(default_model_dir() / GGUF),
+                           prompt, str(NEW_TOKENS)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"failed (exit status {proc.returncode}): {proc.stderr.strip()[-200:]}"
+    prefill, decode = json.loads(proc.stdout.strip().splitlines()[-1])
+    return prefill, decode
 
 
 def main() -> None:
@@ -125,7 +137,9 @@ def main() -> None:
         if not args.skip_transformers:
             rows.append(("transformers float32", batch, *bench_transformers(batch)))
         cpp = bench_llama_cpp(batch)
-        if cpp:
+        if isinstance(cpp, str):
+            print(f"llama.cpp {cpp}")
+        elif cpp:
             rows.append(("llama.cpp Q4_1", batch, *cpp))
     print("| backend | batch | prefill tok/s | decode tok/s |")
     print("|---|---|---|---|")
