@@ -163,33 +163,29 @@ def test_decode_attention_cuda_graph_replay():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group,head_dim,block_size", [(4, 128, 16), (1, 64, 32), (3, 64, 8)])
 def test_prefill_attention_full(dtype, group, head_dim, block_size):
+    args = _prefill_case(dtype, group, head_dim, block_size, dtype, head_dim**-0.5)
+    out = paged_prefill_attention(*args)
+    torch.testing.assert_close(out, paged_prefill_attention_ref(*args), **TOL[dtype])
+
+
+def _prefill_case(dtype, group, head_dim, block_size, cache_dtype, scale):
+    """Prefill chunks over long cached prefixes plus decode rows, at full shapes."""
     kv_heads = 8 if group != 3 else 3
     num_new = random_lens(12, 1, 512) + [1] * 8  # prefill chunks and decode rows
     cached = random_lens(20, 0, 3500)
     seq_lens = [c + n for c, n in zip(cached, num_new, strict=True)]
     num_blocks = sum(-(-n // block_size) for n in seq_lens) + 1
-    k_cache, v_cache = make_cache(num_blocks, block_size, kv_heads, head_dim, dtype)
+    k_cache, v_cache = make_cache(num_blocks, block_size, kv_heads, head_dim, cache_dtype)
     tables = make_block_tables(seq_lens, block_size, num_blocks)
     qsl = int32([0] + torch.tensor(num_new).cumsum(0).tolist())
     query = torch.randn(sum(num_new), kv_heads * group, head_dim, dtype=dtype, device="cuda")
-    args = (query, k_cache, v_cache, tables, qsl, int32(seq_lens), head_dim**-0.5)
-    out = paged_prefill_attention(*args)
-    torch.testing.assert_close(out, paged_prefill_attention_ref(*args), **TOL[dtype])
+    return query, k_cache, v_cache, tables, qsl, int32(seq_lens), scale
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group,head_dim,block_size", [(4, 128, 16), (3, 64, 8)])
 def test_prefill_attention_fp8_full(dtype, group, head_dim, block_size):
-    kv_heads = 8 if group != 3 else 3
-    num_new = random_lens(12, 1, 512) + [1] * 8  # prefill chunks and decode rows
-    cached = random_lens(20, 0, 3500)
-    seq_lens = [c + n for c, n in zip(cached, num_new, strict=True)]
-    num_blocks = sum(-(-n // block_size) for n in seq_lens) + 1
-    k_cache, v_cache = make_cache(num_blocks, block_size, kv_heads, head_dim, FP8_DTYPE)
-    tables = make_block_tables(seq_lens, block_size, num_blocks)
-    qsl = int32([0] + torch.tensor(num_new).cumsum(0).tolist())
-    query = torch.randn(sum(num_new), kv_heads * group, head_dim, dtype=dtype, device="cuda")
-    args = (query, k_cache, v_cache, tables, qsl, int32(seq_lens), head_dim**-0.5 / 4)
+    args = _prefill_case(dtype, group, head_dim, block_size, FP8_DTYPE, head_dim**-0.5 / 4)
     scales = make_scales()
     out = paged_prefill_attention(*args, scales=scales)
     torch.testing.assert_close(out, paged_prefill_attention_ref(*args, scales), **TOL[dtype])
