@@ -4,6 +4,11 @@
     python bench/quant.py perplexity --work DIR   # float vs RTN vs GPTQ vs AWQ (4 bits, group 64)
     python bench/quant.py tool-check --work DIR   # gptqmodel / llmcompressor outputs vs Hearth
     python bench/quant.py gpu [--config DIR] [--sweep]  # int4 / GGUF kernels, W5 (CUDA)
+    python bench/quant.py gpu --gemm [--json F]         # int4 at M > 16: blocks sweep, paths
+
+`gpu --gemm` ends with a per-M choice (int_mma's blocks or the dequantized copy); to run a
+workload with it before the table in kernels/quant_gemm.py is edited, call
+`apply_gemm_choice(json.load(open(F))["gemm"]["choice"])`, then bench/throughput.py's main.
 
 `perplexity` quantizes the float dir with `hearth quantize` (engine/quantization/algorithms.py),
 loads every checkpoint in Hearth (packed weights, reference matmul on CPU) and measures perplexity
@@ -177,9 +182,9 @@ def _time_linear(x: torch.Tensor, ws: list, raws: list, dense: list) -> dict[str
 
     times = {"int4": _time_graph(int4)}
     if x.shape[0] <= 16:
-        qg.GEMV_MAX_M = 0
+        qg.GEMV_MAX_M, qg.LEGACY_GEMM = 0, True
         times["int4_gemm"] = _time_graph(int4)
-        qg.GEMV_MAX_M = 16
+        qg.GEMV_MAX_M, qg.LEGACY_GEMM = 16, False
     times["q4_0"] = _time_graph(lambda i: qg.gguf_matmul(x, raws[i % len(raws)], "Q4_0"))
     times["bf16"] = _time_graph(lambda i: torch.nn.functional.linear(x, dense[i % len(dense)]))
     return times
@@ -231,6 +236,130 @@ def sweep_gemv(device: str = "cuda", dtype=torch.bfloat16, ms=(1, 16), top: int 
                        **{f"{k_}_us": round(v, 2) for k_, v in per.items()}}
             print(f"M={m} best: {best[m]}", flush=True)
     return best
+
+
+# int_mma candidates per M (GemmBlocks fields: block_m, block_n, block_k, num_warps, num_stages,
+# f32_dequant, split); M beyond these is timed with the last M's best blocks.
+GEMM_CANDIDATES = {
+    32: [(64, 64, 128, 4, 4, True, True), (64, 64, 128, 8, 2, True, True),
+         (64, 64, 128, 8, 3, True, True), (64, 64, 128, 4, 3, True, True),
+         (64, 32, 128, 4, 3, True, True), (64, 64, 128, 8, 2, False, True)],
+    128: [(128, 64, 128, 4, 3, True, True), (128, 64, 128, 8, 2, True, True),
+          (64, 64, 128, 8, 2, True, True), (128, 64, 64, 4, 3, True, True),
+          (128, 128, 64, 8, 2, True, True)],
+    256: [(128, 128, 64, 8, 3, True, False), (128, 64, 128, 8, 2, True, False),
+          (128, 128, 64, 8, 2, True, False)],
+}
+GEMM_CANDIDATES[64] = GEMM_CANDIDATES[32]
+GEMM_MS = (32, 64, 128, 256, 1024, 4096)
+
+
+def bench_gemm(device: str = "cuda", dtype=torch.bfloat16, ms=GEMM_MS,
+               linears=LLAMA3_8B_LINEARS, time_fn=None) -> dict:
+    """M > 16 over the four Llama-3-8B linears (int4 group 128, bf16 x): per M, every
+    GEMM_CANDIDATES blocks for int_mma (checked against the reference, timed, summed over the
+    linears), then per linear the old per-element kernel (M <= 256), int_mma with the best
+    blocks, int_dequant_matmul and bf16 F.linear. `choice`: per M the faster int4 path by the
+    summed time (each linear runs once per layer), with int_mma's best blocks."""
+    import kernels.quant_gemm as qg
+
+    time_fn = time_fn or _time_graph
+    data = {}
+    for name, k, n in linears:
+        dense = [torch.randn(n, k, device=device, dtype=dtype) * 0.02
+                 for _ in range(_copies(n * k * 2))]
+        data[name] = (k, n, _int4_copies(k, n, device, _copies(_int4_bytes(k, n))), dense)
+        qg.reserve_dequant_scratch(k * n)
+    report = {"rows": [], "sweep": {}, "choice": {}}
+    best = None
+    for m in ms:
+        xs = {name: torch.randn(m, k, device=device, dtype=dtype) for name, (k, *_) in data.items()}
+        candidates = [qg.GemmBlocks(*c) for c in GEMM_CANDIDATES.get(m, [])] or [best]
+        results = []
+        for blocks in candidates:
+            per, err = _time_mma(xs, data, blocks, time_fn)
+            report["sweep"].setdefault(m, []).append(
+                {"blocks": blocks.__dict__, "total_us": round(sum(per.values()), 2),
+                 "rel_err": err})
+            print(f"M={m} {blocks}: total {sum(per.values()):.1f} us rel_err {err:.1e} "
+                  + " ".join(f"{k_} {v:.1f}" for k_, v in per.items()), flush=True)
+            if err < 1e-2:
+                results.append((sum(per.values()), blocks, per))
+        if not results:
+            raise RuntimeError(f"no int_mma candidate matched the reference at M={m}")
+        _, best, mma_us = min(results, key=lambda r: r[0])
+        report["choice"][m] = _time_paths(m, xs, data, (best, mma_us), time_fn, report["rows"])
+    return report
+
+
+def _time_mma(xs: dict, data: dict, blocks, time_fn) -> tuple[dict[str, float], float]:
+    """int_mma with `blocks` on each linear: us per call, and the largest relative error."""
+    from kernels.quant_gemm import int_mma, int_quant_matmul_ref
+
+    per, err = {}, 0.0
+    for name, (_, n, ws, _) in data.items():
+        x, c = xs[name], torch.zeros(n, dtype=torch.int32, device=xs[name].device)
+        out = int_mma(x, *ws[0], 4, 128, blocks=blocks, counters=c).float()
+        ref = int_quant_matmul_ref(x.float(), *ws[0], 4)
+        err = max(err, ((out - ref).norm() / ref.norm()).item())
+        per[name] = time_fn(lambda i, x=x, ws=ws, c=c: int_mma(
+            x, *ws[i % len(ws)], 4, 128, blocks=blocks, counters=c)) * 1e6
+    return per, err
+
+
+def _time_paths(m: int, xs: dict, data: dict, mma: tuple, time_fn, rows: list) -> dict:
+    """Each path on each linear (a row each, appended to rows); the totals and the choice."""
+    import kernels.quant_gemm as qg
+
+    blocks, mma_us = mma
+    totals = {"old": 0.0, "mma": 0.0, "dequant": 0.0, "bf16": 0.0}
+    for name, (_, _, ws, dense) in data.items():
+        x = xs[name]
+        row = {"linear": name, "M": m, "mma_us": round(mma_us[name], 2)}
+        if m <= 256:
+            qg.LEGACY_GEMM = True
+            row["old_us"] = time_fn(lambda i, x=x, ws=ws: qg.int_quant_matmul(
+                x, *ws[i % len(ws)], 4, 128)) * 1e6
+            qg.LEGACY_GEMM = False
+        row["dequant_us"] = time_fn(lambda i, x=x, ws=ws: qg.int_dequant_matmul(
+            x, *ws[i % len(ws)], 4, 128)) * 1e6
+        row["bf16_us"] = time_fn(lambda i, x=x, d=dense: torch.nn.functional.linear(
+            x, d[i % len(d)])) * 1e6
+        for key in totals:
+            totals[key] += row.get(f"{key}_us", 0.0)
+        rows.append({k_: round(v, 2) if isinstance(v, float) else v for k_, v in row.items()})
+        print(rows[-1], flush=True)
+    path = "mma" if totals["mma"] <= totals["dequant"] else "dequant"
+    choice = {"path": path, "blocks": blocks.__dict__,
+              **{f"{k_}_us": round(v, 2) for k_, v in totals.items()}}
+    print(f"M={m} totals: {choice}", flush=True)
+    return choice
+
+
+def apply_gemm_choice(choice: dict) -> None:
+    """Point kernels/quant_gemm.py's GEMM_BLOCKS at bench_gemm's choice (keys M, as int or as
+    JSON strings), to run a workload with it: int_mma up to each M where it won, else None."""
+    import kernels.quant_gemm as qg
+
+    table = []
+    for m in sorted(choice, key=int):
+        c = choice[m]
+        table.append((int(m), qg.GemmBlocks(**c["blocks"]) if c["path"] == "mma" else None))
+    while table and table[-1][1] is None:  # beyond the table is int_dequant_matmul anyway
+        table.pop()
+    qg.GEMM_BLOCKS = tuple(table)
+    print("GEMM_BLOCKS =", qg.GEMM_BLOCKS, flush=True)
+
+
+def print_gemm(report: dict) -> None:
+    print(f"\n{'M':>5} {'linear':8} {'old':>9} {'int_mma':>9} {'dequant':>9} {'bf16':>9}  (us)")
+    for r in report["rows"]:
+        old = f"{r['old_us']:9.1f}" if "old_us" in r else f"{'-':>9}"
+        print(f"{r['M']:5d} {r['linear']:8} {old} {r['mma_us']:9.1f} {r['dequant_us']:9.1f} "
+              f"{r['bf16_us']:9.1f}")
+    for m, c in report["choice"].items():
+        print(f"M={m}: {c['path']} (sum: old {c['old_us']:.0f}, int_mma {c['mma_us']:.0f}, "
+              f"dequant {c['dequant_us']:.0f}, bf16 {c['bf16_us']:.0f} us) blocks {c['blocks']}")
 
 
 def _time_graph(fn, reps: int = 24) -> float:
@@ -285,11 +414,12 @@ def bench_decode(config_dir: Path, work: Path, device: str = "cuda", group_size:
     result = {}
     for label, path, blocks in [p for p in plan if p[0] in runs]:
         qg.GEMV_MAX_M = 0 if label == "int4_gemm" else 16
+        qg.LEGACY_GEMM = label == "int4_gemm"
         ig.default_blocks = default_blocks if blocks is None else (
             lambda m, blocks=blocks: blocks.get(m) or default_blocks(m))
         result[label] = _decode_once(LLM, path, device, prompt, params)
         print(label, result[label], flush=True)
-    qg.GEMV_MAX_M, ig.default_blocks = 16, default_blocks
+    qg.GEMV_MAX_M, qg.LEGACY_GEMM, ig.default_blocks = 16, False, default_blocks
     return result
 
 
@@ -318,6 +448,11 @@ def run_gpu(args) -> dict:
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
 
+    if args.gemm:
+        report["gemm"] = bench_gemm(ms=args.gemm_m)
+        save()
+        print_gemm(report["gemm"])
+        return report
     if args.sweep:
         report["gemv_sweep"] = sweep_gemv(ms=args.sweep_m, top=args.sweep_top,
                                           waves=args.sweep_waves)
@@ -349,6 +484,9 @@ def main() -> None:
     g.add_argument("--json", type=Path, default=None)
     g.add_argument("--sweep", action="store_true", help="time GemvBlocks candidates first")
     g.add_argument("--no-kernels", action="store_true", help="skip the per-linear table")
+    g.add_argument("--gemm", action="store_true",
+                   help="only M > 16: int_mma blocks sweep, old / int_mma / dequant / bf16")
+    g.add_argument("--gemm-m", type=int, nargs="+", default=list(GEMM_MS))
     g.add_argument("--sweep-m", type=int, nargs="+", default=[1, 16])
     g.add_argument("--sweep-top", type=int, default=8, help="candidates per M")
     g.add_argument("--sweep-waves", type=int, nargs="+", default=list(GEMV_WAVES))

@@ -224,6 +224,16 @@ def _int_gemv_kernel(
                                         stride_zg, stride_sg, BITS, GROUP_SIZE, CHUNK)
             acc += _chunk(x_ptr, words, s, z, kk, rm, M, stride_xm, BITS, CHUNK, ASM, BLOCK_M,
                           BLOCK_N)
+    store_tile(acc, out_ptr, partial_ptr, count_ptr + pid_n, rm, rn, M, N, stride_om, pid_s,
+               num_splits, SPLIT, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def store_tile(acc, out_ptr, partial_ptr, count_ptr, rm, rn, M, N, stride_om, pid_s, num_splits,
+               SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Write the fp32 tile acc (rows rm, columns rn) to out, or with SPLIT, its partial sum to
+    partial (num_splits, M, N); the split that arrives last at this tile's counter (count_ptr, an
+    int32 zero) adds all partials in split order, writes out and puts the counter back to 0."""
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     out_offs = rm[:, None] * stride_om + rn[None, :]
     if not SPLIT:
@@ -232,7 +242,7 @@ def _int_gemv_kernel(
         part_offs = rm[:, None] * N + rn[None, :]  # in one (M, N) slice of partial
         tl.store(partial_ptr + pid_s * M * N + part_offs, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial is written before the counter moves
-        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+        arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
         if arrived == num_splits - 1:  # the last split of this tile adds all partials
             RB: tl.constexpr = 16 // BLOCK_M if BLOCK_M < 8 else 2  # partials per load wave
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -243,7 +253,7 @@ def _int_gemv_kernel(
                                 other=0.0, cache_modifier=".cg")  # (RB, BLOCK_M, BLOCK_N)
                 total += tl.sum(parts, axis=0)  # a fixed order: deterministic
             tl.store(out_ptr + out_offs, total.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.store(count_ptr + pid_n, 0)  # ready for the next launch
+            tl.store(count_ptr, 0)  # ready for the next launch
 
 
 def int_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,

@@ -3,12 +3,15 @@ under TRITON_INTERPRET=1 at small shapes on CPU, on CUDA at full shapes (`gpu` m
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
+import kernels.quant_gemm as qg
 from kernels.int_gemv import GemvBlocks, int_gemv
-from kernels.int_pack import default_g_idx, pack
+from kernels.int_pack import default_g_idx, dequantize_int_layout, pack
 from kernels.quant_gemm import gguf_matmul, gguf_matmul_ref, int_quant_matmul, int_quant_matmul_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,6 +105,75 @@ def test_int_gemv_split_reduction_is_deterministic_and_resets_counters():
                  blocks=blocks)
 
 
+# M > 16 with 16-bit x: int_mma (W dequantized in registers) and int_dequant_matmul (W written in
+# x's dtype, then F.linear). Both round each weight to x's dtype, as the reference does; the
+# comparison is against the fp32 product of the same rounded x and weights.
+def _check_rounded(out, x, weights, bits: int, tol: float | None = None) -> None:
+    w = dequantize_int_layout(*weights, bits).t().to(x.dtype).float()  # (N, K)
+    ref = torch.nn.functional.linear(x.float(), w)
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    tol = tol or GEMV_TOL[x.dtype]
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol * ref.abs().mean().item())
+
+
+MMA_CASES = [(17, 256, 96, 32), (33, 384, 200, 64), (64, 256, 80, 128), (130, 256, 136, 128)]
+
+
+@pytest.mark.parametrize("f32_dequant", [True, False])
+@pytest.mark.parametrize("m, k, n, group", MMA_CASES)
+def test_int_mma_matches_reference(m, k, n, group, f32_dequant):
+    """fp16 x (the interpreter miscomputes bf16 tl.dot: bf16 is in the gpu tests) through the
+    table's blocks for M, both dequant modes; N no multiple of the block (masks), symmetric zeros
+    for group 64, random ones otherwise; M = 33 and 130 also split K (in-kernel reduction)."""
+    weights = _int_weights(k, n, 4, group, False, seed=m + k + n, sym=group == 64)
+    x = torch.randn(m, k, device=DEVICE).half()
+    blocks = replace(qg.mma_blocks(m), f32_dequant=f32_dequant)
+    split_k = 3 if m in (33, 130) else 1
+    counters = torch.zeros(n, dtype=torch.int32, device=DEVICE)
+    out = qg.int_mma(x, *weights, 4, group, blocks=blocks, split_k=split_k, counters=counters)
+    _check_rounded(out, x, weights, 4)
+    assert not counters.any()
+
+
+@pytest.mark.parametrize("bits, group, act_order", [(4, 128, True), (8, 32, False)])
+def test_int_mma_and_dequant_act_order_and_8bit(bits, group, act_order):
+    """Act-order gathers zeros and scales per input through g_idx; 8 bits packs 4 per word."""
+    weights = _int_weights(256, 72, bits, group, act_order, seed=bits)
+    x = torch.randn(40, 256, device=DEVICE).half()
+    group_size = None if act_order else group
+    _check_rounded(qg.int_mma(x, *weights, bits, group_size), x, weights, bits)
+    _check_rounded(qg.int_dequant_matmul(x, *weights, bits, group_size), x, weights, bits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits, group, act_order, sym", [
+    (4, 32, False, False), (4, 64, False, True), (4, 128, False, False), (4, 64, True, False),
+    (8, 128, False, False)])
+def test_int_dequant_matmul_matches_reference(bits, group, act_order, sym, dtype, monkeypatch):
+    """Where GEMM_BLOCKS says None, int_quant_matmul goes through the bf16/fp16 copy of W and
+    F.linear. The interpreter truncates fp32 -> bf16 (one ulp off round-to-nearest): 2 ulps."""
+    monkeypatch.setattr(qg, "GEMM_BLOCKS", ((32, qg.mma_blocks(32)), (64, None)))
+    weights = _int_weights(384, 200, bits, group, act_order, seed=group + bits, sym=sym)
+    x = torch.randn(33, 384, device=DEVICE).to(dtype)
+    out = int_quant_matmul(x, *weights, bits, None if act_order else group)
+    _check_rounded(out, x, weights, bits, tol=2e-2 if dtype == torch.bfloat16 else None)
+
+
+def test_dequant_scratch_is_reused_and_never_freed():
+    """One buffer per (device, dtype) for every layer; an outgrown one is kept alive, since a
+    captured CUDA graph may still write to it; a reservation sizes the first allocation."""
+    scratch = qg._Scratch()
+    scratch.reserved = 300
+    device = torch.device(DEVICE)
+    a = scratch.get(100, device, torch.float16)
+    assert a.numel() == 100 and scratch.buffers[(device, torch.float16)].numel() == 300
+    b = scratch.get(300, device, torch.float16)
+    assert b.data_ptr() == a.data_ptr() and not scratch.retired
+    c = scratch.get(400, device, torch.float16)
+    assert c.data_ptr() != a.data_ptr() and scratch.retired[0].data_ptr() == a.data_ptr()
+    assert scratch.get(50, device, torch.bfloat16).dtype == torch.bfloat16
+
+
 def _gguf_weights(qtype: str, n: int, k: int, seed: int) -> torch.Tensor:
     from gguf import GGMLQuantizationType, quants
 
@@ -172,3 +244,41 @@ def test_int_gemv_full_shapes_gpu(linear, m, dtype):
     _check_gemv(out, x, weights, 4)
     assert torch.equal(out, int_quant_matmul(x, *weights, 4, 128, counters=counters))
     assert not counters.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("f32_dequant", [True, False])
+@pytest.mark.parametrize("m, k, n, group", MMA_CASES)
+def test_int_mma_bf16_gpu(m, k, n, group, f32_dequant):
+    """The CPU cases in bf16 (compiled, wgmma where the blocks allow). Dequantizing in bf16 rounds
+    the fp16 scale to bf16 first: 2 roundings per weight, so twice the tolerance."""
+    weights = _int_weights(k, n, 4, group, False, seed=m + k + n, sym=group == 64)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+    blocks = replace(qg.mma_blocks(m), f32_dequant=f32_dequant)
+    out = qg.int_mma(x, *weights, 4, group, blocks=blocks, split_k=3 if m in (33, 130) else 1)
+    _check_rounded(out, x, weights, 4, tol=None if f32_dequant else 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [32, 128, 256])
+@pytest.mark.parametrize("linear", sorted(LLAMA3_8B_LINEARS))
+def test_int_quant_matmul_large_m_full_shapes_gpu(linear, m):
+    """Llama-3-8B linears, int4 group 128, bf16, through the default path for M (the blocks table,
+    split-K, or the dequantized copy and cuBLAS), and through the dequantized copy explicitly."""
+    k, n = LLAMA3_8B_LINEARS[linear]
+    weights = _int_weights(k, n, 4, 128, False, seed=k + n + m)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+    counters = torch.zeros(n, dtype=torch.int32, device=DEVICE)
+    blocks = qg.gemm_blocks(m)
+    tol = None if blocks is None or blocks.f32_dequant else 2e-2
+    out = int_quant_matmul(x, *weights, 4, 128, counters=counters)
+    _check_rounded(out, x, weights, 4, tol)
+    assert not counters.any()
+    _check_rounded(qg.int_dequant_matmul(x, *weights, 4, 128), x, weights, 4)
+
+
+@pytest.mark.gpu
+def test_int_mma_fp16_full_shape_gpu():
+    weights = _int_weights(14336, 4096, 4, 128, False, seed=5)
+    x = torch.randn(128, 14336, device=DEVICE, dtype=torch.float16)
+    _check_rounded(qg.int_mma(x, *weights, 4, 128), x, weights, 4)

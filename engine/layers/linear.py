@@ -86,8 +86,9 @@ class QuantizedLinear(nn.Module):
 
 
 class IntQuantLinear(QuantizedLinear):
-    """AWQ, GPTQ and compressed-tensors weights, held in the int layout (engine/quantization/
-    int_pack.py): qweight (K // pack, N) int32, zeros (G, N) uint8, scales (G, N), g_idx (K,)."""
+    """AWQ, GPTQ and compressed-tensors weights, held in the int layout (kernels/int_pack.py):
+    qweight (K // pack, N) int32, zeros (G, N) uint8, scales (G, N), g_idx (K,). On CUDA,
+    kernels/quant_gemm.int_quant_matmul picks the kernel by the number of rows."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, quant: QuantConfig):
         super().__init__(in_features, out_features, bias)
@@ -149,6 +150,7 @@ class IntQuantLinear(QuantizedLinear):
         # The kernel computes k // group_size unless g_idx says otherwise (act-order).
         self.kernel_group_size = (self.quant.group_size or self.in_features
                                   if torch.equal(self.g_idx, trivial) else None)
+        self._reserve_dequant_scratch()
 
     def dequantized_weight(self) -> torch.Tensor:
         w_t = dequantize_int_layout(self.qweight, self.zeros, self.scales, self.g_idx,
@@ -177,6 +179,15 @@ class IntQuantLinear(QuantizedLinear):
         self.split_counters.zero_()
         if self.bias is not None:
             self.bias.data.zero_()
+        self._reserve_dequant_scratch()
+
+    def _reserve_dequant_scratch(self) -> None:
+        """Large batches dequantize W into one buffer that all layers share (kernels/quant_gemm.py):
+        sized to the largest layer before the first forward, it is allocated once."""
+        if self.qweight.is_cuda:
+            from kernels.quant_gemm import reserve_dequant_scratch
+
+            reserve_dequant_scratch(self.in_features * self.out_features)
 
 
 class GGUFLinear(QuantizedLinear):
