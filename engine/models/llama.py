@@ -126,6 +126,11 @@ class LlamaForCausalLM(nn.Module):
         return hidden  # (num_tokens, hidden_size)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.lm_head.weight
+        if hidden.shape[0] == 1 and not hidden.is_cuda and weight.dtype != torch.float32:
+            # one row in bf16/fp16 on CPU: torch.mv's kernel reads the (vocab, hidden) weight
+            # about 1.7x faster than F.linear's GEMM path (float32 stays on F.linear: exact path)
+            return torch.mv(weight, hidden[0]).unsqueeze(0)
         return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
