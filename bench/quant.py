@@ -174,6 +174,7 @@ def bench_kernels(device: str = "cuda", dtype=torch.bfloat16) -> list[dict]:
 
 def _time_linear(x: torch.Tensor, ws: list, raws: list, dense: list) -> dict[str, float]:
     import kernels.quant_gemm as qg
+    from kernels.gguf_gemm import gguf_matmul
 
     counters = torch.zeros(ws[0][0].shape[1], dtype=torch.int32, device=x.device)
 
@@ -185,7 +186,7 @@ def _time_linear(x: torch.Tensor, ws: list, raws: list, dense: list) -> dict[str
         qg.GEMV_MAX_M, qg.LEGACY_GEMM = 0, True
         times["int4_gemm"] = _time_graph(int4)
         qg.GEMV_MAX_M, qg.LEGACY_GEMM = 16, False
-    times["q4_0"] = _time_graph(lambda i: qg.gguf_matmul(x, raws[i % len(raws)], "Q4_0"))
+    times["q4_0"] = _time_graph(lambda i: gguf_matmul(x, raws[i % len(raws)], "Q4_0"))
     times["bf16"] = _time_graph(lambda i: torch.nn.functional.linear(x, dense[i % len(dense)]))
     return times
 

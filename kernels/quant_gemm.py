@@ -21,40 +21,10 @@ tiles do not fill the SMs, split-K with the GEMV's in-kernel reduction (int_gemv
 
     words (BK/8, BN) -trans-> (BN, BK/8) -interleave x3-> (BN, BK) >> (k % 8) * 4 & 0xF -> q
 
-`gguf_matmul`: llama.cpp Q4_0 / Q4_1 / Q8_0 blocks, raw: qweight (N, K // 32 * block_bytes) uint8;
-the float16 d (and m) of each block are rebuilt from their two bytes inside the kernel; the same
-per-element tiling as `_int_gemm_kernel`, split-K (partials summed afterwards) at M <= 16:
-
-    grid = (M tiles, N tiles, SPLIT_K)          K: |--split 0--|--split 1--|...|--split S-1--|
-
 References (`*_ref`) dequantize the whole weight with kernels/int_pack.py and call F.linear.
+GGUF blocks: kernels/gguf_gemm.py (same launcher, `launch`).
 
-Llama-3-8B linears, qkv + o + gate_up + down summed (us), int4 g128, bf16 x, H200, CUDA-graph
-replays with the weights rotated out of L2 (bench/quant.py gpu --gemm):
-
-    M      per-element (old)  int_mma  int_dequant_matmul  bf16 F.linear
-    32     663                197      266                 121
-    64     694                200      269                 128
-    128    1220               299      279                 135
-    256    1484               530      316                 177
-    1024   -                  1492     767                 638
-    4096   -                  5780     2828                2651
-
-- The old kernel (`_int_gemm_kernel`, words, zeros and scales loaded per weight element): W2 int4
-  decode step 45.4 ms (bf16: 10.8 ms).
-- int_mma up to M = 64, int_dequant_matmul above (GEMM_BLOCKS): W2 step 14.7-15.1 ms (2 runs).
-- int_mma costs the same at M = 32 and 64 (qkv 31 us: 0.4 TB/s): it is bound by dequantizing
-  each weight tile (~1.1e12 weights/s per pass over M), not by bytes. Per step, the dequantized
-  tile goes through shared memory and the wgmma is waited for before the next tile is made: no
-  overlap inside a program. More warps per SM (8 warps, 2-3 stages, 12-32 warps/SM) was slower
-  (M = 32: 200-270 us), so was BLOCK_M = 32 (mma.sync, 266); dequantizing in bf16 instead of
-  fp32 changed +-5%. At M = 256, (128, 64, 128) x 8 warps, 2 stages beat (128, 128, 64): 530
-  against 653 us; both lose to the dequantized copy.
-- int_dequant_matmul = bf16 F.linear + writing and reading W once more at ~3.9 TB/s: it cannot
-  beat bf16; 1.8-2.1x the bf16 time at M = 128-256, 1.07x at M = 4096 (prefill).
-Open: int4 stays slower than bf16 at every M > 16; int_mma needs the dequantized tile fed to the
-tensor cores without waiting on each step (a register A operand, i.e. out^T = W x^T, or a deeper
-software pipeline) to reach the weight-bandwidth bound (~4x less than bf16 at M <= 64).
+Measured per-M times and what bounds each path: docs/benchmarks.md (int4 at M > 16).
 """
 
 from __future__ import annotations
@@ -67,13 +37,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.gguf_quant import dequantize
 from kernels.int_gemv import int_gemv, store_tile, supports
 from kernels.int_pack import dequantize_int_layout
 
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-GGUF_KERNEL_TYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
-_GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 GEMV_MAX_M = 16  # int_quant_matmul sends up to this many rows to int_gemv (0: never; benchmarks)
 LEGACY_GEMM = False  # benchmarks: everything the GEMV does not take goes to _int_gemm_kernel
 
@@ -290,11 +257,11 @@ def int_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor
         if _mma_step(blocks, K, group_size) >= 16:
             return int_mma(x, qweight, zeros, scales, g_idx, bits, group_size, blocks=blocks,
                            split_k=split_k, counters=counters)
-    return _launch(x, N, K, split_k, lambda out, grid, k_split, blocks: _int_gemm_kernel[grid](
+    return launch(x, N, K, split_k, lambda out, grid, k_split, blocks: _int_gemm_kernel[grid](
         x, qweight, zeros, scales, g_idx, out, M, N, K, k_split,
         x.stride(0), qweight.stride(0), zeros.stride(0), scales.stride(0),
         out.stride(0), out.stride(1),
-        BITS=bits, GROUP_SIZE=group_size or 0, PRECISION=_precision(x), **blocks,
+        BITS=bits, GROUP_SIZE=group_size or 0, PRECISION=precision(x), **blocks,
     ))  # fmt: skip
 
 
@@ -423,7 +390,7 @@ def _gemv_fits(x: torch.Tensor, bits: int, group_size: int | None) -> bool:
 def _check_int_args(x, qweight, zeros, scales, g_idx, bits: int) -> None:
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
-    _check_x(x)
+    check_x(x)
     M, K = x.shape
     pack = 32 // bits
     if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[0] * pack != K:
@@ -440,93 +407,14 @@ def _check_int_args(x, qweight, zeros, scales, g_idx, bits: int) -> None:
             raise ValueError(f"{name} must be contiguous and on x's device ({x.device})")
 
 
-# ----------------------------------------------------------------------------------------- GGUF
-@triton.jit
-def _f16_at(ptr, offs, mask):
-    """The float16 stored little-endian at byte offsets `offs`, as float32."""
-    lo = tl.load(ptr + offs, mask=mask, other=0).to(tl.uint16)
-    hi = tl.load(ptr + offs + 1, mask=mask, other=0).to(tl.uint16)
-    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _gguf_dequant_tile(w_ptr, rk, rn, K, N, row_bytes, QTYPE: tl.constexpr,
-                       BLOCK_BYTES: tl.constexpr):
-    mask = (rk < K)[:, None] & (rn < N)[None, :]
-    j = rk % 32  # position in the 32-weight block
-    base = rn[None, :].to(tl.int64) * row_bytes + ((rk // 32) * BLOCK_BYTES)[:, None]  # (BK, BN)
-    d = _f16_at(w_ptr, base, mask)
-    if QTYPE == 2:  # Q8_0: [d | 32 x int8]
-        q = tl.load(w_ptr + base + 2 + j[:, None], mask=mask, other=0).to(tl.int8, bitcast=True)
-        return q.to(tl.float32) * d
-    header = 2 if QTYPE == 0 else 4
-    byte = tl.load(w_ptr + base + header + (j % 16)[:, None], mask=mask, other=0)
-    q = ((byte >> ((j // 16) * 4).to(tl.uint8)[:, None]) & 0xF).to(tl.float32)
-    if QTYPE == 0:  # Q4_0: [d | 16 B]
-        return d * (q - 8.0)
-    return d * q + _f16_at(w_ptr, base + 2, mask)  # Q4_1: [d | m | 16 B]
-
-
-@triton.jit
-def _gguf_gemm_kernel(
-    x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, row_bytes, stride_xm, stride_os, stride_om,
-    QTYPE: tl.constexpr, BLOCK_BYTES: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start = pid_s * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        x_mask = (rm < M)[:, None] & (rk < k_end)[None, :]
-        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :], mask=x_mask,
-                    other=0.0)
-        w = _gguf_dequant_tile(w_ptr, rk, rn, k_end, N, row_bytes, QTYPE, BLOCK_BYTES)
-        acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
-    out_mask = (rm < M)[:, None] & (rn < N)[None, :]
-    offs = pid_s * stride_os + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
-def gguf_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, qtype: str) -> torch.Tensor:
-    return F.linear(x, dequantize(qweight, qtype, x.shape[1]).to(x.dtype))
-
-
-def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: str,
-                split_k: int | None = None) -> torch.Tensor:
-    """x (M, K) @ W^T with W (N, K) in llama.cpp blocks → (M, N) in x's dtype."""
-    if qtype not in GGUF_KERNEL_TYPES:
-        raise ValueError(f"no kernel for GGUF type {qtype}; supported: "
-                         f"{', '.join(GGUF_KERNEL_TYPES)} (others use gguf_matmul_ref)")
-    _check_x(x)
-    M, K = x.shape
-    block_bytes = _GGUF_BLOCK_BYTES[qtype]
-    if K % 32 or qweight.dtype != torch.uint8 or qweight.dim() != 2 or \
-            qweight.shape[1] != K // 32 * block_bytes:
-        raise ValueError(f"{qtype} weight for K={K} must be (N, {K // 32 * block_bytes}) uint8 "
-                         f"(K a multiple of 32); got {tuple(qweight.shape)} {qweight.dtype}")
-    if qweight.device != x.device or not qweight.is_contiguous():
-        raise ValueError(f"qweight must be contiguous and on x's device ({x.device})")
-    N = qweight.shape[0]
-    return _launch(x, N, K, split_k, lambda out, grid, k_split, blocks: _gguf_gemm_kernel[grid](
-        x, qweight, out, M, N, K, k_split, qweight.stride(0), x.stride(0),
-        out.stride(0), out.stride(1),
-        QTYPE=GGUF_KERNEL_TYPES[qtype], BLOCK_BYTES=block_bytes, PRECISION=_precision(x),
-        **blocks,
-    ))  # fmt: skip
-
-
 # ------------------------------------------------------------------------------------- launching
-def _check_x(x: torch.Tensor) -> None:
+def check_x(x: torch.Tensor) -> None:
     if x.dim() != 2 or x.dtype not in _ACT_DTYPES or x.stride(1) != 1:
         raise ValueError(f"x must be 2-D (M, K), contiguous rows, in {_ACT_DTYPES}; got "
                          f"{tuple(x.shape)} {x.dtype}")
 
 
-def _precision(x: torch.Tensor) -> str:
+def precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
 
 
@@ -548,7 +436,7 @@ def _default_split(M: int, N: int, K: int, blocks: dict[str, int], device) -> in
     return max(1, min(max_split, triton.cdiv(2 * sms, tiles)))
 
 
-def _launch(x: torch.Tensor, N: int, K: int, split_k: int | None, run) -> torch.Tensor:
+def launch(x: torch.Tensor, N: int, K: int, split_k: int | None, run) -> torch.Tensor:
     M = x.shape[0]
     blocks = _blocks(M)
     if split_k is None:

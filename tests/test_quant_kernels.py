@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import kernels.quant_gemm as qg
+from kernels.gguf_gemm import gguf_matmul, gguf_matmul_ref
 from kernels.int_gemv import GemvBlocks, int_gemv
 from kernels.int_pack import default_g_idx, dequantize_int_layout, pack
-from kernels.quant_gemm import gguf_matmul, gguf_matmul_ref, int_quant_matmul, int_quant_matmul_ref
+from kernels.quant_gemm import int_quant_matmul, int_quant_matmul_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 5e-2)}

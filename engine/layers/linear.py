@@ -233,7 +233,7 @@ class GGUFLinear(QuantizedLinear):
             return out if self.bias is None else out + self.bias
         if not x.is_cuda or self.qtype not in gguf_quant.KERNEL_TYPES:
             return self._forward_reference(x)
-        from kernels.quant_gemm import gguf_matmul
+        from kernels.gguf_gemm import gguf_matmul
 
         out = gguf_matmul(x.reshape(-1, self.in_features), self.qweight, self.qtype)
         out = out.reshape(*x.shape[:-1], self.out_features)
