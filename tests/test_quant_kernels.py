@@ -251,13 +251,15 @@ def test_int_gemv_full_shapes_gpu(linear, m, dtype):
 @pytest.mark.parametrize("f32_dequant", [True, False])
 @pytest.mark.parametrize("m, k, n, group", MMA_CASES)
 def test_int_mma_bf16_gpu(m, k, n, group, f32_dequant):
-    """The CPU cases in bf16 (compiled, wgmma where the blocks allow). Dequantizing in bf16 rounds
-    the fp16 scale to bf16 first: 2 roundings per weight, so twice the tolerance."""
+    """The CPU cases in bf16 (compiled, wgmma where the blocks allow). Dequantizing in bf16 (not
+    the default) rounds the fp16 scale to bf16 first: 2 roundings per weight. Emulated in torch on
+    20 seeds at (130, 256, 136), that alone moves outputs by up to 4.6% of mean |out|: 6e-2."""
     weights = _int_weights(k, n, 4, group, False, seed=m + k + n, sym=group == 64)
-    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(m * k)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, torch.bfloat16)
     blocks = replace(qg.mma_blocks(m), f32_dequant=f32_dequant)
     out = qg.int_mma(x, *weights, 4, group, blocks=blocks, split_k=3 if m in (33, 130) else 1)
-    _check_rounded(out, x, weights, 4, tol=None if f32_dequant else 2e-2)
+    _check_rounded(out, x, weights, 4, tol=None if f32_dequant else 6e-2)
 
 
 @pytest.mark.gpu
