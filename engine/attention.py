@@ -33,8 +33,8 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     max_query_len: int
     max_seq_len: int
-    # CPU decode: the padding mask every layer shares, built on first use (_padding_mask)
-    cpu_padding_mask: torch.Tensor | None = field(default=None, repr=False)
+    # CPU decode: what every layer of one step shares, built by the first (padding mask, block run)
+    cpu_step_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_seqs(self) -> int:
@@ -138,10 +138,15 @@ def _decode_batched(
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     max_len = meta.max_seq_len
-    tables = meta.block_tables[:, : (max_len + block_size - 1) // block_size]
-    # (S, Hkv, L, D) views, cut to the longest context
-    ks = _gather_blocks(k_cache, tables).flatten(1, 2)[:, :max_len].transpose(1, 2)
-    vs = _gather_blocks(v_cache, tables).flatten(1, 2)[:, :max_len].transpose(1, 2)
+    num_blocks = (max_len + block_size - 1) // block_size
+    first = _block_run(meta, num_blocks)
+    if first is not None:  # one sequence on consecutive blocks: attend to the cache in place
+        ks = k_cache[first : first + num_blocks].flatten(0, 1)[None, :max_len].transpose(1, 2)
+        vs = v_cache[first : first + num_blocks].flatten(0, 1)[None, :max_len].transpose(1, 2)
+    else:  # (S, Hkv, L, D) gathered, cut to the longest context
+        tables = meta.block_tables[:, :num_blocks]
+        ks = _gather_blocks(k_cache, tables).flatten(1, 2)[:, :max_len].transpose(1, 2)
+        vs = _gather_blocks(v_cache, tables).flatten(1, 2)[:, :max_len].transpose(1, 2)
     qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # (S, Hkv, G, D)
     out = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=_padding_mask(meta, q.dtype),
                                          scale=scale)
@@ -153,12 +158,25 @@ def _padding_mask(meta: AttentionMetadata, dtype: torch.dtype) -> torch.Tensor |
     once per batch (every layer shares it), None when all contexts are equally long."""
     if min(meta.seq_lens_cpu) == meta.max_seq_len:
         return None
-    cached = meta.cpu_padding_mask
+    cached = meta.cpu_step_cache.get("padding_mask")
     if cached is None or cached.dtype != dtype:
         lens = meta.seq_lens.to(torch.int64)
         pad = torch.arange(meta.max_seq_len, device=lens.device)[None, :] >= lens[:, None]
         cached = torch.zeros(pad.shape, dtype=dtype, device=lens.device)
         cached.masked_fill_(pad, float("-inf"))
         cached = cached[:, None, None, :]
-        meta.cpu_padding_mask = cached
+        meta.cpu_step_cache["padding_mask"] = cached
     return cached
+
+
+def _block_run(meta: AttentionMetadata, num_blocks: int) -> int | None:
+    """A batch of one sequence whose blocks are consecutive (the usual case for a single user:
+    the free list hands out blocks in order): its first block, else None. Once per step."""
+    if "block_run" not in meta.cpu_step_cache:
+        first = None
+        if meta.num_seqs == 1:
+            table = meta.block_tables[0, :num_blocks].tolist()
+            if table == list(range(table[0], table[0] + num_blocks)):
+                first = table[0]
+        meta.cpu_step_cache["block_run"] = first
+    return meta.cpu_step_cache["block_run"]
