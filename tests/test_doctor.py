@@ -40,11 +40,15 @@ def test_doctor_on_this_machine(free_port):
     result = _doctor("--port", str(free_port))
     checks = _lines(result.stdout)
     assert list(checks) == [
-        "python", "packages", "torch", "gpu", "model", "checksums", "memory", "disk", "port"
+        "python", "packages", "torch", "cpu", "gpu", "model", "checksums", "memory", "disk", "port"
     ]  # fmt: skip
     assert result.returncode == 0, result.stdout
     assert checks["python"][1].startswith(".".join(map(str, sys.version_info[:3])))
     assert checks["torch"][0] == "OK" and "2." in checks["torch"][1]
+    assert checks["cpu"][0] == "OK" and f"{os.cpu_count()} cores" in checks["cpu"][1]
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if " amx_bf16" in flags or " avx512_bf16" in flags:  # this machine: the fast path is named
+        assert "--dtype bfloat16 --gguf-keep-quantized" in checks["cpu"][1]
     import torch
 
     if not torch.cuda.is_available():
