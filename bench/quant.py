@@ -262,7 +262,7 @@ def bench_gemm(device: str = "cuda", dtype=torch.bfloat16, ms=GEMM_MS,
     linears), then per linear the old per-element kernel (M <= 256), int_mma with the best
     blocks, int_dequant_matmul and bf16 F.linear. `choice`: per M the faster int4 path by the
     summed time (each linear runs once per layer), with int_mma's best blocks."""
-    import kernels.quant_gemm as qg
+    import kernels.int_mma as mma
 
     time_fn = time_fn or _time_graph
     data = {}
@@ -270,12 +270,12 @@ def bench_gemm(device: str = "cuda", dtype=torch.bfloat16, ms=GEMM_MS,
         dense = [torch.randn(n, k, device=device, dtype=dtype) * 0.02
                  for _ in range(_copies(n * k * 2))]
         data[name] = (k, n, _int4_copies(k, n, device, _copies(_int4_bytes(k, n))), dense)
-        qg.reserve_dequant_scratch(k * n)
+        mma.reserve_dequant_scratch(k * n)
     report = {"rows": [], "sweep": {}, "choice": {}}
     best = None
     for m in ms:
         xs = {name: torch.randn(m, k, device=device, dtype=dtype) for name, (k, *_) in data.items()}
-        candidates = [qg.GemmBlocks(*c) for c in GEMM_CANDIDATES.get(m, [])] or [best]
+        candidates = [mma.GemmBlocks(*c) for c in GEMM_CANDIDATES.get(m, [])] or [best]
         results = []
         for blocks in candidates:
             per, err = _time_mma(xs, data, blocks, time_fn)
@@ -295,7 +295,8 @@ def bench_gemm(device: str = "cuda", dtype=torch.bfloat16, ms=GEMM_MS,
 
 def _time_mma(xs: dict, data: dict, blocks, time_fn) -> tuple[dict[str, float], float]:
     """int_mma with `blocks` on each linear: us per call, and the largest relative error."""
-    from kernels.quant_gemm import int_mma, int_quant_matmul_ref
+    from kernels.int_mma import int_mma
+    from kernels.quant_gemm import int_quant_matmul_ref
 
     per, err = {}, 0.0
     for name, (_, n, ws, _) in data.items():
@@ -310,6 +311,7 @@ def _time_mma(xs: dict, data: dict, blocks, time_fn) -> tuple[dict[str, float], 
 
 def _time_paths(m: int, xs: dict, data: dict, mma: tuple, time_fn, rows: list) -> dict:
     """Each path on each linear (a row each, appended to rows); the totals and the choice."""
+    import kernels.int_mma as mma
     import kernels.quant_gemm as qg
 
     blocks, mma_us = mma
@@ -322,7 +324,7 @@ def _time_paths(m: int, xs: dict, data: dict, mma: tuple, time_fn, rows: list) -
             row["old_us"] = time_fn(lambda i, x=x, ws=ws: qg.int_quant_matmul(
                 x, *ws[i % len(ws)], 4, 128)) * 1e6
             qg.LEGACY_GEMM = False
-        row["dequant_us"] = time_fn(lambda i, x=x, ws=ws: qg.int_dequant_matmul(
+        row["dequant_us"] = time_fn(lambda i, x=x, ws=ws: mma.int_dequant_matmul(
             x, *ws[i % len(ws)], 4, 128)) * 1e6
         row["bf16_us"] = time_fn(lambda i, x=x, d=dense: torch.nn.functional.linear(
             x, d[i % len(d)])) * 1e6
@@ -340,16 +342,16 @@ def _time_paths(m: int, xs: dict, data: dict, mma: tuple, time_fn, rows: list) -
 def apply_gemm_choice(choice: dict) -> None:
     """Point kernels/quant_gemm.py's GEMM_BLOCKS at bench_gemm's choice (keys M, as int or as
     JSON strings), to run a workload with it: int_mma up to each M where it won, else None."""
-    import kernels.quant_gemm as qg
+    import kernels.int_mma as mma
 
     table = []
     for m in sorted(choice, key=int):
         c = choice[m]
-        table.append((int(m), qg.GemmBlocks(**c["blocks"]) if c["path"] == "mma" else None))
+        table.append((int(m), mma.GemmBlocks(**c["blocks"]) if c["path"] == "mma" else None))
     while table and table[-1][1] is None:  # beyond the table is int_dequant_matmul anyway
         table.pop()
-    qg.GEMM_BLOCKS = tuple(table)
-    print("GEMM_BLOCKS =", qg.GEMM_BLOCKS, flush=True)
+    mma.GEMM_BLOCKS = tuple(table)
+    print("GEMM_BLOCKS =", mma.GEMM_BLOCKS, flush=True)
 
 
 def print_gemm(report: dict) -> None:

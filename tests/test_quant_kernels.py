@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import kernels.quant_gemm as qg
+import kernels.int_mma as mma
 from kernels.gguf_gemm import gguf_matmul, gguf_matmul_ref
 from kernels.int_gemv import GemvBlocks, int_gemv
 from kernels.int_pack import default_g_idx, dequantize_int_layout, pack
@@ -128,10 +128,10 @@ def test_int_mma_matches_reference(m, k, n, group, f32_dequant):
     for group 64, random ones otherwise; M = 33 and 130 also split K (in-kernel reduction)."""
     weights = _int_weights(k, n, 4, group, False, seed=m + k + n, sym=group == 64)
     x = torch.randn(m, k, device=DEVICE).half()
-    blocks = replace(qg.mma_blocks(m), f32_dequant=f32_dequant)
+    blocks = replace(mma.mma_blocks(m), f32_dequant=f32_dequant)
     split_k = 3 if m in (33, 130) else 1
     counters = torch.zeros(n, dtype=torch.int32, device=DEVICE)
-    out = qg.int_mma(x, *weights, 4, group, blocks=blocks, split_k=split_k, counters=counters)
+    out = mma.int_mma(x, *weights, 4, group, blocks=blocks, split_k=split_k, counters=counters)
     _check_rounded(out, x, weights, 4)
     assert not counters.any()
 
@@ -142,8 +142,8 @@ def test_int_mma_and_dequant_act_order_and_8bit(bits, group, act_order):
     weights = _int_weights(256, 72, bits, group, act_order, seed=bits)
     x = torch.randn(40, 256, device=DEVICE).half()
     group_size = None if act_order else group
-    _check_rounded(qg.int_mma(x, *weights, bits, group_size), x, weights, bits)
-    _check_rounded(qg.int_dequant_matmul(x, *weights, bits, group_size), x, weights, bits)
+    _check_rounded(mma.int_mma(x, *weights, bits, group_size), x, weights, bits)
+    _check_rounded(mma.int_dequant_matmul(x, *weights, bits, group_size), x, weights, bits)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -152,18 +152,21 @@ def test_int_mma_and_dequant_act_order_and_8bit(bits, group, act_order):
     (8, 128, False, False)])
 def test_int_dequant_matmul_matches_reference(bits, group, act_order, sym, dtype, monkeypatch):
     """Where GEMM_BLOCKS says None, int_quant_matmul goes through the bf16/fp16 copy of W and
-    F.linear. The interpreter truncates fp32 -> bf16 (one ulp off round-to-nearest): 2 ulps."""
-    monkeypatch.setattr(qg, "GEMM_BLOCKS", ((32, qg.mma_blocks(32)), (64, None)))
+    F.linear. The interpreter truncates fp32 -> bf16 (up to one ulp off round-to-nearest per
+    weight): emulated in torch over 30 seeds of x at this shape, outputs move by up to 4.8% of
+    mean |out| (2e-2 failed now and then with an unseeded x): 6e-2, x seeded."""
+    monkeypatch.setattr(mma, "GEMM_BLOCKS", ((32, mma.mma_blocks(32)), (64, None)))
     weights = _int_weights(384, 200, bits, group, act_order, seed=group + bits, sym=sym)
-    x = torch.randn(33, 384, device=DEVICE).to(dtype)
+    gen = torch.Generator().manual_seed(bits * group)
+    x = torch.randn(33, 384, generator=gen).to(DEVICE, dtype)
     out = int_quant_matmul(x, *weights, bits, None if act_order else group)
-    _check_rounded(out, x, weights, bits, tol=2e-2 if dtype == torch.bfloat16 else None)
+    _check_rounded(out, x, weights, bits, tol=6e-2 if dtype == torch.bfloat16 else None)
 
 
 def test_dequant_scratch_is_reused_and_never_freed():
     """One buffer per (device, dtype) for every layer; an outgrown one is kept alive, since a
     captured CUDA graph may still write to it; a reservation sizes the first allocation."""
-    scratch = qg._Scratch()
+    scratch = mma._Scratch()
     scratch.reserved = 300
     device = torch.device(DEVICE)
     a = scratch.get(100, device, torch.float16)
@@ -257,8 +260,8 @@ def test_int_mma_bf16_gpu(m, k, n, group, f32_dequant):
     weights = _int_weights(k, n, 4, group, False, seed=m + k + n, sym=group == 64)
     gen = torch.Generator().manual_seed(m * k)
     x = torch.randn(m, k, generator=gen).to(DEVICE, torch.bfloat16)
-    blocks = replace(qg.mma_blocks(m), f32_dequant=f32_dequant)
-    out = qg.int_mma(x, *weights, 4, group, blocks=blocks, split_k=3 if m in (33, 130) else 1)
+    blocks = replace(mma.mma_blocks(m), f32_dequant=f32_dequant)
+    out = mma.int_mma(x, *weights, 4, group, blocks=blocks, split_k=3 if m in (33, 130) else 1)
     _check_rounded(out, x, weights, 4, tol=None if f32_dequant else 6e-2)
 
 
@@ -272,16 +275,16 @@ def test_int_quant_matmul_large_m_full_shapes_gpu(linear, m):
     weights = _int_weights(k, n, 4, 128, False, seed=k + n + m)
     x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
     counters = torch.zeros(n, dtype=torch.int32, device=DEVICE)
-    blocks = qg.gemm_blocks(m)
+    blocks = mma.gemm_blocks(m)
     tol = None if blocks is None or blocks.f32_dequant else 2e-2
     out = int_quant_matmul(x, *weights, 4, 128, counters=counters)
     _check_rounded(out, x, weights, 4, tol)
     assert not counters.any()
-    _check_rounded(qg.int_dequant_matmul(x, *weights, 4, 128), x, weights, 4)
+    _check_rounded(mma.int_dequant_matmul(x, *weights, 4, 128), x, weights, 4)
 
 
 @pytest.mark.gpu
 def test_int_mma_fp16_full_shape_gpu():
     weights = _int_weights(14336, 4096, 4, 128, False, seed=5)
     x = torch.randn(128, 14336, device=DEVICE, dtype=torch.float16)
-    _check_rounded(qg.int_mma(x, *weights, 4, 128), x, weights, 4)
+    _check_rounded(mma.int_mma(x, *weights, 4, 128), x, weights, 4)

@@ -185,7 +185,7 @@ class IntQuantLinear(QuantizedLinear):
         """Large batches dequantize W into one buffer that all layers share (kernels/quant_gemm.py):
         sized to the largest layer before the first forward, it is allocated once."""
         if self.qweight.is_cuda:
-            from kernels.quant_gemm import reserve_dequant_scratch
+            from kernels.int_mma import reserve_dequant_scratch
 
             reserve_dequant_scratch(self.in_features * self.out_features)
 
