@@ -26,7 +26,7 @@ Act-order (g_idx) weights and group sizes that are no multiple of 32 // bits sta
 kernels/quant_gemm.py.
 
 Versions, Llama-3-8B linears (qkv + o + gate_up + down, int4 g128, bf16 x, M = 1), H200, CUDA-graph
-replays with the weights rotated out of L2 (bench/quant.py gpu --sweep):
+replays with the weights rotated out of L2 (bench/quant_gpu.py --sweep):
 - dequant-GEMM of quant_gemm.py (per-element word/zero/scale loads, tl.dot): 566 us; W5 19.1 ms.
 - this kernel, one value per shift + and + or + FMA, x loads masked (SASS: ~5.3 instructions per
   weight): 70 us with the best blocks; W5 3.10 ms.
