@@ -80,6 +80,12 @@ class QuantizedLinear(nn.Module):
                 raise ValueError(f"checkpoint is missing quantized tensor {key!r} for a "
                                  f"{self.in_features}x{self.out_features} linear")
 
+    def _rows(self, x: torch.Tensor, matmul) -> torch.Tensor:
+        """`matmul` on x's rows as (M, in_features) → (M, out_features), back in x's leading
+        shape, plus the bias: the frame every kernel path shares."""
+        out = matmul(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.dequantized_weight().to(x.dtype)
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
@@ -162,11 +168,9 @@ class IntQuantLinear(QuantizedLinear):
             return self._forward_reference(x)
         from kernels.quant_gemm import int_quant_matmul
 
-        out = int_quant_matmul(x.reshape(-1, self.in_features), self.qweight, self.zeros,
-                               self.scales, self.g_idx, self.quant.bits, self.kernel_group_size,
-                               counters=self.split_counters)
-        out = out.reshape(*x.shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias
+        return self._rows(x, lambda rows: int_quant_matmul(
+            rows, self.qweight, self.zeros, self.scales, self.g_idx, self.quant.bits,
+            self.kernel_group_size, counters=self.split_counters))
 
     def init_dummy(self, gen: torch.Generator) -> None:
         """Random weights with the statistics of a real checkpoint (benchmarks)."""
@@ -182,7 +186,7 @@ class IntQuantLinear(QuantizedLinear):
         self._reserve_dequant_scratch()
 
     def _reserve_dequant_scratch(self) -> None:
-        """Large batches dequantize W into one buffer that all layers share (kernels/quant_gemm.py):
+        """Large batches dequantize W into one buffer that all layers share (kernels/int_mma.py):
         sized to the largest layer before the first forward, it is allocated once."""
         if self.qweight.is_cuda:
             from kernels.int_mma import reserve_dequant_scratch
@@ -228,16 +232,12 @@ class GGUFLinear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4 is not None and x.dtype == self.int4.scale_zero.dtype:
-            out = cpu_int4.linear(x.reshape(-1, self.in_features), self.int4)
-            out = out.reshape(*x.shape[:-1], self.out_features)
-            return out if self.bias is None else out + self.bias
+            return self._rows(x, lambda rows: cpu_int4.linear(rows, self.int4))
         if not x.is_cuda or self.qtype not in gguf_quant.KERNEL_TYPES:
             return self._forward_reference(x)
         from kernels.gguf_gemm import gguf_matmul
 
-        out = gguf_matmul(x.reshape(-1, self.in_features), self.qweight, self.qtype)
-        out = out.reshape(*x.shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias
+        return self._rows(x, lambda rows: gguf_matmul(rows, self.qweight, self.qtype))
 
     def init_dummy(self, gen: torch.Generator) -> None:
         """Random nibbles with small float16 scales in every block header."""
