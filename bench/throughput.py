@@ -104,19 +104,13 @@ def model_dir(w: Workload, weights: str) -> str:
     return str(out)
 
 
-def _linear_params(cfg) -> int:
-    h, hd = cfg.hidden_size, cfg.head_dim
-    attn = h * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)  # q, k, v, o
-    return cfg.num_layers * (attn + 3 * h * cfg.intermediate_size)
-
-
 def floor_seconds(w: Workload, bandwidth: float, flops: float, kv_bytes: int = 2,
                   weights: str = "bf16") -> dict:
     cfg = load_hf_config(CONFIGS[w.model])
     embed = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size  # rows gathered only
     weight_bytes = (cfg.num_params - embed) * 2
     if weights == "awq-int4":  # 4-bit linears + per-128 fp16 scale and 8-bit zero
-        linear = _linear_params(cfg)
+        linear = cfg.num_linear_params
         weight_bytes -= linear * 2 - linear * (0.5 + 3 / 128)
     steps = max(w.max_tokens)  # continuous batching: the longest output sets the step count
     pairs = zip(w.prompts, w.max_tokens, strict=True)

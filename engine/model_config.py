@@ -48,14 +48,21 @@ class ModelConfig:
             )
 
     @property
-    def num_params(self) -> int:
-        """Parameter count (embedding counted once when tied)."""
-        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+    def num_linear_params(self) -> int:
+        """Weights of the decoder layers' projections (q, k, v, o, gate, up, down): what a
+        quantized checkpoint packs."""
+        h, i = self.hidden_size, self.intermediate_size
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
-        per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+        return self.num_layers * (h * (q + 2 * kv) + q * h + 3 * h * i)
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count (embedding counted once when tied)."""
+        h, v = self.hidden_size, self.vocab_size
         head = 0 if self.tie_word_embeddings else v * h
-        return v * h + self.num_layers * per_layer + h + head
+        norms = self.num_layers * 2 * h + h
+        return v * h + self.num_linear_params + norms + head
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.gguf_quant import BLOCKS, _nibbles
+from kernels.gguf_quant import BLOCKS, _f16, _nibbles
 
 TYPES = ("Q4_0", "Q4_1")
 GROUP = 32
@@ -56,11 +56,11 @@ def pack_gguf(raw: torch.Tensor, qtype: str, in_features: int, dtype: torch.dtyp
                          f"(needs Q4_0/Q4_1, rows a multiple of {_TILE}, bf16/fp16)")
     size = BLOCKS[qtype][1]
     blocks = raw.reshape(n, in_features // GROUP, size)
-    d = blocks[..., 0:2].contiguous().view(torch.float16).float()[..., 0]  # (N, K // 32)
+    d = _f16(blocks[..., 0:2])[..., 0]  # (N, K // 32)
     if qtype == "Q4_0":
         qs, zero = blocks[..., 2:], torch.zeros_like(d)
     else:
-        m = blocks[..., 2:4].contiguous().view(torch.float16).float()[..., 0]
+        m = _f16(blocks[..., 2:4])[..., 0]
         qs, zero = blocks[..., 4:], m + 8.0 * d
     q = _nibbles(qs.reshape(-1, 16), 16).reshape(n, in_features).to(torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
