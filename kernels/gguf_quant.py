@@ -6,8 +6,12 @@ A weight (N, K) is stored as N rows of K // B blocks, each block B weights in `s
     Q4_0  B=32  18 B  [d | qs 16]        w = (q - 8) * d   q_j = qs[j] & 15, q_16+j = qs[j] >> 4
     Q4_1  B=32  20 B  [d | m | qs 16]    w = q * d + m        (same nibble order)
     Q8_0  B=32  34 B  [d | qs 32 int8]   w = q * d
-    Q4_K  B=256 144 B [d | dmin | 12 B 6-bit scales/mins | qs 128]   (torch reference only)
-    Q6_K  B=256 210 B [ql 128 | qh 64 | scales 16 int8 | d]           (torch reference only)
+    Q4_K  B=256 144 B [d | dmin | 12 B 6-bit scales/mins | qs 128]   8 sub-blocks of 32:
+                      w = d * sc_s * q - dmin * m_s   (32 qs bytes: 32 low nibbles, 32 high)
+    Q6_K  B=256 210 B [ql 128 | qh 64 | scales 16 int8 | d]           16 sub-blocks of 16:
+                      w = d * sc_s * (q - 32)   (q: 4 bits from ql, 2 from qh)
+
+All five have a Triton kernel (kernels/gguf_gemm.py); the torch code here is its reference.
 
 Rows are independent, so fused projections concatenate rows and llama.cpp's Q/K row permutation
 is undone by permuting whole rows, bytes untouched. The references follow gguf-py's numpy
@@ -25,7 +29,7 @@ BLOCKS = {  # type: (weights per block, bytes per block)
     "Q4_K": (256, 144),
     "Q6_K": (256, 210),
 }
-KERNEL_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # the Triton kernel reads these; the rest: reference
+KERNEL_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K")  # kernels/gguf_gemm.py reads these
 
 
 def row_bytes(qtype: str, cols: int) -> int:

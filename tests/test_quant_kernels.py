@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import kernels.int_mma as mma
-from kernels.gguf_gemm import gguf_matmul, gguf_matmul_ref
+from kernels import gguf_quant
+from kernels.gguf_gemm import GGUF_KERNEL_TYPES, gguf_matmul, gguf_matmul_ref
 from kernels.int_gemv import GemvBlocks, int_gemv
 from kernels.int_pack import default_g_idx, dequantize_int_layout, pack
 from kernels.quant_gemm import int_quant_matmul, int_quant_matmul_ref
@@ -179,20 +180,81 @@ def test_dequant_scratch_is_reused_and_never_freed():
 
 
 def _gguf_weights(qtype: str, n: int, k: int, seed: int) -> torch.Tensor:
+    """(n, k) weights in qtype's blocks: gguf-py quantizes standard normals for the 32-weight
+    types; it cannot quantize K-quants, so those are random bytes with each block's float16 d
+    (and dmin) set to a random finite scale that keeps |w| within a few units."""
     from gguf import GGMLQuantizationType, quants
 
-    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
-    return torch.from_numpy(quants.quantize(w, GGMLQuantizationType[qtype])).to(DEVICE)
+    rng = np.random.default_rng(seed)
+    if qtype not in _K_QUANT_SCALES:
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        return torch.from_numpy(quants.quantize(w, GGMLQuantizationType[qtype])).to(DEVICE)
+    block, size = gguf_quant.BLOCKS[qtype]
+    raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
+    for at in _K_QUANT_SCALES[qtype]:
+        d = rng.uniform(2e-4, 1e-3, (n, k // block, 1)).astype(np.float16)
+        raw[..., at : at + 2] = d.view(np.uint8)
+    return torch.from_numpy(raw.reshape(n, -1)).to(DEVICE)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
-@pytest.mark.parametrize("m, split_k", [(1, 2), (20, 1)])
+_K_QUANT_SCALES = {"Q4_K": (0, 2), "Q6_K": (208,)}  # byte offsets of the float16 d (and dmin)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("m, split_k", [(1, 4), (20, 1)])
 def test_gguf_kernel_matches_reference(qtype, m, split_k):
-    k, n = 256, 80
+    """K = 512: two K-quant blocks per row. M = 1 (BLOCK_K 128) splits K in four, so splits
+    start and end inside a K-quant block; M = 20 (BLOCK_K 64); N is no multiple of BLOCK_N."""
+    k, n = 512, 80
     qweight = _gguf_weights(qtype, n, k, seed=m)
     x = torch.randn(m, k, device=DEVICE)
     out = gguf_matmul(x, qweight, qtype, split_k=split_k)
     torch.testing.assert_close(out, gguf_matmul_ref(x, qweight, qtype), rtol=2e-4, atol=2e-4)
+
+
+def _q4_k_block(d: float, dmin: float, sc: list[int], mn: list[int], q: list[int]) -> list[int]:
+    """One Q4_K block built by hand: 8 six-bit scales and mins, 256 nibbles (llama.cpp layout)."""
+    scales = [sc[i] | (sc[4 + i] >> 4) << 6 for i in range(4)]
+    scales += [mn[i] | (mn[4 + i] >> 4) << 6 for i in range(4)]
+    scales += [(sc[4 + i] & 15) | (mn[4 + i] & 15) << 4 for i in range(4)]
+    qs = [q[64 * g + i] | q[64 * g + 32 + i] << 4 for g in range(4) for i in range(32)]
+    return _fp16_bytes(d) + _fp16_bytes(dmin) + scales + qs
+
+
+def _q6_k_block(d: float, sc: list[int], q: list[int]) -> list[int]:
+    """One Q6_K block built by hand: 256 six-bit quants, 16 int8 scales."""
+    ql = [q[128 * h + i] & 15 | (q[128 * h + 64 + i] & 15) << 4 for h in range(2)
+          for i in range(64)]
+    qh = [sum((q[128 * h + 32 * p + i] >> 4) << 2 * p for p in range(4)) for h in range(2)
+          for i in range(32)]
+    return ql + qh + [v & 0xFF for v in sc] + _fp16_bytes(d)
+
+
+def _fp16_bytes(value: float) -> list[int]:
+    return list(np.array([value], dtype=np.float16).view(np.uint8))
+
+
+def test_gguf_k_quants_known_values():
+    """Hand-built blocks, two rows each (scales >= 16 use the packed high bits; Q6_K scales and d
+    negative too), through the torch reference and, as the weight of an identity x, through the
+    kernel (BLOCK_K 32): both give exactly d * sc * q - dmin * mn, and d * sc * (q - 32)."""
+    rng = np.random.default_rng(0)
+    q4, q6 = rng.integers(0, 16, 256).tolist(), rng.integers(0, 64, 256).tolist()
+    sc4, mn4 = [1, 2, 63, 5, 17, 33, 48, 60], [0, 7, 40, 63, 1, 20, 50, 32]
+    sc6 = [-128, -3, 0, 1, 2, 7, 16, 31, 33, 64, 100, 127, -1, -17, -64, 5]
+    cases = {
+        "Q4_K": [(_q4_k_block(d, dmin, sc, mn, q4),
+                  [d * sc[j // 32] * q4[j] - dmin * mn[j // 32] for j in range(256)])
+                 for d, dmin, sc, mn in [(0.5, 0.25, sc4, mn4), (1.0, 0.5, sc4[::-1], mn4[::-1])]],
+        "Q6_K": [(_q6_k_block(d, sc, q6), [d * sc[j // 16] * (q6[j] - 32) for j in range(256)])
+                 for d, sc in [(0.25, sc6), (-2.0, sc6[::-1])]],
+    }
+    eye = torch.eye(256, device=DEVICE)
+    for qtype, rows in cases.items():
+        raw = torch.tensor([r[0] for r in rows], dtype=torch.uint8, device=DEVICE)  # (2, bytes)
+        want = torch.tensor([r[1] for r in rows], device=DEVICE)  # (2, 256)
+        assert torch.equal(gguf_quant.dequantize(raw, qtype, 256), want)
+        torch.testing.assert_close(gguf_matmul(eye, raw, qtype).t(), want, rtol=0, atol=0)
 
 
 def test_launcher_checks():
@@ -207,25 +269,39 @@ def test_launcher_checks():
     with pytest.raises(ValueError, match="x must be 2-D"):
         int_quant_matmul(x[None], qweight, zeros, scales, g_idx, 4, 32)
     raw = _gguf_weights("Q4_1", 8, 64, seed=0)
-    with pytest.raises(ValueError, match="no kernel for GGUF type Q6_K"):
-        gguf_matmul(x, raw, "Q6_K")
+    with pytest.raises(ValueError, match="no kernel for GGUF type Q5_K"):
+        gguf_matmul(x, raw, "Q5_K")
     with pytest.raises(ValueError, match=r"Q4_0 weight for K=64 must be \(N, 36\)"):
         gguf_matmul(x, raw, "Q4_0")
+    for qtype in ("Q4_K", "Q6_K"):  # 256 weights per block
+        with pytest.raises(ValueError, match=f"{qtype} packs 256 .* multiple of 256, got K=64"):
+            gguf_matmul(x, raw, qtype)
+    with pytest.raises(ValueError, match=r"Q4_K weight for K=256 must be \(N, 144\)"):
+        gguf_matmul(torch.randn(2, 256, device=DEVICE), _gguf_weights("Q6_K", 8, 256, 0), "Q4_K")
+    assert set(GGUF_KERNEL_TYPES) == set(gguf_quant.KERNEL_TYPES)  # GGUFLinear dispatches on it
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 16, 256])
 def test_full_shapes_gpu(dtype, m):
-    """Llama-3-8B shapes: qkv 4096 -> 6144 (int4, group 128) and down 14336 -> 4096 (Q4_0)."""
+    """Llama-3-8B qkv 4096 -> 6144 (int4, group 128)."""
     qweight, zeros, scales, g_idx = _int_weights(4096, 6144, 4, 128, False, seed=0)
     x = torch.randn(m, 4096, device=DEVICE, dtype=dtype)
     out = int_quant_matmul(x, qweight, zeros, scales, g_idx, 4, 128)
     ref = int_quant_matmul_ref(x, qweight, zeros, scales, g_idx, 4)
     torch.testing.assert_close(out, ref, rtol=TOL[dtype][0], atol=TOL[dtype][1] * 10)
-    raw = _gguf_weights("Q4_0", 4096, 14336, seed=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 16, 256])
+def test_gguf_full_shapes_gpu(dtype, m, qtype):
+    """Llama-3-8B down 14336 -> 4096 in GGUF blocks (the default split-K at M <= 16)."""
+    raw = _gguf_weights(qtype, 4096, 14336, seed=1)
     x = torch.randn(m, 14336, device=DEVICE, dtype=dtype)
-    torch.testing.assert_close(gguf_matmul(x, raw, "Q4_0"), gguf_matmul_ref(x, raw, "Q4_0"),
+    torch.testing.assert_close(gguf_matmul(x, raw, qtype), gguf_matmul_ref(x, raw, qtype),
                                rtol=TOL[dtype][0], atol=TOL[dtype][1] * 10)
 
 
