@@ -90,6 +90,44 @@ def _time_linear(x: torch.Tensor, ws: list, raws: list, dense: list) -> dict[str
     return times
 
 
+def _gguf_raw(qtype: str, k: int, n: int, device: str) -> torch.Tensor:
+    """(n, k) weights in qtype's blocks: random bytes, each block's float16 d (and m / dmin) set
+    to 0.001 so that the values stay finite."""
+    from kernels.gguf_quant import BLOCKS, SCALE_BYTES
+
+    block, size = BLOCKS[qtype]
+    raw = torch.randint(0, 256, (n, k // block, size), dtype=torch.uint8, device=device)
+    half = torch.tensor([0.001], dtype=torch.float16).view(torch.uint8).to(device)
+    for at in SCALE_BYTES[qtype]:
+        raw[..., at:at + 2] = half
+    return raw.reshape(n, -1)
+
+
+def bench_gguf(device: str = "cuda", dtype=torch.bfloat16, ms=(1, 16, 256)) -> list[dict]:
+    """GGUF block types through kernels/gguf_gemm.py on the gate_up and down linears (CUDA-graph
+    replays, weights rotated out of L2), bf16 F.linear beside them."""
+    from kernels.gguf_gemm import gguf_matmul
+    from kernels.gguf_quant import BLOCKS
+
+    rows = []
+    for name, k, n in LLAMA3_8B_LINEARS[2:]:
+        dense = [torch.randn(n, k, device=device, dtype=dtype) * 0.02
+                 for _ in range(_copies(n * k * 2))]
+        for qtype, (block, size) in BLOCKS.items():
+            nbytes = n * k // block * size
+            raws = [_gguf_raw(qtype, k, n, device) for _ in range(_copies(nbytes))]
+            for m in ms:
+                x = torch.randn(m, k, device=device, dtype=dtype)
+                t = _time_graph(lambda i, x=x, r=raws, q=qtype: gguf_matmul(x, r[i % len(r)], q))
+                bf16 = _time_graph(lambda i, x=x, d=dense: torch.nn.functional.linear(
+                    x, d[i % len(d)]))
+                row = {"linear": name, "qtype": qtype, "M": m, "us": round(t * 1e6, 1),
+                       "GBps": round(nbytes / t / 1e9), "bf16_us": round(bf16 * 1e6, 1)}
+                print(row, flush=True)
+                rows.append(row)
+    return rows
+
+
 GEMV_CANDIDATES = {  # (block_n, block_k, num_warps), each with every entry of GEMV_WAVES
     1: [(512, 64, 4), (1024, 64, 4), (256, 64, 2), (512, 128, 4), (512, 64, 2), (1024, 128, 8),
         (256, 128, 2), (1024, 64, 8)],
@@ -350,6 +388,10 @@ def run_gpu(args) -> dict:
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
 
+    if args.gguf:
+        report["gguf"] = bench_gguf()
+        save()
+        return report
     if args.gemm:
         report["gemm"] = bench_gemm(ms=args.gemm_m)
         save()
@@ -378,6 +420,8 @@ def add_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--no-kernels", action="store_true", help="skip the per-linear table")
     g.add_argument("--gemm", action="store_true",
                    help="only M > 16: int_mma blocks sweep, old / int_mma / dequant / bf16")
+    g.add_argument("--gguf", action="store_true",
+                   help="only the GGUF block types (Q4_0 ... Q6_K) on gate_up and down")
     g.add_argument("--gemm-m", type=int, nargs="+", default=list(GEMM_MS))
     g.add_argument("--sweep-m", type=int, nargs="+", default=[1, 16])
     g.add_argument("--sweep-top", type=int, default=8, help="candidates per M")

@@ -29,6 +29,9 @@ BLOCKS = {  # type: (weights per block, bytes per block)
     "Q4_K": (256, 144),
     "Q6_K": (256, 210),
 }
+# Byte offsets of each block's float16 scales (d, and m / dmin): what random test or benchmark
+# blocks must set to stay finite.
+SCALE_BYTES = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}
 KERNEL_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K")  # kernels/gguf_gemm.py reads these
 
 

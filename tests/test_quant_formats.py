@@ -263,3 +263,13 @@ def test_gguf_fused_rows():
         offset += n
     layer.finalize()
     np.testing.assert_array_equal(layer.dequantized_weight().numpy(), np.concatenate(raws))
+
+
+@pytest.mark.parametrize("qtype", sorted(gguf_quant.BLOCKS))
+def test_gguf_dummy_weights_are_finite_and_small(qtype):
+    """load_format="dummy" (benchmarks): every block's scales are set, wherever the type keeps
+    them (Q6_K's d is at the end of its block), so no weight is inf or NaN."""
+    layer = GGUFLinear(256, 32, False, qtype)
+    layer.init_dummy(torch.Generator().manual_seed(0))
+    w = gguf_quant.dequantize(layer.qweight, qtype, 256)
+    assert torch.isfinite(w).all() and w.abs().max() < 10

@@ -186,18 +186,15 @@ def _gguf_weights(qtype: str, n: int, k: int, seed: int) -> torch.Tensor:
     from gguf import GGMLQuantizationType, quants
 
     rng = np.random.default_rng(seed)
-    if qtype not in _K_QUANT_SCALES:
+    if qtype not in ("Q4_K", "Q6_K"):
         w = rng.standard_normal((n, k)).astype(np.float32)
         return torch.from_numpy(quants.quantize(w, GGMLQuantizationType[qtype])).to(DEVICE)
     block, size = gguf_quant.BLOCKS[qtype]
     raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
-    for at in _K_QUANT_SCALES[qtype]:
+    for at in gguf_quant.SCALE_BYTES[qtype]:
         d = rng.uniform(2e-4, 1e-3, (n, k // block, 1)).astype(np.float16)
         raw[..., at : at + 2] = d.view(np.uint8)
     return torch.from_numpy(raw.reshape(n, -1)).to(DEVICE)
-
-
-_K_QUANT_SCALES = {"Q4_K": (0, 2), "Q6_K": (208,)}  # byte offsets of the float16 d (and dmin)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"])

@@ -240,13 +240,13 @@ class GGUFLinear(QuantizedLinear):
         return self._rows(x, lambda rows: gguf_matmul(rows, self.qweight, self.qtype))
 
     def init_dummy(self, gen: torch.Generator) -> None:
-        """Random nibbles with small float16 scales in every block header."""
+        """Random quants with small float16 scales (d, and m / dmin) in every block."""
         block, size = gguf_quant.BLOCKS[self.qtype]
         self.qweight.random_(0, 256, generator=gen)
-        header = self.qweight.view(self.out_features, -1, size)[..., :4]  # d (and m) fields
-        scale = torch.full(header.shape[:-1] + (2,), 0.001, dtype=torch.float16,
-                           device=header.device)
-        header.copy_(scale.view(torch.uint8)[..., : header.shape[-1]])
+        blocks = self.qweight.view(self.out_features, -1, size)
+        scale = torch.tensor([0.001], dtype=torch.float16).view(torch.uint8).to(blocks.device)
+        for at in gguf_quant.SCALE_BYTES[self.qtype]:
+            blocks[..., at:at + 2] = scale
         if self.bias is not None:
             self.bias.data.zero_()
         self._prepare_cpu_int4()
