@@ -121,4 +121,34 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     return (d * q.reshape(n, 16, -1).float()).reshape(n, 256)
 
 
+INT_LAYOUT_TYPES = ("Q4_0", "Q8_0")  # exactly (q - z) * d: CUDA runs them on the int kernels
+
+
+def to_int_layout(raw: torch.Tensor, qtype: str, cols: int):
+    """Q4_0 / Q8_0 rows (N, row_bytes) -> the int layout of kernels/int_pack.py with group size
+    32: (qweight (K // pack, N) int32, zeros (K // 32, N) uint8, scales (K // 32, N) float16,
+    bits). Exact: Q4_0 is (q - 8) d, Q8_0 is ((q + 128) - 128) d."""
+    if qtype not in INT_LAYOUT_TYPES:
+        raise ValueError(f"{qtype} has no exact int layout; supported: {INT_LAYOUT_TYPES}")
+    block, size = _block(qtype)
+    n = raw.shape[0]
+    blocks = raw.reshape(n, cols // block, size)
+    d = blocks[..., :2].contiguous().view(torch.float16)[..., 0]  # (N, K // 32)
+    if qtype == "Q4_0":
+        bits, zero = 4, 8
+        qs = blocks[..., 2:]
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=-1)  # (N, K // 32, 32): low nibbles first
+    else:
+        bits, zero = 8, 128
+        q = (blocks[..., 2:].contiguous().view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
+    q = q.reshape(n, cols).t().to(torch.int32)  # (K, N)
+    pack = 32 // bits
+    q = q.reshape(cols // pack, pack, n)
+    words = q[:, 0].clone()
+    for i in range(1, pack):
+        words |= q[:, i] << (i * bits)  # int32 shifts wrap into the sign bit, as packed words do
+    zeros = torch.full_like(d, zero, dtype=torch.uint8).t().contiguous()
+    return words.contiguous(), zeros, d.t().contiguous(), bits
+
+
 _DEQUANT = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q8_0": _q8_0, "Q4_K": _q4_k, "Q6_K": _q6_k}

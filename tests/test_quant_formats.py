@@ -273,3 +273,21 @@ def test_gguf_dummy_weights_are_finite_and_small(qtype):
     layer.init_dummy(torch.Generator().manual_seed(0))
     w = gguf_quant.dequantize(layer.qweight, qtype, 256)
     assert torch.isfinite(w).all() and w.abs().max() < 10
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_gguf_to_int_layout_is_exact(qtype):
+    """CUDA runs Q4_0 / Q8_0 on the int kernels: the repacked weight equals the blocks'."""
+    from gguf import GGMLQuantizationType, quants
+
+    from kernels.int_pack import default_g_idx, dequantize_int_layout
+
+    w = np.random.default_rng(5).standard_normal((24, 96)).astype(np.float32)
+    raw = torch.from_numpy(quants.quantize(w, GGMLQuantizationType[qtype]))
+    qweight, zeros, scales, bits = gguf_quant.to_int_layout(raw, qtype, 96)
+    assert (qweight.shape, zeros.shape, bits) == ((96 * bits // 32, 24), (3, 24),
+                                                  4 if qtype == "Q4_0" else 8)
+    got = dequantize_int_layout(qweight, zeros, scales, default_g_idx(96, 32), bits).t()
+    torch.testing.assert_close(got, gguf_quant.dequantize(raw, qtype, 96), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no exact int layout"):
+        gguf_quant.to_int_layout(raw, "Q4_1", 96)

@@ -302,6 +302,26 @@ def test_gguf_full_shapes_gpu(dtype, m, qtype):
                                rtol=TOL[dtype][0], atol=TOL[dtype][1] * 10)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 4, 64, 256])
+def test_gguf_linear_cuda_matches_blocks(qtype, dtype, m):
+    """GGUFLinear on CUDA: Q4_0 / Q8_0 repacked into the int layout (GEMV, int_mma, dequantized
+    copy by M), Q4_K on its block kernel; all against the blocks dequantized in float32."""
+    from engine.layers.linear import GGUFLinear
+
+    raw = _gguf_weights(qtype, 1024, 4096, seed=2)
+    layer = GGUFLinear(4096, 1024, False, qtype).to(DEVICE)
+    layer.load("qweight", raw, None)
+    layer.finalize()
+    assert (layer.int_layout is not None) == (qtype in gguf_quant.INT_LAYOUT_TYPES)
+    x = torch.randn(m, 4096, device=DEVICE, dtype=dtype)
+    ref = x.float() @ gguf_quant.dequantize(raw, qtype, 4096).t()
+    out = layer(x).float()
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-2
+
+
 LLAMA3_8B_LINEARS = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
                      "down": (14336, 4096)}
 

@@ -199,13 +199,18 @@ class GGUFLinear(QuantizedLinear):
 
     On CPU in bf16/fp16, Q4_0/Q4_1 weights are repacked once for torch's int4 GEMV
     (kernels/cpu_int4.py) and the raw bytes are released: decode reads 4-bit weights, as
-    llama.cpp does. In float32 the CPU path stays the exact reference (dequantize, F.linear)."""
+    llama.cpp does. In float32 the CPU path stays the exact reference (dequantize, F.linear).
+    On CUDA, Q4_0 and Q8_0 are repacked exactly into the int layout (group size 32) and run on
+    the int kernels (decode GEMV, int_mma); the other types read their blocks in place
+    (kernels/gguf_gemm.py)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, qtype: str) -> None:
         super().__init__(in_features, out_features, bias)
         self.qtype = qtype
         self.act_dtype = torch.get_default_dtype()  # the model's dtype (set while building)
         self.int4: cpu_int4.Int4Weight | None = None
+        self.int_layout: tuple[torch.Tensor, ...] | None = None  # CUDA Q4_0 / Q8_0, see _prepare
+        self.bits = 0
         self.register_buffer("qweight", torch.empty(
             out_features, gguf_quant.row_bytes(qtype, in_features), dtype=torch.uint8))
 
@@ -216,9 +221,21 @@ class GGUFLinear(QuantizedLinear):
 
     def finalize(self) -> None:
         self._check_filled(("qweight",), self.out_features)
-        self._prepare_cpu_int4()
+        self._prepare()
 
-    def _prepare_cpu_int4(self) -> None:
+    def _prepare(self) -> None:
+        if self.qweight.is_cuda and self.qtype in gguf_quant.INT_LAYOUT_TYPES:
+            qweight, zeros, scales, self.bits = gguf_quant.to_int_layout(
+                self.qweight, self.qtype, self.in_features)
+            g_idx = default_g_idx(self.in_features, 32, qweight.device)
+            counters = torch.zeros(self.out_features, dtype=torch.int32, device=qweight.device)
+            for name, t in (("int_qweight", qweight), ("int_zeros", zeros),
+                            ("int_scales", scales), ("int_g_idx", g_idx),
+                            ("int_counters", counters)):
+                self.register_buffer(name, t, persistent=False)
+            self.int_layout = (qweight, zeros, scales, g_idx, counters)
+            self.qweight = torch.empty(0, dtype=torch.uint8, device=qweight.device)
+            return
         if self.qweight.device.type != "cpu" or not cpu_int4.supported(
                 self.qtype, self.out_features, self.in_features, self.act_dtype):
             return
@@ -228,11 +245,19 @@ class GGUFLinear(QuantizedLinear):
     def dequantized_weight(self) -> torch.Tensor:
         if self.int4 is not None:
             return cpu_int4.dequantize(self.int4).float()
+        if self.int_layout is not None:
+            return dequantize_int_layout(*self.int_layout[:4], self.bits).t()
         return gguf_quant.dequantize(self.qweight, self.qtype, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4 is not None and x.dtype == self.int4.scale_zero.dtype:
             return self._rows(x, lambda rows: cpu_int4.linear(rows, self.int4))
+        if self.int_layout is not None and x.is_cuda:
+            from kernels.quant_gemm import int_quant_matmul
+
+            qweight, zeros, scales, g_idx, counters = self.int_layout
+            return self._rows(x, lambda rows: int_quant_matmul(
+                rows, qweight, zeros, scales, g_idx, self.bits, 32, counters=counters))
         if not x.is_cuda or self.qtype not in gguf_quant.KERNEL_TYPES:
             return self._forward_reference(x)
         from kernels.gguf_gemm import gguf_matmul
@@ -249,4 +274,4 @@ class GGUFLinear(QuantizedLinear):
             blocks[..., at:at + 2] = scale
         if self.bias is not None:
             self.bias.data.zero_()
-        self._prepare_cpu_int4()
+        self._prepare()
