@@ -103,7 +103,8 @@ def _gguf_raw(qtype: str, k: int, n: int, device: str) -> torch.Tensor:
     return raw.reshape(n, -1)
 
 
-def bench_gguf(device: str = "cuda", dtype=torch.bfloat16, ms=(1, 16, 256)) -> list[dict]:
+def bench_gguf(device: str = "cuda", dtype=torch.bfloat16, ms=(1, 16, 256),
+               qtypes=None) -> list[dict]:
     """GGUF block types through kernels/gguf_gemm.py on the gate_up and down linears (CUDA-graph
     replays, weights rotated out of L2), bf16 F.linear beside them; Q4_0 / Q8_0 also repacked
     into the int layout, the path GGUFLinear takes on CUDA."""
@@ -118,6 +119,8 @@ def bench_gguf(device: str = "cuda", dtype=torch.bfloat16, ms=(1, 16, 256)) -> l
                  for _ in range(_copies(n * k * 2))]
         counters = torch.zeros(n, dtype=torch.int32, device=device)
         for qtype, (block, size) in BLOCKS.items():
+            if qtypes and qtype not in qtypes:
+                continue
             nbytes = n * k // block * size
             raws = [_gguf_raw(qtype, k, n, device) for _ in range(_copies(nbytes))]
             if qtype in INT_LAYOUT_TYPES:
@@ -400,7 +403,7 @@ def run_gpu(args) -> dict:
             args.json.write_text(json.dumps(report, indent=2))
 
     if args.gguf:
-        report["gguf"] = bench_gguf()
+        report["gguf"] = bench_gguf(qtypes=args.gguf_types)
         save()
         return report
     if args.gemm:
@@ -433,6 +436,7 @@ def add_arguments(g: argparse.ArgumentParser) -> None:
                    help="only M > 16: int_mma blocks sweep, old / int_mma / dequant / bf16")
     g.add_argument("--gguf", action="store_true",
                    help="only the GGUF block types (Q4_0 ... Q6_K) on gate_up and down")
+    g.add_argument("--gguf-types", nargs="+", default=None, help="with --gguf: these types only")
     g.add_argument("--gemm-m", type=int, nargs="+", default=list(GEMM_MS))
     g.add_argument("--sweep-m", type=int, nargs="+", default=[1, 16])
     g.add_argument("--sweep-top", type=int, default=8, help="candidates per M")
