@@ -106,8 +106,8 @@ def _gguf_raw(qtype: str, k: int, n: int, device: str) -> torch.Tensor:
 def bench_gguf(device: str = "cuda", dtype=torch.bfloat16, ms=(1, 16, 256),
                qtypes=None) -> list[dict]:
     """GGUF block types through kernels/gguf_gemm.py on the gate_up and down linears (CUDA-graph
-    replays, weights rotated out of L2), bf16 F.linear beside them; Q4_0 / Q8_0 also repacked
-    into the int layout, the path GGUFLinear takes on CUDA."""
+    replays, weights rotated out of L2), bf16 F.linear beside them, and repacked into the int
+    layout: the path GGUFLinear takes on CUDA."""
     from kernels.gguf_gemm import gguf_matmul
     from kernels.gguf_quant import BLOCKS, INT_LAYOUT_TYPES, to_int_layout
     from kernels.int_pack import default_g_idx
@@ -124,7 +124,8 @@ def bench_gguf(device: str = "cuda", dtype=torch.bfloat16, ms=(1, 16, 256),
             nbytes = n * k // block * size
             raws = [_gguf_raw(qtype, k, n, device) for _ in range(_copies(nbytes))]
             if qtype in INT_LAYOUT_TYPES:
-                ints = [(*to_int_layout(r, qtype, k), default_g_idx(k, 32, device)) for r in raws]
+                ints = [to_int_layout(r, qtype, k) for r in raws]
+                g_idx = default_g_idx(k, ints[0][4], device)
             for m in ms:
                 x = torch.randn(m, k, device=device, dtype=dtype)
                 t = _time_graph(lambda i, x=x, r=raws, q=qtype: gguf_matmul(x, r[i % len(r)], q))
@@ -134,8 +135,8 @@ def bench_gguf(device: str = "cuda", dtype=torch.bfloat16, ms=(1, 16, 256),
                        "GBps": round(nbytes / t / 1e9), "bf16_us": round(bf16 * 1e6, 1)}
                 if qtype in INT_LAYOUT_TYPES:  # what GGUFLinear runs on CUDA
                     row["int_layout_us"] = round(_time_graph(
-                        lambda i, x=x, r=ints, c=counters: int_quant_matmul(
-                            x, *r[i % len(r)][:3], r[0][4], r[0][3], 32, counters=c)
+                        lambda i, x=x, r=ints, g=g_idx, c=counters: int_quant_matmul(
+                            x, *r[i % len(r)][:3], g, *r[0][3:5], counters=c, offset=r[0][5])
                     ) * 1e6, 1)
                 print(row, flush=True)
                 rows.append(row)

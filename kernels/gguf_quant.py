@@ -106,49 +106,78 @@ def _q4_k(b: torch.Tensor) -> torch.Tensor:
     return (d * q - dm).reshape(n, 256)
 
 
-def _q6_k(b: torch.Tensor) -> torch.Tensor:
+def _q6_k_quants(b: torch.Tensor) -> torch.Tensor:
+    """(n, 210) blocks -> (n, 256) unsigned 6-bit quants (0..63)."""
     n = b.shape[0]
     ql, qh = b[:, :128], b[:, 128:192]
-    scales = b[:, 192:208].contiguous().view(torch.int8).float()
-    d = (_f16(b[:, 208:210]) * scales).reshape(n, 16, 1)
     low = ((ql.reshape(n, -1, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8,
                                                        device=b.device).reshape(1, 1, 2, 1)) & 0x0F)
     low = low.reshape(n, -1, 32)
     high = qh.reshape(n, -1, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8,
                                                     device=b.device).reshape(1, 1, 4, 1)
     high = (high & 0x03).reshape(n, -1, 32)
-    q = (low | (high << 4)).to(torch.int8) - 32
-    return (d * q.reshape(n, 16, -1).float()).reshape(n, 256)
+    return (low | (high << 4)).reshape(n, 256)
 
 
-INT_LAYOUT_TYPES = ("Q4_0", "Q8_0")  # exactly (q - z) * d: CUDA runs them on the int kernels
+def _q6_k_scales(b: torch.Tensor) -> torch.Tensor:
+    """(n, 210) blocks -> (n, 16) float32 d * scale of each 16 weights."""
+    return _f16(b[:, 208:210]) * b[:, 192:208].contiguous().view(torch.int8).float()
+
+
+def _q6_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    q = _q6_k_quants(b).to(torch.int8) - 32
+    return (_q6_k_scales(b).reshape(n, 16, 1) * q.reshape(n, 16, -1).float()).reshape(n, 256)
+
+
+# On CUDA these types are repacked exactly into the int layout (kernels/int_pack.py) and run on
+# the int kernels: (group size, bits, offset). Offset types hold w = q s + b (b in `zeros`).
+INT_LAYOUT_TYPES = {"Q4_0": (32, 4, False), "Q8_0": (32, 8, False), "Q4_1": (32, 4, True),
+                    "Q4_K": (32, 4, True), "Q6_K": (16, 8, False)}
+
+
+def _int_parts(b: torch.Tensor, qtype: str):
+    """(n, size) blocks -> unsigned quants (n, B) uint8, scales (n, B // group) and zeros (the
+    integer zero point, or the float offset b of offset types), matching the references."""
+    if qtype == "Q4_0":
+        return _nibbles(b[:, 2:], 16), _f16(b[:, :2]), 8
+    if qtype == "Q8_0":
+        q = (b[:, 2:].contiguous().view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
+        return q, _f16(b[:, :2]), 128
+    if qtype == "Q4_1":
+        return _nibbles(b[:, 4:], 16), _f16(b[:, :2]), _f16(b[:, 2:4])
+    if qtype == "Q4_K":
+        sc, mn = _q4_k_scales(b[:, 4:16])
+        return (_nibbles(b[:, 16:], 32), _f16(b[:, :2]) * sc.float(),
+                -(_f16(b[:, 2:4]) * mn.float()))
+    return _q6_k_quants(b), _q6_k_scales(b), 32  # Q6_K: (q - 32) d sc
 
 
 def to_int_layout(raw: torch.Tensor, qtype: str, cols: int):
-    """Q4_0 / Q8_0 rows (N, row_bytes) -> the int layout of kernels/int_pack.py with group size
-    32: (qweight (K // pack, N) int32, zeros (K // 32, N) uint8, scales (K // 32, N) float16,
-    bits). Exact: Q4_0 is (q - 8) d, Q8_0 is ((q + 128) - 128) d."""
+    """GGUF rows (N, row_bytes) -> the int layout, exactly: (qweight (K // pack, N) int32,
+    zeros (K // group, N), scales (K // group, N), bits, group, offset). zeros is uint8 (Q4_0:
+    8, Q8_0: 128, Q6_K: 32) or, for offset types, the float offsets (Q4_1: m, Q4_K: -dmin mn);
+    scales are d (float16) or d * sub-block scale (float32, K-quants)."""
     if qtype not in INT_LAYOUT_TYPES:
-        raise ValueError(f"{qtype} has no exact int layout; supported: {INT_LAYOUT_TYPES}")
+        raise ValueError(f"{qtype} has no int layout; supported: {', '.join(INT_LAYOUT_TYPES)}")
+    group, bits, offset = INT_LAYOUT_TYPES[qtype]
     block, size = _block(qtype)
     n = raw.shape[0]
-    blocks = raw.reshape(n, cols // block, size)
-    d = blocks[..., :2].contiguous().view(torch.float16)[..., 0]  # (N, K // 32)
-    if qtype == "Q4_0":
-        bits, zero = 4, 8
-        qs = blocks[..., 2:]
-        q = torch.cat([qs & 0x0F, qs >> 4], dim=-1)  # (N, K // 32, 32): low nibbles first
+    q, scales, zeros = _int_parts(raw.reshape(-1, size), qtype)
+    scales = scales.reshape(n, cols // group)
+    if scales.dtype == torch.float32 and qtype in ("Q4_0", "Q8_0", "Q4_1"):
+        scales = scales.half()  # exactly the file's float16 d
+    if isinstance(zeros, int):
+        zeros = torch.full(scales.shape, zeros, dtype=torch.uint8, device=raw.device)
     else:
-        bits, zero = 8, 128
-        q = (blocks[..., 2:].contiguous().view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
-    q = q.reshape(n, cols).t().to(torch.int32)  # (K, N)
+        zeros = zeros.reshape(n, cols // group).to(scales.dtype)
     pack = 32 // bits
-    q = q.reshape(cols // pack, pack, n)
+    q = q.reshape(n, cols).t().to(torch.int32).reshape(cols // pack, pack, n)  # (K // pack, ., N)
     words = q[:, 0].clone()
     for i in range(1, pack):
         words |= q[:, i] << (i * bits)  # int32 shifts wrap into the sign bit, as packed words do
-    zeros = torch.full_like(d, zero, dtype=torch.uint8).t().contiguous()
-    return words.contiguous(), zeros, d.t().contiguous(), bits
+    return (words.contiguous(), zeros.t().contiguous(), scales.t().contiguous(), bits, group,
+            offset)
 
 
 _DEQUANT = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q8_0": _q8_0, "Q4_K": _q4_k, "Q6_K": _q6_k}

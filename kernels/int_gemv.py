@@ -149,7 +149,8 @@ def _dot(x, f, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _chunk(x_ptr, words, s, z, kk, rm, M, stride_xm, BITS: tl.constexpr, CHUNK: tl.constexpr,
-           ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+           ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+           OFFSET: tl.constexpr):
     """(BLOCK_M, BLOCK_N) contribution of inputs [kk, kk + CHUNK), all in one group.
 
     Values decoded as 1 + q / 256 go to d_lo, those decoded as 1 + q / 16 to d_hi (4 bits only);
@@ -182,12 +183,16 @@ def _chunk(x_ptr, words, s, z, kk, rm, M, stride_xm, BITS: tl.constexpr, CHUNK: 
     z = z.to(tl.float32)
     if BLOCK_M == 1:
         sx_lo, sx_hi = tl.sum(x_lo, axis=0), tl.sum(x_hi, axis=0)
-        dot = d_lo * 256 + d_hi * 16 - (sx_lo * 256 + sx_hi * 16) - (sx_lo + sx_hi) * z
-        out = (s * dot)[None, :]
     else:
         sx_lo, sx_hi = tl.sum(x_lo, axis=1)[:, None], tl.sum(x_hi, axis=1)[:, None]
-        dot = d_lo * 256 + d_hi * 16 - (sx_lo * 256 + sx_hi * 16) - (sx_lo + sx_hi) * z[None, :]
-        out = s[None, :] * dot
+        s, z = s[None, :], z[None, :]
+    qdot = d_lo * 256 + d_hi * 16 - (sx_lo * 256 + sx_hi * 16)  # sum_k x[k] q[k]
+    if OFFSET:  # w = q s + b, b in z
+        out = s * qdot + z * (sx_lo + sx_hi)
+    else:
+        out = s * (qdot - z * (sx_lo + sx_hi))
+    if BLOCK_M == 1:
+        out = out[None, :]
     return out
 
 
@@ -197,7 +202,7 @@ def _int_gemv_kernel(
     M, N, K, k_per_split, num_splits,
     stride_xm, stride_qk, stride_zg, stride_sg, stride_om,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, CHUNK: tl.constexpr, ASM: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET: tl.constexpr,
 ):  # fmt: skip
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -216,14 +221,14 @@ def _int_gemv_kernel(
                 qw_ptr, z_ptr, s_ptr, kk + CHUNK, k_end, rn, N, stride_qk, stride_zg, stride_sg,
                 BITS, GROUP_SIZE, CHUNK)
             acc += _chunk(x_ptr, words, s, z, kk, rm, M, stride_xm, BITS, CHUNK, ASM, BLOCK_M,
-                          BLOCK_N)
+                          BLOCK_N, OFFSET)
             words, s, z = next_words, next_s, next_z
     else:  # the mma path has no registers to spare for a second tile
         for kk in range(k_start, k_end, CHUNK):
             words, s, z = _load_weights(qw_ptr, z_ptr, s_ptr, kk, k_end, rn, N, stride_qk,
                                         stride_zg, stride_sg, BITS, GROUP_SIZE, CHUNK)
             acc += _chunk(x_ptr, words, s, z, kk, rm, M, stride_xm, BITS, CHUNK, ASM, BLOCK_M,
-                          BLOCK_N)
+                          BLOCK_N, OFFSET)
     store_tile(acc, out_ptr, partial_ptr, count_ptr + pid_n, rm, rn, M, N, stride_om, pid_s,
                num_splits, SPLIT, BLOCK_M, BLOCK_N)
 
@@ -259,12 +264,13 @@ def store_tile(acc, out_ptr, partial_ptr, count_ptr, rm, rn, M, N, stride_om, pi
 def int_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
              bits: int, group_size: int, *, split_k: int | None = None,
              counters: torch.Tensor | None = None,
-             blocks: GemvBlocks | None = None) -> torch.Tensor:
+             blocks: GemvBlocks | None = None, offset: bool = False) -> torch.Tensor:
     """x (M, K) @ W^T → (M, N) in x's dtype, for M <= 16; arguments as checked by
     quant_gemm.int_quant_matmul (group_size divides K and is a multiple of 32 // bits).
 
     `counters`: int32 zeros, at least one per N tile (N of them always suffice); the kernel leaves
-    them zero. A layer passes its own so that a call needs no memset; None allocates them."""
+    them zero. A layer passes its own so that a call needs no memset; None allocates them.
+    `offset`: zeros holds float offsets b, w = q s + b (kernels/int_pack.py)."""
     M, K = x.shape
     N = qweight.shape[1]
     if M > 16:
@@ -294,7 +300,7 @@ def int_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales
         x.stride(0), qweight.stride(0), zeros.stride(0), scales.stride(0), out.stride(0),
         BITS=bits, GROUP_SIZE=group_size, CHUNK=chunk, ASM=x.is_cuda and not _INTERPRETING,
         SPLIT=num_splits > 1, BLOCK_M=1 if M == 1 else 16, BLOCK_N=blocks.block_n,
-        num_warps=blocks.num_warps,
+        OFFSET=offset, num_warps=blocks.num_warps,
     )  # fmt: skip
     return out
 

@@ -79,12 +79,15 @@ def _unpack_nk(words, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _dequant_nk(q, z, s, F32: tl.constexpr, dtype: tl.constexpr):
+def _dequant_nk(q, z, s, F32: tl.constexpr, dtype: tl.constexpr, OFFSET: tl.constexpr):
     """(q - z) * s in `dtype`; q (BLOCK_N, BLOCK_K) int32, z and s broadcast against it. q and z
     are or-ed into the mantissa of 2^23 (fp32), or of 1024 (fp16) / 128 (bf16, 4 bits only) in
     16 bits: their difference is exact, with no int-to-float conversion. In fp32 the one rounding
     is the final cast, as in the reference; in 16 bits s is rounded to x's dtype first."""
-    if F32:
+    if OFFSET:  # z holds float offsets: q s + z, in fp32 (the callers force F32)
+        f = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # q, exactly
+        w = (f * s.to(tl.float32) + z.to(tl.float32)).to(dtype)
+    elif F32:
         f = (q | 0x4B000000).to(tl.float32, bitcast=True)
         fz = (z.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
         w = ((f - fz) * s.to(tl.float32)).to(dtype)
@@ -122,7 +125,7 @@ def _int_mma_kernel(
     M, N, K, k_per_split, num_splits,
     stride_xm, stride_qk, stride_zg, stride_sg, stride_om,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, F32_DEQUANT: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OFFSET: tl.constexpr,
 ):  # fmt: skip
     PACK: tl.constexpr = 32 // BITS
     pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -140,7 +143,7 @@ def _int_mma_kernel(
         words = tl.load(w_ptrs + (k0 // PACK) * stride_qk, mask=n_mask[None, :], other=0)
         z, s = _group_params(z_ptr, s_ptr, g_ptr, k0, rk, rn, n_mask, stride_zg, stride_sg,
                              GROUP_SIZE)
-        w = _dequant_nk(_unpack_nk(words, BITS, BLOCK_K), z, s, F32_DEQUANT, x.dtype)
+        w = _dequant_nk(_unpack_nk(words, BITS, BLOCK_K), z, s, F32_DEQUANT, x.dtype, OFFSET)
         acc = tl.dot(x, tl.trans(w), acc)  # w (BLOCK_N, BLOCK_K)
     tile = pid_m * tl.num_programs(1) + pid_n
     store_tile(acc, out_ptr, partial_ptr, count_ptr + tile, rm, rn, M, N, stride_om, pid_s,
@@ -150,7 +153,7 @@ def _int_mma_kernel(
 @triton.jit
 def _int_dequant_kernel(qw_ptr, z_ptr, s_ptr, g_ptr, w_ptr, N, K, stride_qk, stride_zg,
                         stride_sg, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OFFSET: tl.constexpr):
     """W (N, K) in w's dtype, one (BLOCK_N, BLOCK_K) tile per program: words read once, each
     thread stores runs of 8 consecutive k (16 bytes)."""
     PACK: tl.constexpr = 32 // BITS
@@ -163,7 +166,7 @@ def _int_dequant_kernel(qw_ptr, z_ptr, s_ptr, g_ptr, w_ptr, N, K, stride_qk, str
                     other=0)
     z, s = _group_params(z_ptr, s_ptr, g_ptr, k0, rk, rn, n_mask, stride_zg, stride_sg,
                          GROUP_SIZE)
-    w = _dequant_nk(_unpack_nk(words, BITS, BLOCK_K), z, s, True, w_ptr.dtype.element_ty)
+    w = _dequant_nk(_unpack_nk(words, BITS, BLOCK_K), z, s, True, w_ptr.dtype.element_ty, OFFSET)
     tl.store(w_ptr + rn[:, None].to(tl.int64) * K + (k0 + rk)[None, :], w, mask=n_mask[:, None])
 
 
@@ -171,7 +174,7 @@ def _int_dequant_kernel(qw_ptr, z_ptr, s_ptr, g_ptr, w_ptr, N, K, stride_qk, str
 def int_mma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
             g_idx: torch.Tensor, bits: int, group_size: int | None, *,
             blocks: GemmBlocks | None = None, split_k: int | None = None,
-            counters: torch.Tensor | None = None) -> torch.Tensor:
+            counters: torch.Tensor | None = None, offset: bool = False) -> torch.Tensor:
     """x (M, K) @ W^T for 16-bit x, W dequantized tile by tile in registers (arguments as checked
     by int_quant_matmul); `blocks` default to mma_blocks(M)."""
     M, K = x.shape
@@ -197,6 +200,7 @@ def int_mma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales:
         x.stride(0), qweight.stride(0), zeros.stride(0), scales.stride(0), out.stride(0),
         BITS=bits, GROUP_SIZE=group_size or 0, SPLIT=num_splits > 1,
         F32_DEQUANT=blocks.f32_dequant or (bits == 8 and x.dtype == torch.bfloat16),
+        OFFSET=offset,
         BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=step,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )  # fmt: skip
@@ -205,7 +209,7 @@ def int_mma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales:
 
 def int_dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
                        scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
-                       group_size: int | None) -> torch.Tensor:
+                       group_size: int | None, offset: bool = False) -> torch.Tensor:
     """x (M, K) @ W^T through W (N, K) in x's dtype: one kernel writes it into the scratch buffer
     that every layer shares (`dequant_scratch`), then F.linear, the bf16 linears' cuBLAS GEMM.
     Costs writing and reading W once more than a bf16 linear; pays off where M amortises it."""
@@ -216,6 +220,7 @@ def int_dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tens
     _int_dequant_kernel[(K // step, triton.cdiv(N, 64))](
         qweight, zeros, scales, g_idx, w, N, K, qweight.stride(0), zeros.stride(0),
         scales.stride(0), BITS=bits, GROUP_SIZE=group_size or 0, BLOCK_N=64, BLOCK_K=step,
+        OFFSET=offset,
         num_warps=4,
     )  # fmt: skip
     return F.linear(x, w)

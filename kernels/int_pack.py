@@ -69,11 +69,15 @@ def dequantize_int_layout(
     scales: torch.Tensor,  # (G, N)
     g_idx: torch.Tensor,  # (K,)
     bits: int,
+    offset: bool = False,
 ) -> torch.Tensor:
     """Reference dequantization of the int layout: W^T (K, N) float32, W^T[k, n] =
-    (q[k, n] - zeros[g_idx[k], n]) * scales[g_idx[k], n]."""
+    (q[k, n] - zeros[g_idx[k], n]) * scales[g_idx[k], n]; with `offset`, zeros holds float
+    offsets b and W^T[k, n] = q[k, n] * scales[...] + b[...] (GGUF Q4_1 / Q4_K)."""
     q = unpack(qweight, bits, dim=0)  # (K, N)
     g = g_idx.long()
+    if offset:
+        return q.float() * scales.float()[g] + zeros.float()[g]
     return (q.float() - zeros.float()[g]) * scales.float()[g]
 
 

@@ -34,7 +34,7 @@ LEGACY_GEMM = False  # benchmarks: everything the GEMV does not take goes to _in
 # --------------------------------------------------------------------------------- int (AWQ/GPTQ)
 @triton.jit
 def _int_dequant_tile(qw_ptr, z_ptr, s_ptr, g_ptr, rk, rn, K, N, stride_qk, stride_zg, stride_sg,
-                      BITS: tl.constexpr, GROUP_SIZE: tl.constexpr):
+                      BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, OFFSET: tl.constexpr):
     PACK: tl.constexpr = 32 // BITS
     mask = (rk < K)[:, None] & (rn < N)[None, :]
     words = tl.load(qw_ptr + (rk // PACK)[:, None] * stride_qk + rn[None, :], mask=mask, other=0)
@@ -45,6 +45,8 @@ def _int_dequant_tile(qw_ptr, z_ptr, s_ptr, g_ptr, rk, rn, K, N, stride_qk, stri
         g = tl.load(g_ptr + rk, mask=rk < K, other=0)
     z = tl.load(z_ptr + g[:, None] * stride_zg + rn[None, :], mask=mask, other=0)
     s = tl.load(s_ptr + g[:, None] * stride_sg + rn[None, :], mask=mask, other=0.0)
+    if OFFSET:  # z holds float offsets: w = q s + z
+        return q.to(tl.float32) * s.to(tl.float32) + z.to(tl.float32)
     return (q - z.to(tl.int32)).to(tl.float32) * s.to(tl.float32)
 
 
@@ -53,7 +55,7 @@ def _int_gemm_kernel(
     x_ptr, qw_ptr, z_ptr, s_ptr, g_ptr, out_ptr,
     M, N, K, k_per_split,
     stride_xm, stride_qk, stride_zg, stride_sg, stride_os, stride_om,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, PRECISION: tl.constexpr,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, PRECISION: tl.constexpr, OFFSET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -68,28 +70,30 @@ def _int_gemm_kernel(
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :], mask=x_mask,
                     other=0.0)
         w = _int_dequant_tile(qw_ptr, z_ptr, s_ptr, g_ptr, rk, rn, k_end, N, stride_qk, stride_zg,
-                              stride_sg, BITS, GROUP_SIZE)
+                              stride_sg, BITS, GROUP_SIZE, OFFSET)
         acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
     out_mask = (rm < M)[:, None] & (rn < N)[None, :]
     offs = pid_s * stride_os + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def int_quant_matmul_ref(x, qweight, zeros, scales, g_idx, bits: int) -> torch.Tensor:
-    w_t = dequantize_int_layout(qweight, zeros, scales, g_idx, bits)  # (K, N)
+def int_quant_matmul_ref(x, qweight, zeros, scales, g_idx, bits: int,
+                        offset: bool = False) -> torch.Tensor:
+    w_t = dequantize_int_layout(qweight, zeros, scales, g_idx, bits, offset)  # (K, N)
     return F.linear(x, w_t.t().to(x.dtype))
 
 
 def int_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
                      scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
                      group_size: int | None, split_k: int | None = None, *,
-                     counters: torch.Tensor | None = None) -> torch.Tensor:
+                     counters: torch.Tensor | None = None, offset: bool = False) -> torch.Tensor:
     """x (M, K) @ dequantized W^T (K, N) -> (M, N) in x's dtype.
 
     With `group_size`, input k belongs to group k // group_size and g_idx is not read (the caller
     checked it is trivial, once, at load); None: groups come from g_idx (act-order).
     The path goes by M (module docstring). `counters`: int32 zeros, at least N of them, that the
-    GEMV and int_mma use for split-K and leave zero (a layer passes its own; None allocates)."""
+    GEMV and int_mma use for split-K and leave zero (a layer passes its own; None allocates).
+    `offset`: zeros holds float offsets b and w = q s + b (GGUF Q4_1 / Q4_K repacked)."""
     _check_int_args(x, qweight, zeros, scales, g_idx, bits)
     M, K = x.shape
     N = qweight.shape[1]
@@ -97,19 +101,20 @@ def int_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor
         raise ValueError(f"group_size {group_size} does not divide K={K}; pass None to use g_idx")
     if _gemv_fits(x, bits, group_size):
         return int_gemv(x, qweight, zeros, scales, bits, group_size, split_k=split_k,
-                        counters=counters)
+                        counters=counters, offset=offset)
     if x.dtype != torch.float32 and not LEGACY_GEMM:
         blocks = mma.gemm_blocks(M)
         if blocks is None:
-            return mma.int_dequant_matmul(x, qweight, zeros, scales, g_idx, bits, group_size)
+            return mma.int_dequant_matmul(x, qweight, zeros, scales, g_idx, bits, group_size,
+                                          offset)
         if mma.mma_step(blocks, K, group_size) >= 16:
             return mma.int_mma(x, qweight, zeros, scales, g_idx, bits, group_size, blocks=blocks,
-                           split_k=split_k, counters=counters)
+                               split_k=split_k, counters=counters, offset=offset)
     return launch(x, N, K, split_k, lambda out, grid, k_split, blocks: _int_gemm_kernel[grid](
         x, qweight, zeros, scales, g_idx, out, M, N, K, k_split,
         x.stride(0), qweight.stride(0), zeros.stride(0), scales.stride(0),
         out.stride(0), out.stride(1),
-        BITS=bits, GROUP_SIZE=group_size or 0, PRECISION=precision(x), **blocks,
+        BITS=bits, GROUP_SIZE=group_size or 0, PRECISION=precision(x), OFFSET=offset, **blocks,
     ))  # fmt: skip
 
 

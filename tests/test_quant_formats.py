@@ -275,19 +275,25 @@ def test_gguf_dummy_weights_are_finite_and_small(qtype):
     assert torch.isfinite(w).all() and w.abs().max() < 10
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+@pytest.mark.parametrize("qtype", sorted(gguf_quant.BLOCKS))
 def test_gguf_to_int_layout_is_exact(qtype):
-    """CUDA runs Q4_0 / Q8_0 on the int kernels: the repacked weight equals the blocks'."""
-    from gguf import GGMLQuantizationType, quants
-
+    """CUDA runs every GGUF type on the int kernels: the repacked weight equals the blocks'
+    (K-quants: random blocks with finite scales, as gguf-py cannot quantize them)."""
     from kernels.int_pack import default_g_idx, dequantize_int_layout
 
-    w = np.random.default_rng(5).standard_normal((24, 96)).astype(np.float32)
-    raw = torch.from_numpy(quants.quantize(w, GGMLQuantizationType[qtype]))
-    qweight, zeros, scales, bits = gguf_quant.to_int_layout(raw, qtype, 96)
-    assert (qweight.shape, zeros.shape, bits) == ((96 * bits // 32, 24), (3, 24),
-                                                  4 if qtype == "Q4_0" else 8)
-    got = dequantize_int_layout(qweight, zeros, scales, default_g_idx(96, 32), bits).t()
-    torch.testing.assert_close(got, gguf_quant.dequantize(raw, qtype, 96), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="no exact int layout"):
-        gguf_quant.to_int_layout(raw, "Q4_1", 96)
+    rng = np.random.default_rng(5)
+    block, size = gguf_quant.BLOCKS[qtype]
+    raw = torch.from_numpy(rng.integers(0, 256, (24, 512 // block * size), dtype=np.uint8))
+    for at in gguf_quant.SCALE_BYTES[qtype]:
+        d = rng.uniform(1e-4, 1e-2, (24, 512 // block)).astype(np.float16)
+        raw.view(24, -1, size)[..., at:at + 2] = torch.from_numpy(d.view(np.uint8).reshape(
+            24, -1, 2))
+    qweight, zeros, scales, bits, group, offset = gguf_quant.to_int_layout(raw, qtype, 512)
+    assert qweight.shape == (512 * bits // 32, 24) and zeros.shape == scales.shape == (
+        512 // group, 24)
+    assert offset == (qtype in ("Q4_1", "Q4_K"))
+    got = dequantize_int_layout(qweight, zeros, scales, default_g_idx(512, group), bits,
+                                offset).t()
+    torch.testing.assert_close(got, gguf_quant.dequantize(raw, qtype, 512), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="has no int layout"):
+        gguf_quant.to_int_layout(raw, "Q5_K", 512)

@@ -164,6 +164,38 @@ def test_int_dequant_matmul_matches_reference(bits, group, act_order, sym, dtype
     _check_rounded(out, x, weights, bits, tol=6e-2 if dtype == torch.bfloat16 else None)
 
 
+@pytest.mark.parametrize("path, m, dtype", [
+    ("gemv", 1, torch.float16), ("gemv", 1, torch.float32), ("gemv", 5, torch.float16),
+    ("mma", 20, torch.float16), ("dequant", 20, torch.float16), ("gemm", 20, torch.float32)])
+def test_int_kernels_offset_mode(path, m, dtype):
+    """GGUF Q4_1 / Q4_K repacked into the int layout hold w = q s + b, the float offsets b in
+    `zeros` (offset=True): every path against the reference (fp32 scales and offsets, as the
+    K-quants; 8 packed rows per step so that M = 5 stays on the GEMV)."""
+    k, n, group = 256, 96, 64
+    gen = torch.Generator().manual_seed(m)
+    qweight = pack(torch.randint(0, 16, (k, n), generator=gen), 4, dim=0).to(DEVICE)
+    scales = (torch.rand(k // group, n, generator=gen) * 0.01 + 0.001).to(DEVICE)
+    offsets = (torch.randn(k // group, n, generator=gen) * 0.01).to(DEVICE)
+    g_idx = default_g_idx(k, group, DEVICE)
+    weights = (qweight, offsets, scales, g_idx)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    if path == "gemv":
+        out = int_gemv(x, qweight, offsets, scales, 4, group, split_k=2, offset=True)
+    elif path == "mma":
+        out = mma.int_mma(x, *weights, 4, group, offset=True)
+    elif path == "dequant":
+        out = mma.int_dequant_matmul(x, *weights, 4, group, offset=True)
+    else:
+        out = int_quant_matmul(x, *weights, 4, group, offset=True)  # fp32 x: _int_gemm_kernel
+    w = dequantize_int_layout(*weights, 4, offset=True).t()
+    if path in ("mma", "dequant"):  # W rounded to x's dtype, as in _check_rounded
+        w = w.to(dtype).float()
+    ref = x.float() @ w.t()
+    assert out.dtype == dtype
+    assert ((out.float() - ref).norm() / ref.norm()).item() < (2e-3 if dtype != torch.float32
+                                                              else 1e-5)
+
+
 def test_dequant_scratch_is_reused_and_never_freed():
     """One buffer per (device, dtype) for every layer; an outgrown one is kept alive, since a
     captured CUDA graph may still write to it; a reservation sizes the first allocation."""
@@ -303,19 +335,19 @@ def test_gguf_full_shapes_gpu(dtype, m, qtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K"])
+@pytest.mark.parametrize("qtype", sorted(gguf_quant.BLOCKS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 4, 64, 256])
 def test_gguf_linear_cuda_matches_blocks(qtype, dtype, m):
-    """GGUFLinear on CUDA: Q4_0 / Q8_0 repacked into the int layout (GEMV, int_mma, dequantized
-    copy by M), Q4_K on its block kernel; all against the blocks dequantized in float32."""
+    """GGUFLinear on CUDA: every type repacked into the int layout (GEMV, int_mma, dequantized
+    copy by M), against the blocks dequantized in float32."""
     from engine.layers.linear import GGUFLinear
 
     raw = _gguf_weights(qtype, 1024, 4096, seed=2)
     layer = GGUFLinear(4096, 1024, False, qtype).to(DEVICE)
     layer.load("qweight", raw, None)
     layer.finalize()
-    assert (layer.int_layout is not None) == (qtype in gguf_quant.INT_LAYOUT_TYPES)
+    assert layer.int_layout is not None
     x = torch.randn(m, 4096, device=DEVICE, dtype=dtype)
     ref = x.float() @ gguf_quant.dequantize(raw, qtype, 4096).t()
     out = layer(x).float()

