@@ -290,3 +290,27 @@ def test_fp8_kv_cache_doubles_blocks_and_stays_close_to_bf16(tmp_path):
           f"our log-probs {ours:.4f}, transformers' {theirs:.4f}")
     assert emulated <= 0.1
     assert ours <= 2 * theirs + 0.05
+
+
+def test_default_model_kept_quantized_on_cuda_same_tokens():
+    """The default model's Q4_1 linears kept quantized on CUDA (repacked into the int layout,
+    offset mode: GEMV for decode, the fp32 GEMM for prefill, CUDA graphs) give the tokens of the
+    float32 weights dequantized at load."""
+    from engine.layers.linear import GGUFLinear
+
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    outs = {}
+    for keep in (False, True):
+        llm = LLM(device="cuda", dtype="float32", progress=False, gguf_keep_quantized=keep)
+        try:
+            layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, GGUFLinear)]
+            assert len(layers) == (30 * 4 if keep else 0)
+            assert all(m.int_layout is not None and m.offset for m in layers)
+            ids = [llm.tokenizer.encode(p) for p in prompts]
+            params = SamplingParams(temperature=0, max_tokens=8)
+            outs[keep] = [o.outputs[0].token_ids for o in llm.generate(ids, params,
+                                                                       use_tqdm=False)]
+        finally:
+            llm.shutdown()
+            _free(llm)
+    assert outs[True] == outs[False]
