@@ -301,7 +301,8 @@ def test_default_model_kept_quantized_on_cuda_same_tokens():
     prompts = ["The capital of France is", "def fibonacci(n):"]
     outs = {}
     for keep in (False, True):
-        llm = LLM(device="cuda", dtype="float32", progress=False, gguf_keep_quantized=keep)
+        llm = LLM(device="cuda", dtype="float32", progress=False, gguf_keep_quantized=keep,
+                  kv_cache_gib=KV_GIB, max_model_len=512)
         try:
             layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, GGUFLinear)]
             assert len(layers) == (30 * 4 if keep else 0)
