@@ -1,5 +1,10 @@
 """llama.cpp weights kept in their blocks (Q4_0 / Q4_1 / Q8_0, and the K-quants Q4_K / Q6_K):
-out (M, N) = x (M, K) @ W^T.
+out (M, N) = x (M, K) @ W^T, reading the blocks in place.
+
+GGUFLinear does not use it on CUDA: it repacks every type exactly into the int layout at load
+(gguf_quant.to_int_layout), which the int kernels read 6-190x faster at decode (per-element byte
+reads bound this kernel; docs/benchmarks.md). It stays as the in-place path, for benchmarks and
+as a check of the block formats on the GPU.
 
 qweight is the raw (N, K // B * block_bytes) uint8 rows, B = 32 or 256 weights per block
 (kernels/gguf_quant.py draws the layouts); the float16 d (and m, dmin) of each block are rebuilt

@@ -11,7 +11,8 @@ A weight (N, K) is stored as N rows of K // B blocks, each block B weights in `s
     Q6_K  B=256 210 B [ql 128 | qh 64 | scales 16 int8 | d]           16 sub-blocks of 16:
                       w = d * sc_s * (q - 32)   (q: 4 bits from ql, 2 from qh)
 
-All five have a Triton kernel (kernels/gguf_gemm.py); the torch code here is its reference.
+On CUDA, GGUFLinear repacks all five exactly into the int layout (`to_int_layout`); the block
+kernel kernels/gguf_gemm.py reads them in place. The torch code here is the reference of both.
 
 Rows are independent, so fused projections concatenate rows and llama.cpp's Q/K row permutation
 is undone by permuting whole rows, bytes untouched. The references follow gguf-py's numpy
@@ -32,7 +33,6 @@ BLOCKS = {  # type: (weights per block, bytes per block)
 # Byte offsets of each block's float16 scales (d, and m / dmin): what random test or benchmark
 # blocks must set to stay finite.
 SCALE_BYTES = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}
-KERNEL_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K")  # kernels/gguf_gemm.py reads these
 
 
 def row_bytes(qtype: str, cols: int) -> int:

@@ -307,7 +307,7 @@ def test_launcher_checks():
             gguf_matmul(x, raw, qtype)
     with pytest.raises(ValueError, match=r"Q4_K weight for K=256 must be \(N, 144\)"):
         gguf_matmul(torch.randn(2, 256, device=DEVICE), _gguf_weights("Q6_K", 8, 256, 0), "Q4_K")
-    assert set(GGUF_KERNEL_TYPES) == set(gguf_quant.KERNEL_TYPES)  # GGUFLinear dispatches on it
+    assert set(GGUF_KERNEL_TYPES) == set(gguf_quant.BLOCKS)  # every type it can hold
 
 
 @pytest.mark.gpu

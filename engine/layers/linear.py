@@ -252,18 +252,14 @@ class GGUFLinear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4 is not None and x.dtype == self.int4.scale_zero.dtype:
             return self._rows(x, lambda rows: cpu_int4.linear(rows, self.int4))
-        if self.int_layout is not None and x.is_cuda:
-            from kernels.quant_gemm import int_quant_matmul
-
-            qweight, zeros, scales, g_idx, counters = self.int_layout
-            return self._rows(x, lambda rows: int_quant_matmul(
-                rows, qweight, zeros, scales, g_idx, self.bits, self.group, counters=counters,
-                offset=self.offset))
-        if not x.is_cuda or self.qtype not in gguf_quant.KERNEL_TYPES:
+        if self.int_layout is None or not x.is_cuda:
             return self._forward_reference(x)
-        from kernels.gguf_gemm import gguf_matmul
+        from kernels.quant_gemm import int_quant_matmul
 
-        return self._rows(x, lambda rows: gguf_matmul(rows, self.qweight, self.qtype))
+        qweight, zeros, scales, g_idx, counters = self.int_layout
+        return self._rows(x, lambda rows: int_quant_matmul(
+            rows, qweight, zeros, scales, g_idx, self.bits, self.group, counters=counters,
+            offset=self.offset))
 
     def init_dummy(self, gen: torch.Generator) -> None:
         """Random quants with small float16 scales (d, and m / dmin) in every block."""
