@@ -23,7 +23,9 @@ is kept to about three instructions:
          chunk chunk ...                                      last arrival: out = sum over S
 
 Act-order (g_idx) weights and group sizes that are no multiple of 32 // bits stay on
-kernels/quant_gemm.py.
+kernels/quant_gemm.py. At M > 1, steps of fewer than 8 word rows (small groups: GGUF group 32,
+Q6_K group 16) are padded with zero rows to 8: Triton 3.6 computed the tf32 row sums wrongly
+with 4 rows on an H200.
 
 Versions, Llama-3-8B linears (qkv + o + gate_up + down, int4 g128, bf16 x, M = 1), H200, CUDA-graph
 replays with the weights rotated out of L2 (bench/quant_gpu.py --sweep):
@@ -67,16 +69,18 @@ def default_blocks(m: int) -> GemvBlocks:
 
 
 def supports(x: torch.Tensor, bits: int, group_size: int) -> bool:
-    """Whether int_gemv takes this x (M <= 16 rows) and group size. At M > 1 the row sums run
-    as tf32 mmas on CUDA: exact only for 16-bit x, and correct only with >= 8 word rows per step
-    (seen wrong with 4 on an H200, Triton 3.6)."""
+    """Whether int_quant_matmul sends this x (M <= 16 rows) and group size to int_gemv. At M > 1
+    the row sums run as tf32 mmas on CUDA: exact only for 16-bit x. Steps shorter than 8 word
+    rows are padded (see int_gemv); measured on an H200 (docs/benchmarks.md), that pays for
+    8-bit group 16 (GGUF Q6_K: down at M = 16 299 -> 100 us) but not for 4-bit group 32
+    (gate_up 94 -> 134 us), which int_mma runs faster."""
     M = x.shape[0]
     if M > 16 or group_size % (32 // bits):
         return False
     if M == 1 or not x.is_cuda:
         return True
     rows = math.gcd(default_blocks(M).block_k, group_size) // (32 // bits)
-    return x.dtype != torch.float32 and rows >= 8
+    return x.dtype != torch.float32 and (rows >= 8 or bits == 8)
 
 
 @triton.jit
@@ -111,25 +115,32 @@ def _byte(words, j: tl.constexpr):
 
 
 @triton.jit
-def _load_x(x_ptr, rm, k, M, stride_xm, BLOCK_M: tl.constexpr):
-    """x[:, k] as fp32: (ROWS,) at M = 1, else (BLOCK_M, ROWS)."""
+def _load_x(x_ptr, rm, k, M, stride_xm, row_ok, BLOCK_M: tl.constexpr):
+    """x[:, k] as fp32: (ROWS,) at M = 1, else (BLOCK_M, ROWS); zero where row_ok is False (the
+    padding rows of a short chunk)."""
     if BLOCK_M == 1:
         x = tl.load(x_ptr + k)
     else:
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=(rm < M)[:, None],
-                    other=0.0)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :],
+                    mask=(rm < M)[:, None] & row_ok[None, :], other=0.0)
     return x.to(tl.float32)
 
 
 @triton.jit
 def _load_weights(qw_ptr, z_ptr, s_ptr, kk, k_end, rn, N, stride_qk, stride_zg, stride_sg,
-                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, CHUNK: tl.constexpr):
-    """Words (CHUNK // pack, BLOCK_N), zeros and scales (BLOCK_N,) of inputs [kk, kk + CHUNK);
-    nothing is read past the split (chunks lie wholly inside or outside it)."""
+                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, CHUNK: tl.constexpr,
+                  ROWS_PAD: tl.constexpr):
+    """Words (ROWS_PAD, BLOCK_N), zeros and scales (BLOCK_N,) of inputs [kk, kk + CHUNK), rows
+    past CHUNK // pack zero; nothing is read past the split (chunks lie wholly inside or outside
+    it)."""
     PACK: tl.constexpr = 32 // BITS
-    rows = kk // PACK + tl.arange(0, CHUNK // PACK)
+    r = tl.arange(0, ROWS_PAD)
     mask = (rn < N) & (kk < k_end)
-    words = tl.load(qw_ptr + rows[:, None] * stride_qk + rn[None, :], mask=mask[None, :], other=0)
+    w_mask = mask[None, :]
+    if ROWS_PAD > CHUNK // PACK:
+        w_mask = w_mask & (r < CHUNK // PACK)[:, None]
+    words = tl.load(qw_ptr + (kk // PACK + r)[:, None] * stride_qk + rn[None, :], mask=w_mask,
+                    other=0)
     g = kk // GROUP_SIZE
     s = tl.load(s_ptr + g * stride_sg + rn, mask=mask, other=0.0)
     z = tl.load(z_ptr + g * stride_zg + rn, mask=mask, other=0)
@@ -150,14 +161,16 @@ def _dot(x, f, BLOCK_M: tl.constexpr):
 @triton.jit
 def _chunk(x_ptr, words, s, z, kk, rm, M, stride_xm, BITS: tl.constexpr, CHUNK: tl.constexpr,
            ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-           OFFSET: tl.constexpr):
+           OFFSET: tl.constexpr, ROWS_PAD: tl.constexpr):
     """(BLOCK_M, BLOCK_N) contribution of inputs [kk, kk + CHUNK), all in one group.
 
     Values decoded as 1 + q / 256 go to d_lo, those decoded as 1 + q / 16 to d_hi (4 bits only);
     x_lo, x_hi sum the matching inputs, so sum x q = 256 (d_lo - X_lo) + 16 (d_hi - X_hi)."""
     PACK: tl.constexpr = 32 // BITS
-    ROWS: tl.constexpr = CHUNK // PACK
-    k = kk + tl.arange(0, ROWS) * PACK  # the input of value 0 of each word row
+    ROWS: tl.constexpr = ROWS_PAD  # word rows in the tile; those past CHUNK // PACK are padding
+    r = tl.arange(0, ROWS)
+    k = kk + r * PACK  # the input of value 0 of each word row
+    row_ok = r < CHUNK // PACK
     if BLOCK_M == 1:
         d_lo = tl.zeros((BLOCK_N,), dtype=tl.float32)
         x_lo = tl.zeros((ROWS,), dtype=tl.float32)
@@ -168,15 +181,15 @@ def _chunk(x_ptr, words, s, z, kk, rm, M, stride_xm, BITS: tl.constexpr, CHUNK: 
     if BITS == 4:
         for i in tl.static_range(4):
             lo, hi = _pair(words, i, ASM)
-            xj = _load_x(x_ptr, rm, k + 2 * i + 1, M, stride_xm, BLOCK_M)
+            xj = _load_x(x_ptr, rm, k + 2 * i + 1, M, stride_xm, row_ok, BLOCK_M)
             d_lo += _dot(xj, lo, BLOCK_M)
             x_lo += xj
-            xj = _load_x(x_ptr, rm, k + (2 * i + 2) % 8, M, stride_xm, BLOCK_M)
+            xj = _load_x(x_ptr, rm, k + (2 * i + 2) % 8, M, stride_xm, row_ok, BLOCK_M)
             d_hi += _dot(xj, hi, BLOCK_M)
             x_hi += xj
     else:
         for j in tl.static_range(4):
-            xj = _load_x(x_ptr, rm, k + j, M, stride_xm, BLOCK_M)
+            xj = _load_x(x_ptr, rm, k + j, M, stride_xm, row_ok, BLOCK_M)
             d_lo += _dot(xj, _byte(words, j), BLOCK_M)
             x_lo += xj
     s = s.to(tl.float32)
@@ -203,6 +216,7 @@ def _int_gemv_kernel(
     stride_xm, stride_qk, stride_zg, stride_sg, stride_om,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, CHUNK: tl.constexpr, ASM: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET: tl.constexpr,
+    ROWS_PAD: tl.constexpr,
 ):  # fmt: skip
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -215,20 +229,20 @@ def _int_gemv_kernel(
         # them after it (to save registers): no overlap. Pinning them with a barrier was slower
         # (74 against 70 us for the four Llama-3-8B linears, H200); other warps hide the latency.
         words, s, z = _load_weights(qw_ptr, z_ptr, s_ptr, k_start, k_end, rn, N, stride_qk,
-                                    stride_zg, stride_sg, BITS, GROUP_SIZE, CHUNK)
+                                    stride_zg, stride_sg, BITS, GROUP_SIZE, CHUNK, ROWS_PAD)
         for kk in range(k_start, k_end, CHUNK):
             next_words, next_s, next_z = _load_weights(
                 qw_ptr, z_ptr, s_ptr, kk + CHUNK, k_end, rn, N, stride_qk, stride_zg, stride_sg,
-                BITS, GROUP_SIZE, CHUNK)
+                BITS, GROUP_SIZE, CHUNK, ROWS_PAD)
             acc += _chunk(x_ptr, words, s, z, kk, rm, M, stride_xm, BITS, CHUNK, ASM, BLOCK_M,
-                          BLOCK_N, OFFSET)
+                          BLOCK_N, OFFSET, ROWS_PAD)
             words, s, z = next_words, next_s, next_z
     else:  # the mma path has no registers to spare for a second tile
         for kk in range(k_start, k_end, CHUNK):
             words, s, z = _load_weights(qw_ptr, z_ptr, s_ptr, kk, k_end, rn, N, stride_qk,
-                                        stride_zg, stride_sg, BITS, GROUP_SIZE, CHUNK)
+                                        stride_zg, stride_sg, BITS, GROUP_SIZE, CHUNK, ROWS_PAD)
             acc += _chunk(x_ptr, words, s, z, kk, rm, M, stride_xm, BITS, CHUNK, ASM, BLOCK_M,
-                          BLOCK_N, OFFSET)
+                          BLOCK_N, OFFSET, ROWS_PAD)
     store_tile(acc, out_ptr, partial_ptr, count_ptr + pid_n, rm, rn, M, N, stride_om, pid_s,
                num_splits, SPLIT, BLOCK_M, BLOCK_N)
 
@@ -277,9 +291,10 @@ def int_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales
         raise ValueError(f"int_gemv is for M <= 16 rows, got {M}; use int_quant_matmul")
     blocks = blocks or default_blocks(M)
     chunk = math.gcd(blocks.block_k, group_size)
-    if M > 1 and x.is_cuda and chunk // (32 // bits) < 8:
-        raise ValueError(f"M > 1 needs >= 8 word rows per step; block_k {blocks.block_k} and "
-                         f"group size {group_size} give {chunk // (32 // bits)}")
+    rows = chunk // (32 // bits)
+    # M > 1: a step's row sums are tf32 mmas, which Triton 3.6 got wrong on an H200 with fewer
+    # than 8 rows: shorter steps (small groups) are padded to 8 rows of zeros.
+    rows_pad = rows if M == 1 else max(rows, 8)
     n_tiles = triton.cdiv(N, blocks.block_n)
     k_split = _k_per_split(K, n_tiles, split_k, blocks, x.device)
     num_splits = triton.cdiv(K, k_split)
@@ -300,7 +315,7 @@ def int_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales
         x.stride(0), qweight.stride(0), zeros.stride(0), scales.stride(0), out.stride(0),
         BITS=bits, GROUP_SIZE=group_size, CHUNK=chunk, ASM=x.is_cuda and not _INTERPRETING,
         SPLIT=num_splits > 1, BLOCK_M=1 if M == 1 else 16, BLOCK_N=blocks.block_n,
-        OFFSET=offset, num_warps=blocks.num_warps,
+        OFFSET=offset, ROWS_PAD=rows_pad, num_warps=blocks.num_warps,
     )  # fmt: skip
     return out
 

@@ -360,18 +360,19 @@ LLAMA3_8B_LINEARS = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 2
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("m, group", [(1, 128), (4, 128), (16, 128), (4, 32), (16, 32)])
 @pytest.mark.parametrize("linear", sorted(LLAMA3_8B_LINEARS))
-def test_int_gemv_full_shapes_gpu(linear, m, dtype):
-    """Llama-3-8B linears, AWQ-style int4 group 128, through the default split-K: fp32-exact up to
-    the output's rounding, deterministic, counters left at zero."""
+def test_int_gemv_full_shapes_gpu(linear, m, group, dtype):
+    """Llama-3-8B linears, AWQ-style int4 (group 128; group 32 as GGUF, whose 4-row steps the
+    M > 1 path pads to 8) through the default split-K: fp32-exact up to the output's rounding,
+    deterministic, counters left at zero."""
     k, n = LLAMA3_8B_LINEARS[linear]
-    weights = _int_weights(k, n, 4, 128, False, seed=k + n + m)
+    weights = _int_weights(k, n, 4, group, False, seed=k + n + m)
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
     counters = torch.zeros(n, dtype=torch.int32, device=DEVICE)
-    out = int_quant_matmul(x, *weights, 4, 128, counters=counters)
+    out = int_gemv(x, *weights[:3], 4, group, counters=counters)
     _check_gemv(out, x, weights, 4)
-    assert torch.equal(out, int_quant_matmul(x, *weights, 4, 128, counters=counters))
+    assert torch.equal(out, int_gemv(x, *weights[:3], 4, group, counters=counters))
     assert not counters.any()
 
 
