@@ -22,7 +22,8 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from appliance import __version__
-from appliance.async_engine import AsyncEngine, EngineState
+from appliance.async_engine import AsyncEngine
+from appliance.engine_types import EngineState
 from appliance.protocol import (
     APIError,
     ChatCompletionRequest,

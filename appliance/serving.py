@@ -15,14 +15,14 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.async_engine import (
-    AsyncEngine,
+from appliance.async_engine import AsyncEngine
+from appliance.deltas import RequestDelta, SampleDelta
+from appliance.engine_types import (
     EngineUnavailableError,
     QueueFullError,
     RequestFailedError,
     RequestStream,
 )
-from appliance.deltas import RequestDelta, SampleDelta
 from appliance.protocol import APIError, bad_request
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams

@@ -21,42 +21,17 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.detokenizer import IncrementalDetokenizer
 from engine.model_builder import BuiltModel, build_model
 from engine.model_runner import InFlightSample
-from engine.outputs import (
-    CompletionOutput,
-    RequestMetrics,
-    RequestOutput,
-    RunnerOutput,
-    ScheduleOutput,
-    TokenLogprob,
-)
+from engine.outputs import RequestOutput, RunnerOutput, ScheduleOutput, TokenLogprob
+from engine.request_state import RequestState
 from engine.sampling_params import SamplingParams
 from engine.scheduler import PLACEHOLDER_TOKEN_ID, Scheduler
 from engine.sequence import FinishReason, Sequence
-
-
-@dataclass
-class _Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    arrival_time: float
-    seqs: dict[int, Sequence] = field(default_factory=dict)  # sample index -> sequence
-    detoks: dict[int, IncrementalDetokenizer] = field(default_factory=dict)
-    logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
-    num_cached_tokens: int = 0
-    finished_time: float | None = None
-
-    @property
-    def finished(self) -> bool:
-        return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs.values())
 
 
 @dataclass
@@ -110,7 +85,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.config.scheduler_config(self.max_model_len), block_manager, sorted(eos)
         )
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, RequestState] = {}
         self._lock = threading.Lock()
         self._snapshot: EngineSnapshot | None = None
         self._num_prompt_tokens = 0
@@ -135,7 +110,7 @@ class LLMEngine:
                 raise ValueError(f"request id {request_id!r} is already in use")
             now = time.monotonic()
             text = prompt if isinstance(prompt, str) else None
-            req = _Request(request_id, text, token_ids, params, now)
+            req = RequestState(request_id, text, token_ids, params, now)
             seq = Sequence(self.scheduler.next_seq_id(), request_id, token_ids, params, priority,
                            arrival_time=now)
             self.scheduler.add(seq)  # may refuse (ValueError): register the request only after
@@ -251,7 +226,7 @@ class LLMEngine:
     def _emit(self, tokens: list[tuple[Sequence, list[TokenLogprob] | None]],
               finished_only: bool) -> list[RequestOutput]:
         """Detokenize and stop-check each sequence's new token; outputs of the changed requests."""
-        changed: dict[str, _Request] = {}
+        changed: dict[str, RequestState] = {}
         for seq, logprobs in tokens:
             req = self._requests.get(seq.request_id)
             if req is None:
@@ -261,61 +236,19 @@ class LLMEngine:
         return [self._finish_output(req) for req in changed.values()
                 if not finished_only or req.finished]
 
-    def _on_token(self, req: _Request, seq: Sequence, logprobs: list[TokenLogprob] | None) -> None:
-        index = seq.sample_index
-        if index not in req.seqs:
-            req.seqs[index] = seq
-            req.detoks[index] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids,
-                                                       req.params)
-            req.num_cached_tokens = max(req.num_cached_tokens, seq.num_cached_tokens)
-        if logprobs:
-            # A parent that just forked got n entries; its own is the first, children take theirs.
-            req.logprobs.setdefault(index, []).append(logprobs[0])
-            for child_index, lp in enumerate(logprobs[1:], start=1):
-                req.logprobs.setdefault(child_index, []).append(lp)
+    def _on_token(self, req: RequestState, seq: Sequence,
+                  logprobs: list[TokenLogprob] | None) -> None:
         self._num_generation_tokens += 1
-        if not req.params.detokenize:
-            return
-        stopped = req.detoks[index].add_token(seq.last_token_id)
-        if stopped and not seq.is_finished:
-            self.scheduler.finish(seq, FinishReason.STOP)
+        if req.add_token(seq, logprobs, self.tokenizer) and not seq.is_finished:
+            self.scheduler.finish(seq, FinishReason.STOP)  # a stop string
 
-    def _finish_output(self, req: _Request) -> RequestOutput:
-        outputs = [self._completion(req, i) for i in sorted(req.seqs)]
-        finished = req.finished
-        if finished:
+    def _finish_output(self, req: RequestState) -> RequestOutput:
+        if req.finished:
             req.finished_time = time.monotonic()
             self._requests.pop(req.request_id, None)
             self._sync_request_ids.discard(req.request_id)
             self._num_finished += 1
-        first = min((s.first_token_time for s in req.seqs.values() if s.first_token_time),
-                    default=None)
-        return RequestOutput(
-            request_id=req.request_id,
-            prompt=req.prompt,
-            prompt_token_ids=req.prompt_token_ids,
-            outputs=outputs,
-            finished=finished,
-            num_cached_tokens=req.num_cached_tokens,
-            metrics=RequestMetrics(req.arrival_time, first, req.finished_time),
-        )
-
-    def _completion(self, req: _Request, index: int) -> CompletionOutput:
-        seq, detok = req.seqs[index], req.detoks[index]
-        reason = seq.finish_reason.value if seq.finish_reason else None
-        stop_reason = detok.stop_reason
-        if stop_reason is None and reason == "stop" and seq.output_token_ids:
-            last = seq.last_token_id
-            stop_reason = last if last in req.params.stop_token_ids else None
-        logprobs = req.logprobs.get(index) if req.params.logprobs is not None else None
-        return CompletionOutput(
-            index=index,
-            text=detok.visible_text(seq.is_finished),
-            token_ids=seq.output_token_ids,
-            finish_reason=reason,
-            logprobs=list(logprobs or []) if req.params.logprobs is not None else None,
-            stop_reason=stop_reason,
-        )
+        return req.output()
 
     # -- state for the UI and metrics --------------------------------------------------------
 

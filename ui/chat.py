@@ -155,6 +155,9 @@ def build_chat_tab(context: AppContext) -> None:
         history = mark_stopped(history)
         return display_messages(history), history
 
-    stop.click(stopped, [turns], [chatbot, turns], cancels=events, queue=False)
+    # A stream update already on its way may land after the first marking (seen on a loaded
+    # 2-core machine); marking again once the cancel went through covers it (idempotent).
+    stop.click(stopped, [turns], [chatbot, turns], cancels=events, queue=False).then(
+        stopped, [turns], [chatbot, turns], queue=False)
     clear.click(lambda: ([], [], ""), None, [chatbot, turns, message], cancels=events, queue=False)
     chatbot.clear(lambda: ([], ""), None, [turns, message], cancels=events, queue=False)  # its bin

@@ -1,0 +1,77 @@
+"""RequestState: what LLMEngine keeps of one request (its samples' sequences, detokenizers and
+logprobs) and the RequestOutput built from it after each step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    seqs: dict[int, Sequence] = field(default_factory=dict)  # sample index -> sequence
+    detoks: dict[int, IncrementalDetokenizer] = field(default_factory=dict)
+    logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
+    num_cached_tokens: int = 0
+    finished_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs.values())
+
+    def add_token(self, seq: Sequence, logprobs: list[TokenLogprob] | None, tokenizer) -> bool:
+        """Record seq's newest token (and its logprobs); True if a stop string ends the sample."""
+        index = seq.sample_index
+        if index not in self.seqs:
+            self.seqs[index] = seq
+            self.detoks[index] = IncrementalDetokenizer(tokenizer, self.prompt_token_ids,
+                                                        self.params)
+            self.num_cached_tokens = max(self.num_cached_tokens, seq.num_cached_tokens)
+        if logprobs:
+            # A parent that just forked got n entries; its own is the first, children take theirs.
+            self.logprobs.setdefault(index, []).append(logprobs[0])
+            for child_index, lp in enumerate(logprobs[1:], start=1):
+                self.logprobs.setdefault(child_index, []).append(lp)
+        if not self.params.detokenize:
+            return False
+        return self.detoks[index].add_token(seq.last_token_id)
+
+    def output(self) -> RequestOutput:
+        first = min((s.first_token_time for s in self.seqs.values() if s.first_token_time),
+                    default=None)
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=[self._completion(i) for i in sorted(self.seqs)],
+            finished=self.finished,
+            num_cached_tokens=self.num_cached_tokens,
+            metrics=RequestMetrics(self.arrival_time, first, self.finished_time),
+        )
+
+    def _completion(self, index: int) -> CompletionOutput:
+        seq, detok = self.seqs[index], self.detoks[index]
+        reason = seq.finish_reason.value if seq.finish_reason else None
+        stop_reason = detok.stop_reason
+        if stop_reason is None and reason == "stop" and seq.output_token_ids:
+            last = seq.last_token_id
+            stop_reason = last if last in self.params.stop_token_ids else None
+        want = self.params.logprobs is not None
+        logprobs = self.logprobs.get(index) if want else None
+        return CompletionOutput(
+            index=index,
+            text=detok.visible_text(seq.is_finished),
+            token_ids=seq.output_token_ids,
+            finish_reason=reason,
+            logprobs=list(logprobs or []) if want else None,
+            stop_reason=stop_reason,
+        )
