@@ -202,15 +202,16 @@ class GGUFLinear(QuantizedLinear):
     llama.cpp does. In float32 the CPU path stays the exact reference (dequantize, F.linear).
     On CUDA, every type is repacked exactly into the int layout at load (gguf_quant.to_int_layout:
     Q4_1 and Q4_K as q s + b) and runs on the int kernels (decode GEMV, int_mma, dequantized
-    copy): 7-30x faster than reading the blocks in place (kernels/gguf_gemm.py)."""
+    copy): 6-190x faster at decode than reading the blocks in place (kernels/gguf_gemm.py)."""
+
+    INT_BUFFERS = ("int_qweight", "int_zeros", "int_scales", "int_g_idx", "int_counters")
 
     def __init__(self, in_features: int, out_features: int, bias: bool, qtype: str) -> None:
         super().__init__(in_features, out_features, bias)
         self.qtype = qtype
         self.act_dtype = torch.get_default_dtype()  # the model's dtype (set while building)
         self.int4: cpu_int4.Int4Weight | None = None
-        self.int_layout: tuple[torch.Tensor, ...] | None = None  # CUDA, see _prepare
-        self.bits, self.group, self.offset = 0, 0, False
+        self.bits, self.group, self.offset = 0, 0, False  # of the int layout (CUDA, _prepare)
         self.register_buffer("qweight", torch.empty(
             out_features, gguf_quant.row_bytes(qtype, in_features), dtype=torch.uint8))
 
@@ -229,11 +230,8 @@ class GGUFLinear(QuantizedLinear):
                 gguf_quant.to_int_layout(self.qweight, self.qtype, self.in_features)
             g_idx = default_g_idx(self.in_features, self.group, qweight.device)
             counters = torch.zeros(self.out_features, dtype=torch.int32, device=qweight.device)
-            for name, t in (("int_qweight", qweight), ("int_zeros", zeros),
-                            ("int_scales", scales), ("int_g_idx", g_idx),
-                            ("int_counters", counters)):
+            for name, t in zip(self.INT_BUFFERS, (qweight, zeros, scales, g_idx, counters)):
                 self.register_buffer(name, t, persistent=False)
-            self.int_layout = (qweight, zeros, scales, g_idx, counters)
             self.qweight = torch.empty(0, dtype=torch.uint8, device=qweight.device)
             return
         if self.qweight.device.type != "cpu" or not cpu_int4.supported(
@@ -241,6 +239,13 @@ class GGUFLinear(QuantizedLinear):
             return
         self.int4 = cpu_int4.pack_gguf(self.qweight, self.qtype, self.in_features, self.act_dtype)
         self.qweight = torch.empty(0, dtype=torch.uint8)  # the packed copy is the weight now
+
+    @property
+    def int_layout(self) -> tuple[torch.Tensor, ...] | None:
+        """(qweight, zeros, scales, g_idx, split counters) of the int layout, or None."""
+        if "int_qweight" not in self._buffers:
+            return None
+        return tuple(self._buffers[name] for name in self.INT_BUFFERS)
 
     def dequantized_weight(self) -> torch.Tensor:
         if self.int4 is not None:
@@ -252,11 +257,12 @@ class GGUFLinear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4 is not None and x.dtype == self.int4.scale_zero.dtype:
             return self._rows(x, lambda rows: cpu_int4.linear(rows, self.int4))
-        if self.int_layout is None or not x.is_cuda:
+        layout = self.int_layout
+        if layout is None or not x.is_cuda:
             return self._forward_reference(x)
         from kernels.quant_gemm import int_quant_matmul
 
-        qweight, zeros, scales, g_idx, counters = self.int_layout
+        qweight, zeros, scales, g_idx, counters = layout
         return self._rows(x, lambda rows: int_quant_matmul(
             rows, qweight, zeros, scales, g_idx, self.bits, self.group, counters=counters,
             offset=self.offset))
