@@ -1,6 +1,6 @@
 """`hearth quantize`: a float HF model directory → a 4/8-bit checkpoint in a standard layout.
 
-    hearth quantize --method awq|gptq|rtn --bits 4 --group-size 64 SRC DST
+    hearth quantize --method awq|gptq|rtn --bits 4 --group-size 64 [--act-order] SRC DST
 
 The model runs in Hearth's own engine code (engine/quantization/pipeline.py) on the CPU in float32;
 calibration uses the text shipped in engine/quantization/calibration.txt. Registered in
@@ -51,6 +51,12 @@ def add_parser(commands) -> argparse.ArgumentParser:
         help="symmetric (no zero points; gptq/rtn default)",
     )
     sym.add_argument("--asym", dest="sym", action="store_false", help="with zero points")
+    p.add_argument(
+        "--act-order",
+        action="store_true",
+        help="gptq: quantize the inputs with the largest activations first (static groups: "
+        "the checkpoint keeps the plain layout)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("src", type=Path, help="float model directory")
     p.add_argument("dst", type=Path, help="output directory")
@@ -60,7 +66,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     try:
         options = QuantizeOptions(
-            args.method, args.bits, args.group_size, args.sym, args.num_samples, args.seq_len
+            args.method, args.bits, args.group_size, args.sym, args.num_samples, args.seq_len,
+            args.act_order,
         )
         quantize(options, args.src, args.dst, progress=not args.no_progress)
     except ValueError as error:

@@ -59,7 +59,10 @@ def export_float(dst: Path) -> Path:
     return dst
 
 
-def run_perplexity(work: Path, group_size: int, num_samples: int) -> dict[str, float]:
+def run_perplexity(work: Path, group_size: int, num_samples: int,
+                   methods=("rtn", "gptq", "awq")) -> dict[str, float]:
+    """Held-out perplexity of the float model and of each method's checkpoint (made once under
+    `work`); "gptq-act" is gptq with --act-order."""
     from appliance.quantize import QuantizeOptions, quantize
     from engine.quantization.calibration import eval_token_ids, load_float_model, perplexity
 
@@ -70,12 +73,13 @@ def run_perplexity(work: Path, group_size: int, num_samples: int) -> dict[str, f
     ids = eval_token_ids(float_dir)
     results["float"] = perplexity(load_float_model(float_dir), ids)
     print(f"float: {results['float']:.3f}", flush=True)
-    for method in ("rtn", "gptq", "awq"):
+    for method in methods:
         out = work / f"{method}-g{group_size}"
         if not (out / "config.json").is_file():
             t0 = time.perf_counter()
-            quantize(QuantizeOptions(method, 4, group_size, num_samples=num_samples),
-                     float_dir, out)
+            options = QuantizeOptions(method.removesuffix("-act"), 4, group_size,
+                                      num_samples=num_samples, act_order=method.endswith("-act"))
+            quantize(options, float_dir, out)
             print(f"{method}: quantized in {time.perf_counter() - t0:.0f} s", flush=True)
         results[method] = perplexity(load_float_model(out), ids)
         print(f"{method}: {results[method]:.3f}", flush=True)
@@ -130,6 +134,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--num-samples", type=int, default=32)
+    p.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq"],
+                   choices=["rtn", "gptq", "gptq-act", "awq"])
     sub.add_parser("tool-check").add_argument("--work", type=Path, required=True)
     quant_gpu.add_arguments(sub.add_parser("gpu", help="int4 / GGUF kernels and W5 (CUDA)"))
     args = parser.parse_args()
@@ -137,7 +143,8 @@ def main() -> None:
     if args.cmd == "export-float":
         print(export_float(args.dst))
     elif args.cmd == "perplexity":
-        print(json.dumps(run_perplexity(args.work, args.group_size, args.num_samples), indent=2))
+        print(json.dumps(run_perplexity(args.work, args.group_size, args.num_samples,
+                                        args.methods), indent=2))
     elif args.cmd == "tool-check":
         print(json.dumps(run_tool_check(args.work), indent=2))
     else:

@@ -60,11 +60,16 @@ def fake_quant(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.
 
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, sym: bool,
-         damp: float = 0.05) -> QuantResult:
+         damp: float = 0.05, act_order: bool = False) -> QuantResult:
     """GPTQ (Frantar et al. 2022): quantize input columns left to right, pushing each column's
     rounding error onto the columns not yet quantized through the inverse Hessian's Cholesky
     factor. `hessian` (K, K) = 2/n sum x x^T over calibration inputs x. Groups start at multiples
-    of group_size; their scales come from the weights as updated so far."""
+    of group_size; their scales come from the weights as updated so far.
+
+    `act_order`: columns go in order of decreasing Hessian diagonal (the inputs that matter most
+    first, while the most columns are left to absorb their error), with static groups, as
+    AutoGPTQ's desc_act + static_groups: each group's scale and zero come from the original
+    weights, and groups stay k // group_size, so the checkpoint needs no g_idx reordering."""
     n, k = w.shape
     _check_groups(k, group_size)
     w = w.float().clone()
@@ -73,21 +78,32 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, sym
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h += damp * torch.mean(torch.diag(h)) * torch.eye(k)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros(n, k, dtype=torch.int32)
     scales = torch.zeros(n, k // group_size)
     zeros = torch.zeros(n, k // group_size, dtype=torch.int32)
+    perm = None
+    if act_order:
+        s, z = quant_params(w.reshape(n * k // group_size, group_size), bits, sym)
+        scales, zeros = s.reshape(n, -1), z.reshape(n, -1)
+        perm = torch.argsort(torch.diag(h), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     block = max(group_size, 128 // group_size * group_size)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # thousands of small ops: thread hand-offs cost more than they save
     try:
-        _gptq_blocks(w, hinv, (q, scales, zeros), bits, group_size, sym, block)
+        _gptq_blocks(w, hinv, (q, scales, zeros), bits, group_size, sym, block, perm)
     finally:
         torch.set_num_threads(threads)
+    if perm is not None:
+        q = q[:, torch.argsort(perm)]
     return QuantResult(q, scales, zeros, group_size)
 
 
-def _gptq_blocks(w, hinv, out, bits: int, group_size: int, sym: bool, block: int) -> None:
+def _gptq_blocks(w, hinv, out, bits: int, group_size: int, sym: bool, block: int,
+                 perm: torch.Tensor | None) -> None:
+    """Columns in w's order; with `perm` (act order), column j is input perm[j] and its group's
+    scale and zero are already in `out`."""
     q, scales, zeros = out
     n, k = w.shape
     for i1 in range(0, k, block):
@@ -96,7 +112,10 @@ def _gptq_blocks(w, hinv, out, bits: int, group_size: int, sym: bool, block: int
         h1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if col % group_size == 0:  # the group lies inside this block (block % group == 0)
+            if perm is not None:
+                g = int(perm[col]) // group_size
+                s, z = scales[:, g], zeros[:, g]
+            elif col % group_size == 0:  # the group lies inside this block (block % group == 0)
                 s, z = quant_params(w1[:, i : i + group_size], bits, sym)
                 scales[:, col // group_size], zeros[:, col // group_size] = s, z
             q[:, col] = quantize_column(w1[:, i], s, z, bits)
