@@ -1,6 +1,6 @@
 """`hearth quantize`: a float HF model directory → a 4/8-bit checkpoint in a standard layout.
 
-    hearth quantize --method awq|gptq|rtn --bits 4 --group-size 64 [--act-order] SRC DST
+    hearth quantize --method awq|gptq|rtn --bits 4 --group-size 64 [--no-act-order] SRC DST
 
 The model runs in Hearth's own engine code (engine/quantization/pipeline.py) on the CPU in float32;
 calibration uses the text shipped in engine/quantization/calibration.txt. Registered in
@@ -51,12 +51,17 @@ def add_parser(commands) -> argparse.ArgumentParser:
         help="symmetric (no zero points; gptq/rtn default)",
     )
     sym.add_argument("--asym", dest="sym", action="store_false", help="with zero points")
-    p.add_argument(
+    order = p.add_mutually_exclusive_group()
+    order.add_argument(
         "--act-order",
+        dest="act_order",
         action="store_true",
-        help="gptq: quantize the inputs with the largest activations first (static groups: "
-        "the checkpoint keeps the plain layout)",
+        default=None,
+        help="gptq (default): quantize the inputs with the largest activations first; static "
+        "groups, so the checkpoint keeps the plain layout",
     )
+    order.add_argument("--no-act-order", dest="act_order", action="store_false",
+                       help="gptq: columns left to right")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("src", type=Path, help="float model directory")
     p.add_argument("dst", type=Path, help="output directory")

@@ -62,7 +62,7 @@ def export_float(dst: Path) -> Path:
 def run_perplexity(work: Path, group_size: int, num_samples: int,
                    methods=("rtn", "gptq", "awq")) -> dict[str, float]:
     """Held-out perplexity of the float model and of each method's checkpoint (made once under
-    `work`); "gptq-act" is gptq with --act-order."""
+    `work`); "gptq-noact" is gptq with --no-act-order."""
     from appliance.quantize import QuantizeOptions, quantize
     from engine.quantization.calibration import eval_token_ids, load_float_model, perplexity
 
@@ -77,8 +77,9 @@ def run_perplexity(work: Path, group_size: int, num_samples: int,
         out = work / f"{method}-g{group_size}"
         if not (out / "config.json").is_file():
             t0 = time.perf_counter()
-            options = QuantizeOptions(method.removesuffix("-act"), 4, group_size,
-                                      num_samples=num_samples, act_order=method.endswith("-act"))
+            base = method.removesuffix("-noact")
+            options = QuantizeOptions(base, 4, group_size, num_samples=num_samples,
+                                      act_order=False if base != method else None)
             quantize(options, float_dir, out)
             print(f"{method}: quantized in {time.perf_counter() - t0:.0f} s", flush=True)
         results[method] = perplexity(load_float_model(out), ids)
@@ -135,7 +136,7 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--num-samples", type=int, default=32)
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq"],
-                   choices=["rtn", "gptq", "gptq-act", "awq"])
+                   choices=["rtn", "gptq", "gptq-noact", "awq"])
     sub.add_parser("tool-check").add_argument("--work", type=Path, required=True)
     quant_gpu.add_arguments(sub.add_parser("gpu", help="int4 / GGUF kernels and W5 (CUDA)"))
     args = parser.parse_args()

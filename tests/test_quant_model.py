@@ -80,7 +80,7 @@ def tiny(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama")
 
 
-@pytest.mark.parametrize("method", ["awq", "gptq", "rtn", "gptq --act-order"])
+@pytest.mark.parametrize("method", ["awq", "gptq", "rtn", "gptq --no-act-order"])
 def test_hearth_quantize_matches_dequantized_float(tiny, tmp_path, method):
     method, *flags = method.split()
     dst = tmp_path / method
