@@ -1,4 +1,6 @@
-"""GGUF Q4_0 / Q4_1 weights on CPU through torch's packed-int4 GEMV (`_weight_int4pack_mm_for_cpu`).
+"""4-bit weights on CPU through torch's packed-int4 GEMV (`_weight_int4pack_mm_for_cpu`): GGUF
+Q4_0 / Q4_1 blocks (`pack_gguf`) and the int layout of AWQ / GPTQ / compressed-tensors
+(`pack_int`, kernels/int_pack.py; w = (q - z) s → scale s, zero (8 - z) s).
 
 Decode on a CPU is bound by memory bandwidth: a float32 weight costs 8x the bytes of a 4-bit one.
 torch ships a vectorised int4 weight-only matmul for CPUs (bf16/fp16 activations, group-wise
@@ -36,9 +38,10 @@ _ACT_DTYPES = (torch.bfloat16, torch.float16)
 @dataclass
 class Int4Weight:
     packed: torch.Tensor  # (N, K // 2) uint8, torch's CPU int4 layout
-    scale_zero: torch.Tensor  # (K // 32, N, 2) in the activation dtype
+    scale_zero: torch.Tensor  # (K // group, N, 2) in the activation dtype
     out_features: int
     in_features: int
+    group: int = GROUP
 
 
 def supported(qtype: str, out_features: int, in_features: int, dtype: torch.dtype) -> bool:
@@ -46,6 +49,35 @@ def supported(qtype: str, out_features: int, in_features: int, dtype: torch.dtyp
     return (qtype in TYPES and dtype in _ACT_DTYPES and out_features % _TILE == 0
             and in_features % GROUP == 0
             and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+
+
+INT_GROUPS = (32, 64, 128, 256)  # the group sizes torch's kernel takes
+
+
+def supported_int(bits: int, group_size: int | None, out_features: int, in_features: int,
+                  dtype: torch.dtype) -> bool:
+    """Whether an int-layout weight (trivial g_idx: group_size set) can take the int4 path."""
+    return (bits == 4 and group_size in INT_GROUPS and dtype in _ACT_DTYPES
+            and out_features % _TILE == 0 and in_features % group_size == 0
+            and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+
+
+def pack_int(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+             dtype: torch.dtype) -> Int4Weight:
+    """Int layout (qweight (K // 8, N) int32, zeros and scales (K // group, N)) → Int4Weight:
+    scale s, zero (8 - z) s, so that (q - 8) s + (8 - z) s = (q - z) s."""
+    from kernels.int_pack import unpack
+
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    if not supported_int(4, group_size, n, k, dtype):
+        raise ValueError(f"int4 {n}x{k}, group {group_size}, in {dtype} cannot take the CPU int4 "
+                         f"path (needs groups of {INT_GROUPS}, rows a multiple of {_TILE}, "
+                         f"bf16/fp16)")
+    q = unpack(qweight, 4, dim=0).t().contiguous().to(torch.int32)  # (N, K)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    s = scales.float()
+    scale_zero = torch.stack([s, (8.0 - zeros.float()) * s], dim=-1).to(dtype).contiguous()
+    return Int4Weight(packed, scale_zero, n, k, group_size)
 
 
 def pack_gguf(raw: torch.Tensor, qtype: str, in_features: int, dtype: torch.dtype) -> Int4Weight:
@@ -73,7 +105,7 @@ def matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     if x.dim() != 2 or x.shape[1] != w.in_features or x.dtype != w.scale_zero.dtype:
         raise ValueError(f"x must be (M, {w.in_features}) {w.scale_zero.dtype}; got "
                          f"{tuple(x.shape)} {x.dtype}")
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), w.packed, GROUP,
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), w.packed, w.group,
                                                       w.scale_zero)
 
 
@@ -88,10 +120,10 @@ def unpack(w: Int4Weight) -> torch.Tensor:
 def dequantize(w: Int4Weight) -> torch.Tensor:
     """W (N, K) in the activation dtype: q * scale + (zero - 8 scale), computed in float32."""
     n, k = w.out_features, w.in_features
-    sz = w.scale_zero.float().transpose(0, 1).contiguous()  # (N, K // 32, 2)
+    sz = w.scale_zero.float().transpose(0, 1).contiguous()  # (N, K // group, 2)
     scale = sz[..., 0:1]
     offset = sz[..., 1:2] - 8.0 * scale
-    q = unpack(w).view(n, k // GROUP, GROUP).to(torch.float32)
+    q = unpack(w).view(n, k // w.group, w.group).to(torch.float32)
     return torch.addcmul(offset, q, scale).view(n, k).to(w.scale_zero.dtype)
 
 

@@ -88,3 +88,41 @@ def test_default_model_bf16_runs_its_linears_in_int4():
     common = set(dense) & set(packed)
     assert len(common) >= 4
     assert max(abs(dense[t] - packed[t]) for t in common) < 0.15
+
+
+def _int_layout(n: int, k: int, group: int, gen: torch.Generator):
+    from kernels.int_pack import pack
+
+    q = torch.randint(0, 16, (k, n), generator=gen)
+    zeros = torch.randint(0, 16, (k // group, n), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(k // group, n, generator=gen) * 0.02 + 0.001).half()
+    return q, pack(q, 4, dim=0), zeros, scales
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_int_layout_packs_and_multiplies(group, m):
+    """AWQ / GPTQ int layout: (q - z) s as (q - 8) s + (8 - z) s, the nibbles read back
+    exactly, and the GEMV (m <= 32) and the dequantized matmul match the reference."""
+    from kernels.int_pack import default_g_idx, dequantize_int_layout
+
+    gen = torch.Generator().manual_seed(group + m)
+    n, k = 192, 256
+    q, qweight, zeros, scales = _int_layout(n, k, group, gen)
+    w = cpu_int4.pack_int(qweight, zeros, scales, group, torch.bfloat16)
+    assert torch.equal(cpu_int4.unpack(w), q.t().to(torch.uint8))
+    ref_w = dequantize_int_layout(qweight, zeros, scales, default_g_idx(k, group), 4).t()
+    x = torch.randn(m, k, generator=gen)
+    ref = x @ ref_w.t()
+    out = cpu_int4.linear(x.bfloat16(), w)
+    assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+def test_int_layout_refusals():
+    assert not cpu_int4.supported_int(8, 64, 128, 64, torch.bfloat16)  # 8 bits
+    assert not cpu_int4.supported_int(4, None, 128, 64, torch.bfloat16)  # act-order
+    assert not cpu_int4.supported_int(4, 16, 128, 64, torch.bfloat16)  # group torch lacks
+    assert not cpu_int4.supported_int(4, 32, 128, 64, torch.float32)  # float32 stays exact
+    _, qweight, zeros, scales = _int_layout(96, 64, 32, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="rows a multiple of 64"):
+        cpu_int4.pack_int(qweight, zeros, scales, 32, torch.bfloat16)

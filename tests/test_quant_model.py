@@ -194,3 +194,32 @@ def test_gptq_act_order_lowers_output_error():
     plain, ordered = gptq(w, hessian, 4, 64, True), gptq(w, hessian, 4, 64, True, act_order=True)
     assert error(ordered) < error(plain) < error(rtn(w, 4, 64, True))
     assert ordered.scales.shape == (64, 4) and int(ordered.q.max()) <= 15
+
+
+def test_cpu_converts_int_layout_once(tiny, tmp_path):
+    """On CPU, a quantized checkpoint is converted at load: 4 bits with plain groups in bf16 run
+    torch's int4 GEMV (same next token, logprobs close to the dense bf16 weights), float32 a
+    dense weight with the reference's numbers; the packed buffers are released."""
+    dst = tmp_path / "gptq"
+    assert _cli(["quantize", "--method", "gptq", "--group-size", "32", "--num-samples", "2",
+                 "--seq-len", "32", "--no-progress", str(tiny), str(dst)]) == 0
+    float_dir = _dequantized_copy(dst, tmp_path / "float")
+    params = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
+    prompt = torch.randint(3, 512, (9,), generator=torch.Generator().manual_seed(1)).tolist()
+    top = {}
+    for path, dtype in ((dst, "bfloat16"), (float_dir, "bfloat16"), (dst, "float32")):
+        llm = LLM(str(path), device="cpu", dtype=dtype, progress=False)
+        try:
+            layers = [m for m in llm.engine.runner.model.modules()
+                      if isinstance(m, IntQuantLinear)]
+            if path == dst:
+                assert len(layers) == 2 * 4 and all(m.qweight.numel() == 0 for m in layers)
+                converted = [m.int4 if dtype == "bfloat16" else m.dense for m in layers]
+                assert all(c is not None for c in converted)
+            first = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].logprobs[0]
+            top[path, dtype] = dict(zip(first.top_token_ids, first.top_logprobs))
+        finally:
+            llm.shutdown()
+    packed, dense = top[dst, "bfloat16"], top[float_dir, "bfloat16"]
+    assert max(packed, key=packed.get) == max(dense, key=dense.get)
+    assert max(abs(packed[t] - dense[t]) for t in set(packed) & set(dense)) < 0.15

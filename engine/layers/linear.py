@@ -94,7 +94,12 @@ class QuantizedLinear(nn.Module):
 class IntQuantLinear(QuantizedLinear):
     """AWQ, GPTQ and compressed-tensors weights, held in the int layout (kernels/int_pack.py):
     qweight (K // pack, N) int32, zeros (G, N) uint8, scales (G, N), g_idx (K,). On CUDA,
-    kernels/quant_gemm.int_quant_matmul picks the kernel by the number of rows."""
+    kernels/quant_gemm.int_quant_matmul picks the kernel by the number of rows.
+
+    On CPU the int layout is converted once at load (`_prepare_cpu`): 4-bit weights with plain
+    groups in a bf16/fp16 model go to torch's int4 GEMV (kernels/cpu_int4.py); everything else
+    (float32, 8 bits, act-order) is dequantized into a dense weight in the model's dtype, the
+    reference's numbers without dequantizing every layer at every step."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, quant: QuantConfig):
         super().__init__(in_features, out_features, bias)
@@ -108,6 +113,9 @@ class IntQuantLinear(QuantizedLinear):
             raise UnsupportedQuantization(f"{in_features}x{out_features} linear cannot hold "
                                           f"{quant.bits}-bit weights packed {pack} per int32")
         self.quant = quant
+        self.act_dtype = torch.get_default_dtype()  # the model's dtype (set while building)
+        self.int4: cpu_int4.Int4Weight | None = None  # CPU, see _prepare_cpu
+        self.register_buffer("dense", None, persistent=False)  # CPU, see _prepare_cpu
         num_groups = (in_features + group - 1) // group
         scale_dtype = torch.float32 if torch.get_default_dtype() == torch.float32 else torch.float16
         self.register_buffer("qweight", torch.empty(in_features // pack, out_features,
@@ -157,13 +165,35 @@ class IntQuantLinear(QuantizedLinear):
         self.kernel_group_size = (self.quant.group_size or self.in_features
                                   if torch.equal(self.g_idx, trivial) else None)
         self._reserve_dequant_scratch()
+        self._prepare_cpu()
+
+    def _prepare_cpu(self) -> None:
+        if self.qweight.device.type != "cpu":
+            return
+        if cpu_int4.supported_int(self.quant.bits, self.kernel_group_size, self.out_features,
+                                  self.in_features, self.act_dtype):
+            self.int4 = cpu_int4.pack_int(self.qweight, self.zeros, self.scales,
+                                          self.kernel_group_size, self.act_dtype)
+        else:
+            self.dense = self.dequantized_weight().to(self.act_dtype)
+        for name in ("qweight", "zeros", "scales", "g_idx"):  # the converted copy replaces them
+            setattr(self, name, torch.empty(0, dtype=getattr(self, name).dtype))
 
     def dequantized_weight(self) -> torch.Tensor:
+        if self.int4 is not None:
+            return cpu_int4.dequantize(self.int4).float()
+        if self.dense is not None:
+            return self.dense.float()
         w_t = dequantize_int_layout(self.qweight, self.zeros, self.scales, self.g_idx,
                                     self.quant.bits)
         return w_t.t()  # (N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int4 is not None and x.dtype == self.int4.scale_zero.dtype:
+            return self._rows(x, lambda rows: cpu_int4.linear(rows, self.int4))
+        if self.dense is not None:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.dense.to(x.dtype), bias)
         if not x.is_cuda:
             return self._forward_reference(x)
         from kernels.quant_gemm import int_quant_matmul
@@ -184,6 +214,7 @@ class IntQuantLinear(QuantizedLinear):
         if self.bias is not None:
             self.bias.data.zero_()
         self._reserve_dequant_scratch()
+        self._prepare_cpu()
 
     def _reserve_dequant_scratch(self) -> None:
         """Large batches dequantize W into one buffer that all layers share (kernels/int_mma.py):
