@@ -7,7 +7,10 @@ of CI),
 llama.cpp on the same GGUF. Not a test: numbers go to docs/benchmarks.md.
 
     python bench/cpu.py [--dtype float32|bfloat16] [--gguf-keep-quantized] [--batch 1 16]
-                        [--skip-transformers]
+                        [--skip-transformers] [--model DIR]
+
+`--model DIR` times another model (e.g. a `hearth quantize` checkpoint of the default model)
+instead, Hearth only.
 
 `--dtype bfloat16 --gguf-keep-quantized` runs the GGUF's Q4_1 linears from their 4-bit blocks
 through torch's int4 GEMV (kernels/cpu_int4.py): the weights llama.cpp reads.
@@ -121,19 +124,25 @@ def main() -> None:
     parser.add_argument("--gguf-keep-quantized", action="store_true",
                         help="run the Q4_1 linears from their blocks (int4 GEMV in bf16)")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--model", default=None, help="a model directory or .gguf (Hearth only)")
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, commit {commit}, "
           f"{time.strftime('%Y-%m-%d')}")
-    llm = LLM(device="cpu", dtype=args.dtype, progress=False, enable_prefix_caching=False,
-              max_num_batched_tokens=2048, gguf_keep_quantized=args.gguf_keep_quantized)
+    llm = LLM(args.model, device="cpu", dtype=args.dtype, progress=False,
+              enable_prefix_caching=False, max_num_batched_tokens=2048,
+              gguf_keep_quantized=args.gguf_keep_quantized)
     name = f"hearth {args.dtype}" + (" Q4_1 kept" if args.gguf_keep_quantized else "")
+    if args.model:
+        name += f" {Path(args.model).name}"
     bench_hearth(llm, 1)  # warm-up
     rows = []
     for batch in args.batch:
         rows.append((name, batch, *bench_hearth(llm, batch)))
+        if args.model:
+            continue  # the others run the default model's GGUF
         if not args.skip_transformers:
             rows.append(("transformers float32", batch, *bench_transformers(batch)))
         cpp = bench_llama_cpp(batch)
