@@ -54,6 +54,11 @@ def build_model(config: EngineConfig, progress: bool = True) -> BuiltModel:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype, device)  # before the weights
+    if config.gguf_keep_quantized and device.type == "cpu" and dtype == torch.float32:
+        logger.warning(
+            "gguf_keep_quantized on CPU in float32 keeps the exact reference path, which "
+            "dequantizes every layer at every step (about 10x slower than float32 weights); "
+            "with dtype bfloat16 the GGUF's 4-bit linears run torch's int4 GEMV instead")
     model = _instantiate(source, config, device, dtype, progress)
     max_model_len = _max_model_len(config, source)
     sched = config.scheduler_config(max_model_len)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -158,9 +159,10 @@ def test_gptq_act_order_checkpoint(tiny, tmp_path):
                                                    torch.nn.Linear)
 
 
-def test_default_model_kept_quantized_q4_1_same_tokens():
+def test_default_model_kept_quantized_q4_1_same_tokens(caplog):
     prompts = ["The capital of France is", "def fibonacci(n):"]
     outs = {}
+    caplog.set_level(logging.WARNING, logger="engine.model_builder")
     for keep in (False, True):
         llm = LLM(device="cpu", dtype="float32", progress=False, gguf_keep_quantized=keep)
         try:
@@ -174,6 +176,7 @@ def test_default_model_kept_quantized_q4_1_same_tokens():
         finally:
             llm.shutdown()
     assert outs[True] == outs[False]
+    assert "dequantizes every layer at every step" in caplog.text  # the slow float32 path
 
 
 def test_gptq_act_order_lowers_output_error():
