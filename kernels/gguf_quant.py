@@ -160,8 +160,10 @@ def to_int_layout(raw: torch.Tensor, qtype: str, cols: int):
     scales are d (float16) or d * sub-block scale (float32, K-quants)."""
     if qtype not in INT_LAYOUT_TYPES:
         raise ValueError(f"{qtype} has no int layout; supported: {', '.join(INT_LAYOUT_TYPES)}")
+    from kernels.int_pack import pack
+
     group, bits, offset = INT_LAYOUT_TYPES[qtype]
-    block, size = _block(qtype)
+    size = _block(qtype)[1]
     n = raw.shape[0]
     q, scales, zeros = _int_parts(raw.reshape(-1, size), qtype)
     scales = scales.reshape(n, cols // group)
@@ -171,13 +173,8 @@ def to_int_layout(raw: torch.Tensor, qtype: str, cols: int):
         zeros = torch.full(scales.shape, zeros, dtype=torch.uint8, device=raw.device)
     else:
         zeros = zeros.reshape(n, cols // group).to(scales.dtype)
-    pack = 32 // bits
-    q = q.reshape(n, cols).t().to(torch.int32).reshape(cols // pack, pack, n)  # (K // pack, ., N)
-    words = q[:, 0].clone()
-    for i in range(1, pack):
-        words |= q[:, i] << (i * bits)  # int32 shifts wrap into the sign bit, as packed words do
-    return (words.contiguous(), zeros.t().contiguous(), scales.t().contiguous(), bits, group,
-            offset)
+    qweight = pack(q.reshape(n, cols).t().to(torch.int32), bits, dim=0)  # (K // pack, N)
+    return qweight, zeros.t().contiguous(), scales.t().contiguous(), bits, group, offset
 
 
 _DEQUANT = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q8_0": _q8_0, "Q4_K": _q4_k, "Q6_K": _q6_k}

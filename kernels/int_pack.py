@@ -53,14 +53,13 @@ def pack(values: torch.Tensor, bits: int, dim: int, order: tuple[int, ...] | Non
         raise ValueError(f"values must lie in [0, {(1 << bits) - 1}] to pack into {bits} bits")
     shape = list(values.shape)
     shape[dim : dim + 1] = [shape[dim] // pack_n, pack_n]
-    grouped = values.to(torch.int64).reshape(shape)
+    grouped = values.to(torch.int32).reshape(shape)
     if order is not None:  # slot i takes element order[i]
         grouped = grouped.index_select(dim + 1, torch.tensor(order, device=values.device))
-    shifts = torch.arange(pack_n, device=values.device, dtype=torch.int64) * bits
-    view = [1] * grouped.dim()
-    view[dim + 1] = pack_n
-    words = (grouped << shifts.view(view)).sum(dim + 1)
-    return ((words + 2**31) % 2**32 - 2**31).to(torch.int32)  # reinterpret uint32 as int32
+    words = grouped.select(dim + 1, 0).clone()
+    for i in range(1, pack_n):  # int32 shifts wrap into the sign bit, as packed words do
+        words |= grouped.select(dim + 1, i) << (i * bits)
+    return words
 
 
 def dequantize_int_layout(
