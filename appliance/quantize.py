@@ -42,30 +42,23 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     p.add_argument("--num-samples", type=int, default=16, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window")
-    sym = p.add_mutually_exclusive_group()
-    sym.add_argument(
-        "--sym",
-        dest="sym",
-        action="store_true",
-        default=None,
-        help="symmetric (no zero points; gptq/rtn default)",
-    )
-    sym.add_argument("--asym", dest="sym", action="store_false", help="with zero points")
-    order = p.add_mutually_exclusive_group()
-    order.add_argument(
-        "--act-order",
-        dest="act_order",
-        action="store_true",
-        default=None,
-        help="gptq (default): quantize the inputs with the largest activations first; static "
-        "groups, so the checkpoint keeps the plain layout",
-    )
-    order.add_argument("--no-act-order", dest="act_order", action="store_false",
-                       help="gptq: columns left to right")
+    _switch(p, "sym", "--sym", "symmetric (no zero points; gptq/rtn default)",
+            "--asym", "with zero points")
+    _switch(p, "act_order", "--act-order", "gptq (default): quantize the inputs with the largest "
+            "activations first; static groups, so the checkpoint keeps the plain layout",
+            "--no-act-order", "gptq: columns left to right")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("src", type=Path, help="float model directory")
     p.add_argument("dst", type=Path, help="output directory")
     return p
+
+
+def _switch(p: argparse.ArgumentParser, dest: str, on: str, on_help: str, off: str,
+            off_help: str) -> None:
+    """A pair of opposite flags for one option left None (the method's default) unless given."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(on, dest=dest, action="store_true", default=None, help=on_help)
+    group.add_argument(off, dest=dest, action="store_false", help=off_help)
 
 
 def run(args: argparse.Namespace) -> int:
