@@ -56,7 +56,7 @@ def pack(values: torch.Tensor, bits: int, dim: int, order: tuple[int, ...] | Non
     grouped = values.to(torch.int32).reshape(shape)
     if order is not None:  # slot i takes element order[i]
         grouped = grouped.index_select(dim + 1, torch.tensor(order, device=values.device))
-    words = grouped.select(dim + 1, 0).clone()
+    words = grouped.select(dim + 1, 0).clone(memory_format=torch.contiguous_format)
     for i in range(1, pack_n):  # int32 shifts wrap into the sign bit, as packed words do
         words |= grouped.select(dim + 1, i) << (i * bits)
     return words

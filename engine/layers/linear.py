@@ -242,7 +242,6 @@ class GGUFLinear(QuantizedLinear):
         self.qtype = qtype
         self.act_dtype = torch.get_default_dtype()  # the model's dtype (set while building)
         self.int4: cpu_int4.Int4Weight | None = None
-        self.bits, self.group, self.offset = 0, 0, False  # of the int layout (CUDA, _prepare)
         self.register_buffer("qweight", torch.empty(
             out_features, gguf_quant.row_bytes(qtype, in_features), dtype=torch.uint8))
 
@@ -257,9 +256,9 @@ class GGUFLinear(QuantizedLinear):
 
     def _prepare(self) -> None:
         if self.qweight.is_cuda and self.qtype in gguf_quant.INT_LAYOUT_TYPES:
-            qweight, zeros, scales, self.bits, self.group, self.offset = \
-                gguf_quant.to_int_layout(self.qweight, self.qtype, self.in_features)
-            g_idx = default_g_idx(self.in_features, self.group, qweight.device)
+            qweight, zeros, scales, _, group, _ = gguf_quant.to_int_layout(
+                self.qweight, self.qtype, self.in_features)
+            g_idx = default_g_idx(self.in_features, group, qweight.device)
             counters = torch.zeros(self.out_features, dtype=torch.int32, device=qweight.device)
             for name, t in zip(self.INT_BUFFERS, (qweight, zeros, scales, g_idx, counters)):
                 self.register_buffer(name, t, persistent=False)
@@ -278,11 +277,17 @@ class GGUFLinear(QuantizedLinear):
             return None
         return tuple(self._buffers[name] for name in self.INT_BUFFERS)
 
+    @property
+    def offset(self) -> bool:
+        """Whether the int layout holds w = q s + b (Q4_1, Q4_K)."""
+        return self.int_layout is not None and gguf_quant.INT_LAYOUT_TYPES[self.qtype][2]
+
     def dequantized_weight(self) -> torch.Tensor:
         if self.int4 is not None:
             return cpu_int4.dequantize(self.int4).float()
         if self.int_layout is not None:
-            return dequantize_int_layout(*self.int_layout[:4], self.bits, self.offset).t()
+            _, bits, offset = gguf_quant.INT_LAYOUT_TYPES[self.qtype]
+            return dequantize_int_layout(*self.int_layout[:4], bits, offset).t()
         return gguf_quant.dequantize(self.qweight, self.qtype, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -294,9 +299,9 @@ class GGUFLinear(QuantizedLinear):
         from kernels.quant_gemm import int_quant_matmul
 
         qweight, zeros, scales, g_idx, counters = layout
+        group, bits, offset = gguf_quant.INT_LAYOUT_TYPES[self.qtype]
         return self._rows(x, lambda rows: int_quant_matmul(
-            rows, qweight, zeros, scales, g_idx, self.bits, self.group, counters=counters,
-            offset=self.offset))
+            rows, qweight, zeros, scales, g_idx, bits, group, counters=counters, offset=offset))
 
     def init_dummy(self, gen: torch.Generator) -> None:
         """Random quants with small float16 scales (d, and m / dmin) in every block."""
