@@ -20,6 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kernels.int4_tc import frag_pack  # noqa: E402
+
 
 LLAMA3_8B_LINEARS = (("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672),
                      ("down", 14336, 4096))
@@ -46,9 +48,12 @@ def _int4_bytes(k: int, n: int) -> int:
     return k * n // 2 + (k // 128) * n * 3  # packed nibbles, fp16 scales, uint8 zeros
 
 
-def bench_kernels(device: str = "cuda", dtype=torch.bfloat16) -> list[dict]:
-    """Llama-3-8B linears at M = 1, 4, 16, 256: int4 group 128 (GEMV for M <= 16 and the old
-    dequant-GEMM, `int4_gemm`), Q4_0 and bf16 F.linear; CUDA-graph replays, weights rotated."""
+def bench_kernels(device: str = "cuda", dtype=torch.bfloat16, ms=(1, 4, 8, 16, 256),
+                  legacy: bool = False) -> list[dict]:
+    """Llama-3-8B linears: int4 group 128 in the int layout (`int4`: GEMV for M <= 16, int_mma /
+    dequantized copy above; `legacy`: also the old dequant-GEMM, `int4_gemm`), the same weights
+    as fragment words (`int4_tc`: kernels/int4_tc.py, what 16-bit models run), GGUF Q4_0 blocks
+    and bf16 F.linear; CUDA-graph replays, weights rotated out of L2."""
     rows = []
     for name, k, n in LLAMA3_8B_LINEARS:
         ws = _int4_copies(k, n, device, _copies(_int4_bytes(k, n)))
@@ -60,9 +65,10 @@ def bench_kernels(device: str = "cuda", dtype=torch.bfloat16) -> list[dict]:
             raws.append(raw)
         dense = [torch.randn(n, k, device=device, dtype=dtype) * 0.02
                  for _ in range(_copies(n * k * 2))]
-        for m in (1, 4, 16, 256):
+        frags = [frag_pack(w[0]) for w in ws]
+        for m in ms:
             x = torch.randn(m, k, device=device, dtype=dtype)
-            times = _time_linear(x, ws, raws, dense)
+            times = _time_linear(x, ws, frags, raws, dense, legacy)
             row = {"linear": name, "M": m, **{f"{k_}_us": round(v * 1e6, 2)
                                               for k_, v in times.items()},
                    "int4_GBps": round(_int4_bytes(k, n) / times["int4"] / 1e9)}
@@ -71,9 +77,11 @@ def bench_kernels(device: str = "cuda", dtype=torch.bfloat16) -> list[dict]:
     return rows
 
 
-def _time_linear(x: torch.Tensor, ws: list, raws: list, dense: list) -> dict[str, float]:
+def _time_linear(x: torch.Tensor, ws: list, frags: list, raws: list, dense: list,
+                 legacy: bool) -> dict[str, float]:
     import kernels.quant_gemm as qg
     from kernels.gguf_gemm import gguf_matmul
+    from kernels.int4_tc import frag_matmul
 
     counters = torch.zeros(ws[0][0].shape[1], dtype=torch.int32, device=x.device)
 
@@ -81,7 +89,10 @@ def _time_linear(x: torch.Tensor, ws: list, raws: list, dense: list) -> dict[str
         return qg.int_quant_matmul(x, *ws[i % len(ws)], 4, 128, counters=counters)
 
     times = {"int4": _time_graph(int4)}
-    if x.shape[0] <= 16:
+    times["int4_tc"] = _time_graph(lambda i: frag_matmul(
+        x, frags[i % len(frags)], ws[i % len(ws)][1], ws[i % len(ws)][2], 128,
+        counters=counters))
+    if legacy and x.shape[0] <= 16:
         qg.GEMV_MAX_M, qg.LEGACY_GEMM = 0, True
         times["int4_gemm"] = _time_graph(int4)
         qg.GEMV_MAX_M, qg.LEGACY_GEMM = 16, False
@@ -339,13 +350,15 @@ def _time_graph(fn, reps: int = 24) -> float:
 
 
 def bench_decode(config_dir: Path, work: Path, device: str = "cuda", group_size: int = 128,
-                 tuned: dict | None = None, runs=("bf16", "int4_gemm", "int4", "int4_tuned")
-                 ) -> dict:
+                 tuned: dict | None = None,
+                 runs=("bf16", "int4_gemm", "int4_gemv", "int4", "int4_tuned")) -> dict:
     """W5 with random weights: batch 1, 128 in / 256 out; bf16, AWQ int4 (group 128) through the
-    old dequant-GEMM (`int4_gemm`) and through the decode GEMV (`int4`; `int4_tuned` with the
-    GemvBlocks of `tuned`, {M: blocks dict}, as sweep_gemv finds them)."""
+    old dequant-GEMM (`int4_gemm`), the int layout's decode GEMV (`int4_gemv`; `int4_tuned` with
+    the GemvBlocks of `tuned`, {M: blocks dict}, as sweep_gemv finds them) and fragment words on
+    the tensor-core kernel (`int4`: what a 16-bit model runs, kernels/int4_tc.py)."""
     import shutil
 
+    import kernels.int4_tc as int4_tc
     import kernels.int_gemv as ig
     import kernels.quant_gemm as qg
     from engine import LLM, SamplingParams
@@ -362,19 +375,22 @@ def bench_decode(config_dir: Path, work: Path, device: str = "cuda", group_size:
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, min(10000, config["vocab_size"]), (128,), generator=gen).tolist()
     params = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
-    plan = [("bf16", config_dir, None), ("int4_gemm", quant_dir, None), ("int4", quant_dir, None)]
+    plan = [("bf16", config_dir, None), ("int4_gemm", quant_dir, None),
+            ("int4_gemv", quant_dir, None), ("int4", quant_dir, None)]
     if tuned and any(ig.GemvBlocks(**b) != ig.default_blocks(m) for m, b in tuned.items()):
         plan.append(("int4_tuned", quant_dir, {m: ig.GemvBlocks(**b) for m, b in tuned.items()}))
     default_blocks = ig.default_blocks
     result = {}
     for label, path, blocks in [p for p in plan if p[0] in runs]:
         qg.GEMV_MAX_M = 0 if label == "int4_gemm" else 16
+        int4_tc.ENABLED = label in ("bf16", "int4")  # int4: fragment words (kernels/int4_tc.py)
         qg.LEGACY_GEMM = label == "int4_gemm"
         ig.default_blocks = default_blocks if blocks is None else (
             lambda m, blocks=blocks: blocks.get(m) or default_blocks(m))
         result[label] = _decode_once(LLM, path, device, prompt, params)
         print(label, result[label], flush=True)
     qg.GEMV_MAX_M, qg.LEGACY_GEMM, ig.default_blocks = 16, False, default_blocks
+    int4_tc.ENABLED = True
     return result
 
 
@@ -442,8 +458,8 @@ def add_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--sweep-m", type=int, nargs="+", default=[1, 16])
     g.add_argument("--sweep-top", type=int, default=8, help="candidates per M")
     g.add_argument("--sweep-waves", type=int, nargs="+", default=list(GEMV_WAVES))
-    g.add_argument("--runs", nargs="+", default=["bf16", "int4_gemm", "int4", "int4_tuned"],
-                   help="W5 runs")
+    g.add_argument("--runs", nargs="+", default=["bf16", "int4_gemv", "int4", "int4_tuned"],
+                   help="W5 runs (also: int4_gemm, the old dequant-GEMM: ~19 ms/token)")
 
 
 if __name__ == "__main__":

@@ -260,19 +260,32 @@ def store_tile(acc, out_ptr, partial_ptr, count_ptr, rm, rn, M, N, stride_om, pi
     else:
         part_offs = rm[:, None] * N + rn[None, :]  # in one (M, N) slice of partial
         tl.store(partial_ptr + pid_s * M * N + part_offs, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the counter moves
-        arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
-        if arrived == num_splits - 1:  # the last split of this tile adds all partials
-            RB: tl.constexpr = 16 // BLOCK_M if BLOCK_M < 8 else 2  # partials per load wave
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s0 in range(0, num_splits, RB):
-                ss = s0 + tl.arange(0, RB)
-                parts = tl.load(partial_ptr + ss[:, None, None] * (M * N) + part_offs[None, :, :],
-                                mask=(ss < num_splits)[:, None, None] & mask[None, :, :],
-                                other=0.0, cache_modifier=".cg")  # (RB, BLOCK_M, BLOCK_N)
-                total += tl.sum(parts, axis=0)  # a fixed order: deterministic
-            tl.store(out_ptr + out_offs, total.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.store(count_ptr, 0)  # ready for the next launch
+        finish_split(out_ptr, partial_ptr, count_ptr, rm, rn, M, N, stride_om, num_splits,
+                     BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def finish_split(out_ptr, partial_ptr, count_ptr, rm, rn, M, N, stride_om, num_splits,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """After a split wrote its partial sums of the tile (rows rm, columns rn) into partial
+    (num_splits, M, N): the split that arrives last at the tile's counter (count_ptr, an int32
+    zero) adds all partials in split order, writes out and puts the counter back to 0."""
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    part_offs = rm[:, None] * N + rn[None, :]
+    tl.debug_barrier()  # every thread's partial is written before the counter moves
+    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    if arrived == num_splits - 1:  # the last split of this tile adds all partials
+        RB: tl.constexpr = 16 // BLOCK_M if BLOCK_M < 8 else 2  # partials per load wave
+        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s0 in range(0, num_splits, RB):
+            ss = s0 + tl.arange(0, RB)
+            parts = tl.load(partial_ptr + ss[:, None, None] * (M * N) + part_offs[None, :, :],
+                            mask=(ss < num_splits)[:, None, None] & mask[None, :, :],
+                            other=0.0, cache_modifier=".cg")  # (RB, BLOCK_M, BLOCK_N)
+            total += tl.sum(parts, axis=0)  # a fixed order: deterministic
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :],
+                 total.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(count_ptr, 0)  # ready for the next launch
 
 
 def int_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,

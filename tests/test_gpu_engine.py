@@ -315,3 +315,30 @@ def test_default_model_kept_quantized_on_cuda_same_tokens():
             llm.shutdown()
             _free(llm)
     assert outs[True] == outs[False]
+
+
+def test_default_model_bf16_fragment_words_same_tokens_as_int_layout(monkeypatch):
+    """In bf16 the default model's Q4_1 linears become fragment words (kernels/int4_tc.py:
+    tensor-core decode, dequantized copy for prefill); greedy tokens equal those of the int
+    layout's kernels on the same weights."""
+    import kernels.int4_tc as int4_tc
+    from engine.layers.linear import GGUFLinear
+
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    outs = {}
+    for frag in (False, True):
+        monkeypatch.setattr(int4_tc, "ENABLED", frag)
+        llm = LLM(device="cuda", dtype="bfloat16", progress=False, gguf_keep_quantized=True,
+                  kv_cache_gib=KV_GIB, max_model_len=512)
+        try:
+            layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, GGUFLinear)]
+            assert len(layers) == 30 * 4
+            assert all((m.frag is not None) == frag for m in layers)
+            ids = [llm.tokenizer.encode(p) for p in prompts]
+            params = SamplingParams(temperature=0, max_tokens=8)
+            outs[frag] = [o.outputs[0].token_ids for o in llm.generate(ids, params,
+                                                                       use_tqdm=False)]
+        finally:
+            llm.shutdown()
+            _free(llm)
+    assert outs[True] == outs[False]
