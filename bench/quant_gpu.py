@@ -436,7 +436,7 @@ def run_gpu(args) -> dict:
     report["decode_w5"] = bench_decode(args.config, args.work, tuned=tuned, runs=args.runs)
     save()
     if not args.no_kernels:
-        report["kernels"] = bench_kernels()
+        report["kernels"] = bench_kernels(ms=args.kernel_m)
         save()
     print(json.dumps(report, indent=2))
     return report
@@ -456,6 +456,8 @@ def add_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--gguf-types", nargs="+", default=None, help="with --gguf: these types only")
     g.add_argument("--gemm-m", type=int, nargs="+", default=list(GEMM_MS))
     g.add_argument("--sweep-m", type=int, nargs="+", default=[1, 16])
+    g.add_argument("--kernel-m", type=int, nargs="+", default=[1, 4, 8, 16, 256],
+                   help="rows of the per-linear table")
     g.add_argument("--sweep-top", type=int, default=8, help="candidates per M")
     g.add_argument("--sweep-waves", type=int, nargs="+", default=list(GEMV_WAVES))
     g.add_argument("--runs", nargs="+", default=["bf16", "int4_gemv", "int4", "int4_tuned"],

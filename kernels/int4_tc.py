@@ -63,6 +63,8 @@ def default_blocks(m: int) -> TcBlocks:
 
 
 ENABLED = True  # layers convert eligible weights at load (False: keep the int layout; benchmarks)
+TC_MAX_M = 32  # frag_matmul: int4_tc in launches of 16 rows up to here
+MMA_MAX_M = 64  # then int_mma on the words (groups of 64k), above: the dequantized copy
 
 
 def layout_supported(bits: int, group_size: int | None, N: int, K: int,
@@ -433,12 +435,13 @@ def _store(ptr, acc, m, n, M, stride_m, n_ok, FP32: tl.constexpr):
 
 def int4_tc(x: torch.Tensor, words: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
             group_size: int, *, split_k: int | None = None, counters: torch.Tensor | None = None,
-            blocks: TcBlocks | None = None, offset: bool = False) -> torch.Tensor:
+            blocks: TcBlocks | None = None, offset: bool = False,
+            out: torch.Tensor | None = None) -> torch.Tensor:
     """x (M <= 16, K) bf16/fp16 @ W^T → (M, N), W as frag_pack words (N // 16, K // 64, 32, 4),
     zeros (G, N) uint8 zero points (or float offsets with `offset`), scales (G, N).
 
     `counters`: int32 zeros, at least one per program along N (N // 16 always suffice); left
-    zero."""
+    zero. `out`: (M, N) in x's dtype with unit column stride (rows of a larger output), or None."""
     M, K = x.shape
     NT16, KQ = words.shape[:2]
     N = NT16 * 16
@@ -464,7 +467,10 @@ def int4_tc(x: torch.Tensor, words: torch.Tensor, zeros: torch.Tensor, scales: t
         raise ValueError(f"split_k must be a positive integer, got {split_k!r}")
     k_split = triton.cdiv(units, split_k) * unit
     num_splits = triton.cdiv(K, k_split)
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if out is None:
+        out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    elif out.shape != (M, N) or out.dtype != x.dtype or out.stride(1) != 1:
+        raise ValueError(f"out must be ({M}, {N}) {x.dtype} with unit column stride")
     if M == 0:
         return out
     partial = out
@@ -486,22 +492,34 @@ def int4_tc(x: torch.Tensor, words: torch.Tensor, zeros: torch.Tensor, scales: t
 
 
 @triton.jit
+def frag_tile(qw_ptr, nt, kq, N, K, NTB: tl.constexpr, KQB: tl.constexpr):
+    """4-bit values (NTB * 16 rows, KQB * 64 inputs) int32 of n tiles nt and quads kq from the
+    fragment words: 16-byte word loads, nibbles unpacked in registers, put in (row, k) order by
+    one permute (Triton moves them through shared memory)."""
+    lane_j = tl.arange(0, 128)  # lane * 4 + j
+    offs = (nt[:, None, None] * (K // 64) + kq[None, :, None]) * 128 + lane_j[None, None, :]
+    ok = (nt < N // 16)[:, None, None] & (kq < K // 64)[None, :, None]
+    words = tl.load(qw_ptr + offs, mask=ok, other=0)  # (NTB, KQB, 128)
+    p = tl.arange(0, 8)
+    q = (words[:, :, :, None] >> (4 * p)[None, None, None, :]) & 0xF  # nibble p = r + 4e
+    # (nt, kq, g, t, jh, h, e, k8, r8) -> (nt, r8, g, kq, jh, t, h, k8, e)
+    q = tl.reshape(q, (NTB, KQB, 8, 4, 2, 2, 2, 2, 2))
+    q = tl.permute(q, (0, 8, 2, 1, 4, 3, 5, 7, 6))
+    return tl.reshape(q, (NTB * 16, KQB * 64))
+
+
+@triton.jit
 def _frag_dequant_kernel(qw_ptr, z_ptr, s_ptr, w_ptr, N, K, stride_zg, stride_sg,
-                         GROUP_SIZE: tl.constexpr, OFFSET: tl.constexpr, BLOCK_R: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
-    """W[row, k] (N, K) in w's dtype from the fragment words: each value finds its word and
-    nibble (frag_pack's placement, inverted per element; the words come from L1)."""
-    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    nt, r8, g = row // 16, (row % 16) // 8, row % 8
-    kq, kk = k // 64, k % 64
-    jh, t, h, k8, e = kk // 32, (kk % 32) // 8, (kk % 8) // 4, (kk % 4) // 2, kk % 2
+                         GROUP_SIZE: tl.constexpr, OFFSET: tl.constexpr, NTB: tl.constexpr,
+                         KQB: tl.constexpr):
+    """W (N, K) in w's dtype from the fragment words of NTB n tiles x KQB quads (64 inputs),
+    coalesced stores."""
+    nt = tl.program_id(0) * NTB + tl.arange(0, NTB)
+    kq = tl.program_id(1) * KQB + tl.arange(0, KQB)
+    q = frag_tile(qw_ptr, nt, kq, N, K, NTB, KQB).to(tl.float32)
+    row = tl.program_id(0) * NTB * 16 + tl.arange(0, NTB * 16)
+    k = tl.program_id(1) * KQB * 64 + tl.arange(0, KQB * 64)
     mask = (row < N)[:, None] & (k < K)[None, :]
-    lane = 4 * g[:, None] + t[None, :]
-    word = tl.load(qw_ptr + ((nt[:, None] * (K // 64) + kq[None, :]) * 32 + lane) * 4
-                   + (2 * jh + h)[None, :], mask=mask, other=0)
-    nib = 2 * k8[None, :] + r8[:, None] + 4 * e[None, :]
-    q = ((word >> (4 * nib)) & 0xF).to(tl.float32)
     grp = k // GROUP_SIZE
     s = tl.load(s_ptr + grp[None, :] * stride_sg + row[:, None], mask=mask, other=0.0)
     z = tl.load(z_ptr + grp[None, :] * stride_zg + row[:, None], mask=mask, other=0)
@@ -513,14 +531,16 @@ def _frag_dequant_kernel(qw_ptr, z_ptr, s_ptr, w_ptr, N, K, stride_zg, stride_sg
 
 
 def frag_dequantize(words: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
-                    group_size: int, out: torch.Tensor, offset: bool = False) -> torch.Tensor:
+                    group_size: int, out: torch.Tensor, offset: bool = False,
+                    tiles: tuple[int, int, int] = (2, 4, 4)) -> torch.Tensor:
     """W (N, K) from fragment words into `out` (N * K elements of the wanted dtype; a view of
-    the shared dequant scratch on CUDA)."""
+    the shared dequant scratch on CUDA). `tiles`: n tiles, 64-input quads and warps a program."""
     N, K = words.shape[0] * 16, words.shape[1] * 64
     w = out.view(N, K)
-    _frag_dequant_kernel[(triton.cdiv(N, 64), triton.cdiv(K, 128))](
+    ntb, kqb, warps = tiles
+    _frag_dequant_kernel[(triton.cdiv(N // 16, ntb), triton.cdiv(K // 64, kqb))](
         words, zeros, scales, w, N, K, zeros.stride(0), scales.stride(0),
-        GROUP_SIZE=group_size, OFFSET=offset, BLOCK_R=64, BLOCK_K=128, num_warps=4,
+        GROUP_SIZE=group_size, OFFSET=offset, NTB=ntb, KQB=kqb, num_warps=warps,
     )  # fmt: skip
     return w
 
@@ -528,14 +548,26 @@ def frag_dequantize(words: torch.Tensor, zeros: torch.Tensor, scales: torch.Tens
 def frag_matmul(x: torch.Tensor, words: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
                 group_size: int, *, counters: torch.Tensor | None = None,
                 offset: bool = False) -> torch.Tensor:
-    """x (M, K) @ W^T for a layer kept in fragment words: int4_tc up to 16 rows; above, W is
-    dequantized into the scratch buffer every layer shares and cuBLAS multiplies (prefill, big
-    batches), as int_mma.int_dequant_matmul does for the int layout."""
-    if x.shape[0] <= 16 and x.dtype in _MAGIC_DTYPES and (x.is_cuda or _INTERPRETING):
-        return int4_tc(x, words, zeros, scales, group_size, counters=counters, offset=offset)
-    from kernels.int_mma import dequant_scratch
+    """x (M, K) @ W^T for a layer kept in fragment words, by rows (H200, Llama-3-8B linears):
+    int4_tc up to TC_MAX_M (16 per launch); int_mma dequantizing tiles of the words up to
+    MMA_MAX_M (groups of 64 or more); above, W dequantized into the scratch buffer every layer
+    shares and cuBLAS (prefill, big batches), as int_mma.int_dequant_matmul for the int layout."""
+    M = x.shape[0]
+    if M <= TC_MAX_M and x.dtype in _MAGIC_DTYPES and (x.is_cuda or _INTERPRETING):
+        if M <= 16:
+            return int4_tc(x, words, zeros, scales, group_size, counters=counters, offset=offset)
+        out = torch.empty((M, words.shape[0] * 16), device=x.device, dtype=x.dtype)
+        for i in range(0, M, 16):  # reads W once per 16 rows: still ahead of the copy here
+            int4_tc(x[i:i + 16], words, zeros, scales, group_size, counters=counters,
+                    offset=offset, out=out[i:i + 16])
+        return out
+    from kernels import int_mma  # imports this module: here, not at the top
 
+    if (M <= MMA_MAX_M and x.dtype in _MAGIC_DTYPES and group_size % 64 == 0
+            and (x.is_cuda or _INTERPRETING)):
+        return int_mma.int_mma(x, words, zeros, scales, zeros, 4, group_size, counters=counters,
+                               offset=offset, frag=True)
     N, K = words.shape[0] * 16, words.shape[1] * 64
     w = frag_dequantize(words, zeros, scales, group_size,
-                        dequant_scratch(N * K, x.device, x.dtype), offset)
+                        int_mma.dequant_scratch(N * K, x.device, x.dtype), offset)
     return torch.nn.functional.linear(x, w)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.int4_tc import frag_tile
 from kernels.int_gemv import store_tile
 
 
@@ -126,6 +127,7 @@ def _int_mma_kernel(
     stride_xm, stride_qk, stride_zg, stride_sg, stride_om,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, F32_DEQUANT: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OFFSET: tl.constexpr,
+    FRAG: tl.constexpr = False,
 ):  # fmt: skip
     PACK: tl.constexpr = 32 // BITS
     pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -140,10 +142,16 @@ def _int_mma_kernel(
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):  # K and the split are multiples of BLOCK_K
         x = tl.load(x_ptrs + k0, mask=(rm < M)[:, None], other=0.0)
-        words = tl.load(w_ptrs + (k0 // PACK) * stride_qk, mask=n_mask[None, :], other=0)
+        if FRAG:  # fragment words (kernels/int4_tc.py): 4 bits, BLOCK_N % 16, BLOCK_K % 64
+            q = frag_tile(qw_ptr, pid_n * (BLOCK_N // 16) + tl.arange(0, BLOCK_N // 16),
+                          k0 // 64 + tl.arange(0, BLOCK_K // 64), N, K, BLOCK_N // 16,
+                          BLOCK_K // 64)
+        else:
+            words = tl.load(w_ptrs + (k0 // PACK) * stride_qk, mask=n_mask[None, :], other=0)
+            q = _unpack_nk(words, BITS, BLOCK_K)
         z, s = _group_params(z_ptr, s_ptr, g_ptr, k0, rk, rn, n_mask, stride_zg, stride_sg,
                              GROUP_SIZE)
-        w = _dequant_nk(_unpack_nk(words, BITS, BLOCK_K), z, s, F32_DEQUANT, x.dtype, OFFSET)
+        w = _dequant_nk(q, z, s, F32_DEQUANT, x.dtype, OFFSET)
         acc = tl.dot(x, tl.trans(w), acc)  # w (BLOCK_N, BLOCK_K)
     tile = pid_m * tl.num_programs(1) + pid_n
     store_tile(acc, out_ptr, partial_ptr, count_ptr + tile, rm, rn, M, N, stride_om, pid_s,
@@ -174,16 +182,22 @@ def _int_dequant_kernel(qw_ptr, z_ptr, s_ptr, g_ptr, w_ptr, N, K, stride_qk, str
 def int_mma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
             g_idx: torch.Tensor, bits: int, group_size: int | None, *,
             blocks: GemmBlocks | None = None, split_k: int | None = None,
-            counters: torch.Tensor | None = None, offset: bool = False) -> torch.Tensor:
+            counters: torch.Tensor | None = None, offset: bool = False,
+            frag: bool = False) -> torch.Tensor:
     """x (M, K) @ W^T for 16-bit x, W dequantized tile by tile in registers (arguments as checked
-    by int_quant_matmul); `blocks` default to mma_blocks(M)."""
+    by int_quant_matmul); `blocks` default to mma_blocks(M). `frag`: qweight holds 4-bit
+    fragment words (N // 16, K // 64, 32, 4) (kernels/int4_tc.py); the step must be a multiple
+    of 64 (groups of 64 or more)."""
     M, K = x.shape
-    N = qweight.shape[1]
+    N = qweight.shape[0] * 16 if frag else qweight.shape[1]
     blocks = blocks or mma_blocks(M)
     step = mma_step(blocks, K, group_size)
     if x.dtype not in (torch.float16, torch.bfloat16) or step < 16:
         raise ValueError(f"int_mma needs 16-bit x and a K step of >= 16 (gcd of block_k "
                          f"{blocks.block_k}, the group size and K={K}); got {x.dtype}, {step}")
+    if frag and (bits != 4 or step % 64 or blocks.block_n % 16):
+        raise ValueError(f"int_mma on fragment words needs 4 bits, a K step of 64k and block_n "
+                         f"of 16k; got {bits} bits, step {step}, block_n {blocks.block_n}")
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return out
@@ -197,10 +211,11 @@ def int_mma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales:
     _int_mma_kernel[(triton.cdiv(M, blocks.block_m), triton.cdiv(N, blocks.block_n), num_splits)](
         x, qweight, zeros, scales, g_idx, out, partial, out if counters is None else counters,
         M, N, K, k_split, num_splits,
-        x.stride(0), qweight.stride(0), zeros.stride(0), scales.stride(0), out.stride(0),
+        x.stride(0), 0 if frag else qweight.stride(0), zeros.stride(0), scales.stride(0),
+        out.stride(0),
         BITS=bits, GROUP_SIZE=group_size or 0, SPLIT=num_splits > 1,
         F32_DEQUANT=blocks.f32_dequant or (bits == 8 and x.dtype == torch.bfloat16),
-        OFFSET=offset,
+        OFFSET=offset, FRAG=frag,
         BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=step,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )  # fmt: skip

@@ -111,7 +111,7 @@ def test_frag_dequantize_is_exact_and_frag_matmul_routes_by_rows(group, offset):
                                   offset).t()
     w = frag_dequantize(words, zeros, scales, group, torch.empty(n * k, device=DEVICE), offset)
     assert torch.equal(w, ref_w)
-    for m in (4, 20):  # int4_tc, then the dequantized copy
+    for m in (4, 20, 40, 70):  # int4_tc (by 16 rows), int_mma (groups of 64k), the copy
         x = torch.randn(m, k, device=DEVICE, dtype=CPU_DTYPE)
         out = frag_matmul(x, words, zeros, scales, group, offset=offset)
         assert _rel(out, _reference(x, qweight, zeros, scales, group, offset)) < 2e-3
