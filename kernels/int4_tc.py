@@ -17,15 +17,21 @@ pair (2p, 2p + 1), lane t's slots of tile 2p + h hold inputs 32p + 8t + 4h + (0,
 a lane's words of four consecutive tiles in one 16-byte load. No shared memory, no shuffles: the
 words a lane loads are its operands.
 
-Per group (a multiple of 32 inputs), with x's rows as the mma's 8 columns (two mmas a word when
-M > 8), the mmas give G = sum_k (MAGIC + q) x, and an mma with A = 1 gives X = sum_k x (once per
-tile, shared by the thread's n tiles). Then, in fp32:
+Per group (32 inputs or a multiple of 64; per-channel: K), with x's rows as the mma's 8 columns
+(two mmas a word when M > 8), the mmas give G = sum_k (MAGIC + q) x, and an mma with A = 1 gives
+X = sum_k x. Then, in fp32 (linear in G and X, so a split that ends inside a group adds its
+part):
 
-    zero points:  out += s (G - (MAGIC + z) X)        offsets (w = q s + b):  out += s (G - MAGIC X) + b X
+    zero points:  out += s (G - (MAGIC + z) X)
+    offsets (w = q s + b):  out += s (G - MAGIC X) + b X
 
-Loads run ahead of the mmas in registers (words two chunks ahead, x and group parameters one):
-ptxas issues a prefetch at the end of the loop body, so one chunk ahead would not overlap.
-Split-K as in int_gemv: partial sums per split, the last split to arrive adds them in order.
+Words, x and the group's parameters are loaded a chunk (KC tiles) ahead in registers (`dist` 2:
+words two chunks ahead; ptxas issues a prefetch at the end of the loop body). Split-K as in
+int_gemv: partial sums per split, the last split to arrive adds them in order.
+
+Measured (H200, Llama-3-8B linears, int4 g128, bf16 x; docs/benchmarks.md): the four linears at
+M = 1 55.3 µs (the int layout's GEMV: 68.0), M = 8 57.9 (162.5), M = 16 101.0 (170.7); W5
+3.05 -> 2.62 ms per token. Beyond 16 rows see `frag_matmul`.
 
 The mma is inline PTX issued by `tl.inline_asm_elementwise` once per tensor element. Every tensor
 it touches is 1-D with one element per thread (lane = element % 32): Triton's layout for such a
@@ -59,7 +65,7 @@ class TcBlocks:
 
 
 def default_blocks(m: int) -> TcBlocks:
-    return TcBlocks(4, 4, 4, 1)  # H200 sweep: 4 n tiles, 4 waves, 1 chunk ahead were best at M = 1..16
+    return TcBlocks(4, 4, 4, 1)  # H200: 4 n tiles, 4 waves, 1 chunk ahead: best at M = 1..16
 
 
 ENABLED = True  # layers convert eligible weights at load (False: keep the int layout; benchmarks)
@@ -69,10 +75,20 @@ MMA_MAX_M = 64  # then int_mma on the words (groups of 64k), above: the dequanti
 
 def layout_supported(bits: int, group_size: int | None, N: int, K: int,
                      dtype: torch.dtype) -> bool:
-    """Whether a layer's weights go to fragment words: 4-bit, groups of whole 32-input blocks
-    (not act-order), N and K in whole tiles, a 16-bit model."""
-    return (ENABLED and bits == 4 and group_size is not None and group_size % 32 == 0
+    """Whether a layer's weights go to fragment words: 4-bit, groups of 32 or 64k inputs (not
+    act-order; per-channel: the group is K), N and K in whole tiles, a 16-bit model."""
+    return (ENABLED and bits == 4 and group_size is not None and _group_ok(group_size)
             and K % group_size == 0 and N % 16 == 0 and K % 64 == 0 and dtype in _MAGIC_DTYPES)
+
+
+def _group_ok(group_size: int) -> bool:
+    """A loop step (64 or 128 inputs) holds whole groups or lies inside one."""
+    return group_size == 32 or group_size % 64 == 0
+
+
+def _chunk_tiles(K: int, group_size: int) -> int:
+    """k tiles a loop step: 8 where K and the group allow, else 4."""
+    return 8 if K % 128 == 0 and (group_size % 128 == 0 or group_size in (32, 64)) else 4
 
 
 # W (N, K) viewed as (nt, row // 8, g, p, t, h, k8, e): row = 8 (row // 8) + g,
@@ -384,7 +400,7 @@ def _int4_tc_kernel(
                 q0, q1, q2, q3, q4, q5, q6, q7 = zero, zero, zero, zero, zero, zero, zero, zero
                 xs0, xs1, xs2, xs3 = zero, zero, zero, zero
         if GROUP_SIZE >= STEP:
-            if (k0 + STEP) % GROUP_SIZE == 0:  # the chunk ends a group
+            if ((k0 + STEP) % GROUP_SIZE == 0) | (k0 + STEP >= k_end):  # a group or the split ends
                 acc0, acc1, acc2, acc3 = _update(acc0, acc1, acc2, acc3, q0, q1, q2, q3, xs0,
                                                  xs1, s_lo, s_hi, z_lo, z_hi, MAGIC, OFFSET)
                 if TWO:
@@ -448,15 +464,15 @@ def int4_tc(x: torch.Tensor, words: torch.Tensor, zeros: torch.Tensor, scales: t
     if KQ * 64 != K or words.shape[2:] != (32, 4) or words.dtype != torch.int32:
         raise ValueError(f"words must be (N // 16, {K // 64}, 32, 4) int32 fragments, got "
                          f"{tuple(words.shape)} {words.dtype}")
-    if M > 16 or x.dtype not in _MAGIC_DTYPES or group_size % 32 or K % group_size:
-        raise ValueError(f"int4_tc takes M <= 16 rows of bf16/fp16 and groups of 32k dividing K;"
-                         f" got {tuple(x.shape)} {x.dtype}, group {group_size}")
+    if M > 16 or x.dtype not in _MAGIC_DTYPES or not _group_ok(group_size) or K % group_size:
+        raise ValueError(f"int4_tc takes M <= 16 rows of bf16/fp16 and groups of 32 or 64k "
+                         f"dividing K; got {tuple(x.shape)} {x.dtype}, group {group_size}")
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # 16-byte x loads
         x = x.clone(memory_format=torch.contiguous_format)
     blocks = blocks or default_blocks(M)
     n_prog = triton.cdiv(NT16, blocks.n_tiles)
-    kc = 8 if K % 128 == 0 and (group_size % 128 == 0 or 128 % group_size == 0) else 4
-    unit = max(group_size, 16 * kc)  # splits hold whole groups and whole chunks
+    kc = _chunk_tiles(K, group_size)
+    unit = 16 * kc  # splits hold whole chunks; a split ending inside a group adds its part
     units = K // unit
     if split_k is None:
         split_k = 1
@@ -530,15 +546,25 @@ def _frag_dequant_kernel(qw_ptr, z_ptr, s_ptr, w_ptr, N, K, stride_zg, stride_sg
     tl.store(w_ptr + row[:, None] * K + k[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
+DEQUANT_TILES = (2, 4, 4)  # frag_dequantize: n tiles, 64-input quads, warps a program
+# True: _frag_dequant_direct_kernel, lanes store their own 16-byte runs (no permute through
+# shared memory; exact on CPU, compiled for sm_90, not yet timed on a GPU: the default stays the
+# permute kernel measured in docs/benchmarks.md).
+DEQUANT_DIRECT = False
+
+
 def frag_dequantize(words: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
                     group_size: int, out: torch.Tensor, offset: bool = False,
-                    tiles: tuple[int, int, int] = (2, 4, 4)) -> torch.Tensor:
+                    tiles: tuple[int, int, int] | None = None,
+                    direct: bool | None = None) -> torch.Tensor:
     """W (N, K) from fragment words into `out` (N * K elements of the wanted dtype; a view of
     the shared dequant scratch on CUDA). `tiles`: n tiles, 64-input quads and warps a program."""
     N, K = words.shape[0] * 16, words.shape[1] * 64
     w = out.view(N, K)
-    ntb, kqb, warps = tiles
-    _frag_dequant_kernel[(triton.cdiv(N // 16, ntb), triton.cdiv(K // 64, kqb))](
+    ntb, kqb, warps = tiles or DEQUANT_TILES
+    kernel = _frag_dequant_direct_kernel if (DEQUANT_DIRECT if direct is None else direct) \
+        else _frag_dequant_kernel
+    kernel[(triton.cdiv(N // 16, ntb), triton.cdiv(K // 64, kqb))](
         words, zeros, scales, w, N, K, zeros.stride(0), scales.stride(0),
         GROUP_SIZE=group_size, OFFSET=offset, NTB=ntb, KQB=kqb, num_warps=warps,
     )  # fmt: skip
@@ -571,3 +597,42 @@ def frag_matmul(x: torch.Tensor, words: torch.Tensor, zeros: torch.Tensor, scale
     w = frag_dequantize(words, zeros, scales, group_size,
                         int_mma.dequant_scratch(N * K, x.device, x.dtype), offset)
     return torch.nn.functional.linear(x, w)
+
+
+@triton.jit
+def _frag_dequant_direct_kernel(qw_ptr, z_ptr, s_ptr, w_ptr, N, K, stride_zg, stride_sg,
+                                GROUP_SIZE: tl.constexpr, OFFSET: tl.constexpr,
+                                NTB: tl.constexpr, KQB: tl.constexpr):
+    """Like _frag_dequant_kernel, without the permute: each lane stores its own values, 8
+    consecutive inputs (16 bytes) of rows g and g + 8 for each pair of its four tiles."""
+    nt = tl.program_id(0) * NTB + tl.arange(0, NTB)
+    kq = tl.program_id(1) * KQB + tl.arange(0, KQB)
+    lane = tl.arange(0, 32)
+    j = tl.arange(0, 4)
+    offs = ((nt[:, None, None, None] * (K // 64) + kq[None, :, None, None]) * 128
+            + lane[None, None, :, None] * 4 + j[None, None, None, :])
+    ok = (nt < N // 16)[:, None, None, None] & (kq < K // 64)[None, :, None, None]
+    words = tl.load(qw_ptr + offs, mask=ok, other=0)  # (NTB, KQB, 32, 4): j = 2 jh + h
+    words = tl.reshape(words, (NTB, KQB, 32, 2, 1, 2, 1, 1))  # nt, kq, lane, jh, r8, h, k8, e
+    r8 = tl.arange(0, 2)[None, None, None, None, :, None, None, None]
+    k8 = tl.arange(0, 2)[None, None, None, None, None, None, :, None]
+    e = tl.arange(0, 2)[None, None, None, None, None, None, None, :]
+    q = (words >> (4 * (2 * k8 + r8 + 4 * e))) & 0xF  # (NTB, KQB, 32, 2, 2, 2, 2, 2)
+    q = tl.reshape(q, (NTB, KQB, 32, 2, 2, 8)).to(tl.float32)  # nt, kq, lane, jh, r8, kk
+    g = (lane // 4)[None, None, :, None, None, None]
+    t = (lane % 4)[None, None, :, None, None, None]
+    two = tl.arange(0, 2)
+    row = nt[:, None, None, None, None, None] * 16 + 8 * two[None, None, None, None, :, None] + g
+    k8s = (kq[None, :, None, None, None, None] * 64 + 32 * two[None, None, None, :, None, None]
+           + 8 * t)
+    k = k8s + tl.arange(0, 8)[None, None, None, None, None, :]  # 8 inputs, one group (8 | group)
+    mask = (row < N) & (k < K)
+    grp = k8s // GROUP_SIZE
+    s_ok = (row < N) & (k8s < K)
+    s = tl.load(s_ptr + grp * stride_sg + row, mask=s_ok, other=0.0)  # (..., 1): per 8 inputs
+    z = tl.load(z_ptr + grp * stride_zg + row, mask=s_ok, other=0)
+    if OFFSET:
+        w = q * s.to(tl.float32) + z.to(tl.float32)
+    else:
+        w = (q - z.to(tl.float32)) * s.to(tl.float32)
+    tl.store(w_ptr + row * K + k, w.to(w_ptr.dtype.element_ty), mask=mask)

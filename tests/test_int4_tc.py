@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from kernels import gguf_quant, int4_tc
-from kernels.int4_tc import (TcBlocks, frag_dequantize, frag_matmul, frag_pack, frag_unpack,
-                             int4_tc as tc_matmul, layout_supported)
+from kernels.int4_tc import (
+    TcBlocks,
+    frag_dequantize,
+    frag_matmul,
+    frag_pack,
+    frag_unpack,
+    layout_supported,
+)
+from kernels.int4_tc import int4_tc as tc_matmul
 from kernels.int_pack import default_g_idx, dequantize_int_layout, pack, unpack
 from kernels.quant_gemm import int_quant_matmul_ref
 
@@ -67,6 +74,8 @@ def test_layout_supported():
     assert not layout_supported(8, 128, 4096, 4096, torch.bfloat16)
     assert not layout_supported(4, None, 4096, 4096, torch.bfloat16)  # act-order
     assert not layout_supported(4, 16, 4096, 4096, torch.bfloat16)
+    assert not layout_supported(4, 96, 4096, 576, torch.bfloat16)  # a step would cut a group
+    assert layout_supported(4, 4096, 1024, 4096, torch.bfloat16)  # per-channel
     assert not layout_supported(4, 128, 4104, 4096, torch.bfloat16)  # N not in whole tiles
     assert not layout_supported(4, 64, 4096, 4032 + 32, torch.bfloat16)  # K % 64
 
@@ -75,7 +84,8 @@ def test_layout_supported():
     (1, 128, 32, 32, 1, False), (3, 256, 48, 32, 2, False), (8, 256, 64, 64, 2, True),
     (9, 256, 64, 64, 2, False), (16, 256, 160, 128, 1, True), (5, 192, 32, 64, 3, True),
     (2, 576, 64, 32, 2, True), (7, 448, 48, 64, 3, False), (1, 256, 32, 256, 1, False),
-    (12, 512, 32, 256, 2, False), (1, 1024, 32, 128, 3, False)])
+    (12, 512, 32, 256, 2, False), (1, 1024, 32, 128, 3, False),
+    (2, 1024, 32, 1024, 3, False), (11, 576, 48, 192, 4, True), (1, 640, 32, 640, 5, False)])
 def test_int4_tc_matches_reference(m, k, n, group, split_k, offset):
     qweight, zeros, scales = _weights(k, n, group, offset, seed=m + k + n)
     x = torch.randn(m, k, device=DEVICE, dtype=CPU_DTYPE)
@@ -109,8 +119,10 @@ def test_frag_dequantize_is_exact_and_frag_matmul_routes_by_rows(group, offset):
     words = frag_pack(qweight)
     ref_w = dequantize_int_layout(qweight, zeros, scales, default_g_idx(k, group, DEVICE), 4,
                                   offset).t()
-    w = frag_dequantize(words, zeros, scales, group, torch.empty(n * k, device=DEVICE), offset)
-    assert torch.equal(w, ref_w)
+    for direct in (False, True):  # one permute a tile, or each lane's 16-byte runs
+        w = frag_dequantize(words, zeros, scales, group, torch.empty(n * k, device=DEVICE),
+                            offset, direct=direct)
+        assert torch.equal(w, ref_w)
     for m in (4, 20, 40, 70):  # int4_tc (by 16 rows), int_mma (groups of 64k), the copy
         x = torch.randn(m, k, device=DEVICE, dtype=CPU_DTYPE)
         out = frag_matmul(x, words, zeros, scales, group, offset=offset)
