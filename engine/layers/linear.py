@@ -19,7 +19,7 @@ from torch import nn
 
 from engine.quantization import awq, compressed_tensors, gptq
 from engine.quantization.config import QuantConfig, UnsupportedQuantization
-from kernels import cpu_int4, gguf_quant, int4_tc
+from kernels import cpu_int4, gguf_quant
 from kernels.int_pack import default_g_idx, dequantize_int_layout, pack, pack_factor
 
 
@@ -99,20 +99,28 @@ class QuantizedLinear(nn.Module):
         """On CUDA in a 16-bit model, 4-bit weights the tensor-core kernel takes are repacked
         into fragment words (kernels/int4_tc.py: decode 1.2-2.8x faster than the int-layout
         GEMV on an H200); the caller then drops its int-layout words."""
-        if not qweight.is_cuda or not int4_tc.layout_supported(
-                bits, group, self.out_features, self.in_features, self.act_dtype):
+        if not qweight.is_cuda:
+            return False
+        from kernels import int4_tc  # Triton: imported where CUDA runs (CPU installs lack it)
+
+        if not int4_tc.layout_supported(bits, group, self.out_features, self.in_features,
+                                        self.act_dtype):
             return False
         self.register_buffer("frag_words", int4_tc.frag_pack(qweight), persistent=False)
         return True
 
     def _frag_matmul(self, x: torch.Tensor, zeros, scales, group: int, counters,
                      offset: bool = False) -> torch.Tensor:
-        return self._rows(x, lambda rows: int4_tc.frag_matmul(
+        from kernels.int4_tc import frag_matmul
+
+        return self._rows(x, lambda rows: frag_matmul(
             rows, self.frag, zeros, scales, group, counters=counters, offset=offset))
 
     def _frag_int_words(self) -> torch.Tensor:
         """The fragment words back in the int layout (K // 8, N) (dequantized_weight, tests)."""
-        return pack(int4_tc.frag_unpack(self.frag), 4, dim=0)
+        from kernels.int4_tc import frag_unpack
+
+        return pack(frag_unpack(self.frag), 4, dim=0)
 
 
 class IntQuantLinear(QuantizedLinear):
