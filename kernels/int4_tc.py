@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.int_gemv import finish_split
+from kernels.int_gemv import finish_split, split_scratch
 from kernels.int_pack import unpack
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -489,13 +489,7 @@ def int4_tc(x: torch.Tensor, words: torch.Tensor, zeros: torch.Tensor, scales: t
         raise ValueError(f"out must be ({M}, {N}) {x.dtype} with unit column stride")
     if M == 0:
         return out
-    partial = out
-    if num_splits > 1:
-        partial = torch.empty((num_splits, M, N), device=x.device, dtype=torch.float32)
-        if counters is None:
-            counters = torch.zeros(n_prog, device=x.device, dtype=torch.int32)
-        if counters.dtype != torch.int32 or counters.numel() < n_prog:
-            raise ValueError(f"counters must be >= {n_prog} int32 zeros")
+    partial, counters = split_scratch(out, num_splits, n_prog, counters)
     _int4_tc_kernel[(n_prog, num_splits)](
         x, words, zeros, scales, out, partial, counters if counters is not None else out,
         M, N, K, k_split, num_splits, x.stride(0), zeros.stride(0), scales.stride(0),

@@ -314,14 +314,7 @@ def int_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return out
-    partial = out
-    if num_splits > 1:
-        partial = torch.empty((num_splits, M, N), device=x.device, dtype=torch.float32)
-        if counters is None:
-            counters = torch.zeros(n_tiles, device=x.device, dtype=torch.int32)
-        if counters.dtype != torch.int32 or counters.numel() < n_tiles or \
-                counters.device != x.device:
-            raise ValueError(f"counters must be >= {n_tiles} int32 zeros on {x.device}")
+    partial, counters = split_scratch(out, num_splits, n_tiles, counters)
     _int_gemv_kernel[(n_tiles, num_splits)](
         x, qweight, zeros, scales, out, partial, counters if counters is not None else out,
         M, N, K, k_split, num_splits,
@@ -331,6 +324,20 @@ def int_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales
         OFFSET=offset, ROWS_PAD=rows_pad, num_warps=blocks.num_warps,
     )  # fmt: skip
     return out
+
+
+def split_scratch(out: torch.Tensor, num_splits: int, tiles: int,
+                  counters: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Split-K's fp32 partial sums (num_splits, M, N) and the tiles' arrival counters (the
+    caller's, checked, or new zeros); (out, counters) when there is one split."""
+    if num_splits == 1:
+        return out, counters
+    partial = torch.empty((num_splits, *out.shape), device=out.device, dtype=torch.float32)
+    if counters is None:
+        counters = torch.zeros(tiles, device=out.device, dtype=torch.int32)
+    if counters.dtype != torch.int32 or counters.numel() < tiles or counters.device != out.device:
+        raise ValueError(f"counters must be >= {tiles} int32 zeros on {out.device}")
+    return partial, counters
 
 
 def _k_per_split(K: int, n_tiles: int, split_k: int | None, blocks: GemvBlocks, device) -> int:

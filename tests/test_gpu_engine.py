@@ -292,28 +292,38 @@ def test_fp8_kv_cache_doubles_blocks_and_stays_close_to_bf16(tmp_path):
     assert ours <= 2 * theirs + 0.05
 
 
+DEFAULT_PROMPTS = ["The capital of France is", "def fibonacci(n):"]
+
+
+def _default_model_tokens(dtype: str, keep: bool, check) -> list[list[int]]:
+    """Greedy tokens (8) of DEFAULT_PROMPTS from the default model on CUDA; `check` is called
+    with its GGUFLinear layers first."""
+    from engine.layers.linear import GGUFLinear
+
+    llm = LLM(device="cuda", dtype=dtype, progress=False, gguf_keep_quantized=keep,
+              kv_cache_gib=KV_GIB, max_model_len=512)
+    try:
+        check([m for m in llm.engine.runner.model.modules() if isinstance(m, GGUFLinear)])
+        ids = [llm.tokenizer.encode(p) for p in DEFAULT_PROMPTS]
+        params = SamplingParams(temperature=0, max_tokens=8)
+        return [o.outputs[0].token_ids for o in llm.generate(ids, params, use_tqdm=False)]
+    finally:
+        llm.shutdown()
+        _free(llm)
+
+
 def test_default_model_kept_quantized_on_cuda_same_tokens():
     """The default model's Q4_1 linears kept quantized on CUDA (repacked into the int layout,
     offset mode: GEMV for decode, the fp32 GEMM for prefill, CUDA graphs) give the tokens of the
     float32 weights dequantized at load."""
-    from engine.layers.linear import GGUFLinear
 
-    prompts = ["The capital of France is", "def fibonacci(n):"]
-    outs = {}
-    for keep in (False, True):
-        llm = LLM(device="cuda", dtype="float32", progress=False, gguf_keep_quantized=keep,
-                  kv_cache_gib=KV_GIB, max_model_len=512)
-        try:
-            layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, GGUFLinear)]
+    def check(keep):
+        def layers_ok(layers):
             assert len(layers) == (30 * 4 if keep else 0)
             assert all(m.int_layout is not None and m.offset for m in layers)
-            ids = [llm.tokenizer.encode(p) for p in prompts]
-            params = SamplingParams(temperature=0, max_tokens=8)
-            outs[keep] = [o.outputs[0].token_ids for o in llm.generate(ids, params,
-                                                                       use_tqdm=False)]
-        finally:
-            llm.shutdown()
-            _free(llm)
+        return layers_ok
+
+    outs = {keep: _default_model_tokens("float32", keep, check(keep)) for keep in (False, True)}
     assert outs[True] == outs[False]
 
 
@@ -322,23 +332,15 @@ def test_default_model_bf16_fragment_words_same_tokens_as_int_layout(monkeypatch
     tensor-core decode, dequantized copy for prefill); greedy tokens equal those of the int
     layout's kernels on the same weights."""
     import kernels.int4_tc as int4_tc
-    from engine.layers.linear import GGUFLinear
 
-    prompts = ["The capital of France is", "def fibonacci(n):"]
+    def check(frag):
+        def layers_ok(layers):
+            assert len(layers) == 30 * 4
+            assert all((m.frag is not None) == frag for m in layers)
+        return layers_ok
+
     outs = {}
     for frag in (False, True):
         monkeypatch.setattr(int4_tc, "ENABLED", frag)
-        llm = LLM(device="cuda", dtype="bfloat16", progress=False, gguf_keep_quantized=True,
-                  kv_cache_gib=KV_GIB, max_model_len=512)
-        try:
-            layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, GGUFLinear)]
-            assert len(layers) == 30 * 4
-            assert all((m.frag is not None) == frag for m in layers)
-            ids = [llm.tokenizer.encode(p) for p in prompts]
-            params = SamplingParams(temperature=0, max_tokens=8)
-            outs[frag] = [o.outputs[0].token_ids for o in llm.generate(ids, params,
-                                                                       use_tqdm=False)]
-        finally:
-            llm.shutdown()
-            _free(llm)
+        outs[frag] = _default_model_tokens("bfloat16", True, check(frag))
     assert outs[True] == outs[False]
