@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.int4_tc import frag_pack  # noqa: E402
+from kernels.int4_frag import frag_pack  # noqa: E402
 
 LLAMA3_8B_LINEARS = (("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672),
                      ("down", 14336, 4096))

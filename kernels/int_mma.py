@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.int4_tc import frag_tile
+from kernels.int4_frag import frag_tile
 from kernels.int_gemv import store_tile
 
 

@@ -9,14 +9,8 @@ import pytest
 import torch
 
 from kernels import gguf_quant, int4_tc
-from kernels.int4_tc import (
-    TcBlocks,
-    frag_dequantize,
-    frag_matmul,
-    frag_pack,
-    frag_unpack,
-    layout_supported,
-)
+from kernels.int4_frag import frag_dequantize, frag_pack, frag_unpack
+from kernels.int4_tc import TcBlocks, frag_matmul, layout_supported
 from kernels.int4_tc import int4_tc as tc_matmul
 from kernels.int_pack import default_g_idx, dequantize_int_layout, pack, unpack
 from kernels.quant_gemm import int_quant_matmul_ref

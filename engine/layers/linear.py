@@ -102,11 +102,12 @@ class QuantizedLinear(nn.Module):
         if not qweight.is_cuda:
             return False
         from kernels import int4_tc  # Triton: imported where CUDA runs (CPU installs lack it)
+        from kernels.int4_frag import frag_pack
 
         if not int4_tc.layout_supported(bits, group, self.out_features, self.in_features,
                                         self.act_dtype):
             return False
-        self.register_buffer("frag_words", int4_tc.frag_pack(qweight), persistent=False)
+        self.register_buffer("frag_words", frag_pack(qweight), persistent=False)
         return True
 
     def _frag_matmul(self, x: torch.Tensor, zeros, scales, group: int, counters,
@@ -118,7 +119,7 @@ class QuantizedLinear(nn.Module):
 
     def _frag_int_words(self) -> torch.Tensor:
         """The fragment words back in the int layout (K // 8, N) (dequantized_weight, tests)."""
-        from kernels.int4_tc import frag_unpack
+        from kernels.int4_frag import frag_unpack
 
         return pack(frag_unpack(self.frag), 4, dim=0)
 
