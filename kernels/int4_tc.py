@@ -9,7 +9,8 @@ core does the multiply-adds (fp32 accumulate).
 Fragment layout (kernels/int4_frag.py: `frag_pack`, and the dequantized copy for large M).
 W (N, K) is cut into 16 x 16 tiles; lane l (g = l // 4, t = l % 4) of tile (nt, kt) holds one
 int32 word, its A fragment of `mma.m16n8k16.row.col`: registers a0..a3 = rows (g, g+8, g, g+8)
-x k slots (2t, 2t, 2t+8, 2t+8) + (0, 1); value e of a_r at nibble r + 4e, so `lop3(word >> 4r, 0x000F000F, MAGIC)` is a_r as two 16-bit floats MAGIC + q
+x k slots (2t, 2t, 2t+8, 2t+8) + (0, 1); value e of a_r at nibble r + 4e, so
+`lop3(word >> 4r, 0x000F000F, MAGIC)` is a_r as two 16-bit floats MAGIC + q
 (bf16 128 + q, fp16 1024 + q: exact). Which input k sits in which slot is free (A and B are
 permuted alike); it is chosen so that a lane's x values are contiguous: in the 32 inputs of tile
 pair (2p, 2p + 1), lane t's slots of tile 2p + h hold inputs 32p + 8t + 4h + (0, 1, 2, 3), so one
