@@ -75,10 +75,15 @@ TC_MAX_M = 32  # frag_matmul: int4_tc in launches of 16 rows up to here
 MMA_MAX_M = 64  # then int_mma on the words (groups of 64k), above: the dequantized copy
 
 
-def layout_supported(bits: int, group_size: int | None, N: int, K: int,
-                     dtype: torch.dtype) -> bool:
+def layout_supported(bits: int, group_size: int | None, N: int, K: int, dtype: torch.dtype,
+                     device: torch.device | None = None) -> bool:
     """Whether a layer's weights go to fragment words: 4-bit, groups of 32 or 64k inputs (not
-    act-order; per-channel: the group is K), N and K in whole tiles, a 16-bit model."""
+    act-order; per-channel: the group is K), N and K in whole tiles, a 16-bit model, and (for a
+    CUDA device) compute capability 8.0 or later (`mma.m16n8k16` with bf16 / fp16: Ampere on;
+    older GPUs keep the int layout)."""
+    if device is not None and device.type == "cuda" and \
+            torch.cuda.get_device_capability(device) < (8, 0):
+        return False
     return (ENABLED and bits == 4 and group_size is not None and _group_ok(group_size)
             and K % group_size == 0 and N % 16 == 0 and K % 64 == 0 and dtype in _MAGIC_DTYPES)
 

@@ -70,6 +70,15 @@ def test_layout_supported():
     assert not layout_supported(4, 16, 4096, 4096, torch.bfloat16)
     assert not layout_supported(4, 96, 4096, 576, torch.bfloat16)  # a step would cut a group
     assert layout_supported(4, 4096, 1024, 4096, torch.bfloat16)  # per-channel
+
+
+def test_layout_needs_ampere_or_later(monkeypatch):
+    """mma.m16n8k16 with bf16 / fp16 needs compute capability 8.0: a Turing or Volta GPU keeps
+    the int layout (its GEMV runs there)."""
+    cuda = torch.device("cuda")
+    for capability, expected in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: c)
+        assert layout_supported(4, 128, 4096, 4096, torch.float16, cuda) is expected
     assert not layout_supported(4, 128, 4104, 4096, torch.bfloat16)  # N not in whole tiles
     assert not layout_supported(4, 64, 4096, 4032 + 32, torch.bfloat16)  # K % 64
 

@@ -105,7 +105,7 @@ class QuantizedLinear(nn.Module):
         from kernels.int4_frag import frag_pack
 
         if not int4_tc.layout_supported(bits, group, self.out_features, self.in_features,
-                                        self.act_dtype):
+                                        self.act_dtype, qweight.device):
             return False
         self.register_buffer("frag_words", frag_pack(qweight), persistent=False)
         return True
