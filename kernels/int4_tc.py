@@ -28,11 +28,8 @@ part):
 
 Words, x and the group's parameters are loaded a chunk (KC tiles) ahead in registers (`dist` 2:
 words two chunks ahead; ptxas issues a prefetch at the end of the loop body). Split-K as in
-int_gemv: partial sums per split, the last split to arrive adds them in order.
-
-Measured (H200, Llama-3-8B linears, int4 g128, bf16 x; docs/benchmarks.md): the four linears at
-M = 1 55.3 µs (the int layout's GEMV: 68.0), M = 8 57.9 (162.5), M = 16 101.0 (170.7); W5
-3.05 -> 2.62 ms per token. Beyond 16 rows see `frag_matmul`.
+int_gemv: partial sums per split, the last split to arrive adds them in order. H200, the four
+Llama-3-8B linears at M = 1: 55 µs (the GEMV: 68; docs/benchmarks.md). Above 16 rows: frag_matmul.
 
 The mma is inline PTX issued by `tl.inline_asm_elementwise` once per tensor element. Every tensor
 it touches is 1-D with one element per thread (lane = element % 32): Triton's layout for such a
