@@ -26,8 +26,8 @@ part):
     zero points:  out += s (G - (MAGIC + z) X)
     offsets (w = q s + b):  out += s (G - MAGIC X) + b X
 
-Words, x and the group's parameters are loaded a chunk (KC tiles) ahead in registers (`dist` 2:
-words two chunks ahead; ptxas issues a prefetch at the end of the loop body). Split-K as in
+Words, x and the group's parameters are loaded a chunk (KC tiles) ahead in registers (two
+chunks ahead for the words measured slower: docs/benchmarks.md). Split-K as in
 int_gemv: partial sums per split, the last split to arrive adds them in order. H200, the four
 Llama-3-8B linears at M = 1: 55 µs (the GEMV: 68; docs/benchmarks.md). Above 16 rows: frag_matmul.
 
@@ -60,11 +60,10 @@ class TcBlocks:
     n_tiles: int  # 16-row tiles per program (spread over the warps)
     num_warps: int
     waves: int  # programs per SM that split-K aims for
-    dist: int = 2  # chunks of words loaded ahead (1 or 2)
 
 
 def default_blocks(m: int) -> TcBlocks:
-    return TcBlocks(4, 4, 4, 1)  # H200: 4 n tiles, 4 waves, 1 chunk ahead: best at M = 1..16
+    return TcBlocks(4, 4, 4)  # H200: 4 n tiles a program, 4 waves: best at M = 1..16
 
 
 ENABLED = True  # layers convert eligible weights at load (False: keep the int layout; benchmarks)
@@ -279,7 +278,6 @@ def _int4_tc_kernel(
     stride_xm, stride_zg, stride_sg, stride_om,
     GROUP_SIZE: tl.constexpr, NT: tl.constexpr, BF16: tl.constexpr, OFFSET: tl.constexpr,
     SPLIT: tl.constexpr, TWO: tl.constexpr, EMULATE: tl.constexpr, KC: tl.constexpr,
-    DIST: tl.constexpr,
 ):  # fmt: skip
     MAGIC: tl.constexpr = 128.0 if BF16 else 1024.0
     KT_G: tl.constexpr = GROUP_SIZE // 16
@@ -302,10 +300,6 @@ def _int4_tc_kernel(
     wp = (qw_ptr + (nt * (K // 64) * 128 + (k_start // 64) * 128 + lane * 4)[:, None]
           + quad[None, :])
     w0, w1, w2, w3, w4, w5, w6, w7 = _load_words(wp, v_ok & (k_start < k_end), KC, B)
-    n0, n1, n2, n3, n4, n5, n6, n7 = w0, w1, w2, w3, w4, w5, w6, w7
-    if DIST == 2:
-        wp += KC * 32
-        n0, n1, n2, n3, n4, n5, n6, n7 = _load_words(wp, v_ok & (k_start + STEP < k_end), KC, B)
     # x: lane (g, t) loads x[row g][32 p + 8t .. 8t + 7] (16 bytes) as a (B, 4) row, one per
     # element like the words (a thread with several n tiles loads its x for each: L1 hits).
     x_row = g[:, None]
@@ -329,11 +323,7 @@ def _int4_tc_kernel(
     for k0 in range(k_start, k_end, STEP):
         kt0 = k0 // 16
         wp += KC * 32
-        if DIST == 2:  # ptxas issues prefetches at the end of the body: two chunks ahead
-            m0, m1, m2, m3, m4, m5, m6, m7 = _load_words(
-                wp, v_ok & (k0 + 2 * STEP < k_end), KC, B)
-        else:
-            n0, n1, n2, n3, n4, n5, n6, n7 = _load_words(wp, v_ok & (k0 + STEP < k_end), KC, B)
+        n0, n1, n2, n3, n4, n5, n6, n7 = _load_words(wp, v_ok & (k0 + STEP < k_end), KC, B)
         xp_lo += STEP // 2
         ya0, yb0, ya1, yb1, ya2, yb2, ya3, yb3, ya4, yb4, ya5, yb5, ya6, yb6, ya7, yb7 = _load_x(
             xp_lo, x_ok_lo & (k0 + STEP < k_end), KC, B)
@@ -356,7 +346,7 @@ def _int4_tc_kernel(
                 xs0, xs1 = _mma_ones(b0, b1, xs0, xs1, BF16)
                 if TWO:  # x rows 8..15: loaded here (no registers to spare for a prefetch)
                     h0, h1, h2, h3 = _split4(tl.load(xp_hi + 16 * (j // 2),
-                                                     mask=x_ok_hi & (k0 < k_end), other=0), B)
+                                                     mask=x_ok_hi, other=0), B)
                     b0 = h0 if j % 2 == 0 else h2
                     b1 = h1 if j % 2 == 0 else h3
                     q4, q5, q6, q7 = _mma(w, b0, b1, q4, q5, q6, q7, BF16)
@@ -383,8 +373,6 @@ def _int4_tc_kernel(
                 xs0, xs1, xs2, xs3 = zero, zero, zero, zero
             s_lo, s_hi, z_lo, z_hi = ns_lo, ns_hi, nz_lo, nz_hi
         w0, w1, w2, w3, w4, w5, w6, w7 = n0, n1, n2, n3, n4, n5, n6, n7
-        if DIST == 2:
-            n0, n1, n2, n3, n4, n5, n6, n7 = m0, m1, m2, m3, m4, m5, m6, m7
         xa0, xa1, xa2, xa3, xa4, xa5, xa6, xa7 = ya0, ya1, ya2, ya3, ya4, ya5, ya6, ya7
         xb0, xb1, xb2, xb3, xb4, xb5, xb6, xb7 = yb0, yb1, yb2, yb3, yb4, yb5, yb6, yb7
         xp_hi += STEP // 2
@@ -468,7 +456,7 @@ def int4_tc(x: torch.Tensor, words: torch.Tensor, zeros: torch.Tensor, scales: t
         out.stride(0),
         GROUP_SIZE=group_size, NT=blocks.n_tiles, BF16=x.dtype == torch.bfloat16, OFFSET=offset,
         SPLIT=num_splits > 1, TWO=M > 8, EMULATE=_INTERPRETING or not x.is_cuda, KC=kc,
-        DIST=blocks.dist, num_warps=blocks.num_warps,
+        num_warps=blocks.num_warps,
     )  # fmt: skip
     return out
 

@@ -102,7 +102,7 @@ def test_int4_tc_split_reduction_is_deterministic_and_resets_counters():
     words = frag_pack(qweight)
     x = torch.randn(2, 512, device=DEVICE, dtype=CPU_DTYPE)
     counters = torch.zeros(160, dtype=torch.int32, device=DEVICE)
-    blocks = TcBlocks(n_tiles=4, num_warps=4, waves=2, dist=1)
+    blocks = TcBlocks(n_tiles=4, num_warps=4, waves=2)
     outs = [tc_matmul(x, words, zeros, scales, 128, split_k=3, counters=counters, blocks=blocks)
             for _ in range(2)]
     assert torch.equal(outs[0], outs[1])
