@@ -350,17 +350,20 @@ def _time_graph(fn, reps: int = 24) -> float:
 
 def bench_decode(config_dir: Path, work: Path, device: str = "cuda", group_size: int = 128,
                  tuned: dict | None = None,
-                 runs=("bf16", "int4_gemm", "int4_gemv", "int4", "int4_tuned")) -> dict:
+                 runs=("bf16", "int4_gemm", "int4_gemv", "int4_plain", "int4", "int4_tuned")
+                 ) -> dict:
     """W5 with random weights: batch 1, 128 in / 256 out; bf16, AWQ int4 (group 128) through the
     old dequant-GEMM (`int4_gemm`), the int layout's decode GEMV (`int4_gemv`; `int4_tuned` with
     the GemvBlocks of `tuned`, {M: blocks dict}, as sweep_gemv finds them) and fragment words on
-    the tensor-core kernel (`int4`: what a 16-bit model runs, kernels/int4_tc.py)."""
+    the tensor-core kernel (`int4`: what a 16-bit model runs, kernels/int4_tc.py; `int4_plain`
+    the same with every kernel launched without PDL, kernels/pdl.py)."""
     import shutil
 
     import kernels.int4_tc as int4_tc
     import kernels.int_gemv as ig
     import kernels.quant_gemm as qg
     from engine import LLM, SamplingParams
+    from kernels import pdl
 
     quant_dir = work / "int4-config"
     quant_dir.mkdir(parents=True, exist_ok=True)
@@ -375,21 +378,23 @@ def bench_decode(config_dir: Path, work: Path, device: str = "cuda", group_size:
     prompt = torch.randint(0, min(10000, config["vocab_size"]), (128,), generator=gen).tolist()
     params = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
     plan = [("bf16", config_dir, None), ("int4_gemm", quant_dir, None),
-            ("int4_gemv", quant_dir, None), ("int4", quant_dir, None)]
+            ("int4_gemv", quant_dir, None), ("int4_plain", quant_dir, None),
+            ("int4", quant_dir, None)]
     if tuned and any(ig.GemvBlocks(**b) != ig.default_blocks(m) for m, b in tuned.items()):
         plan.append(("int4_tuned", quant_dir, {m: ig.GemvBlocks(**b) for m, b in tuned.items()}))
     default_blocks = ig.default_blocks
     result = {}
     for label, path, blocks in [p for p in plan if p[0] in runs]:
         qg.GEMV_MAX_M = 0 if label == "int4_gemm" else 16
-        int4_tc.ENABLED = label in ("bf16", "int4")  # int4: fragment words (kernels/int4_tc.py)
+        int4_tc.ENABLED = label in ("bf16", "int4", "int4_plain")  # fragment words (int4_tc.py)
+        pdl.ENABLED = label != "int4_plain"
         qg.LEGACY_GEMM = label == "int4_gemm"
         ig.default_blocks = default_blocks if blocks is None else (
             lambda m, blocks=blocks: blocks.get(m) or default_blocks(m))
         result[label] = _decode_once(LLM, path, device, prompt, params)
         print(label, result[label], flush=True)
     qg.GEMV_MAX_M, qg.LEGACY_GEMM, ig.default_blocks = 16, False, default_blocks
-    int4_tc.ENABLED = True
+    int4_tc.ENABLED, pdl.ENABLED = True, True
     return result
 
 
@@ -459,7 +464,8 @@ def add_arguments(g: argparse.ArgumentParser) -> None:
                    help="rows of the per-linear table")
     g.add_argument("--sweep-top", type=int, default=8, help="candidates per M")
     g.add_argument("--sweep-waves", type=int, nargs="+", default=list(GEMV_WAVES))
-    g.add_argument("--runs", nargs="+", default=["bf16", "int4_gemv", "int4", "int4_tuned"],
+    g.add_argument("--runs", nargs="+",
+                   default=["bf16", "int4_gemv", "int4_plain", "int4", "int4_tuned"],
                    help="W5 runs (also: int4_gemm, the old dequant-GEMM: ~19 ms/token)")
 
 

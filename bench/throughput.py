@@ -17,6 +17,8 @@ the first `--hf-seqs` sequences, outputs capped at `--hf-max-new` tokens; the ta
 `--async-scheduling both` runs Hearth twice, synchronous steps first (the baseline, same card).
 `--fusions both` runs Hearth twice too, first without the fused sampling kernel and without the
 K/V write fused into decode attention (the baseline), then with them (the default).
+`--pdl both` runs Hearth twice, first with every kernel launched plainly (the baseline), then
+with programmatic dependent launch (kernels/pdl.py; Hopper, the default).
 `--kv-cache-dtype fp8` runs Hearth with an e4m3 KV cache (twice the blocks; the floor then counts
 one byte per cached value).
 `--weights awq-int4` runs Hearth with AWQ int4 (group 128) dummy weights in every decoder linear
@@ -191,7 +193,11 @@ class StepProfile:
         }
 
 
-def run_hearth(w: Workload, args, async_scheduling: bool = True, fused: bool = True) -> dict:
+def run_hearth(w: Workload, args, async_scheduling: bool = True, fused: bool = True,
+               pdl_on: bool = True) -> dict:
+    from kernels import pdl
+
+    pdl.ENABLED = pdl_on  # read at every launch, so for the whole run (graphs capture it)
     batched = max(16384, max(len(p) for p in w.prompts))
     TritonAttention.fuse_kv_write = fused  # read when the engine makes its backend
     llm = LLM(model_dir(w, args.weights), load_format="dummy", dtype="bfloat16", progress=False,
@@ -224,6 +230,7 @@ def run_hearth(w: Workload, args, async_scheduling: bool = True, fused: bool = T
         m = outs[0].metrics
         result["ms_per_token"] = 1e3 * (m.finished_time - m.first_token_time) / (num_out - 1)
     llm.shutdown()
+    pdl.ENABLED = True
     del llm, profile, outs
     gc.collect()
     torch.cuda.empty_cache()
@@ -306,6 +313,8 @@ def main() -> None:
     parser.add_argument("--async-scheduling", choices=["on", "off", "both"], default="on")
     parser.add_argument("--fusions", choices=["on", "off", "both"], default="on",
                         help="fused sampling kernel + K/V write in decode attention")  # fmt: skip
+    parser.add_argument("--pdl", choices=["on", "off", "both"], default="on",
+                        help="programmatic dependent launch on Hopper (kernels/pdl.py)")
     parser.add_argument("--profile", action="store_true", help="kernel times of a decode replay")
     parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3"], default="auto",
                         help="Hearth's KV cache: auto (bf16) or fp8 (e4m3)")  # fmt: skip
@@ -331,7 +340,11 @@ def main() -> None:
         if args.async_scheduling in ("on", "both") and args.fusions in ("off", "both"):
             entry["hearth_unfused"] = run_hearth(w, args, async_scheduling=True, fused=False)
             print(name, "hearth unfused", json.dumps(entry["hearth_unfused"]), flush=True)
-        if args.async_scheduling in ("on", "both") and args.fusions in ("on", "both"):
+        if args.pdl in ("off", "both"):
+            entry["hearth_nopdl"] = run_hearth(w, args, async_scheduling=True, pdl_on=False)
+            print(name, "hearth without PDL", json.dumps(entry["hearth_nopdl"]), flush=True)
+        if (args.async_scheduling in ("on", "both") and args.fusions in ("on", "both")
+                and args.pdl in ("on", "both")):
             entry["hearth"] = run_hearth(w, args, async_scheduling=True)
             print(name, "hearth", json.dumps(entry["hearth"]), flush=True)
         if not args.skip_hf:
@@ -351,7 +364,8 @@ def print_table(results: dict) -> None:
     print("wl  hearth            floor            % floor  transformers (subset)  "
           "decode step_ms gpu_ms")
     for name, e in results["workloads"].items():
-        suffixes = {"hearth_sync": " sync", "hearth_unfused": " base", "hearth": ""}
+        suffixes = {"hearth_sync": " sync", "hearth_unfused": " base", "hearth_nopdl": " nopdl",
+                    "hearth": ""}
         for key, suffix in suffixes.items():
             if key in e:
                 _print_row(name + suffix, e, e[key])

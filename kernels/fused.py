@@ -3,12 +3,14 @@
 Each is memory bound: one program per token reads its row once and writes it once, computing in
 fp32. Numerics follow HF transformers: the residual sum is rounded to the activation dtype before it
 is normalised (as the unfused model would store it), rotary is neox style (rotate_half on the first
-and second halves of head_dim).
+and second halves of head_dim). On Hopper they launch with PDL (kernels/pdl.py).
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels import pdl
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -22,19 +24,23 @@ def _warps(block: int) -> int:
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, eps,
     stride_x, stride_r, stride_o, stride_nr,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl.launch_dependents(PDL, 1)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    pdl.wait(PDL)  # above: the weight only (kernels/pdl.py)
     h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
         h = (h.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+    pdl.launch_dependents(PDL, 2)
+    if HAS_RESIDUAL:
         tl.store(new_res_ptr + row * stride_nr + cols, h, mask=mask)
     h = h.to(tl.float32)
     inv_rms = tl.rsqrt(tl.sum(h * h, 0) / HIDDEN + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(
         out_ptr + row * stride_o + cols, (h * inv_rms * w).to(out_ptr.dtype.element_ty), mask=mask
     )
@@ -75,7 +81,9 @@ def rms_norm(
         _rms_norm_kernel[(num_tokens,)](
             x, res, weight.contiguous(), out, new_res, eps,
             x.stride(0), res.stride(0), out.stride(0), new_res.stride(0),
-            HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=_warps(block),
+            HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None,
+            PDL=pdl.mode(x.device, True), num_warps=_warps(block),
+            **pdl.launch_kwargs(x.device, True),
         )  # fmt: skip
     return out if residual is None else (out, new_res)
 
@@ -111,8 +119,10 @@ def _rotary_kernel(
     pos_ptr, q_ptr, k_ptr, cache_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
     NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl.launch_dependents(PDL, 1)
+    pdl.wait(PDL)  # positions, q and k may come from the kernels before (kernels/pdl.py)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + token).to(tl.int64)
     j = tl.arange(0, BLOCK_HALF)
@@ -120,6 +130,7 @@ def _rotary_kernel(
     sin = tl.load(cache_ptr + pos * stride_cache + HALF + j, mask=j < HALF, other=0.0)[None, :]
     _rotate_heads(q_ptr + token * stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, HALF,
                   BLOCK_QH, BLOCK_HALF)  # fmt: skip
+    pdl.launch_dependents(PDL, 2)
     _rotate_heads(k_ptr + token * stride_kt, stride_kh, cos, sin, NUM_K_HEADS, HALF,
                   BLOCK_KH, BLOCK_HALF)  # fmt: skip
 
@@ -172,7 +183,8 @@ def rotary_embedding(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cache.stride(0),
         NUM_Q_HEADS=q.shape[1], NUM_K_HEADS=k.shape[1], HALF=half,
         BLOCK_QH=triton.next_power_of_2(q.shape[1]), BLOCK_KH=triton.next_power_of_2(k.shape[1]),
-        BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_HALF=triton.next_power_of_2(half), PDL=pdl.mode(q.device, True),
+        **pdl.launch_kwargs(q.device, True),
     )  # fmt: skip
 
 
@@ -194,12 +206,16 @@ def rotary_embedding_ref(
 
 # -------------------------------------------------------------------------------- SiLU and mul
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, D: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, D: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+    pdl.launch_dependents(PDL, 1)
+    pdl.wait(PDL)  # x is the previous kernel's output (kernels/pdl.py)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + D + cols, mask=mask, other=0.0).to(tl.float32)
+    pdl.launch_dependents(PDL, 2)
     out = gate * tl.sigmoid(gate) * up
     tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -219,7 +235,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if num_tokens > 0:
         block = min(1024, triton.next_power_of_2(d))
         grid = (num_tokens, triton.cdiv(d, block))
-        _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), D=d, BLOCK=block)
+        _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), D=d, BLOCK=block,
+                                   PDL=pdl.mode(x.device, True),
+                                   **pdl.launch_kwargs(x.device, True))
     return out
 
 

@@ -28,7 +28,9 @@ part):
 
 Words, x and the group's parameters are loaded a chunk (KC tiles) ahead in registers (two
 chunks ahead for the words measured slower: docs/benchmarks.md). Split-K as in
-int_gemv: partial sums per split, the last split to arrive adds them in order. H200, the four
+int_gemv: partial sums per split, the last split to arrive adds them in order. On Hopper the
+kernel launches with PDL (kernels/pdl.py): its first chunk of words and group parameters load
+while the kernel before it finishes; x only after `pdl.wait`. H200, the four
 Llama-3-8B linears at M = 1: 55 µs (the GEMV: 68; docs/benchmarks.md). Above 16 rows: frag_matmul.
 
 The mma is inline PTX issued by `tl.inline_asm_elementwise` once per tensor element. Every tensor
@@ -47,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import int_mma
+from kernels import int_mma, pdl
 from kernels.int4_frag import frag_dequantize
 from kernels.int_gemv import finish_split, split_scratch
 
@@ -278,7 +280,9 @@ def _int4_tc_kernel(
     stride_xm, stride_zg, stride_sg, stride_om,
     GROUP_SIZE: tl.constexpr, NT: tl.constexpr, BF16: tl.constexpr, OFFSET: tl.constexpr,
     SPLIT: tl.constexpr, TWO: tl.constexpr, EMULATE: tl.constexpr, KC: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl.launch_dependents(PDL, 1)
     MAGIC: tl.constexpr = 128.0 if BF16 else 1024.0
     KT_G: tl.constexpr = GROUP_SIZE // 16
     B: tl.constexpr = NT * 32
@@ -300,6 +304,12 @@ def _int4_tc_kernel(
     wp = (qw_ptr + (nt * (K // 64) * 128 + (k_start // 64) * 128 + lane * 4)[:, None]
           + quad[None, :])
     w0, w1, w2, w3, w4, w5, w6, w7 = _load_words(wp, v_ok & (k_start < k_end), KC, B)
+    zero = tl.zeros((B,), dtype=tl.float32)
+    s_lo, s_hi, z_lo, z_hi = zero, zero, zero, zero
+    if GROUP_SIZE >= STEP:
+        s_lo, s_hi, z_lo, z_hi = _group_params(k_start // GROUP_SIZE, row, nt_ok, s_ptr, z_ptr,
+                                               stride_sg, stride_zg)
+    pdl.wait(PDL)  # above: weights only; x is the previous kernel's output (kernels/pdl.py)
     # x: lane (g, t) loads x[row g][32 p + 8t .. 8t + 7] (16 bytes) as a (B, 4) row, one per
     # element like the words (a thread with several n tiles loads its x for each: L1 hits).
     x_row = g[:, None]
@@ -311,15 +321,10 @@ def _int4_tc_kernel(
     x_ok_lo, x_ok_hi = x_row < M, x_row + 8 < M
     xa0, xb0, xa1, xb1, xa2, xb2, xa3, xb3, xa4, xb4, xa5, xb5, xa6, xb6, xa7, xb7 = _load_x(
         xp_lo, x_ok_lo & (k_start < k_end), KC, B)
-    zero = tl.zeros((B,), dtype=tl.float32)
     acc0, acc1, acc2, acc3 = zero, zero, zero, zero  # x rows (cols) 2t, 2t+1 of rows g, g+8
     acc4, acc5, acc6, acc7 = zero, zero, zero, zero  # x rows 8 + 2t, 9 + 2t (TWO)
     q0, q1, q2, q3, q4, q5, q6, q7 = zero, zero, zero, zero, zero, zero, zero, zero
     xs0, xs1, xs2, xs3 = zero, zero, zero, zero
-    s_lo, s_hi, z_lo, z_hi = zero, zero, zero, zero
-    if GROUP_SIZE >= STEP:
-        s_lo, s_hi, z_lo, z_hi = _group_params(k_start // GROUP_SIZE, row, nt_ok, s_ptr, z_ptr,
-                                               stride_sg, stride_zg)
     for k0 in range(k_start, k_end, STEP):
         kt0 = k0 // 16
         wp += KC * 32
@@ -376,6 +381,7 @@ def _int4_tc_kernel(
         xa0, xa1, xa2, xa3, xa4, xa5, xa6, xa7 = ya0, ya1, ya2, ya3, ya4, ya5, ya6, ya7
         xb0, xb1, xb2, xb3, xb4, xb5, xb6, xb7 = yb0, yb1, yb2, yb3, yb4, yb5, yb6, yb7
         xp_hi += STEP // 2
+    pdl.launch_dependents(PDL, 2)  # the next kernel may launch now (kernels/pdl.py)
     # lane (g, t): acc0 = out[2t, row], acc1 = out[2t+1, row], acc2/3 the same at row + 8;
     # acc4..7 the same for x rows 8 + 2t, 9 + 2t
     m_col = 2 * t
@@ -456,7 +462,7 @@ def int4_tc(x: torch.Tensor, words: torch.Tensor, zeros: torch.Tensor, scales: t
         out.stride(0),
         GROUP_SIZE=group_size, NT=blocks.n_tiles, BF16=x.dtype == torch.bfloat16, OFFSET=offset,
         SPLIT=num_splits > 1, TWO=M > 8, EMULATE=_INTERPRETING or not x.is_cuda, KC=kc,
-        num_warps=blocks.num_warps,
+        PDL=pdl.mode(x.device), num_warps=blocks.num_warps, **pdl.launch_kwargs(x.device),
     )  # fmt: skip
     return out
 

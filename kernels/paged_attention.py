@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.kv_cache import (
     FP8_DTYPE,
     KVScales,
@@ -43,7 +44,9 @@ from kernels.kv_cache import (
 )
 
 _LOG2E = 1.4426950408889634
-_MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the parallelism it adds
+# One tile (64 tokens) a split at least: at batch 1 (8 KV heads) a 384-token context in 6
+# splits took 4.8 us a layer vs 6.3 in 2 (W5, H200: 2.57 vs 2.66 ms/token, docs/benchmarks.md)
+_MIN_TOKENS_PER_SPLIT = 64
 _MAX_SPLITS = 16
 
 
@@ -56,8 +59,10 @@ def _decode_kernel(
     GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSE_NEW: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    KV_FP8: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl.launch_dependents(PDL, 1)
+    pdl.wait(PDL)  # everything read here may come from the kernels before (kernels/pdl.py)
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx_len = tl.load(ctx_ptr + seq)
     split_len = tl.cdiv(tl.cdiv(ctx_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
@@ -108,6 +113,7 @@ def _decode_kernel(
                 vn_ptr + seq * stride_vn + kv_head * stride_vnh, k_ptr, v_ptr, slot_ptr + seq,
                 qk_scale, k_scale, v_scale, kv_head, NUM_KV_HEADS, HEAD_DIM, BLOCK_D, KV_FP8,
             )  # fmt: skip
+    pdl.launch_dependents(PDL, 2)
     if KV_FP8:
         acc = acc * v_scale
 
@@ -158,8 +164,10 @@ def _fold_new_token(
 def _reduce_kernel(
     acc_ptr, ml_ptr, out_ptr, num_rows, stride_os, stride_oh,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl.launch_dependents(PDL, 1)
+    pdl.wait(PDL)
     seq, head = tl.program_id(0), tl.program_id(1)
     sp = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
@@ -173,6 +181,7 @@ def _reduce_kernel(
     total = tl.sum(l_part * w, 0)
     amask = smask[:, None] & (d[None, :] < HEAD_DIM)
     acc = tl.load(acc_ptr + (row0 + sp)[:, None] * HEAD_DIM + d[None, :], mask=amask, other=0.0)
+    pdl.launch_dependents(PDL, 2)
     out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)  # (BLOCK_D,)
     o_off = seq * stride_os + head * stride_oh + d
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
@@ -297,6 +306,7 @@ def paged_decode_attention(
     group = num_heads // num_kv_heads
     tile = tile or default_tile(head_dim)
     block_tables = block_tables.contiguous()
+    use_pdl, launch = pdl.mode(query.device, True), pdl.launch_kwargs(query.device, True)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, context_lens, out, acc, ml,
         new_k, new_v, slots, new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1),
@@ -306,14 +316,15 @@ def paged_decode_attention(
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_N=tile.block_n,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        FUSE_NEW=new_kv is not None, KV_FP8=k_cache.dtype == FP8_DTYPE,
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
+        FUSE_NEW=new_kv is not None, KV_FP8=k_cache.dtype == FP8_DTYPE, PDL=use_pdl,
+        num_warps=tile.num_warps, num_stages=tile.num_stages, **launch,
     )  # fmt: skip
     if partial:
         _reduce_kernel[(num_seqs, num_heads)](
             acc, ml, out, rows, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
             BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(head_dim),
+            PDL=use_pdl, **launch,
         )  # fmt: skip
     return out
 

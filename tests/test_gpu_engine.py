@@ -203,6 +203,25 @@ def test_fused_kv_write_tokens_equal_unfused(tmp_path, monkeypatch):
 
 
 
+def test_pdl_launches_give_the_tokens_of_plain_launches(tmp_path, monkeypatch):
+    """Kernels launched with programmatic dependent launch (kernels/pdl.py; Hopper+) in the decode
+    CUDA graphs give the greedy tokens of plain launches, in bf16 (norm, rotary, attention,
+    SiLU kernels between cuBLAS linears)."""
+    from kernels import pdl
+
+    if not pdl.active(torch.device("cuda")):
+        pytest.skip("PDL needs compute capability 9.0+")
+    path = save_tiny_model(tmp_path / "llama", "llama")
+    prompts = _prompts((3, 40, 7, 90, 12))
+    runs = {}
+    for on in (True, False):
+        monkeypatch.setattr(pdl, "ENABLED", on)
+        llm = _llm(path, dtype="bfloat16")
+        runs[on] = _generate(llm, prompts, 30)
+        _free(llm)
+    assert runs[True] == runs[False]
+
+
 def _hf_model(path, dtype, fp8_kv: bool):
     """transformers' model; fp8_kv: its keys and values rounded to e4m3 (scale 1, saturated)
     before attention, which is what an fp8 KV cache does to them."""

@@ -207,3 +207,38 @@ def test_layers_convert_to_fragments_on_cuda(dtype):
     fp32.finalize()
     assert fp32.frag is None and fp32.qweight.numel() == qweight.numel()
     assert int4_tc.ENABLED
+
+
+@pytest.mark.gpu
+def test_pdl_chain_in_cuda_graph_reads_fresh_inputs():
+    """rms_norm -> int4_tc -> silu_and_mul -> int4_tc captured in one CUDA graph, launched with
+    programmatic dependent launch on Hopper (kernels/pdl.py): each replay, on new inputs, gives
+    the reference result, so no kernel read its input before the previous one had written it."""
+    from kernels import pdl
+    from kernels.fused import rms_norm, silu_and_mul
+
+    if not pdl.active(torch.device(DEVICE)):
+        pytest.skip("PDL needs compute capability 9.0+")
+    k, i = 1024, 2048
+    up_w = _weights(k, 2 * i, 128, False, seed=1)
+    down_w = _weights(i, k, 128, False, seed=2)
+    up_f, down_f = frag_pack(up_w[0]), frag_pack(down_w[0])
+    norm_w = torch.rand(k, device=DEVICE, dtype=torch.bfloat16) + 0.5
+    h = torch.empty(1, k, device=DEVICE, dtype=torch.bfloat16)
+
+    def chain():
+        x = rms_norm(h, norm_w, 1e-5)
+        return tc_matmul(silu_and_mul(tc_matmul(x, up_f, *up_w[1:], 128)), down_f, *down_w[1:],
+                         128)
+
+    h.normal_()
+    chain()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for seed in range(5):
+        h.copy_(torch.randn(1, k, generator=torch.Generator().manual_seed(seed)).to(h))
+        graph.replay()
+        x = rms_norm(h, norm_w, 1e-5)
+        a = silu_and_mul(_reference(x, *up_w, 128, False).to(torch.bfloat16))
+        assert _rel(out, _reference(a, *down_w, 128, False)) < 1e-2
