@@ -348,22 +348,9 @@ def _time_graph(fn, reps: int = 24) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def bench_decode(config_dir: Path, work: Path, device: str = "cuda", group_size: int = 128,
-                 tuned: dict | None = None,
-                 runs=("bf16", "int4_gemm", "int4_gemv", "int4_plain", "int4", "int4_tuned")
-                 ) -> dict:
-    """W5 with random weights: batch 1, 128 in / 256 out; bf16, AWQ int4 (group 128) through the
-    old dequant-GEMM (`int4_gemm`), the int layout's decode GEMV (`int4_gemv`; `int4_tuned` with
-    the GemvBlocks of `tuned`, {M: blocks dict}, as sweep_gemv finds them) and fragment words on
-    the tensor-core kernel (`int4`: what a 16-bit model runs, kernels/int4_tc.py; `int4_plain`
-    the same with every kernel launched without PDL, kernels/pdl.py)."""
+def int4_config_dir(config_dir: Path, work: Path, group_size: int = 128) -> Path:
+    """A copy of config_dir whose config.json declares AWQ int4 (dummy weights load into it)."""
     import shutil
-
-    import kernels.int4_tc as int4_tc
-    import kernels.int_gemv as ig
-    import kernels.quant_gemm as qg
-    from engine import LLM, SamplingParams
-    from kernels import pdl
 
     quant_dir = work / "int4-config"
     quant_dir.mkdir(parents=True, exist_ok=True)
@@ -374,6 +361,26 @@ def bench_decode(config_dir: Path, work: Path, device: str = "cuda", group_size:
     config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group_size,
                                      "zero_point": True, "version": "gemm"}
     (quant_dir / "config.json").write_text(json.dumps(config))
+    return quant_dir
+
+
+def bench_decode(config_dir: Path, work: Path, device: str = "cuda", group_size: int = 128,
+                 tuned: dict | None = None,
+                 runs=("bf16", "int4_gemm", "int4_gemv", "int4_plain", "int4", "int4_tuned")
+                 ) -> dict:
+    """W5 with random weights: batch 1, 128 in / 256 out; bf16, AWQ int4 (group 128) through the
+    old dequant-GEMM (`int4_gemm`), the int layout's decode GEMV (`int4_gemv`; `int4_tuned` with
+    the GemvBlocks of `tuned`, {M: blocks dict}, as sweep_gemv finds them) and fragment words on
+    the tensor-core kernel (`int4`: what a 16-bit model runs, kernels/int4_tc.py; `int4_plain`
+    the same with every kernel launched without PDL, kernels/pdl.py)."""
+    import kernels.int4_tc as int4_tc
+    import kernels.int_gemv as ig
+    import kernels.quant_gemm as qg
+    from engine import LLM, SamplingParams
+    from kernels import pdl
+
+    quant_dir = int4_config_dir(config_dir, work, group_size)
+    config = json.loads((config_dir / "config.json").read_text())
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, min(10000, config["vocab_size"]), (128,), generator=gen).tolist()
     params = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)

@@ -132,6 +132,19 @@ def test_frag_dequantize_is_exact_and_frag_matmul_routes_by_rows(group, offset):
         assert _rel(out, _reference(x, qweight, zeros, scales, group, offset)) < 2e-3
 
 
+def test_pdl_off_on_cpu_and_when_disabled(monkeypatch):
+    """Kernels launch plainly (constexpr 0, no launch_pdl) on CPU / in the interpreter and with
+    kernels.pdl.ENABLED off (HEARTH_PDL=0); the trigger points are the measured defaults."""
+    from kernels import pdl
+
+    assert pdl.mode(torch.device("cpu")) == 0 and pdl.launch_kwargs(torch.device("cpu")) == {}
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    cuda = torch.device("cuda", 0)
+    assert pdl.mode(cuda) == 0 and pdl.mode(cuda, small=True) == 0
+    assert pdl.launch_kwargs(cuda) == {} and not pdl.active(cuda)
+    assert (pdl.TRIGGER, pdl.TRIGGER_SMALL) == (2, 1)
+
+
 # --------------------------------------------------------------------------------------- CUDA
 LLAMA3_8B_LINEARS = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
                      "down": (14336, 4096)}
