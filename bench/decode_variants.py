@@ -9,6 +9,7 @@ A variant is comma-separated settings over the defaults:
     small=0|1|2|3    the same for norm / rotary / attention / SiLU (0: launched without PDL)
     splits=N         decode attention's minimum tokens a split (_MIN_TOKENS_PER_SPLIT)
     blocks=TxWxV     int4_tc n tiles a program, warps, waves (TcBlocks)
+    rope=0|1         rotary inside decode attention (1) or its own kernel (TritonAttention.rotates)
 Prints ms per output token (best and median of 3 generates) and the first tokens (equal in every
 row: the variants change speed, not results). Results: docs/benchmarks.md.
 """
@@ -29,10 +30,11 @@ import kernels.int4_tc as int4_tc  # noqa: E402
 import kernels.paged_attention as paged_attention  # noqa: E402
 from bench.quant_gpu import int4_config_dir  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
+from engine.triton_attention import TritonAttention  # noqa: E402
 from kernels import pdl  # noqa: E402
 
 DEFAULTS = {"pdl": "1", "trigger": str(pdl.TRIGGER), "small": str(pdl.TRIGGER_SMALL),
-            "splits": str(paged_attention._MIN_TOKENS_PER_SPLIT), "blocks": "4x4x4"}
+            "splits": str(paged_attention._MIN_TOKENS_PER_SPLIT), "blocks": "4x4x4", "rope": "1"}
 
 
 def parse_variant(text: str) -> dict[str, str]:
@@ -51,6 +53,7 @@ def apply(settings: dict[str, str]) -> None:
     paged_attention._MIN_TOKENS_PER_SPLIT = int(settings["splits"])
     blocks = int4_tc.TcBlocks(*(int(v) for v in settings["blocks"].split("x")))
     int4_tc.default_blocks = lambda m, blocks=blocks: blocks
+    TritonAttention.rotates = settings["rope"] == "1"
 
 
 def run(model_dir: Path, settings: dict[str, str]) -> dict:
@@ -88,6 +91,7 @@ def main() -> None:
             print(text, rows[-1][1], flush=True)
     (pdl.ENABLED, pdl.TRIGGER, pdl.TRIGGER_SMALL, paged_attention._MIN_TOKENS_PER_SPLIT,
      int4_tc.default_blocks) = defaults
+    TritonAttention.rotates = True
     print(f"\n{torch.cuda.get_device_name()}  W5 int4, ms per output token")
     for text, r in rows:
         print(f"{text:40s} {r['best_ms']:.3f}  {r['median_ms']:.3f}  {r['first_tokens']}")

@@ -1,12 +1,17 @@
 """TritonAttention: the CUDA attention backend over the paged KV cache (same interface as
 TorchAttention in engine/attention.py).
 
-    decode-only batch:  paged_decode_attention with the K/V write fused in (GQA-grouped,
-                        split-KV; no host sync, so it runs inside a CUDA graph; one launch per
-                        layer where write_kv + attention took two)
-    anything else:      write_kv (new K/V into their slots; slot -1 = padding, writes nothing),
-                        then paged_prefill_attention (varlen causal over the paged context;
-                        decode rows of a mixed batch are one-token sequences)
+    decode-only batch:  paged_decode_attention with the K/V write and the rotary embedding
+                        fused in (GQA-grouped, split-KV; no host sync, so it runs inside a CUDA
+                        graph; one launch per layer where rotary + write_kv + attention took
+                        three)
+    anything else:      rotary_embedding (q, k in place), write_kv (new K/V into their slots;
+                        slot -1 = padding, writes nothing), then paged_prefill_attention (varlen
+                        causal over the paged context; decode rows of a mixed batch are
+                        one-token sequences)
+
+The layer hands over q and k unrotated with `rope` = (positions, cos_sin_cache) because
+`rotates` is set (engine/models/llama.py); without `rope` they are taken as already rotated.
 
 `fuse_kv_write` (class default, read when a backend is made) turns the fusion off: the
 benchmark's baseline sets it before building the engine, whose graphs capture the choice.
@@ -21,13 +26,15 @@ import torch
 
 from engine.attention import AttentionMetadata
 from engine.kv_cache import LayerKVCache
+from kernels.fused import rotary_embedding
 from kernels.kv_cache import write_kv
-from kernels.paged_attention import NewKV, paged_decode_attention
+from kernels.paged_attention import NewKV, Rope, paged_decode_attention
 from kernels.prefill_attention import paged_prefill_attention
 
 
 class TritonAttention:
     fuse_kv_write: bool = True
+    rotates = True  # forward takes `rope` and rotates q and k itself
 
     def __init__(self) -> None:
         self.fuse_kv_write = type(self).fuse_kv_write
@@ -40,6 +47,7 @@ class TritonAttention:
         kv_cache: LayerKVCache | tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         scale: float,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # (positions, cos_sin_cache)
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache
         scales = getattr(kv_cache, "scales", None)  # a plain (k, v) pair: not fp8, none
@@ -48,8 +56,10 @@ class TritonAttention:
             new_kv = NewKV(k, v, meta.slot_mapping)
             return paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, out=out,
-                new_kv=new_kv, scales=scales,
+                new_kv=new_kv, scales=scales, rope=None if rope is None else Rope(*rope),
             )  # fmt: skip
+        if rope is not None:
+            rotary_embedding(rope[0], q, k, rope[1], q.shape[-1])
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping, scales)
         if meta.is_decode_only:
             return paged_decode_attention(

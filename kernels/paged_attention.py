@@ -17,7 +17,8 @@ With `new_kv` the step's own K/V write is fused in (one graph node less per laye
 position (context_len - 1) is not read from the cache but from the new key/value rows, folded
 into the softmax in fp32 by the split that owns it, and that program also stores the rows into
 their slot (slot < 0: padding, nothing stored). No program of the launch reads that slot, so
-there is no race; later launches find it written.
+there is no race; later launches find it written. With `rope` as well, the query and the new key
+arrive unrotated and are rotated in the kernel (one launch fewer a layer than rotary + attention).
 
 An fp8 cache (kernels/kv_cache.py) is read as e4m3 tiles converted to the query dtype (exact: e4m3
 values fit in fp16/bf16); the K scale is folded into the softmax scale and the V scale into the
@@ -54,12 +55,12 @@ _MAX_SPLITS = 16
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, acc_ptr, ml_ptr,
     kn_ptr, vn_ptr, slot_ptr, stride_kn, stride_knh, stride_vn, stride_vnh,
-    k_scale_ptr, v_scale_ptr,
+    k_scale_ptr, v_scale_ptr, pos_ptr, cs_ptr, stride_cs,
     qk_scale, block_size, stride_qs, stride_qh, stride_bt, stride_os, stride_oh,
     GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSE_NEW: tl.constexpr,
-    KV_FP8: tl.constexpr, PDL: tl.constexpr,
+    KV_FP8: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     pdl.launch_dependents(PDL, 1)
     pdl.wait(PDL)  # everything read here may come from the kernels before (kernels/pdl.py)
@@ -77,7 +78,13 @@ def _decode_kernel(
     d = tl.arange(0, BLOCK_D)
     heads = kv_head * GROUP + g  # (BLOCK_G,) query heads of this group
     qmask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
-    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :], mask=qmask)
+    q_rows = q_ptr + seq * stride_qs + heads[:, None] * stride_qh
+    q = tl.load(q_rows + d[None, :], mask=qmask)
+    cs_row = cs_ptr
+    if ROPE:  # q (and below the new key) rotated here, at the new token's position
+        cs_row = cs_ptr + tl.load(pos_ptr + seq).to(tl.int64) * stride_cs
+        q = _rope(q, tl.load(q_rows + _partner(d, HEAD_DIM)[None, :], mask=qmask), d[None, :],
+                  cs_row, HEAD_DIM)
     k_scale = 1.0
     v_scale = 1.0
     if KV_FP8:  # scores and output in the cache's units times the scales
@@ -111,7 +118,8 @@ def _decode_kernel(
             m_i, l_i, acc = _fold_new_token(
                 q, m_i, l_i, acc, kn_ptr + seq * stride_kn + kv_head * stride_knh,
                 vn_ptr + seq * stride_vn + kv_head * stride_vnh, k_ptr, v_ptr, slot_ptr + seq,
-                qk_scale, k_scale, v_scale, kv_head, NUM_KV_HEADS, HEAD_DIM, BLOCK_D, KV_FP8,
+                qk_scale, k_scale, v_scale, kv_head, cs_row, NUM_KV_HEADS, HEAD_DIM, BLOCK_D,
+                KV_FP8, ROPE,
             )  # fmt: skip
     pdl.launch_dependents(PDL, 2)
     if KV_FP8:
@@ -134,15 +142,19 @@ def _decode_kernel(
 @triton.jit
 def _fold_new_token(
     q, m_i, l_i, acc, kn_ptr, vn_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, qk_scale, k_scale,
-    v_scale, kv_head, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    v_scale, kv_head, cs_row, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, KV_FP8: tl.constexpr, ROPE: tl.constexpr,
 ):  # fmt: skip
     """Online-softmax step for the one new key/value row (fp32), and its store into the cache.
-    fp8: the row is quantized first; its scores and values stay in the cache's units, as the
-    tiles' do (qk_scale already holds the K scale, the caller applies the V scale)."""
+    ROPE: the key is rotated first (cs_row: its position's cos | sin). fp8: the row is quantized
+    next; its scores and values stay in the cache's units, as the tiles' do (qk_scale already
+    holds the K scale, the caller applies the V scale)."""
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
     kn = tl.load(kn_ptr + d, mask=dmask, other=0.0)
+    if ROPE:
+        kn = _rope(kn, tl.load(kn_ptr + _partner(d, HEAD_DIM), mask=dmask, other=0.0), d, cs_row,
+                   HEAD_DIM)
     vn = tl.load(vn_ptr + d, mask=dmask, other=0.0)
     if KV_FP8:
         kn = quantize_fp8(kn, k_scale)
@@ -158,6 +170,25 @@ def _fold_new_token(
         tl.store(k_cache_ptr + dst, kn.to(k_cache_ptr.dtype.element_ty), mask=dmask)
         tl.store(v_cache_ptr + dst, vn.to(v_cache_ptr.dtype.element_ty), mask=dmask)
     return m_new, l_i * alpha + p, acc
+
+
+@triton.jit
+def _partner(d, HEAD_DIM: tl.constexpr):
+    """The index rotate_half pairs with d: d + HEAD_DIM / 2 in the first half, d - it after."""
+    return (d + HEAD_DIM // 2) % HEAD_DIM
+
+
+@triton.jit
+def _rope(x, partner, d, cs_row, HEAD_DIM: tl.constexpr):
+    """Neox rotary of x (..., BLOCK_D) at one position, partner = x at _partner(d), cs_row that
+    position's cos | sin (fp32): fp32 math rounded to x's dtype, as kernels/fused.py's kernel
+    stores q and k."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    j = d % HALF
+    cos = tl.load(cs_row + j, mask=d < HEAD_DIM, other=0.0)
+    sin = tl.load(cs_row + HALF + j, mask=d < HEAD_DIM, other=0.0)
+    xf, pf = x.to(tl.float32), partner.to(tl.float32)
+    return tl.where(d < HALF, xf * cos - pf * sin, xf * cos + pf * sin).to(x.dtype)
 
 
 @triton.jit
@@ -195,6 +226,15 @@ class NewKV:
     key: torch.Tensor
     value: torch.Tensor
     slot_mapping: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Rope:
+    """Rotary embedding for the decode kernel: each sequence's position (num_seqs,) and the
+    (max_position, head_dim) float32 cos | sin table (engine/layers/rotary.py)."""
+
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -281,14 +321,18 @@ def paged_decode_attention(
     tile: DecodeTile | None = None,
     new_kv: NewKV | None = None,
     scales: KVScales | None = None,
+    rope: Rope | None = None,
 ) -> torch.Tensor:
     """One query token per sequence attends to its cached context -> (num_seqs, heads, dim).
 
     new_kv: the newest position's K/V come from these rows (the cache is not read there) and are
-    stored into their slots: write_kv and attention in one launch. scales: an fp8 cache's."""
+    stored into their slots: write_kv and attention in one launch. scales: an fp8 cache's.
+    rope (with new_kv): query and new key are not rotated yet; the kernel rotates them at
+    rope.positions (the key as stored in the cache), as kernels/fused.py's rotary_embedding."""
     _check_decode_args(query, k_cache, v_cache, block_tables, context_lens)
     out = _check_out(out, query)
     new_k, new_v, slots = _check_new_kv(new_kv, query, k_cache)
+    positions, cos_sin = _check_rope(rope, new_kv, query)
     k_scale, v_scale = check_scales(scales, k_cache)
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -310,13 +354,15 @@ def paged_decode_attention(
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, context_lens, out, acc, ml,
         new_k, new_v, slots, new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1),
-        k_scale, v_scale, scale * _LOG2E, block_size, query.stride(0), query.stride(1),
+        k_scale, v_scale, positions, cos_sin, cos_sin.stride(0),
+        scale * _LOG2E, block_size, query.stride(0), query.stride(1),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_N=tile.block_n,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        FUSE_NEW=new_kv is not None, KV_FP8=k_cache.dtype == FP8_DTYPE, PDL=use_pdl,
+        FUSE_NEW=new_kv is not None, KV_FP8=k_cache.dtype == FP8_DTYPE, ROPE=rope is not None,
+        PDL=use_pdl,
         num_warps=tile.num_warps, num_stages=tile.num_stages, **launch,
     )  # fmt: skip
     if partial:
@@ -348,6 +394,25 @@ def _check_new_kv(new_kv: NewKV | None, query: torch.Tensor, k_cache: torch.Tens
     if slots.device != k_cache.device:
         raise ValueError(f"new_kv.slot_mapping must be on {k_cache.device}")
     return new_kv.key, new_kv.value, slots.contiguous()
+
+
+def _check_rope(rope: Rope | None, new_kv: NewKV | None, query: torch.Tensor):
+    """-> (positions, cos_sin_cache) for the kernel; without rope, placeholders never read."""
+    if rope is None:
+        return query, query.new_empty((1, 1))
+    if new_kv is None:
+        raise ValueError("rope needs new_kv: the new key is rotated as it is written")
+    num_seqs, _, head_dim = query.shape
+    pos, cache = rope.positions, rope.cos_sin_cache
+    if pos.shape != (num_seqs,) or pos.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"rope.positions must be ({num_seqs},) int32/int64, got "
+                         f"{tuple(pos.shape)} {pos.dtype}")  # fmt: skip
+    if cache.dim() != 2 or cache.shape[1] != head_dim or cache.dtype != torch.float32:
+        raise ValueError(f"rope.cos_sin_cache must be (max_position, {head_dim}) float32, got "
+                         f"{tuple(cache.shape)} {cache.dtype}")  # fmt: skip
+    if head_dim % 2 or pos.device != query.device or cache.device != query.device:
+        raise ValueError("rope needs an even head_dim and its tensors on the query's device")
+    return pos.contiguous(), cache.contiguous()
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

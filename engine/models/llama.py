@@ -44,7 +44,8 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is None and not qkv.is_cuda:  # CPU: rotate q and k heads in one pass
+        rotates = getattr(backend, "rotates", False)  # Triton: rotary in the attention backend
+        if self.q_norm is None and not qkv.is_cuda and not rotates:  # CPU: q, k in one pass
             heads = self.num_heads + self.num_kv_heads
             qk = self.rotary.rotate(positions, qkv[:, : self.q_size + self.kv_size].view(
                 -1, heads, self.head_dim))
@@ -54,8 +55,10 @@ class Attention(nn.Module):
             k = k.view(-1, self.num_kv_heads, self.head_dim)  # (num_tokens, kv_heads, head_dim)
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
-            q, k = self.rotary(positions, q, k)
-        out = backend.forward(q, k, v, kv_cache, meta, self.scale)
+            if not rotates:
+                q, k = self.rotary(positions, q, k)
+        rope = {"rope": (positions, self.rotary.cos_sin_cache)} if rotates else {}
+        out = backend.forward(q, k, v, kv_cache, meta, self.scale, **rope)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
