@@ -263,7 +263,10 @@ def run_decode_fused_write(context_lens, block_size, num_kv_heads, group, head_d
     write_kv_ref(key, value, k_ref, v_ref, slots, scales)
     ref = paged_decode_attention_ref(query, k_ref, v_ref, tables, ctx, scale, scales)
     torch.testing.assert_close(out, ref, **TOL[dtype])
-    assert_same_bytes(k_cache, k_ref)
+    if rope and not fp8:  # a GPU may fuse the rotation's multiply-adds: not bit-exact there
+        torch.testing.assert_close(k_cache, k_ref, **TOL[dtype])
+    else:
+        assert_same_bytes(k_cache, k_ref)
     assert_same_bytes(v_cache, v_ref)
 
 
