@@ -16,7 +16,7 @@ the first `--hf-seqs` sequences, outputs capped at `--hf-max-new` tokens; the ta
 
 `--async-scheduling both` runs Hearth twice, synchronous steps first (the baseline, same card).
 `--fusions both` runs Hearth twice too, first without the fused sampling kernel and without the
-K/V write fused into decode attention (the baseline), then with them (the default).
+K/V write and rotary fused into decode attention (the baseline), then with them (the default).
 `--pdl both` runs Hearth twice, first with every kernel launched plainly (the baseline), then
 with programmatic dependent launch (kernels/pdl.py; Hopper, the default).
 `--kv-cache-dtype fp8` runs Hearth with an e4m3 KV cache (twice the blocks; the floor then counts
