@@ -22,7 +22,8 @@ Llama-3-8B int4, batch 1; docs/benchmarks.md): the small kernels at their start,
 its loop: 2.31 ms/token vs 2.57 without PDL; int4_tc at its start was slower than no PDL (2.77:
 the next linear's 500+ programs then launch and hold SM slots while this one still streams).
 
-Off on GPUs before Hopper, in the interpreter (no PTX) and with HEARTH_PDL=0.
+Off on GPUs before Hopper, with Triton before 3.3, in the interpreter (no PTX) and with
+HEARTH_PDL=0.
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+try:  # Triton 3.3+ (griddepcontrol); older versions launch every kernel plainly
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 ENABLED = os.environ.get("HEARTH_PDL", "1") != "0"  # module switch (benchmarks, bisecting)
 TRIGGER = 2  # int4_tc lets the next kernel launch after its main loop (1: at its start)
@@ -42,8 +47,9 @@ _CAPABLE: dict[int, bool] = {}
 
 
 def hopper(device: torch.device) -> bool:
-    """A CUDA device of compute capability 9.0+, outside the interpreter."""
-    if _INTERPRETING or device.type != "cuda":
+    """A CUDA device of compute capability 9.0+, outside the interpreter, and a Triton with
+    griddepcontrol (3.3+)."""
+    if _INTERPRETING or device.type != "cuda" or gdc_wait is None:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _CAPABLE:

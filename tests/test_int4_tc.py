@@ -143,6 +143,9 @@ def test_pdl_off_on_cpu_and_when_disabled(monkeypatch):
     assert pdl.mode(cuda) == 0 and pdl.mode(cuda, small=True) == 0
     assert pdl.launch_kwargs(cuda) == {} and not pdl.active(cuda)
     assert (pdl.TRIGGER, pdl.TRIGGER_SMALL) == (2, 1)
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    monkeypatch.setattr(pdl, "gdc_wait", None)  # a Triton before 3.3
+    assert not pdl.hopper(cuda) and pdl.mode(cuda) == 0
 
 
 # --------------------------------------------------------------------------------------- CUDA
