@@ -82,8 +82,7 @@ def rms_norm(
             x, res, weight.contiguous(), out, new_res, eps,
             x.stride(0), res.stride(0), out.stride(0), new_res.stride(0),
             HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None,
-            PDL=pdl.mode(x.device, True), num_warps=_warps(block),
-            **pdl.launch_kwargs(x.device, True),
+            num_warps=_warps(block), **pdl.launch(x.device, small=True),
         )  # fmt: skip
     return out if residual is None else (out, new_res)
 
@@ -183,8 +182,7 @@ def rotary_embedding(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cache.stride(0),
         NUM_Q_HEADS=q.shape[1], NUM_K_HEADS=k.shape[1], HALF=half,
         BLOCK_QH=triton.next_power_of_2(q.shape[1]), BLOCK_KH=triton.next_power_of_2(k.shape[1]),
-        BLOCK_HALF=triton.next_power_of_2(half), PDL=pdl.mode(q.device, True),
-        **pdl.launch_kwargs(q.device, True),
+        BLOCK_HALF=triton.next_power_of_2(half), **pdl.launch(q.device, small=True),
     )  # fmt: skip
 
 
@@ -236,8 +234,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         block = min(1024, triton.next_power_of_2(d))
         grid = (num_tokens, triton.cdiv(d, block))
         _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), D=d, BLOCK=block,
-                                   PDL=pdl.mode(x.device, True),
-                                   **pdl.launch_kwargs(x.device, True))
+                                   **pdl.launch(x.device, small=True))
     return out
 
 

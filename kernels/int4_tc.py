@@ -462,7 +462,7 @@ def int4_tc(x: torch.Tensor, words: torch.Tensor, zeros: torch.Tensor, scales: t
         out.stride(0),
         GROUP_SIZE=group_size, NT=blocks.n_tiles, BF16=x.dtype == torch.bfloat16, OFFSET=offset,
         SPLIT=num_splits > 1, TWO=M > 8, EMULATE=_INTERPRETING or not x.is_cuda, KC=kc,
-        PDL=pdl.mode(x.device), num_warps=blocks.num_warps, **pdl.launch_kwargs(x.device),
+        num_warps=blocks.num_warps, **pdl.launch(x.device),
     )  # fmt: skip
     return out
 

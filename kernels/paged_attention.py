@@ -350,7 +350,7 @@ def paged_decode_attention(
     group = num_heads // num_kv_heads
     tile = tile or default_tile(head_dim)
     block_tables = block_tables.contiguous()
-    use_pdl, launch = pdl.mode(query.device, True), pdl.launch_kwargs(query.device, True)
+    launch = pdl.launch(query.device, small=True)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, context_lens, out, acc, ml,
         new_k, new_v, slots, new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1),
@@ -362,7 +362,6 @@ def paged_decode_attention(
         BLOCK_N=tile.block_n,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         FUSE_NEW=new_kv is not None, KV_FP8=k_cache.dtype == FP8_DTYPE, ROPE=rope is not None,
-        PDL=use_pdl,
         num_warps=tile.num_warps, num_stages=tile.num_stages, **launch,
     )  # fmt: skip
     if partial:
@@ -370,7 +369,7 @@ def paged_decode_attention(
             acc, ml, out, rows, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
             BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(head_dim),
-            PDL=use_pdl, **launch,
+            **launch,
         )  # fmt: skip
     return out
 
@@ -399,7 +398,7 @@ def _check_new_kv(new_kv: NewKV | None, query: torch.Tensor, k_cache: torch.Tens
 def _check_rope(rope: Rope | None, new_kv: NewKV | None, query: torch.Tensor):
     """-> (positions, cos_sin_cache) for the kernel; without rope, placeholders never read."""
     if rope is None:
-        return query, query.new_empty((1, 1))
+        return query, query  # ROPE=False: the kernel ignores these pointers
     if new_kv is None:
         raise ValueError("rope needs new_kv: the new key is rotated as it is written")
     num_seqs, _, head_dim = query.shape

@@ -8,7 +8,7 @@ each kernel's launch and its first loads' latency show up as idle DRAM between k
     kernel A:  ...... A's main loads ...... launch_dependents() .. A's stores .. exit
     kernel B:                     [launched: loads its weights] wait() ...... B's work
 
-Rules every kernel launched with `launch_kwargs()` follows (kernels/int4_tc.py, fused.py,
+Rules every kernel launched with `launch()` follows (kernels/int4_tc.py, fused.py,
 paged_attention.py):
 - before `wait()` it reads only weights (tensors no kernel of the step writes) and stores nothing;
 - `wait()` returns once the previous kernel has finished and its writes are visible. That kernel
@@ -69,8 +69,14 @@ def active(device: torch.device) -> bool:
     return mode(device) != 0
 
 
+def launch(device: torch.device, small: bool = False) -> dict:
+    """A kernel's launch arguments: its PDL constexpr, and `launch_pdl=True` where PDL is on."""
+    m = mode(device, small)
+    return {"PDL": m, "launch_pdl": True} if m else {"PDL": 0}
+
+
 def launch_kwargs(device: torch.device, small: bool = False) -> dict:
-    """Extra launch arguments: `launch_pdl=True` where PDL is active, else none."""
+    """The launch arguments without the constexpr: `launch_pdl=True` where PDL is on."""
     return {"launch_pdl": True} if mode(device, small) else {}
 
 
