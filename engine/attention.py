@@ -50,6 +50,8 @@ class TorchAttention:
 
     This is what the Triton kernels are checked against, and the CPU path of the engine."""
 
+    rotates = False  # q and k arrive rotated (TritonAttention rotates them itself)
+
     def forward(
         self,
         q: torch.Tensor,  # (num_tokens, num_heads, head_dim)

@@ -44,7 +44,7 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        rotates = getattr(backend, "rotates", False)  # Triton: rotary in the attention backend
+        rotates = backend.rotates  # Triton: rotary in the attention backend
         if self.q_norm is None and not qkv.is_cuda and not rotates:  # CPU: q, k in one pass
             heads = self.num_heads + self.num_kv_heads
             qk = self.rotary.rotate(positions, qkv[:, : self.q_size + self.kv_size].view(

@@ -30,6 +30,8 @@ def split_text(path: Path = TEXT_FILE) -> tuple[str, str]:
 class DenseCausalAttention:
     """Attention for one whole sequence at once; the KV cache and metadata are ignored."""
 
+    rotates = False  # q and k arrive rotated (the backend interface: engine/attention.py)
+
     def forward(self, q, k, v, kv_cache, meta, scale: float) -> torch.Tensor:
         # q: (T, num_heads, head_dim); k, v: (T, num_kv_heads, head_dim)
         group = q.shape[1] // k.shape[1]
