@@ -27,7 +27,7 @@ serve: $(STAMP)
 	$(VENV)/bin/hearth serve $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(VENV)/bin/pytest -q $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -24,8 +24,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.deltas import ABORT, DeltaTracker, RequestDelta
-from appliance.engine_types import (
+from hearth.appliance.deltas import ABORT, DeltaTracker, RequestDelta
+from hearth.appliance.engine_types import (
     EngineState,
     EngineUnavailableError,
     FinishedRequest,
@@ -34,7 +34,7 @@ from appliance.engine_types import (
     RequestObserver,
     RequestStream,
 )
-from engine.sampling_params import SamplingParams
+from hearth.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("hearth.engine")
 

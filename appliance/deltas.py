@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.outputs import RequestOutput, TokenLogprob
+from hearth.engine.outputs import RequestOutput, TokenLogprob
 
 ABORT = "abort"
 

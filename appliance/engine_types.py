@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
-from appliance.deltas import RequestDelta
+from hearth.appliance.deltas import RequestDelta
 
 if TYPE_CHECKING:
-    from appliance.async_engine import AsyncEngine
+    from hearth.appliance.async_engine import AsyncEngine
 
 
 class EngineState(Enum):

@@ -19,7 +19,7 @@ from typing import Any
 
 import uvicorn
 
-from appliance.server import AppContext
+from hearth.appliance.server import AppContext
 
 logger = logging.getLogger("hearth")
 

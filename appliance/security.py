@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from appliance.protocol import APIError
+from hearth.appliance.protocol import APIError
 
 LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 _WILDCARDS = ("0.0.0.0", "::", "")

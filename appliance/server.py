@@ -21,10 +21,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from appliance import __version__
-from appliance.async_engine import AsyncEngine
-from appliance.engine_types import EngineState
-from appliance.protocol import (
+from hearth import __version__
+from hearth.appliance.async_engine import AsyncEngine
+from hearth.appliance.engine_types import EngineState
+from hearth.appliance.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -32,13 +32,13 @@ from appliance.protocol import (
     TokenizeRequest,
     parse_request,
 )
-from appliance.security import HostOriginGuard, allowed_host_names, check_api_key
-from appliance.serving import EventStream, Serving, api_error
-from appliance.serving_chat import ChatServing
-from appliance.serving_completion import CompletionServing
-from appliance.serving_tokens import detokenize, tokenize
-from appliance.settings import Settings
-from appliance.telemetry import Telemetry
+from hearth.appliance.security import HostOriginGuard, allowed_host_names, check_api_key
+from hearth.appliance.serving import EventStream, Serving, api_error
+from hearth.appliance.serving_chat import ChatServing
+from hearth.appliance.serving_completion import CompletionServing
+from hearth.appliance.serving_tokens import detokenize, tokenize
+from hearth.appliance.settings import Settings
+from hearth.appliance.telemetry import Telemetry
 
 logger = logging.getLogger("hearth.server")
 

@@ -15,17 +15,17 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.async_engine import AsyncEngine
-from appliance.deltas import RequestDelta, SampleDelta
-from appliance.engine_types import (
+from hearth.appliance.async_engine import AsyncEngine
+from hearth.appliance.deltas import RequestDelta, SampleDelta
+from hearth.appliance.engine_types import (
     EngineUnavailableError,
     QueueFullError,
     RequestFailedError,
     RequestStream,
 )
-from appliance.protocol import APIError, bad_request
-from engine.outputs import TokenLogprob
-from engine.sampling_params import SamplingParams
+from hearth.appliance.protocol import APIError, bad_request
+from hearth.engine.outputs import TokenLogprob
+from hearth.engine.sampling_params import SamplingParams
 
 DONE = "data: [DONE]\n\n"
 _PARAM_FIELDS = {

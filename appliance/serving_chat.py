@@ -15,8 +15,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from appliance.protocol import ChatCompletionRequest, bad_request
-from appliance.serving import (
+from hearth.appliance.protocol import ChatCompletionRequest, bad_request
+from hearth.appliance.serving import (
     DONE,
     ChunkWriter,
     EventStream,
@@ -28,8 +28,8 @@ from appliance.serving import (
     sse,
     usage,
 )
-from appliance.serving_tokens import chat_prompt
-from engine.outputs import TokenLogprob
+from hearth.appliance.serving_tokens import chat_prompt
+from hearth.engine.outputs import TokenLogprob
 
 _MAX_TOP_LOGPROBS = 20
 

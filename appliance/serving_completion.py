@@ -10,8 +10,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from appliance.protocol import CompletionRequest, bad_request
-from appliance.serving import (
+from hearth.appliance.protocol import CompletionRequest, bad_request
+from hearth.appliance.serving import (
     DONE,
     ChunkWriter,
     EventStream,
@@ -23,7 +23,7 @@ from appliance.serving import (
     sse,
     usage,
 )
-from engine.outputs import TokenLogprob
+from hearth.engine.outputs import TokenLogprob
 
 
 class CompletionServing:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.protocol import ChatMessage, DetokenizeRequest, TokenizeRequest, bad_request
-from appliance.serving import Prompt, Serving
+from hearth.appliance.protocol import ChatMessage, DetokenizeRequest, TokenizeRequest, bad_request
+from hearth.appliance.serving import Prompt, Serving
 
 
 def messages_for_template(messages: list[ChatMessage]) -> list[dict[str, str]]:

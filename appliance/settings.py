@@ -68,7 +68,7 @@ class Settings:
 
     def engine_config(self) -> Any:
         """The engine's view of these settings (an `engine.config.EngineConfig`)."""
-        from engine.config import EngineConfig
+        from hearth.engine.config import EngineConfig
 
         return EngineConfig(
             model=self.model,

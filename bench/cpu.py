@@ -28,11 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch  # noqa: E402
 
-from engine import LLM, SamplingParams  # noqa: E402
+from hearth import LLM, SamplingParams  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS = 512, 128
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

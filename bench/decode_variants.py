@@ -15,23 +15,20 @@ row: the variants change speed, not results). Results: docs/benchmarks.md.
 """
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
-if sys.path and Path(sys.path[0]).resolve() == _ROOT / "bench":
-    sys.path[0] = str(_ROOT)
 
 import torch  # noqa: E402
 
-import kernels.int4_tc as int4_tc  # noqa: E402
-import kernels.paged_attention as paged_attention  # noqa: E402
+import hearth.kernels.int4_tc as int4_tc  # noqa: E402
+import hearth.kernels.paged_attention as paged_attention  # noqa: E402
 from bench.quant_gpu import int4_config_dir  # noqa: E402
-from engine import LLM, SamplingParams  # noqa: E402
-from engine.triton_attention import TritonAttention  # noqa: E402
-from kernels import pdl  # noqa: E402
+from hearth import LLM, SamplingParams  # noqa: E402
+from hearth.engine.triton_attention import TritonAttention  # noqa: E402
+from hearth.kernels import pdl  # noqa: E402
 
 DEFAULTS = {"pdl": "1", "trigger": str(pdl.TRIGGER), "small": str(pdl.TRIGGER_SMALL),
             "splits": str(paged_attention._MIN_TOKENS_PER_SPLIT), "blocks": "4x4x4", "rope": "1"}

@@ -18,16 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import quant_gpu  # noqa: E402  (bench/quant_gpu.py: the `gpu` subcommand)
+import torch
 
 
 def export_float(dst: Path) -> Path:
@@ -35,7 +30,7 @@ def export_float(dst: Path) -> Path:
     import transformers
     from safetensors.torch import save_file
 
-    from engine.loader import load_gguf
+    from hearth.engine.loader import load_gguf
     from tests.helpers import DEFAULT_GGUF, default_model_dir
 
     src = default_model_dir() / DEFAULT_GGUF
@@ -63,8 +58,8 @@ def run_perplexity(work: Path, group_size: int, num_samples: int,
                    methods=("rtn", "gptq", "awq")) -> dict[str, float]:
     """Held-out perplexity of the float model and of each method's checkpoint (made once under
     `work`); "gptq-noact" is gptq with --no-act-order."""
-    from appliance.quantize import QuantizeOptions, quantize
-    from engine.quantization.calibration import eval_token_ids, load_float_model, perplexity
+    from hearth.appliance.tools.quantize import QuantizeOptions, quantize
+    from hearth.engine.quantization.calibration import eval_token_ids, load_float_model, perplexity
 
     float_dir = work / "float"
     if not (float_dir / "config.json").is_file():
@@ -90,7 +85,7 @@ def run_perplexity(work: Path, group_size: int, num_samples: int,
 
 def run_tool_check(work: Path) -> dict[str, float]:
     """Hearth's logits on the tools' checkpoints vs the tools' own (transformers) logits."""
-    from engine.quantization.calibration import load_float_model
+    from hearth.engine.quantization.calibration import load_float_model
 
     report = {}
     for tool in ("gptqmodel", "llmcompressor"):
@@ -121,7 +116,7 @@ def compare_logits(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 
 
 def model_logits(model, input_ids: list[int]) -> torch.Tensor:
-    from engine.quantization.calibration import forward_dense
+    from hearth.engine.quantization.calibration import forward_dense
 
     return forward_dense(model, torch.tensor(input_ids))
 

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kernels.int4_frag import frag_pack  # noqa: E402
+from hearth.kernels.int4_frag import frag_pack  # noqa: E402
 
 LLAMA3_8B_LINEARS = (("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672),
                      ("down", 14336, 4096))
@@ -28,7 +25,7 @@ LLAMA3_8B_LINEARS = (("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 2
 
 def _int4_copies(k: int, n: int, device: str, copies: int) -> list[tuple]:
     """`copies` AWQ-style int4 weights (group 128): cycling through them keeps the L2 cold."""
-    from kernels.int_pack import default_g_idx, pack
+    from hearth.kernels.int_pack import default_g_idx, pack
 
     qweight = pack(torch.randint(0, 16, (k, n)), 4, dim=0).to(device)
     out = []
@@ -78,9 +75,9 @@ def bench_kernels(device: str = "cuda", dtype=torch.bfloat16, ms=(1, 4, 8, 16, 2
 
 def _time_linear(x: torch.Tensor, ws: list, frags: list, raws: list, dense: list,
                  legacy: bool) -> dict[str, float]:
-    import kernels.quant_gemm as qg
-    from kernels.gguf_gemm import gguf_matmul
-    from kernels.int4_tc import frag_matmul
+    import hearth.kernels.quant_gemm as qg
+    from hearth.kernels.gguf_gemm import gguf_matmul
+    from hearth.kernels.int4_tc import frag_matmul
 
     counters = torch.zeros(ws[0][0].shape[1], dtype=torch.int32, device=x.device)
 
@@ -103,7 +100,7 @@ def _time_linear(x: torch.Tensor, ws: list, frags: list, raws: list, dense: list
 def _gguf_raw(qtype: str, k: int, n: int, device: str) -> torch.Tensor:
     """(n, k) weights in qtype's blocks: random bytes, each block's float16 d (and m / dmin) set
     to 0.001 so that the values stay finite."""
-    from kernels.gguf_quant import BLOCKS, SCALE_BYTES
+    from hearth.kernels.gguf_quant import BLOCKS, SCALE_BYTES
 
     block, size = BLOCKS[qtype]
     raw = torch.randint(0, 256, (n, k // block, size), dtype=torch.uint8, device=device)
@@ -118,10 +115,10 @@ def bench_gguf(device: str = "cuda", dtype=torch.bfloat16, ms=(1, 16, 256),
     """GGUF block types through kernels/gguf_gemm.py on the gate_up and down linears (CUDA-graph
     replays, weights rotated out of L2), bf16 F.linear beside them, and repacked into the int
     layout: the path GGUFLinear takes on CUDA."""
-    from kernels.gguf_gemm import gguf_matmul
-    from kernels.gguf_quant import BLOCKS, INT_LAYOUT_TYPES, to_int_layout
-    from kernels.int_pack import default_g_idx
-    from kernels.quant_gemm import int_quant_matmul
+    from hearth.kernels.gguf_gemm import gguf_matmul
+    from hearth.kernels.gguf_quant import BLOCKS, INT_LAYOUT_TYPES, to_int_layout
+    from hearth.kernels.int_pack import default_g_idx
+    from hearth.kernels.quant_gemm import int_quant_matmul
 
     rows = []
     for name, k, n in LLAMA3_8B_LINEARS[2:]:
@@ -166,8 +163,8 @@ def sweep_gemv(device: str = "cuda", dtype=torch.bfloat16, ms=(1, 16), top: int 
     """The first `top` GemvBlocks candidates (x `waves`) for each M in `ms` on the four Llama-3-8B
     linears; the best by their summed time (each linear runs once per layer) among those that
     match the reference."""
-    from kernels.int_gemv import GemvBlocks, int_gemv
-    from kernels.quant_gemm import int_quant_matmul_ref
+    from hearth.kernels.int_gemv import GemvBlocks, int_gemv
+    from hearth.kernels.quant_gemm import int_quant_matmul_ref
 
     data = {name: (k, n, _int4_copies(k, n, device, _copies(_int4_bytes(k, n))))
             for name, k, n in LLAMA3_8B_LINEARS}
@@ -224,7 +221,7 @@ def bench_gemm(device: str = "cuda", dtype=torch.bfloat16, ms=GEMM_MS,
     linears), then per linear the old per-element kernel (M <= 256), int_mma with the best
     blocks, int_dequant_matmul and bf16 F.linear. `choice`: per M the faster int4 path by the
     summed time (each linear runs once per layer), with int_mma's best blocks."""
-    import kernels.int_mma as mma
+    import hearth.kernels.int_mma as mma
 
     time_fn = time_fn or _time_graph
     data = {}
@@ -257,8 +254,8 @@ def bench_gemm(device: str = "cuda", dtype=torch.bfloat16, ms=GEMM_MS,
 
 def _time_mma(xs: dict, data: dict, blocks, time_fn) -> tuple[dict[str, float], float]:
     """int_mma with `blocks` on each linear: us per call, and the largest relative error."""
-    from kernels.int_mma import int_mma
-    from kernels.quant_gemm import int_quant_matmul_ref
+    from hearth.kernels.int_mma import int_mma
+    from hearth.kernels.quant_gemm import int_quant_matmul_ref
 
     per, err = {}, 0.0
     for name, (_, n, ws, _) in data.items():
@@ -273,8 +270,8 @@ def _time_mma(xs: dict, data: dict, blocks, time_fn) -> tuple[dict[str, float], 
 
 def _time_paths(m: int, xs: dict, data: dict, mma: tuple, time_fn, rows: list) -> dict:
     """Each path on each linear (a row each, appended to rows); the totals and the choice."""
-    import kernels.int_mma as mma
-    import kernels.quant_gemm as qg
+    import hearth.kernels.int_mma as mma
+    import hearth.kernels.quant_gemm as qg
 
     blocks, mma_us = mma
     totals = {"old": 0.0, "mma": 0.0, "dequant": 0.0, "bf16": 0.0}
@@ -304,7 +301,7 @@ def _time_paths(m: int, xs: dict, data: dict, mma: tuple, time_fn, rows: list) -
 def apply_gemm_choice(choice: dict) -> None:
     """Point kernels/quant_gemm.py's GEMM_BLOCKS at bench_gemm's choice (keys M, as int or as
     JSON strings), to run a workload with it: int_mma up to each M where it won, else None."""
-    import kernels.int_mma as mma
+    import hearth.kernels.int_mma as mma
 
     table = []
     for m in sorted(choice, key=int):
@@ -373,11 +370,11 @@ def bench_decode(config_dir: Path, work: Path, device: str = "cuda", group_size:
     the GemvBlocks of `tuned`, {M: blocks dict}, as sweep_gemv finds them) and fragment words on
     the tensor-core kernel (`int4`: what a 16-bit model runs, kernels/int4_tc.py; `int4_plain`
     the same with every kernel launched without PDL, kernels/pdl.py)."""
-    import kernels.int4_tc as int4_tc
-    import kernels.int_gemv as ig
-    import kernels.quant_gemm as qg
-    from engine import LLM, SamplingParams
-    from kernels import pdl
+    import hearth.kernels.int4_tc as int4_tc
+    import hearth.kernels.int_gemv as ig
+    import hearth.kernels.quant_gemm as qg
+    from hearth import LLM, SamplingParams
+    from hearth.kernels import pdl
 
     quant_dir = int4_config_dir(config_dir, work, group_size)
     config = json.loads((config_dir / "config.json").read_text())

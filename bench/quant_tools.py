@@ -17,10 +17,6 @@ import os
 import sys
 import time
 
-# bench/ holds a kernels.py that would shadow the `kernels` package transformers imports.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(
-    os.path.abspath(__file__))]
-
 import torch  # noqa: E402
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")

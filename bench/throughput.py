@@ -30,21 +30,18 @@ import argparse
 import gc
 import json
 import random
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
-if sys.path and Path(sys.path[0]).resolve() == _ROOT / "bench":
-    sys.path[0] = str(_ROOT)
 
 import torch  # noqa: E402
 
-from engine import LLM, SamplingParams  # noqa: E402
-from engine.loader import load_hf_config  # noqa: E402
-from engine.triton_attention import TritonAttention  # noqa: E402
+from hearth import LLM, SamplingParams  # noqa: E402
+from hearth.engine.loader import load_hf_config  # noqa: E402
+from hearth.engine.triton_attention import TritonAttention  # noqa: E402
 
 CONFIGS = {
     "qwen3": _ROOT / "bench/configs/qwen3-0.6b",
@@ -195,7 +192,7 @@ class StepProfile:
 
 def run_hearth(w: Workload, args, async_scheduling: bool = True, fused: bool = True,
                pdl_on: bool = True) -> dict:
-    from kernels import pdl
+    from hearth.kernels import pdl
 
     pdl.ENABLED = pdl_on  # read at every launch, so for the whole run (graphs capture it)
     batched = max(16384, max(len(p) for p in w.prompts))

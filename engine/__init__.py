@@ -4,22 +4,22 @@ LLM and LLMEngine are imported lazily so that `engine.scheduler` & co. stay impo
 torch.
 """
 
-from engine.sampling_params import SamplingParams
+from hearth.engine.sampling_params import SamplingParams
 
 __all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams"]
 
 
 def __getattr__(name: str):
     if name == "LLM":
-        from engine.llm import LLM
+        from hearth.engine.llm import LLM
 
         return LLM
     if name == "LLMEngine":
-        from engine.llm_engine import LLMEngine
+        from hearth.engine.llm_engine import LLMEngine
 
         return LLMEngine
     if name == "EngineConfig":
-        from engine.config import EngineConfig
+        from hearth.engine.config import EngineConfig
 
         return EngineConfig
     raise AttributeError(name)

@@ -23,8 +23,8 @@ import itertools
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-from engine.outputs import BlockCopy
-from engine.sequence import Sequence
+from hearth.engine.outputs import BlockCopy
+from hearth.engine.sequence import Sequence
 
 
 def block_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttentionMetadata
+from hearth.engine.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 

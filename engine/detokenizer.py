@@ -14,7 +14,7 @@ could still turn out to be the start of a stop string.
 
 from __future__ import annotations
 
-from engine.sampling_params import SamplingParams
+from hearth.engine.sampling_params import SamplingParams
 
 _INITIAL_WINDOW = 5  # prompt tokens that give the first output token its context
 

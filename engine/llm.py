@@ -1,6 +1,6 @@
 """LLM: the offline API users know from vLLM.
 
-    from engine import LLM, SamplingParams
+    from hearth.engine import LLM, SamplingParams
     llm = LLM()                                   # the catalogue's default model
     outs = llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
     print(outs[0].outputs[0].text)
@@ -11,11 +11,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence as SequenceABC
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
-from engine.progress import progress_bar
-from engine.sampling_params import SamplingParams
+from hearth.engine.config import EngineConfig
+from hearth.engine.llm_engine import LLMEngine
+from hearth.engine.outputs import RequestOutput
+from hearth.engine.progress import progress_bar
+from hearth.engine.sampling_params import SamplingParams
 
 Prompt = str | list[int]
 Messages = list[dict]

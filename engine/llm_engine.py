@@ -23,15 +23,15 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
-from engine.block_manager import BlockManager
-from engine.config import EngineConfig
-from engine.model_builder import BuiltModel, build_model
-from engine.model_runner import InFlightSample
-from engine.outputs import RequestOutput, RunnerOutput, ScheduleOutput, TokenLogprob
-from engine.request_state import RequestState
-from engine.sampling_params import SamplingParams
-from engine.scheduler import PLACEHOLDER_TOKEN_ID, Scheduler
-from engine.sequence import FinishReason, Sequence
+from hearth.engine.block_manager import BlockManager
+from hearth.engine.config import EngineConfig
+from hearth.engine.model_builder import BuiltModel, build_model
+from hearth.engine.model_runner import InFlightSample
+from hearth.engine.outputs import RequestOutput, RunnerOutput, ScheduleOutput, TokenLogprob
+from hearth.engine.request_state import RequestState
+from hearth.engine.sampling_params import SamplingParams
+from hearth.engine.scheduler import PLACEHOLDER_TOKEN_ID, Scheduler
+from hearth.engine.sequence import FinishReason, Sequence
 
 
 @dataclass

@@ -15,15 +15,20 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttentionMetadata
-from engine.catalog import resolve_model, verify
-from engine.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig
-from engine.kv_cache import resolve_kv_cache_dtype
-from engine.loader import LoadedSource, load_hf_config, load_model_source
-from engine.model_config import ModelConfig
-from engine.model_runner import ModelRunner, RunnerLimits, make_attention_backend, resolve_dtype
-from engine.models.registry import model_class
-from engine.progress import progress_bar
+from hearth.engine.attention import AttentionMetadata
+from hearth.engine.catalog import resolve_model, verify
+from hearth.engine.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig
+from hearth.engine.kv_cache import resolve_kv_cache_dtype
+from hearth.engine.loader import LoadedSource, load_hf_config, load_model_source
+from hearth.engine.model_config import ModelConfig
+from hearth.engine.model_runner import (
+    ModelRunner,
+    RunnerLimits,
+    make_attention_backend,
+    resolve_dtype,
+)
+from hearth.engine.models.registry import model_class
+from hearth.engine.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 _GIB = 1 << 30
@@ -84,7 +89,7 @@ def _load_source(resolved, config: EngineConfig) -> LoadedSource:
 
 def _tokenizer_for_dummy(path, model_config: ModelConfig):
     if (path / "tokenizer.json").is_file():
-        from engine.tokenizer import Tokenizer
+        from hearth.engine.tokenizer import Tokenizer
 
         return Tokenizer.from_hf_dir(path)
     return TokenIdTokenizer(model_config.eos_token_ids, model_config.bos_token_id)
@@ -137,7 +142,7 @@ def _instantiate(source, config: EngineConfig, device, dtype, progress: bool) ->
 
 def _rebuild_buffers(model: torch.nn.Module, config: ModelConfig, device) -> None:
     """The rotary table is a buffer, never materialised on the meta device: compute it now."""
-    from engine.layers.rotary import RotaryEmbedding
+    from hearth.engine.layers.rotary import RotaryEmbedding
 
     rotary = RotaryEmbedding(
         config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling

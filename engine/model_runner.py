@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.attention import AttentionMetadata, TorchAttention
-from engine.cuda_graphs import DecodeGraphs, DecodeInputs
-from engine.kv_cache import allocate_kv_cache
-from engine.model_config import ModelConfig
-from engine.outputs import RunnerOutput, ScheduledChunk, ScheduleOutput
-from engine.sampler import Sampler, SamplingRow
-from engine.scheduler import PLACEHOLDER_TOKEN_ID
+from hearth.engine.attention import AttentionMetadata, TorchAttention
+from hearth.engine.cuda_graphs import DecodeGraphs, DecodeInputs
+from hearth.engine.kv_cache import allocate_kv_cache
+from hearth.engine.model_config import ModelConfig
+from hearth.engine.outputs import RunnerOutput, ScheduledChunk, ScheduleOutput
+from hearth.engine.sampler import Sampler, SamplingRow
+from hearth.engine.scheduler import PLACEHOLDER_TOKEN_ID
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,7 +38,7 @@ def make_attention_backend(device: torch.device):
     """Triton kernels on CUDA, the torch reference elsewhere."""
     if device.type == "cuda":
         try:
-            from engine.triton_attention import TritonAttention
+            from hearth.engine.triton_attention import TritonAttention
         except ImportError:
             return TorchAttention()
         return TritonAttention()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.sequence import Sequence
+from hearth.engine.sequence import Sequence
 
 
 @dataclass(frozen=True)

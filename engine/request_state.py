@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
+from hearth.engine.detokenizer import IncrementalDetokenizer
+from hearth.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+from hearth.engine.sampling_params import SamplingParams
+from hearth.engine.sequence import Sequence
 
 
 @dataclass

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.outputs import TokenLogprob
-from engine.sampling_params import SamplingParams
+from hearth.engine.outputs import TokenLogprob
+from hearth.engine.sampling_params import SamplingParams
 
 _MASK63 = 2**63 - 1
 
@@ -95,7 +95,7 @@ class Sampler:
 
     def _race(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """The fused kernel's draw for every row (greedy rows: argmax)."""
-        from kernels.sampling import exponential_race
+        from hearth.kernels.sampling import exponential_race
 
         self._kernel_calls += 1
         call_key = _mix64(_mix64(self._seed) ^ self._kernel_calls)

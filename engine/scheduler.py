@@ -24,10 +24,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from engine.block_manager import BlockManager, BlockSnapshot
-from engine.config import SchedulerConfig
-from engine.outputs import RunnerOutput, ScheduledChunk, ScheduleOutput
-from engine.sequence import FinishReason, Sequence, SequenceStatus
+from hearth.engine.block_manager import BlockManager, BlockSnapshot
+from hearth.engine.config import SchedulerConfig
+from hearth.engine.outputs import RunnerOutput, ScheduledChunk, ScheduleOutput
+from hearth.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
 @dataclass(frozen=True)

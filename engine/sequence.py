@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from enum import Enum
 
-from engine.sampling_params import SamplingParams
+from hearth.engine.sampling_params import SamplingParams
 
 
 class SequenceStatus(Enum):

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import AttentionMetadata
-from engine.kv_cache import LayerKVCache
-from kernels.fused import rotary_embedding
-from kernels.kv_cache import write_kv
-from kernels.paged_attention import NewKV, Rope, paged_decode_attention
-from kernels.prefill_attention import paged_prefill_attention
+from hearth.engine.attention import AttentionMetadata
+from hearth.engine.kv_cache import LayerKVCache
+from hearth.kernels.fused import rotary_embedding
+from hearth.kernels.kv_cache import write_kv
+from hearth.kernels.paged_attention import NewKV, Rope, paged_decode_attention
+from hearth.kernels.prefill_attention import paged_prefill_attention
 
 
 class TritonAttention:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.gguf_quant import BLOCKS, _f16, _nibbles
+from hearth.kernels.gguf_quant import BLOCKS, _f16, _nibbles
 
 TYPES = ("Q4_0", "Q4_1")
 GROUP = 32
@@ -66,7 +66,7 @@ def pack_int(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g
              dtype: torch.dtype) -> Int4Weight:
     """Int layout (qweight (K // 8, N) int32, zeros and scales (K // group, N)) → Int4Weight:
     scale s, zero (8 - z) s, so that (q - 8) s + (8 - z) s = (q - z) s."""
-    from kernels.int_pack import unpack
+    from hearth.kernels.int_pack import unpack
 
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     if not supported_int(4, group_size, n, k, dtype):

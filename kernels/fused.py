@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import pdl
+from hearth.kernels import pdl
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.gguf_quant import BLOCKS, dequantize
-from kernels.quant_gemm import check_x, launch, precision
+from hearth.kernels.gguf_quant import BLOCKS, dequantize
+from hearth.kernels.quant_gemm import check_x, launch, precision
 
 GGUF_KERNEL_TYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q6_K": 4}  # the QTYPE constexpr
 

@@ -160,7 +160,7 @@ def to_int_layout(raw: torch.Tensor, qtype: str, cols: int):
     scales are d (float16) or d * sub-block scale (float32, K-quants)."""
     if qtype not in INT_LAYOUT_TYPES:
         raise ValueError(f"{qtype} has no int layout; supported: {', '.join(INT_LAYOUT_TYPES)}")
-    from kernels.int_pack import pack
+    from hearth.kernels.int_pack import pack
 
     group, bits, offset = INT_LAYOUT_TYPES[qtype]
     size = _block(qtype)[1]

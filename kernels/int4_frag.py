@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.int_pack import unpack
+from hearth.kernels.int_pack import unpack
 
 # W (N, K) viewed as (nt, row // 8, g, p, t, h, k8, e): row = 8 (row // 8) + g,
 # k = 32 p + 8 t + 4 h + 2 k8 + e; tile kt = 2 p + h, register r = 2 k8 + row // 8.

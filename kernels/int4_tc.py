@@ -49,9 +49,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import int_mma, pdl
-from kernels.int4_frag import frag_dequantize
-from kernels.int_gemv import finish_split, split_scratch
+from hearth.kernels import int_mma, pdl
+from hearth.kernels.int4_frag import frag_dequantize
+from hearth.kernels.int_gemv import finish_split, split_scratch
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MAGIC_DTYPES = (torch.bfloat16, torch.float16)

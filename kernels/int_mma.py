@@ -25,8 +25,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.int4_frag import frag_tile
-from kernels.int_gemv import store_tile
+from hearth.kernels.int4_frag import frag_tile
+from hearth.kernels.int_gemv import store_tile
 
 
 @dataclass(frozen=True)

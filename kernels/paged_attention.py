@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import pdl
-from kernels.kv_cache import (
+from hearth.kernels import pdl
+from hearth.kernels.kv_cache import (
     FP8_DTYPE,
     KVScales,
     check_cache_pair,

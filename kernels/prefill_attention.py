@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_cache import (
+from hearth.kernels.kv_cache import (
     FP8_DTYPE,
     KVScales,
     check_cache_pair,
@@ -33,7 +33,7 @@ from kernels.kv_cache import (
     check_scales,
     dequantize,
 )
-from kernels.paged_attention import gather_kv
+from hearth.kernels.paged_attention import gather_kv
 
 _LOG2E = 1.4426950408889634
 

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import int_mma as mma
-from kernels.int_gemv import int_gemv, supports
-from kernels.int_pack import dequantize_int_layout
+from hearth.kernels import int_mma as mma
+from hearth.kernels.int_gemv import int_gemv, supports
+from hearth.kernels.int_pack import dequantize_int_layout
 
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GEMV_MAX_M = 16  # int_quant_matmul sends up to this many rows to int_gemv (0: never; benchmarks)

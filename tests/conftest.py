@@ -1,14 +1,22 @@
 """Test setup shared by every test module.
 
 Triton reads TRITON_INTERPRET when `@triton.jit` runs, so it is set here, before any kernel module
-is
-imported: on a machine without CUDA the kernels run in Triton's interpreter (small shapes only).
+is imported: on a machine without CUDA the kernels run in Triton's interpreter (small shapes only).
+
+The repository root must not be on sys.path (`python -m pytest` puts it there): its folders
+`kernels/`, `engine/`, `ui/` would shadow packages of those names that transformers imports.
+Hearth is imported as the installed `hearth` package.
 """
 
 import os
+import sys
+from pathlib import Path
 
-import pytest
-import torch
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
-from engine.sampling_params import SamplingParams
+from hearth.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+from hearth.engine.sampling_params import SamplingParams
 
 PHRASE = "the quick brown fox jumps over the lazy dog. "
 BOS, EOS = 1, 2

@@ -14,9 +14,9 @@ from typing import Any
 
 import httpx
 
-from appliance.lifecycle import HearthServer, bind, make_server
-from appliance.server import AppContext, create_app
-from appliance.settings import Settings
+from hearth.appliance.lifecycle import HearthServer, bind, make_server
+from hearth.appliance.server import AppContext, create_app
+from hearth.appliance.settings import Settings
 
 
 @dataclass

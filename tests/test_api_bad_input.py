@@ -7,8 +7,8 @@ import httpx
 import pytest
 from server_harness import running_server
 
-from appliance.cli import engine_factory
-from appliance.settings import Settings
+from hearth.appliance.settings import Settings
+from hearth.cli import engine_factory
 
 MAX_MODEL_LEN = 512
 MESSAGES = [{"role": "user", "content": "Hi"}]

@@ -12,8 +12,8 @@ import openai
 import pytest
 from server_harness import metric, running_server
 
-from appliance.cli import engine_factory
-from appliance.settings import Settings
+from hearth.appliance.settings import Settings
+from hearth.cli import engine_factory
 
 KEY = "sk-hearth-test"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

@@ -7,13 +7,13 @@ import argparse
 
 import pytest
 
-from appliance import cli
-from appliance.deltas import DeltaTracker
-from appliance.protocol import APIError
-from appliance.security import allowed_host_names, check_api_key, host_of
-from appliance.settings import Settings, add_arguments, settings_from
-from appliance.telemetry import NO_GPU, GpuSampler, HostSampler
-from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from hearth import cli
+from hearth.appliance.deltas import DeltaTracker
+from hearth.appliance.protocol import APIError
+from hearth.appliance.security import allowed_host_names, check_api_key, host_of
+from hearth.appliance.settings import Settings, add_arguments, settings_from
+from hearth.appliance.telemetry import NO_GPU, GpuSampler, HostSampler
+from hearth.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 
 
 def _settings(argv: list[str], env: dict[str, str]) -> Settings:

@@ -13,10 +13,10 @@ from unittest import mock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.block_manager import BlockManager
-from engine.outputs import BlockCopy
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
+from hearth.engine.block_manager import BlockManager
+from hearth.engine.outputs import BlockCopy
+from hearth.engine.sampling_params import SamplingParams
+from hearth.engine.sequence import Sequence
 
 
 class FakeKV:
@@ -91,7 +91,7 @@ ops = st.lists(
     collide=st.booleans(),
 )
 def test_random_operations_keep_invariants(ops, block_size, num_blocks, collide):
-    constant_hash = mock.patch("engine.block_manager.block_hash", lambda parent, tokens: 7)
+    constant_hash = mock.patch("hearth.engine.block_manager.block_hash", lambda parent, tokens: 7)
     with constant_hash if collide else contextlib.nullcontext():
         bm = BlockManager(num_blocks, block_size)
         kv, live, ids = FakeKV(bm), [], iter(range(10_000))
@@ -177,7 +177,7 @@ def test_freed_blocks_stay_cached_and_revive():
 
 
 def test_hash_collision_never_gives_a_wrong_hit():
-    with mock.patch("engine.block_manager.block_hash", lambda parent, tokens: 0):
+    with mock.patch("hearth.engine.block_manager.block_hash", lambda parent, tokens: 0):
         bm = BlockManager(num_blocks=16, block_size=4)
         kv = FakeKV(bm)
         assert admit(bm, kv, make_seq(0, [1, 1, 1, 1, 2, 2, 2, 2, 5]))
@@ -190,7 +190,7 @@ def test_hash_collision_never_gives_a_wrong_hit():
 
 
 def test_collision_with_equal_tokens_but_another_parent_misses():
-    with mock.patch("engine.block_manager.block_hash", lambda parent, tokens: 0):
+    with mock.patch("hearth.engine.block_manager.block_hash", lambda parent, tokens: 0):
         bm = BlockManager(num_blocks=16, block_size=4)
         kv = FakeKV(bm)
         assert admit(bm, kv, make_seq(0, [1, 1, 1, 1, 5]))

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import catalog
-from engine.catalog import BUILTIN_CATALOG, load_catalog, resolve_model, verify
+from hearth.engine import catalog
+from hearth.engine.catalog import BUILTIN_CATALOG, load_catalog, resolve_model, verify
 
 REPO_TOML = Path(__file__).resolve().parents[1] / "models.toml"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.attention import AttentionMetadata, TorchAttention
+from hearth.engine.attention import AttentionMetadata, TorchAttention
 
 BLOCK, KV_HEADS, GROUP, HEAD_DIM = 16, 3, 3, 64
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.layers.linear import GGUFLinear
-from kernels import cpu_int4, gguf_quant
+from hearth import LLM, SamplingParams
+from hearth.engine.layers.linear import GGUFLinear
+from hearth.kernels import cpu_int4, gguf_quant
 
 
 def _random_blocks(qtype: str, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -91,7 +91,7 @@ def test_default_model_bf16_runs_its_linears_in_int4():
 
 
 def _int_layout(n: int, k: int, group: int, gen: torch.Generator):
-    from kernels.int_pack import pack
+    from hearth.kernels.int_pack import pack
 
     q = torch.randint(0, 16, (k, n), generator=gen)
     zeros = torch.randint(0, 16, (k // group, n), generator=gen, dtype=torch.uint8)
@@ -104,7 +104,7 @@ def _int_layout(n: int, k: int, group: int, gen: torch.Generator):
 def test_int_layout_packs_and_multiplies(group, m):
     """AWQ / GPTQ int layout: (q - z) s as (q - 8) s + (8 - z) s, the nibbles read back
     exactly, and the GEMV (m <= 32) and the dequantized matmul match the reference."""
-    from kernels.int_pack import default_g_idx, dequantize_int_layout
+    from hearth.kernels.int_pack import default_g_idx, dequantize_int_layout
 
     gen = torch.Generator().manual_seed(group + m)
     n, k = 192, 256

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from engine.catalog import resolve_model
-from engine.detokenizer import IncrementalDetokenizer
-from engine.loader import load_model_source
-from engine.sampling_params import SamplingParams
+from hearth.engine.catalog import resolve_model
+from hearth.engine.detokenizer import IncrementalDetokenizer
+from hearth.engine.loader import load_model_source
+from hearth.engine.sampling_params import SamplingParams
 
 TEXTS = [
     "Hello, world! How are you today?",

@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _doctor(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "appliance.cli", "doctor", *args]
-    environ = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    command = [sys.executable, "-m", "hearth", "doctor", *args]
+    environ = {**os.environ, **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=120, env=environ)
 
 
@@ -67,8 +67,8 @@ def test_doctor_names_a_busy_port_and_a_modified_model(tmp_path):
     catalog = tmp_path / "models.toml"
     env = {"HEARTH_MODELS_TOML": str(catalog)}
     add = subprocess.run(
-        [sys.executable, "-m", "appliance.cli", "models", "add", "m", str(weights)],
-        env={**os.environ, **env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        [sys.executable, "-m", "hearth", "models", "add", "m", str(weights)],
+        env={**os.environ, **env}, capture_output=True, text=True,
     )  # fmt: skip
     assert add.returncode == 0, add.stdout + add.stderr
     weights.write_bytes(b"GGUF" + bytes(999) + b"x")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import DEFAULT_GGUF, default_model_dir, save_tiny_model
 
-from engine import LLM, SamplingParams
-from tests.helpers import DEFAULT_GGUF, default_model_dir, save_tiny_model
+from hearth import LLM, SamplingParams
 
 PROMPTS = [
     "The capital of France is",
@@ -90,11 +90,10 @@ def test_triton_attention_backend_matches_transformers_in_interpreter(tmp_path, 
     transformers' greedy tokens; prefill, decode-only and chunked mixed steps all occur."""
     from transformers import AutoModelForCausalLM
 
-    import engine.model_builder
-    import engine.model_runner
-    from engine.triton_attention import TritonAttention
+    from hearth.engine import model_builder, model_runner
+    from hearth.engine.triton_attention import TritonAttention
 
-    for module in (engine.model_runner, engine.model_builder):
+    for module in (model_runner, model_builder):
         monkeypatch.setattr(module, "make_attention_backend", lambda device: TritonAttention())
     path = save_tiny_model(tmp_path / arch, arch)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

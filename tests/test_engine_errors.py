@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import save_tiny_model
 
-from engine import LLM, SamplingParams
-from tests.helpers import save_tiny_model
+from hearth import LLM, SamplingParams
 
 
 @pytest.fixture(scope="module")

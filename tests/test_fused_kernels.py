@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.fused import (
+from hearth.kernels.fused import (
     rms_norm,
     rms_norm_ref,
     rotary_embedding,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import save_tiny_model
 
-from engine import LLM, SamplingParams
-from tests.helpers import save_tiny_model
+from hearth import LLM, SamplingParams
 
 pytestmark = pytest.mark.gpu
 KV_GIB = 0.25  # tests never size the cache from free memory, except the one that checks that
@@ -188,7 +188,7 @@ def test_plain_seeded_rows_reproducible_on_cuda(tmp_path):
 
 def test_fused_kv_write_tokens_equal_unfused(tmp_path, monkeypatch):
     """Decode attention with the K/V write fused in gives the greedy tokens of write_kv + decode."""
-    from engine.triton_attention import TritonAttention
+    from hearth.engine.triton_attention import TritonAttention
 
     path = save_tiny_model(tmp_path / "llama", "llama")
     prompts = _prompts((3, 40, 7, 90, 12))
@@ -207,7 +207,7 @@ def test_pdl_launches_give_the_tokens_of_plain_launches(tmp_path, monkeypatch):
     """Kernels launched with programmatic dependent launch (kernels/pdl.py; Hopper+) in the decode
     CUDA graphs give the greedy tokens of plain launches, in bf16 (norm, rotary, attention,
     SiLU kernels between cuBLAS linears)."""
-    from kernels import pdl
+    from hearth.kernels import pdl
 
     if not pdl.active(torch.device("cuda")):
         pytest.skip("PDL needs compute capability 9.0+")
@@ -317,7 +317,7 @@ DEFAULT_PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 def _default_model_tokens(dtype: str, keep: bool, check) -> list[list[int]]:
     """Greedy tokens (8) of DEFAULT_PROMPTS from the default model on CUDA; `check` is called
     with its GGUFLinear layers first."""
-    from engine.layers.linear import GGUFLinear
+    from hearth.engine.layers.linear import GGUFLinear
 
     llm = LLM(device="cuda", dtype=dtype, progress=False, gguf_keep_quantized=keep,
               kv_cache_gib=KV_GIB, max_model_len=512)
@@ -350,7 +350,7 @@ def test_default_model_bf16_fragment_words_same_tokens_as_int_layout(monkeypatch
     """In bf16 the default model's Q4_1 linears become fragment words (kernels/int4_tc.py:
     tensor-core decode, dequantized copy for prefill); greedy tokens equal those of the int
     layout's kernels on the same weights."""
-    import kernels.int4_tc as int4_tc
+    import hearth.kernels.int4_tc as int4_tc
 
     def check(frag):
         def layers_ok(layers):

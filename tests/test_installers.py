@@ -59,11 +59,10 @@ def offline_namespace() -> Iterator[list[str]]:
 def bundle(tmp_path_factory) -> Path:
     """The unpacked bundle, built by `hearth bundle` from this checkout."""
     out = tmp_path_factory.mktemp("bundle") / "hearth-bundle.tar"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "appliance.cli", "bundle", "--out", str(out), "--torch", "cpu"],
-        capture_output=True, text=True, env=env, timeout=900,
+        [sys.executable, "-m", "hearth", "bundle", "--out", str(out), "--torch", "cpu"],
+        capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     print(f"bundle built in {time.monotonic() - started:.0f} s")

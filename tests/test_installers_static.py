@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from appliance import bundle
+from hearth.appliance.tools import bundle
 
 INSTALLERS = Path(__file__).resolve().parents[1] / "installers"
 CHART = INSTALLERS / "helm" / "hearth"

@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import gguf_quant, int4_tc
-from kernels.int4_frag import frag_dequantize, frag_pack, frag_unpack
-from kernels.int4_tc import TcBlocks, frag_matmul, layout_supported
-from kernels.int4_tc import int4_tc as tc_matmul
-from kernels.int_pack import default_g_idx, dequantize_int_layout, pack, unpack
-from kernels.quant_gemm import int_quant_matmul_ref
+from hearth.kernels import gguf_quant, int4_tc
+from hearth.kernels.int4_frag import frag_dequantize, frag_pack, frag_unpack
+from hearth.kernels.int4_tc import TcBlocks, frag_matmul, layout_supported
+from hearth.kernels.int4_tc import int4_tc as tc_matmul
+from hearth.kernels.int_pack import default_g_idx, dequantize_int_layout, pack, unpack
+from hearth.kernels.quant_gemm import int_quant_matmul_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CPU_DTYPE = torch.float16  # the interpreter's bf16 is not the GPU's; fp16 is exact enough
@@ -135,7 +135,7 @@ def test_frag_dequantize_is_exact_and_frag_matmul_routes_by_rows(group, offset):
 def test_pdl_off_on_cpu_and_when_disabled(monkeypatch):
     """Kernels launch plainly (constexpr 0, no launch_pdl) on CPU / in the interpreter and with
     kernels.pdl.ENABLED off (HEARTH_PDL=0); the trigger points are the measured defaults."""
-    from kernels import pdl
+    from hearth.kernels import pdl
 
     assert pdl.mode(torch.device("cpu")) == 0 and pdl.launch_kwargs(torch.device("cpu")) == {}
     monkeypatch.setattr(pdl, "ENABLED", False)
@@ -185,8 +185,8 @@ def test_layers_convert_to_fragments_on_cuda(dtype):
     """Built in a 16-bit model, 4-bit AWQ/GPTQ-style and GGUF Q4 layers keep fragment words
     (qweight dropped); their outputs match the float weights at every M; an 8-bit layer and a
     float32 model keep the int layout."""
-    from engine.layers.linear import GGUFLinear, IntQuantLinear
-    from engine.quantization.config import QuantConfig
+    from hearth.engine.layers.linear import GGUFLinear, IntQuantLinear
+    from hearth.engine.quantization.config import QuantConfig
 
     k, n = 4096, 1024
     qweight, zeros, scales = _weights(k, n, 128, False, seed=7)
@@ -230,8 +230,8 @@ def test_pdl_chain_in_cuda_graph_reads_fresh_inputs():
     """rms_norm -> int4_tc -> silu_and_mul -> int4_tc captured in one CUDA graph, launched with
     programmatic dependent launch on Hopper (kernels/pdl.py): each replay, on new inputs, gives
     the reference result, so no kernel read its input before the previous one had written it."""
-    from kernels import pdl
-    from kernels.fused import rms_norm, silu_and_mul
+    from hearth.kernels import pdl
+    from hearth.kernels.fused import rms_norm, silu_and_mul
 
     if not pdl.active(torch.device(DEVICE)):
         pytest.skip("PDL needs compute capability 9.0+")

@@ -9,16 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.layers.rotary import RotaryEmbedding
-from kernels.fused import rotary_embedding_ref
-from kernels.kv_cache import FP8_DTYPE, FP8_MAX, KVScales, dequantize, write_kv, write_kv_ref
-from kernels.paged_attention import (
+from hearth.engine.layers.rotary import RotaryEmbedding
+from hearth.kernels.fused import rotary_embedding_ref
+from hearth.kernels.kv_cache import FP8_DTYPE, FP8_MAX, KVScales, dequantize, write_kv, write_kv_ref
+from hearth.kernels.paged_attention import (
     NewKV,
     Rope,
     paged_decode_attention,
     paged_decode_attention_ref,
 )
-from kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
+from hearth.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = DEVICE == "cpu"

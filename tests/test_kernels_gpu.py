@@ -16,7 +16,7 @@ from test_kernels import (
     run_decode_fused_write,
 )
 
-from kernels.fused import (
+from hearth.kernels.fused import (
     rms_norm,
     rms_norm_ref,
     rotary_embedding,
@@ -24,9 +24,9 @@ from kernels.fused import (
     silu_and_mul,
     silu_and_mul_ref,
 )
-from kernels.kv_cache import FP8_DTYPE, write_kv, write_kv_ref
-from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
-from kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
+from hearth.kernels.kv_cache import FP8_DTYPE, write_kv, write_kv_ref
+from hearth.kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+from hearth.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 
 pytestmark = pytest.mark.gpu
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

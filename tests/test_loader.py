@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.catalog import ModelSpec, ResolvedModel, resolve_model
-from engine.loader import iter_hf_weights, load_gguf, load_hf_config, load_model_source
-from engine.loader.gguf_loader import _unpermute
+from hearth.engine.catalog import ModelSpec, ResolvedModel, resolve_model
+from hearth.engine.loader import iter_hf_weights, load_gguf, load_hf_config, load_model_source
+from hearth.engine.loader.gguf_loader import _unpermute
 
 transformers = pytest.importorskip("transformers")
 

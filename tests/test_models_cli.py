@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.cli import main
-from engine.catalog import Catalog, ModelSpec, load_catalog, save_catalog
+from hearth.cli import main
+from hearth.engine.catalog import Catalog, ModelSpec, load_catalog, save_catalog
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,7 +147,7 @@ def test_import_checks_hashes_and_keeps_existing(tiny, tmp_path, capsys):
 
 
 def test_builtin_catalogue_is_read_only(monkeypatch, capsys):
-    from engine import catalog
+    from hearth.engine import catalog
 
     monkeypatch.delenv("HEARTH_MODELS_TOML", raising=False)
     monkeypatch.setattr(catalog, "_REPO_CATALOG", Path("/nonexistent/models.toml"))
@@ -160,8 +160,8 @@ def test_serve_refuses_a_model_that_does_not_match(tiny, tmp_path):
     weights, catalog = tiny
     assert main(["models", "add", "tiny", str(weights)]) == 0
     _flip_byte(weights)
-    env = {**os.environ, "HEARTH_MODELS_TOML": str(catalog), "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "appliance.cli", "serve", "--model", "tiny", "--port", "0",
+    env = {**os.environ, "HEARTH_MODELS_TOML": str(catalog)}
+    command = [sys.executable, "-m", "hearth", "serve", "--model", "tiny", "--port", "0",
                "--no-ui", "--device", "cpu"]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 1, result.stdout + result.stderr

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import kernels.int_mma as mma
-from kernels import gguf_quant
-from kernels.gguf_gemm import GGUF_KERNEL_TYPES, gguf_matmul, gguf_matmul_ref
-from kernels.int_gemv import GemvBlocks, int_gemv
-from kernels.int_pack import default_g_idx, dequantize_int_layout, pack
-from kernels.quant_gemm import int_quant_matmul, int_quant_matmul_ref
+import hearth.kernels.int_mma as mma
+from hearth.kernels import gguf_quant
+from hearth.kernels.gguf_gemm import GGUF_KERNEL_TYPES, gguf_matmul, gguf_matmul_ref
+from hearth.kernels.int_gemv import GemvBlocks, int_gemv
+from hearth.kernels.int_pack import default_g_idx, dequantize_int_layout, pack
+from hearth.kernels.quant_gemm import int_quant_matmul, int_quant_matmul_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 5e-2)}
@@ -341,7 +341,7 @@ def test_gguf_full_shapes_gpu(dtype, m, qtype):
 def test_gguf_linear_cuda_matches_blocks(qtype, dtype, m):
     """GGUFLinear on CUDA: every type repacked into the int layout (GEMV, int_mma, dequantized
     copy by M), against the blocks dequantized in float32."""
-    from engine.layers.linear import GGUFLinear
+    from hearth.engine.layers.linear import GGUFLinear
 
     raw = _gguf_weights(qtype, 1024, 4096, seed=2)
     layer = GGUFLinear(4096, 1024, False, qtype).to(DEVICE)

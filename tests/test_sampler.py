@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from engine.sampler import Sampler, SamplingRow, apply_penalties
-from engine.sampling_params import SamplingParams
+from hearth.engine.sampler import Sampler, SamplingRow, apply_penalties
+from hearth.engine.sampling_params import SamplingParams
 
 VOCAB = 50
 

@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from engine.sampler import Sampler, SamplingRow
-from engine.sampling_params import SamplingParams
-from kernels.sampling import (
+from hearth.engine.sampler import Sampler, SamplingRow
+from hearth.engine.sampling_params import SamplingParams
+from hearth.kernels.sampling import (
     exponential_race,
     exponential_race_ref,
     philox4x32_ref,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.sampling_params import SamplingParams
+from hearth.engine.sampling_params import SamplingParams
 
 
 @pytest.mark.parametrize(

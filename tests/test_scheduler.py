@@ -15,12 +15,12 @@ from collections.abc import Callable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.block_manager import BlockManager
-from engine.config import SchedulerConfig
-from engine.outputs import RunnerOutput, ScheduleOutput
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import FinishReason, Sequence, SequenceStatus
+from hearth.engine.block_manager import BlockManager
+from hearth.engine.config import SchedulerConfig
+from hearth.engine.outputs import RunnerOutput, ScheduleOutput
+from hearth.engine.sampling_params import SamplingParams
+from hearth.engine.scheduler import Scheduler
+from hearth.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 EOS = 2
 

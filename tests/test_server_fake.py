@@ -17,7 +17,7 @@ import pytest
 from fake_engine import PHRASE, FakeEngine
 from server_harness import metric, running_server
 
-from appliance.settings import Settings
+from hearth.appliance.settings import Settings
 
 KEY = "sk-test-key"
 GOOD_ORIGIN = "http://good.example:3000"

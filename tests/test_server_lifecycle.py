@@ -13,7 +13,7 @@ import httpx
 from fake_engine import FakeEngine
 from server_harness import running_server, wait_healthy
 
-from appliance.settings import Settings
+from hearth.appliance.settings import Settings
 
 SETTINGS = Settings(no_ui=True, shutdown_timeout=0.5)
 

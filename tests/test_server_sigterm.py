@@ -32,7 +32,7 @@ def served(tmp_path_factory):
     command = [
         sys.executable,
         "-m",
-        "appliance.cli",
+        "hearth",
         "serve",
         "--port",
         "0",

@@ -6,8 +6,8 @@ import pytest
 from tokenizers import Tokenizer as Backend
 from tokenizers import models, pre_tokenizers, processors
 
-from engine.catalog import resolve_model
-from engine.tokenizer import Tokenizer
+from hearth.engine.catalog import resolve_model
+from hearth.engine.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -19,13 +19,13 @@ import httpx
 import pytest
 from server_harness import RunningServer, wait_healthy
 
-from appliance.cli import engine_factory
-from appliance.lifecycle import bind, make_server
-from appliance.server import create_app
-from appliance.settings import Settings
-from appliance.telemetry import NO_GPU, GpuSample, HostSample
-from engine.block_manager import BlockSnapshot
-from ui.block_map import (
+from hearth.appliance.lifecycle import bind, make_server
+from hearth.appliance.server import create_app
+from hearth.appliance.settings import Settings
+from hearth.appliance.telemetry import NO_GPU, GpuSample, HostSample
+from hearth.cli import engine_factory
+from hearth.engine.block_manager import BlockSnapshot
+from hearth.ui.block_map import (
     CACHED_COLOUR,
     FREE_COLOUR,
     SHARED,
@@ -35,7 +35,7 @@ from ui.block_map import (
     render_block_map,
     request_colour,
 )
-from ui.conversation import (
+from hearth.ui.conversation import (
     STOPPED,
     ReplyStats,
     Turn,
@@ -44,8 +44,8 @@ from ui.conversation import (
     mark_stopped,
     model_messages,
 )
-from ui.panels import cache_summary, format_bytes, gpu_panel, hit_rate, host_panel
-from ui.throughput import GENERATION, PROMPT, ThroughputHistory
+from hearth.ui.panels import cache_summary, format_bytes, gpu_panel, hit_rate, host_panel
+from hearth.ui.throughput import GENERATION, PROMPT, ThroughputHistory
 
 gradio = pytest.importorskip("gradio")
 # gradio's own queue code, not ours
@@ -246,7 +246,7 @@ def test_host_panel():
 
 @pytest.fixture(scope="module")
 def server():
-    from ui.app import mount_ui
+    from hearth.ui.app import mount_ui
 
     settings = Settings(port=0, api_key=API_KEY, max_num_seqs=4)
     sock = bind("127.0.0.1", 0)

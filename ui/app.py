@@ -21,10 +21,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 import gradio as gr  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 
-from appliance.server import AppContext  # noqa: E402
-from ui.block_map import CSS as BLOCK_MAP_CSS  # noqa: E402
-from ui.chat import build_chat_tab  # noqa: E402
-from ui.monitor import Readings, build_monitor_tab  # noqa: E402
+from hearth.appliance.server import AppContext  # noqa: E402
+from hearth.ui.block_map import CSS as BLOCK_MAP_CSS  # noqa: E402
+from hearth.ui.chat import build_chat_tab  # noqa: E402
+from hearth.ui.monitor import Readings, build_monitor_tab  # noqa: E402
 
 SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
 MONO_FONTS = ("ui-monospace", "monospace")

@@ -19,13 +19,13 @@ from typing import Any
 
 import gradio as gr
 
-from appliance.deltas import ABORT
-from appliance.protocol import ChatMessage
-from appliance.server import AppContext
-from appliance.serving import api_error
-from appliance.serving_tokens import chat_prompt
-from engine.sampling_params import SamplingParams
-from ui.conversation import ReplyStats, Turn, display_messages, mark_stopped, model_messages
+from hearth.appliance.deltas import ABORT
+from hearth.appliance.protocol import ChatMessage
+from hearth.appliance.server import AppContext
+from hearth.appliance.serving import api_error
+from hearth.appliance.serving_tokens import chat_prompt
+from hearth.engine.sampling_params import SamplingParams
+from hearth.ui.conversation import ReplyStats, Turn, display_messages, mark_stopped, model_messages
 
 logger = logging.getLogger("hearth.ui")
 

@@ -17,9 +17,9 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from appliance.server import AppContext
-from ui.block_map import render_block_map
-from ui.panels import (
+from hearth.appliance.server import AppContext
+from hearth.ui.block_map import render_block_map
+from hearth.ui.panels import (
     SCHEDULER_COLUMNS,
     cache_summary,
     format_rate,
@@ -27,7 +27,7 @@ from ui.panels import (
     host_panel,
     scheduler_rows,
 )
-from ui.throughput import GENERATION, PROMPT, ThroughputHistory
+from hearth.ui.throughput import GENERATION, PROMPT, ThroughputHistory
 
 logger = logging.getLogger("hearth.ui")
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
-from appliance.telemetry import GpuSample, HostSample
-from engine.block_manager import BlockSnapshot
+from hearth.appliance.telemetry import GpuSample, HostSample
+from hearth.engine.block_manager import BlockSnapshot
 
 SCHEDULER_COLUMNS = ["request", "state", "prompt tokens", "generated", "blocks", "age (s)"]
 

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.quantization import awq, compressed_tensors, gptq
-from engine.quantization.config import QuantConfig, UnsupportedQuantization
-from kernels import cpu_int4, gguf_quant
-from kernels.int_pack import default_g_idx, dequantize_int_layout, pack, pack_factor
+from hearth.engine.quantization import awq, compressed_tensors, gptq
+from hearth.engine.quantization.config import QuantConfig, UnsupportedQuantization
+from hearth.kernels import cpu_int4, gguf_quant
+from hearth.kernels.int_pack import default_g_idx, dequantize_int_layout, pack, pack_factor
 
 
 def make_linear(in_features: int, out_features: int, bias: bool, quant: QuantConfig | None,
@@ -101,8 +101,10 @@ class QuantizedLinear(nn.Module):
         GEMV on an H200); the caller then drops its int-layout words."""
         if not qweight.is_cuda:
             return False
-        from kernels import int4_tc  # Triton: imported where CUDA runs (CPU installs lack it)
-        from kernels.int4_frag import frag_pack
+        from hearth.kernels import (
+            int4_tc,  # Triton: imported where CUDA runs (CPU installs lack it)
+        )
+        from hearth.kernels.int4_frag import frag_pack
 
         if not int4_tc.layout_supported(bits, group, self.out_features, self.in_features,
                                         self.act_dtype, qweight.device):
@@ -112,14 +114,14 @@ class QuantizedLinear(nn.Module):
 
     def _frag_matmul(self, x: torch.Tensor, zeros, scales, group: int, counters,
                      offset: bool = False) -> torch.Tensor:
-        from kernels.int4_tc import frag_matmul
+        from hearth.kernels.int4_tc import frag_matmul
 
         return self._rows(x, lambda rows: frag_matmul(
             rows, self.frag, zeros, scales, group, counters=counters, offset=offset))
 
     def _frag_int_words(self) -> torch.Tensor:
         """The fragment words back in the int layout (K // 8, N) (dequantized_weight, tests)."""
-        from kernels.int4_frag import frag_unpack
+        from hearth.kernels.int4_frag import frag_unpack
 
         return pack(frag_unpack(self.frag), 4, dim=0)
 
@@ -237,7 +239,7 @@ class IntQuantLinear(QuantizedLinear):
         if self.frag is not None:
             return self._frag_matmul(x, self.zeros, self.scales, self.kernel_group_size,
                                      self.split_counters)
-        from kernels.quant_gemm import int_quant_matmul
+        from hearth.kernels.quant_gemm import int_quant_matmul
 
         return self._rows(x, lambda rows: int_quant_matmul(
             rows, self.qweight, self.zeros, self.scales, self.g_idx, self.quant.bits,
@@ -262,7 +264,7 @@ class IntQuantLinear(QuantizedLinear):
         """Large batches dequantize W into one buffer that all layers share (kernels/int_mma.py):
         sized to the largest layer before the first forward, it is allocated once."""
         if self.qweight.is_cuda:
-            from kernels.int_mma import reserve_dequant_scratch
+            from hearth.kernels.int_mma import reserve_dequant_scratch
 
             reserve_dequant_scratch(self.in_features * self.out_features)
 
@@ -345,7 +347,7 @@ class GGUFLinear(QuantizedLinear):
         layout = self.int_layout
         if layout is None or not x.is_cuda:
             return self._forward_reference(x)
-        from kernels.quant_gemm import int_quant_matmul
+        from hearth.kernels.quant_gemm import int_quant_matmul
 
         qweight, zeros, scales, g_idx, counters = layout
         group, bits, offset = gguf_quant.INT_LAYOUT_TYPES[self.qtype]

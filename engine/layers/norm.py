@@ -28,7 +28,7 @@ class RMSNorm(nn.Module):
         return out if residual is None else (out, residual)
 
     def _fused(self, x: torch.Tensor, residual: torch.Tensor | None):
-        from kernels.fused import rms_norm
+        from hearth.kernels.fused import rms_norm
 
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (rows, hidden): per-head q/k norms flatten their heads

@@ -68,7 +68,7 @@ class RotaryEmbedding(nn.Module):
 
         On CUDA q and k are rotated in place by one Triton kernel (they may be views of qkv)."""
         if q.is_cuda:
-            from kernels.fused import rotary_embedding
+            from hearth.kernels.fused import rotary_embedding
 
             rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim)
             return q, k

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.catalog import ResolvedModel
-from engine.loader.gguf_loader import GGUFModel, load_gguf
-from engine.loader.hf import iter_hf_weights, load_hf_config
-from engine.model_config import ModelConfig
-from engine.tokenizer import Tokenizer
+from hearth.engine.catalog import ResolvedModel
+from hearth.engine.loader.gguf_loader import GGUFModel, load_gguf
+from hearth.engine.loader.hf import iter_hf_weights, load_hf_config
+from hearth.engine.model_config import ModelConfig
+from hearth.engine.tokenizer import Tokenizer
 
 __all__ = [
     "GGUFModel",

@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.model_config import ModelConfig
-from engine.quantization.config import QuantConfig
-from engine.tokenizer import Tokenizer
-from kernels.gguf_quant import BLOCKS
+from hearth.engine.model_config import ModelConfig
+from hearth.engine.quantization.config import QuantConfig
+from hearth.engine.tokenizer import Tokenizer
+from hearth.kernels.gguf_quant import BLOCKS
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",

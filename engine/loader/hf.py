@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from engine.model_config import SUPPORTED_ARCHITECTURES, ModelConfig
-from engine.quantization.config import parse_quantization_config
+from hearth.engine.model_config import SUPPORTED_ARCHITECTURES, ModelConfig
+from hearth.engine.quantization.config import parse_quantization_config
 
 _INDEX_FILE = "model.safetensors.index.json"
 

@@ -13,12 +13,12 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from engine.attention import AttentionMetadata
-from engine.layers.activation import silu_and_mul
-from engine.layers.linear import QuantizedLinear, make_linear
-from engine.layers.norm import RMSNorm
-from engine.layers.rotary import RotaryEmbedding
-from engine.model_config import ModelConfig
+from hearth.engine.attention import AttentionMetadata
+from hearth.engine.layers.activation import silu_and_mul
+from hearth.engine.layers.linear import QuantizedLinear, make_linear
+from hearth.engine.layers.norm import RMSNorm
+from hearth.engine.layers.rotary import RotaryEmbedding
+from hearth.engine.model_config import ModelConfig
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 

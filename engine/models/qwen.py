@@ -4,7 +4,7 @@ Both switches come from ModelConfig (attention_bias, qk_norm), set by the config
 
 from __future__ import annotations
 
-from engine.models.llama import LlamaForCausalLM
+from hearth.engine.models.llama import LlamaForCausalLM
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from engine.model_config import ModelConfig
-from engine.models.llama import LlamaForCausalLM
-from engine.models.qwen import Qwen2ForCausalLM, Qwen3ForCausalLM
+from hearth.engine.model_config import ModelConfig
+from hearth.engine.models.llama import LlamaForCausalLM
+from hearth.engine.models.qwen import Qwen2ForCausalLM, Qwen3ForCausalLM
 
 _MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,

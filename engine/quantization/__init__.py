@@ -10,7 +10,7 @@ unpacking references, and `hearth quantize`'s algorithms (RTN, GPTQ, AWQ).
     calibration.py         calibration / perplexity text, layer-by-layer runs of our model
 """
 
-from engine.quantization.config import (
+from hearth.engine.quantization.config import (
     QuantConfig,
     UnsupportedQuantization,
     parse_quantization_config,

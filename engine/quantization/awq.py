@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.int_pack import AWQ_ORDER, default_g_idx, pack, unpack
+from hearth.kernels.int_pack import AWQ_ORDER, default_g_idx, pack, unpack
 
 TENSORS = ("qweight", "qzeros", "scales")
 

@@ -44,8 +44,8 @@ class DenseCausalAttention:
 
 def load_float_model(model_dir: str | Path) -> torch.nn.Module:
     """Our model on the CPU in float32 from an HF directory (float or quantized checkpoint)."""
-    from engine.loader import iter_hf_weights, load_hf_config
-    from engine.models.registry import model_class
+    from hearth.engine.loader import iter_hf_weights, load_hf_config
+    from hearth.engine.models.registry import model_class
 
     config = load_hf_config(model_dir)
     default = torch.get_default_dtype()
@@ -71,7 +71,7 @@ def forward_dense(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def token_ids(model_dir: str | Path, text: str) -> list[int]:
-    from engine.tokenizer import Tokenizer
+    from hearth.engine.tokenizer import Tokenizer
 
     return Tokenizer.from_hf_dir(Path(model_dir)).encode(text, add_special_tokens=False)
 

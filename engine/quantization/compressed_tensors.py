@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.int_pack import default_g_idx, pack, unpack
+from hearth.kernels.int_pack import default_g_idx, pack, unpack
 
 TENSORS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 

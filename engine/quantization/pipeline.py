@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.quantization import algorithms
-from engine.quantization.algorithms import QuantResult
-from engine.quantization.calibration import DenseCausalAttention
+from hearth.engine.quantization import algorithms
+from hearth.engine.quantization.algorithms import QuantResult
+from hearth.engine.quantization.calibration import DenseCausalAttention
 
 LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 METHODS = ("awq", "gptq", "rtn")

@@ -31,11 +31,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from appliance import __version__
+from hearth import __version__
 
 TORCH_VERSION = "2.13.0"
 TOP = "hearth-bundle"
-_REPO = Path(__file__).resolve().parents[1]
+_REPO = Path(__file__).resolve().parents[2]
 _INSTALLERS = ("install.sh", "uninstall.sh", "hearth.service", "Dockerfile")
 _NOT_IN_WHEEL = (".*", "build", "dist", "*.egg-info", "__pycache__", "tests", "bench", "*.tar")
 
@@ -122,8 +122,14 @@ def build_bundle(options: BundleOptions) -> Path:
 
 
 def _copy_models(names: tuple[str, ...], dest: Path) -> list[str]:
-    from engine.catalog import Catalog, load_catalog, model_files, resolve_model, save_catalog
-    from engine.catalog import verify as verify_files
+    from hearth.engine.catalog import (
+        Catalog,
+        load_catalog,
+        model_files,
+        resolve_model,
+        save_catalog,
+    )
+    from hearth.engine.catalog import verify as verify_files
 
     catalog = load_catalog()
     chosen = list(names) or [catalog.default]

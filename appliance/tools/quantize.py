@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from engine.quantization.pipeline import METHODS, QuantizeOptions
+from hearth.engine.quantization.pipeline import METHODS, QuantizeOptions
 
 __all__ = ["QuantizeOptions", "add_parser", "quantize", "run"]
 
@@ -78,10 +78,10 @@ def run(args: argparse.Namespace) -> int:
 def quantize(options: QuantizeOptions, src: Path, dst: Path, progress: bool = True) -> Path:
     import torch
 
-    from engine.progress import progress_bar
-    from engine.quantization.calibration import calibration_samples, load_float_model
-    from engine.quantization.export import write_checkpoint
-    from engine.quantization.pipeline import check_group_size, quantize_model
+    from hearth.engine.progress import progress_bar
+    from hearth.engine.quantization.calibration import calibration_samples, load_float_model
+    from hearth.engine.quantization.export import write_checkpoint
+    from hearth.engine.quantization.pipeline import check_group_size, quantize_model
 
     src, dst = Path(src), Path(dst)
     model = load_float_model(src)

@@ -14,13 +14,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from appliance import __version__, bundle, doctor, models_cli, quantize
-from appliance.settings import Settings, add_arguments, settings_from
+from hearth import __version__
+from hearth.appliance.settings import Settings, add_arguments, settings_from
+from hearth.appliance.tools import bundle, doctor, models, quantize
 
 EXIT_USAGE = 2
 # Subcommands that live in their own module: `add_parser(subparsers)` and `run(args) -> int`.
 TOOLS = {
-    "models": models_cli, "bundle": bundle, "doctor": doctor, "quantize": quantize,
+    "models": models, "bundle": bundle, "doctor": doctor, "quantize": quantize,
 }
 
 
@@ -62,8 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve(settings: Settings, factory: Callable[[], Any] | None = None) -> int:
     """Run `hearth serve` until SIGTERM (exit 0) or an engine failure (exit 1)."""
-    from appliance import lifecycle
-    from appliance.server import create_app
+    from hearth.appliance import lifecycle
+    from hearth.appliance.server import create_app
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -81,7 +82,7 @@ def engine_factory(settings: Settings) -> Callable[[], Any]:
     """Loads the LLMEngine when called (on the engine thread, with a progress bar)."""
 
     def load() -> Any:
-        from engine.llm_engine import LLMEngine  # torch: imported on the engine thread
+        from hearth.engine.llm_engine import LLMEngine  # torch: imported on the engine thread
 
         return LLMEngine(settings.engine_config(), progress=True)
 
@@ -95,7 +96,7 @@ def mount_ui(app: Any) -> None:
             "gradio is not installed: serving the API only (pip install 'hearth[ui]', or --no-ui)"
         )
         return
-    from ui.app import mount_ui as mount
+    from hearth.ui.app import mount_ui as mount
 
     mount(app, app.state.hearth)
 

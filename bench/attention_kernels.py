@@ -6,7 +6,7 @@ heads, head_dim 128, bf16). Decode is memory bound, so it is scored against the 
 Prefill: fresh prompts, scored in TFLOP/s of causal attention (QK^T + PV, half the square).
 The torch reference (what the CPU engine runs) is timed beside each for scale.
 
-    python bench/kernels.py [--block-size 16] [--dtype bfloat16] [--skip-ref]
+    python bench/attention_kernels.py [--block-size 16] [--dtype bfloat16] [--skip-ref]
 """
 
 import argparse
@@ -15,20 +15,18 @@ from functools import partial
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
-if sys.path and Path(sys.path[0]).resolve() == _ROOT / "bench":
-    sys.path[0] = str(_ROOT)  # else `import kernels` would find this script, not the package
 
 import torch  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from kernels.paged_attention import (  # noqa: E402
+from hearth.kernels.paged_attention import (  # noqa: E402
     DecodeTile,
     _num_sms,
     choose_num_splits,
     paged_decode_attention,
     paged_decode_attention_ref,
 )
-from kernels.prefill_attention import (  # noqa: E402
+from hearth.kernels.prefill_attention import (  # noqa: E402
     paged_prefill_attention,
     paged_prefill_attention_ref,
 )
@@ -129,7 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     args.dtype = getattr(torch, args.dtype)
     if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py needs a CUDA GPU (Triton kernels are only interpreted on CPU).")
+        sys.exit("needs a CUDA GPU (Triton only interprets kernels on CPU)")
     ceiling = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {ceiling / 1e9:.0f} GB/s, "
           f"{args.dtype}, block_size {args.block_size}")  # fmt: skip

@@ -18,8 +18,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance import __version__
-from appliance.settings import Settings, settings_from
+from hearth import __version__
+from hearth.appliance.settings import Settings, settings_from
 
 _GIB = 1 << 30
 _PYTHON_MIN = (3, 10)
@@ -150,8 +150,8 @@ def _cuda_torch_status() -> str:
 def _model(settings: Settings) -> tuple[int, list[Check]]:
     """The chosen model: where its files are, their sha256, and about how much memory its weights
     take (a quantized GGUF is dequantized to float: budget 4x the file)."""
-    from appliance.models_cli import check_model
-    from engine.catalog import load_catalog, model_files, resolve_model, verify
+    from hearth.appliance.tools.models import check_model
+    from hearth.engine.catalog import load_catalog, model_files, resolve_model, verify
 
     try:
         catalog = load_catalog()
@@ -175,7 +175,7 @@ def _model(settings: Settings) -> tuple[int, list[Check]]:
 def _memory(weight_bytes: int) -> Check:
     import psutil
 
-    from engine.config import DEFAULT_CPU_KV_CACHE_GIB
+    from hearth.engine.config import DEFAULT_CPU_KV_CACHE_GIB
 
     available = psutil.virtual_memory().available
     need = weight_bytes + (DEFAULT_CPU_KV_CACHE_GIB + 1) * _GIB  # + KV cache and the runtime
@@ -186,7 +186,7 @@ def _memory(weight_bytes: int) -> Check:
 
 
 def _disk() -> Check:
-    from engine.catalog import catalog_path
+    from hearth.engine.catalog import catalog_path
 
     place = catalog_path()
     directory = place.parent if place is not None else Path.cwd()

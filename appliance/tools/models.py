@@ -17,7 +17,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from engine.catalog import (
+from hearth.engine.catalog import (
     Catalog,
     ModelSpec,
     ResolvedModel,
