@@ -50,8 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         try:
-            settings = settings_from(args, os.environ)
-            settings.engine_config()  # fail on bad engine settings before binding anything
+            settings = settings_from(args, os.environ)  # checks the engine settings too
         except ValueError as error:
             parser.error(str(error))
         return serve(settings)
@@ -64,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve(settings: Settings, factory: Callable[[], Any] | None = None) -> int:
     """Run `hearth serve` until SIGTERM (exit 0) or an engine failure (exit 1)."""
     from hearth.appliance import lifecycle
-    from hearth.appliance.server import create_app
+    from hearth.appliance.routes import create_app
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -84,7 +83,7 @@ def engine_factory(settings: Settings) -> Callable[[], Any]:
     def load() -> Any:
         from hearth.engine.llm_engine import LLMEngine  # torch: imported on the engine thread
 
-        return LLMEngine(settings.engine_config(), progress=True)
+        return LLMEngine(settings.engine, progress=True)
 
     return load
 

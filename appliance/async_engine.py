@@ -22,11 +22,11 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from enum import Enum
+from typing import Any, Protocol
 
 from hearth.appliance.deltas import ABORT, DeltaTracker, RequestDelta
-from hearth.appliance.engine_types import (
-    EngineState,
+from hearth.appliance.request_stream import (
     EngineUnavailableError,
     FinishedRequest,
     QueueFullError,
@@ -34,16 +34,45 @@ from hearth.appliance.engine_types import (
     RequestObserver,
     RequestStream,
 )
-from hearth.engine.sampling_params import SamplingParams
+from hearth.engine.outputs import RequestOutput
+from hearth.engine.prepare import ModelInfo, PreparedRequest
+from hearth.engine.snapshot import EngineSnapshot
 
 logger = logging.getLogger("hearth.engine")
+
+
+class EngineState(Enum):
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    DEAD = "dead"
+    STOPPED = "stopped"
+
+
+class Engine(Protocol):
+    """What the bridge needs of a synchronous engine: LLMEngine, or tests/fake_engine.py's
+    FakeEngine (tests/test_async_engine_contract.py checks both against it)."""
+
+    model_info: ModelInfo
+
+    def add_prepared(self, request_id: str, request: PreparedRequest, priority: int = 0) -> None:
+        ...
+
+    def abort_request(self, request_id: str) -> None: ...
+
+    def has_unfinished_requests(self) -> bool: ...
+
+    def step(self) -> list[RequestOutput]: ...
+
+    def snapshot(self) -> EngineSnapshot: ...
+
+    def shutdown(self) -> None: ...
 
 
 @dataclass(frozen=True)
 class _Add:
     request_id: str
-    prompt: str | list[int]
-    params: SamplingParams
+    request: PreparedRequest
     priority: int
 
 
@@ -60,7 +89,7 @@ _IDLE_STEP_S = 0.001
 class AsyncEngine:
     def __init__(
         self,
-        engine_factory: Callable[[], Any],
+        engine_factory: Callable[[], Engine],
         max_num_seqs: int,
         max_queued_requests: int,
         observer: RequestObserver | None = None,
@@ -68,7 +97,7 @@ class AsyncEngine:
         self._engine_factory = engine_factory
         self.max_in_flight = max_num_seqs + max_queued_requests
         self._observer = observer
-        self._engine: Any = None
+        self._engine: Engine | None = None
         self._state = EngineState.LOADING
         self.error: BaseException | None = None
         self._streams: dict[str, RequestStream] = {}
@@ -92,11 +121,11 @@ class AsyncEngine:
         return self._state
 
     @property
-    def engine(self) -> Any:
-        """The loaded LLMEngine (for its tokenizer, model name, context length)."""
+    def model(self) -> ModelInfo:
+        """The loaded model's name, context length and tokenizer."""
         if self._engine is None:
             raise EngineUnavailableError(self._unavailable_reason())
-        return self._engine
+        return self._engine.model_info
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
@@ -104,7 +133,7 @@ class AsyncEngine:
     async def wait_dead(self) -> None:
         await self._dead.wait()
 
-    def snapshot(self) -> Any | None:
+    def snapshot(self) -> EngineSnapshot | None:
         return self._engine.snapshot() if self._engine is not None else None
 
     @property
@@ -124,7 +153,7 @@ class AsyncEngine:
                 "aborting %d request(s) still running after %.0f s", len(self._streams), timeout_s
             )
         for request_id in list(self._streams):
-            self._abort(request_id, notify=True)
+            self._commands.put(_Abort(request_id, notify=True))
         deadline = loop.time() + 5.0  # the aborted requests' last deltas
         while self._streams and self._state is not EngineState.DEAD and loop.time() < deadline:
             await asyncio.sleep(0.02)
@@ -152,36 +181,31 @@ class AsyncEngine:
                 retry_after,
             )
 
-    def submit(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
-    ) -> RequestStream:
+    def submit(self, request_id: str, request: PreparedRequest, priority: int = 0) -> RequestStream:
+        """Start a request that `prepare` checked (engine/prepare.py)."""
         self.check_admission(1)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        stream = RequestStream(request_id, self)
+        stream = RequestStream(request_id, abort=lambda: self._forget(request_id))
         self._streams[request_id] = stream
-        self._commands.put(_Add(request_id, prompt, params, priority))
+        self._commands.put(_Add(request_id, request, priority))
         return stream
 
     async def generate(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
+        self, request_id: str, request: PreparedRequest, priority: int = 0
     ) -> AsyncIterator[RequestDelta]:
         """submit() as an async generator that aborts the request when the consumer stops early."""
-        stream = self.submit(request_id, prompt, params, priority)
+        stream = self.submit(request_id, request, priority)
         try:
             async for delta in stream:
                 yield delta
         finally:
             stream.close()
 
-    def _abort(self, request_id: str, notify: bool) -> None:
-        stream = self._streams.get(request_id)
-        if stream is None or stream.done:
-            return
-        if not notify:
-            stream.done = True
-            del self._streams[request_id]
-        self._commands.put(_Abort(request_id, notify))
+    def _forget(self, request_id: str) -> None:
+        """The consumer left (its stream closed): abort without a last delta."""
+        if self._streams.pop(request_id, None) is not None:
+            self._commands.put(_Abort(request_id, notify=False))
 
     def _unavailable_reason(self) -> str:
         if self._state is EngineState.LOADING:
@@ -197,32 +221,30 @@ class AsyncEngine:
             stream = self._streams.get(delta.request_id)
             if stream is None:
                 continue
+            last_token_time = stream.last_token_time
+            stream.put(delta)
+            if delta.finished:
+                del self._streams[delta.request_id]
             try:
-                self._observe(stream, delta)
+                self._observe(stream, delta, last_token_time)
             except Exception:  # noqa: BLE001 - metrics must never cost a request its answer
                 logger.exception("recording metrics for %s failed", delta.request_id)
-            stream._queue.put_nowait(delta)
-            if delta.finished:
-                stream.done = True
-                del self._streams[delta.request_id]
 
     def _fail(self, request_id: str, error: BaseException) -> None:
         stream = self._streams.pop(request_id, None)
         if stream is not None:
-            stream.done = True
-            stream._queue.put_nowait(error)
+            stream.put(error)
 
-    def _observe(self, stream: RequestStream, delta: RequestDelta) -> None:
-        num_new = sum(len(sample.token_ids) for sample in delta.samples)
-        stream.num_generation_tokens += num_new
-        if num_new and stream.first_token_time is None:
-            stream.first_token_time = delta.time
-            if self._observer is not None:
+    def _observe(self, stream: RequestStream, delta: RequestDelta,
+                 last_token_time: float | None) -> None:  # fmt: skip
+        """Tell the observer about `delta`, already put on `stream`; `last_token_time` is the
+        stream's before it."""
+        has_tokens = any(sample.token_ids for sample in delta.samples)
+        if self._observer is not None and has_tokens:
+            if last_token_time is None:
                 self._observer.on_first_token(delta.time - stream.arrival_time)
-        elif num_new and self._observer is not None and stream.last_token_time is not None:
-            self._observer.on_token_gap(delta.time - stream.last_token_time)
-        if num_new:
-            stream.last_token_time = delta.time
+            else:
+                self._observer.on_token_gap(delta.time - last_token_time)
         if not delta.finished:
             return
         e2e_s = delta.time - stream.arrival_time
@@ -285,7 +307,7 @@ class AsyncEngine:
             except Exception:  # noqa: BLE001 - exiting anyway
                 logger.exception("engine shutdown failed")
 
-    def _loop_steps(self, engine: Any) -> None:
+    def _loop_steps(self, engine: Engine) -> None:
         while self._apply_commands(engine, block=not engine.has_unfinished_requests()):
             if not engine.has_unfinished_requests():
                 continue
@@ -298,7 +320,7 @@ class AsyncEngine:
             elif now - started < _IDLE_STEP_S:
                 time.sleep(_IDLE_STEP_S)  # nothing could be scheduled: do not spin a core
 
-    def _apply_commands(self, engine: Any, block: bool) -> bool:
+    def _apply_commands(self, engine: Engine, block: bool) -> bool:
         """Run the queued adds and aborts; wait for one when idle. False when told to stop."""
         try:
             command = self._commands.get(block=block)
@@ -316,11 +338,9 @@ class AsyncEngine:
             except queue.Empty:
                 return True
 
-    def _add(self, engine: Any, command: _Add) -> None:
+    def _add(self, engine: Engine, command: _Add) -> None:
         try:
-            engine.add_request(
-                command.request_id, command.prompt, command.params, priority=command.priority
-            )
+            engine.add_prepared(command.request_id, command.request, command.priority)
         except ValueError as error:
             self._call_soon(self._fail, command.request_id, error)
             return
@@ -329,9 +349,9 @@ class AsyncEngine:
             engine.abort_request(command.request_id)
             self._call_soon(self._fail, command.request_id, RequestFailedError(str(error)))
             return
-        self._tracker.start(command.request_id, command.params.n)
+        self._tracker.start(command.request_id, command.request.params.n)
 
-    def _abort_now(self, engine: Any, command: _Abort) -> None:
+    def _abort_now(self, engine: Engine, command: _Abort) -> None:
         engine.abort_request(command.request_id)
         last = self._tracker.abort(command.request_id, time.monotonic())
         if command.notify and last is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import uvicorn
 
-from hearth.appliance.server import AppContext
+from hearth.appliance.serving.context import AppContext
 
 logger = logging.getLogger("hearth")
 

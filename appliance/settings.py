@@ -3,6 +3,8 @@
 Precedence: a command-line flag beats its environment variable (`--port` beats `HEARTH_PORT`), which
 beats the default. The environment is read once, here. Each option is declared once in `_OPTIONS`;
 the argparse flags, the environment variable names and `hearth serve --help` all come from it.
+The engine's options are checked once, by building `Settings.engine` (an EngineConfig) when the
+settings are made: a bad value fails before anything binds or loads.
 """
 
 from __future__ import annotations
@@ -10,13 +12,12 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+from hearth.engine.config import DEVICES, DTYPES, KV_CACHE_DTYPES, EngineConfig
+
 ENV_PREFIX = "HEARTH_"
-_DEVICES = ("auto", "cpu", "cuda")
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
-_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -42,35 +43,20 @@ class Settings:
     no_ui: bool = False
     log_level: str = "info"
     access_log: bool = False
+    engine: EngineConfig = field(init=False, repr=False, compare=False)  # from the fields above
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_queued_requests < 0:
             raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
         if not self.shutdown_timeout >= 0:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
-        if self.device not in _DEVICES:
-            raise ValueError(f"device must be one of {', '.join(_DEVICES)}; got {self.device!r}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {self.dtype!r}")
-        if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
-            raise ValueError(
-                f"kv_cache_dtype must be one of {', '.join(_KV_CACHE_DTYPES)}; "
-                f"got {self.kv_cache_dtype!r}"
-            )
         if self.log_level not in _LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (leave it unset to disable auth)")
-
-    def engine_config(self) -> Any:
-        """The engine's view of these settings (an `engine.config.EngineConfig`)."""
-        from hearth.engine.config import EngineConfig
-
-        return EngineConfig(
+        object.__setattr__(self, "engine", EngineConfig(
             model=self.model,
             device=self.device,
             dtype=self.dtype,
@@ -80,7 +66,7 @@ class Settings:
             kv_cache_dtype=self.kv_cache_dtype,
             gpu_memory_utilization=self.gpu_memory_utilization,
             gguf_keep_quantized=self.gguf_keep_quantized,
-        )
+        ))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -177,14 +163,14 @@ _OPTIONS = (
     ),
     _Option(
         "kv_cache_dtype",
-        _choice(_KV_CACHE_DTYPES),
+        _choice(KV_CACHE_DTYPES),
         "KV-cache dtype: auto (the model dtype) or fp8 (e4m3, CUDA only: twice the cached tokens)",
     ),
     _Option(
         "gpu_memory_utilization", _positive_float, "fraction of GPU memory to use", metavar="F"
     ),
-    _Option("device", _choice(_DEVICES), "device (auto: cuda when available)"),
-    _Option("dtype", _choice(_DTYPES), "weights and activations dtype"),
+    _Option("device", _choice(DEVICES), "device (auto: cuda when available)"),
+    _Option("dtype", _choice(DTYPES), "weights and activations dtype"),
     _Option(
         "gguf_keep_quantized",
         _bool,
@@ -272,7 +258,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
             values[option.name] = tuple(value) if option.list else value
         elif env_name(option.name) in environ:
             values[option.name] = _from_env(option, environ[env_name(option.name)])
-    known = {f.name for f in fields(Settings)}
+    known = {f.name for f in fields(Settings) if f.init}
     return Settings(**{k: v for k, v in values.items() if k in known})
 
 

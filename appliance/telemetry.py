@@ -25,7 +25,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 
-from hearth.appliance.engine_types import FinishedRequest
+from hearth.appliance.request_stream import FinishedRequest
 
 logger = logging.getLogger("hearth.telemetry")
 

@@ -1,7 +1,6 @@
-"""Hearth's synchronous inference engine. `from engine import LLM, SamplingParams`.
-
-LLM and LLMEngine are imported lazily so that `engine.scheduler` & co. stay importable without
-torch.
+"""Hearth's synchronous inference engine (the public API re-exports LLM and SamplingParams as
+`from hearth import LLM, SamplingParams`). LLM and LLMEngine load lazily, so that the scheduling
+core (`hearth.engine.scheduler` & co.) imports without torch.
 """
 
 from hearth.engine.sampling_params import SamplingParams

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-_DEVICES = ("cpu", "cuda")
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")  # auto: cuda when available
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "dummy")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # auto: the model dtype; fp8: e4m3, CUDA only
 DEFAULT_CPU_KV_CACHE_GIB = 1.0
@@ -54,10 +54,10 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # fp8: half the bytes per cached token (engine/kv_cache.py)
 
     def __post_init__(self) -> None:
-        if self.device not in (*_DEVICES, "auto"):
-            raise ValueError(f"device must be one of cpu, cuda, auto; got {self.device!r}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.load_format not in _LOAD_FORMATS:
             raise ValueError(
                 f"load_format must be one of {_LOAD_FORMATS}; got {self.load_format!r}"

@@ -1,6 +1,6 @@
 """LLM: the offline API users know from vLLM.
 
-    from hearth.engine import LLM, SamplingParams
+    from hearth import LLM, SamplingParams
     llm = LLM()                                   # the catalogue's default model
     outs = llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
     print(outs[0].outputs[0].text)

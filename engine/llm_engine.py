@@ -21,17 +21,19 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from hearth.engine.block_manager import BlockManager
 from hearth.engine.config import EngineConfig
 from hearth.engine.model_builder import BuiltModel, build_model
 from hearth.engine.model_runner import InFlightSample
 from hearth.engine.outputs import RequestOutput, RunnerOutput, ScheduleOutput, TokenLogprob
+from hearth.engine.prepare import ModelInfo, PreparedRequest, prepare
 from hearth.engine.request_state import RequestState
 from hearth.engine.sampling_params import SamplingParams
 from hearth.engine.scheduler import PLACEHOLDER_TOKEN_ID, Scheduler
 from hearth.engine.sequence import FinishReason, Sequence
+from hearth.engine.snapshot import EngineSnapshot
 
 
 @dataclass
@@ -48,23 +50,6 @@ def _needs_sync(params: SamplingParams) -> bool:
 
 
 _SNAPSHOT_REFRESH_S = 0.2
-
-
-@dataclass(frozen=True)
-class EngineSnapshot:
-    scheduler: object  # SchedulerSnapshot (its .blocks is the BlockSnapshot)
-    num_prompt_tokens_total: int
-    num_generation_tokens_total: int
-    num_requests_finished: int
-    model_name: str
-    device: str
-    dtype: str
-    max_model_len: int
-    taken_at: float
-
-    @property
-    def blocks(self):
-        return self.scheduler.blocks
 
 
 class LLMEngine:
@@ -85,6 +70,10 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.config.scheduler_config(self.max_model_len), block_manager, sorted(eos)
         )
+        self.model_info = ModelInfo(
+            self.model_name, self.scheduler.max_len, self.model_config.vocab_size,
+            self.tokenizer, self.device, self.dtype,
+        )
         self._requests: dict[str, RequestState] = {}
         self._lock = threading.Lock()
         self._snapshot: EngineSnapshot | None = None
@@ -98,61 +87,32 @@ class LLMEngine:
 
     # -- requests ---------------------------------------------------------------------------
 
+    def prepare(self, prompt: str | list[int], params: SamplingParams,
+                where: str = "prompt") -> PreparedRequest:  # fmt: skip
+        """Tokenize and check a request (engine/prepare.py); callers may do it on any thread."""
+        return prepare(self.model_info, prompt, params, where)
+
     def add_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
         priority: int = 0,
     ) -> None:
-        params = params or SamplingParams()
-        token_ids = self._tokenize(prompt)
-        params = self._check_lengths(token_ids, params)
+        self.add_prepared(request_id, self.prepare(prompt, params or SamplingParams()), priority)
+
+    def add_prepared(self, request_id: str, request: PreparedRequest, priority: int = 0) -> None:
+        """Queue a request that `prepare` checked."""
         with self._lock:
             if request_id in self._requests:
                 raise ValueError(f"request id {request_id!r} is already in use")
             now = time.monotonic()
-            text = prompt if isinstance(prompt, str) else None
-            req = RequestState(request_id, text, token_ids, params, now)
+            token_ids, params = request.token_ids, request.params
+            req = RequestState(request_id, request.prompt, token_ids, params, now)
             seq = Sequence(self.scheduler.next_seq_id(), request_id, token_ids, params, priority,
                            arrival_time=now)
-            self.scheduler.add(seq)  # may refuse (ValueError): register the request only after
+            self.scheduler.add(seq)
             self._requests[request_id] = req
             if _needs_sync(params):
                 self._sync_request_ids.add(request_id)
             self._num_prompt_tokens += len(token_ids)
-
-    def _tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt must not be empty")
-            token_ids = self.tokenizer.encode(prompt)
-        else:
-            token_ids = list(prompt)
-            vocab = self.model_config.vocab_size
-            bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int)
-                   or not 0 <= t < vocab]
-            if bad:
-                raise ValueError(
-                    f"prompt token ids must be integers in [0, {vocab}); got {bad[0]!r}"
-                )
-        if not token_ids:
-            raise ValueError("prompt must not be empty")
-        return token_ids
-
-    def _check_lengths(self, token_ids: list[int], params: SamplingParams) -> SamplingParams:
-        n, limit = len(token_ids), self.max_model_len
-        if n >= limit:
-            raise ValueError(
-                f"prompt has {n} tokens, but the model's context length is {limit}: "
-                "shorten the prompt"
-            )
-        if params.max_tokens is None:
-            return replace(params, max_tokens=limit - n)
-        if n + params.max_tokens > limit:
-            raise ValueError(
-                f"prompt has {n} tokens and max_tokens is {params.max_tokens}; together they "
-                f"exceed the model's context length of {limit} tokens: lower max_tokens to at "
-                f"most {limit - n} or shorten the prompt"
-            )
-        return params
 
     def abort_request(self, request_id: str) -> None:
         with self._lock:
@@ -283,7 +243,7 @@ class LLMEngine:
             model_name=self.model_name,
             device=self.device,
             dtype=self.dtype,
-            max_model_len=self.max_model_len,
+            max_model_len=self.model_info.max_model_len,
             taken_at=time.monotonic(),
         )
 

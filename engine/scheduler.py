@@ -8,7 +8,9 @@ blocks and returns to the waiting queue with `num_computed_tokens = 0`.
 
     schedule() -> ScheduleOutput -> runner -> RunnerOutput -> update() -> sampled sequences
 
-schedule() never moves `num_computed_tokens`; update() does, once the runner has computed the chunk.
+`num_computed_tokens` moves in three places: update() advances it by each chunk the runner
+computed; schedule() sets it to the prefix-cache hit when it admits a sequence (those tokens' K/V
+are already in the cache), and to 0 when it preempts one (its blocks are gone).
 
 Async scheduling (the engine overlaps the next step's CPU work with this step's GPU run) calls
 update() with PLACEHOLDER_TOKEN_ID for each sample still on the device, so the next schedule()
@@ -99,13 +101,8 @@ class Scheduler:
     # -- queue changes from the engine ----------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
-        if seq.num_tokens == 0:
-            raise ValueError("the prompt must contain at least one token")
-        if seq.num_tokens > self.max_len:
-            raise ValueError(
-                f"the prompt has {seq.num_tokens} tokens, more than fit: max_model_len is "
-                f"{self.config.max_model_len} and the KV cache holds {self.max_len} tokens"
-            )
+        """Queue a sequence. Its length was checked against `max_len` before (engine/prepare.py:
+        the engine's context length is this `max_len`)."""
         seq.status = SequenceStatus.WAITING
         bisect.insort(self.waiting, seq, key=_order)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 from hearth.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+from hearth.engine.prepare import ModelInfo, PreparedRequest, prepare
 from hearth.engine.sampling_params import SamplingParams
 
 PHRASE = "the quick brown fox jumps over the lazy dog. "
@@ -84,6 +85,8 @@ class FakeEngine:
         self.tokenizer = FakeTokenizer()
         self.model_name = model_name
         self.max_model_len = max_model_len
+        self.model_info = ModelInfo(model_name, max_model_len, FakeTokenizer.vocab_size,
+                                    self.tokenizer)  # fmt: skip
         self.max_num_seqs = max_num_seqs
         self.num_blocks = num_blocks
         self.step_delay_s = step_delay_s
@@ -97,20 +100,13 @@ class FakeEngine:
     def add_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
     ) -> None:
-        text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+        self.add_prepared(request_id, prepare(self.model_info, prompt, params), priority)
+
+    def add_prepared(self, request_id: str, request: PreparedRequest, priority: int = 0) -> None:
+        ids, params = request.token_ids, request.params
+        text = request.prompt or self.tokenizer.decode(ids)
         if "__add_fails__" in text:
             raise RuntimeError("add_request blew up")
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if any(not 0 <= i < self.tokenizer.vocab_size for i in ids):
-            raise ValueError(f"token ids must be in [0, {self.tokenizer.vocab_size})")
-        max_tokens = params.max_tokens or self.max_model_len - len(ids)
-        if len(ids) + max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens and max_tokens is {max_tokens}; together they "
-                f"exceed the model's context length {self.max_model_len}"
-            )
         if any(r.request_id == request_id for r in self._waiting + self._running):
             raise ValueError(f"duplicate request id {request_id!r}")
         seed = params.seed if params.seed is not None else random.randrange(1 << 30)
@@ -120,9 +116,9 @@ class FakeEngine:
             )
             for i in range(params.n)
         ]
-        request = _Request(
+        queued = _Request(
             request_id,
-            prompt if isinstance(prompt, str) else None,
+            request.prompt,
             ids,
             params,
             priority,
@@ -131,7 +127,7 @@ class FakeEngine:
             crash="__crash__" in text,
         )
         with self._lock:
-            self._waiting.append(request)
+            self._waiting.append(queued)
             self._num_prompt_tokens += len(ids)
 
     def abort_request(self, request_id: str) -> None:

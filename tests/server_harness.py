@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from hearth.appliance.lifecycle import HearthServer, bind, make_server
-from hearth.appliance.server import AppContext, create_app
+from hearth.appliance.routes import AppContext, create_app
 from hearth.appliance.settings import Settings
 
 

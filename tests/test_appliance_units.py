@@ -45,9 +45,9 @@ def test_flag_beats_environment_beats_default():
     assert settings.allowed_origins == ("http://a.example", "http://b.example")
     assert settings.served_model_name == ("x", "y") and settings.api_key == "from-env"
     assert settings.kv_cache_gib == 2.5
-    assert settings.engine_config().kv_cache_dtype == "fp8"
-    assert settings.engine_config().max_num_seqs == 8
-    assert settings.engine_config().gguf_keep_quantized
+    assert settings.engine.kv_cache_dtype == "fp8"
+    assert settings.engine.max_num_seqs == 8
+    assert settings.engine.gguf_keep_quantized
 
 
 @pytest.mark.parametrize(

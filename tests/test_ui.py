@@ -20,7 +20,7 @@ import pytest
 from server_harness import RunningServer, wait_healthy
 
 from hearth.appliance.lifecycle import bind, make_server
-from hearth.appliance.server import create_app
+from hearth.appliance.routes import create_app
 from hearth.appliance.settings import Settings
 from hearth.appliance.telemetry import NO_GPU, GpuSample, HostSample
 from hearth.cli import engine_factory
@@ -440,7 +440,7 @@ def test_stop_aborts_the_request_mid_stream(page, server):
 
 
 def test_too_long_a_message_is_an_error_in_the_chat(page, server):
-    limit = server.context.engine.engine.max_model_len
+    limit = server.context.engine.model.max_model_len
     _send(page, "hello " * (limit + 100), max_tokens=16)
     reply = _reply(page)
     reply.wait_for()

@@ -1,5 +1,5 @@
 """The browser UI: a Gradio Blocks app (chat tab, monitor tab) mounted at / of the server's FastAPI
-app, in the same process and on the same port as /v1. `appliance.cli` imports this module lazily
+app, in the same process and on the same port as /v1. `hearth.cli` imports this module lazily
 (`hearth serve --no-ui` never pays gradio's import).
 
 With an API key set, the UI asks for it at a login page (any user name, the key as the password):
@@ -21,7 +21,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 import gradio as gr  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 
-from hearth.appliance.server import AppContext  # noqa: E402
+from hearth.appliance.serving import AppContext  # noqa: E402
 from hearth.ui.block_map import CSS as BLOCK_MAP_CSS  # noqa: E402
 from hearth.ui.chat import build_chat_tab  # noqa: E402
 from hearth.ui.monitor import Readings, build_monitor_tab  # noqa: E402

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from hearth.engine.block_manager import BlockSnapshot
+from hearth.appliance.serving import BlockSnapshot
 
 MAX_CELLS = 1024
 FREE_COLOUR = "#e5e7eb"

@@ -1,7 +1,8 @@
 """The chat tab: streaming multi-turn chat with the served model, through the AsyncEngine.
 
-    message ─► model_messages (system prompt + turns) ─► chat template ─► AsyncEngine.submit
-            ◄─ one Chatbot update per delta ◄─ RequestStream
+    message ─► model_messages (system prompt + turns) ─► ChatCompletionRequest ─► the serving
+            layer's chat submit (the same entry as /v1/chat/completions; max_tokens fitted to the
+            room the context leaves) ◄─ one Chatbot update per delta ◄─ RequestStream
     Stop / Clear cancel the streaming event: its task is cancelled, `finally` closes the stream,
     and closing an unfinished stream aborts the request (the engine frees its blocks).
 
@@ -12,19 +13,19 @@ in the chat, worded as the API words it; never a stack trace.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import gradio as gr
 
-from hearth.appliance.deltas import ABORT
-from hearth.appliance.protocol import ChatMessage
-from hearth.appliance.server import AppContext
-from hearth.appliance.serving import api_error
-from hearth.appliance.serving_tokens import chat_prompt
-from hearth.engine.sampling_params import SamplingParams
+from hearth.appliance.serving import (
+    ABORT,
+    AppContext,
+    ChatCompletionRequest,
+    ChatMessage,
+    RequestStream,
+    api_error,
+)
 from hearth.ui.conversation import ReplyStats, Turn, display_messages, mark_stopped, model_messages
 
 logger = logging.getLogger("hearth.ui")
@@ -70,21 +71,20 @@ async def reply(
         stream.close()  # aborts the request if Stop or Clear cancelled this task mid-stream
 
 
-def _submit(context: AppContext, turns: list[Turn], options: ChatOptions) -> Any:
-    serving = context.serving
-    messages = [ChatMessage(**m) for m in model_messages(options.system_prompt, turns)]
-    prompt = chat_prompt(serving.tokenizer, messages, add_generation_prompt=True)
-    serving.check_prompt(prompt.token_ids, None, "messages")  # the prompt alone must fit
-    room = serving.engine.engine.max_model_len - len(prompt.token_ids)
-    params = SamplingParams(
-        max_tokens=max(1, min(int(options.max_tokens), room)),
+def _submit(context: AppContext, turns: list[Turn], options: ChatOptions) -> RequestStream:
+    request = ChatCompletionRequest(
+        messages=[ChatMessage(**m) for m in model_messages(options.system_prompt, turns)],
+        max_tokens=int(options.max_tokens),
         temperature=float(options.temperature),
         top_p=float(options.top_p),
     )
-    return context.engine.submit(f"ui-{uuid.uuid4().hex[:16]}", prompt.token_ids, params)
+    _, stream = context.chat.submit(request, fit_max_tokens=True, origin="ui")
+    return stream
 
 
-def _stats(stream: Any, prompt_ids: list[int], num_cached: int, finish: str | None) -> ReplyStats:
+def _stats(
+    stream: RequestStream, prompt_ids: list[int], num_cached: int, finish: str | None
+) -> ReplyStats:
     first, last = stream.first_token_time, stream.last_token_time
     return ReplyStats(
         num_prompt_tokens=len(prompt_ids),

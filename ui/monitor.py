@@ -17,7 +17,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from hearth.appliance.server import AppContext
+from hearth.appliance.serving import AppContext
 from hearth.ui.block_map import render_block_map
 from hearth.ui.panels import (
     SCHEDULER_COLUMNS,

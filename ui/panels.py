@@ -7,8 +7,7 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
-from hearth.appliance.telemetry import GpuSample, HostSample
-from hearth.engine.block_manager import BlockSnapshot
+from hearth.appliance.serving import BlockSnapshot, GpuSample, HostSample
 
 SCHEDULER_COLUMNS = ["request", "state", "prompt tokens", "generated", "blocks", "age (s)"]
 

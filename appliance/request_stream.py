@@ -1,27 +1,15 @@
-"""What AsyncEngine's callers see besides the engine: its states, the errors a request can get
-(mapped to HTTP statuses by appliance/serving.py), the observer the telemetry implements, and the
-stream of one request's deltas."""
+"""One request as the asyncio side sees it: its stream of deltas, the errors it can end with
+(the serving layer maps them to HTTP statuses), and the observer that the telemetry implements."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from hearth.appliance.deltas import RequestDelta
-
-if TYPE_CHECKING:
-    from hearth.appliance.async_engine import AsyncEngine
-
-
-class EngineState(Enum):
-    LOADING = "loading"
-    READY = "ready"
-    DRAINING = "draining"
-    DEAD = "dead"
-    STOPPED = "stopped"
 
 
 class EngineUnavailableError(Exception):
@@ -62,18 +50,32 @@ class RequestObserver(Protocol):
 
 
 class RequestStream:
-    """The deltas of one request, in order. Iterate it; `close()` aborts it if unfinished."""
+    """The deltas of one request, in order, with its token timings. Iterate it; `close()` aborts
+    the request if it is unfinished. The bridge feeds it with `put` (event loop thread only)."""
 
-    def __init__(self, request_id: str, owner: AsyncEngine) -> None:
+    def __init__(self, request_id: str, abort: Callable[[], None]) -> None:
         self.request_id = request_id
         self.arrival_time = time.monotonic()
         self.done = False  # the last delta (or an error) was delivered
-        self._owner = owner
-        self._queue: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
-        self._consumed_last = False
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.num_generation_tokens = 0
+        self._abort = abort
+        self._queue: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
+        self._consumed_last = False
+
+    def put(self, item: RequestDelta | BaseException) -> None:
+        """Deliver a delta (recording its token timings) or the error that ends the request."""
+        if isinstance(item, RequestDelta):
+            num_new = sum(len(sample.token_ids) for sample in item.samples)
+            self.num_generation_tokens += num_new
+            if num_new:
+                self.first_token_time = self.first_token_time or item.time
+                self.last_token_time = item.time
+            self.done = item.finished
+        else:
+            self.done = True
+        self._queue.put_nowait(item)
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -91,4 +93,5 @@ class RequestStream:
     def close(self) -> None:
         """Abort the request if it is still running (client gone, error while answering)."""
         if not self.done:
-            self._owner._abort(self.request_id, notify=False)
+            self.done = True
+            self._abort()

@@ -1,9 +1,9 @@
-"""OpenAI ↔ engine translation shared by the endpoints: model names, SamplingParams, prompt checks,
+"""What the endpoints share: model names, SamplingParams from a request, prompt checks (the
+engine's own `prepare`, run here so that a bad prompt is a 400 before any response starts),
 running requests (collected or streamed), SSE framing, usage, /v1/models.
 
-Endpoint specifics live beside it: `serving_completion.py`, `serving_chat.py`, `serving_tokens.py`
-(chat template, /tokenize, /detokenize). Prompts are tokenized here, so that an over-long prompt
-is a 400 that says the numbers before any response starts.
+Endpoint specifics live beside it: `completion.py`, `chat.py`, `tokens.py` (chat template,
+/tokenize, /detokenize).
 """
 
 from __future__ import annotations
@@ -12,19 +12,20 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hearth.appliance.async_engine import AsyncEngine
 from hearth.appliance.deltas import RequestDelta, SampleDelta
-from hearth.appliance.engine_types import (
+from hearth.appliance.protocol import APIError, bad_request
+from hearth.appliance.request_stream import (
     EngineUnavailableError,
     QueueFullError,
     RequestFailedError,
     RequestStream,
 )
-from hearth.appliance.protocol import APIError, bad_request
 from hearth.engine.outputs import TokenLogprob
+from hearth.engine.prepare import ModelInfo, PreparedRequest, TextCodec, prepare
 from hearth.engine.sampling_params import SamplingParams
 
 DONE = "data: [DONE]\n\n"
@@ -152,8 +153,16 @@ class Serving:
 
     # ---- models ----
 
+    @property
+    def model(self) -> ModelInfo:
+        return self.engine.model
+
+    @property
+    def tokenizer(self) -> TextCodec:
+        return self.engine.model.tokenizer
+
     def model_names(self) -> list[str]:
-        return list(self._served_names) or [self.engine.engine.model_name]
+        return list(self._served_names) or [self.model.name]
 
     def resolve_model(self, requested: str | None) -> str:
         names = self.model_names()
@@ -169,7 +178,6 @@ class Serving:
 
     def list_models(self) -> dict[str, Any]:
         created = int(time.time())
-        max_model_len = self.engine.engine.max_model_len
         return {
             "object": "list",
             "data": [
@@ -178,8 +186,8 @@ class Serving:
                     "object": "model",
                     "created": created,
                     "owned_by": "hearth",
-                    "root": self.engine.engine.model_name,
-                    "max_model_len": max_model_len,
+                    "root": self.model.name,
+                    "max_model_len": self.model.max_model_len,
                 }
                 for name in self.model_names()
             ],
@@ -187,36 +195,21 @@ class Serving:
 
     # ---- prompts and parameters ----
 
-    @property
-    def tokenizer(self) -> Any:
-        return self.engine.engine.tokenizer
-
-    def check_prompt(self, token_ids: list[int], max_tokens: int | None, where: str) -> None:
-        """The engine's own checks, early: a 400 that says the numbers, never a truncation.
-        `where` names the prompt in the message ("prompt[2]"); the param is its field."""
+    def prepare(self, prompt: Prompt, params: SamplingParams, where: str,
+                fit_max_tokens: bool = False) -> PreparedRequest:  # fmt: skip
+        """The engine's checks (engine/prepare.py), early: a 400 that says the numbers, never a
+        truncation. `where` names the prompt ("prompt[2]"; "messages" for a chat), and its
+        field is the error's param. `fit_max_tokens` lowers max_tokens to what the context has
+        room for (the chat UI's slider), instead of refusing."""
         param = where.split("[", 1)[0]
-        if not token_ids:
-            raise bad_request(f"{where} is empty", param=param)
-        vocab_size = self.tokenizer.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab_size]
-        if bad:
-            raise bad_request(
-                f"{where}: token id {bad[0]} is out of the vocabulary [0, {vocab_size})",
-                param=param,
-            )
-        limit = self.engine.engine.max_model_len
-        what = "the chat prompt" if param == "messages" else where
-        if max_tokens is None and len(token_ids) >= limit:
-            raise bad_request(
-                f"{what} has {len(token_ids)} tokens; the model's context length is {limit}",
-                param=param,
-            )
-        if max_tokens is not None and len(token_ids) + max_tokens > limit:
-            raise bad_request(
-                f"{what} has {len(token_ids)} tokens and max_tokens is {max_tokens}; together "
-                f"they exceed the model's context length {limit}",
-                param=param,
-            )
+        room = self.model.max_model_len - len(prompt.token_ids)
+        if fit_max_tokens and params.max_tokens is not None and room >= 1:
+            params = replace(params, max_tokens=min(params.max_tokens, room))
+        label = "the chat prompt" if param == "messages" else where
+        try:
+            return prepare(self.model, prompt.token_ids, params, label)
+        except ValueError as error:
+            raise bad_request(str(error), param=param) from None
 
     def sampling_params(
         self, request: Any, max_tokens: int | None, logprobs: int | None
@@ -262,13 +255,13 @@ class Serving:
     # ---- running ----
 
     def submit(
-        self, request_id: str, prompts: list[Prompt], params: SamplingParams, priority: int
+        self, request_id: str, requests: list[PreparedRequest], priority: int
     ) -> list[RequestStream]:
-        """Start every prompt, or none (admission is all-or-nothing)."""
-        self.engine.check_admission(len(prompts))
+        """Start every request, or none (admission is all-or-nothing)."""
+        self.engine.check_admission(len(requests))
         return [
-            self.engine.submit(f"{request_id}-{i}", p.token_ids, params, priority)
-            for i, p in enumerate(prompts)
+            self.engine.submit(f"{request_id}-{i}", request, priority)
+            for i, request in enumerate(requests)
         ]
 
     async def collect(self, streams: list[RequestStream]) -> list[Result]:

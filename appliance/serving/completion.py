@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from hearth.appliance.protocol import CompletionRequest, bad_request
-from hearth.appliance.serving import (
+from hearth.appliance.serving.core import (
     DONE,
     ChunkWriter,
     EventStream,
@@ -24,13 +24,14 @@ from hearth.appliance.serving import (
     usage,
 )
 from hearth.engine.outputs import TokenLogprob
+from hearth.engine.prepare import PreparedRequest
 
 
 class CompletionServing:
     def __init__(self, serving: Serving) -> None:
         self._serving = serving
 
-    def prepare(self, request: CompletionRequest) -> tuple[list[Prompt], Any]:
+    def prepare(self, request: CompletionRequest) -> tuple[list[Prompt], list[PreparedRequest]]:
         """Validate everything that can be checked before the engine sees the request."""
         serving = self._serving
         serving.reject_unsupported(
@@ -48,12 +49,13 @@ class CompletionServing:
         )
         prompts = self._prompts(request.prompt)
         params = serving.sampling_params(request, request.max_tokens, request.logprobs)
+        prepared = []
         for i, prompt in enumerate(prompts):
             where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-            serving.check_prompt(prompt.token_ids, params.max_tokens, where)
+            prepared.append(serving.prepare(prompt, params, where))
             if prompt.text is None and request.echo:
                 prompt.text = serving.tokenizer.decode(prompt.token_ids, skip_special_tokens=False)
-        return prompts, params
+        return prompts, prepared
 
     def _prompts(self, prompt: str | list[Any]) -> list[Prompt]:
         encode = self._serving.tokenizer.encode
@@ -69,9 +71,9 @@ class CompletionServing:
 
     async def create(self, request: CompletionRequest) -> dict[str, Any]:
         model = self._serving.resolve_model(request.model)
-        prompts, params = self.prepare(request)
+        prompts, prepared = self.prepare(request)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = self._serving.submit(request_id, prompts, params, request.priority)
+        streams = self._serving.submit(request_id, prepared, request.priority)
         results = await self._serving.collect(streams)
         choices = []
         for position, (prompt, result) in enumerate(zip(prompts, results, strict=True)):
@@ -79,7 +81,7 @@ class CompletionServing:
                 prefix = prompt.text if request.echo and prompt.text else ""
                 choices.append(
                     {
-                        "index": position * params.n + sample.index,
+                        "index": position * request.n + sample.index,
                         "text": prefix + sample.text,
                         "logprobs": self._logprobs(sample.logprobs, len(prefix)),
                         "finish_reason": sample.finish_reason,
@@ -99,12 +101,12 @@ class CompletionServing:
     def stream(self, request: CompletionRequest) -> EventStream:
         """Validate and submit now, so that errors are HTTP errors; then the events stream."""
         model = self._serving.resolve_model(request.model)
-        prompts, params = self.prepare(request)
+        prompts, prepared = self.prepare(request)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = self._serving.submit(request_id, prompts, params, request.priority)
+        streams = self._serving.submit(request_id, prepared, request.priority)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         events = self._events(
-            request_id, model, request.echo, prompts, params.n, streams, include_usage
+            request_id, model, request.echo, prompts, request.n, streams, include_usage
         )
         return EventStream(events, streams)
 

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from functools import wraps
 from typing import Any
 
@@ -22,8 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from hearth import __version__
-from hearth.appliance.async_engine import AsyncEngine
-from hearth.appliance.engine_types import EngineState
+from hearth.appliance.async_engine import Engine, EngineState
 from hearth.appliance.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -33,29 +31,17 @@ from hearth.appliance.protocol import (
     parse_request,
 )
 from hearth.appliance.security import HostOriginGuard, allowed_host_names, check_api_key
-from hearth.appliance.serving import EventStream, Serving, api_error
-from hearth.appliance.serving_chat import ChatServing
-from hearth.appliance.serving_completion import CompletionServing
-from hearth.appliance.serving_tokens import detokenize, tokenize
+from hearth.appliance.serving.context import AppContext, build_context
+from hearth.appliance.serving.core import EventStream, api_error
+from hearth.appliance.serving.tokens import detokenize, tokenize
 from hearth.appliance.settings import Settings
-from hearth.appliance.telemetry import Telemetry
 
 logger = logging.getLogger("hearth.server")
 
 
-@dataclass
-class AppContext:
-    """What the routes, the process lifecycle and the UI share (`app.state.hearth`)."""
-
-    settings: Settings
-    engine: AsyncEngine
-    serving: Serving
-    telemetry: Telemetry
-
-
-def create_app(settings: Settings, engine_factory: Callable[[], Any]) -> FastAPI:
+def create_app(settings: Settings, engine_factory: Callable[[], Engine]) -> FastAPI:
     """The app; the engine loads (on its thread) when the lifespan starts."""
-    context = _build_context(settings, engine_factory)
+    context = build_context(settings, engine_factory)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -87,22 +73,6 @@ def create_app(settings: Settings, engine_factory: Callable[[], Any]) -> FastAPI
     hosts = allowed_host_names(settings.host, settings.allowed_hosts)
     app.add_middleware(HostOriginGuard, hosts=hosts, origins=settings.allowed_origins)
     return app
-
-
-def _build_context(settings: Settings, engine_factory: Callable[[], Any]) -> AppContext:
-    engine: AsyncEngine | None = None
-
-    def status() -> dict[str, float]:
-        return {
-            "requests_in_flight": engine.num_in_flight,
-            "engine_ready": float(engine.state is EngineState.READY),
-        }
-
-    telemetry = Telemetry(snapshot=lambda: engine.snapshot(), status=status)
-    engine = AsyncEngine(
-        engine_factory, settings.max_num_seqs, settings.max_queued_requests, observer=telemetry
-    )
-    return AppContext(settings, engine, Serving(engine, settings.served_model_name), telemetry)
 
 
 async def _name_metrics_when_ready(context: AppContext) -> None:
@@ -179,8 +149,7 @@ async def _disconnected(request: Request) -> None:
 
 
 def _add_routes(app: FastAPI, context: AppContext) -> None:
-    serving = context.serving
-    completions, chat = CompletionServing(serving), ChatServing(serving)
+    serving, completions, chat = context.serving, context.completions, context.chat
     api_key = context.settings.api_key
 
     def authenticate(request: Request) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from hearth.appliance.protocol import ChatMessage, DetokenizeRequest, TokenizeRequest, bad_request
-from hearth.appliance.serving import Prompt, Serving
+from hearth.appliance.serving.core import Prompt, Serving
 
 
 def messages_for_template(messages: list[ChatMessage]) -> list[dict[str, str]]:
@@ -63,7 +63,7 @@ def tokenize(serving: Serving, request: TokenizeRequest) -> dict[str, Any]:
     else:
         add_special = True if request.add_special_tokens is None else request.add_special_tokens
         ids = tokenizer.encode(request.prompt, add_special_tokens=add_special)
-    return {"tokens": ids, "count": len(ids), "max_model_len": serving.engine.engine.max_model_len}
+    return {"tokens": ids, "count": len(ids), "max_model_len": serving.model.max_model_len}
 
 
 def detokenize(serving: Serving, request: DetokenizeRequest) -> dict[str, Any]:

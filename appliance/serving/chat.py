@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from hearth.appliance.protocol import ChatCompletionRequest, bad_request
-from hearth.appliance.serving import (
+from hearth.appliance.request_stream import RequestStream
+from hearth.appliance.serving.core import (
     DONE,
     ChunkWriter,
     EventStream,
-    Prompt,
     Result,
     Serving,
     api_error,
@@ -28,8 +28,9 @@ from hearth.appliance.serving import (
     sse,
     usage,
 )
-from hearth.appliance.serving_tokens import chat_prompt
+from hearth.appliance.serving.tokens import chat_prompt
 from hearth.engine.outputs import TokenLogprob
+from hearth.engine.prepare import PreparedRequest
 
 _MAX_TOP_LOGPROBS = 20
 
@@ -38,7 +39,10 @@ class ChatServing:
     def __init__(self, serving: Serving) -> None:
         self._serving = serving
 
-    def prepare(self, request: ChatCompletionRequest) -> tuple[Prompt, Any]:
+    def prepare(
+        self, request: ChatCompletionRequest, fit_max_tokens: bool = False
+    ) -> PreparedRequest:
+        """Every check before the engine sees the request (400s naming the field)."""
         serving = self._serving
         response_type = (request.response_format or {}).get("type", "text")
         serving.reject_unsupported(
@@ -65,8 +69,17 @@ class ChatServing:
         if max_tokens is None:
             max_tokens = request.max_tokens
         params = serving.sampling_params(request, max_tokens, self._num_logprobs(request))
-        serving.check_prompt(prompt.token_ids, params.max_tokens, "messages")
-        return prompt, params
+        return serving.prepare(prompt, params, "messages", fit_max_tokens)
+
+    def submit(
+        self, request: ChatCompletionRequest, fit_max_tokens: bool = False, origin: str = "chatcmpl"
+    ) -> tuple[str, RequestStream]:
+        """Check and start a chat completion: its id and its stream. The API's routes and the
+        browser UI's chat tab (origin "ui", as the monitor shows it) both come here."""
+        prepared = self.prepare(request, fit_max_tokens)
+        request_id = f"{origin}-{uuid.uuid4().hex}"
+        [stream] = self._serving.submit(request_id, [prepared], request.priority)
+        return request_id, stream
 
     @staticmethod
     def _num_logprobs(request: ChatCompletionRequest) -> int | None:
@@ -81,10 +94,8 @@ class ChatServing:
 
     async def create(self, request: ChatCompletionRequest) -> dict[str, Any]:
         model = self._serving.resolve_model(request.model)
-        prompt, params = self.prepare(request)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = self._serving.submit(request_id, [prompt], params, request.priority)
-        [result] = await self._serving.collect(streams)
+        request_id, stream = self.submit(request)
+        [result] = await self._serving.collect([stream])
         choices = [
             {
                 "index": sample.index,
@@ -108,13 +119,10 @@ class ChatServing:
     def stream(self, request: ChatCompletionRequest) -> EventStream:
         """Validate and submit now, so that errors are HTTP errors; then the events stream."""
         model = self._serving.resolve_model(request.model)
-        prompt, params = self.prepare(request)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = self._serving.submit(request_id, [prompt], params, request.priority)
+        request_id, stream = self.submit(request)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return EventStream(
-            self._events(request_id, model, params.n, streams, include_usage), streams
-        )
+        events = self._events(request_id, model, request.n, [stream], include_usage)
+        return EventStream(events, [stream])
 
     async def _events(
         self, request_id: str, model: str, n: int, streams: list[Any], include_usage: bool

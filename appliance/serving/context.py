@@ -1,0 +1,43 @@
+"""AppContext: one server's parts, built once from Settings and shared by the HTTP routes, the
+process lifecycle and the browser UI (`app.state.hearth`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hearth.appliance.async_engine import AsyncEngine, Engine, EngineState
+from hearth.appliance.serving.chat import ChatServing
+from hearth.appliance.serving.completion import CompletionServing
+from hearth.appliance.serving.core import Serving
+from hearth.appliance.settings import Settings
+from hearth.appliance.telemetry import Telemetry
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    engine: AsyncEngine
+    serving: Serving
+    chat: ChatServing
+    completions: CompletionServing
+    telemetry: Telemetry
+
+
+def build_context(settings: Settings, engine_factory: Callable[[], Engine]) -> AppContext:
+    """The parts, wired; the engine loads when `engine.start()` runs (the app's lifespan)."""
+    engine: AsyncEngine | None = None
+
+    def status() -> dict[str, float]:
+        return {
+            "requests_in_flight": engine.num_in_flight,
+            "engine_ready": float(engine.state is EngineState.READY),
+        }
+
+    telemetry = Telemetry(snapshot=lambda: engine.snapshot(), status=status)
+    engine = AsyncEngine(
+        engine_factory, settings.max_num_seqs, settings.max_queued_requests, observer=telemetry
+    )
+    serving = Serving(engine, settings.served_model_name)
+    return AppContext(settings, engine, serving, ChatServing(serving), CompletionServing(serving),
+                      telemetry)  # fmt: skip
