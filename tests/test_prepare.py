@@ -12,7 +12,7 @@ MODEL = ModelInfo("m", max_model_len=16, vocab_size=FakeTokenizer.vocab_size,
 
 
 def test_text_is_tokenized_and_max_tokens_filled_to_the_context():
-    request = prepare(MODEL, "abc", SamplingParams())
+    request = prepare(MODEL, "abc", SamplingParams(max_tokens=None))
     assert request.prompt == "abc" and request.token_ids == [1, 97, 98, 99]
     assert request.params.max_tokens == 16 - 4
 
@@ -29,7 +29,7 @@ def test_token_ids_pass_unchanged_and_max_tokens_is_kept():
     ([1, -1], SamplingParams(), r"token ids must be integers in \[0, 50000\)"),
     ([1, True], SamplingParams(), "token ids must be integers"),
     ([1, 2.0], SamplingParams(), "token ids must be integers"),
-    ([1] * 16, SamplingParams(), "prompt has 16 tokens, but the model's context length is 16"),
+    ([1] * 16, SamplingParams(max_tokens=None), "prompt has 16 tokens, but the model's context length is 16"),
     ([1] * 10, SamplingParams(max_tokens=7), "at most 6"),
 ])
 def test_bad_requests_name_the_problem(prompt, params, match):
@@ -39,4 +39,4 @@ def test_bad_requests_name_the_problem(prompt, params, match):
 
 def test_where_names_the_prompt():
     with pytest.raises(ValueError, match=r"^prompt\[2\] has 20 tokens"):
-        prepare(MODEL, [1] * 20, SamplingParams(), where="prompt[2]")
+        prepare(MODEL, [1] * 20, SamplingParams(max_tokens=None), where="prompt[2]")
