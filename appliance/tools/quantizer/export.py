@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from hearth.appliance.tools.quantizer.algorithms import QuantResult
 from hearth.engine.quantization import awq, gptq
-from hearth.engine.quantization.algorithms import QuantResult
 from hearth.kernels.int_pack import default_g_idx
 
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
