@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from hearth.engine.quantization.int_layout import unpack  # noqa: E402
 from hearth.kernels.int4_frag import frag_pack  # noqa: E402
 
 LLAMA3_8B_LINEARS = (("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672),
@@ -25,7 +26,7 @@ LLAMA3_8B_LINEARS = (("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 2
 
 def _int4_copies(k: int, n: int, device: str, copies: int) -> list[tuple]:
     """`copies` AWQ-style int4 weights (group 128): cycling through them keeps the L2 cold."""
-    from hearth.kernels.int_pack import default_g_idx, pack
+    from hearth.engine.quantization.int_layout import default_g_idx, pack
 
     qweight = pack(torch.randint(0, 16, (k, n)), 4, dim=0).to(device)
     out = []
@@ -34,6 +35,15 @@ def _int4_copies(k: int, n: int, device: str, copies: int) -> list[tuple]:
         scales = torch.rand(k // 128, n, dtype=torch.float16, device=device) * 0.01 + 0.001
         out.append((qweight.clone(), zeros, scales, default_g_idx(k, 128, device)))
     return out
+
+
+def _int4_ref(x: torch.Tensor, qweight, zeros, scales, g_idx) -> torch.Tensor:
+    """The kernels' reference: the int layout dequantized by its format code, then x @ W^T."""
+    from hearth.engine.quantization.int_layout import dequantize_int_layout
+    from hearth.kernels.quant_gemm import dequantized_matmul_ref
+
+    w_t = dequantize_int_layout(qweight, zeros, scales, g_idx, 4)  # (K, N)
+    return dequantized_matmul_ref(x, w_t.t())
 
 
 def _copies(nbytes: int) -> int:
@@ -61,7 +71,7 @@ def bench_kernels(device: str = "cuda", dtype=torch.bfloat16, ms=(1, 4, 8, 16, 2
             raws.append(raw)
         dense = [torch.randn(n, k, device=device, dtype=dtype) * 0.02
                  for _ in range(_copies(n * k * 2))]
-        frags = [frag_pack(w[0]) for w in ws]
+        frags = [frag_pack(unpack(w[0], 4, dim=0)) for w in ws]
         for m in ms:
             x = torch.randn(m, k, device=device, dtype=dtype)
             times = _time_linear(x, ws, frags, raws, dense, legacy)
@@ -100,7 +110,7 @@ def _time_linear(x: torch.Tensor, ws: list, frags: list, raws: list, dense: list
 def _gguf_raw(qtype: str, k: int, n: int, device: str) -> torch.Tensor:
     """(n, k) weights in qtype's blocks: random bytes, each block's float16 d (and m / dmin) set
     to 0.001 so that the values stay finite."""
-    from hearth.kernels.gguf_quant import BLOCKS, SCALE_BYTES
+    from hearth.engine.quantization.gguf_blocks import BLOCKS, SCALE_BYTES
 
     block, size = BLOCKS[qtype]
     raw = torch.randint(0, 256, (n, k // block, size), dtype=torch.uint8, device=device)
@@ -115,9 +125,9 @@ def bench_gguf(device: str = "cuda", dtype=torch.bfloat16, ms=(1, 16, 256),
     """GGUF block types through kernels/gguf_gemm.py on the gate_up and down linears (CUDA-graph
     replays, weights rotated out of L2), bf16 F.linear beside them, and repacked into the int
     layout: the path GGUFLinear takes on CUDA."""
+    from hearth.engine.quantization.gguf_blocks import BLOCKS, INT_LAYOUT_TYPES, to_int_layout
+    from hearth.engine.quantization.int_layout import default_g_idx
     from hearth.kernels.gguf_gemm import gguf_matmul
-    from hearth.kernels.gguf_quant import BLOCKS, INT_LAYOUT_TYPES, to_int_layout
-    from hearth.kernels.int_pack import default_g_idx
     from hearth.kernels.quant_gemm import int_quant_matmul
 
     rows = []
@@ -164,7 +174,6 @@ def sweep_gemv(device: str = "cuda", dtype=torch.bfloat16, ms=(1, 16), top: int 
     linears; the best by their summed time (each linear runs once per layer) among those that
     match the reference."""
     from hearth.kernels.int_gemv import GemvBlocks, int_gemv
-    from hearth.kernels.quant_gemm import int_quant_matmul_ref
 
     data = {name: (k, n, _int4_copies(k, n, device, _copies(_int4_bytes(k, n))))
             for name, k, n in LLAMA3_8B_LINEARS}
@@ -173,7 +182,7 @@ def sweep_gemv(device: str = "cuda", dtype=torch.bfloat16, ms=(1, 16), top: int 
         candidates = GEMV_CANDIDATES[m][:top]
         xs = {name: torch.randn(m, k, device=device, dtype=dtype)
               for name, (k, _, _) in data.items()}
-        refs = {name: int_quant_matmul_ref(xs[name].float(), *ws[0], 4)
+        refs = {name: _int4_ref(xs[name].float(), *ws[0])
                 for name, (_, _, ws) in data.items()}
         results = []
         for bn, bk, warps in candidates:
@@ -255,13 +264,12 @@ def bench_gemm(device: str = "cuda", dtype=torch.bfloat16, ms=GEMM_MS,
 def _time_mma(xs: dict, data: dict, blocks, time_fn) -> tuple[dict[str, float], float]:
     """int_mma with `blocks` on each linear: us per call, and the largest relative error."""
     from hearth.kernels.int_mma import int_mma
-    from hearth.kernels.quant_gemm import int_quant_matmul_ref
 
     per, err = {}, 0.0
     for name, (_, n, ws, _) in data.items():
         x, c = xs[name], torch.zeros(n, dtype=torch.int32, device=xs[name].device)
         out = int_mma(x, *ws[0], 4, 128, blocks=blocks, counters=c).float()
-        ref = int_quant_matmul_ref(x.float(), *ws[0], 4)
+        ref = _int4_ref(x.float(), *ws[0])
         err = max(err, ((out - ref).norm() / ref.norm()).item())
         per[name] = time_fn(lambda i, x=x, ws=ws, c=c: int_mma(
             x, *ws[i % len(ws)], 4, 128, blocks=blocks, counters=c)) * 1e6

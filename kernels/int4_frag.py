@@ -15,22 +15,22 @@ import torch
 import triton
 import triton.language as tl
 
-from hearth.kernels.int_pack import unpack
-
 # W (N, K) viewed as (nt, row // 8, g, p, t, h, k8, e): row = 8 (row // 8) + g,
 # k = 32 p + 8 t + 4 h + 2 k8 + e; tile kt = 2 p + h, register r = 2 k8 + row // 8.
 _TO_FRAG = (0, 3, 5, 2, 4, 6, 1, 7)  # -> (nt, p, h, g, t, k8, row // 8, e)
 
 
-def frag_pack(qweight: torch.Tensor) -> torch.Tensor:
-    """int layout qweight (K // 8, N) int32 → fragment words (N // 16, K // 64, 32, 4) int32."""
-    q = unpack(qweight, 4, dim=0)  # (K, N)
+def frag_pack(q: torch.Tensor) -> torch.Tensor:
+    """4-bit values q (K, N) (the int layout's words unpacked, 0..15) → fragment words
+    (N // 16, K // 64, 32, 4) int32."""
     K, N = q.shape
     if K % 64 or N % 16:
         raise ValueError(f"fragment packing needs K % 64 == 0 and N % 16 == 0, got {K} x {N}")
+    if q.min() < 0 or q.max() > 15:
+        raise ValueError("fragment packing takes 4-bit values in [0, 15]")
     w = q.t().reshape(N // 16, 2, 8, K // 32, 4, 2, 2, 2).permute(*_TO_FRAG)
     vals = w.reshape(N // 16, K // 16, 32, 4, 2).to(torch.int32)  # nt, kt, lane, r, e
-    words = torch.zeros(N // 16, K // 16, 32, dtype=torch.int32, device=qweight.device)
+    words = torch.zeros(N // 16, K // 16, 32, dtype=torch.int32, device=q.device)
     for r in range(4):
         for e in range(2):
             words |= vals[..., r, e] << (4 * (r + 4 * e))

@@ -1,6 +1,6 @@
 """Decode GEMV / skinny GEMM (M <= 16) over int4 / int8 weights in the int layout
-(kernels/int_pack.py): qweight (K // pack, N) int32 packed along K, zeros (G, N) uint8,
-scales (G, N); input k is in group k // group_size.
+(engine/quantization/int_layout.py): qweight (K // pack, N) int32 packed along K, zeros (G, N)
+uint8, scales (G, N); input k is in group k // group_size.
 
 Decode is bound by reading the weights, so every byte is loaded once and the arithmetic per weight
 is kept to about three instructions:
@@ -297,7 +297,7 @@ def int_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales
 
     `counters`: int32 zeros, at least one per N tile (N of them always suffice); the kernel leaves
     them zero. A layer passes its own so that a call needs no memset; None allocates them.
-    `offset`: zeros holds float offsets b, w = q s + b (kernels/int_pack.py)."""
+    `offset`: zeros holds float offsets b, w = q s + b (engine/quantization/int_layout.py)."""
     M, K = x.shape
     N = qweight.shape[1]
     if M > 16:
