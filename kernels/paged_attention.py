@@ -20,7 +20,7 @@ their slot (slot < 0: padding, nothing stored). No program of the launch reads t
 there is no race; later launches find it written. With `rope` as well, the query and the new key
 arrive unrotated and are rotated in the kernel (one launch fewer a layer than rotary + attention).
 
-An fp8 cache (kernels/kv_cache.py) is read as e4m3 tiles converted to the query dtype (exact: e4m3
+An fp8 cache (kernels/kv_write.py) is read as e4m3 tiles converted to the query dtype (exact: e4m3
 values fit in fp16/bf16); the K scale is folded into the softmax scale and the V scale into the
 output, so no tile is multiplied. The new row of a fused write is quantized first and folded in
 as the cache will hold it, so fused and unfused steps agree.
@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from hearth.kernels import pdl
-from hearth.kernels.kv_cache import (
+from hearth.kernels.kv_write import (
     FP8_DTYPE,
     KVScales,
     check_cache_pair,

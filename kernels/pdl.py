@@ -8,7 +8,7 @@ each kernel's launch and its first loads' latency show up as idle DRAM between k
     kernel A:  ...... A's main loads ...... launch_dependents() .. A's stores .. exit
     kernel B:                     [launched: loads its weights] wait() ...... B's work
 
-Rules every kernel launched with `launch()` follows (kernels/int4_tc.py, fused.py,
+Rules every kernel launched with `launch()` follows (kernels/quant/int4_tc.py, fused.py,
 paged_attention.py):
 - before `wait()` it reads only weights (tensors no kernel of the step writes) and stores nothing;
 - `wait()` returns once the previous kernel has finished and its writes are visible. That kernel

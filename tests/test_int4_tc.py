@@ -1,7 +1,8 @@
-"""The tensor-core decode kernel over fragment words (kernels/int4_tc.py) against the int layout's
-torch reference, on fresh random inputs: under TRITON_INTERPRET=1 on CPU (the mma emulated with
-tensor ops from the same words, so packing, k order, group sums and split-K are covered), and on
-CUDA with the inline-PTX mma (`gpu` marker), up to full Llama-3-8B shapes and through the layers."""
+"""The tensor-core decode kernel over fragment words (kernels/quant/int4_tc.py) against the int
+layout's torch reference, on fresh random inputs: under TRITON_INTERPRET=1 on CPU (the mma
+emulated with tensor ops from the same words, so packing, k order, group sums and split-K are
+covered), and on CUDA with the inline-PTX mma (`gpu` marker), up to full Llama-3-8B shapes and
+through the layers."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import torch
 
 from hearth.engine.quantization import gguf_blocks
 from hearth.engine.quantization.int_layout import default_g_idx, dequantize_int_layout, pack, unpack
-from hearth.kernels import int4_tc
-from hearth.kernels.int4_frag import frag_dequantize, frag_pack, frag_unpack
-from hearth.kernels.int4_tc import TcBlocks, frag_matmul, layout_supported
-from hearth.kernels.int4_tc import int4_tc as tc_matmul
-from hearth.kernels.quant_gemm import dequantized_matmul_ref
+from hearth.kernels.quant import int4_tc
+from hearth.kernels.quant.int4_frag import frag_dequantize, frag_pack, frag_unpack
+from hearth.kernels.quant.int4_tc import TcBlocks, frag_matmul, layout_supported
+from hearth.kernels.quant.int4_tc import int4_tc as tc_matmul
+from hearth.kernels.quant.quant_gemm import dequantized_matmul_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CPU_DTYPE = torch.float16  # the interpreter's bf16 is not the GPU's; fp16 is exact enough

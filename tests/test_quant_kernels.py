@@ -1,5 +1,5 @@
-"""Dequant GEMM kernels (kernels/quant_gemm.py) vs their torch references, on fresh random inputs:
-under TRITON_INTERPRET=1 at small shapes on CPU, on CUDA at full shapes (`gpu` marker)."""
+"""Dequant GEMM kernels (kernels/quant/) vs their torch reference, on fresh random inputs: under
+TRITON_INTERPRET=1 at small shapes on CPU, on CUDA at full shapes (`gpu` marker)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import hearth.kernels.int_mma as mma
+import hearth.kernels.quant.int_mma as mma
 from hearth.engine.quantization import gguf_blocks
 from hearth.engine.quantization.int_layout import default_g_idx, dequantize_int_layout, pack
-from hearth.kernels.gguf_gemm import GGUF_KERNEL_TYPES, gguf_matmul
-from hearth.kernels.int_gemv import GemvBlocks, int_gemv
-from hearth.kernels.quant_gemm import dequantized_matmul_ref, int_quant_matmul
+from hearth.kernels.quant.gguf_gemm import GGUF_KERNEL_TYPES, gguf_matmul
+from hearth.kernels.quant.int_gemv import GemvBlocks, int_gemv
+from hearth.kernels.quant.quant_gemm import dequantized_matmul_ref, int_quant_matmul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 5e-2)}
@@ -68,8 +68,9 @@ def test_int_kernel_half_precision():
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
 
 
-# Decode GEMV (kernels/int_gemv.py): fp32 accumulation of exact weights, so the reference is the
-# fp32 product of the same (dtype-rounded) x; the output's rounding to x's dtype sets the tolerance.
+# Decode GEMV (kernels/quant/int_gemv.py): fp32 accumulation of exact weights, so the reference is
+# the fp32 product of the same (dtype-rounded) x; the output's rounding to x's dtype sets the
+# tolerance.
 GEMV_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 

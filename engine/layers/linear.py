@@ -2,7 +2,7 @@
 projection.
 
 Quantized linears keep the checkpoint's packed integers as buffers and dequantize inside the
-matmul: on CUDA with the Triton kernels of kernels/quant_gemm.py, elsewhere with the torch
+matmul: on CUDA with the Triton kernels of kernels/quant/quant_gemm.py, elsewhere with the torch
 reference (dequantize the whole weight, then F.linear), which gives bit for bit the float model a
 dequantized checkpoint would give.
 
@@ -97,19 +97,19 @@ class QuantizedLinear(nn.Module):
 
     @property
     def frag(self) -> torch.Tensor | None:
-        """The weight as mma fragment words (kernels/int4_tc.py), or None."""
+        """The weight as mma fragment words (kernels/quant/int4_tc.py), or None."""
         return self._buffers.get("frag_words")
 
     def _to_frag(self, qweight: torch.Tensor, bits: int, group: int | None) -> bool:
         """On CUDA in a 16-bit model, 4-bit weights the tensor-core kernel takes are repacked
-        into fragment words (kernels/int4_tc.py: decode 1.2-2.8x faster than the int-layout
+        into fragment words (kernels/quant/int4_tc.py: decode 1.2-2.8x faster than the int-layout
         GEMV on an H200); the caller then drops its int-layout words."""
         if not qweight.is_cuda:
             return False
-        from hearth.kernels import (
+        from hearth.kernels.quant import (
             int4_tc,  # Triton: imported where CUDA runs (CPU installs lack it)
         )
-        from hearth.kernels.int4_frag import frag_pack
+        from hearth.kernels.quant.int4_frag import frag_pack
 
         if not int4_tc.layout_supported(bits, group, self.out_features, self.in_features,
                                         self.act_dtype, qweight.device):
@@ -120,14 +120,14 @@ class QuantizedLinear(nn.Module):
 
     def _frag_matmul(self, x: torch.Tensor, zeros, scales, group: int, counters,
                      offset: bool = False) -> torch.Tensor:
-        from hearth.kernels.int4_tc import frag_matmul
+        from hearth.kernels.quant.int4_tc import frag_matmul
 
         return self._rows(x, lambda rows: frag_matmul(
             rows, self.frag, zeros, scales, group, counters=counters, offset=offset))
 
     def _frag_int_words(self) -> torch.Tensor:
         """The fragment words back in the int layout (K // 8, N) (dequantized_weight, tests)."""
-        from hearth.kernels.int4_frag import frag_unpack
+        from hearth.kernels.quant.int4_frag import frag_unpack
 
         return pack(frag_unpack(self.frag), 4, dim=0)
 
@@ -135,7 +135,7 @@ class QuantizedLinear(nn.Module):
 class IntQuantLinear(QuantizedLinear):
     """AWQ, GPTQ and compressed-tensors weights, held in the int layout
     (engine/quantization/int_layout.py): qweight (K // pack, N) int32, zeros (G, N) uint8, scales
-    (G, N), g_idx (K,). On CUDA, kernels/quant_gemm.int_quant_matmul picks the kernel by the
+    (G, N), g_idx (K,). On CUDA, kernels/quant/quant_gemm.int_quant_matmul picks the kernel by the
     number of rows.
 
     On CPU the int layout is converted once at load (`_prepare_cpu`): 4-bit weights with plain
@@ -165,7 +165,8 @@ class IntQuantLinear(QuantizedLinear):
         self.register_buffer("zeros", torch.empty(num_groups, out_features, dtype=torch.uint8))
         self.register_buffer("scales", torch.empty(num_groups, out_features, dtype=scale_dtype))
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32))
-        # The decode GEMV's split-K counters (kernels/int_gemv.py): zeros, left zero by every call.
+        # The decode GEMV's split-K counters (kernels/quant/int_gemv.py): zeros, left zero by
+        # every call.
         self.register_buffer("split_counters", torch.empty(out_features, dtype=torch.int32),
                              persistent=False)
 
@@ -246,7 +247,7 @@ class IntQuantLinear(QuantizedLinear):
         if self.frag is not None:
             return self._frag_matmul(x, self.zeros, self.scales, self.kernel_group_size,
                                      self.split_counters)
-        from hearth.kernels.quant_gemm import int_quant_matmul
+        from hearth.kernels.quant.quant_gemm import int_quant_matmul
 
         return self._rows(x, lambda rows: int_quant_matmul(
             rows, self.qweight, self.zeros, self.scales, self.g_idx, self.quant.bits,
@@ -268,10 +269,11 @@ class IntQuantLinear(QuantizedLinear):
         self._prepare_cuda()
 
     def _reserve_dequant_scratch(self) -> None:
-        """Large batches dequantize W into one buffer that all layers share (kernels/int_mma.py):
-        sized to the largest layer before the first forward, it is allocated once."""
+        """Large batches dequantize W into one buffer that all layers share
+        (kernels/quant/int_mma.py): sized to the largest layer before the first forward, it is
+        allocated once."""
         if self.qweight.is_cuda:
-            from hearth.kernels.int_mma import reserve_dequant_scratch
+            from hearth.kernels.quant.int_mma import reserve_dequant_scratch
 
             reserve_dequant_scratch(self.in_features * self.out_features)
 
@@ -285,7 +287,7 @@ class GGUFLinear(QuantizedLinear):
     llama.cpp does. In float32 the CPU path stays the exact reference (dequantize, F.linear).
     On CUDA, every type is repacked exactly into the int layout at load (gguf_blocks.to_int_layout:
     Q4_1 and Q4_K as q s + b) and runs on the int kernels (decode GEMV, int_mma, dequantized
-    copy): 6-190x faster at decode than reading the blocks in place (kernels/gguf_gemm.py)."""
+    copy): 6-190x faster at decode than reading the blocks in place (kernels/quant/gguf_gemm.py)."""
 
     INT_BUFFERS = ("int_qweight", "int_zeros", "int_scales", "int_g_idx", "int_counters")
 
@@ -355,7 +357,7 @@ class GGUFLinear(QuantizedLinear):
         layout = self.int_layout
         if layout is None or not x.is_cuda:
             return self._forward_reference(x)
-        from hearth.kernels.quant_gemm import int_quant_matmul
+        from hearth.kernels.quant.quant_gemm import int_quant_matmul
 
         qweight, zeros, scales, g_idx, counters = layout
         group, bits, offset = gguf_blocks.INT_LAYOUT_TYPES[self.qtype]

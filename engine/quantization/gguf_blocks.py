@@ -12,7 +12,7 @@ A weight (N, K) is stored as N rows of K // B blocks, each block B weights in `s
                       w = d * sc_s * (q - 32)   (q: 4 bits from ql, 2 from qh)
 
 On CUDA, GGUFLinear repacks all five exactly into the int layout (`to_int_layout`); the block
-kernel kernels/gguf_gemm.py reads them in place (it declares the same geometry; a test checks
+kernel kernels/quant/gguf_gemm.py reads them in place (it declares the same geometry; a test checks
 that it equals BLOCKS). The torch code here is the reference of both.
 
 Rows are independent, so fused projections concatenate rows and llama.cpp's Q/K row permutation

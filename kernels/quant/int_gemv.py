@@ -23,7 +23,7 @@ is kept to about three instructions:
          chunk chunk ...                                      last arrival: out = sum over S
 
 Act-order (g_idx) weights and group sizes that are no multiple of 32 // bits stay on
-kernels/quant_gemm.py. At M > 1, steps of fewer than 8 word rows (small groups: GGUF group 32,
+kernels/quant/quant_gemm.py. At M > 1, steps of fewer than 8 word rows (small groups: GGUF group 32,
 Q6_K group 16) are padded with zero rows to 8: Triton 3.6 computed the tf32 row sums wrongly
 with 4 rows on an H200.
 

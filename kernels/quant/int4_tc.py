@@ -1,12 +1,12 @@
 """Decode GEMV on the tensor cores for 4-bit weights (M <= 16): out = x @ W^T, W int4 with group
 scales and zero points (or offsets), the weights re-packed once at load into mma fragments.
 
-Why: the fp32 GEMV (kernels/int_gemv.py) spends ~3.7 instructions per weight (decode, FMA, x
+Why: the fp32 GEMV (kernels/quant/int_gemv.py) spends ~3.7 instructions per weight (decode, FMA, x
 loads). Here one `mma.sync.m16n8k16` takes 256 weights, so a lane spends about one instruction
 per weight: 3 shifts and 4 `lop3` turn its word into the mma's four A registers and the tensor
 core does the multiply-adds (fp32 accumulate).
 
-Fragment layout (kernels/int4_frag.py: `frag_pack`, and the dequantized copy for large M).
+Fragment layout (kernels/quant/int4_frag.py: `frag_pack`, and the dequantized copy for large M).
 W (N, K) is cut into 16 x 16 tiles; lane l (g = l // 4, t = l % 4) of tile (nt, kt) holds one
 int32 word, its A fragment of `mma.m16n8k16.row.col`: registers a0..a3 = rows (g, g+8, g, g+8)
 x k slots (2t, 2t, 2t+8, 2t+8) + (0, 1); value e of a_r at nibble r + 4e, so
@@ -49,9 +49,10 @@ import torch
 import triton
 import triton.language as tl
 
-from hearth.kernels import int_mma, pdl
-from hearth.kernels.int4_frag import frag_dequantize
-from hearth.kernels.int_gemv import finish_split, split_scratch
+from hearth.kernels import pdl
+from hearth.kernels.quant import int_mma
+from hearth.kernels.quant.int4_frag import frag_dequantize
+from hearth.kernels.quant.int_gemv import finish_split, split_scratch
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MAGIC_DTYPES = (torch.bfloat16, torch.float16)

@@ -17,7 +17,7 @@ split-K fills the GPU (fp32 partials summed afterwards):
 
     grid = (M tiles, N tiles, SPLIT_K)          K: |--split 0--|--split 1--|...|--split S-1--|
 
-The launcher (blocks by M, split choice) is kernels/quant_gemm.py's `launch`. The reference is
+The launcher (blocks by M, split choice) is kernels/quant/quant_gemm.py's `launch`. The reference is
 quant_gemm's `dequantized_matmul_ref` on gguf_blocks.dequantize's weight.
 """
 
@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hearth.kernels.quant_gemm import check_x, launch, precision
+from hearth.kernels.quant.quant_gemm import check_x, launch, precision
 
 
 @dataclass(frozen=True)

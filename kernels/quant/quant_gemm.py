@@ -5,16 +5,16 @@ Int weights (AWQ / GPTQ / compressed-tensors) in the int layout
 zeros (G, N) uint8; scales (G, N); g_idx (K,) (read only for act-order; otherwise group =
 k // group_size). `int_quant_matmul` picks by M:
 
-    M <= GEMV_MAX_M (16)        kernels/int_gemv.py: the decode GEMV
-    M > 16, 16-bit x            by M bucket (kernels/int_mma.py's `GEMM_BLOCKS`, measured):
+    M <= GEMV_MAX_M (16)        kernels/quant/int_gemv.py: the decode GEMV
+    M > 16, 16-bit x            by M bucket (kernels/quant/int_mma.py's `GEMM_BLOCKS`, measured):
                                 `int_mma`, W never materialised, or `int_dequant_matmul`, W
                                 written once into a scratch buffer, then cuBLAS
     fp32 x                      `_int_gemm_kernel` here: per-element dequant, fp32 math
 
-The reference of every kernel here and in kernels/gguf_gemm.py is `dequantized_matmul_ref`:
+The reference of every kernel here and in kernels/quant/gguf_gemm.py is `dequantized_matmul_ref`:
 x @ W^T in x's dtype, with W dequantized by its format's torch code
 (hearth.engine.quantization; kernels import no engine code, so tests compose the two).
-GGUF blocks: kernels/gguf_gemm.py (same launcher, `launch`).
+GGUF blocks: kernels/quant/gguf_gemm.py (same launcher, `launch`).
 
 Measured per-M times and what bounds each path: docs/benchmarks.md (int4 at M > 16).
 """
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from hearth.kernels import int_mma as mma
-from hearth.kernels.int_gemv import int_gemv, supports
+from hearth.kernels.quant import int_mma as mma
+from hearth.kernels.quant.int_gemv import int_gemv, supports
 
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GEMV_MAX_M = 16  # int_quant_matmul sends up to this many rows to int_gemv (0: never; benchmarks)

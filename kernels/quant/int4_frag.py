@@ -1,7 +1,7 @@
-"""4-bit weights as mma fragment words (the layout kernels/int4_tc.py multiplies): packing at
+"""4-bit weights as mma fragment words (the layout kernels/quant/int4_tc.py multiplies): packing at
 load, its inverse, and the dequantized copy for large M.
 
-Layout (kernels/int4_tc.py has the why). W (N, K) is cut into 16 x 16 tiles; lane l (g = l // 4,
+Layout (int4_tc.py has the why). W (N, K) is cut into 16 x 16 tiles; lane l (g = l // 4,
 t = l % 4) of tile (nt, kt) holds one int32 word, its A fragment of `mma.m16n8k16.row.col`:
 registers a0..a3 = rows (g, g+8, g, g+8) x k slots (2t, 2t, 2t+8, 2t+8) + (0, 1); value e of a_r
 at nibble r + 4e. In the 32 inputs of tile pair (2p, 2p + 1), lane t's slots of tile 2p + h
