@@ -45,8 +45,7 @@ from hearth.kernels.kv_write import (
 )
 
 _LOG2E = 1.4426950408889634
-# One tile (64 tokens) a split at least: at batch 1 (8 KV heads) a 384-token context in 6
-# splits took 4.8 us a layer vs 6.3 in 2 (W5, H200: 2.57 vs 2.66 ms/token, docs/benchmarks.md)
+# One tile (64 tokens) a split at least: short splits fill the GPU at batch 1 (docs/benchmarks.md)
 _MIN_TOKENS_PER_SPLIT = 64
 _MAX_SPLITS = 16
 

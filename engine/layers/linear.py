@@ -102,8 +102,8 @@ class QuantizedLinear(nn.Module):
 
     def _to_frag(self, qweight: torch.Tensor, bits: int, group: int | None) -> bool:
         """On CUDA in a 16-bit model, 4-bit weights the tensor-core kernel takes are repacked
-        into fragment words (kernels/quant/int4_tc.py: decode 1.2-2.8x faster than the int-layout
-        GEMV on an H200); the caller then drops its int-layout words."""
+        into fragment words (kernels/quant/int4_tc.py: faster decode than the int-layout GEMV,
+        docs/benchmarks.md); the caller then drops its int-layout words."""
         if not qweight.is_cuda:
             return False
         from hearth.kernels.quant import (
@@ -283,11 +283,12 @@ class GGUFLinear(QuantizedLinear):
     (engine/quantization/gguf_blocks.py).
 
     On CPU in bf16/fp16, Q4_0/Q4_1 weights are repacked once for torch's int4 GEMV
-    (engine/quantization/cpu_int4.py) and the raw bytes are released: decode reads 4-bit weights, as
-    llama.cpp does. In float32 the CPU path stays the exact reference (dequantize, F.linear).
+    (engine/quantization/cpu_int4.py) and the raw bytes are released: decode reads 4-bit weights,
+    as llama.cpp does. In float32 the CPU path stays the exact reference (dequantize, F.linear).
     On CUDA, every type is repacked exactly into the int layout at load (gguf_blocks.to_int_layout:
     Q4_1 and Q4_K as q s + b) and runs on the int kernels (decode GEMV, int_mma, dequantized
-    copy): 6-190x faster at decode than reading the blocks in place (kernels/quant/gguf_gemm.py)."""
+    copy), much faster at decode than reading the blocks in place (kernels/quant/gguf_gemm.py;
+    docs/benchmarks.md)."""
 
     INT_BUFFERS = ("int_qweight", "int_zeros", "int_scales", "int_g_idx", "int_counters")
 

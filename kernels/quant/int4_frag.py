@@ -90,8 +90,7 @@ def _frag_dequant_kernel(qw_ptr, z_ptr, s_ptr, w_ptr, N, K, stride_zg, stride_sg
 
 DEQUANT_TILES = (2, 4, 4)  # frag_dequantize: n tiles, 64-input quads, warps a program
 # True: _frag_dequant_direct_kernel, lanes store their own 16-byte runs (no permute through
-# shared memory; exact on CPU, compiled for sm_90, not yet timed on a GPU: the default stays the
-# permute kernel measured in docs/benchmarks.md).
+# shared memory). Off until it is timed on a GPU (docs/benchmarks.md).
 DEQUANT_DIRECT = False
 
 

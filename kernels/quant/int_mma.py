@@ -42,7 +42,7 @@ class GemmBlocks:
 
 # (largest M, int_mma's blocks, or None: int_dequant_matmul), the first that fits; beyond the
 # last entry, int_dequant_matmul.
-# Measured (module docstring): int_mma wins up to M = 64, the dequantized copy from M = 128.
+# int_mma wins up to M = 64, the dequantized copy from M = 128 (docs/benchmarks.md).
 GEMM_BLOCKS: tuple[tuple[int, GemmBlocks | None], ...] = (
     (64, GemmBlocks(64, 64, 128, 4, 4, True, True)),
 )
