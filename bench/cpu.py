@@ -13,7 +13,7 @@ llama.cpp on the same GGUF. Not a test: numbers go to docs/benchmarks.md.
 instead, Hearth only.
 
 `--dtype bfloat16 --gguf-keep-quantized` runs the GGUF's Q4_1 linears from their 4-bit blocks
-through torch's int4 GEMV (kernels/cpu_int4.py): the weights llama.cpp reads.
+through torch's int4 GEMV (engine/quantization/cpu_int4.py): the weights llama.cpp reads.
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ _ROOT = Path(__file__).resolve().parent.parent
 
 import torch  # noqa: E402
 
-import hearth.kernels.int4_tc as int4_tc  # noqa: E402
 import hearth.kernels.paged_attention as paged_attention  # noqa: E402
+import hearth.kernels.quant.int4_tc as int4_tc  # noqa: E402
 from bench.quant_gpu import int4_config_dir  # noqa: E402
 from hearth import LLM, SamplingParams  # noqa: E402
 from hearth.engine.triton_attention import TritonAttention  # noqa: E402

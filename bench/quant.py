@@ -6,9 +6,9 @@
     python bench/quant.py gpu [--config DIR] [--sweep]  # int4 / GGUF kernels, W5 (CUDA):
     python bench/quant.py gpu --gemm [--json F]         #   bench/quant_gpu.py
 
-`perplexity` quantizes the float dir with `hearth quantize` (engine/quantization/algorithms.py),
-loads every checkpoint in Hearth (packed weights, reference matmul on CPU) and measures perplexity
-on the held-out part of engine/quantization/calibration.txt. `tool-check` expects the tools'
+`perplexity` quantizes the float dir with `hearth quantize` (appliance/tools/quantizer/), loads
+every checkpoint in Hearth (packed weights, reference matmul on CPU) and measures perplexity on the
+held-out part of appliance/tools/quantizer/calibration.txt. `tool-check` expects the tools'
 checkpoints in DIR/gptqmodel and DIR/llmcompressor (made by bench/quant_tools.py in the tools' own
 venvs) and their logits in DIR/*/logits.pt; it compares Hearth's logits to them.
 Results go to docs/benchmarks.md, "Quantization quality".
@@ -59,7 +59,11 @@ def run_perplexity(work: Path, group_size: int, num_samples: int,
     """Held-out perplexity of the float model and of each method's checkpoint (made once under
     `work`); "gptq-noact" is gptq with --no-act-order."""
     from hearth.appliance.tools.quantize import QuantizeOptions, quantize
-    from hearth.engine.quantization.calibration import eval_token_ids, load_float_model, perplexity
+    from hearth.appliance.tools.quantizer.calibration import (
+        eval_token_ids,
+        load_float_model,
+        perplexity,
+    )
 
     float_dir = work / "float"
     if not (float_dir / "config.json").is_file():
@@ -85,7 +89,7 @@ def run_perplexity(work: Path, group_size: int, num_samples: int,
 
 def run_tool_check(work: Path) -> dict[str, float]:
     """Hearth's logits on the tools' checkpoints vs the tools' own (transformers) logits."""
-    from hearth.engine.quantization.calibration import load_float_model
+    from hearth.appliance.tools.quantizer.calibration import load_float_model
 
     report = {}
     for tool in ("gptqmodel", "llmcompressor"):
@@ -116,7 +120,7 @@ def compare_logits(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 
 
 def model_logits(model, input_ids: list[int]) -> torch.Tensor:
-    from hearth.engine.quantization.calibration import forward_dense
+    from hearth.appliance.tools.quantizer.calibration import forward_dense
 
     return forward_dense(model, torch.tensor(input_ids))
 

@@ -4,7 +4,7 @@ out of L2, GEMV block sweeps checked against the reference, int4 at M > 16 (int_
 dequantized copy, bf16), and W5 (Llama-3-8B, batch 1, 128 in / 256 out) bf16 vs int4.
 
 `--gemm` ends with a per-M choice (int_mma's blocks or the dequantized copy); to run a workload
-with it before the table in kernels/int_mma.py is edited, call
+with it before the table in kernels/quant/int_mma.py is edited, call
 `apply_gemm_choice(json.load(open(F))["gemm"]["choice"])`, then bench/throughput.py's main.
 """
 
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from hearth.kernels.int4_frag import frag_pack  # noqa: E402
+from hearth.engine.quantization.int_layout import unpack  # noqa: E402
+from hearth.kernels.quant.int4_frag import frag_pack  # noqa: E402
 
 LLAMA3_8B_LINEARS = (("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672),
                      ("down", 14336, 4096))
@@ -25,7 +26,7 @@ LLAMA3_8B_LINEARS = (("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 2
 
 def _int4_copies(k: int, n: int, device: str, copies: int) -> list[tuple]:
     """`copies` AWQ-style int4 weights (group 128): cycling through them keeps the L2 cold."""
-    from hearth.kernels.int_pack import default_g_idx, pack
+    from hearth.engine.quantization.int_layout import default_g_idx, pack
 
     qweight = pack(torch.randint(0, 16, (k, n)), 4, dim=0).to(device)
     out = []
@@ -34,6 +35,15 @@ def _int4_copies(k: int, n: int, device: str, copies: int) -> list[tuple]:
         scales = torch.rand(k // 128, n, dtype=torch.float16, device=device) * 0.01 + 0.001
         out.append((qweight.clone(), zeros, scales, default_g_idx(k, 128, device)))
     return out
+
+
+def _int4_ref(x: torch.Tensor, qweight, zeros, scales, g_idx) -> torch.Tensor:
+    """The kernels' reference: the int layout dequantized by its format code, then x @ W^T."""
+    from hearth.engine.quantization.int_layout import dequantize_int_layout
+    from hearth.kernels.quant.quant_gemm import dequantized_matmul_ref
+
+    w_t = dequantize_int_layout(qweight, zeros, scales, g_idx, 4)  # (K, N)
+    return dequantized_matmul_ref(x, w_t.t())
 
 
 def _copies(nbytes: int) -> int:
@@ -48,8 +58,8 @@ def bench_kernels(device: str = "cuda", dtype=torch.bfloat16, ms=(1, 4, 8, 16, 2
                   legacy: bool = False) -> list[dict]:
     """Llama-3-8B linears: int4 group 128 in the int layout (`int4`: GEMV for M <= 16, int_mma /
     dequantized copy above; `legacy`: also the old dequant-GEMM, `int4_gemm`), the same weights
-    as fragment words (`int4_tc`: kernels/int4_tc.py, what 16-bit models run), GGUF Q4_0 blocks
-    and bf16 F.linear; CUDA-graph replays, weights rotated out of L2."""
+    as fragment words (`int4_tc`: kernels/quant/int4_tc.py, what 16-bit models run), GGUF Q4_0
+    blocks and bf16 F.linear; CUDA-graph replays, weights rotated out of L2."""
     rows = []
     for name, k, n in LLAMA3_8B_LINEARS:
         ws = _int4_copies(k, n, device, _copies(_int4_bytes(k, n)))
@@ -61,7 +71,7 @@ def bench_kernels(device: str = "cuda", dtype=torch.bfloat16, ms=(1, 4, 8, 16, 2
             raws.append(raw)
         dense = [torch.randn(n, k, device=device, dtype=dtype) * 0.02
                  for _ in range(_copies(n * k * 2))]
-        frags = [frag_pack(w[0]) for w in ws]
+        frags = [frag_pack(unpack(w[0], 4, dim=0)) for w in ws]
         for m in ms:
             x = torch.randn(m, k, device=device, dtype=dtype)
             times = _time_linear(x, ws, frags, raws, dense, legacy)
@@ -75,9 +85,9 @@ def bench_kernels(device: str = "cuda", dtype=torch.bfloat16, ms=(1, 4, 8, 16, 2
 
 def _time_linear(x: torch.Tensor, ws: list, frags: list, raws: list, dense: list,
                  legacy: bool) -> dict[str, float]:
-    import hearth.kernels.quant_gemm as qg
-    from hearth.kernels.gguf_gemm import gguf_matmul
-    from hearth.kernels.int4_tc import frag_matmul
+    import hearth.kernels.quant.quant_gemm as qg
+    from hearth.kernels.quant.gguf_gemm import gguf_matmul
+    from hearth.kernels.quant.int4_tc import frag_matmul
 
     counters = torch.zeros(ws[0][0].shape[1], dtype=torch.int32, device=x.device)
 
@@ -100,7 +110,7 @@ def _time_linear(x: torch.Tensor, ws: list, frags: list, raws: list, dense: list
 def _gguf_raw(qtype: str, k: int, n: int, device: str) -> torch.Tensor:
     """(n, k) weights in qtype's blocks: random bytes, each block's float16 d (and m / dmin) set
     to 0.001 so that the values stay finite."""
-    from hearth.kernels.gguf_quant import BLOCKS, SCALE_BYTES
+    from hearth.engine.quantization.gguf_blocks import BLOCKS, SCALE_BYTES
 
     block, size = BLOCKS[qtype]
     raw = torch.randint(0, 256, (n, k // block, size), dtype=torch.uint8, device=device)
@@ -112,13 +122,13 @@ def _gguf_raw(qtype: str, k: int, n: int, device: str) -> torch.Tensor:
 
 def bench_gguf(device: str = "cuda", dtype=torch.bfloat16, ms=(1, 16, 256),
                qtypes=None) -> list[dict]:
-    """GGUF block types through kernels/gguf_gemm.py on the gate_up and down linears (CUDA-graph
-    replays, weights rotated out of L2), bf16 F.linear beside them, and repacked into the int
-    layout: the path GGUFLinear takes on CUDA."""
-    from hearth.kernels.gguf_gemm import gguf_matmul
-    from hearth.kernels.gguf_quant import BLOCKS, INT_LAYOUT_TYPES, to_int_layout
-    from hearth.kernels.int_pack import default_g_idx
-    from hearth.kernels.quant_gemm import int_quant_matmul
+    """GGUF block types through kernels/quant/gguf_gemm.py on the gate_up and down linears
+    (CUDA-graph replays, weights rotated out of L2), bf16 F.linear beside them, and repacked into
+    the int layout: the path GGUFLinear takes on CUDA."""
+    from hearth.engine.quantization.gguf_blocks import BLOCKS, INT_LAYOUT_TYPES, to_int_layout
+    from hearth.engine.quantization.int_layout import default_g_idx
+    from hearth.kernels.quant.gguf_gemm import gguf_matmul
+    from hearth.kernels.quant.quant_gemm import int_quant_matmul
 
     rows = []
     for name, k, n in LLAMA3_8B_LINEARS[2:]:
@@ -163,8 +173,7 @@ def sweep_gemv(device: str = "cuda", dtype=torch.bfloat16, ms=(1, 16), top: int 
     """The first `top` GemvBlocks candidates (x `waves`) for each M in `ms` on the four Llama-3-8B
     linears; the best by their summed time (each linear runs once per layer) among those that
     match the reference."""
-    from hearth.kernels.int_gemv import GemvBlocks, int_gemv
-    from hearth.kernels.quant_gemm import int_quant_matmul_ref
+    from hearth.kernels.quant.int_gemv import GemvBlocks, int_gemv
 
     data = {name: (k, n, _int4_copies(k, n, device, _copies(_int4_bytes(k, n))))
             for name, k, n in LLAMA3_8B_LINEARS}
@@ -173,7 +182,7 @@ def sweep_gemv(device: str = "cuda", dtype=torch.bfloat16, ms=(1, 16), top: int 
         candidates = GEMV_CANDIDATES[m][:top]
         xs = {name: torch.randn(m, k, device=device, dtype=dtype)
               for name, (k, _, _) in data.items()}
-        refs = {name: int_quant_matmul_ref(xs[name].float(), *ws[0], 4)
+        refs = {name: _int4_ref(xs[name].float(), *ws[0])
                 for name, (_, _, ws) in data.items()}
         results = []
         for bn, bk, warps in candidates:
@@ -221,7 +230,7 @@ def bench_gemm(device: str = "cuda", dtype=torch.bfloat16, ms=GEMM_MS,
     linears), then per linear the old per-element kernel (M <= 256), int_mma with the best
     blocks, int_dequant_matmul and bf16 F.linear. `choice`: per M the faster int4 path by the
     summed time (each linear runs once per layer), with int_mma's best blocks."""
-    import hearth.kernels.int_mma as mma
+    import hearth.kernels.quant.int_mma as mma
 
     time_fn = time_fn or _time_graph
     data = {}
@@ -254,14 +263,13 @@ def bench_gemm(device: str = "cuda", dtype=torch.bfloat16, ms=GEMM_MS,
 
 def _time_mma(xs: dict, data: dict, blocks, time_fn) -> tuple[dict[str, float], float]:
     """int_mma with `blocks` on each linear: us per call, and the largest relative error."""
-    from hearth.kernels.int_mma import int_mma
-    from hearth.kernels.quant_gemm import int_quant_matmul_ref
+    from hearth.kernels.quant.int_mma import int_mma
 
     per, err = {}, 0.0
     for name, (_, n, ws, _) in data.items():
         x, c = xs[name], torch.zeros(n, dtype=torch.int32, device=xs[name].device)
         out = int_mma(x, *ws[0], 4, 128, blocks=blocks, counters=c).float()
-        ref = int_quant_matmul_ref(x.float(), *ws[0], 4)
+        ref = _int4_ref(x.float(), *ws[0])
         err = max(err, ((out - ref).norm() / ref.norm()).item())
         per[name] = time_fn(lambda i, x=x, ws=ws, c=c: int_mma(
             x, *ws[i % len(ws)], 4, 128, blocks=blocks, counters=c)) * 1e6
@@ -270,8 +278,8 @@ def _time_mma(xs: dict, data: dict, blocks, time_fn) -> tuple[dict[str, float], 
 
 def _time_paths(m: int, xs: dict, data: dict, mma: tuple, time_fn, rows: list) -> dict:
     """Each path on each linear (a row each, appended to rows); the totals and the choice."""
-    import hearth.kernels.int_mma as mma
-    import hearth.kernels.quant_gemm as qg
+    import hearth.kernels.quant.int_mma as mma
+    import hearth.kernels.quant.quant_gemm as qg
 
     blocks, mma_us = mma
     totals = {"old": 0.0, "mma": 0.0, "dequant": 0.0, "bf16": 0.0}
@@ -299,9 +307,9 @@ def _time_paths(m: int, xs: dict, data: dict, mma: tuple, time_fn, rows: list) -
 
 
 def apply_gemm_choice(choice: dict) -> None:
-    """Point kernels/quant_gemm.py's GEMM_BLOCKS at bench_gemm's choice (keys M, as int or as
+    """Point kernels/quant/quant_gemm.py's GEMM_BLOCKS at bench_gemm's choice (keys M, as int or as
     JSON strings), to run a workload with it: int_mma up to each M where it won, else None."""
-    import hearth.kernels.int_mma as mma
+    import hearth.kernels.quant.int_mma as mma
 
     table = []
     for m in sorted(choice, key=int):
@@ -368,11 +376,11 @@ def bench_decode(config_dir: Path, work: Path, device: str = "cuda", group_size:
     """W5 with random weights: batch 1, 128 in / 256 out; bf16, AWQ int4 (group 128) through the
     old dequant-GEMM (`int4_gemm`), the int layout's decode GEMV (`int4_gemv`; `int4_tuned` with
     the GemvBlocks of `tuned`, {M: blocks dict}, as sweep_gemv finds them) and fragment words on
-    the tensor-core kernel (`int4`: what a 16-bit model runs, kernels/int4_tc.py; `int4_plain`
+    the tensor-core kernel (`int4`: what a 16-bit model runs, kernels/quant/int4_tc.py; `int4_plain`
     the same with every kernel launched without PDL, kernels/pdl.py)."""
-    import hearth.kernels.int4_tc as int4_tc
-    import hearth.kernels.int_gemv as ig
-    import hearth.kernels.quant_gemm as qg
+    import hearth.kernels.quant.int4_tc as int4_tc
+    import hearth.kernels.quant.int_gemv as ig
+    import hearth.kernels.quant.quant_gemm as qg
     from hearth import LLM, SamplingParams
     from hearth.kernels import pdl
 

@@ -29,7 +29,7 @@ from hearth.engine.config import fp8_needs_cuda_message
 from hearth.engine.model_config import ModelConfig
 
 if TYPE_CHECKING:  # kernels/ imports triton, which a CPU-only install may lack
-    from hearth.kernels.kv_cache import KVScales
+    from hearth.kernels.kv_write import KVScales
 
 FP8_DTYPE = torch.float8_e4m3fn
 
@@ -71,7 +71,7 @@ def allocate_kv_cache(
     """Zeroed caches for every layer (fp8 zeros are the byte 0), fp8 ones with scales of 1.0."""
     shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
     if dtype == FP8_DTYPE:
-        from hearth.kernels.kv_cache import KVScales  # fp8 runs on CUDA only, where triton is
+        from hearth.kernels.kv_write import KVScales  # fp8 runs on CUDA only, where triton is
     caches = []
     for _ in range(config.num_layers):
         if dtype == FP8_DTYPE:

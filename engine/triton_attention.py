@@ -27,7 +27,7 @@ import torch
 from hearth.engine.attention import AttentionMetadata
 from hearth.engine.kv_cache import LayerKVCache
 from hearth.kernels.fused import rotary_embedding
-from hearth.kernels.kv_cache import write_kv
+from hearth.kernels.kv_write import write_kv
 from hearth.kernels.paged_attention import NewKV, Rope, paged_decode_attention
 from hearth.kernels.prefill_attention import paged_prefill_attention
 

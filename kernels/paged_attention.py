@@ -20,7 +20,7 @@ their slot (slot < 0: padding, nothing stored). No program of the launch reads t
 there is no race; later launches find it written. With `rope` as well, the query and the new key
 arrive unrotated and are rotated in the kernel (one launch fewer a layer than rotary + attention).
 
-An fp8 cache (kernels/kv_cache.py) is read as e4m3 tiles converted to the query dtype (exact: e4m3
+An fp8 cache (kernels/kv_write.py) is read as e4m3 tiles converted to the query dtype (exact: e4m3
 values fit in fp16/bf16); the K scale is folded into the softmax scale and the V scale into the
 output, so no tile is multiplied. The new row of a fused write is quantized first and folded in
 as the cache will hold it, so fused and unfused steps agree.
@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from hearth.kernels import pdl
-from hearth.kernels.kv_cache import (
+from hearth.kernels.kv_write import (
     FP8_DTYPE,
     KVScales,
     check_cache_pair,
@@ -45,8 +45,7 @@ from hearth.kernels.kv_cache import (
 )
 
 _LOG2E = 1.4426950408889634
-# One tile (64 tokens) a split at least: at batch 1 (8 KV heads) a 384-token context in 6
-# splits took 4.8 us a layer vs 6.3 in 2 (W5, H200: 2.57 vs 2.66 ms/token, docs/benchmarks.md)
+# One tile (64 tokens) a split at least: short splits fill the GPU at batch 1 (docs/benchmarks.md)
 _MIN_TOKENS_PER_SPLIT = 64
 _MAX_SPLITS = 16
 

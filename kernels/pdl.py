@@ -8,7 +8,7 @@ each kernel's launch and its first loads' latency show up as idle DRAM between k
     kernel A:  ...... A's main loads ...... launch_dependents() .. A's stores .. exit
     kernel B:                     [launched: loads its weights] wait() ...... B's work
 
-Rules every kernel launched with `launch()` follows (kernels/int4_tc.py, fused.py,
+Rules every kernel launched with `launch()` follows (kernels/quant/int4_tc.py, fused.py,
 paged_attention.py):
 - before `wait()` it reads only weights (tensors no kernel of the step writes) and stores nothing;
 - `wait()` returns once the previous kernel has finished and its writes are visible. That kernel
@@ -16,11 +16,11 @@ paged_attention.py):
 Kernels not launched with PDL (torch's, cuBLAS) keep plain stream order; `wait()` and
 `launch_dependents()` are no-ops in a kernel launched without PDL.
 
-Where a kernel lets the next one launch (`launch_dependents(PDL, AT)` at its start, AT 1, and
-after its main loads, AT 2; the launch's PDL constexpr picks one) was measured on W5 (H200,
-Llama-3-8B int4, batch 1; docs/benchmarks.md): the small kernels at their start, int4_tc after
-its loop: 2.31 ms/token vs 2.57 without PDL; int4_tc at its start was slower than no PDL (2.77:
-the next linear's 500+ programs then launch and hold SM slots while this one still streams).
+A kernel lets the next one launch with `launch_dependents(PDL, AT)` at its start (AT 1) and
+after its main loads (AT 2); the launch's PDL constexpr picks one (`TRIGGER`, `TRIGGER_SMALL`).
+The small kernels trigger at their start, int4_tc after its loop: at its start, the next
+linear's programs would launch and hold SM slots while this one still streams. Timings:
+docs/benchmarks.md.
 
 Off on GPUs before Hopper, with Triton before 3.3, in the interpreter (no PTX) and with
 HEARTH_PDL=0.

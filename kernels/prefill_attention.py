@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hearth.kernels.kv_cache import (
+from hearth.kernels.kv_write import (
     FP8_DTYPE,
     KVScales,
     check_cache_pair,

@@ -1,6 +1,7 @@
-"""GGUF Q4_0/Q4_1 weights through torch's CPU int4 GEMV (kernels/cpu_int4.py): the packed layout
-reads back exactly, the matmul matches the block reference, and the default model in bf16 runs its
-linears from the packed weights with the dequantized path's next-token distribution."""
+"""GGUF Q4_0/Q4_1 weights through torch's CPU int4 GEMV (engine/quantization/cpu_int4.py): the
+packed layout reads back exactly, the matmul matches the block reference, and the default model in
+bf16 runs its linears from the packed weights with the dequantized path's next-token
+distribution."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ import torch
 
 from hearth import LLM, SamplingParams
 from hearth.engine.layers.linear import GGUFLinear
-from hearth.kernels import cpu_int4, gguf_quant
+from hearth.engine.quantization import cpu_int4, gguf_blocks
 
 
 def _random_blocks(qtype: str, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     """Random nibbles with realistic float16 headers: d > 0 small; Q4_1's m ≈ -8 d."""
-    raw = torch.randint(0, 256, (n, gguf_quant.row_bytes(qtype, k)), dtype=torch.uint8,
+    raw = torch.randint(0, 256, (n, gguf_blocks.row_bytes(qtype, k)), dtype=torch.uint8,
                         generator=gen)
-    blocks = raw.view(n, k // 32, gguf_quant.BLOCKS[qtype][1])
+    blocks = raw.view(n, k // 32, gguf_blocks.BLOCKS[qtype][1])
     d = torch.rand(n, k // 32, 1, generator=gen) * 0.02 + 0.001
     blocks[..., 0:2] = d.half().view(torch.uint8)
     if qtype == "Q4_1":
@@ -32,9 +33,9 @@ def test_pack_reads_back_the_blocks(qtype, n, k):
     raw = _random_blocks(qtype, n, k, gen)
     w = cpu_int4.pack_gguf(raw, qtype, k, torch.bfloat16)
     blocks = raw.view(n, k // 32, -1)
-    nibbles = gguf_quant._nibbles(blocks[..., -16:].reshape(-1, 16), 16).reshape(n, k)
+    nibbles = gguf_blocks.nibbles(blocks[..., -16:].reshape(-1, 16), 16).reshape(n, k)
     assert torch.equal(cpu_int4.unpack(w), nibbles)  # torch's packed layout, read back exactly
-    ref = gguf_quant.dequantize(raw, qtype, k)
+    ref = gguf_blocks.dequantize(raw, qtype, k)
     # scale and zero are held in bf16: 8 significant bits, far below a 4-bit step
     step = ref.abs().max() / 8
     assert (cpu_int4.dequantize(w).float() - ref).abs().max() < step / 8
@@ -49,7 +50,7 @@ def test_matmul_matches_block_reference(qtype, m, dtype):
     raw = _random_blocks(qtype, n, k, gen)
     w = cpu_int4.pack_gguf(raw, qtype, k, dtype)
     x = torch.randn(m, k, generator=gen)
-    ref = x @ gguf_quant.dequantize(raw, qtype, k).t()
+    ref = x @ gguf_blocks.dequantize(raw, qtype, k).t()
     out = cpu_int4.linear(x.to(dtype), w)  # GEMV for m <= 32, dequantize + matmul above
     assert out.dtype == dtype and out.shape == (m, n)
     assert (out.float() - ref).abs().max() < 0.02 * ref.abs().max()
@@ -59,7 +60,7 @@ def test_unsupported_shapes_and_dtypes_are_refused():
     assert not cpu_int4.supported("Q4_1", 96, 64, torch.bfloat16)  # rows not a multiple of 64
     assert not cpu_int4.supported("Q4_1", 128, 64, torch.float32)  # float32 stays exact
     assert not cpu_int4.supported("Q8_0", 128, 64, torch.bfloat16)
-    raw = torch.zeros(96, gguf_quant.row_bytes("Q4_1", 64), dtype=torch.uint8)
+    raw = torch.zeros(96, gguf_blocks.row_bytes("Q4_1", 64), dtype=torch.uint8)
     with pytest.raises(ValueError, match="rows a multiple of 64"):
         cpu_int4.pack_gguf(raw, "Q4_1", 64, torch.bfloat16)
     w = cpu_int4.pack_gguf(torch.zeros(64, 40, dtype=torch.uint8), "Q4_1", 64, torch.bfloat16)
@@ -91,7 +92,7 @@ def test_default_model_bf16_runs_its_linears_in_int4():
 
 
 def _int_layout(n: int, k: int, group: int, gen: torch.Generator):
-    from hearth.kernels.int_pack import pack
+    from hearth.engine.quantization.int_layout import pack
 
     q = torch.randint(0, 16, (k, n), generator=gen)
     zeros = torch.randint(0, 16, (k // group, n), generator=gen, dtype=torch.uint8)
@@ -104,7 +105,7 @@ def _int_layout(n: int, k: int, group: int, gen: torch.Generator):
 def test_int_layout_packs_and_multiplies(group, m):
     """AWQ / GPTQ int layout: (q - z) s as (q - 8) s + (8 - z) s, the nibbles read back
     exactly, and the GEMV (m <= 32) and the dequantized matmul match the reference."""
-    from hearth.kernels.int_pack import default_g_idx, dequantize_int_layout
+    from hearth.engine.quantization.int_layout import default_g_idx, dequantize_int_layout
 
     gen = torch.Generator().manual_seed(group + m)
     n, k = 192, 256

@@ -347,10 +347,10 @@ def test_default_model_kept_quantized_on_cuda_same_tokens():
 
 
 def test_default_model_bf16_fragment_words_same_tokens_as_int_layout(monkeypatch):
-    """In bf16 the default model's Q4_1 linears become fragment words (kernels/int4_tc.py:
+    """In bf16 the default model's Q4_1 linears become fragment words (kernels/quant/int4_tc.py:
     tensor-core decode, dequantized copy for prefill); greedy tokens equal those of the int
     layout's kernels on the same weights."""
-    import hearth.kernels.int4_tc as int4_tc
+    import hearth.kernels.quant.int4_tc as int4_tc
 
     def check(frag):
         def layers_ok(layers):

@@ -1,19 +1,21 @@
-"""The tensor-core decode kernel over fragment words (kernels/int4_tc.py) against the int layout's
-torch reference, on fresh random inputs: under TRITON_INTERPRET=1 on CPU (the mma emulated with
-tensor ops from the same words, so packing, k order, group sums and split-K are covered), and on
-CUDA with the inline-PTX mma (`gpu` marker), up to full Llama-3-8B shapes and through the layers."""
+"""The tensor-core decode kernel over fragment words (kernels/quant/int4_tc.py) against the int
+layout's torch reference, on fresh random inputs: under TRITON_INTERPRET=1 on CPU (the mma
+emulated with tensor ops from the same words, so packing, k order, group sums and split-K are
+covered), and on CUDA with the inline-PTX mma (`gpu` marker), up to full Llama-3-8B shapes and
+through the layers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hearth.kernels import gguf_quant, int4_tc
-from hearth.kernels.int4_frag import frag_dequantize, frag_pack, frag_unpack
-from hearth.kernels.int4_tc import TcBlocks, frag_matmul, layout_supported
-from hearth.kernels.int4_tc import int4_tc as tc_matmul
-from hearth.kernels.int_pack import default_g_idx, dequantize_int_layout, pack, unpack
-from hearth.kernels.quant_gemm import int_quant_matmul_ref
+from hearth.engine.quantization import gguf_blocks
+from hearth.engine.quantization.int_layout import default_g_idx, dequantize_int_layout, pack, unpack
+from hearth.kernels.quant import int4_tc
+from hearth.kernels.quant.int4_frag import frag_dequantize, frag_pack, frag_unpack
+from hearth.kernels.quant.int4_tc import TcBlocks, frag_matmul, layout_supported
+from hearth.kernels.quant.int4_tc import int4_tc as tc_matmul
+from hearth.kernels.quant.quant_gemm import dequantized_matmul_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CPU_DTYPE = torch.float16  # the interpreter's bf16 is not the GPU's; fp16 is exact enough
@@ -31,8 +33,15 @@ def _weights(k: int, n: int, group: int, offset: bool, seed: int):
 
 
 def _reference(x, qweight, zeros, scales, group, offset):
+    """The format's dequantization, then the kernels' reference matmul (fp32)."""
     g_idx = default_g_idx(x.shape[1], group, x.device)
-    return int_quant_matmul_ref(x.float(), qweight, zeros, scales, g_idx, 4, offset=offset)
+    w_t = dequantize_int_layout(qweight, zeros, scales, g_idx, 4, offset)  # (K, N)
+    return dequantized_matmul_ref(x.float(), w_t.t())
+
+
+def _frag(qweight):
+    """Int-layout words (K // 8, N) → fragment words, as a layer packs them at load."""
+    return frag_pack(unpack(qweight, 4, dim=0))
 
 
 def _rel(out, ref) -> float:
@@ -45,7 +54,7 @@ def test_frag_pack_places_each_nibble_in_its_mma_fragment():
     tile 2p + h is input 32p + 8t + 4h + 2 k8 + e."""
     k, n = 128, 32
     q = torch.arange(k * n).reshape(k, n) % 16
-    words = frag_pack(pack(q, 4, dim=0))
+    words = frag_pack(q)
     assert words.shape == (n // 16, k // 64, 32, 4)
     gen = torch.Generator().manual_seed(0)
     for _ in range(50):
@@ -58,7 +67,10 @@ def test_frag_pack_places_each_nibble_in_its_mma_fragment():
                 row = nt * 16 + g + 8 * (r % 2)
                 inp = 32 * p + 8 * t + 4 * h + 2 * (r // 2) + e
                 assert (word >> (4 * (r + 4 * e))) & 0xF == q[inp, row]
-    assert torch.equal(frag_unpack(words), unpack(pack(q, 4, dim=0), 4, dim=0))
+    assert torch.equal(frag_unpack(words), q.to(torch.int32))
+    assert torch.equal(_frag(pack(q, 4, dim=0)), words)  # from the int layout's words
+    with pytest.raises(ValueError, match="4-bit values"):
+        frag_pack(q + 1)
 
 
 def test_layout_supported():
@@ -92,14 +104,14 @@ def test_layout_needs_ampere_or_later(monkeypatch):
 def test_int4_tc_matches_reference(m, k, n, group, split_k, offset):
     qweight, zeros, scales = _weights(k, n, group, offset, seed=m + k + n)
     x = torch.randn(m, k, device=DEVICE, dtype=CPU_DTYPE)
-    out = tc_matmul(x, frag_pack(qweight), zeros, scales, group, split_k=split_k, offset=offset)
+    out = tc_matmul(x, _frag(qweight), zeros, scales, group, split_k=split_k, offset=offset)
     assert out.dtype == x.dtype and out.shape == (m, n)
     assert _rel(out, _reference(x, qweight, zeros, scales, group, offset)) < 2e-3
 
 
 def test_int4_tc_split_reduction_is_deterministic_and_resets_counters():
     qweight, zeros, scales = _weights(512, 160, 128, False, seed=3)
-    words = frag_pack(qweight)
+    words = _frag(qweight)
     x = torch.randn(2, 512, device=DEVICE, dtype=CPU_DTYPE)
     counters = torch.zeros(160, dtype=torch.int32, device=DEVICE)
     blocks = TcBlocks(n_tiles=4, num_warps=4, waves=2)
@@ -119,7 +131,7 @@ def test_int4_tc_split_reduction_is_deterministic_and_resets_counters():
 def test_frag_dequantize_is_exact_and_frag_matmul_routes_by_rows(group, offset):
     k, n = 256, 80
     qweight, zeros, scales = _weights(k, n, group, offset, seed=group)
-    words = frag_pack(qweight)
+    words = _frag(qweight)
     ref_w = dequantize_int_layout(qweight, zeros, scales, default_g_idx(k, group, DEVICE), 4,
                                   offset).t()
     for direct in (False, True):  # one permute a tile, or each lane's 16-byte runs
@@ -162,7 +174,7 @@ def test_int4_tc_full_shapes_gpu(linear, m, dtype):
     qweight, zeros, scales = _weights(k, n, 128, False, seed=m)
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
     counters = torch.zeros(n, dtype=torch.int32, device=DEVICE)
-    out = tc_matmul(x, frag_pack(qweight), zeros, scales, 128, counters=counters)
+    out = tc_matmul(x, _frag(qweight), zeros, scales, 128, counters=counters)
     assert _rel(out, _reference(x, qweight, zeros, scales, 128, False)) < 5e-3
     assert not counters.any()
 
@@ -175,7 +187,7 @@ def test_frag_matmul_gpu(m, group, offset, dtype):
     k, n = 1536, 576
     qweight, zeros, scales = _weights(k, n, group, offset, seed=m)
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
-    out = frag_matmul(x, frag_pack(qweight), zeros, scales, group, offset=offset)
+    out = frag_matmul(x, _frag(qweight), zeros, scales, group, offset=offset)
     assert _rel(out, _reference(x, qweight, zeros, scales, group, offset)) < 5e-3
 
 
@@ -198,8 +210,8 @@ def test_layers_convert_to_fragments_on_cuda(dtype):
         layer.qweight.copy_(qweight), layer.zeros.copy_(zeros), layer.scales.copy_(scales)
         layer._filled.update(qweight=n, zeros=n, scales=n)
         layer.finalize()
-        raw = torch.randint(0, 256, (n, gguf_quant.row_bytes("Q4_K", k)), dtype=torch.uint8)
-        raw.view(n, -1, gguf_quant.BLOCKS["Q4_K"][1])[..., :4] = torch.tensor(
+        raw = torch.randint(0, 256, (n, gguf_blocks.row_bytes("Q4_K", k)), dtype=torch.uint8)
+        raw.view(n, -1, gguf_blocks.BLOCKS["Q4_K"][1])[..., :4] = torch.tensor(
             [0, 0x14, 0, 0x10], dtype=torch.uint8)  # d, dmin: small float16s
         gguf = GGUFLinear(k, n, False, "Q4_K").to(DEVICE)
         gguf.load("qweight", raw, None)
@@ -210,7 +222,7 @@ def test_layers_convert_to_fragments_on_cuda(dtype):
     assert gguf.frag is not None and gguf.int_layout[0].numel() == 0
     ref_w = dequantize_int_layout(qweight, zeros, scales, default_g_idx(k, 128, DEVICE), 4).t()
     assert torch.equal(layer.dequantized_weight(), ref_w)
-    gguf_w = gguf_quant.dequantize(raw.to(DEVICE), "Q4_K", k)
+    gguf_w = gguf_blocks.dequantize(raw.to(DEVICE), "Q4_K", k)
     torch.testing.assert_close(gguf.dequantized_weight(), gguf_w)
     for m in (1, 4, 16, 64):
         x = torch.randn(m, k, device=DEVICE, dtype=dtype)
@@ -238,7 +250,7 @@ def test_pdl_chain_in_cuda_graph_reads_fresh_inputs():
     k, i = 1024, 2048
     up_w = _weights(k, 2 * i, 128, False, seed=1)
     down_w = _weights(i, k, 128, False, seed=2)
-    up_f, down_f = frag_pack(up_w[0]), frag_pack(down_w[0])
+    up_f, down_f = _frag(up_w[0]), _frag(down_w[0])
     norm_w = torch.rand(k, device=DEVICE, dtype=torch.bfloat16) + 0.5
     h = torch.empty(1, k, device=DEVICE, dtype=torch.bfloat16)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from hearth.engine.layers.rotary import RotaryEmbedding
 from hearth.kernels.fused import rotary_embedding_ref
-from hearth.kernels.kv_cache import FP8_DTYPE, FP8_MAX, KVScales, dequantize, write_kv, write_kv_ref
+from hearth.kernels.kv_write import FP8_DTYPE, FP8_MAX, KVScales, dequantize, write_kv, write_kv_ref
 from hearth.kernels.paged_attention import (
     NewKV,
     Rope,

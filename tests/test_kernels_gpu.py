@@ -24,7 +24,7 @@ from hearth.kernels.fused import (
     silu_and_mul,
     silu_and_mul_ref,
 )
-from hearth.kernels.kv_cache import FP8_DTYPE, write_kv, write_kv_ref
+from hearth.kernels.kv_write import FP8_DTYPE, write_kv, write_kv_ref
 from hearth.kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
 from hearth.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 

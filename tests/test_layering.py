@@ -26,8 +26,6 @@ FORBIDDEN = {
     "hearth.appliance.tools": ("hearth.ui", "hearth.cli"),
 }
 UI_MAY_IMPORT = ("hearth.appliance.serving",)
-# Violations the edge redesign (issue 14) is removing; each entry goes when its module is fixed.
-PENDING = {"hearth.engine.loader.gguf_loader"}
 TORCH_FREE = ["engine/scheduler.py", "engine/block_manager.py", "engine/sequence.py",
               "engine/outputs.py", "engine/sampling_params.py", "engine/config.py",
               "engine/prepare.py", "engine/snapshot.py"]
@@ -86,8 +84,6 @@ def test_no_generic_top_level_imports():
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if _forbidden_for(m)))
 def test_imports_point_down(module):
-    if module in PENDING:
-        pytest.xfail("pending redesign")
     forbidden = _forbidden_for(module)
     bad = {n for n in _imports(MODULES[module]) if any(_under(n, p) for p in forbidden)}
     assert not bad, f"{module} imports {sorted(bad)}"
@@ -95,8 +91,6 @@ def test_imports_point_down(module):
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if _under(m, "hearth.ui")))
 def test_ui_talks_to_the_serving_layer_only(module):
-    if module in PENDING:
-        pytest.xfail("pending redesign")
     ours = {n for n in _imports(MODULES[module]) if _under(n, "hearth")}
     bad = {n for n in ours if not _under(n, "hearth.ui")
            and not any(_under(n, p) for p in UI_MAY_IMPORT)}
@@ -153,8 +147,6 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_no_import_cycles():
-    if "cycles" in PENDING:
-        pytest.xfail("pending redesign")
     assert _cycles(_graph()) == []
 
 

@@ -29,7 +29,7 @@ def test_token_ids_pass_unchanged_and_max_tokens_is_kept():
     ([1, -1], SamplingParams(), r"token ids must be integers in \[0, 50000\)"),
     ([1, True], SamplingParams(), "token ids must be integers"),
     ([1, 2.0], SamplingParams(), "token ids must be integers"),
-    ([1] * 16, SamplingParams(max_tokens=None), "prompt has 16 tokens, but the model's context length is 16"),
+    ([1] * 16, SamplingParams(max_tokens=None), "16 tokens, but the model's context length is 16"),
     ([1] * 10, SamplingParams(max_tokens=7), "at most 6"),
 ])
 def test_bad_requests_name_the_problem(prompt, params, match):

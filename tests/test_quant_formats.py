@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from hearth.engine.layers.linear import GGUFLinear, IntQuantLinear, make_linear
-from hearth.engine.quantization import awq, compressed_tensors, gptq
+from hearth.engine.quantization import awq, compressed_tensors, gguf_blocks, gptq
 from hearth.engine.quantization.config import (
     QuantConfig,
     UnsupportedQuantization,
     parse_quantization_config,
 )
-from hearth.kernels import gguf_quant
-from hearth.kernels.int_pack import AWQ_ORDER, pack, unpack
+from hearth.engine.quantization.int_layout import AWQ_ORDER, pack, unpack
 
 
 def _word(hex_value: int) -> torch.Tensor:
@@ -108,12 +107,12 @@ def test_gguf_q4_0_q4_1_q8_0_known_values():
     nibbles = [j | ((15 - j) << 4) for j in range(16)]  # elements 0..15 = j, 16..31 = 15 - j
     q = list(range(16)) + list(range(15, -1, -1))
     q4_0 = torch.tensor([_fp16_bytes(0.5) + nibbles], dtype=torch.uint8)
-    assert gguf_quant.dequantize(q4_0, "Q4_0", 32)[0].tolist() == [(v - 8) * 0.5 for v in q]
+    assert gguf_blocks.dequantize(q4_0, "Q4_0", 32)[0].tolist() == [(v - 8) * 0.5 for v in q]
     q4_1 = torch.tensor([_fp16_bytes(0.5) + _fp16_bytes(-1.0) + nibbles], dtype=torch.uint8)
-    assert gguf_quant.dequantize(q4_1, "Q4_1", 32)[0].tolist() == [v * 0.5 - 1 for v in q]
+    assert gguf_blocks.dequantize(q4_1, "Q4_1", 32)[0].tolist() == [v * 0.5 - 1 for v in q]
     ints = list(range(-16, 16))
     q8_0 = torch.tensor([_fp16_bytes(0.25) + [v & 0xFF for v in ints]], dtype=torch.uint8)
-    assert gguf_quant.dequantize(q8_0, "Q8_0", 32)[0].tolist() == [v * 0.25 for v in ints]
+    assert gguf_blocks.dequantize(q8_0, "Q8_0", 32)[0].tolist() == [v * 0.25 for v in ints]
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"])
@@ -121,13 +120,13 @@ def test_gguf_matches_gguf_py(qtype):
     from gguf import GGMLQuantizationType, quants
 
     rng = np.random.default_rng(0)
-    block, size = gguf_quant.BLOCKS[qtype]
+    block, size = gguf_blocks.BLOCKS[qtype]
     raw = rng.integers(0, 256, (4, 512 // block * size), dtype=np.uint8)
     for offset in range(0, raw.shape[1], size):  # sane float16 scales (no inf / nan)
         d_at = offset + (size - 2 if qtype == "Q6_K" else 0)
         raw[:, d_at : d_at + 2] = np.array([0.01], dtype=np.float16).view(np.uint8)
     want = quants.dequantize(raw, GGMLQuantizationType[qtype])
-    got = gguf_quant.dequantize(torch.from_numpy(raw), qtype, 512).numpy()
+    got = gguf_blocks.dequantize(torch.from_numpy(raw), qtype, 512).numpy()
     np.testing.assert_array_equal(got, want)
 
 
@@ -267,35 +266,35 @@ def test_gguf_fused_rows():
     np.testing.assert_array_equal(layer.dequantized_weight().numpy(), np.concatenate(raws))
 
 
-@pytest.mark.parametrize("qtype", sorted(gguf_quant.BLOCKS))
+@pytest.mark.parametrize("qtype", sorted(gguf_blocks.BLOCKS))
 def test_gguf_dummy_weights_are_finite_and_small(qtype):
     """load_format="dummy" (benchmarks): every block's scales are set, wherever the type keeps
     them (Q6_K's d is at the end of its block), so no weight is inf or NaN."""
     layer = GGUFLinear(256, 32, False, qtype)
     layer.init_dummy(torch.Generator().manual_seed(0))
-    w = gguf_quant.dequantize(layer.qweight, qtype, 256)
+    w = gguf_blocks.dequantize(layer.qweight, qtype, 256)
     assert torch.isfinite(w).all() and w.abs().max() < 10
 
 
-@pytest.mark.parametrize("qtype", sorted(gguf_quant.BLOCKS))
+@pytest.mark.parametrize("qtype", sorted(gguf_blocks.BLOCKS))
 def test_gguf_to_int_layout_is_exact(qtype):
     """CUDA runs every GGUF type on the int kernels: the repacked weight equals the blocks'
     (K-quants: random blocks with finite scales, as gguf-py cannot quantize them)."""
-    from hearth.kernels.int_pack import default_g_idx, dequantize_int_layout
+    from hearth.engine.quantization.int_layout import default_g_idx, dequantize_int_layout
 
     rng = np.random.default_rng(5)
-    block, size = gguf_quant.BLOCKS[qtype]
+    block, size = gguf_blocks.BLOCKS[qtype]
     raw = torch.from_numpy(rng.integers(0, 256, (24, 512 // block * size), dtype=np.uint8))
-    for at in gguf_quant.SCALE_BYTES[qtype]:
+    for at in gguf_blocks.SCALE_BYTES[qtype]:
         d = rng.uniform(1e-4, 1e-2, (24, 512 // block)).astype(np.float16)
         raw.view(24, -1, size)[..., at:at + 2] = torch.from_numpy(d.view(np.uint8).reshape(
             24, -1, 2))
-    qweight, zeros, scales, bits, group, offset = gguf_quant.to_int_layout(raw, qtype, 512)
+    qweight, zeros, scales, bits, group, offset = gguf_blocks.to_int_layout(raw, qtype, 512)
     assert qweight.shape == (512 * bits // 32, 24) and zeros.shape == scales.shape == (
         512 // group, 24)
     assert offset == (qtype in ("Q4_1", "Q4_K"))
     got = dequantize_int_layout(qweight, zeros, scales, default_g_idx(512, group), bits,
                                 offset).t()
-    torch.testing.assert_close(got, gguf_quant.dequantize(raw, qtype, 512), rtol=0, atol=0)
+    torch.testing.assert_close(got, gguf_blocks.dequantize(raw, qtype, 512), rtol=0, atol=0)
     with pytest.raises(ValueError, match="has no int layout"):
-        gguf_quant.to_int_layout(raw, "Q5_K", 512)
+        gguf_blocks.to_int_layout(raw, "Q5_K", 512)

@@ -1,5 +1,5 @@
-"""Dequant GEMM kernels (kernels/quant_gemm.py) vs their torch references, on fresh random inputs:
-under TRITON_INTERPRET=1 at small shapes on CPU, on CUDA at full shapes (`gpu` marker)."""
+"""Dequant GEMM kernels (kernels/quant/) vs their torch reference, on fresh random inputs: under
+TRITON_INTERPRET=1 at small shapes on CPU, on CUDA at full shapes (`gpu` marker)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,25 @@ import numpy as np
 import pytest
 import torch
 
-import hearth.kernels.int_mma as mma
-from hearth.kernels import gguf_quant
-from hearth.kernels.gguf_gemm import GGUF_KERNEL_TYPES, gguf_matmul, gguf_matmul_ref
-from hearth.kernels.int_gemv import GemvBlocks, int_gemv
-from hearth.kernels.int_pack import default_g_idx, dequantize_int_layout, pack
-from hearth.kernels.quant_gemm import int_quant_matmul, int_quant_matmul_ref
+import hearth.kernels.quant.int_mma as mma
+from hearth.engine.quantization import gguf_blocks
+from hearth.engine.quantization.int_layout import default_g_idx, dequantize_int_layout, pack
+from hearth.kernels.quant.gguf_gemm import GGUF_KERNEL_TYPES, gguf_matmul
+from hearth.kernels.quant.int_gemv import GemvBlocks, int_gemv
+from hearth.kernels.quant.quant_gemm import dequantized_matmul_ref, int_quant_matmul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 5e-2)}
+
+
+# The kernels' reference: the format dequantizes (engine/quantization), the reference multiplies.
+def _int_ref(x, qweight, zeros, scales, g_idx, bits: int):
+    w_t = dequantize_int_layout(qweight, zeros, scales, g_idx, bits)  # (K, N)
+    return dequantized_matmul_ref(x, w_t.t())
+
+
+def _gguf_ref(x, raw, qtype: str):
+    return dequantized_matmul_ref(x, gguf_blocks.dequantize(raw, qtype, x.shape[1]))
 
 
 def _int_weights(k: int, n: int, bits: int, group: int | None, act_order: bool, seed: int,
@@ -45,7 +55,7 @@ def test_int_kernel_matches_reference(bits, group, act_order, m, split_k):
     x = torch.randn(m, k, device=DEVICE)
     out = int_quant_matmul(x, qweight, zeros, scales, g_idx, bits,
                            None if act_order else group, split_k=split_k)
-    ref = int_quant_matmul_ref(x, qweight, zeros, scales, g_idx, bits)
+    ref = _int_ref(x, qweight, zeros, scales, g_idx, bits)
     torch.testing.assert_close(out, ref, rtol=2e-4, atol=2e-4)
 
 
@@ -54,17 +64,18 @@ def test_int_kernel_half_precision():
     x = torch.randn(2, 128, device=DEVICE).half()
     out = int_quant_matmul(x, qweight, zeros, scales, g_idx, 4, 32)
     assert out.dtype == torch.float16
-    ref = int_quant_matmul_ref(x.float(), qweight, zeros, scales, g_idx, 4)
+    ref = _int_ref(x.float(), qweight, zeros, scales, g_idx, 4)
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
 
 
-# Decode GEMV (kernels/int_gemv.py): fp32 accumulation of exact weights, so the reference is the
-# fp32 product of the same (dtype-rounded) x; the output's rounding to x's dtype sets the tolerance.
+# Decode GEMV (kernels/quant/int_gemv.py): fp32 accumulation of exact weights, so the reference is
+# the fp32 product of the same (dtype-rounded) x; the output's rounding to x's dtype sets the
+# tolerance.
 GEMV_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def _check_gemv(out, x, weights, bits: int) -> None:
-    ref = int_quant_matmul_ref(x.float(), *weights, bits)
+    ref = _int_ref(x.float(), *weights, bits)
     assert out.dtype == x.dtype and out.shape == ref.shape
     tol = GEMV_TOL[x.dtype]
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol * ref.abs().mean().item())
@@ -221,9 +232,9 @@ def _gguf_weights(qtype: str, n: int, k: int, seed: int) -> torch.Tensor:
     if qtype not in ("Q4_K", "Q6_K"):
         w = rng.standard_normal((n, k)).astype(np.float32)
         return torch.from_numpy(quants.quantize(w, GGMLQuantizationType[qtype])).to(DEVICE)
-    block, size = gguf_quant.BLOCKS[qtype]
+    block, size = gguf_blocks.BLOCKS[qtype]
     raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
-    for at in gguf_quant.SCALE_BYTES[qtype]:
+    for at in gguf_blocks.SCALE_BYTES[qtype]:
         d = rng.uniform(2e-4, 1e-3, (n, k // block, 1)).astype(np.float16)
         raw[..., at : at + 2] = d.view(np.uint8)
     return torch.from_numpy(raw.reshape(n, -1)).to(DEVICE)
@@ -238,7 +249,7 @@ def test_gguf_kernel_matches_reference(qtype, m, split_k):
     qweight = _gguf_weights(qtype, n, k, seed=m)
     x = torch.randn(m, k, device=DEVICE)
     out = gguf_matmul(x, qweight, qtype, split_k=split_k)
-    torch.testing.assert_close(out, gguf_matmul_ref(x, qweight, qtype), rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(out, _gguf_ref(x, qweight, qtype), rtol=2e-4, atol=2e-4)
 
 
 def _q4_k_block(d: float, dmin: float, sc: list[int], mn: list[int], q: list[int]) -> list[int]:
@@ -282,7 +293,7 @@ def test_gguf_k_quants_known_values():
     for qtype, rows in cases.items():
         raw = torch.tensor([r[0] for r in rows], dtype=torch.uint8, device=DEVICE)  # (2, bytes)
         want = torch.tensor([r[1] for r in rows], device=DEVICE)  # (2, 256)
-        assert torch.equal(gguf_quant.dequantize(raw, qtype, 256), want)
+        assert torch.equal(gguf_blocks.dequantize(raw, qtype, 256), want)
         torch.testing.assert_close(gguf_matmul(eye, raw, qtype).t(), want, rtol=0, atol=0)
 
 
@@ -307,7 +318,14 @@ def test_launcher_checks():
             gguf_matmul(x, raw, qtype)
     with pytest.raises(ValueError, match=r"Q4_K weight for K=256 must be \(N, 144\)"):
         gguf_matmul(torch.randn(2, 256, device=DEVICE), _gguf_weights("Q6_K", 8, 256, 0), "Q4_K")
-    assert set(GGUF_KERNEL_TYPES) == set(gguf_quant.BLOCKS)  # every type it can hold
+    assert set(GGUF_KERNEL_TYPES) == set(gguf_blocks.BLOCKS)  # every type it can hold
+
+
+def test_gguf_kernel_geometry_is_the_formats():
+    """The kernel declares the blocks it decodes; they are the format module's blocks."""
+    for qtype, kind in GGUF_KERNEL_TYPES.items():
+        assert (kind.block_weights, kind.block_bytes) == gguf_blocks.BLOCKS[qtype], qtype
+    assert len({kind.qtype for kind in GGUF_KERNEL_TYPES.values()}) == len(GGUF_KERNEL_TYPES)
 
 
 @pytest.mark.gpu
@@ -318,7 +336,7 @@ def test_full_shapes_gpu(dtype, m):
     qweight, zeros, scales, g_idx = _int_weights(4096, 6144, 4, 128, False, seed=0)
     x = torch.randn(m, 4096, device=DEVICE, dtype=dtype)
     out = int_quant_matmul(x, qweight, zeros, scales, g_idx, 4, 128)
-    ref = int_quant_matmul_ref(x, qweight, zeros, scales, g_idx, 4)
+    ref = _int_ref(x, qweight, zeros, scales, g_idx, 4)
     torch.testing.assert_close(out, ref, rtol=TOL[dtype][0], atol=TOL[dtype][1] * 10)
 
 
@@ -330,12 +348,12 @@ def test_gguf_full_shapes_gpu(dtype, m, qtype):
     """Llama-3-8B down 14336 -> 4096 in GGUF blocks (the default split-K at M <= 16)."""
     raw = _gguf_weights(qtype, 4096, 14336, seed=1)
     x = torch.randn(m, 14336, device=DEVICE, dtype=dtype)
-    torch.testing.assert_close(gguf_matmul(x, raw, qtype), gguf_matmul_ref(x, raw, qtype),
+    torch.testing.assert_close(gguf_matmul(x, raw, qtype), _gguf_ref(x, raw, qtype),
                                rtol=TOL[dtype][0], atol=TOL[dtype][1] * 10)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("qtype", sorted(gguf_quant.BLOCKS))
+@pytest.mark.parametrize("qtype", sorted(gguf_blocks.BLOCKS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 4, 64, 256])
 def test_gguf_linear_cuda_matches_blocks(qtype, dtype, m):
@@ -349,7 +367,7 @@ def test_gguf_linear_cuda_matches_blocks(qtype, dtype, m):
     layer.finalize()
     assert layer.int_layout is not None
     x = torch.randn(m, 4096, device=DEVICE, dtype=dtype)
-    ref = x.float() @ gguf_quant.dequantize(raw, qtype, 4096).t()
+    ref = x.float() @ gguf_blocks.dequantize(raw, qtype, 4096).t()
     out = layer(x).float()
     assert ((out - ref).norm() / ref.norm()).item() < 1e-2
 

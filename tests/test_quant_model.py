@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from hearth import LLM, SamplingParams
 from hearth.appliance.tools import quantize as quantize_cmd
+from hearth.appliance.tools.quantizer.algorithms import rtn
 from hearth.engine.layers.linear import GGUFLinear, IntQuantLinear
 from hearth.engine.quantization import awq, compressed_tensors, gptq
-from hearth.engine.quantization.algorithms import rtn
 
 PARAMS = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 PROJS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -182,7 +182,7 @@ def test_default_model_kept_quantized_q4_1_same_tokens(caplog):
 def test_gptq_act_order_lowers_output_error():
     """On inputs of uneven scale and correlated channels, GPTQ beats RTN at reproducing x W^T,
     and act order (static groups) beats plain GPTQ; its groups stay k // group_size."""
-    from hearth.engine.quantization.algorithms import gptq
+    from hearth.appliance.tools.quantizer.algorithms import gptq
 
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(64, 256, generator=gen)

@@ -2,9 +2,9 @@
 
     hearth quantize --method awq|gptq|rtn --bits 4 --group-size 64 [--no-act-order] SRC DST
 
-The model runs in Hearth's own engine code (engine/quantization/pipeline.py) on the CPU in float32;
-calibration uses the text shipped in engine/quantization/calibration.txt. Registered in
-appliance/cli.py with `register(commands)` and dispatched with `run(args)`.
+The model runs in Hearth's own engine code (appliance/tools/quantizer/pipeline.py) on the CPU in
+float32; calibration uses the text shipped in appliance/tools/quantizer/calibration.txt. Registered
+in cli.py with `add_parser(commands)` and dispatched with `run(args)`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hearth.engine.quantization.pipeline import METHODS, QuantizeOptions
+from hearth.appliance.tools.quantizer.pipeline import METHODS, QuantizeOptions
 
 __all__ = ["QuantizeOptions", "add_parser", "quantize", "run"]
 
@@ -78,10 +78,10 @@ def run(args: argparse.Namespace) -> int:
 def quantize(options: QuantizeOptions, src: Path, dst: Path, progress: bool = True) -> Path:
     import torch
 
+    from hearth.appliance.tools.quantizer.calibration import calibration_samples, load_float_model
+    from hearth.appliance.tools.quantizer.export import write_checkpoint
+    from hearth.appliance.tools.quantizer.pipeline import check_group_size, quantize_model
     from hearth.engine.progress import progress_bar
-    from hearth.engine.quantization.calibration import calibration_samples, load_float_model
-    from hearth.engine.quantization.export import write_checkpoint
-    from hearth.engine.quantization.pipeline import check_group_size, quantize_model
 
     src, dst = Path(src), Path(dst)
     model = load_float_model(src)

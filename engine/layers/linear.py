@@ -2,7 +2,7 @@
 projection.
 
 Quantized linears keep the checkpoint's packed integers as buffers and dequantize inside the
-matmul: on CUDA with the Triton kernels of kernels/quant_gemm.py, elsewhere with the torch
+matmul: on CUDA with the Triton kernels of kernels/quant/quant_gemm.py, elsewhere with the torch
 reference (dequantize the whole weight, then F.linear), which gives bit for bit the float model a
 dequantized checkpoint would give.
 
@@ -17,10 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hearth.engine.quantization import awq, compressed_tensors, gptq
+from hearth.engine.quantization import awq, compressed_tensors, cpu_int4, gguf_blocks, gptq
 from hearth.engine.quantization.config import QuantConfig, UnsupportedQuantization
-from hearth.kernels import cpu_int4, gguf_quant
-from hearth.kernels.int_pack import default_g_idx, dequantize_int_layout, pack, pack_factor
+from hearth.engine.quantization.int_layout import (
+    default_g_idx,
+    dequantize_int_layout,
+    pack,
+    pack_factor,
+    unpack,
+)
 
 
 def make_linear(in_features: int, out_features: int, bias: bool, quant: QuantConfig | None,
@@ -92,49 +97,51 @@ class QuantizedLinear(nn.Module):
 
     @property
     def frag(self) -> torch.Tensor | None:
-        """The weight as mma fragment words (kernels/int4_tc.py), or None."""
+        """The weight as mma fragment words (kernels/quant/int4_tc.py), or None."""
         return self._buffers.get("frag_words")
 
     def _to_frag(self, qweight: torch.Tensor, bits: int, group: int | None) -> bool:
         """On CUDA in a 16-bit model, 4-bit weights the tensor-core kernel takes are repacked
-        into fragment words (kernels/int4_tc.py: decode 1.2-2.8x faster than the int-layout
-        GEMV on an H200); the caller then drops its int-layout words."""
+        into fragment words (kernels/quant/int4_tc.py: faster decode than the int-layout GEMV,
+        docs/benchmarks.md); the caller then drops its int-layout words."""
         if not qweight.is_cuda:
             return False
-        from hearth.kernels import (
+        from hearth.kernels.quant import (
             int4_tc,  # Triton: imported where CUDA runs (CPU installs lack it)
         )
-        from hearth.kernels.int4_frag import frag_pack
+        from hearth.kernels.quant.int4_frag import frag_pack
 
         if not int4_tc.layout_supported(bits, group, self.out_features, self.in_features,
                                         self.act_dtype, qweight.device):
             return False
-        self.register_buffer("frag_words", frag_pack(qweight), persistent=False)
+        words = frag_pack(unpack(qweight, 4, dim=0))  # (K, N) values → fragment words
+        self.register_buffer("frag_words", words, persistent=False)
         return True
 
     def _frag_matmul(self, x: torch.Tensor, zeros, scales, group: int, counters,
                      offset: bool = False) -> torch.Tensor:
-        from hearth.kernels.int4_tc import frag_matmul
+        from hearth.kernels.quant.int4_tc import frag_matmul
 
         return self._rows(x, lambda rows: frag_matmul(
             rows, self.frag, zeros, scales, group, counters=counters, offset=offset))
 
     def _frag_int_words(self) -> torch.Tensor:
         """The fragment words back in the int layout (K // 8, N) (dequantized_weight, tests)."""
-        from hearth.kernels.int4_frag import frag_unpack
+        from hearth.kernels.quant.int4_frag import frag_unpack
 
         return pack(frag_unpack(self.frag), 4, dim=0)
 
 
 class IntQuantLinear(QuantizedLinear):
-    """AWQ, GPTQ and compressed-tensors weights, held in the int layout (kernels/int_pack.py):
-    qweight (K // pack, N) int32, zeros (G, N) uint8, scales (G, N), g_idx (K,). On CUDA,
-    kernels/quant_gemm.int_quant_matmul picks the kernel by the number of rows.
+    """AWQ, GPTQ and compressed-tensors weights, held in the int layout
+    (engine/quantization/int_layout.py): qweight (K // pack, N) int32, zeros (G, N) uint8, scales
+    (G, N), g_idx (K,). On CUDA, kernels/quant/quant_gemm.int_quant_matmul picks the kernel by the
+    number of rows.
 
     On CPU the int layout is converted once at load (`_prepare_cpu`): 4-bit weights with plain
-    groups in a bf16/fp16 model go to torch's int4 GEMV (kernels/cpu_int4.py); everything else
-    (float32, 8 bits, act-order) is dequantized into a dense weight in the model's dtype, the
-    reference's numbers without dequantizing every layer at every step."""
+    groups in a bf16/fp16 model go to torch's int4 GEMV (engine/quantization/cpu_int4.py);
+    everything else (float32, 8 bits, act-order) is dequantized into a dense weight in the model's
+    dtype, the reference's numbers without dequantizing every layer at every step."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, quant: QuantConfig):
         super().__init__(in_features, out_features, bias)
@@ -158,7 +165,8 @@ class IntQuantLinear(QuantizedLinear):
         self.register_buffer("zeros", torch.empty(num_groups, out_features, dtype=torch.uint8))
         self.register_buffer("scales", torch.empty(num_groups, out_features, dtype=scale_dtype))
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32))
-        # The decode GEMV's split-K counters (kernels/int_gemv.py): zeros, left zero by every call.
+        # The decode GEMV's split-K counters (kernels/quant/int_gemv.py): zeros, left zero by
+        # every call.
         self.register_buffer("split_counters", torch.empty(out_features, dtype=torch.int32),
                              persistent=False)
 
@@ -239,7 +247,7 @@ class IntQuantLinear(QuantizedLinear):
         if self.frag is not None:
             return self._frag_matmul(x, self.zeros, self.scales, self.kernel_group_size,
                                      self.split_counters)
-        from hearth.kernels.quant_gemm import int_quant_matmul
+        from hearth.kernels.quant.quant_gemm import int_quant_matmul
 
         return self._rows(x, lambda rows: int_quant_matmul(
             rows, self.qweight, self.zeros, self.scales, self.g_idx, self.quant.bits,
@@ -261,23 +269,26 @@ class IntQuantLinear(QuantizedLinear):
         self._prepare_cuda()
 
     def _reserve_dequant_scratch(self) -> None:
-        """Large batches dequantize W into one buffer that all layers share (kernels/int_mma.py):
-        sized to the largest layer before the first forward, it is allocated once."""
+        """Large batches dequantize W into one buffer that all layers share
+        (kernels/quant/int_mma.py): sized to the largest layer before the first forward, it is
+        allocated once."""
         if self.qweight.is_cuda:
-            from hearth.kernels.int_mma import reserve_dequant_scratch
+            from hearth.kernels.quant.int_mma import reserve_dequant_scratch
 
             reserve_dequant_scratch(self.in_features * self.out_features)
 
 
 class GGUFLinear(QuantizedLinear):
-    """llama.cpp block-quantized weight, raw: qweight (N, row_bytes) uint8 (kernels/gguf_quant.py).
+    """llama.cpp block-quantized weight, raw: qweight (N, row_bytes) uint8
+    (engine/quantization/gguf_blocks.py).
 
     On CPU in bf16/fp16, Q4_0/Q4_1 weights are repacked once for torch's int4 GEMV
-    (kernels/cpu_int4.py) and the raw bytes are released: decode reads 4-bit weights, as
-    llama.cpp does. In float32 the CPU path stays the exact reference (dequantize, F.linear).
-    On CUDA, every type is repacked exactly into the int layout at load (gguf_quant.to_int_layout:
+    (engine/quantization/cpu_int4.py) and the raw bytes are released: decode reads 4-bit weights,
+    as llama.cpp does. In float32 the CPU path stays the exact reference (dequantize, F.linear).
+    On CUDA, every type is repacked exactly into the int layout at load (gguf_blocks.to_int_layout:
     Q4_1 and Q4_K as q s + b) and runs on the int kernels (decode GEMV, int_mma, dequantized
-    copy): 6-190x faster at decode than reading the blocks in place (kernels/gguf_gemm.py)."""
+    copy), much faster at decode than reading the blocks in place (kernels/quant/gguf_gemm.py;
+    docs/benchmarks.md)."""
 
     INT_BUFFERS = ("int_qweight", "int_zeros", "int_scales", "int_g_idx", "int_counters")
 
@@ -287,7 +298,7 @@ class GGUFLinear(QuantizedLinear):
         self.act_dtype = torch.get_default_dtype()  # the model's dtype (set while building)
         self.int4: cpu_int4.Int4Weight | None = None
         self.register_buffer("qweight", torch.empty(
-            out_features, gguf_quant.row_bytes(qtype, in_features), dtype=torch.uint8))
+            out_features, gguf_blocks.row_bytes(qtype, in_features), dtype=torch.uint8))
 
     def load(self, name: str, tensor: torch.Tensor, shard: tuple[int, int] | None) -> None:
         if name != "qweight":
@@ -299,12 +310,12 @@ class GGUFLinear(QuantizedLinear):
         self._prepare()
 
     def _prepare(self) -> None:
-        if self.qweight.is_cuda and self.qtype in gguf_quant.INT_LAYOUT_TYPES:
-            qweight, zeros, scales, _, group, _ = gguf_quant.to_int_layout(
+        if self.qweight.is_cuda and self.qtype in gguf_blocks.INT_LAYOUT_TYPES:
+            qweight, zeros, scales, _, group, _ = gguf_blocks.to_int_layout(
                 self.qweight, self.qtype, self.in_features)
             g_idx = default_g_idx(self.in_features, group, qweight.device)
             counters = torch.zeros(self.out_features, dtype=torch.int32, device=qweight.device)
-            bits = gguf_quant.INT_LAYOUT_TYPES[self.qtype][1]
+            bits = gguf_blocks.INT_LAYOUT_TYPES[self.qtype][1]
             if self._to_frag(qweight, bits, group):  # 4-bit types in a 16-bit model
                 qweight = torch.empty(0, dtype=torch.int32, device=qweight.device)
             for name, t in zip(self.INT_BUFFERS, (qweight, zeros, scales, g_idx, counters)):
@@ -328,18 +339,18 @@ class GGUFLinear(QuantizedLinear):
     @property
     def offset(self) -> bool:
         """Whether the int layout holds w = q s + b (Q4_1, Q4_K)."""
-        return self.int_layout is not None and gguf_quant.INT_LAYOUT_TYPES[self.qtype][2]
+        return self.int_layout is not None and gguf_blocks.INT_LAYOUT_TYPES[self.qtype][2]
 
     def dequantized_weight(self) -> torch.Tensor:
         if self.int4 is not None:
             return cpu_int4.dequantize(self.int4).float()
         if self.int_layout is not None:
-            _, bits, offset = gguf_quant.INT_LAYOUT_TYPES[self.qtype]
+            _, bits, offset = gguf_blocks.INT_LAYOUT_TYPES[self.qtype]
             qweight, zeros, scales, g_idx, _ = self.int_layout
             if self.frag is not None:
                 qweight = self._frag_int_words()
             return dequantize_int_layout(qweight, zeros, scales, g_idx, bits, offset).t()
-        return gguf_quant.dequantize(self.qweight, self.qtype, self.in_features)
+        return gguf_blocks.dequantize(self.qweight, self.qtype, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4 is not None and x.dtype == self.int4.scale_zero.dtype:
@@ -347,10 +358,10 @@ class GGUFLinear(QuantizedLinear):
         layout = self.int_layout
         if layout is None or not x.is_cuda:
             return self._forward_reference(x)
-        from hearth.kernels.quant_gemm import int_quant_matmul
+        from hearth.kernels.quant.quant_gemm import int_quant_matmul
 
         qweight, zeros, scales, g_idx, counters = layout
-        group, bits, offset = gguf_quant.INT_LAYOUT_TYPES[self.qtype]
+        group, bits, offset = gguf_blocks.INT_LAYOUT_TYPES[self.qtype]
         if self.frag is not None:
             return self._frag_matmul(x, zeros, scales, group, counters, offset)
         return self._rows(x, lambda rows: int_quant_matmul(
@@ -358,11 +369,11 @@ class GGUFLinear(QuantizedLinear):
 
     def init_dummy(self, gen: torch.Generator) -> None:
         """Random quants with small float16 scales (d, and m / dmin) in every block."""
-        block, size = gguf_quant.BLOCKS[self.qtype]
+        block, size = gguf_blocks.BLOCKS[self.qtype]
         self.qweight.random_(0, 256, generator=gen)
         blocks = self.qweight.view(self.out_features, -1, size)
         scale = torch.tensor([0.001], dtype=torch.float16).view(torch.uint8).to(blocks.device)
-        for at in gguf_quant.SCALE_BYTES[self.qtype]:
+        for at in gguf_blocks.SCALE_BYTES[self.qtype]:
             blocks[..., at:at + 2] = scale
         if self.bias is not None:
             self.bias.data.zero_()

@@ -28,8 +28,8 @@ import torch
 
 from hearth.engine.model_config import ModelConfig
 from hearth.engine.quantization.config import QuantConfig
+from hearth.engine.quantization.gguf_blocks import BLOCKS
 from hearth.engine.tokenizer import Tokenizer
-from hearth.kernels.gguf_quant import BLOCKS
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -72,7 +72,7 @@ def load_gguf(path: str | Path, keep_quantized: bool = False) -> GGUFModel:
     """Read a GGUF file's metadata and tensor index; weights are read on iteration.
 
     By default every tensor comes dequantized to float32. With `keep_quantized`, the decoder's
-    linear weights in a block format Hearth runs (engine/quantization/gguf_quant.py) come as raw
+    linear weights in a block format Hearth runs (engine/quantization/gguf_blocks.py) come as raw
     blocks named `...q_proj.qweight` (uint8, one row per output), and config.quantization lists
     them; embeddings, norms and the rest still come as float32.
     """

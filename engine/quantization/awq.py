@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from hearth.kernels.int_pack import AWQ_ORDER, default_g_idx, pack, unpack
+from hearth.engine.quantization.int_layout import AWQ_ORDER, default_g_idx, pack, unpack
 
 TENSORS = ("qweight", "qzeros", "scales")
 
 
 def to_int_layout(name: str, tensor: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
-    """One checkpoint tensor (one shard) → its pieces in the int layout (see int_pack)."""
+    """One checkpoint tensor (one shard) → its pieces in the int layout (see int_layout)."""
     if name == "qweight":
         q = unpack(tensor, bits, dim=1, order=AWQ_ORDER)  # (K, N)
         return {"qweight": pack(q, bits, dim=0)}

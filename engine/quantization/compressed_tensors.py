@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from hearth.kernels.int_pack import default_g_idx, pack, unpack
+from hearth.engine.quantization.int_layout import default_g_idx, pack, unpack
 
 TENSORS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 

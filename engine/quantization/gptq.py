@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from hearth.kernels.int_pack import pack, unpack
+from hearth.engine.quantization.int_layout import pack, unpack
 
 TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 

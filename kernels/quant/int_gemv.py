@@ -1,6 +1,6 @@
 """Decode GEMV / skinny GEMM (M <= 16) over int4 / int8 weights in the int layout
-(kernels/int_pack.py): qweight (K // pack, N) int32 packed along K, zeros (G, N) uint8,
-scales (G, N); input k is in group k // group_size.
+(engine/quantization/int_layout.py): qweight (K // pack, N) int32 packed along K, zeros (G, N)
+uint8, scales (G, N); input k is in group k // group_size.
 
 Decode is bound by reading the weights, so every byte is loaded once and the arithmetic per weight
 is kept to about three instructions:
@@ -23,22 +23,11 @@ is kept to about three instructions:
          chunk chunk ...                                      last arrival: out = sum over S
 
 Act-order (g_idx) weights and group sizes that are no multiple of 32 // bits stay on
-kernels/quant_gemm.py. At M > 1, steps of fewer than 8 word rows (small groups: GGUF group 32,
+kernels/quant/quant_gemm.py. At M > 1, steps of fewer than 8 word rows (small groups: GGUF group 32,
 Q6_K group 16) are padded with zero rows to 8: Triton 3.6 computed the tf32 row sums wrongly
 with 4 rows on an H200.
 
-Versions, Llama-3-8B linears (qkv + o + gate_up + down, int4 g128, bf16 x, M = 1), H200, CUDA-graph
-replays with the weights rotated out of L2 (bench/quant_gpu.py --sweep):
-- dequant-GEMM of quant_gemm.py (per-element word/zero/scale loads, tl.dot): 566 us; W5 19.1 ms.
-- this kernel, one value per shift + and + or + FMA, x loads masked (SASS: ~5.3 instructions per
-  weight): 70 us with the best blocks; W5 3.10 ms.
-- rotate-pairs + lop3 asm, unmasked x loads (~3.5-4.4 per weight): 70 us; W5 3.05 ms. Fewer
-  instructions did not move the time: neither issue nor the loads alone bound it.
-- the next chunk's words prefetched into registers: ptxas moves the loads after the math anyway;
-  forcing them earlier with a barrier: 74 us, W5 3.24 ms (slower; reverted).
-Per linear (best blocks): qkv 10.3 us (1.3 TB/s), o 9.4 (0.9), gate_up 29.5 (2.1), down 19.6
-(1.6): about 6 us fixed cost per launch and ~2.5 TB/s beyond it. Still open: the fixed cost
-(split-K tail, ramp-up) and the overlap of loads with math.
+The versions tried and their timings: docs/benchmarks.md, "Kernel design notes".
 """
 
 from __future__ import annotations
@@ -71,9 +60,8 @@ def default_blocks(m: int) -> GemvBlocks:
 def supports(x: torch.Tensor, bits: int, group_size: int) -> bool:
     """Whether int_quant_matmul sends this x (M <= 16 rows) and group size to int_gemv. At M > 1
     the row sums run as tf32 mmas on CUDA: exact only for 16-bit x. Steps shorter than 8 word
-    rows are padded (see int_gemv); measured on an H200 (docs/benchmarks.md), that pays for
-    8-bit group 16 (GGUF Q6_K: down at M = 16 299 -> 100 us) but not for 4-bit group 32
-    (gate_up 94 -> 134 us), which int_mma runs faster."""
+    rows are padded (see int_gemv): that pays for 8-bit small groups (GGUF Q6_K, group 16) but
+    not for 4-bit group 32, which int_mma runs faster (docs/benchmarks.md)."""
     M = x.shape[0]
     if M > 16 or group_size % (32 // bits):
         return False
@@ -226,8 +214,8 @@ def _int_gemv_kernel(
     k_end = tl.minimum(k_start + k_per_split, K)
     if BLOCK_M == 1:
         # The next chunk's loads are issued before this chunk's math in the IR, but ptxas moves
-        # them after it (to save registers): no overlap. Pinning them with a barrier was slower
-        # (74 against 70 us for the four Llama-3-8B linears, H200); other warps hide the latency.
+        # them after it (to save registers): other warps hide the latency. Pinning them with a
+        # barrier was slower (docs/benchmarks.md).
         words, s, z = _load_weights(qw_ptr, z_ptr, s_ptr, k_start, k_end, rn, N, stride_qk,
                                     stride_zg, stride_sg, BITS, GROUP_SIZE, CHUNK, ROWS_PAD)
         for kk in range(k_start, k_end, CHUNK):
@@ -297,7 +285,7 @@ def int_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales
 
     `counters`: int32 zeros, at least one per N tile (N of them always suffice); the kernel leaves
     them zero. A layer passes its own so that a call needs no memset; None allocates them.
-    `offset`: zeros holds float offsets b, w = q s + b (kernels/int_pack.py)."""
+    `offset`: zeros holds float offsets b, w = q s + b (engine/quantization/int_layout.py)."""
     M, K = x.shape
     N = qweight.shape[1]
     if M > 16:

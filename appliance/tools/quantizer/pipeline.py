@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from hearth.engine.quantization import algorithms
-from hearth.engine.quantization.algorithms import QuantResult
-from hearth.engine.quantization.calibration import DenseCausalAttention
+from hearth.appliance.tools.quantizer import algorithms
+from hearth.appliance.tools.quantizer.algorithms import QuantResult
+from hearth.appliance.tools.quantizer.calibration import DenseCausalAttention
 
 LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 METHODS = ("awq", "gptq", "rtn")

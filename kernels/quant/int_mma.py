@@ -1,5 +1,5 @@
 """int (AWQ / GPTQ / compressed-tensors) weights at M > 16 rows of 16-bit x, for
-kernels/quant_gemm.py's `int_quant_matmul` (the layout is described there):
+kernels/quant/quant_gemm.py's `int_quant_matmul` (the layout is described there):
 
 `int_mma`: each program owns a (BLOCK_M, BLOCK_N) output tile and walks K in steps that lie in
 one group, so zeros and scales are one (BLOCK_N,) load per step. The (BLOCK_K // pack, BLOCK_N)
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from hearth.kernels.int4_frag import frag_tile
-from hearth.kernels.int_gemv import store_tile
+from hearth.kernels.quant.int4_frag import frag_tile
+from hearth.kernels.quant.int_gemv import store_tile
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class GemmBlocks:
 
 # (largest M, int_mma's blocks, or None: int_dequant_matmul), the first that fits; beyond the
 # last entry, int_dequant_matmul.
-# Measured (module docstring): int_mma wins up to M = 64, the dequantized copy from M = 128.
+# int_mma wins up to M = 64, the dequantized copy from M = 128 (docs/benchmarks.md).
 GEMM_BLOCKS: tuple[tuple[int, GemmBlocks | None], ...] = (
     (64, GemmBlocks(64, 64, 128, 4, 4, True, True)),
 )
@@ -142,7 +142,7 @@ def _int_mma_kernel(
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):  # K and the split are multiples of BLOCK_K
         x = tl.load(x_ptrs + k0, mask=(rm < M)[:, None], other=0.0)
-        if FRAG:  # fragment words (kernels/int4_tc.py): 4 bits, BLOCK_N % 16, BLOCK_K % 64
+        if FRAG:  # fragment words (kernels/quant/int4_tc.py): 4 bits, BLOCK_N % 16, BLOCK_K % 64
             q = frag_tile(qw_ptr, pid_n * (BLOCK_N // 16) + tl.arange(0, BLOCK_N // 16),
                           k0 // 64 + tl.arange(0, BLOCK_K // 64), N, K, BLOCK_N // 16,
                           BLOCK_K // 64)
@@ -186,7 +186,7 @@ def int_mma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales:
             frag: bool = False) -> torch.Tensor:
     """x (M, K) @ W^T for 16-bit x, W dequantized tile by tile in registers (arguments as checked
     by int_quant_matmul); `blocks` default to mma_blocks(M). `frag`: qweight holds 4-bit
-    fragment words (N // 16, K // 64, 32, 4) (kernels/int4_tc.py); the step must be a multiple
+    fragment words (N // 16, K // 64, 32, 4) (kernels/quant/int4_tc.py); the step must be a multiple
     of 64 (groups of 64 or more)."""
     M, K = x.shape
     N = qweight.shape[0] * 16 if frag else qweight.shape[1]

@@ -1,6 +1,6 @@
 """4-bit weights on CPU through torch's packed-int4 GEMV (`_weight_int4pack_mm_for_cpu`): GGUF
 Q4_0 / Q4_1 blocks (`pack_gguf`) and the int layout of AWQ / GPTQ / compressed-tensors
-(`pack_int`, kernels/int_pack.py; w = (q - z) s → scale s, zero (8 - z) s).
+(`pack_int`, int_layout.py; w = (q - z) s → scale s, zero (8 - z) s).
 
 Decode on a CPU is bound by memory bandwidth: a float32 weight costs 8x the bytes of a 4-bit one.
 torch ships a vectorised int4 weight-only matmul for CPUs (bf16/fp16 activations, group-wise
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hearth.kernels.gguf_quant import BLOCKS, _f16, _nibbles
+from hearth.engine.quantization import int_layout
+from hearth.engine.quantization.gguf_blocks import BLOCKS, f16, nibbles
 
 TYPES = ("Q4_0", "Q4_1")
 GROUP = 32
@@ -66,14 +67,12 @@ def pack_int(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g
              dtype: torch.dtype) -> Int4Weight:
     """Int layout (qweight (K // 8, N) int32, zeros and scales (K // group, N)) → Int4Weight:
     scale s, zero (8 - z) s, so that (q - 8) s + (8 - z) s = (q - z) s."""
-    from hearth.kernels.int_pack import unpack
-
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     if not supported_int(4, group_size, n, k, dtype):
         raise ValueError(f"int4 {n}x{k}, group {group_size}, in {dtype} cannot take the CPU int4 "
                          f"path (needs groups of {INT_GROUPS}, rows a multiple of {_TILE}, "
                          f"bf16/fp16)")
-    q = unpack(qweight, 4, dim=0).t().contiguous().to(torch.int32)  # (N, K)
+    q = int_layout.unpack(qweight, 4, dim=0).t().contiguous().to(torch.int32)  # (N, K)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     s = scales.float()
     scale_zero = torch.stack([s, (8.0 - zeros.float()) * s], dim=-1).to(dtype).contiguous()
@@ -88,13 +87,13 @@ def pack_gguf(raw: torch.Tensor, qtype: str, in_features: int, dtype: torch.dtyp
                          f"(needs Q4_0/Q4_1, rows a multiple of {_TILE}, bf16/fp16)")
     size = BLOCKS[qtype][1]
     blocks = raw.reshape(n, in_features // GROUP, size)
-    d = _f16(blocks[..., 0:2])[..., 0]  # (N, K // 32)
+    d = f16(blocks[..., 0:2])[..., 0]  # (N, K // 32)
     if qtype == "Q4_0":
         qs, zero = blocks[..., 2:], torch.zeros_like(d)
     else:
-        m = _f16(blocks[..., 2:4])[..., 0]
+        m = f16(blocks[..., 2:4])[..., 0]
         qs, zero = blocks[..., 4:], m + 8.0 * d
-    q = _nibbles(qs.reshape(-1, 16), 16).reshape(n, in_features).to(torch.int32)
+    q = nibbles(qs.reshape(-1, 16), 16).reshape(n, in_features).to(torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     scale_zero = torch.stack([d.t(), zero.t()], dim=-1).to(dtype).contiguous()
     return Int4Weight(packed, scale_zero, n, in_features)

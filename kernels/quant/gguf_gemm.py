@@ -1,36 +1,51 @@
 """llama.cpp weights kept in their blocks (Q4_0 / Q4_1 / Q8_0, and the K-quants Q4_K / Q6_K):
 out (M, N) = x (M, K) @ W^T, reading the blocks in place.
 
-GGUFLinear does not use it on CUDA: it repacks every type exactly into the int layout at load
-(gguf_quant.to_int_layout), which the int kernels read 6-190x faster at decode (per-element byte
-reads bound this kernel; docs/benchmarks.md). It stays as the in-place path, for benchmarks and
-as a check of the block formats on the GPU.
+GGUFLinear does not use it: on CUDA it repacks every type exactly into the int layout at load,
+which the int kernels read much faster at decode (per-element byte reads bound this kernel;
+docs/benchmarks.md). It stays as the in-place path, for benchmarks and as a check of the block
+formats on the GPU.
 
 qweight is the raw (N, K // B * block_bytes) uint8 rows, B = 32 or 256 weights per block
-(kernels/gguf_quant.py draws the layouts); the float16 d (and m, dmin) of each block are rebuilt
-from their two bytes inside the kernel. Each program owns a (BLOCK_M, BLOCK_N) output tile and
-dequantizes a (BLOCK_K, BLOCK_N) weight tile per step in fp32, then tl.dot; every weight finds its
-block, scales and quant bits from its own index k, so any BLOCK_K and split boundary works (the
-K-quants' per-element scale reads mostly hit L1). At M <= 16 split-K fills the GPU (fp32 partials
-summed afterwards):
+(engine/quantization/gguf_blocks.py draws the layouts; `GGUF_KERNEL_TYPES` declares the geometry
+this kernel decodes, and a test checks it against the format's table); the float16 d (and m,
+dmin) of each block are rebuilt from their two bytes inside the kernel. Each program owns a
+(BLOCK_M, BLOCK_N) output tile and dequantizes a (BLOCK_K, BLOCK_N) weight tile per step in fp32,
+then tl.dot; every weight finds its block, scales and quant bits from its own index k, so any
+BLOCK_K and split boundary works (the K-quants' per-element scale reads mostly hit L1). At M <= 16
+split-K fills the GPU (fp32 partials summed afterwards):
 
     grid = (M tiles, N tiles, SPLIT_K)          K: |--split 0--|--split 1--|...|--split S-1--|
 
-The launcher (blocks by M, split choice) is kernels/quant_gemm.py's `launch`. The reference
-dequantizes with kernels/gguf_quant.py and calls F.linear.
+The launcher (blocks by M, split choice) is kernels/quant/quant_gemm.py's `launch`. The reference is
+quant_gemm's `dequantized_matmul_ref` on gguf_blocks.dequantize's weight.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from hearth.kernels.gguf_quant import BLOCKS, dequantize
-from hearth.kernels.quant_gemm import check_x, launch, precision
+from hearth.kernels.quant.quant_gemm import check_x, launch, precision
 
-GGUF_KERNEL_TYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q6_K": 4}  # the QTYPE constexpr
+
+@dataclass(frozen=True)
+class KernelType:
+    qtype: int  # the QTYPE constexpr
+    block_weights: int  # weights per block
+    block_bytes: int  # bytes per block
+
+
+GGUF_KERNEL_TYPES = {
+    "Q4_0": KernelType(0, 32, 18),
+    "Q4_1": KernelType(1, 32, 20),
+    "Q8_0": KernelType(2, 32, 34),
+    "Q4_K": KernelType(3, 256, 144),
+    "Q6_K": KernelType(4, 256, 210),
+}
 
 
 @triton.jit
@@ -120,19 +135,16 @@ def _gguf_gemm_kernel(
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def gguf_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, qtype: str) -> torch.Tensor:
-    return F.linear(x, dequantize(qweight, qtype, x.shape[1]).to(x.dtype))
-
-
 def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: str,
                 split_k: int | None = None) -> torch.Tensor:
     """x (M, K) @ W^T with W (N, K) in llama.cpp blocks → (M, N) in x's dtype."""
     if qtype not in GGUF_KERNEL_TYPES:
         raise ValueError(f"no kernel for GGUF type {qtype}; supported: "
-                         f"{', '.join(GGUF_KERNEL_TYPES)} (others use gguf_matmul_ref)")
+                         f"{', '.join(GGUF_KERNEL_TYPES)} (others: dequantize, then F.linear)")
     check_x(x)
     M, K = x.shape
-    block, block_bytes = BLOCKS[qtype]
+    kind = GGUF_KERNEL_TYPES[qtype]
+    block, block_bytes = kind.block_weights, kind.block_bytes
     if K % block:
         raise ValueError(f"{qtype} packs {block} weights per block: K must be a multiple of "
                          f"{block}, got K={K}")
@@ -146,7 +158,7 @@ def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: str,
     return launch(x, N, K, split_k, lambda out, grid, k_split, blocks: _gguf_gemm_kernel[grid](
         x, qweight, out, M, N, K, k_split, qweight.stride(0), x.stride(0),
         out.stride(0), out.stride(1),
-        QTYPE=GGUF_KERNEL_TYPES[qtype], BLOCK_WEIGHTS=block, BLOCK_BYTES=block_bytes,
+        QTYPE=kind.qtype, BLOCK_WEIGHTS=block, BLOCK_BYTES=block_bytes,
         PRECISION=precision(x),
         **blocks,
     ))  # fmt: skip

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from hearth.appliance.tools.quantizer.algorithms import QuantResult
 from hearth.engine.quantization import awq, gptq
-from hearth.engine.quantization.algorithms import QuantResult
-from hearth.kernels.int_pack import default_g_idx
+from hearth.engine.quantization.int_layout import default_g_idx
 
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
            "generation_config.json", "chat_template.jinja", "tokenizer.model")

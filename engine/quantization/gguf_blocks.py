@@ -12,7 +12,8 @@ A weight (N, K) is stored as N rows of K // B blocks, each block B weights in `s
                       w = d * sc_s * (q - 32)   (q: 4 bits from ql, 2 from qh)
 
 On CUDA, GGUFLinear repacks all five exactly into the int layout (`to_int_layout`); the block
-kernel kernels/gguf_gemm.py reads them in place. The torch code here is the reference of both.
+kernel kernels/quant/gguf_gemm.py reads them in place (it declares the same geometry; a test checks
+that it equals BLOCKS). The torch code here is the reference of both.
 
 Rows are independent, so fused projections concatenate rows and llama.cpp's Q/K row permutation
 is undone by permuting whole rows, bytes untouched. The references follow gguf-py's numpy
@@ -22,6 +23,8 @@ dequantizers op for op (float32), so the kept-quantized CPU path gives the same 
 from __future__ import annotations
 
 import torch
+
+from hearth.engine.quantization.int_layout import pack
 
 BLOCKS = {  # type: (weights per block, bytes per block)
     "Q4_0": (32, 18),
@@ -60,11 +63,11 @@ def _block(qtype: str) -> tuple[int, int]:
     return BLOCKS[qtype]
 
 
-def _f16(b: torch.Tensor) -> torch.Tensor:  # (n, 2) uint8 → (n, 1) float32
+def f16(b: torch.Tensor) -> torch.Tensor:  # (n, 2) uint8 → (n, 1) float32
     return b.contiguous().view(torch.float16).float()
 
 
-def _nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
+def nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
     """(n, m) bytes → (n, 2m) values: each run of `group` bytes gives its low then high nibbles."""
     n = qs.shape[0]
     qs = qs.reshape(n, -1, 1, group)
@@ -73,18 +76,18 @@ def _nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def _q4_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b[:, :2])
-    q = _nibbles(b[:, 2:], 16).to(torch.int8) - 8
+    d = f16(b[:, :2])
+    q = nibbles(b[:, 2:], 16).to(torch.int8) - 8
     return d * q.float()
 
 
 def _q4_1(b: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
-    return d * _nibbles(b[:, 4:], 16).float() + m
+    d, m = f16(b[:, :2]), f16(b[:, 2:4])
+    return d * nibbles(b[:, 4:], 16).float() + m
 
 
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
-    return _f16(b[:, :2]) * b[:, 2:].contiguous().view(torch.int8).float()
+    return f16(b[:, :2]) * b[:, 2:].contiguous().view(torch.int8).float()
 
 
 def _q4_k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,11 +101,11 @@ def _q4_k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _q4_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+    d, dmin = f16(b[:, :2]), f16(b[:, 2:4])
     sc, mn = _q4_k_scales(b[:, 4:16])
     d = (d * sc.float()).reshape(n, -1, 1)  # (n, 8, 1)
     dm = (dmin * mn.float()).reshape(n, -1, 1)
-    q = _nibbles(b[:, 16:], 32).reshape(n, -1, 32).float()
+    q = nibbles(b[:, 16:], 32).reshape(n, -1, 32).float()
     return (d * q - dm).reshape(n, 256)
 
 
@@ -121,7 +124,7 @@ def _q6_k_quants(b: torch.Tensor) -> torch.Tensor:
 
 def _q6_k_scales(b: torch.Tensor) -> torch.Tensor:
     """(n, 210) blocks -> (n, 16) float32 d * scale of each 16 weights."""
-    return _f16(b[:, 208:210]) * b[:, 192:208].contiguous().view(torch.int8).float()
+    return f16(b[:, 208:210]) * b[:, 192:208].contiguous().view(torch.int8).float()
 
 
 def _q6_k(b: torch.Tensor) -> torch.Tensor:
@@ -130,8 +133,8 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     return (_q6_k_scales(b).reshape(n, 16, 1) * q.reshape(n, 16, -1).float()).reshape(n, 256)
 
 
-# On CUDA these types are repacked exactly into the int layout (kernels/int_pack.py) and run on
-# the int kernels: (group size, bits, offset). Offset types hold w = q s + b (b in `zeros`).
+# On CUDA these types are repacked exactly into the int layout (int_layout.py) and run on the
+# int kernels: (group size, bits, offset). Offset types hold w = q s + b (b in `zeros`).
 INT_LAYOUT_TYPES = {"Q4_0": (32, 4, False), "Q8_0": (32, 8, False), "Q4_1": (32, 4, True),
                     "Q4_K": (32, 4, True), "Q6_K": (16, 8, False)}
 
@@ -140,16 +143,16 @@ def _int_parts(b: torch.Tensor, qtype: str):
     """(n, size) blocks -> unsigned quants (n, B) uint8, scales (n, B // group) and zeros (the
     integer zero point, or the float offset b of offset types), matching the references."""
     if qtype == "Q4_0":
-        return _nibbles(b[:, 2:], 16), _f16(b[:, :2]), 8
+        return nibbles(b[:, 2:], 16), f16(b[:, :2]), 8
     if qtype == "Q8_0":
         q = (b[:, 2:].contiguous().view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
-        return q, _f16(b[:, :2]), 128
+        return q, f16(b[:, :2]), 128
     if qtype == "Q4_1":
-        return _nibbles(b[:, 4:], 16), _f16(b[:, :2]), _f16(b[:, 2:4])
+        return nibbles(b[:, 4:], 16), f16(b[:, :2]), f16(b[:, 2:4])
     if qtype == "Q4_K":
         sc, mn = _q4_k_scales(b[:, 4:16])
-        return (_nibbles(b[:, 16:], 32), _f16(b[:, :2]) * sc.float(),
-                -(_f16(b[:, 2:4]) * mn.float()))
+        return (nibbles(b[:, 16:], 32), f16(b[:, :2]) * sc.float(),
+                -(f16(b[:, 2:4]) * mn.float()))
     return _q6_k_quants(b), _q6_k_scales(b), 32  # Q6_K: (q - 32) d sc
 
 
@@ -160,8 +163,6 @@ def to_int_layout(raw: torch.Tensor, qtype: str, cols: int):
     scales are d (float16) or d * sub-block scale (float32, K-quants)."""
     if qtype not in INT_LAYOUT_TYPES:
         raise ValueError(f"{qtype} has no int layout; supported: {', '.join(INT_LAYOUT_TYPES)}")
-    from hearth.kernels.int_pack import pack
-
     group, bits, offset = INT_LAYOUT_TYPES[qtype]
     size = _block(qtype)[1]
     n = raw.shape[0]

@@ -1,17 +1,20 @@
 """Dequantize-and-multiply for quantized linears: out (M, N) = x (M, K) @ W^T.
 
-Int weights (AWQ / GPTQ / compressed-tensors) in the int layout (kernels/int_pack.py): qweight
-(K // pack, N) int32, 4 or 8 bits packed along K; zeros (G, N) uint8; scales (G, N); g_idx (K,)
-(read only for act-order; otherwise group = k // group_size). `int_quant_matmul` picks by M:
+Int weights (AWQ / GPTQ / compressed-tensors) in the int layout
+(engine/quantization/int_layout.py): qweight (K // pack, N) int32, 4 or 8 bits packed along K;
+zeros (G, N) uint8; scales (G, N); g_idx (K,) (read only for act-order; otherwise group =
+k // group_size). `int_quant_matmul` picks by M:
 
-    M <= GEMV_MAX_M (16)        kernels/int_gemv.py: the decode GEMV
-    M > 16, 16-bit x            by M bucket (kernels/int_mma.py's `GEMM_BLOCKS`, measured):
+    M <= GEMV_MAX_M (16)        kernels/quant/int_gemv.py: the decode GEMV
+    M > 16, 16-bit x            by M bucket (kernels/quant/int_mma.py's `GEMM_BLOCKS`, measured):
                                 `int_mma`, W never materialised, or `int_dequant_matmul`, W
                                 written once into a scratch buffer, then cuBLAS
     fp32 x                      `_int_gemm_kernel` here: per-element dequant, fp32 math
 
-References (`*_ref`) dequantize the whole weight with kernels/int_pack.py and call F.linear.
-GGUF blocks: kernels/gguf_gemm.py (same launcher, `launch`).
+The reference of every kernel here and in kernels/quant/gguf_gemm.py is `dequantized_matmul_ref`:
+x @ W^T in x's dtype, with W dequantized by its format's torch code
+(hearth.engine.quantization; kernels import no engine code, so tests compose the two).
+GGUF blocks: kernels/quant/gguf_gemm.py (same launcher, `launch`).
 
 Measured per-M times and what bounds each path: docs/benchmarks.md (int4 at M > 16).
 """
@@ -22,9 +25,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from hearth.kernels import int_mma as mma
-from hearth.kernels.int_gemv import int_gemv, supports
-from hearth.kernels.int_pack import dequantize_int_layout
+from hearth.kernels.quant import int_mma as mma
+from hearth.kernels.quant.int_gemv import int_gemv, supports
 
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GEMV_MAX_M = 16  # int_quant_matmul sends up to this many rows to int_gemv (0: never; benchmarks)
@@ -77,10 +79,9 @@ def _int_gemm_kernel(
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def int_quant_matmul_ref(x, qweight, zeros, scales, g_idx, bits: int,
-                        offset: bool = False) -> torch.Tensor:
-    w_t = dequantize_int_layout(qweight, zeros, scales, g_idx, bits, offset)  # (K, N)
-    return F.linear(x, w_t.t().to(x.dtype))
+def dequantized_matmul_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ W^T → (M, N) in x's dtype, W (N, K) already dequantized (float32)."""
+    return F.linear(x, weight.to(x.dtype))
 
 
 def int_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,

@@ -16,6 +16,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hearth.engine.loader import iter_hf_weights, load_hf_config
+from hearth.engine.models.registry import model_class
+from hearth.engine.tokenizer import Tokenizer
+
 TEXT_FILE = Path(__file__).with_name("calibration.txt")
 HELD_OUT_MARKER = "==== held-out"
 
@@ -44,9 +48,6 @@ class DenseCausalAttention:
 
 def load_float_model(model_dir: str | Path) -> torch.nn.Module:
     """Our model on the CPU in float32 from an HF directory (float or quantized checkpoint)."""
-    from hearth.engine.loader import iter_hf_weights, load_hf_config
-    from hearth.engine.models.registry import model_class
-
     config = load_hf_config(model_dir)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
@@ -71,8 +72,6 @@ def forward_dense(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def token_ids(model_dir: str | Path, text: str) -> list[int]:
-    from hearth.engine.tokenizer import Tokenizer
-
     return Tokenizer.from_hf_dir(Path(model_dir)).encode(text, add_special_tokens=False)
 
 

@@ -1,7 +1,7 @@
-"""4-bit weights as mma fragment words (the layout kernels/int4_tc.py multiplies): packing at
+"""4-bit weights as mma fragment words (the layout kernels/quant/int4_tc.py multiplies): packing at
 load, its inverse, and the dequantized copy for large M.
 
-Layout (kernels/int4_tc.py has the why). W (N, K) is cut into 16 x 16 tiles; lane l (g = l // 4,
+Layout (int4_tc.py has the why). W (N, K) is cut into 16 x 16 tiles; lane l (g = l // 4,
 t = l % 4) of tile (nt, kt) holds one int32 word, its A fragment of `mma.m16n8k16.row.col`:
 registers a0..a3 = rows (g, g+8, g, g+8) x k slots (2t, 2t, 2t+8, 2t+8) + (0, 1); value e of a_r
 at nibble r + 4e. In the 32 inputs of tile pair (2p, 2p + 1), lane t's slots of tile 2p + h
@@ -15,22 +15,22 @@ import torch
 import triton
 import triton.language as tl
 
-from hearth.kernels.int_pack import unpack
-
 # W (N, K) viewed as (nt, row // 8, g, p, t, h, k8, e): row = 8 (row // 8) + g,
 # k = 32 p + 8 t + 4 h + 2 k8 + e; tile kt = 2 p + h, register r = 2 k8 + row // 8.
 _TO_FRAG = (0, 3, 5, 2, 4, 6, 1, 7)  # -> (nt, p, h, g, t, k8, row // 8, e)
 
 
-def frag_pack(qweight: torch.Tensor) -> torch.Tensor:
-    """int layout qweight (K // 8, N) int32 → fragment words (N // 16, K // 64, 32, 4) int32."""
-    q = unpack(qweight, 4, dim=0)  # (K, N)
+def frag_pack(q: torch.Tensor) -> torch.Tensor:
+    """4-bit values q (K, N) (the int layout's words unpacked, 0..15) → fragment words
+    (N // 16, K // 64, 32, 4) int32."""
     K, N = q.shape
     if K % 64 or N % 16:
         raise ValueError(f"fragment packing needs K % 64 == 0 and N % 16 == 0, got {K} x {N}")
+    if q.min() < 0 or q.max() > 15:
+        raise ValueError("fragment packing takes 4-bit values in [0, 15]")
     w = q.t().reshape(N // 16, 2, 8, K // 32, 4, 2, 2, 2).permute(*_TO_FRAG)
     vals = w.reshape(N // 16, K // 16, 32, 4, 2).to(torch.int32)  # nt, kt, lane, r, e
-    words = torch.zeros(N // 16, K // 16, 32, dtype=torch.int32, device=qweight.device)
+    words = torch.zeros(N // 16, K // 16, 32, dtype=torch.int32, device=q.device)
     for r in range(4):
         for e in range(2):
             words |= vals[..., r, e] << (4 * (r + 4 * e))
@@ -90,8 +90,7 @@ def _frag_dequant_kernel(qw_ptr, z_ptr, s_ptr, w_ptr, N, K, stride_zg, stride_sg
 
 DEQUANT_TILES = (2, 4, 4)  # frag_dequantize: n tiles, 64-input quads, warps a program
 # True: _frag_dequant_direct_kernel, lanes store their own 16-byte runs (no permute through
-# shared memory; exact on CPU, compiled for sm_90, not yet timed on a GPU: the default stays the
-# permute kernel measured in docs/benchmarks.md).
+# shared memory). Off until it is timed on a GPU (docs/benchmarks.md).
 DEQUANT_DIRECT = False
 
 

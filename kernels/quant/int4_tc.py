@@ -1,22 +1,16 @@
 """Decode GEMV on the tensor cores for 4-bit weights (M <= 16): out = x @ W^T, W int4 with group
-scales and zero points (or offsets), the weights re-packed once at load into mma fragments.
+scales and zero points (or offsets), the weights re-packed once at load into mma fragment words
+(int4_frag.py draws the layout: which row, k slot and nibble each bit of a lane's word holds).
 
-Why: the fp32 GEMV (kernels/int_gemv.py) spends ~3.7 instructions per weight (decode, FMA, x
-loads). Here one `mma.sync.m16n8k16` takes 256 weights, so a lane spends about one instruction
-per weight: 3 shifts and 4 `lop3` turn its word into the mma's four A registers and the tensor
-core does the multiply-adds (fp32 accumulate).
-
-Fragment layout (kernels/int4_frag.py: `frag_pack`, and the dequantized copy for large M).
-W (N, K) is cut into 16 x 16 tiles; lane l (g = l // 4, t = l % 4) of tile (nt, kt) holds one
-int32 word, its A fragment of `mma.m16n8k16.row.col`: registers a0..a3 = rows (g, g+8, g, g+8)
-x k slots (2t, 2t, 2t+8, 2t+8) + (0, 1); value e of a_r at nibble r + 4e, so
-`lop3(word >> 4r, 0x000F000F, MAGIC)` is a_r as two 16-bit floats MAGIC + q
-(bf16 128 + q, fp16 1024 + q: exact). Which input k sits in which slot is free (A and B are
-permuted alike); it is chosen so that a lane's x values are contiguous: in the 32 inputs of tile
-pair (2p, 2p + 1), lane t's slots of tile 2p + h hold inputs 32p + 8t + 4h + (0, 1, 2, 3), so one
-16-byte load gives a lane its B registers for two tiles. Words are stored (N/16, K/64, 32, 4):
-a lane's words of four consecutive tiles in one 16-byte load. No shared memory, no shuffles: the
-words a lane loads are its operands.
+Why: the fp32 GEMV (int_gemv.py) spends ~3.7 instructions per weight (decode, FMA, x loads).
+Here one `mma.sync.m16n8k16` takes 256 weights, so a lane spends about one instruction per
+weight: 3 shifts and 4 `lop3` turn its word into the mma's four A registers (value e of a_r sits
+at nibble r + 4e, so `lop3(word >> 4r, 0x000F000F, MAGIC)` is a_r as two 16-bit floats MAGIC + q:
+bf16 128 + q, fp16 1024 + q, exact), and the tensor core does the multiply-adds (fp32
+accumulate). Which input k sits in which slot is free (A and B are
+permuted alike); it is chosen so that one 16-byte load gives a lane its x (B registers) for two
+tiles, and one more its words of four tiles. No shared memory, no shuffles: the words a lane
+loads are its operands.
 
 Per group (32 inputs or a multiple of 64; per-channel: K), with x's rows as the mma's 8 columns
 (two mmas a word when M > 8), the mmas give G = sum_k (MAGIC + q) x, and an mma with A = 1 gives
@@ -26,12 +20,11 @@ part):
     zero points:  out += s (G - (MAGIC + z) X)
     offsets (w = q s + b):  out += s (G - MAGIC X) + b X
 
-Words, x and the group's parameters are loaded a chunk (KC tiles) ahead in registers (two
-chunks ahead for the words measured slower: docs/benchmarks.md). Split-K as in
-int_gemv: partial sums per split, the last split to arrive adds them in order. On Hopper the
-kernel launches with PDL (kernels/pdl.py): its first chunk of words and group parameters load
-while the kernel before it finishes; x only after `pdl.wait`. H200, the four
-Llama-3-8B linears at M = 1: 55 µs (the GEMV: 68; docs/benchmarks.md). Above 16 rows: frag_matmul.
+Words, x and the group's parameters are loaded a chunk (KC tiles) ahead in registers. Split-K
+as in int_gemv: partial sums per split, the last split to arrive adds them in order. On Hopper
+the kernel launches with PDL (kernels/pdl.py): its first chunk of words and group parameters
+load while the kernel before it finishes; x only after `pdl.wait`. Above 16 rows: frag_matmul.
+Timings: docs/benchmarks.md.
 
 The mma is inline PTX issued by `tl.inline_asm_elementwise` once per tensor element. Every tensor
 it touches is 1-D with one element per thread (lane = element % 32): Triton's layout for such a
@@ -49,9 +42,10 @@ import torch
 import triton
 import triton.language as tl
 
-from hearth.kernels import int_mma, pdl
-from hearth.kernels.int4_frag import frag_dequantize
-from hearth.kernels.int_gemv import finish_split, split_scratch
+from hearth.kernels import pdl
+from hearth.kernels.quant import int_mma
+from hearth.kernels.quant.int4_frag import frag_dequantize
+from hearth.kernels.quant.int_gemv import finish_split, split_scratch
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MAGIC_DTYPES = (torch.bfloat16, torch.float16)
@@ -65,7 +59,7 @@ class TcBlocks:
 
 
 def default_blocks(m: int) -> TcBlocks:
-    return TcBlocks(4, 4, 4)  # H200: 4 n tiles a program, 4 waves: best at M = 1..16
+    return TcBlocks(4, 4, 4)  # 4 n tiles a program, 4 waves: the best at M = 1..16 (H200)
 
 
 ENABLED = True  # layers convert eligible weights at load (False: keep the int layout; benchmarks)
@@ -470,10 +464,11 @@ def int4_tc(x: torch.Tensor, words: torch.Tensor, zeros: torch.Tensor, scales: t
 def frag_matmul(x: torch.Tensor, words: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
                 group_size: int, *, counters: torch.Tensor | None = None,
                 offset: bool = False) -> torch.Tensor:
-    """x (M, K) @ W^T for a layer kept in fragment words, by rows (H200, Llama-3-8B linears):
-    int4_tc up to TC_MAX_M (16 per launch); int_mma dequantizing tiles of the words up to
-    MMA_MAX_M (groups of 64 or more); above, W dequantized into the scratch buffer every layer
-    shares and cuBLAS (prefill, big batches), as int_mma.int_dequant_matmul for the int layout."""
+    """x (M, K) @ W^T for a layer kept in fragment words, by rows: int4_tc up to TC_MAX_M (16
+    per launch); int_mma dequantizing tiles of the words up to MMA_MAX_M (groups of 64 or more);
+    above, W dequantized into the scratch buffer every layer shares and cuBLAS (prefill, big
+    batches), as int_mma.int_dequant_matmul for the int layout. The thresholds come from timings
+    of the Llama-3-8B linears (docs/benchmarks.md)."""
     M = x.shape[0]
     if M <= TC_MAX_M and x.dtype in _MAGIC_DTYPES and (x.is_cuda or _INTERPRETING):
         if M <= 16:
