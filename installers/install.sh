@@ -4,10 +4,11 @@
 #   tar xf hearth-bundle.tar && sudo hearth-bundle/install.sh
 #
 # It needs no network: it checks every file against manifest.json (sha256sum) and refuses to go
-# on if one was altered, creates a venv, installs the bundled wheels (pip --no-index), installs the
-# bundled models into the catalogue, writes /etc/hearth/hearth.env (kept on upgrade), and installs
-# and starts a hardened systemd unit, then waits for /health and prints the URL. Where systemd is
-# not running (a container), it says so and prints how to start Hearth by hand.
+# on if one was altered, creates a venv, installs the bundled wheels (pip --no-index, at the
+# versions of the bundle's lock file), installs the bundled models into the catalogue, writes
+# /etc/hearth/hearth.env (kept on upgrade), and installs and starts a hardened systemd unit, then
+# waits for /health and prints the URL. Where systemd is not running (a container), it says so and
+# prints how to start Hearth by hand.
 # Running it again upgrades in place: config and models are kept. See installers/uninstall.sh.
 set -euo pipefail
 
@@ -110,8 +111,9 @@ install_venv() {
     fi
     # --isolated: ignore pip configuration and PIP_* variables (an index URL would mean network).
     local pip=("$venv_python" -m pip --isolated --disable-pip-version-check --no-input -q)
-    say "installing wheels (pip --no-index)"
-    "${pip[@]}" install --no-index --find-links "$BUNDLE/wheels" --upgrade -r "$BUNDLE/requirements.txt"
+    say "installing wheels (pip --no-index, the versions of requirements.lock)"
+    "${pip[@]}" install --no-index --find-links "$BUNDLE/wheels" --upgrade \
+        -c "$BUNDLE/requirements.lock" -r "$BUNDLE/requirements.txt"
     # The same version number may carry new code: always reinstall Hearth itself.
     "${pip[@]}" install --no-index --no-deps --force-reinstall "$BUNDLE"/wheels/hearth-*.whl
     mkdir -p "$OPT/bin"

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from hearth.appliance.tools import doctor
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -40,11 +42,13 @@ def test_doctor_on_this_machine(free_port):
     result = _doctor("--port", str(free_port))
     checks = _lines(result.stdout)
     assert list(checks) == [
-        "python", "packages", "torch", "cpu", "gpu", "model", "checksums", "memory", "disk", "port"
+        "python", "packages", "torch", "lock", "cpu", "gpu", "model", "checksums", "memory", "disk",
+        "port",
     ]  # fmt: skip
     assert result.returncode == 0, result.stdout
     assert checks["python"][1].startswith(".".join(map(str, sys.version_info[:3])))
     assert checks["torch"][0] == "OK" and "2." in checks["torch"][1]
+    _check_lock_line(checks["lock"])
     assert checks["cpu"][0] == "OK" and f"{os.cpu_count()} cores" in checks["cpu"][1]
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     if " amx_bf16" in flags or " avx512_bf16" in flags:  # this machine: the fast path is named
@@ -59,6 +63,32 @@ def test_doctor_on_this_machine(free_port):
     assert checks["disk"][0] == "OK" and "GiB free" in checks["disk"][1]
     assert checks["port"] == ("OK", f"127.0.0.1:{free_port} is free")
     assert result.stdout.rstrip().endswith("ready to serve")
+
+
+def _check_lock_line(line: tuple[str, str]) -> None:
+    """OK where this venv holds the lock's versions (`make test`), else WARN naming the first
+    differences (.ci/latest runs the suite on the newest versions)."""
+    name = doctor.LOCK_FILES[doctor.lock_variant()]
+    differences = doctor.lock_differences(doctor.read_lock(name), doctor.installed_versions())
+    if differences:
+        assert line[0] == "WARN" and line[1].startswith(f"{len(differences)} differ from {name}: ")
+        assert differences[0] in line[1]
+    else:
+        assert line[0] == "OK" and line[1].startswith(f"installed versions match {name} (")
+
+
+def test_lock_differences_name_the_installed_and_the_locked_version():
+    locked = doctor.parse_lock(
+        "# a header\nNumPy==2.4.6\n    # via hearth\ntorch==2.13.0+cpu\ntyping_extensions==4.0\n"
+        "gone==1.0 ; python_version < '3.11'\n"
+    )
+    assert locked == {"numpy": "2.4.6", "torch": "2.13.0+cpu", "typing-extensions": "4.0",
+                      "gone": "1.0"}  # fmt: skip
+    installed = {"numpy": "2.4.5", "torch": "2.13.0+cpu", "typing-extensions": "4.1", "extra": "1"}
+    assert doctor.lock_differences(locked, installed) == [
+        "numpy installed 2.4.5, lock 2.4.6", "typing-extensions installed 4.1, lock 4.0"
+    ]  # fmt: skip
+    assert doctor.normalize("Typing_Extensions") == doctor.normalize("typing.extensions")
 
 
 def test_doctor_names_a_busy_port_and_a_modified_model(tmp_path):

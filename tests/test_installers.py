@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from hearth.appliance.tools.doctor import normalize, parse_lock
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
 MODEL_FILE = f"models/{MODEL}/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -82,8 +84,23 @@ def test_bundle_holds_what_serving_needs_and_a_manifest_of_it(bundle):
               if name.startswith("wheels/")}  # fmt: skip
     assert {"hearth", "torch", "fastapi", "uvicorn", "gguf", "tokenizers", "numpy"} <= wheels
     assert not wheels & {"pytest", "gradio", "transformers", "hypothesis", "triton"}
-    for name in ("install.sh", "uninstall.sh", "hearth.service", "Dockerfile", "requirements.txt"):
+    for name in ("install.sh", "uninstall.sh", "hearth.service", "Dockerfile", "requirements.txt",
+                 "requirements.lock"):  # fmt: skip
         assert name in manifest["files"]
+    assert manifest["lock"] == "requirements-cpu.lock"
+    assert (bundle / "requirements.lock").read_text() == (REPO / manifest["lock"]).read_text()
+
+
+def test_bundle_wheels_are_the_locked_versions(bundle):
+    locked = parse_lock((bundle / "requirements.lock").read_text())
+    found = {}
+    for wheel in (bundle / "wheels").glob("*.whl"):
+        name, version = wheel.name.split("-")[:2]
+        found[normalize(name)] = version
+    assert found.pop("hearth") == "0.1.0"
+    assert {name: (version, locked.get(name)) for name, version in found.items()
+            if locked.get(name) != version} == {}  # fmt: skip
+    assert found["torch"] == "2.13.0+cpu"
     assert os.access(bundle / "install.sh", os.X_OK)
 
 
@@ -200,6 +217,8 @@ def test_offline_install_serve_upgrade_uninstall(bundle, tmp_path):
         assert f"OK    port       127.0.0.1:{port} is free" in doctor.stdout
         assert f"OK {MODEL}: 1 file(s) match" in doctor.stdout
         assert str(prefix / "var/lib/hearth/models") in doctor.stdout
+        # install.sh installed exactly the lock's versions (the wheel carries the lock files).
+        assert "OK    lock       installed versions match requirements-cpu.lock" in doctor.stdout
 
     removed = subprocess.run(["bash", str(bundle / "uninstall.sh"), "--prefix", str(prefix)],
                              capture_output=True, text=True)  # fmt: skip

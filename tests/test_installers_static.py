@@ -277,6 +277,12 @@ def test_dockerfile_installs_the_bundle_offline_as_an_unprivileged_user():
     assert {"--no-systemd", "--host", "--prefix", "--port", "--python"} <= set(options)
 
 
+def test_install_sh_installs_at_the_bundled_locks_versions():
+    lines = re.sub(r"\\\n\s*", "", (INSTALLERS / "install.sh").read_text()).splitlines()
+    [install] = [line for line in lines if '-r "$BUNDLE/requirements.txt"' in line]
+    assert "--no-index" in install and f'-c "$BUNDLE/{bundle.LOCK_IN_BUNDLE}"' in install
+
+
 def test_install_scripts_parse():
     for script in ("install.sh", "uninstall.sh"):
         subprocess.run(["bash", "-n", str(INSTALLERS / script)], check=True)

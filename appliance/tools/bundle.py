@@ -5,9 +5,12 @@ Run it in a source checkout on a connected machine. The archive holds:
     hearth-bundle/
       manifest.json       the sha256 and size of every other file, the target, the models
       install.sh  uninstall.sh  hearth.service  Dockerfile      (copied from installers/)
-      requirements.txt    what install.sh asks pip for: hearth[serve] and the pinned torch
-      wheels/             Hearth's wheel, built from this checkout, and every dependency, for the
-                          target's Python and platform (`pip download --only-binary`)
+      requirements.txt    what install.sh asks pip for: hearth[serve] and the lock's torch
+      requirements.lock   the lock file of the torch build (requirements-cpu.lock or -cuda.lock):
+                          the constraints pip downloads with here and installs with there
+      wheels/             Hearth's wheel, built from this checkout, and every dependency at the
+                          lock's version, for the target's Python and platform (`pip download
+                          --only-binary`)
       models/models.toml  a catalogue of the bundled models, paths relative to it
       models/NAME/...     their files (checked against the local catalogue's sha256 first)
 
@@ -32,9 +35,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from hearth import __version__
+from hearth.appliance.tools.doctor import LOCK_FILES, lock_text, read_lock
 
-TORCH_VERSION = "2.13.0"
 TOP = "hearth-bundle"
+LOCK_IN_BUNDLE = "requirements.lock"
 _REPO = Path(__file__).resolve().parents[2]
 _INSTALLERS = ("install.sh", "uninstall.sh", "hearth.service", "Dockerfile")
 _NOT_IN_WHEEL = (".*", "build", "dist", "*.egg-info", "__pycache__", "tests", "bench", "*.tar")
@@ -62,7 +66,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--models", nargs="+", default=[], metavar="NAME",
                         help="catalogue names to include (default: the default model)")  # fmt: skip
     parser.add_argument("--torch", choices=("cpu", "cuda"), default="cpu",
-                        help=f"torch {TORCH_VERSION} build for the target")  # fmt: skip
+                        help="torch build for the target (its lock file's versions)")  # fmt: skip
     parser.add_argument("--torch-index", metavar="URL",
                         help="extra package index for torch, e.g. https://download.pytorch.org"
                         "/whl/cpu where pip's index has only the CUDA build")  # fmt: skip
@@ -98,8 +102,8 @@ def default_platforms(machine: str | None = None) -> list[str]:
 
 def requirements(options: BundleOptions) -> list[str]:
     extras = "serve,ui" if options.ui else "serve"
-    local = "+cpu" if options.torch == "cpu" else ""
-    return [f"hearth[{extras}]=={__version__}", f"torch=={TORCH_VERSION}{local}"]
+    torch = read_lock(LOCK_FILES[options.torch])["torch"]
+    return [f"hearth[{extras}]=={__version__}", f"torch=={torch}"]
 
 
 def build_bundle(options: BundleOptions) -> Path:
@@ -111,9 +115,11 @@ def build_bundle(options: BundleOptions) -> Path:
         (stage / "wheels").mkdir(parents=True)
         models = _copy_models(options.models, stage / "models")
         _step("building Hearth's wheel")
-        wheel = _build_wheel(stage / "wheels", Path(tmp) / "src")
-        _step(f"downloading dependencies for CPython {options.python_version}")
-        _download(options, wheel, stage / "wheels")
+        wheel = build_wheel(stage / "wheels", Path(tmp) / "src")
+        lock = stage / LOCK_IN_BUNDLE
+        lock.write_text(lock_text(LOCK_FILES[options.torch]))
+        _step(f"downloading dependencies for CPython {options.python_version} ({lock.name})")
+        _download(options, wheel, lock, stage / "wheels")
         _copy_installers(stage, options)
         manifest = _write_manifest(stage, options, models)
         _write_tar(stage, options.out)
@@ -161,7 +167,8 @@ def _hash_tree(root: Path) -> dict[str, str]:
             if p.is_file()}  # fmt: skip
 
 
-def _build_wheel(wheels: Path, src: Path) -> Path:
+def build_wheel(wheels: Path, src: Path) -> Path:
+    """Hearth's wheel, built into `wheels` from a copy of the checkout made at `src`."""
     shutil.copytree(_REPO, src, ignore=shutil.ignore_patterns(*_NOT_IN_WHEEL))
     # Building with the setuptools at hand needs no index; otherwise pip fetches one.
     isolation = ["--no-build-isolation"] if _has_setuptools() else []
@@ -175,7 +182,7 @@ def _has_setuptools() -> bool:
     return importlib.util.find_spec("setuptools") is not None
 
 
-def _download(options: BundleOptions, wheel: Path, wheels: Path) -> None:
+def _download(options: BundleOptions, wheel: Path, lock: Path, wheels: Path) -> None:
     target = ["--only-binary=:all:", "--python-version", options.python_version,
               "--implementation", "cp", "--abi", f"cp{options.python_version.replace('.', '')}",
               "--abi", "abi3", "--abi", "none"]  # fmt: skip
@@ -183,7 +190,7 @@ def _download(options: BundleOptions, wheel: Path, wheels: Path) -> None:
         target += ["--platform", tag]
     index = ["--extra-index-url", options.torch_index] if options.torch_index else []
     extras = requirements(options)[0].split("==")[0].removeprefix("hearth")
-    _pip("download", "-d", str(wheels), *target, *index, f"{wheel}{extras}",
+    _pip("download", "-d", str(wheels), *target, *index, "-c", str(lock), f"{wheel}{extras}",
          requirements(options)[1])  # fmt: skip
     torch_wheels = [w.name for w in wheels.glob("torch-*.whl")]
     if options.torch == "cuda" and any("+cpu" in name for name in torch_wheels):
@@ -221,6 +228,7 @@ def _write_manifest(stage: Path, options: BundleOptions, models: list[str]) -> d
         "torch": options.torch,
         "ui": options.ui,
         "requirements": requirements(options),
+        "lock": LOCK_FILES[options.torch],
         "models": models,
         "files": entries,
     }

@@ -1,17 +1,21 @@
 """`hearth doctor`: is this machine ready to serve? One line per check, OK or what to fix.
 
-Checks: Python, the serving packages, torch, the CPU (cores, native bf16: whether the CPU fast path
-pays off), the NVIDIA driver / CUDA / GPUs (NVML), the model's
-files and their sha256, memory and disk for that model, and whether the port is free. The model,
-host and port come from the same flags and HEARTH_* variables as `hearth serve`. Exit status 1
-when a check fails; a warning (no GPU, estimate close to the limit) does not fail.
+Checks: Python, the serving packages, torch, the installed versions against the lock file, the CPU
+(cores, native bf16: whether the CPU fast path pays off), the NVIDIA driver / CUDA / GPUs (NVML),
+the model's files and their sha256, memory and disk for that model, and whether the port is free.
+The model, host and port come from the same flags and HEARTH_* variables as `hearth serve`. Exit
+status 1 when a check fails; a warning (no GPU, a version other than the lock's, estimate close to
+the limit) does not fail.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.resources
 import importlib.util
 import os
+import re
 import shutil
 import socket
 import sys
@@ -23,6 +27,9 @@ from hearth.appliance.settings import Settings, settings_from
 
 _GIB = 1 << 30
 _PYTHON_MIN = (3, 10)
+# The lock files (`make lock`), shipped inside the hearth package: one per torch build.
+LOCK_FILES = {"cpu": "requirements-cpu.lock", "cuda": "requirements-cuda.lock"}
+_SHOWN_DIFFERENCES = 3
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_checks(settings: Settings) -> list[Check]:
-    checks = [_python(), _serving_packages(), _torch(), _cpu(settings), _gpus()]
+    checks = [_python(), _serving_packages(), _torch(), _lock(), _cpu(settings), _gpus()]
     weight_bytes, model_checks = _model(settings)
     checks += model_checks
     checks += [_memory(weight_bytes), _disk(), _port(settings.host, settings.port)]
@@ -89,6 +96,73 @@ def _torch() -> Check:
         return Check("FAIL", "torch", f"cannot import torch ({error}): install the bundle's wheels")
     cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
     return Check("OK", "torch", f"{torch.__version__} ({cuda}), {torch.get_num_threads()} threads")
+
+
+def _lock() -> Check:
+    """Installed versions against the lock of the installed torch build: drift is a warning."""
+    name = LOCK_FILES[lock_variant()]
+    try:
+        locked = read_lock(name)
+    except FileNotFoundError:
+        return Check("WARN", "lock", f"{name} is not in the hearth package: reinstall Hearth")
+    installed = installed_versions()
+    differences = lock_differences(locked, installed)
+    if not differences:
+        checked = len(locked.keys() & installed.keys())
+        return Check("OK", "lock", f"installed versions match {name} ({checked} packages)")
+    shown = "; ".join(differences[:_SHOWN_DIFFERENCES])
+    more = len(differences) - _SHOWN_DIFFERENCES
+    shown += f"; and {more} more" if more > 0 else ""
+    return Check("WARN", "lock", f"{len(differences)} differ from {name}: {shown}")
+
+
+def lock_variant() -> str:
+    """"cpu" for a +cpu torch build (or no torch), else "cuda"."""
+    try:
+        torch = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return "cpu"
+    return "cpu" if torch.endswith("+cpu") else "cuda"
+
+
+def lock_text(name: str) -> str:
+    """A lock file of the hearth package: the wheel ships them, a checkout has them at its root."""
+    return importlib.resources.files("hearth").joinpath(name).read_text()
+
+
+def read_lock(name: str) -> dict[str, str]:
+    """Normalized name → pinned version, from a lock file of the hearth package."""
+    return parse_lock(lock_text(name))
+
+
+def parse_lock(text: str) -> dict[str, str]:
+    """The `name==version` lines of a requirements file (comments and annotations skipped)."""
+    pins = {}
+    for line in text.splitlines():
+        name, sep, version = line.partition("==")
+        if sep and line[:1].isalnum():
+            pins[normalize(name)] = version.split(";")[0].strip()
+    return pins
+
+
+def installed_versions() -> dict[str, str]:
+    """Normalized name → version of every distribution this interpreter imports from."""
+    found: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():
+        if dist.metadata["Name"]:  # a broken install can leave metadata without one
+            found.setdefault(normalize(dist.metadata["Name"]), dist.version)  # the first wins
+    return found
+
+
+def lock_differences(locked: dict[str, str], installed: dict[str, str]) -> list[str]:
+    """`name installed X, lock Y` for each locked package installed at another version."""
+    return [f"{name} installed {installed[name]}, lock {version}"
+            for name, version in sorted(locked.items())
+            if name in installed and installed[name] != version]  # fmt: skip
+
+
+def normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503
 
 
 def _cpu(settings: Settings) -> Check:
