@@ -160,9 +160,10 @@ def test_scheduling_core_imports_no_torch(module):
 
 
 def test_the_server_imports_no_torch_before_the_engine_loads():
-    """`hearth serve` binds its port and prints before the engine thread imports torch."""
+    """`hearth serve` binds its port and prints before the engine thread imports torch (and
+    `hearth --help` never pays for it)."""
     import subprocess
     import sys
 
-    code = "import sys, hearth.appliance.routes; sys.exit('torch' in sys.modules)"
+    code = "import sys, hearth.cli, hearth.appliance.routes; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd="/").returncode == 0

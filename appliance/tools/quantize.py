@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hearth.appliance.tools.quantizer.pipeline import METHODS, QuantizeOptions
+from hearth.appliance.tools.quantizer.options import METHODS, QuantizeOptions
 
 __all__ = ["QuantizeOptions", "add_parser", "quantize", "run"]
 
