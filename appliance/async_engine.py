@@ -236,7 +236,7 @@ class AsyncEngine:
             stream.put(error)
 
     def _observe(self, stream: RequestStream, delta: RequestDelta,
-                 last_token_time: float | None) -> None:  # fmt: skip
+                 last_token_time: float | None) -> None:
         """Tell the observer about `delta`, already put on `stream`; `last_token_time` is the
         stream's before it."""
         has_tokens = any(sample.token_ids for sample in delta.samples)

@@ -66,7 +66,7 @@ class Settings:
             kv_cache_dtype=self.kv_cache_dtype,
             gpu_memory_utilization=self.gpu_memory_utilization,
             gguf_keep_quantized=self.gguf_keep_quantized,
-        ))  # fmt: skip
+        ))
 
 
 @dataclass(frozen=True)

@@ -68,10 +68,10 @@ def bench_decode(batch: int, context: int, args, ceiling: float) -> str:
     moved = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * args.dtype.itemsize  # K and V once
     gbps = moved / (ms * 1e-3) / 1e9
     splits = choose_num_splits(batch, NUM_KV_HEADS, tables.shape[1] * args.block_size,
-                               _num_sms(query.device))  # fmt: skip
+                               _num_sms(query.device))
     ref = "-" if args.skip_ref else f"{_time_ref(paged_decode_attention_ref, call):9.3f}"
     return (f"{batch:6d} {context:8d} {splits:6d} {ms * 1e3:10.1f} {moved / 1e6:9.1f} "
-            f"{gbps:8.0f} {100 * gbps * 1e9 / ceiling:6.0f}% {ref:>9}")  # fmt: skip
+            f"{gbps:8.0f} {100 * gbps * 1e9 / ceiling:6.0f}% {ref:>9}")
 
 
 def sweep_decode_tiles(args, ceiling: float) -> None:
@@ -93,11 +93,11 @@ def sweep_decode_tiles(args, ceiling: float) -> None:
                         ms = do_bench(fn, return_mode="median")
                     except Exception as e:  # out of shared memory / registers for this shape
                         print(f"    {batch:5d} {context:7d} {block_n:7d} {warps:5d} {stages:6d}"
-                              f"  failed: {type(e).__name__}")  # fmt: skip
+                              f"  failed: {type(e).__name__}")
                         continue
                     gbps = moved / (ms * 1e-3) / 1e9
                     print(f"    {batch:5d} {context:7d} {block_n:7d} {warps:5d} {stages:6d} "
-                          f"{gbps:6.0f} {100 * gbps * 1e9 / ceiling:6.0f}%")  # fmt: skip
+                          f"{gbps:6.0f} {100 * gbps * 1e9 / ceiling:6.0f}%")
 
 
 def bench_prefill(num_seqs: int, seq_len: int, args) -> str:
@@ -130,7 +130,7 @@ def main() -> None:
         sys.exit("needs a CUDA GPU (Triton only interprets kernels on CPU)")
     ceiling = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {ceiling / 1e9:.0f} GB/s, "
-          f"{args.dtype}, block_size {args.block_size}")  # fmt: skip
+          f"{args.dtype}, block_size {args.block_size}")
     print("\ndecode   batch  context splits    kernel_us  moved_MB     GB/s  of_copy    ref_ms")
     for batch in (1, 8, 64, 256):
         for context in (512, 2048, 8192):

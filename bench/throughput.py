@@ -62,7 +62,7 @@ def make_workload(name: str) -> Workload:
     rng = random.Random(0)
     if name in ("W1", "W2"):  # nano-vllm bench.py, same draw order
         prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))]
-                   for _ in range(256)]  # fmt: skip
+                   for _ in range(256)]
         outs = [rng.randint(100, 1024) for _ in range(256)]
         return Workload(name, "qwen3" if name == "W1" else "llama8b", prompts, outs, 0.6)
     if name == "W3":
@@ -119,7 +119,7 @@ def floor_seconds(w: Workload, bandwidth: float, flops: float, kv_bytes: int = 2
     t_kv = kv_rows * cfg.kv_bytes_per_token(kv_bytes) / bandwidth
     t_prompt = 2 * (cfg.num_params - embed) * prompt_tokens / flops
     return {"weights_s": t_weights, "kv_s": t_kv, "prompt_s": t_prompt,
-            "total_s": t_weights + t_kv + t_prompt}  # fmt: skip
+            "total_s": t_weights + t_kv + t_prompt}
 
 
 # --------------------------------------------------------------------------------------- Hearth
@@ -201,17 +201,17 @@ def run_hearth(w: Workload, args, async_scheduling: bool = True, fused: bool = T
               max_model_len=2048, max_num_seqs=min(256, len(w.prompts)),
               max_num_batched_tokens=batched, gpu_memory_utilization=args.gpu_util,
               enable_prefix_caching=False, async_scheduling=async_scheduling,
-              kv_cache_dtype=args.kv_cache_dtype)  # fmt: skip
+              kv_cache_dtype=args.kv_cache_dtype)
     TritonAttention.fuse_kv_write = True
     llm.engine.runner.sampler.use_kernel = None if fused else False
     # Warm-up: 1, 3 and (if allowed) 16 short prompts, so no kernel compiles in the timed run.
     warm = SamplingParams(temperature=w.temperature, max_tokens=8, ignore_eos=True,
-                          detokenize=False)  # fmt: skip
+                          detokenize=False)
     for n in (1, 3, 16):
         llm.generate([p[: 37 + 29 * i] for i, p in enumerate(w.prompts[:1] * n)], warm,
-                     use_tqdm=False)  # fmt: skip
+                     use_tqdm=False)
     params = [SamplingParams(temperature=w.temperature, max_tokens=o, ignore_eos=True,
-                             detokenize=False) for o in w.max_tokens]  # fmt: skip
+                             detokenize=False) for o in w.max_tokens]
     profile = StepProfile(llm)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -220,7 +220,7 @@ def run_hearth(w: Workload, args, async_scheduling: bool = True, fused: bool = T
     num_out = sum(len(o.outputs[0].token_ids) for o in outs)
     assert num_out == sum(w.max_tokens), (num_out, sum(w.max_tokens))
     result = {"seconds": elapsed, "output_tokens": num_out, "tok_s": num_out / elapsed,
-              "num_kv_blocks": llm.engine.runner.num_blocks, **profile.summary()}  # fmt: skip
+              "num_kv_blocks": llm.engine.runner.num_blocks, **profile.summary()}
     if args.profile:
         result["kernels"] = profile_graph(llm.engine.runner, w)
     if len(outs) == 1:
@@ -282,7 +282,7 @@ def run_transformers(w: Workload, args) -> dict:
         t0 = time.perf_counter()
         with torch.no_grad():
             model.generate(ids, attention_mask=mask, max_new_tokens=max(lens),
-                           min_new_tokens=max(lens), do_sample=False, pad_token_id=0)  # fmt: skip
+                           min_new_tokens=max(lens), do_sample=False, pad_token_id=0)
         torch.cuda.synchronize()
         t_all += time.perf_counter() - t0
         total += sum(lens)  # tokens each sequence asked for; padding steps are not counted
@@ -291,7 +291,7 @@ def run_transformers(w: Workload, args) -> dict:
     torch.cuda.empty_cache()
     result = {"subset": f"first {n} seqs, outputs capped at {cap}, static batches of "
                         f"{args.hf_batch}", "seconds": t_all, "output_tokens": total,
-              "tok_s": total / t_all}  # fmt: skip
+              "tok_s": total / t_all}
     if len(w.prompts) == 1:
         result["ms_per_token"] = 1e3 * t_all / total
     return result
@@ -309,23 +309,23 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--async-scheduling", choices=["on", "off", "both"], default="on")
     parser.add_argument("--fusions", choices=["on", "off", "both"], default="on",
-                        help="fused sampling kernel + K/V write in decode attention")  # fmt: skip
+                        help="fused sampling kernel + K/V write in decode attention")
     parser.add_argument("--pdl", choices=["on", "off", "both"], default="on",
                         help="programmatic dependent launch on Hopper (kernels/pdl.py)")
     parser.add_argument("--profile", action="store_true", help="kernel times of a decode replay")
     parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3"], default="auto",
-                        help="Hearth's KV cache: auto (bf16) or fp8 (e4m3)")  # fmt: skip
+                        help="Hearth's KV cache: auto (bf16) or fp8 (e4m3)")
     parser.add_argument("--weights", choices=["bf16", "awq-int4"], default="bf16",
                         help="Hearth's decoder linears: bf16 or AWQ int4 g128 (dummy)")
     args = parser.parse_args()
     bandwidth, flops = measure_ceilings()
     card = torch.cuda.get_device_name()
     print(f"{card}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s",
-          flush=True)  # fmt: skip
+          flush=True)
     results = {"card": card, "bandwidth": bandwidth, "flops": flops, "date": time.strftime("%F"),
                "torch": torch.__version__, "kv_cache_dtype": args.kv_cache_dtype,
                "weights": args.weights,
-               "workloads": {}}  # fmt: skip
+               "workloads": {}}
     for name in args.workloads:
         w = make_workload(name)
         floor = floor_seconds(w, bandwidth, flops, 2 if args.kv_cache_dtype == "auto" else 1,
@@ -357,7 +357,7 @@ def print_table(results: dict) -> None:
     print(f"\n{results['card']}  {results['date']}  copy {results['bandwidth'] / 1e12:.2f} TB/s  "
           f"bf16 {results['flops'] / 1e12:.0f} TFLOP/s  "
           f"KV cache {results.get('kv_cache_dtype', 'auto')}  "
-          f"weights {results.get('weights', 'bf16')}")  # fmt: skip
+          f"weights {results.get('weights', 'bf16')}")
     print("wl  hearth            floor            % floor  transformers (subset)  "
           "decode step_ms gpu_ms")
     for name, e in results["workloads"].items():
@@ -384,7 +384,7 @@ def _print_row(name: str, e: dict, h: dict) -> None:
         hf = e.get("transformers", {}).get("tok_s")
         hf_s = f"{hf:.0f} tok/s" if hf else "-"
     print(f"{name}  {ours:17s} {flr:16s} {100 * pct:6.0f}%  {hf_s:22s} "
-          f"{h['graph_step_ms']:7.2f} {h['graph_gpu_ms']:6.2f}")  # fmt: skip
+          f"{h['graph_step_ms']:7.2f} {h['graph_gpu_ms']:6.2f}")
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ class EngineConfig:
             )
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; "
-                             f"got {self.kv_cache_dtype!r}")  # fmt: skip
+                             f"got {self.kv_cache_dtype!r}")
         if self.kv_cache_dtype != "auto" and self.device == "cpu":
             raise ValueError(fp8_needs_cuda_message(self.kv_cache_dtype))
         if self.block_size not in (8, 16, 32, 64, 128):
@@ -104,4 +104,4 @@ class EngineConfig:
 def fp8_needs_cuda_message(kv_cache_dtype: str) -> str:
     return (f"kv_cache_dtype={kv_cache_dtype!r} needs a CUDA GPU (compute capability 8.9 or "
             "newer); the CPU attention path keeps the cache in the model dtype: use "
-            "kv_cache_dtype='auto'")  # fmt: skip
+            "kv_cache_dtype='auto'")

@@ -48,7 +48,7 @@ class DecodeGraphs:
     """Captured decode forwards, one per batch size, sharing one memory pool and static inputs."""
 
     def __init__(self, model: torch.nn.Module, kv_caches, backend, max_num_seqs: int,
-                 max_blocks: int, block_size: int) -> None:  # fmt: skip
+                 max_blocks: int, block_size: int) -> None:
         self.model, self.kv_caches, self.backend = model, kv_caches, backend
         self.block_size = block_size
         self.sizes = graph_batch_sizes(max_num_seqs)
@@ -82,7 +82,7 @@ class DecodeGraphs:
 
     def _forward(self, size: int) -> torch.Tensor:
         hidden = self.model(self.input_ids[:size], self.positions[:size], self.kv_caches,
-                            self._meta(size), self.backend)  # fmt: skip
+                            self._meta(size), self.backend)
         return self.model.compute_logits(hidden)  # (size, vocab)
 
     @torch.inference_mode()

@@ -76,7 +76,7 @@ def allocate_kv_cache(
     for _ in range(config.num_layers):
         if dtype == FP8_DTYPE:
             key, value = (torch.zeros(shape, dtype=torch.uint8, device=device).view(dtype)
-                          for _ in range(2))  # fmt: skip
+                          for _ in range(2))
             ones = torch.ones(2, dtype=torch.float32, device=device)
             caches.append(LayerKVCache(key, value, KVScales(ones[0], ones[1])))
         else:

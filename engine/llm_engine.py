@@ -88,7 +88,7 @@ class LLMEngine:
     # -- requests ---------------------------------------------------------------------------
 
     def prepare(self, prompt: str | list[int], params: SamplingParams,
-                where: str = "prompt") -> PreparedRequest:  # fmt: skip
+                where: str = "prompt") -> PreparedRequest:
         """Tokenize and check a request (engine/prepare.py); callers may do it on any thread."""
         return prepare(self.model_info, prompt, params, where)
 
@@ -163,7 +163,7 @@ class LLMEngine:
         return outputs
 
     def _update_with_placeholders(self, schedule: ScheduleOutput,
-                                  sample: InFlightSample) -> _InFlight:  # fmt: skip
+                                  sample: InFlightSample) -> _InFlight:
         placeholders = {c.seq.seq_id: [PLACEHOLDER_TOKEN_ID] for c in schedule.chunks if c.samples}
         updated = self.scheduler.update(schedule, RunnerOutput(placeholders))
         return _InFlight(sample, [(seq, seq.num_tokens - 1) for seq in updated])

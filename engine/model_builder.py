@@ -68,10 +68,10 @@ def build_model(config: EngineConfig, progress: bool = True) -> BuiltModel:
     max_model_len = _max_model_len(config, source)
     sched = config.scheduler_config(max_model_len)
     limits = RunnerLimits(sched.max_num_seqs, sched.max_num_batched_tokens, max_model_len,
-                          config.enforce_eager)  # fmt: skip
+                          config.enforce_eager)
     num_blocks = _num_kv_blocks(config, source.config, model, limits, kv_dtype)
     runner = ModelRunner(model, source.config, config.block_size, num_blocks, config.seed, limits,
-                         kv_cache_dtype=kv_dtype)  # fmt: skip
+                         kv_cache_dtype=kv_dtype)
     return BuiltModel(source.name, source.tokenizer, source.config, max_model_len, runner)
 
 
@@ -84,7 +84,7 @@ def _load_source(resolved, config: EngineConfig) -> LoadedSource:
     eos_ids = tuple(dict.fromkeys((*model_config.eos_token_ids, *tokenizer.eos_token_ids)))
     model_config = dataclasses.replace(model_config, eos_token_ids=eos_ids)
     return LoadedSource(resolved.name, model_config, tokenizer, lambda: iter(()),
-                        model_config.max_position_embeddings)  # fmt: skip
+                        model_config.max_position_embeddings)
 
 
 def _tokenizer_for_dummy(path, model_config: ModelConfig):
@@ -171,7 +171,7 @@ def _max_model_len(config: EngineConfig, source) -> int:
 
 
 def _num_kv_blocks(config, model_config: ModelConfig, model, limits: RunnerLimits,
-                   kv_dtype: torch.dtype) -> int:  # fmt: skip
+                   kv_dtype: torch.dtype) -> int:
     """Blocks of `kv_dtype` the budget holds: an fp8 cache gets twice the blocks of bf16."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
@@ -211,7 +211,7 @@ def _cuda_kv_budget(config: EngineConfig, model, limits: RunnerLimits) -> int:
     graph_reserve = 0 if limits.enforce_eager else _GIB // 2
     budget = total * config.gpu_memory_utilization - peak - non_torch - graph_reserve
     logger.info("KV budget %.2f GiB (peak %.2f GiB, non-torch %.2f GiB)", budget / _GIB,
-                peak / _GIB, non_torch / _GIB)  # fmt: skip
+                peak / _GIB, non_torch / _GIB)
     return int(budget)
 
 

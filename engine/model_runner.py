@@ -87,7 +87,7 @@ class ModelRunner:
         self.device, self.dtype = param.device, param.dtype
         self.kv_cache_dtype = kv_cache_dtype or self.dtype
         self.kv_caches = allocate_kv_cache(config, num_blocks, block_size, self.kv_cache_dtype,
-                                           self.device)  # fmt: skip
+                                           self.device)
         self.backend = make_attention_backend(self.device)
         self.sampler = Sampler(config.vocab_size, seed)
         self.max_blocks = -(-self.limits.max_model_len // block_size)
@@ -157,7 +157,7 @@ class ModelRunner:
                             chunks: list[ScheduledChunk], prev: InFlightSample | None) -> None:
         """input_ids[i] = prev's sampled id wherever the host had only a placeholder."""
         dst = np.flatnonzero(batch.host.input_ids.numpy()[: batch.num_tokens]
-                             == PLACEHOLDER_TOKEN_ID)  # fmt: skip
+                             == PLACEHOLDER_TOKEN_ID)
         if dst.size == 0:
             return
         if prev is None or prev.token_ids is None:
@@ -251,7 +251,7 @@ class _Batch:
     def decode_inputs(self) -> DecodeInputs:
         h = self.host
         return DecodeInputs(self.num_seqs, h.input_ids, h.positions, h.slot_mapping,
-                            h.seq_lens, h.block_tables)  # fmt: skip
+                            h.seq_lens, h.block_tables)
 
 
 class _HostBuffers:
@@ -284,7 +284,7 @@ class _HostBuffers:
         self.query_start_loc = self._tensor(n + 1, torch.int32)
         self.block_tables = self._tensor((n, self.max_blocks), torch.int32)
         self._np_seqs = (self.seq_lens.numpy(), self.query_start_loc.numpy(),
-                         self.block_tables.numpy())  # fmt: skip
+                         self.block_tables.numpy())
         self._row_owner: list[tuple[list[int] | None, int]] = [(None, 0)] * n  # (block list, width)
 
     def _fill_tables(self, chunks: list[ScheduledChunk], widths: list[int], bs: int) -> None:

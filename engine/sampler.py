@@ -100,11 +100,11 @@ class Sampler:
         self._kernel_calls += 1
         call_key = _mix64(_mix64(self._seed) ^ self._kernel_calls)
         keys = [_row_seed(r) if r.params.seed is not None else (call_key + i) & _MASK63
-                for i, r in enumerate(rows)]  # fmt: skip
+                for i, r in enumerate(rows)]
         temps = [0.0 if r.params.greedy else r.params.temperature for r in rows]
         device = logits.device
         return exponential_race(logits, _to_device(temps, torch.float32, device),
-                                _to_device(keys, torch.int64, device))  # fmt: skip
+                                _to_device(keys, torch.int64, device))
 
     def _choose_torch(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         greedy_rows = [r.params.greedy for r in rows]
@@ -129,7 +129,7 @@ class Sampler:
             logits = _top_k(logits, [r.params.top_k for r in rows])
         if any(r.params.top_p < 1.0 for r in rows):
             logits = _top_p(logits, _to_device([r.params.top_p for r in rows], torch.float32,
-                                               device))  # fmt: skip
+                                               device))
         probs = torch.softmax(logits, dim=-1)
         if any(r.params.min_p > 0 for r in rows):
             min_p = _to_device([r.params.min_p for r in rows], torch.float32, device)
@@ -159,7 +159,7 @@ class Sampler:
 def _is_plain(p: SamplingParams) -> bool:
     """A row the fused kernel draws: temperature (or greedy) only."""
     return (p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0 and not p.has_penalties
-            and p.logprobs is None)  # fmt: skip
+            and p.logprobs is None)
 
 
 def _mix64(x: int) -> int:

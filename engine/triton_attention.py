@@ -57,7 +57,7 @@ class TritonAttention:
             return paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, out=out,
                 new_kv=new_kv, scales=scales, rope=None if rope is None else Rope(*rope),
-            )  # fmt: skip
+            )
         if rope is not None:
             rotary_embedding(rope[0], q, k, rope[1], q.shape[-1])
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping, scales)
@@ -65,8 +65,8 @@ class TritonAttention:
             return paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, out=out,
                 scales=scales,
-            )  # fmt: skip
+            )
         return paged_prefill_attention(
             q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
             out=out, scales=scales,
-        )  # fmt: skip
+        )

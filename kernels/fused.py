@@ -25,7 +25,7 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, eps,
     stride_x, stride_r, stride_o, stride_nr,
     HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-):  # fmt: skip
+):
     pdl.launch_dependents(PDL, 1)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -83,7 +83,7 @@ def rms_norm(
             x.stride(0), res.stride(0), out.stride(0), new_res.stride(0),
             HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None,
             num_warps=_warps(block), **pdl.launch(x.device, small=True),
-        )  # fmt: skip
+        )
     return out if residual is None else (out, new_res)
 
 
@@ -101,7 +101,7 @@ def rms_norm_ref(
 # ----------------------------------------------------------------------------------------- Rotary
 @triton.jit
 def _rotate_heads(ptr, stride_h, cos, sin, NUM_HEADS: tl.constexpr, HALF: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):  # fmt: skip
+                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
     """Rotate all heads of one token in place: x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin."""
     h = tl.arange(0, BLOCK_H)[:, None]
     j = tl.arange(0, BLOCK_HALF)[None, :]
@@ -119,7 +119,7 @@ def _rotary_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
     NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
     BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
-):  # fmt: skip
+):
     pdl.launch_dependents(PDL, 1)
     pdl.wait(PDL)  # positions, q and k may come from the kernels before (kernels/pdl.py)
     token = tl.program_id(0).to(tl.int64)
@@ -128,10 +128,10 @@ def _rotary_kernel(
     cos = tl.load(cache_ptr + pos * stride_cache + j, mask=j < HALF, other=0.0)[None, :]
     sin = tl.load(cache_ptr + pos * stride_cache + HALF + j, mask=j < HALF, other=0.0)[None, :]
     _rotate_heads(q_ptr + token * stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, HALF,
-                  BLOCK_QH, BLOCK_HALF)  # fmt: skip
+                  BLOCK_QH, BLOCK_HALF)
     pdl.launch_dependents(PDL, 2)
     _rotate_heads(k_ptr + token * stride_kt, stride_kh, cos, sin, NUM_K_HEADS, HALF,
-                  BLOCK_KH, BLOCK_HALF)  # fmt: skip
+                  BLOCK_KH, BLOCK_HALF)
 
 
 def _heads_view(name: str, t: torch.Tensor, num_tokens: int, head_dim: int) -> torch.Tensor:
@@ -183,7 +183,7 @@ def rotary_embedding(
         NUM_Q_HEADS=q.shape[1], NUM_K_HEADS=k.shape[1], HALF=half,
         BLOCK_QH=triton.next_power_of_2(q.shape[1]), BLOCK_KH=triton.next_power_of_2(k.shape[1]),
         BLOCK_HALF=triton.next_power_of_2(half), **pdl.launch(q.device, small=True),
-    )  # fmt: skip
+    )
 
 
 def rotary_embedding_ref(

@@ -54,7 +54,7 @@ def _write_kv_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, KV_FP8: tl.constexpr,
-):  # fmt: skip
+):
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot < 0:
@@ -105,7 +105,7 @@ def check_scales(scales: KVScales | None, k_cache: torch.Tensor):
     for name, t in (("scales.k", scales.k), ("scales.v", scales.v)):
         if t.dtype != torch.float32 or t.numel() != 1 or t.device != k_cache.device:
             raise ValueError(f"{name} must be one float32 value on {k_cache.device}, got "
-                             f"{tuple(t.shape)} {t.dtype} on {t.device}")  # fmt: skip
+                             f"{tuple(t.shape)} {t.dtype} on {t.device}")
     return scales.k, scales.v
 
 
@@ -173,7 +173,7 @@ def write_kv(
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
         KV_FP8=k_cache.dtype == FP8_DTYPE,
-    )  # fmt: skip
+    )
 
 
 def write_kv_ref(

@@ -60,7 +60,7 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSE_NEW: tl.constexpr,
     KV_FP8: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
-):  # fmt: skip
+):
     pdl.launch_dependents(PDL, 1)
     pdl.wait(PDL)  # everything read here may come from the kernels before (kernels/pdl.py)
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -119,7 +119,7 @@ def _decode_kernel(
                 vn_ptr + seq * stride_vn + kv_head * stride_vnh, k_ptr, v_ptr, slot_ptr + seq,
                 qk_scale, k_scale, v_scale, kv_head, cs_row, NUM_KV_HEADS, HEAD_DIM, BLOCK_D,
                 KV_FP8, ROPE,
-            )  # fmt: skip
+            )
     pdl.launch_dependents(PDL, 2)
     if KV_FP8:
         acc = acc * v_scale
@@ -143,7 +143,7 @@ def _fold_new_token(
     q, m_i, l_i, acc, kn_ptr, vn_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, qk_scale, k_scale,
     v_scale, kv_head, cs_row, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, KV_FP8: tl.constexpr, ROPE: tl.constexpr,
-):  # fmt: skip
+):
     """Online-softmax step for the one new key/value row (fp32), and its store into the cache.
     ROPE: the key is rotated first (cs_row: its position's cos | sin). fp8: the row is quantized
     next; its scores and values stay in the cache's units, as the tiles' do (qk_scale already
@@ -195,7 +195,7 @@ def _reduce_kernel(
     acc_ptr, ml_ptr, out_ptr, num_rows, stride_os, stride_oh,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
-):  # fmt: skip
+):
     pdl.launch_dependents(PDL, 1)
     pdl.wait(PDL)
     seq, head = tl.program_id(0), tl.program_id(1)
@@ -362,14 +362,14 @@ def paged_decode_attention(
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         FUSE_NEW=new_kv is not None, KV_FP8=k_cache.dtype == FP8_DTYPE, ROPE=rope is not None,
         num_warps=tile.num_warps, num_stages=tile.num_stages, **launch,
-    )  # fmt: skip
+    )
     if partial:
         _reduce_kernel[(num_seqs, num_heads)](
             acc, ml, out, rows, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
             BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(head_dim),
             **launch,
-        )  # fmt: skip
+        )
     return out
 
 
@@ -382,13 +382,13 @@ def _check_new_kv(new_kv: NewKV | None, query: torch.Tensor, k_cache: torch.Tens
     for name, t in (("new_kv.key", new_kv.key), ("new_kv.value", new_kv.value)):
         if t.shape != shape or t.dtype != query.dtype or t.stride(2) != 1:
             raise ValueError(f"{name} must be {shape} {query.dtype}, contiguous in head_dim; "
-                             f"got {tuple(t.shape)} {t.dtype}")  # fmt: skip
+                             f"got {tuple(t.shape)} {t.dtype}")
         if t.device != k_cache.device:
             raise ValueError(f"{name} must be on {k_cache.device}, got {t.device}")
     slots = new_kv.slot_mapping
     if slots.shape != (num_seqs,) or slots.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"new_kv.slot_mapping must be ({num_seqs},) int32/int64, got "
-                         f"{tuple(slots.shape)} {slots.dtype}")  # fmt: skip
+                         f"{tuple(slots.shape)} {slots.dtype}")
     if slots.device != k_cache.device:
         raise ValueError(f"new_kv.slot_mapping must be on {k_cache.device}")
     return new_kv.key, new_kv.value, slots.contiguous()
@@ -404,10 +404,10 @@ def _check_rope(rope: Rope | None, new_kv: NewKV | None, query: torch.Tensor):
     pos, cache = rope.positions, rope.cos_sin_cache
     if pos.shape != (num_seqs,) or pos.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"rope.positions must be ({num_seqs},) int32/int64, got "
-                         f"{tuple(pos.shape)} {pos.dtype}")  # fmt: skip
+                         f"{tuple(pos.shape)} {pos.dtype}")
     if cache.dim() != 2 or cache.shape[1] != head_dim or cache.dtype != torch.float32:
         raise ValueError(f"rope.cos_sin_cache must be (max_position, {head_dim}) float32, got "
-                         f"{tuple(cache.shape)} {cache.dtype}")  # fmt: skip
+                         f"{tuple(cache.shape)} {cache.dtype}")
     if head_dim % 2 or pos.device != query.device or cache.device != query.device:
         raise ValueError("rope needs an even head_dim and its tensors on the query's device")
     return pos.contiguous(), cache.contiguous()

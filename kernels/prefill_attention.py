@@ -60,7 +60,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-):  # fmt: skip
+):
     tile, kv_head = tl.program_id(0), tl.program_id(1)
     seq = _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q)
     q_start = tl.load(qsl_ptr + seq)
@@ -133,11 +133,11 @@ def _check_prefill_args(query, k_cache, v_cache, block_tables, query_start_loc, 
     if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
         raise ValueError(f"block_tables must be ({num_seqs}, max_blocks), got {block_tables.shape}")
     for name, t in (("block_tables", block_tables), ("query_start_loc", query_start_loc),
-                    ("seq_lens", seq_lens)):  # fmt: skip
+                    ("seq_lens", seq_lens)):
         if t.dtype != torch.int32:
             raise ValueError(f"{name} must be int32, got {t.dtype}")
     for name, t in (("query", query), ("block_tables", block_tables),
-                    ("query_start_loc", query_start_loc), ("seq_lens", seq_lens)):  # fmt: skip
+                    ("query_start_loc", query_start_loc), ("seq_lens", seq_lens)):
         if t.device != k_cache.device:
             raise ValueError(f"{name} must be on {k_cache.device}, got {t.device}")
 
@@ -186,7 +186,7 @@ def paged_prefill_attention(
         BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         KV_FP8=k_cache.dtype == FP8_DTYPE, num_warps=4, num_stages=2,
-    )  # fmt: skip
+    )
     return out
 
 

@@ -46,7 +46,7 @@ def _race_update(logits_row_ptr, cols, vocab, r, greedy, inv_temp, best, best_in
 def _chunk_kernel(
     logits_ptr, temp_ptr, key_ptr, best_ptr, index_ptr, vocab, stride_row, num_chunks,
     QUARTER: tl.constexpr, CHUNK: tl.constexpr,
-):  # fmt: skip
+):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     temp = tl.load(temp_ptr + row)
@@ -61,13 +61,13 @@ def _chunk_kernel(
         r0, r1, r2, r3 = tl.randint4x(key, base // 4 + lane)
         cols = base + lane
         best, best_index = _race_update(row_ptr, cols, vocab, r0, greedy, inv_temp, best,
-                                        best_index)  # fmt: skip
+                                        best_index)
         best, best_index = _race_update(row_ptr, cols + QUARTER, vocab, r1, greedy, inv_temp,
-                                        best, best_index)  # fmt: skip
+                                        best, best_index)
         best, best_index = _race_update(row_ptr, cols + 2 * QUARTER, vocab, r2, greedy,
-                                        inv_temp, best, best_index)  # fmt: skip
+                                        inv_temp, best, best_index)
         best, best_index = _race_update(row_ptr, cols + 3 * QUARTER, vocab, r3, greedy,
-                                        inv_temp, best, best_index)  # fmt: skip
+                                        inv_temp, best, best_index)
     top = tl.max(best, 0)
     first = tl.min(tl.where(best == top, best_index, 2147483647), 0)
     first = tl.where(top == float("-inf"), chunk * CHUNK, first)  # all -inf: the chunk's first
@@ -123,9 +123,9 @@ def exponential_race(
     _chunk_kernel[(num_rows, num_chunks)](
         logits, temperatures, keys, best, index, vocab, logits.stride(0), num_chunks,
         QUARTER=_QUARTER, CHUNK=_CHUNK, num_warps=4,
-    )  # fmt: skip
+    )
     _pick_kernel[(num_rows,)](best, index, out, num_chunks,
-                              BLOCK_C=triton.next_power_of_2(num_chunks))  # fmt: skip
+                              BLOCK_C=triton.next_power_of_2(num_chunks))
     return out
 
 

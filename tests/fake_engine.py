@@ -86,7 +86,7 @@ class FakeEngine:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.model_info = ModelInfo(model_name, max_model_len, FakeTokenizer.vocab_size,
-                                    self.tokenizer)  # fmt: skip
+                                    self.tokenizer)
         self.max_num_seqs = max_num_seqs
         self.num_blocks = num_blocks
         self.step_delay_s = step_delay_s

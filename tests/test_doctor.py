@@ -44,7 +44,7 @@ def test_doctor_on_this_machine(free_port):
     assert list(checks) == [
         "python", "packages", "torch", "lock", "cpu", "gpu", "model", "checksums", "memory", "disk",
         "port",
-    ]  # fmt: skip
+    ]
     assert result.returncode == 0, result.stdout
     assert checks["python"][1].startswith(".".join(map(str, sys.version_info[:3])))
     assert checks["torch"][0] == "OK" and "2." in checks["torch"][1]
@@ -83,11 +83,11 @@ def test_lock_differences_name_the_installed_and_the_locked_version():
         "gone==1.0 ; python_version < '3.11'\n"
     )
     assert locked == {"numpy": "2.4.6", "torch": "2.13.0+cpu", "typing-extensions": "4.0",
-                      "gone": "1.0"}  # fmt: skip
+                      "gone": "1.0"}
     installed = {"numpy": "2.4.5", "torch": "2.13.0+cpu", "typing-extensions": "4.1", "extra": "1"}
     assert doctor.lock_differences(locked, installed) == [
         "numpy installed 2.4.5, lock 2.4.6", "typing-extensions installed 4.1, lock 4.0"
-    ]  # fmt: skip
+    ]
     assert doctor.normalize("Typing_Extensions") == doctor.normalize("typing.extensions")
 
 
@@ -99,7 +99,7 @@ def test_doctor_names_a_busy_port_and_a_modified_model(tmp_path):
     add = subprocess.run(
         [sys.executable, "-m", "hearth", "models", "add", "m", str(weights)],
         env={**os.environ, **env}, capture_output=True, text=True,
-    )  # fmt: skip
+    )
     assert add.returncode == 0, add.stdout + add.stderr
     weights.write_bytes(b"GGUF" + bytes(999) + b"x")
     with socket.socket() as busy:

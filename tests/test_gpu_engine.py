@@ -31,7 +31,7 @@ def _hf_greedy(model, prompts, max_new):
         x = torch.tensor([ids], device="cuda")
         with torch.no_grad():
             y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new,
-                               min_new_tokens=max_new, do_sample=False, pad_token_id=0)  # fmt: skip
+                               min_new_tokens=max_new, do_sample=False, pad_token_id=0)
         outs.append(y[0, len(ids) :].tolist())
     return outs
 
@@ -112,7 +112,7 @@ def test_bf16_logprobs_within_bf16_tolerance(tmp_path, arch):
         ours = torch.tensor(lp.top_logprobs, device="cuda")
         ours_err = max(ours_err, (ours - ref[torch.float32][step, ids]).abs().max().item())
         hf_err = max(hf_err, (ref[torch.bfloat16][step, ids] - ref[torch.float32][step, ids])
-                     .abs().max().item())  # fmt: skip
+                     .abs().max().item())
     assert ours_err <= 2 * hf_err + 0.05, (ours_err, hf_err)
     _free(llm)
 
@@ -122,7 +122,7 @@ def test_kv_cache_sized_from_gpu_memory_utilization(tmp_path):
     free, total = torch.cuda.mem_get_info()
     util = min(0.95, (total - free) / total + 0.05)  # ~5% of the card on top of what is in use
     llm = LLM(str(path), device="cuda", progress=False, gpu_memory_utilization=util,
-              max_model_len=512)  # fmt: skip
+              max_model_len=512)
     runner = llm.engine.runner
     kv_bytes = runner.num_blocks * runner.block_size * runner.config.kv_bytes_per_token(2)
     assert 0.5 * 0.05 * total < kv_bytes < 0.06 * total
@@ -133,7 +133,7 @@ def test_kv_cache_sized_from_gpu_memory_utilization(tmp_path):
 def test_dummy_weights_without_tokenizer():
     config_dir = str(Path(__file__).resolve().parent.parent / "bench/configs/qwen3-0.6b")
     llm = LLM(config_dir, load_format="dummy", device="cuda", progress=False,
-              max_model_len=256, kv_cache_gib=0.5, max_num_seqs=8)  # fmt: skip
+              max_model_len=256, kv_cache_gib=0.5, max_num_seqs=8)
     out = _generate(llm, _prompts((20, 3, 100)), 12, detokenize=False)
     assert [len(t) for t in out] == [12, 12, 12]
     with pytest.raises(ValueError, match="token ids"):
@@ -154,14 +154,14 @@ def test_async_scheduling_tokens_equal_sync(tmp_path):
         assert llm.engine._async is overlap
         greedy = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
         seeded = [SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=i, max_tokens=n,
-                                 ignore_eos=True) for i, n in enumerate(lengths)]  # fmt: skip
+                                 ignore_eos=True) for i, n in enumerate(lengths)]
         runs = [llm.generate(prompts, p, use_tqdm=False) for p in (greedy, seeded)]
         stop = runs[0][0].outputs[0].token_ids[6]  # sequence 0 stops early on its 7th token
         stopped = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True,
-                                  stop_token_ids=[stop]) for n in lengths]  # fmt: skip
+                                  stop_token_ids=[stop]) for n in lengths]
         runs.append(llm.generate(prompts, stopped, use_tqdm=False))
         results[overlap] = [[(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in run]
-                            for run in runs]  # fmt: skip
+                            for run in runs]
         assert llm.engine.scheduler.block_manager.snapshot().num_used == 0
         _free(llm)
     assert results[True] == results[False]
@@ -230,7 +230,7 @@ def _hf_model(path, dtype, fp8_kv: bool):
 
     def fp8_kv_sdpa(module, query, key, value, *args, **kwargs):
         key, value = (t.float().clamp(-448, 448).to(torch.float8_e4m3fn).to(t.dtype)
-                      for t in (key, value))  # fmt: skip
+                      for t in (key, value))
         return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
 
     AttentionInterface.register("hearth_fp8_kv", fp8_kv_sdpa)
@@ -260,7 +260,7 @@ def _worst_gap(outputs, ref, other=None) -> float:
                 worst = max(worst, abs(lp - ref[i][token].item()))
             else:
                 theirs = dict(zip(other[i].logprobs[0].top_token_ids,
-                                  other[i].logprobs[0].top_logprobs))  # fmt: skip
+                                  other[i].logprobs[0].top_logprobs))
                 worst = max(worst, abs(lp - theirs[token]) if token in theirs else 0.0)
     return worst
 
@@ -287,7 +287,7 @@ def test_fp8_kv_cache_doubles_blocks_and_stays_close_to_bf16(tmp_path):
         runs[dtype, kv] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
         if (dtype, kv) == ("bfloat16", "fp8"):  # 2 greedy samples of a 33-token prompt: its
             pair = llm.generate(prompts[2], SamplingParams(  # last block is copied on write
-                temperature=0, max_tokens=12, n=2, ignore_eos=True), use_tqdm=False)  # fmt: skip
+                temperature=0, max_tokens=12, n=2, ignore_eos=True), use_tqdm=False)
             assert pair[0].outputs[0].token_ids == pair[0].outputs[1].token_ids
         _free(llm)
     assert blocks["bfloat16", "fp8"] == 2 * blocks["bfloat16", "auto"], blocks
@@ -304,7 +304,7 @@ def test_fp8_kv_cache_doubles_blocks_and_stays_close_to_bf16(tmp_path):
     ours = _worst_gap(runs["bfloat16", "auto"], None, runs["bfloat16", "fp8"])
     theirs = max((hf[torch.bfloat16, True][i] - hf[torch.bfloat16, False][i])[
         list(out.logprobs[0].top_token_ids)].abs().max().item()
-        for i, out in enumerate(runs["bfloat16", "auto"]))  # fmt: skip
+        for i, out in enumerate(runs["bfloat16", "auto"]))
     print(f"fp8 KV: blocks {blocks}; fp32 vs emulation {emulated:.4f}; bf16 KV -> fp8 KV moves "
           f"our log-probs {ours:.4f}, transformers' {theirs:.4f}")
     assert emulated <= 0.1

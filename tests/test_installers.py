@@ -65,7 +65,7 @@ def bundle(tmp_path_factory) -> Path:
     result = subprocess.run(
         [sys.executable, "-m", "hearth", "bundle", "--out", str(out), "--torch", "cpu"],
         capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     print(f"bundle built in {time.monotonic() - started:.0f} s")
     assert f"models:   {MODEL}" in result.stdout and "torch-2.13.0+cpu" in result.stdout
@@ -81,11 +81,11 @@ def test_bundle_holds_what_serving_needs_and_a_manifest_of_it(bundle):
     assert manifest["requirements"] == ["hearth[serve]==0.1.0", "torch==2.13.0+cpu"]
     assert manifest["models"] == [MODEL] and MODEL_FILE in manifest["files"]
     wheels = {name.split("/")[1].split("-")[0].lower() for name in manifest["files"]
-              if name.startswith("wheels/")}  # fmt: skip
+              if name.startswith("wheels/")}
     assert {"hearth", "torch", "fastapi", "uvicorn", "gguf", "tokenizers", "numpy"} <= wheels
     assert not wheels & {"pytest", "gradio", "transformers", "hypothesis", "triton"}
     for name in ("install.sh", "uninstall.sh", "hearth.service", "Dockerfile", "requirements.txt",
-                 "requirements.lock"):  # fmt: skip
+                 "requirements.lock"):
         assert name in manifest["files"]
     assert manifest["lock"] == "requirements-cpu.lock"
     assert (bundle / "requirements.lock").read_text() == (REPO / manifest["lock"]).read_text()
@@ -99,7 +99,7 @@ def test_bundle_wheels_are_the_locked_versions(bundle):
         found[normalize(name)] = version
     assert found.pop("hearth") == "0.1.0"
     assert {name: (version, locked.get(name)) for name, version in found.items()
-            if locked.get(name) != version} == {}  # fmt: skip
+            if locked.get(name) != version} == {}
     assert found["torch"] == "2.13.0+cpu"
     assert os.access(bundle / "install.sh", os.X_OK)
 
@@ -107,7 +107,7 @@ def test_bundle_wheels_are_the_locked_versions(bundle):
 def _install(prefix_cmd: list[str], bundle: Path, prefix: Path, *args: str):
     python = getattr(sys, "_base_executable", sys.executable)  # the venv's base interpreter
     command = [*prefix_cmd, "bash", str(bundle / "install.sh"), "--prefix", str(prefix),
-               "--python", python, *args]  # fmt: skip
+               "--python", python, *args]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON"))}
     return subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
 
@@ -182,7 +182,7 @@ def test_offline_install_serve_upgrade_uninstall(bundle, tmp_path):
         script = tmp_path / "serve.sh"
         script.write_text(_serve_and_chat_script(prefix))
         served = subprocess.run([*offline, "bash", str(script)], capture_output=True, text=True,
-                                timeout=600)  # fmt: skip
+                                timeout=600)
         log = (prefix / "var/lib/hearth/server.log").read_text(errors="replace")
         assert served.returncode == 0, served.stdout + served.stderr + log[-3000:]
         print(f"serve + chat: {time.monotonic() - started:.0f} s")
@@ -199,7 +199,7 @@ def test_offline_install_serve_upgrade_uninstall(bundle, tmp_path):
         hearth = prefix / "opt/hearth/venv/bin/hearth"
         catalog = prefix / "var/lib/hearth/models.toml"
         subprocess.run([str(hearth), "models", "--catalog", str(catalog), "add", "extra",
-                        str(extra)], check=True, capture_output=True)  # fmt: skip
+                        str(extra)], check=True, capture_output=True)
         started = time.monotonic()
         again = _install(offline, bundle, prefix, "--port", "1")
         assert again.returncode == 0, again.stdout + again.stderr
@@ -210,7 +210,7 @@ def test_offline_install_serve_upgrade_uninstall(bundle, tmp_path):
         # bin/hearth reads hearth.env as the unit does: the installed catalogue, the port.
         wrapper = str(prefix / "opt/hearth/bin/hearth")
         listing = subprocess.run([*offline, wrapper, "models", "list"], capture_output=True,
-                                 text=True, check=True).stdout  # fmt: skip
+                                 text=True, check=True).stdout
         assert f"* {MODEL}" in listing and "extra" in listing
         doctor = subprocess.run([*offline, wrapper, "doctor"], capture_output=True, text=True)
         assert doctor.returncode == 0, doctor.stdout + doctor.stderr
@@ -221,7 +221,7 @@ def test_offline_install_serve_upgrade_uninstall(bundle, tmp_path):
         assert "OK    lock       installed versions match requirements-cpu.lock" in doctor.stdout
 
     removed = subprocess.run(["bash", str(bundle / "uninstall.sh"), "--prefix", str(prefix)],
-                             capture_output=True, text=True)  # fmt: skip
+                             capture_output=True, text=True)
     assert removed.returncode == 0, removed.stderr
     assert not (prefix / "opt/hearth").exists()
     assert not (prefix / "etc/systemd/system/hearth.service").exists()

@@ -203,7 +203,7 @@ def test_chart_renders_deployment_service_pvc():
 
 def test_chart_hpa_scales_on_waiting_requests_and_options_switch():
     docs = _manifests({"autoscaling.enabled": True, "persistence.enabled": False,
-                       "nodeSelector": {"gpu": "h100"}})  # fmt: skip
+                       "nodeSelector": {"gpu": "h100"}})
     hpa = docs["HorizontalPodAutoscaler"]
     assert hpa["spec"]["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
     metric = hpa["spec"]["metrics"][0]["pods"]
@@ -227,7 +227,7 @@ def test_the_renderer_rejects_what_it_does_not_know():
 def test_helm_lint_and_template():
     subprocess.run(["helm", "lint", str(CHART)], check=True)
     rendered = subprocess.run(["helm", "template", "edge", str(CHART)], check=True,
-                              capture_output=True, text=True).stdout  # fmt: skip
+                              capture_output=True, text=True).stdout
     kinds = {doc["kind"] for doc in yaml.safe_load_all(rendered) if doc}
     assert kinds == {"Deployment", "Service", "PersistentVolumeClaim"}
 
@@ -263,7 +263,7 @@ def test_unit_verifies_and_has_a_low_exposure(tmp_path):
     )
     subprocess.run(["systemd-analyze", "verify", str(unit)], check=True, timeout=60)
     report = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
-                            capture_output=True, text=True, timeout=60).stdout  # fmt: skip
+                            capture_output=True, text=True, timeout=60).stdout
     level = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", report).group(1))
     assert level <= 4.0, report
 
@@ -287,13 +287,13 @@ def test_install_scripts_parse():
     for script in ("install.sh", "uninstall.sh"):
         subprocess.run(["bash", "-n", str(INSTALLERS / script)], check=True)
     result = subprocess.run(["bash", str(INSTALLERS / "install.sh"), "--bogus"],
-                            capture_output=True, text=True)  # fmt: skip
+                            capture_output=True, text=True)
     assert result.returncode == 1 and "unknown option --bogus" in result.stderr
 
 
 def _options(**changes: Any) -> bundle.BundleOptions:
     base = {"out": Path("b.tar"), "models": (), "torch": "cpu", "python_version": "3.11",
-            "platforms": tuple(bundle.default_platforms("x86_64"))}  # fmt: skip
+            "platforms": tuple(bundle.default_platforms("x86_64"))}
     return bundle.BundleOptions(**{**base, **changes})
 
 
@@ -301,5 +301,5 @@ def test_bundle_requirements_pin_torch_per_target():
     assert bundle.requirements(_options()) == ["hearth[serve]==0.1.0", "torch==2.13.0+cpu"]
     assert bundle.requirements(_options(torch="cuda", ui=True)) == [
         "hearth[serve,ui]==0.1.0", "torch==2.13.0"
-    ]  # fmt: skip
+    ]
     assert bundle.default_platforms("aarch64")[0] == "manylinux_2_28_aarch64"

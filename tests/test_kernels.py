@@ -179,7 +179,7 @@ def test_fp8_reference_error_is_e4m3_rounding():
 
 # ------------------------------------------------------------------------------ decode attention
 def run_decode(context_lens, block_size, num_kv_heads, group, head_dim, dtype=torch.float32,
-               num_splits=None, fp8=False):  # fmt: skip
+               num_splits=None, fp8=False):
     """fp8: the cache is e4m3 with scales; `dtype` is the query's."""
     num_blocks = sum(-(-n // block_size) for n in context_lens) + 3
     cache_dtype = FP8_DTYPE if fp8 else dtype
@@ -191,7 +191,7 @@ def run_decode(context_lens, block_size, num_kv_heads, group, head_dim, dtype=to
     )
     ctx, scale = int32(context_lens), head_dim**-0.5 / (4 if fp8 else 1)
     out = paged_decode_attention(query, k_cache, v_cache, tables, ctx, scale,
-                                 num_splits=num_splits, scales=scales)  # fmt: skip
+                                 num_splits=num_splits, scales=scales)
     ref = paged_decode_attention_ref(query, k_cache, v_cache, tables, ctx, scale, scales)
     torch.testing.assert_close(out, ref, **TOL[dtype])
 
@@ -218,7 +218,7 @@ def test_decode_attention_half_precision(dtype):
 
 
 def run_decode_fused_write(context_lens, block_size, num_kv_heads, group, head_dim, num_splits,
-                           dtype=torch.float32, fp8=False, rope=False):  # fmt: skip
+                           dtype=torch.float32, fp8=False, rope=False):
     """Decode with the new token's K/V fused in == write_kv_ref then the reference attention; the
     cache ends up as write_kv_ref leaves it. The slot of the newest position holds stale random
     values before the call, so reading it instead of the new rows would fail. fp8: an e4m3 cache,
@@ -240,7 +240,7 @@ def run_decode_fused_write(context_lens, block_size, num_kv_heads, group, head_d
     query = qkv[:, : num_kv_heads * group]  # strided views of one projection, as in the model
     key, value = qkv[:, num_kv_heads * group : -num_kv_heads], qkv[:, -num_kv_heads:]
     slots = [int(tables[s, (c - 1) // block_size]) * block_size + (c - 1) % block_size
-             if c > 0 else -1 for s, c in enumerate(context_lens)]  # fmt: skip
+             if c > 0 else -1 for s, c in enumerate(context_lens)]
     slots = torch.tensor(slots, device=DEVICE)
     ctx, scale = int32(context_lens), head_dim**-0.5 / (4 if fp8 else 1)
     new_kv = NewKV(key, value, slots)
@@ -250,7 +250,7 @@ def run_decode_fused_write(context_lens, block_size, num_kv_heads, group, head_d
         rotary = Rope(positions, RotaryEmbedding(head_dim, 1024, 10000.0).cos_sin_cache.to(DEVICE))
     out = paged_decode_attention(query, k_cache, v_cache, tables, ctx, scale,
                                  num_splits=num_splits, new_kv=new_kv, scales=scales,
-                                 rope=rotary)  # fmt: skip
+                                 rope=rotary)
     if rope:
         query, key = query.clone(), key.clone()
         rotary_embedding_ref(rotary.positions, query, key, rotary.cos_sin_cache, head_dim)
@@ -271,7 +271,7 @@ def run_decode_fused_write(context_lens, block_size, num_kv_heads, group, head_d
 def test_decode_attention_fused_kv_write(num_splits, block_size, num_kv_heads, group, head_dim):
     # 1 (only the new token), a partial last block, the new token first in a split, padding (0)
     run_decode_fused_write([1, 13, 65, 130, 0], block_size, num_kv_heads, group, head_dim,
-                           num_splits)  # fmt: skip
+                           num_splits)
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
@@ -281,7 +281,7 @@ def test_decode_attention_fused_rotary(num_splits, dtype, block_size, num_kv_hea
                                        head_dim):
     """Query and new key rotated inside the decode kernel == rotary, write_kv, attention."""
     run_decode_fused_write([1, 13, 65, 130, 0], block_size, num_kv_heads, group, head_dim,
-                           num_splits, dtype=dtype, rope=True)  # fmt: skip
+                           num_splits, dtype=dtype, rope=True)
 
 
 def test_decode_attention_fp8_fused_rotary():
@@ -298,14 +298,14 @@ def test_decode_attention_fused_rotary_rejects_bad_input():
     table = torch.zeros(16, 64, device=DEVICE)
     with pytest.raises(ValueError, match="rope needs new_kv"):
         paged_decode_attention(query, k_cache, v_cache, tables, ctx, 1.0,
-                               rope=Rope(int32([4, 8]), table))  # fmt: skip
+                               rope=Rope(int32([4, 8]), table))
     with pytest.raises(ValueError, match="rope.positions"):
         paged_decode_attention(query, k_cache, v_cache, tables, ctx, 1.0,
                                new_kv=NewKV(key, key, slots), rope=Rope(int32([4]), table))
     with pytest.raises(ValueError, match="cos_sin_cache"):
         paged_decode_attention(query, k_cache, v_cache, tables, ctx, 1.0,
                                new_kv=NewKV(key, key, slots),
-                               rope=Rope(int32([4, 8]), table[:, :8]))  # fmt: skip
+                               rope=Rope(int32([4, 8]), table[:, :8]))
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
@@ -320,7 +320,7 @@ def test_decode_attention_fp8_cache(num_splits, dtype):
 )
 def test_decode_attention_fp8_fused_kv_write(num_splits, block_size, num_kv_heads, group, head_dim):
     run_decode_fused_write([1, 13, 65, 130, 0], block_size, num_kv_heads, group, head_dim,
-                           num_splits, fp8=True)  # fmt: skip
+                           num_splits, fp8=True)
 
 
 def test_decode_attention_fp8_rejects_bad_input():
@@ -331,7 +331,7 @@ def test_decode_attention_fp8_rejects_bad_input():
         paged_decode_attention(query, k_cache, v_cache, tables, ctx, 1.0)
     with pytest.raises(ValueError, match="dtype"):
         paged_decode_attention(query.double(), k_cache, v_cache, tables, ctx, 1.0,
-                               scales=make_scales())  # fmt: skip
+                               scales=make_scales())
 
 
 def test_decode_attention_fused_kv_write_rejects_bad_input():
@@ -342,10 +342,10 @@ def test_decode_attention_fused_kv_write_rejects_bad_input():
     slots = torch.tensor([4, 8], device=DEVICE)
     with pytest.raises(ValueError, match="new_kv.key"):
         paged_decode_attention(query, k_cache, v_cache, tables, ctx, 1.0,
-                               new_kv=NewKV(key[:, :1], key, slots))  # fmt: skip
+                               new_kv=NewKV(key[:, :1], key, slots))
     with pytest.raises(ValueError, match="slot_mapping"):
         paged_decode_attention(query, k_cache, v_cache, tables, ctx, 1.0,
-                               new_kv=NewKV(key, key, slots[:1]))  # fmt: skip
+                               new_kv=NewKV(key, key, slots[:1]))
 
 
 def test_decode_attention_writes_into_out():
@@ -404,7 +404,7 @@ def test_prefill_attention_matches_ref(block_size, num_kv_heads, group, head_dim
 @pytest.mark.parametrize("block_size,num_kv_heads,group,head_dim", [(8, 2, 1, 64), (16, 1, 4, 64)])
 def test_prefill_attention_fp8_cache(block_size, num_kv_heads, group, head_dim):
     run_prefill([9, 6, 1, 21], [9, 30, 45, 40], block_size, num_kv_heads, group, head_dim,
-                fp8=True)  # fmt: skip
+                fp8=True)
 
 
 def test_prefill_attention_many_sequences_strided_query():
@@ -446,7 +446,7 @@ def test_chunked_prefill_equals_dense_causal_attention():
     for lo, hi in ((0, first), (first, length)):
         qsl, seq_lens = int32([0, hi - lo]), int32([hi])
         outs.append(paged_prefill_attention(q[lo:hi], k_cache, v_cache, tables, qsl, seq_lens,
-                                            head_dim**-0.5))  # fmt: skip
+                                            head_dim**-0.5))
     dense = F.scaled_dot_product_attention(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
     ).transpose(0, 1)  # (length, num_heads, head_dim)
@@ -464,4 +464,4 @@ def test_prefill_attention_rejects_bad_input():
         paged_prefill_attention(query, k_cache, v_cache, tables, int32([0, 5]), seq_lens, 1.0)
     with pytest.raises(ValueError, match="query"):
         paged_prefill_attention(query[..., :32], k_cache, v_cache, tables, int32([0, 5]),
-                                int32([5]), 1.0)  # fmt: skip
+                                int32([5]), 1.0)

@@ -47,7 +47,7 @@ def test_write_kv_full(dtype):
     k_cache, v_cache = make_cache(num_blocks, block_size, kv_heads, head_dim, dtype)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     key, value = (torch.randn(num_tokens, kv_heads, head_dim, dtype=dtype, device="cuda")
-                  for _ in range(2))  # fmt: skip
+                  for _ in range(2))
     slots = torch.randperm(num_blocks * block_size, device="cuda")[:num_tokens]
     slots[::7] = -1
     write_kv(key, value, k_cache, v_cache, slots)
@@ -63,7 +63,7 @@ def test_write_kv_fp8_full(dtype):
     k_cache, v_cache = make_cache(num_blocks, block_size, kv_heads, head_dim, FP8_DTYPE)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     key, value = (torch.randn(num_tokens, kv_heads, head_dim, device="cuda") * 60
-                  for _ in range(2))  # fmt: skip  # some beyond 448 * scale: saturated
+                  for _ in range(2))  # some beyond 448 * scale: saturated
     key[0, 0, :64] = torch.logspace(-12, 1, 64, base=2, device="cuda")  # subnormals of e4m3
     key, value = key.to(dtype), value.to(dtype)
     slots = torch.randperm(num_blocks * block_size, device="cuda")[:num_tokens]
@@ -107,7 +107,7 @@ def test_decode_attention_fused_kv_write_full(dtype, num_seqs, max_len, num_spli
                                                          (256, 700, None), (3, 33, 1)])
 @pytest.mark.parametrize("group,head_dim,block_size", [(4, 128, 16), (1, 64, 32)])
 def test_decode_attention_fp8_full(dtype, num_seqs, max_len, num_splits, group, head_dim,
-                                   block_size):  # fmt: skip
+                                   block_size):
     kv_heads = 32 // group if group > 1 else 8
     lens = random_lens(num_seqs, 1, max_len)
     lens[0] = max_len

@@ -162,7 +162,7 @@ def test_serve_refuses_a_model_that_does_not_match(tiny, tmp_path):
     _flip_byte(weights)
     env = {**os.environ, "HEARTH_MODELS_TOML": str(catalog)}
     command = [sys.executable, "-m", "hearth", "serve", "--model", "tiny", "--port", "0",
-               "--no-ui", "--device", "cpu"]  # fmt: skip
+               "--no-ui", "--device", "cpu"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "could not load the model" in result.stderr

@@ -110,7 +110,7 @@ def test_from_outside_the_checkout_kernels_is_huggingfaces(install, wheel, tmp_p
         env["PYTHONPATH"] = str(site)  # before the venv's editable finder on the import path
         expected = site / "hearth"
     result = subprocess.run([sys.executable, "-c", _FROM_OUTSIDE], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"hearth {expected}\n" in result.stdout and result.stdout.endswith("ok\n")
 
@@ -152,5 +152,5 @@ def test_the_locks_pin_the_torch_builds():
 def test_the_locks_agree_outside_torch():
     cpu, cuda = _lock("cpu"), _lock("cuda")
     differ = {name: (cpu[name], cuda[name]) for name in cpu.keys() & cuda.keys()
-              if name != "torch" and cpu[name] != cuda[name]}  # fmt: skip
+              if name != "torch" and cpu[name] != cuda[name]}
     assert differ == {}, "the locks drifted apart: make lock UPGRADE=1"

@@ -55,7 +55,7 @@ def test_philox_ref_matches_triton_randint4x():
     temps = torch.ones(4, device=DEVICE)
     keys = torch.tensor([0, 1, 2**40 + 7, 2**62 + 12345], device=DEVICE)
     assert torch.equal(exponential_race(logits, temps, keys),
-                       exponential_race_ref(logits, temps, keys))  # fmt: skip
+                       exponential_race_ref(logits, temps, keys))
     # Known-answer check of the reference itself (Random123's Philox4x32-10 test vector).
     key = torch.tensor([[0]])
     words = philox4x32_ref(key, torch.zeros(1, 1, dtype=torch.int64))
@@ -74,7 +74,7 @@ def test_greedy_ties_take_the_first_index():
     logits[1, [8193, 8194]] = 1.0
     logits[2] = float("-inf")
     ids = exponential_race(logits, torch.zeros(3, device=DEVICE), torch.zeros(3, dtype=torch.int64,
-                           device=DEVICE))  # fmt: skip
+                           device=DEVICE))
     assert ids.tolist() == [5, 8193, 0]
 
 

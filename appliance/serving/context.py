@@ -40,4 +40,4 @@ def build_context(settings: Settings, engine_factory: Callable[[], Engine]) -> A
     )
     serving = Serving(engine, settings.served_model_name)
     return AppContext(settings, engine, serving, ChatServing(serving), CompletionServing(serving),
-                      telemetry)  # fmt: skip
+                      telemetry)

@@ -196,7 +196,7 @@ class Serving:
     # ---- prompts and parameters ----
 
     def prepare(self, prompt: Prompt, params: SamplingParams, where: str,
-                fit_max_tokens: bool = False) -> PreparedRequest:  # fmt: skip
+                fit_max_tokens: bool = False) -> PreparedRequest:
         """The engine's checks (engine/prepare.py), early: a 400 that says the numbers, never a
         truncation. `where` names the prompt ("prompt[2]"; "messages" for a chat), and its
         field is the error's param. `fit_max_tokens` lowers max_tokens to what the context has

@@ -64,17 +64,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     host = f"{sys.version_info.major}.{sys.version_info.minor}"
     parser.add_argument("--out", type=Path, default=Path("hearth-bundle.tar"), metavar="FILE")
     parser.add_argument("--models", nargs="+", default=[], metavar="NAME",
-                        help="catalogue names to include (default: the default model)")  # fmt: skip
+                        help="catalogue names to include (default: the default model)")
     parser.add_argument("--torch", choices=("cpu", "cuda"), default="cpu",
-                        help="torch build for the target (its lock file's versions)")  # fmt: skip
+                        help="torch build for the target (its lock file's versions)")
     parser.add_argument("--torch-index", metavar="URL",
                         help="extra package index for torch, e.g. https://download.pytorch.org"
-                        "/whl/cpu where pip's index has only the CUDA build")  # fmt: skip
+                        "/whl/cpu where pip's index has only the CUDA build")
     parser.add_argument("--python-version", default=host, metavar="X.Y",
-                        help=f"the target's Python (default: this one, {host})")  # fmt: skip
+                        help=f"the target's Python (default: this one, {host})")
     parser.add_argument("--platform", action="append", dest="platforms", metavar="TAG",
                         help="wheel platform tag the target accepts, repeatable "
-                        "(default: manylinux tags for this machine's architecture)")  # fmt: skip
+                        "(default: manylinux tags for this machine's architecture)")
     parser.add_argument("--ui", action="store_true", help="include the browser UI (gradio)")
 
 
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         python_version=args.python_version,
         platforms=tuple(args.platforms or default_platforms()), ui=args.ui,
         torch_index=args.torch_index,
-    )  # fmt: skip
+    )
     try:
         build_bundle(options)
     except (ValueError, subprocess.CalledProcessError) as error:
@@ -97,7 +97,7 @@ def default_platforms(machine: str | None = None) -> list[str]:
     arch = machine or platform.machine()
     return [f"manylinux_2_{v}_{arch}" for v in (28, 27, 17, 12, 5)] + [
         f"manylinux2014_{arch}", f"manylinux1_{arch}"
-    ]  # fmt: skip
+    ]
 
 
 def requirements(options: BundleOptions) -> list[str]:
@@ -164,7 +164,7 @@ def _bundled_spec(spec, fmt: str, path: Path, target: Path):
 
 def _hash_tree(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): _sha256(p) for p in sorted(root.rglob("*"))
-            if p.is_file()}  # fmt: skip
+            if p.is_file()}
 
 
 def build_wheel(wheels: Path, src: Path) -> Path:
@@ -185,13 +185,13 @@ def _has_setuptools() -> bool:
 def _download(options: BundleOptions, wheel: Path, lock: Path, wheels: Path) -> None:
     target = ["--only-binary=:all:", "--python-version", options.python_version,
               "--implementation", "cp", "--abi", f"cp{options.python_version.replace('.', '')}",
-              "--abi", "abi3", "--abi", "none"]  # fmt: skip
+              "--abi", "abi3", "--abi", "none"]
     for tag in options.platforms:
         target += ["--platform", tag]
     index = ["--extra-index-url", options.torch_index] if options.torch_index else []
     extras = requirements(options)[0].split("==")[0].removeprefix("hearth")
     _pip("download", "-d", str(wheels), *target, *index, "-c", str(lock), f"{wheel}{extras}",
-         requirements(options)[1])  # fmt: skip
+         requirements(options)[1])
     torch_wheels = [w.name for w in wheels.glob("torch-*.whl")]
     if options.torch == "cuda" and any("+cpu" in name for name in torch_wheels):
         raise ValueError(
@@ -218,7 +218,7 @@ def _write_manifest(stage: Path, options: BundleOptions, models: list[str]) -> d
     with tqdm(total=total, unit="B", unit_scale=True, desc="sha256 manifest") as bar:
         for path in files:
             entries[path.relative_to(stage).as_posix()] = {
-                "sha256": _sha256(path, bar), "size": path.stat().st_size}  # fmt: skip
+                "sha256": _sha256(path, bar), "size": path.stat().st_size}
     manifest = {
         "format": 1,
         "hearth_version": __version__,

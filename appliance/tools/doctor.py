@@ -43,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "doctor", help="check this machine: Python, GPU, memory, disk, port, model checksums",
         description=__doc__.split("\n\n")[1],
-    )  # fmt: skip
+    )
     for flag, kind in (("--model", str), ("--host", str), ("--port", int), ("--device", str)):
         env = "HEARTH_" + flag[2:].upper()
         parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"[env {env}]")
@@ -81,7 +81,7 @@ def _python() -> Check:
 
 def _serving_packages() -> Check:
     missing = [m for m in ("fastapi", "uvicorn", "pydantic", "prometheus_client", "psutil")
-               if importlib.util.find_spec(m) is None]  # fmt: skip
+               if importlib.util.find_spec(m) is None]
     if missing:
         return Check(
             "FAIL", "packages", f"missing {', '.join(missing)}: pip install 'hearth[serve]'"
@@ -158,7 +158,7 @@ def lock_differences(locked: dict[str, str], installed: dict[str, str]) -> list[
     """`name installed X, lock Y` for each locked package installed at another version."""
     return [f"{name} installed {installed[name]}, lock {version}"
             for name, version in sorted(locked.items())
-            if name in installed and installed[name] != version]  # fmt: skip
+            if name in installed and installed[name] != version]
 
 
 def normalize(name: str) -> str:
@@ -235,7 +235,7 @@ def _model(settings: Settings) -> tuple[int, list[Check]]:
         return 0, [Check("FAIL", "model", str(error))]
     weight_bytes = size * (4 if resolved.format == "gguf" else 1)
     found = Check("OK", "model", f"{resolved.name}: {resolved.path} ({size / 1e6:.0f} MB), "
-                                 f"catalogue {catalog.source}")  # fmt: skip
+                                 f"catalogue {catalog.source}")
     if resolved.name in catalog.models:
         ok, line = check_model(catalog, resolved.name)
         return weight_bytes, [found, Check("OK" if ok else "FAIL", "checksums", line)]
@@ -280,9 +280,9 @@ def _port(host: str, port: int) -> Check:
         except OSError as error:
             if _hearth_answers(host, port):
                 return Check("WARN", "port", f"{host}:{port} is in use by a running Hearth "
-                             "(its /health is OK)")  # fmt: skip
+                             "(its /health is OK)")
             return Check("FAIL", "port", f"{host}:{port} is not free ({error.strerror}): stop "
-                         "what uses it or choose another with --port / HEARTH_PORT")  # fmt: skip
+                         "what uses it or choose another with --port / HEARTH_PORT")
     return Check("OK", "port", f"{host}:{port} is free")
 
 

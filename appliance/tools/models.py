@@ -63,7 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     action = {"list": _list, "show": _show, "add": _add, "remove": _remove,
-              "verify": _verify, "import": _import}[args.models_command]  # fmt: skip
+              "verify": _verify, "import": _import}[args.models_command]
     try:
         return action(args)
     except ValueError as error:

@@ -115,7 +115,7 @@ def _gguf_gemm_kernel(
     QTYPE: tl.constexpr, BLOCK_WEIGHTS: tl.constexpr, BLOCK_BYTES: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+):
     pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -161,4 +161,4 @@ def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: str,
         QTYPE=kind.qtype, BLOCK_WEIGHTS=block, BLOCK_BYTES=block_bytes,
         PRECISION=precision(x),
         **blocks,
-    ))  # fmt: skip
+    ))

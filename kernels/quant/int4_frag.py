@@ -108,7 +108,7 @@ def frag_dequantize(words: torch.Tensor, zeros: torch.Tensor, scales: torch.Tens
     kernel[(triton.cdiv(N // 16, ntb), triton.cdiv(K // 64, kqb))](
         words, zeros, scales, w, N, K, zeros.stride(0), scales.stride(0),
         GROUP_SIZE=group_size, OFFSET=offset, NTB=ntb, KQB=kqb, num_warps=warps,
-    )  # fmt: skip
+    )
     return w
 
 

@@ -275,7 +275,7 @@ def _int4_tc_kernel(
     GROUP_SIZE: tl.constexpr, NT: tl.constexpr, BF16: tl.constexpr, OFFSET: tl.constexpr,
     SPLIT: tl.constexpr, TWO: tl.constexpr, EMULATE: tl.constexpr, KC: tl.constexpr,
     PDL: tl.constexpr,
-):  # fmt: skip
+):
     pdl.launch_dependents(PDL, 1)
     MAGIC: tl.constexpr = 128.0 if BF16 else 1024.0
     KT_G: tl.constexpr = GROUP_SIZE // 16
@@ -457,7 +457,7 @@ def int4_tc(x: torch.Tensor, words: torch.Tensor, zeros: torch.Tensor, scales: t
         GROUP_SIZE=group_size, NT=blocks.n_tiles, BF16=x.dtype == torch.bfloat16, OFFSET=offset,
         SPLIT=num_splits > 1, TWO=M > 8, EMULATE=_INTERPRETING or not x.is_cuda, KC=kc,
         num_warps=blocks.num_warps, **pdl.launch(x.device),
-    )  # fmt: skip
+    )
     return out
 
 

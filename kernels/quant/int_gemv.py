@@ -205,7 +205,7 @@ def _int_gemv_kernel(
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, CHUNK: tl.constexpr, ASM: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET: tl.constexpr,
     ROWS_PAD: tl.constexpr,
-):  # fmt: skip
+):
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -310,7 +310,7 @@ def int_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales
         BITS=bits, GROUP_SIZE=group_size, CHUNK=chunk, ASM=x.is_cuda and not _INTERPRETING,
         SPLIT=num_splits > 1, BLOCK_M=1 if M == 1 else 16, BLOCK_N=blocks.block_n,
         OFFSET=offset, ROWS_PAD=rows_pad, num_warps=blocks.num_warps,
-    )  # fmt: skip
+    )
     return out
 
 

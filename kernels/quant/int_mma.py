@@ -128,7 +128,7 @@ def _int_mma_kernel(
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, F32_DEQUANT: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OFFSET: tl.constexpr,
     FRAG: tl.constexpr = False,
-):  # fmt: skip
+):
     PACK: tl.constexpr = 32 // BITS
     pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -218,7 +218,7 @@ def int_mma(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales:
         OFFSET=offset, FRAG=frag,
         BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=step,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-    )  # fmt: skip
+    )
     return out
 
 
@@ -237,7 +237,7 @@ def int_dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tens
         scales.stride(0), BITS=bits, GROUP_SIZE=group_size or 0, BLOCK_N=64, BLOCK_K=step,
         OFFSET=offset,
         num_warps=4,
-    )  # fmt: skip
+    )
     return F.linear(x, w)
 
 

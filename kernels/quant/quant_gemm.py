@@ -59,7 +59,7 @@ def _int_gemm_kernel(
     stride_xm, stride_qk, stride_zg, stride_sg, stride_os, stride_om,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, PRECISION: tl.constexpr, OFFSET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+):
     pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -116,7 +116,7 @@ def int_quant_matmul(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor
         x.stride(0), qweight.stride(0), zeros.stride(0), scales.stride(0),
         out.stride(0), out.stride(1),
         BITS=bits, GROUP_SIZE=group_size or 0, PRECISION=precision(x), OFFSET=offset, **blocks,
-    ))  # fmt: skip
+    ))
 
 
 def _gemv_fits(x: torch.Tensor, bits: int, group_size: int | None) -> bool:
