@@ -13,8 +13,11 @@ Async scheduling (`EngineConfig.async_scheduling`, on for CUDA) overlaps the CPU
     GPU:     ....... N ........|.............. N+1 ..................................
 
 A sequence that stops at N (EOS, stop string) was already scheduled at N+1: its token from N+1 is
-discarded (update() skips finished sequences). Requests with penalties, logprobs or n > 1 need
-their tokens on the host before the next step: while any is live, steps run synchronously.
+discarded (update() skips finished sequences). Requests with penalties, logprobs, n > 1 or a
+grammar need their tokens on the host before the next step: while any is live, steps run
+synchronously. A grammar request's matcher (engine/grammar.py) advances with each of its tokens
+here, and fills its bitmask row in the runner while the forward pass runs; a sequence whose
+grammar is complete finishes with "stop".
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 
 from hearth.engine.block_manager import BlockManager
 from hearth.engine.config import EngineConfig
+from hearth.engine.grammar import GrammarCompiler, GrammarMatchers
 from hearth.engine.model_builder import BuiltModel, build_model
 from hearth.engine.model_runner import InFlightSample
 from hearth.engine.outputs import RequestOutput, RunnerOutput, ScheduleOutput, TokenLogprob
@@ -45,8 +49,10 @@ class _InFlight:
 
 
 def _needs_sync(params: SamplingParams) -> bool:
-    """Penalties read the token history, logprobs and n > 1 forks read the sampled ids."""
-    return params.has_penalties or params.logprobs is not None or params.n > 1
+    """Penalties read the token history, logprobs and n > 1 forks read the sampled ids, a grammar
+    needs each token before it can mask the next."""
+    return (params.has_penalties or params.logprobs is not None or params.n > 1
+            or params.structured_output is not None)
 
 
 _SNAPSHOT_REFRESH_S = 0.2
@@ -70,9 +76,11 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.config.scheduler_config(self.max_model_len), block_manager, sorted(eos)
         )
+        self.grammars = self._grammar_compiler(sorted(eos))
+        self._matchers = GrammarMatchers(sorted(eos)) if self.grammars else None
         self.model_info = ModelInfo(
             self.model_name, self.scheduler.max_len, self.model_config.vocab_size,
-            self.tokenizer, self.device, self.dtype,
+            self.tokenizer, self.device, self.dtype, self.grammars,
         )
         self._requests: dict[str, RequestState] = {}
         self._lock = threading.Lock()
@@ -84,6 +92,13 @@ class LLMEngine:
         self._async = self.runner.device.type == "cuda" if overlap is None else overlap
         self._inflight: _InFlight | None = None
         self._sync_request_ids: set[str] = set()  # live requests that need synchronous steps
+
+    def _grammar_compiler(self, eos_token_ids: list[int]) -> GrammarCompiler | None:
+        """None when switched off, or with a stand-in tokenizer (dummy weights, no tokenizer)."""
+        to_json = getattr(self.tokenizer, "to_json", None)
+        if not self.config.structured_output or to_json is None:
+            return None
+        return GrammarCompiler(to_json, self.model_config.vocab_size, eos_token_ids)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -108,6 +123,7 @@ class LLMEngine:
             req = RequestState(request_id, request.prompt, token_ids, params, now)
             seq = Sequence(self.scheduler.next_seq_id(), request_id, token_ids, params, priority,
                            arrival_time=now)
+            seq.grammar = request.grammar
             self.scheduler.add(seq)
             self._requests[request_id] = req
             if _needs_sync(params):
@@ -120,7 +136,8 @@ class LLMEngine:
             req = self._requests.pop(request_id, None)
             self._sync_request_ids.discard(request_id)
             if req is not None:
-                self.scheduler.abort_request(request_id)
+                seqs = self.scheduler.abort_request(request_id)
+                self._drop_matchers([seq.seq_id for seq in seqs])
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
@@ -144,9 +161,10 @@ class LLMEngine:
         if self._inflight is not None:
             return self._drain(finished_only)  # the next step runs synchronously
         schedule = self.scheduler.schedule()
+        self._drop_matchers(schedule.preempted_seq_ids)  # rebuilt from their tokens when resumed
         if schedule.is_empty:
             return []
-        runner_output = self.runner.execute(schedule)
+        runner_output = self.runner.execute(schedule, self._matchers)
         updated = self.scheduler.update(schedule, runner_output)
         pairs = [(seq, runner_output.logprobs.get(seq.seq_id)) for seq in updated]
         return self._emit(pairs, finished_only)
@@ -201,6 +219,8 @@ class LLMEngine:
         self._num_generation_tokens += 1
         if req.add_token(seq, logprobs, self.tokenizer) and not seq.is_finished:
             self.scheduler.finish(seq, FinishReason.STOP)  # a stop string
+        if seq.grammar is not None and not seq.is_finished and self._matchers.advance(seq):
+            self.scheduler.finish(seq, FinishReason.STOP)  # the grammar is complete
 
     def _finish_output(self, req: RequestState) -> RequestOutput:
         if req.finished:
@@ -208,7 +228,12 @@ class LLMEngine:
             self._requests.pop(req.request_id, None)
             self._sync_request_ids.discard(req.request_id)
             self._num_finished += 1
+            self._drop_matchers([seq.seq_id for seq in req.seqs.values()])
         return req.output()
+
+    def _drop_matchers(self, seq_ids: list[int]) -> None:
+        if self._matchers is not None and len(self._matchers) and seq_ids:
+            self._matchers.drop(seq_ids)
 
     # -- state for the UI and metrics --------------------------------------------------------
 
@@ -254,3 +279,5 @@ class LLMEngine:
             self._requests.clear()
             self._sync_request_ids.clear()
             self._inflight = None
+            if self._matchers is not None:
+                self._matchers.clear()
