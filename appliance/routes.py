@@ -181,7 +181,7 @@ def _add_routes(app: FastAPI, context: AppContext) -> None:
     @_openai_errors
     async def create_completion(request: Request) -> Any:
         authenticate(request)
-        body = parse_request(CompletionRequest, await request.body())
+        body = parse_request(CompletionRequest, await request.body(), serving.unknown_fields)
         if body.stream:
             return _SSEResponse(completions.stream(body))
         return await _until_disconnect(request, completions.create(body))
@@ -190,7 +190,7 @@ def _add_routes(app: FastAPI, context: AppContext) -> None:
     @_openai_errors
     async def create_chat_completion(request: Request) -> Any:
         authenticate(request)
-        body = parse_request(ChatCompletionRequest, await request.body())
+        body = parse_request(ChatCompletionRequest, await request.body(), serving.unknown_fields)
         if body.stream:
             return _SSEResponse(chat.stream(body))
         return await _until_disconnect(request, chat.create(body))
@@ -199,10 +199,12 @@ def _add_routes(app: FastAPI, context: AppContext) -> None:
     @_openai_errors
     async def tokenize_route(request: Request) -> Any:
         authenticate(request)
-        return tokenize(serving, parse_request(TokenizeRequest, await request.body()))
+        body = parse_request(TokenizeRequest, await request.body(), serving.unknown_fields)
+        return tokenize(serving, body)
 
     @app.post("/detokenize")
     @_openai_errors
     async def detokenize_route(request: Request) -> Any:
         authenticate(request)
-        return detokenize(serving, parse_request(DetokenizeRequest, await request.body()))
+        body = parse_request(DetokenizeRequest, await request.body(), serving.unknown_fields)
+        return detokenize(serving, body)

@@ -1,4 +1,5 @@
-"""POST /v1/completions: prompts (text or token ids, one or many) → choices, streamed or whole.
+"""POST /v1/completions: prompts (text or token ids, one or many) → choices, streamed or whole;
+response_format / structured_outputs constrain the text as on the chat endpoint.
 
 Choice `index` is prompt_position * n + sample_index, as OpenAI numbers them.
 """
@@ -23,6 +24,7 @@ from hearth.appliance.serving.core import (
     sse,
     usage,
 )
+from hearth.appliance.serving.structured import structured_output
 from hearth.engine.outputs import TokenLogprob
 from hearth.engine.prepare import PreparedRequest
 
@@ -39,7 +41,6 @@ class CompletionServing:
             [
                 ("suffix", bool(request.suffix), "suffix"),
                 ("best_of", request.best_of not in (None, 1, request.n), "best_of other than n"),
-                ("logit_bias", bool(request.logit_bias), "logit_bias"),
                 (
                     "echo",
                     request.echo and request.logprobs is not None,
@@ -48,7 +49,8 @@ class CompletionServing:
             ],
         )
         prompts = self._prompts(request.prompt)
-        params = serving.sampling_params(request, request.max_tokens, request.logprobs)
+        params = serving.sampling_params(request, request.max_tokens, request.logprobs,
+                                         structured_output(request))
         prepared = []
         for i, prompt in enumerate(prompts):
             where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
