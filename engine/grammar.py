@@ -74,7 +74,8 @@ class GrammarCompiler:
                 import llguidance
 
                 self._lltokenizer = llguidance.LLTokenizer(
-                    self._tokenizer_json(), n_vocab=self.vocab_size, eos_token=self.eos_token_ids)
+                    self._tokenizer_json(), n_vocab=self.vocab_size,
+                    eos_token=self.eos_token_ids or None)
             return self._lltokenizer
 
     def compile(self, spec: StructuredOutput) -> CompiledGrammar:
@@ -146,7 +147,8 @@ class _Tracked:
 class GrammarMatchers:
     """The engine thread's matchers, one per constrained sequence, keyed by seq_id.
 
-    Sequences are duck-typed: `seq_id`, `grammar` (a CompiledGrammar) and `output_token_ids`."""
+    Sequences are duck-typed: `seq_id`, `grammar` (a CompiledGrammar), `output_token_ids` and
+    `is_finished`."""
 
     def __init__(self, eos_token_ids: Sequence[int], num_threads: int | None = None) -> None:
         self.eos_token_ids = list(eos_token_ids)
@@ -182,8 +184,8 @@ class GrammarMatchers:
         bitmask[: len(seqs)] = -1
         work = []
         for row, seq in enumerate(seqs):
-            if seq.grammar is None:
-                continue
+            if seq.grammar is None or seq.is_finished:
+                continue  # a finished one's token is discarded (async steps schedule it once more)
             matcher = self._sync(seq)
             if matcher.is_error():
                 self._allow_only_eos(bitmask[row])  # end it rather than sample from nothing

@@ -13,11 +13,16 @@ Async scheduling (`EngineConfig.async_scheduling`, on for CUDA) overlaps the CPU
     GPU:     ....... N ........|.............. N+1 ..................................
 
 A sequence that stops at N (EOS, stop string) was already scheduled at N+1: its token from N+1 is
-discarded (update() skips finished sequences). Requests with penalties, logprobs, n > 1 or a
-grammar need their tokens on the host before the next step: while any is live, steps run
-synchronously. A grammar request's matcher (engine/grammar.py) advances with each of its tokens
-here, and fills its bitmask row in the runner while the forward pass runs; a sequence whose
-grammar is complete finishes with "stop".
+discarded (update() skips finished sequences). Requests with penalties, logprobs or n > 1 need
+their tokens on the host before the next step: while any is live, steps run synchronously.
+
+A grammar request's matcher (engine/grammar.py) advances with each of its tokens here; a sequence
+whose grammar is complete finishes with "stop". Its bitmask row for step N+1 needs step N's token,
+so a step with constrained sequences splits its launch around the read-back:
+
+    launch N+1's forward | resolve N (matchers advance) | fill N+1's bitmasks, launch its sampling
+
+and the bitmask is filled on the host while the forward runs (synchronous steps likewise).
 """
 
 from __future__ import annotations
@@ -49,10 +54,8 @@ class _InFlight:
 
 
 def _needs_sync(params: SamplingParams) -> bool:
-    """Penalties read the token history, logprobs and n > 1 forks read the sampled ids, a grammar
-    needs each token before it can mask the next."""
-    return (params.has_penalties or params.logprobs is not None or params.n > 1
-            or params.structured_output is not None)
+    """Penalties read the token history, logprobs and n > 1 forks read the sampled ids."""
+    return params.has_penalties or params.logprobs is not None or params.n > 1
 
 
 _SNAPSHOT_REFRESH_S = 0.2
@@ -92,13 +95,15 @@ class LLMEngine:
         self._async = self.runner.device.type == "cuda" if overlap is None else overlap
         self._inflight: _InFlight | None = None
         self._sync_request_ids: set[str] = set()  # live requests that need synchronous steps
+        self._grammar_request_ids: set[str] = set()  # live requests with a grammar
 
     def _grammar_compiler(self, eos_token_ids: list[int]) -> GrammarCompiler | None:
         """None when switched off, or with a stand-in tokenizer (dummy weights, no tokenizer)."""
         to_json = getattr(self.tokenizer, "to_json", None)
         if not self.config.structured_output or to_json is None:
             return None
-        return GrammarCompiler(to_json, self.model_config.vocab_size, eos_token_ids)
+        known = [i for i in eos_token_ids if i < self.tokenizer.vocab_size]  # llguidance's rule
+        return GrammarCompiler(to_json, self.model_config.vocab_size, known)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -128,6 +133,8 @@ class LLMEngine:
             self._requests[request_id] = req
             if _needs_sync(params):
                 self._sync_request_ids.add(request_id)
+            if request.grammar is not None:
+                self._grammar_request_ids.add(request_id)
             self._num_prompt_tokens += len(token_ids)
 
     def abort_request(self, request_id: str) -> None:
@@ -135,6 +142,7 @@ class LLMEngine:
             self._snapshot = None  # the blocks come back now: the next reader must see it
             req = self._requests.pop(request_id, None)
             self._sync_request_ids.discard(request_id)
+            self._grammar_request_ids.discard(request_id)
             if req is not None:
                 seqs = self.scheduler.abort_request(request_id)
                 self._drop_matchers([seq.seq_id for seq in seqs])
@@ -172,11 +180,18 @@ class LLMEngine:
     def _step_overlapped(self, finished_only: bool) -> list[RequestOutput]:
         """Schedule and launch step N+1 while N runs, then finish N (see the module docstring)."""
         schedule = self.scheduler.schedule()
+        self._drop_matchers(schedule.preempted_seq_ids)
         if schedule.is_empty:
             return self._drain(finished_only)
         prev = self._inflight
-        sample = self.runner.launch(schedule, prev.sample if prev else None)
-        outputs = self._resolve(prev, finished_only) if prev else []
+        prev_sample = prev.sample if prev else None
+        if self._grammar_request_ids and any(c.seq.grammar is not None for c in schedule.chunks):
+            forward = self.runner.launch_forward(schedule, prev_sample)
+            outputs = self._resolve(prev, finished_only) if prev else []  # matchers advance
+            sample = self.runner.launch_sample(forward, self._matchers)
+        else:
+            sample = self.runner.launch(schedule, prev_sample)
+            outputs = self._resolve(prev, finished_only) if prev else []
         self._inflight = self._update_with_placeholders(schedule, sample)
         return outputs
 
@@ -227,6 +242,7 @@ class LLMEngine:
             req.finished_time = time.monotonic()
             self._requests.pop(req.request_id, None)
             self._sync_request_ids.discard(req.request_id)
+            self._grammar_request_ids.discard(req.request_id)
             self._num_finished += 1
             self._drop_matchers([seq.seq_id for seq in req.seqs.values()])
         return req.output()
@@ -278,6 +294,7 @@ class LLMEngine:
                 self.scheduler.abort_request(request_id)
             self._requests.clear()
             self._sync_request_ids.clear()
+            self._grammar_request_ids.clear()
             self._inflight = None
             if self._matchers is not None:
                 self._matchers.clear()

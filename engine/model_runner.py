@@ -67,6 +67,14 @@ class InFlightSample:
 
 
 @dataclass(frozen=True)
+class LaunchedForward:
+    """A forward pass enqueued by `launch_forward`: the sampled chunks' logits, on the device."""
+
+    logits: torch.Tensor | None  # (num_sampled, vocab); None: nothing to sample
+    sampled: list[ScheduledChunk]
+
+
+@dataclass(frozen=True)
 class RunnerLimits:
     """Batch limits the runner sizes its buffers (and CUDA graphs) for."""
 
@@ -121,10 +129,23 @@ class ModelRunner:
         Input tokens that are still placeholders come from `prev` (the step before, on the same
         stream) by a gather on the device. Every sampled sequence draws one row (no n > 1 parent),
         without penalties or logprobs: the engine runs such requests synchronously."""
-        logits, sampled = self._forward(schedule, prev)
+        return self.launch_sample(self.launch_forward(schedule, prev))
+
+    @torch.inference_mode()
+    def launch_forward(self, schedule: ScheduleOutput,
+                       prev: InFlightSample | None) -> LaunchedForward:
+        """The first half of `launch`: the forward pass, enqueued."""
+        return LaunchedForward(*self._forward(schedule, prev))
+
+    @torch.inference_mode()
+    def launch_sample(self, forward: LaunchedForward,
+                      grammars: GrammarMatchers | None = None) -> InFlightSample:
+        """The second half: logit_bias and grammar bitmasks (their matchers must have seen the
+        step before's tokens), then the sampling, enqueued."""
+        logits, sampled = forward.logits, forward.sampled
         if logits is None:
             return InFlightSample(None, {})
-        self._process_logits(logits, sampled, None)  # logit_bias (grammars run synchronously)
+        self._process_logits(logits, sampled, grammars)
         rows = [_sampling_row(c.seq, c.seq.sample_index) for c in sampled]
         token_ids = self.sampler.sample_on_device(logits, rows)  # (num_sampled,) int64
         seq_rows = {c.seq.seq_id: i for i, c in enumerate(sampled)}

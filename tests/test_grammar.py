@@ -176,6 +176,7 @@ def test_gbnf_grammars_are_accepted(compiler):
 class _Seq:
     def __init__(self, seq_id, grammar, output_token_ids):
         self.seq_id, self.grammar, self.output_token_ids = seq_id, grammar, output_token_ids
+        self.is_finished = False
 
 
 def test_dropped_matcher_is_rebuilt_to_the_same_state(compiler):
@@ -299,3 +300,28 @@ def test_structured_output_can_be_switched_off(tmp_path):
     with pytest.raises(ValueError, match="no structured output"):
         llm.generate([[1, 2]], SamplingParams(structured_output=StructuredOutput(regex="a+")),
                      use_tqdm=False)
+
+
+@pytest.mark.parametrize("tight", [False, True], ids=["roomy", "preempting"])
+def test_overlapped_steps_give_the_synchronous_tokens(tmp_path, tight):
+    """Async scheduling splits a constrained step around the read-back (launch_forward, resolve,
+    launch_sample): the same tokens as synchronous steps, with and without preemption."""
+    path = save_tiny_model(tmp_path / "llama", "llama", seed=2)
+    prompts = [torch.randint(3, 500, (30,), generator=torch.Generator().manual_seed(i)).tolist()
+               for i in range(6)]
+    specs = [StructuredOutput(json=PERSON), StructuredOutput(regex=r"[a-f]{3,30}"),
+             StructuredOutput(json={"type": "array", "items": {"type": "string"}}), None]
+    params = [SamplingParams(temperature=0, max_tokens=40, structured_output=specs[i % 4],
+                             ignore_eos=specs[i % 4] is None) for i in range(6)]
+    params[5] = SamplingParams(temperature=0.9, seed=4, max_tokens=40,
+                               structured_output=StructuredOutput(json=PERSON))
+    blocks = dict(num_kv_blocks=12, block_size=16) if tight else {}
+    runs = []
+    for overlap in (False, True):
+        llm = LLM(str(path), device="cpu", progress=False, async_scheduling=overlap, **blocks)
+        runs.append([o.outputs[0].token_ids
+                     for o in llm.generate(prompts, params, use_tqdm=False)])
+        assert len(llm.engine._matchers) == 0
+        if tight:
+            assert llm.engine.scheduler.num_preemptions > 0
+    assert runs[0] == runs[1]
