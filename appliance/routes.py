@@ -1,7 +1,8 @@
 """The FastAPI app: factory, lifespan, thin routes. Each route authenticates, parses the body into a
 protocol schema, and hands over to serving; every error leaves in OpenAI's format.
 
-    /v1/completions  /v1/chat/completions  /v1/models  /tokenize  /detokenize   API key if set
+    /v1/completions (alias /v1/fim/completions)  /v1/chat/completions  /v1/models
+    /tokenize  /detokenize                                                      API key if set
     /health  /version  /metrics                                                  open
 """
 
@@ -178,6 +179,7 @@ def _add_routes(app: FastAPI, context: AppContext) -> None:
         return serving.list_models()
 
     @app.post("/v1/completions")
+    @app.post("/v1/fim/completions")  # the same endpoint: some FIM clients post here
     @_openai_errors
     async def create_completion(request: Request) -> Any:
         authenticate(request)

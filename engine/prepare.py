@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from hearth.engine.fim import FimSpec
 from hearth.engine.sampling_params import SamplingParams
 
 
@@ -38,6 +39,10 @@ class ModelInfo:
     tokenizer: TextCodec
     device: str = "cpu"
     dtype: str = "float32"
+    architecture: str | None = None  # HF name, e.g. "LlamaForCausalLM"
+    num_params: int | None = None
+    quantization: str | None = None  # e.g. "Q4_1", "awq"; None: float weights
+    fim: FimSpec | None = None  # fill-in-the-middle tokens; None: the model has none
 
 
 @dataclass(frozen=True)
