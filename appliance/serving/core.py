@@ -24,6 +24,7 @@ from hearth.appliance.request_stream import (
     RequestFailedError,
     RequestStream,
 )
+from hearth.appliance.serving.capabilities import capabilities
 from hearth.engine.outputs import TokenLogprob
 from hearth.engine.prepare import ModelInfo, PreparedRequest, TextCodec, prepare
 from hearth.engine.sampling_params import SamplingParams
@@ -188,6 +189,7 @@ class Serving:
                     "owned_by": "hearth",
                     "root": self.model.name,
                     "max_model_len": self.model.max_model_len,
+                    "capabilities": capabilities(self.model),
                 }
                 for name in self.model_names()
             ],
