@@ -200,6 +200,7 @@ def ollama_error(error: APIError) -> OllamaError:
         message = f"{field} is not supported by this server"
     elif field is not None:
         message = f"{field}: {message}"
+    message = message.replace("max_tokens", "num_predict")  # the length checks' word for it
     return OllamaError(error.status, message, error.headers)
 
 
