@@ -114,8 +114,6 @@ def detect_fim(
     check_fim_setting(family, order)
     if family == "none":
         return None
-    if not callable(getattr(vocab, "token_to_id", None)):
-        return None  # a stand-in tokenizer (token-id prompts only)
     candidates = [f for f in FAMILIES if family in (None, f.name)]
     for candidate in candidates:
         spec = _spec(vocab, vocab_size, candidate, order, bos_token_id)
@@ -128,6 +126,16 @@ def detect_fim(
             f"(or their ids are beyond the model's {vocab_size} embeddings)"
         )
     return None
+
+
+def model_fim(
+    tokenizer: object, vocab_size: int, family: str | None = None, order: str | None = None
+) -> FimSpec | None:
+    """A loaded model's FIM tokens (None for a stand-in tokenizer without a vocabulary), with the
+    catalogue's `fim` / `fim_order`; the BOS the tokenizer prepends goes first."""
+    if not callable(getattr(tokenizer, "token_to_id", None)):
+        return None  # the dummy-weight stand-in: token-id prompts only
+    return detect_fim(tokenizer, vocab_size, family, order, prepended_bos(tokenizer))
 
 
 def prepended_bos(vocab: Vocabulary) -> int | None:

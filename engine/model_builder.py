@@ -18,7 +18,7 @@ import torch
 from hearth.engine.attention import AttentionMetadata
 from hearth.engine.catalog import resolve_model, verify
 from hearth.engine.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig
-from hearth.engine.fim import FimSpec, detect_fim, prepended_bos
+from hearth.engine.fim import FimSpec, model_fim
 from hearth.engine.kv_cache import resolve_kv_cache_dtype
 from hearth.engine.loader import LoadedSource, load_hf_config, load_model_source
 from hearth.engine.model_config import ModelConfig
@@ -83,12 +83,8 @@ def _fim(resolved, source: LoadedSource) -> FimSpec | None:
     """The model's FIM tokens (engine/fim.py), as the catalogue entry overrides them."""
     spec = resolved.spec
     family, order = (spec.fim, spec.fim_order) if spec is not None else (None, None)
-    tokenizer = source.tokenizer
-    if not callable(getattr(tokenizer, "token_to_id", None)):
-        return None  # the dummy-weight stand-in: token-id prompts only
     try:
-        return detect_fim(tokenizer, source.config.vocab_size, family, order,
-                          prepended_bos(tokenizer))
+        return model_fim(source.tokenizer, source.config.vocab_size, family, order)
     except ValueError as e:
         raise ValueError(f"model {resolved.name!r}: {e}") from None
 
