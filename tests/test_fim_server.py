@@ -170,3 +170,22 @@ def test_spm_layout_keeps_the_suffix_cached_across_keystrokes(spm_server):
     cached = out.usage.prompt_tokens_details.cached_tokens
     assert cached == (num_tokens - 1) // BLOCK_SIZE * BLOCK_SIZE
     assert cached > 3 + len(_tokens(spm_server, SUFFIX))
+
+
+def test_capabilities_say_insert_and_ollama_generate_fills_the_middle(served):
+    """What Continue does over the Ollama API: /api/show's template mentions .Suffix, then
+    /api/generate with prompt + suffix is the same fill as /v1/completions."""
+    import ollama
+
+    family, _, server = served
+    assert _client(server).models.list().data[0].capabilities == ["completion", "insert"]
+    client = ollama.Client(host=server.url, timeout=60)
+    shown = client.show(MODEL)
+    assert shown.capabilities == ["completion", "insert"] and ".Suffix" in shown.template
+    options = {"temperature": 0, "num_predict": 6}
+    fill = client.generate(model=MODEL, prompt=PREFIX, suffix=SUFFIX, options=options)
+    same = _client(server).completions.create(
+        model=MODEL, prompt=PREFIX, suffix=SUFFIX, max_tokens=6, temperature=0
+    )
+    assert fill.response == same.choices[0].text
+    assert fill.prompt_eval_count == same.usage.prompt_tokens

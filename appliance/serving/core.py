@@ -177,6 +177,10 @@ class Serving:
             code="model_not_found",
         )
 
+    def capabilities(self) -> list[str]:
+        """What the served model can do on this server (serving/capabilities.py)."""
+        return capabilities(self.model)
+
     def list_models(self) -> dict[str, Any]:
         created = int(time.time())
         return {
@@ -189,7 +193,7 @@ class Serving:
                     "owned_by": "hearth",
                     "root": self.model.name,
                     "max_model_len": self.model.max_model_len,
-                    "capabilities": capabilities(self.model),
+                    "capabilities": self.capabilities(),
                 }
                 for name in self.model_names()
             ],
