@@ -16,7 +16,7 @@ prompt tokens, from vllm:prefix_cache_* in /metrics).
                             with --fim the layout is built here from `--fim-ids` (Qwen's)
 
 CPU, default model (no FIM tokens, so prefix-only):
-    python bench/fim.py
+    python bench/fim.py [--dtype bfloat16 --gguf-keep-quantized]
 GPU, Qwen3-0.6B shape with random weights (no tokenizer in bench/configs: --token-ids):
     python bench/fim.py --device cuda --model bench/configs/qwen3-0.6b --load-format dummy \
         --token-ids --context-tokens 8000 [--fim]
@@ -70,6 +70,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--gguf-keep-quantized", action="store_true",
+                   help="CPU with --dtype bfloat16: the GGUF's 4-bit linears through the int4 GEMV")
     p.add_argument("--context-tokens", type=int, default=2000)
     p.add_argument("--typed-chars", type=int, default=300)
     p.add_argument("--every", type=int, default=3, help="characters per request")
@@ -95,7 +97,8 @@ def _server(args: argparse.Namespace):
 
     settings = Settings(model=args.model, device=args.device, dtype=args.dtype, no_ui=True)
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                          load_format=args.load_format)
+                          load_format=args.load_format,
+                          gguf_keep_quantized=args.gguf_keep_quantized)
 
     def engine():
         from hearth.engine.llm_engine import LLMEngine
