@@ -22,7 +22,10 @@ GPU, Qwen3-0.6B shape with random weights (no tokenizer in bench/configs: --toke
         --token-ids --context-tokens 8000 [--fim]
 
 The server runs in this process (one uvicorn thread, the engine thread); `--url` measures a
-server that is already running instead.
+server that is already running instead. `--offline` drives the engine directly (LLMEngine: add,
+step, abort; no HTTP, so no fastapi / uvicorn needed; prompts as token ids or plain text):
+    python bench/fim.py --offline --device cuda --model bench/configs/qwen3-0.6b \
+        --load-format dummy --token-ids --context-tokens 8000 [--fim]
 """
 
 from __future__ import annotations
@@ -38,7 +41,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import httpx
+try:
+    import httpx
+except ImportError:  # --offline needs no HTTP client (the GPU machine may lack httpx)
+    httpx = None
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ["engine/scheduler.py", "engine/block_manager.py", "engine/llm_engine.py",
@@ -56,8 +62,11 @@ class Keystroke:
 
 def main() -> None:
     args = _parse()
-    with _server(args) as url:
-        report = asyncio.run(_run(args, url))
+    if args.offline:
+        report = _run_offline(args)
+    else:
+        with _server(args) as url:
+            report = asyncio.run(_run(args, url))
     print(json.dumps(report["summary"], indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -81,6 +90,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--suffix-tokens", type=int, default=512)
     p.add_argument("--token-ids", action="store_true")
     p.add_argument("--fim-ids", default=QWEN_FIM_IDS, help="prefix,suffix,middle token ids")
+    p.add_argument("--offline", action="store_true", help="the engine without HTTP")
     p.add_argument("--json", help="write keystrokes and summary here")
     return p.parse_args()
 
@@ -175,10 +185,15 @@ async def _run(args: argparse.Namespace, url: str) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
         keystrokes, before = await _type(session, http)
         after = _prefix_counters((await http.get("metrics")).text)
+    return _report(args, keystrokes, before, after)
+
+
+def _report(args: argparse.Namespace, keystrokes: list[Keystroke], before: tuple[float, float],
+            after: tuple[float, float]) -> dict:
     queries, hits = (a - b for a, b in zip(after, before, strict=True))
     warm = [k.ttft_s if k.ttft_s is not None else math.inf for k in keystrokes[1:]]
     summary = {
-        "mode": "fim" if args.fim else "prefix-only",
+        "mode": ("fim" if args.fim else "prefix-only") + (", offline" if args.offline else ""),
         "tokenizer": getattr(args, "tokenizer", "the server's"),
         "context_tokens": keystrokes[0].prompt_tokens,
         "requests": len(keystrokes),
@@ -186,16 +201,87 @@ async def _run(args: argparse.Namespace, url: str) -> dict:
         "cold_ttft_ms": _ms(keystrokes[0].ttft_s),
         "p50_ttft_ms": _ms(_percentile(warm, 50)),
         "p99_ttft_ms": _ms(_percentile(warm, 99)),
-        "mean_ttft_ms": _ms(statistics.fmean(w for w in warm if w != math.inf)),
+        "mean_ttft_ms": _ms(statistics.fmean([w for w in warm if w != math.inf] or [math.inf])),
         "cancelled_before_first_token": sum(w == math.inf for w in warm),
         "prefix_cache_hit_rate": round(hits / queries, 4) if queries else None,  # typing only
     }
     return {"summary": summary, "keystrokes": [asdict(k) for k in keystrokes]}
 
 
-def _encoder(args: argparse.Namespace, url: str):
-    """Text → token ids: the server's /tokenize, or here (--token-ids) the default model's
-    tokenizer, else UTF-8 bytes (ids 256 + byte) where the default model is not installed."""
+def _run_offline(args: argparse.Namespace) -> dict:
+    """The same session against LLMEngine in this thread: a keystroke aborts the request before
+    it and adds its own between two engine steps (as the server's engine thread does)."""
+    from hearth.engine.config import EngineConfig
+    from hearth.engine.llm_engine import LLMEngine
+    from hearth.engine.sampling_params import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+                                    load_format=args.load_format,
+                                    gguf_keep_quantized=args.gguf_keep_quantized), progress=False)
+    if not args.token_ids:
+        args.tokenizer = "the engine's"
+    session = Session(args, _encoder(args, None, engine.tokenizer))
+    if args.fim and not args.token_ids:
+        raise ValueError("--offline --fim builds the layout here: add --token-ids")
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    bodies = [session.body(i) for i in range(session.num_requests)]
+    prompts = [(body["prompt"], num_tokens) for body, num_tokens in bodies]
+    _first_token(engine, "warm-up", "def warm_up():" if not args.token_ids else [1, 2], params)
+    keystrokes = [Keystroke(0, prompts[0][1], _first_token(engine, "k0", prompts[0][0], params))]
+    before = _engine_counters(engine)
+    _type_offline(engine, prompts, params, keystrokes, args.every / args.chars_per_s)
+    return _report(args, keystrokes, before, _engine_counters(engine))
+
+
+def _first_token(engine, request_id: str, prompt, params) -> float:
+    """Add a request, step until its first token, abort it; the time to first token."""
+    sent = time.perf_counter()
+    engine.add_request(request_id, prompt, params)
+    while not any(o.request_id == request_id and o.outputs[0].token_ids for o in engine.step()):
+        pass
+    ttft = time.perf_counter() - sent
+    engine.abort_request(request_id)
+    return ttft
+
+
+def _type_offline(engine, prompts, params, keystrokes: list[Keystroke], interval: float) -> None:
+    start, current, sent = time.perf_counter(), None, 0.0
+    for i, (prompt, num_tokens) in enumerate(prompts[1:], start=1):
+        while time.perf_counter() < start + (i - 1) * interval:
+            if current is None:
+                time.sleep(0.001)
+            else:
+                _step_offline(engine, keystrokes[-1], sent)
+        if current is not None:
+            engine.abort_request(current)
+        current, sent = f"k{i}", time.perf_counter()
+        keystrokes.append(Keystroke(i, num_tokens, None))
+        engine.add_request(current, prompt, params)
+    while keystrokes[-1].ttft_s is None:
+        _step_offline(engine, keystrokes[-1], sent)
+    engine.abort_request(current)
+
+
+def _step_offline(engine, keystroke: Keystroke, sent: float) -> None:
+    if not engine.has_unfinished_requests():
+        time.sleep(0.001)
+        return
+    for output in engine.step():
+        if output.request_id == f"k{keystroke.index}" and output.outputs[0].token_ids:
+            keystroke.ttft_s = keystroke.ttft_s or time.perf_counter() - sent
+
+
+def _engine_counters(engine) -> tuple[float, float]:
+    blocks = engine.snapshot().blocks
+    return blocks.prefix_queries_tokens, blocks.prefix_hits_tokens
+
+
+def _encoder(args: argparse.Namespace, url: str | None, engine_tokenizer=None):
+    """Text → token ids: the server's /tokenize (or the engine's tokenizer, --offline), or here
+    (--token-ids) the default model's tokenizer, else UTF-8 bytes (ids 256 + byte) where the
+    default model is not installed."""
+    if not args.token_ids and engine_tokenizer is not None:
+        return lambda text: engine_tokenizer.encode(text, add_special_tokens=False)
     if not args.token_ids:
         return lambda text: httpx.post(
             url + "tokenize", json={"prompt": text, "add_special_tokens": False}, timeout=60
