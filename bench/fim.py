@@ -51,6 +51,7 @@ FILES = ["engine/scheduler.py", "engine/block_manager.py", "engine/llm_engine.py
          "appliance/serving/core.py", "engine/model_runner.py", "engine/sampler.py",
          "appliance/async_engine.py", "engine/tokenizer.py", "engine/catalog.py"]
 QWEN_FIM_IDS = "151659,151661,151660"  # <|fim_prefix|>, <|fim_suffix|>, <|fim_middle|>
+_in_flight = None  # the in-process server's request count (a diagnostic per keystroke)
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Keystroke:
     index: int
     prompt_tokens: int
     ttft_s: float | None  # None: cancelled before its first token
+    in_flight: int | None = None  # requests the server held as this one was sent (in-process)
 
 
 def main() -> None:
@@ -118,6 +120,8 @@ def _server(args: argparse.Namespace):
     sock = bind("127.0.0.1", 0)
     app = create_app(settings, engine)
     server = make_server(app, app.state.hearth, sock)
+    global _in_flight
+    _in_flight = lambda: app.state.hearth.engine.num_in_flight  # noqa: E731
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -201,8 +205,11 @@ def _report(args: argparse.Namespace, keystrokes: list[Keystroke], before: tuple
         "cold_ttft_ms": _ms(keystrokes[0].ttft_s),
         "p50_ttft_ms": _ms(_percentile(warm, 50)),
         "p99_ttft_ms": _ms(_percentile(warm, 99)),
+        "p50_ttft_answered_ms": _ms(_percentile([w for w in warm if w != math.inf] or [math.inf],
+                                                50)),  # over the requests that got a token
         "mean_ttft_ms": _ms(statistics.fmean([w for w in warm if w != math.inf] or [math.inf])),
         "cancelled_before_first_token": sum(w == math.inf for w in warm),
+        "max_in_flight_at_a_keystroke": max((k.in_flight or 0) for k in keystrokes),
         "prefix_cache_hit_rate": round(hits / queries, 4) if queries else None,  # typing only
     }
     return {"summary": summary, "keystrokes": [asdict(k) for k in keystrokes]}
@@ -322,7 +329,7 @@ async def _type(
         if current is not None:
             current.cancel()
             await asyncio.gather(current, return_exceptions=True)
-        keystrokes.append(Keystroke(i, num_tokens, None))
+        keystrokes.append(Keystroke(i, num_tokens, None, _in_flight() if _in_flight else None))
         current = asyncio.ensure_future(_stream(http, body, keystrokes[-1]))
     await asyncio.gather(current, return_exceptions=True)
     return keystrokes, counters
