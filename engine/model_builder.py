@@ -141,16 +141,12 @@ def _instantiate(source, config: EngineConfig, device, dtype, progress: bool) ->
 
 
 def _rebuild_buffers(model: torch.nn.Module, config: ModelConfig, device) -> None:
-    """The rotary table is a buffer, never materialised on the meta device: compute it now."""
+    """Rotary tables are buffers, never materialised on the meta device: compute them now."""
     from hearth.engine.layers.rotary import RotaryEmbedding
 
-    rotary = RotaryEmbedding(
-        config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
-    )
-    table = rotary.cos_sin_cache.to(device)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
-            module.cos_sin_cache = table
+            module.rebuild(device)
 
 
 def _counted(weights, bar):

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from hearth.engine.model_config import SUPPORTED_ARCHITECTURES, ModelConfig
 from hearth.engine.quantization.config import parse_quantization_config
+from hearth.engine.rope_config import RopeConfig, rope_from_hf
 
 _INDEX_FILE = "model.safetensors.index.json"
 
@@ -33,7 +34,7 @@ def load_hf_config(model_dir: str | Path) -> ModelConfig:
 
 def _model_config(cfg: dict, arch: str, model_dir: Path) -> ModelConfig:
     num_heads = cfg["num_attention_heads"]
-    rope = cfg.get("rope_parameters") or {}
+    rope = rope_config(cfg)
     generation = _read_json(model_dir / "generation_config.json", required=False)
     eos_ids = _id_list(cfg.get("eos_token_id")) + _id_list(generation.get("eos_token_id"))
     if cfg.get("mlp_bias"):
@@ -48,9 +49,8 @@ def _model_config(cfg: dict, arch: str, model_dir: Path) -> ModelConfig:
         num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0,
-        rope_scaling=_rope_scaling(cfg),
-        max_position_embeddings=_max_positions(cfg, model_dir),
+        rope=rope,
+        max_position_embeddings=_max_positions(cfg, rope),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
         qk_norm=arch == "Qwen3ForCausalLM",
@@ -133,22 +133,24 @@ def _architecture(cfg: dict, model_dir: Path) -> str:
     )
 
 
-def _rope_scaling(cfg: dict) -> dict | None:
-    """rope_scaling (transformers 4) or rope_parameters (5) when it is more than plain RoPE."""
-    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    kind = scaling.get("rope_type") or scaling.get("type")
-    if kind in (None, "default"):
-        return None
-    return {k: v for k, v in scaling.items() if k != "rope_theta"}
+def rope_config(cfg: dict, layer_type: str = "full_attention") -> RopeConfig:
+    """The RoPE of one layer type: rope_parameters (transformers 5, possibly one dict per layer
+    type) or rope_scaling + rope_theta (transformers 4)."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+    if isinstance(params, dict) and isinstance(params.get(layer_type), dict):
+        params = params[layer_type]  # nested per layer type (Gemma 3 in transformers 5)
+    return rope_from_hf(params, cfg)
 
 
-def _max_positions(cfg: dict, model_dir: Path) -> int:
-    """max_position_embeddings, capped by a sliding window.
+def _max_positions(cfg: dict, rope: RopeConfig) -> int:
+    """max_position_embeddings, capped by a sliding window; dynamic NTK scaling extends it.
 
     Attention over a window of W tokens is full attention for sequences no longer than W, so a
     sliding-window model (Mistral 7B v0.1) runs exactly, with its context capped at W.
     """
     max_positions = cfg.get("max_position_embeddings", 2048)
+    if rope.kind == "dynamic":
+        max_positions = int(max_positions * rope.factor)
     window = cfg.get("sliding_window")
     uses_window = cfg.get("use_sliding_window", True)  # Qwen2/3 configs carry the switch
     if window and uses_window and window < max_positions:

@@ -44,7 +44,8 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        rotates = backend.rotates  # Triton: rotary in the attention backend
+        # Triton: rotary in the attention backend (its kernels rotate whole heads only)
+        rotates = backend.rotates and not self.rotary.is_partial
         if self.q_norm is None and not qkv.is_cuda and not rotates:  # CPU: q, k in one pass
             heads = self.num_heads + self.num_kv_heads
             qk = self.rotary.rotate(positions, qkv[:, : self.q_size + self.kv_size].view(
@@ -97,9 +98,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        rotary = RotaryEmbedding(
-            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
-        )
+        rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope)
         self.rotary = rotary  # shared by every layer
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
