@@ -11,7 +11,8 @@ from hearth.engine.quantization.config import QuantConfig
 from hearth.engine.rope_config import RopeConfig
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM")
+                           "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+                           "Phi3ForCausalLM")
 SLIDING, FULL = "sliding_attention", "full_attention"  # layer types, as transformers names them
 
 

@@ -48,7 +48,11 @@ class TritonAttention:
         meta: AttentionMetadata,
         scale: float,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # (positions, cos_sin_cache)
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
+        if window is not None or softcap is not None:
+            raise NotImplementedError("sliding windows and soft-capping need the CPU path yet")
         k_cache, v_cache = kv_cache
         scales = getattr(kv_cache, "scales", None)  # a plain (k, v) pair: not fp8, none
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, unlike q

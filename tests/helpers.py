@@ -20,6 +20,25 @@ TINY_FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, tie_word_embeddings=True)),
+    # sliding window 8 and interleaved global layers: windows matter at test lengths
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24, num_hidden_layers=3,
+                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24, num_hidden_layers=4,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                 "full_attention"],
+                    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                        "rope_theta": 1000000.0},
+                                     "sliding_attention": {"rope_type": "default",
+                                                           "rope_theta": 10000.0}})),
+    # Phi-4-mini: partial rotary; Phi-3-128k: longrope; Phi-3-mini: a sliding window
+    "phi3": ("Phi3Config", "Phi3ForCausalLM",
+             dict(tie_word_embeddings=False, partial_rotary_factor=0.75, sliding_window=12,
+                  original_max_position_embeddings=64, pad_token_id=0,
+                  rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                   "short_factor": [1.0 + i / 10 for i in range(6)],
+                                   "long_factor": [1.0 + i for i in range(6)]})),
 }
 
 
@@ -39,10 +58,13 @@ def save_tiny_model(path: Path, arch: str, seed: int = 0, **overrides) -> Path:
     config = getattr(transformers, config_cls)(**(common | extra | overrides))
     model = getattr(transformers, model_cls)(config)
     # Random weights are small; scale them up so greedy decoding is not a string of ties.
+    # The newer families' norms get some spread too (Gemma's are offsets from 1).
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.normal_(0.0, 0.2)
+            elif arch not in ("llama", "qwen2", "qwen3"):
+                p.add_(torch.randn(p.shape) * 0.1)
     model.save_pretrained(path)
     _save_byte_tokenizer(path)
     return path

@@ -188,7 +188,7 @@ def test_hf_config_variants(tmp_path):
         sliding_window=4096,
         max_position_embeddings=32768,
     )
-    assert load_hf_config(tmp_path).max_position_embeddings == 4096  # exact within the window
+    assert load_hf_config(tmp_path).max_position_embeddings == 32768  # windowed, not capped
     _write_config(
         tmp_path,
         architectures=["Qwen2ForCausalLM"],
