@@ -12,7 +12,7 @@ from hearth.engine.rope_config import RopeConfig
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
-                           "Phi3ForCausalLM")
+                           "Phi3ForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM")
 SLIDING, FULL = "sliding_attention", "full_attention"  # layer types, as transformers names them
 
 
@@ -101,19 +101,39 @@ class ModelConfig:
 
     @property
     def num_linear_params(self) -> int:
-        """Weights of the decoder layers' projections (q, k, v, o, gate, up, down): what a
-        quantized checkpoint packs."""
-        h, i = self.hidden_size, self.intermediate_size
-        q = self.num_heads * self.head_dim
-        kv = self.num_kv_heads * self.head_dim
-        return self.num_layers * (h * (q + 2 * kv) + q * h + 3 * h * i)
+        """Weights of the decoder layers' projections (q, k, v, o, gate, up, down; every expert
+        and the routers of MoE layers): what a quantized checkpoint packs."""
+        return self.num_layers * self._attention_params() + self._mlp_params(active=False)
+
+    @property
+    def num_active_params(self) -> int:
+        """Weights one decode step of one token reads: the layers' projections (MoE layers: the
+        router and the k routed experts only) and the output head (tied or not; the embedding
+        lookup reads one row)."""
+        return (self.num_layers * self._attention_params() + self._mlp_params(active=True)
+                + self.vocab_size * self.hidden_size)
+
+    def _attention_params(self) -> int:
+        h, q = self.hidden_size, self.num_heads * self.head_dim
+        return h * (q + 2 * self.num_kv_heads * self.head_dim) + q * h
+
+    def _mlp_params(self, active: bool) -> int:
+        h, moe = self.hidden_size, self.moe
+        dense = 3 * h * self.intermediate_size
+        if moe is None:
+            return self.num_layers * dense
+        experts = moe.num_experts_per_tok if active else moe.num_experts
+        sparse = experts * 3 * h * moe.intermediate_size + h * moe.num_experts
+        num_dense = len(moe.dense_layers)
+        return num_dense * dense + (self.num_layers - num_dense) * sparse
 
     @property
     def num_params(self) -> int:
         """Parameter count (embedding counted once when tied)."""
         h, v = self.hidden_size, self.vocab_size
         head = 0 if self.tie_word_embeddings else v * h
-        norms = self.num_layers * 2 * h + h
+        norms_a_layer = (4 if self.architecture.startswith("Gemma") else 2) * h
+        norms = self.num_layers * (norms_a_layer + 2 * self.head_dim * self.qk_norm) + h
         return v * h + self.num_linear_params + norms + head
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:

@@ -39,6 +39,14 @@ TINY_FAMILIES = {
                   rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
                                    "short_factor": [1.0 + i / 10 for i in range(6)],
                                    "long_factor": [1.0 + i for i in range(6)]})),
+    # 8 experts, top 2; Qwen3-MoE with a dense first layer (mlp_only_layers)
+    "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                 dict(head_dim=16, tie_word_embeddings=True, num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=32, norm_topk_prob=True, num_hidden_layers=3,
+                      mlp_only_layers=[0])),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(tie_word_embeddings=False, num_local_experts=8, num_experts_per_tok=2,
+                     intermediate_size=48)),
 }
 
 

@@ -1,7 +1,7 @@
-"""Gemma 2, Gemma 3 (text) and Phi-3 / Phi-4-mini from HF directories: greedy tokens equal
-transformers' on tiny random models (float32, CPU), alone, batched and chunked; the test models
-slide an 8-token window over local layers, soft-cap (Gemma 2), rotate part of each head with
-long-context RoPE factors (Phi)."""
+"""Gemma 2, Gemma 3 (text), Phi-3 / Phi-4-mini, Qwen3-MoE and Mixtral from HF directories: greedy
+tokens equal transformers' on tiny random models (float32, CPU), alone, batched and chunked; the
+test models slide an 8-token window over local layers, soft-cap (Gemma 2), rotate part of each
+head with long-context RoPE factors (Phi), route each token to 2 of 8 experts (MoE)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hearth.engine.loader import load_hf_config
 from hearth.engine.model_config import SUPPORTED_ARCHITECTURES
 from hearth.engine.models.registry import registered_architectures
 
-FAMILIES = ["gemma2", "gemma3", "phi3"]
+FAMILIES = ["gemma2", "gemma3", "phi3", "qwen3moe", "mixtral"]
 
 
 def test_registry_builds_what_the_config_accepts():
@@ -41,9 +41,16 @@ def test_config_reads_the_family(family):
     elif arch == "gemma3":
         assert c.qk_norm and c.rope.kind == "linear" and c.rope_local.theta == 10000.0
         assert c.layer_window(0) == 8 and c.layer_window(1) is None
-    else:
+    elif arch == "phi3":
         assert c.rope.kind == "longrope" and c.rope.rotary_dim(c.head_dim) == 12
         assert c.sliding_window == 12 and c.kv_window == 12
+    elif arch == "qwen3moe":
+        moe = c.moe
+        assert (moe.num_experts, moe.num_experts_per_tok, moe.intermediate_size) == (8, 2, 32)
+        assert c.moe.norm_topk_prob and c.moe.dense_layers == (0,) and c.qk_norm
+    else:
+        assert c.moe.norm_topk_prob and c.moe.intermediate_size == 48
+    assert c.num_params == sum(p.numel() for p in hf.parameters())
     assert c.max_position_embeddings == 512  # not capped at the window
 
 
@@ -62,3 +69,22 @@ def test_greedy_matches_transformers(family):
                   max_num_batched_tokens=7, block_size=8)
     outs = chunked.generate(prompt_ids, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == want
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "mixtral"])
+def test_fused_moe_kernel_in_the_model_matches_transformers(tmp_path, monkeypatch, arch):
+    """The CUDA path's fused MoE kernel (kernels/moe.py), run by Triton's interpreter inside the
+    model: prefill (sorted pairs) and decode (one pair a block) give transformers' tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from hearth.engine.models.moe import MoEBlock
+
+    monkeypatch.setattr(MoEBlock, "fused_on_cpu", True)
+    path = save_tiny_model(tmp_path / arch, arch)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = [torch.randint(3, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (4, 19)]
+    llm = LLM(str(path), device="cpu", dtype="float32", progress=False, block_size=8)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outs == _hf_greedy(hf, prompts, 6, None)

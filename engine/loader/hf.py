@@ -212,7 +212,8 @@ def _moe(cfg: dict, arch: str) -> MoEConfig | None:
     step = cfg.get("decoder_sparse_step") or 1
     only = set(cfg.get("mlp_only_layers") or ())
     dense = tuple(i for i in range(cfg["num_hidden_layers"]) if i in only or (i + 1) % step)
-    return MoEConfig(cfg["num_experts"], cfg["num_experts_per_tok"],
+    num_experts = cfg.get("num_experts") or cfg["num_local_experts"]  # transformers 5.25 names
+    return MoEConfig(num_experts, cfg["num_experts_per_tok"],
                      cfg["moe_intermediate_size"],
                      norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), dense_layers=dense)
 

@@ -67,16 +67,19 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
-    def load_special(self, name: str, offset, tensor: torch.Tensor, params: dict) -> bool:
+    def load_special(self, hf_name: str, tensor: torch.Tensor) -> str | None:
         """Checkpoints hold w of Gemma's (1 + w) norms; the parameter holds the sum."""
-        module = self.get_submodule(name.rpartition(".")[0]) if "norm" in name else None
-        if isinstance(module, GemmaRMSNorm):
-            if tensor.shape != module.weight.shape:
-                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                 f"expected {tuple(module.weight.shape)}")
-            module.load_offset_weight(tensor)
-            return True
-        return False
+        if "norm" not in hf_name or (target := self.map_name(hf_name)) is None:
+            return None
+        name = target[0]
+        module = self.get_submodule(name.rpartition(".")[0])
+        if not isinstance(module, GemmaRMSNorm):
+            return None
+        if tensor.shape != module.weight.shape:
+            raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(module.weight.shape)}")
+        module.load_offset_weight(tensor)
+        return name
 
 
 class Gemma3ForCausalLM(Gemma2ForCausalLM):

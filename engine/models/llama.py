@@ -177,13 +177,14 @@ class LlamaForCausalLM(nn.Module):
         quantized = {n: m for n, m in self.named_modules() if isinstance(m, QuantizedLinear)}
         loaded: set[str] = set()
         for hf_name, tensor in weights:
+            special = self.load_special(hf_name, tensor)
+            if special is not None:
+                loaded.add(special)
+                continue
             target = self.map_name(hf_name)
             if target is None:
                 continue
             name, offset = target
-            if self.load_special(name, offset, tensor, params):
-                loaded.add(name)
-                continue
             module_name, _, attr = name.rpartition(".")
             if module_name in quantized and attr != "bias":
                 quantized[module_name].load(attr, tensor, offset)
@@ -207,9 +208,10 @@ class LlamaForCausalLM(nn.Module):
         """HF checkpoint name -> (parameter name, (row offset, rows) or None); None: skip it."""
         return _map_name(hf_name, self.config)
 
-    def load_special(self, name: str, offset, tensor: torch.Tensor, params: dict) -> bool:
-        """A family's own loading of one tensor (Gemma's norms, stacked experts); True if done."""
-        return False
+    def load_special(self, hf_name: str, tensor: torch.Tensor) -> str | None:
+        """A family's own loading of one tensor (Gemma's norms, experts): the parameter it
+        filled, or None to load it the plain way."""
+        return None
 
     def _check_all_loaded(self, params: dict, loaded: set[str]) -> None:
         missing = [n for n in params if n not in loaded]

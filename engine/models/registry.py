@@ -7,8 +7,9 @@ from torch import nn
 from hearth.engine.model_config import ModelConfig
 from hearth.engine.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from hearth.engine.models.llama import LlamaForCausalLM
+from hearth.engine.models.mixtral import MixtralForCausalLM
 from hearth.engine.models.phi3 import Phi3ForCausalLM
-from hearth.engine.models.qwen import Qwen2ForCausalLM, Qwen3ForCausalLM
+from hearth.engine.models.qwen import Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
 _MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -18,6 +19,8 @@ _MODELS: dict[str, type[nn.Module]] = {
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
 }
 
 
