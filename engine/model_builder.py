@@ -181,7 +181,10 @@ def _num_kv_blocks(config, model_config: ModelConfig, model, limits: RunnerLimit
     else:
         budget = DEFAULT_CPU_KV_CACHE_GIB * _GIB
     num_blocks = int(budget // bytes_per_block)
-    min_blocks = (max_model_len + config.block_size - 1) // config.block_size
+    held = max_model_len
+    if model_config.kv_window is not None:  # a sequence holds its window and one chunk at most
+        held = min(held, model_config.kv_window + limits.max_num_batched_tokens + config.block_size)
+    min_blocks = (held + config.block_size - 1) // config.block_size
     if num_blocks < min_blocks:
         raise ValueError(
             f"the KV-cache budget holds {num_blocks} blocks of {config.block_size} tokens, fewer "

@@ -20,6 +20,9 @@ TINY_FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, tie_word_embeddings=True)),
+    # every layer slides (Mistral 7B v0.1): old blocks are released as the window passes
+    "mistral": ("MistralConfig", "MistralForCausalLM",
+                dict(head_dim=16, sliding_window=8, tie_word_embeddings=False)),
     # sliding window 8 and interleaved global layers: windows matter at test lengths
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
                dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24, num_hidden_layers=3,
@@ -71,7 +74,7 @@ def save_tiny_model(path: Path, arch: str, seed: int = 0, **overrides) -> Path:
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.normal_(0.0, 0.2)
-            elif arch not in ("llama", "qwen2", "qwen3"):
+            elif arch not in ("llama", "qwen2", "qwen3", "mistral"):
                 p.add_(torch.randn(p.shape) * 0.1)
     model.save_pretrained(path)
     _save_byte_tokenizer(path)

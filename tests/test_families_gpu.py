@@ -45,3 +45,56 @@ def test_moe_greedy_float32_matches_transformers(tmp_path, arch, enforce_eager):
     llm = _llm(path, dtype="float32", enforce_eager=enforce_eager)
     assert _generate(llm, prompts, 24) == _hf_greedy(hf, prompts, 24)
     _free(llm, hf)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_window_families_greedy_float32_match_transformers(tmp_path, arch, enforce_eager):
+    """Sliding windows (every layer: Mistral, Phi-3; interleaved: Gemma), soft-capping (Gemma 2),
+    partial rotary and long-context RoPE (Phi) in the Triton kernels and CUDA graphs."""
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny_model(tmp_path / arch, arch)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    prompts = _prompts((5, 17, 33, 64, 1, 130))
+    llm = _llm(path, dtype="float32", enforce_eager=enforce_eager)
+    assert _generate(llm, prompts, 24) == _hf_greedy(hf, prompts, 24)
+    chunked = _llm(path, dtype="float32", enforce_eager=enforce_eager, max_num_batched_tokens=19)
+    assert _generate(chunked, prompts, 24) == _hf_greedy(hf, prompts, 24)
+    _free(llm, chunked, hf)
+
+
+@pytest.mark.parametrize("arch,rope", [
+    ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+               "rope_theta": 10000.0}),
+    ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+               "rope_theta": 10000.0}),
+])
+def test_scaled_rope_greedy_float32_matches_transformers(tmp_path, arch, rope):
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny_model(tmp_path / arch, arch, rope_parameters=rope, head_dim=32)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    prompts = _prompts((5, 130))
+    llm = _llm(path, dtype="float32")
+    assert _generate(llm, prompts, 24) == _hf_greedy(hf, prompts, 24)
+    _free(llm, hf)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3",
+                                    "qwen3moe", "mixtral"])
+def test_converted_gguf_f16_greedy_matches_transformers(family):
+    """tests/data/gguf (llama.cpp's converter) on the GPU: the F16 file's tokens equal
+    transformers' on the HF directory it was converted from."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    data = Path(__file__).parent / "data" / "gguf"
+    hf = AutoModelForCausalLM.from_pretrained(data / family, dtype=torch.float32).cuda().eval()
+    vocab = hf.config.vocab_size
+    prompts = [[3 + (i * 7919 + n) % (vocab - 3) for i in range(n)] for n in (5, 40)]
+    llm = _llm(data / f"{family}-F16.gguf", dtype="float32")
+    assert _generate(llm, prompts, 16) == _hf_greedy(hf, prompts, 16)
+    _free(llm, hf)
