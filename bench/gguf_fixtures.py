@@ -8,9 +8,10 @@ it imports no Hearth module.
     python bench/gguf_fixtures.py convert LLAMA_CPP WORK OUT
 
 `convert` runs vendor/llama.cpp/convert_hf_to_gguf.py (from the llama-cpp-python sdist) at F16
-and Q8_0 for every family, copies each HF dir's config.json and safetensors beside the files, and
-writes llama-MIXED.gguf: the llama file's tensors re-typed per tensor as llama.cpp's Q4_K_M mixes
-them (Q4_K, Q6_K, Q5_0, Q4_0, Q4_1, Q8_0). The converter itself writes no K-quants (its outtypes
+and Q8_0 for every family, copies each HF dir's config.json and safetensors beside the files,
+adds the window the converter drops to a copy of Mistral's F16 file, and writes llama-MIXED.gguf:
+the llama file's tensors re-typed per tensor as llama.cpp's Q4_K_M mixes them (Q4_K, Q6_K, Q5_0,
+Q4_0, Q4_1, Q8_0). The converter itself writes no K-quants (its outtypes
 are f32, f16, bf16, q8_0, tq1_0, tq2_0; K-quants come from the compiled llama-quantize), so the
 Q4_K and Q6_K blocks are encoded here and checked against gguf-py's own dequantizer.
 
@@ -64,6 +65,10 @@ FAMILIES = {
                   rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
                                    "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
                                    "long_factor": [1.0, 2.0, 4.0, 6.0, 8.0, 12.0]})),
+    # every layer slides; the converter drops the window (llama.cpp runs Mistral v0.1 without
+    # it): mistral-F16-SWA.gguf is the F16 file with llama.attention.sliding_window added
+    "mistral": ("MistralConfig", "MistralForCausalLM",
+                dict(tie_word_embeddings=False, sliding_window=8)),
     "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                  dict(tie_word_embeddings=True, num_experts=4, num_experts_per_tok=2,
                       moe_intermediate_size=32, norm_topk_prob=True)),
@@ -175,7 +180,9 @@ def convert(llama_cpp: Path, work: Path, out: Path) -> None:
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             print(f"{target.name}: {target.stat().st_size} bytes")
     sys.path.insert(0, str(llama_cpp / "gguf-py"))  # the converter's own gguf package
-    write_mixed(out / "llama-F16.gguf", out / "llama-MIXED.gguf")
+    rewrite(out / "llama-F16.gguf", out / "llama-MIXED.gguf", MIXED)
+    rewrite(out / "mistral-F16.gguf", out / "mistral-F16-SWA.gguf", {},
+            {"llama.attention.sliding_window": 8})
 
 
 def _run_converter(llama_cpp: Path, family: str, argv: list[str]) -> None:
@@ -197,7 +204,9 @@ MIXED = {"token_embd": "Q8_0", "output": "Q8_0", "blk.0.attn_q": "Q8_0", "blk.0.
          "blk.1.ffn_gate": "Q4_1", "blk.1.ffn_up": "Q4_1", "blk.1.ffn_down": "Q4_K"}
 
 
-def write_mixed(src: Path, dst: Path) -> None:
+def rewrite(src: Path, dst: Path, qtypes: dict[str, str], extra: dict | None = None) -> None:
+    """src's metadata (plus `extra` uint32 keys) and tensors, re-typed per tensor by `qtypes`
+    (GGUF name without .weight -> type; others F16, 1-D F32)."""
     import gguf
 
     reader = gguf.GGUFReader(src)
@@ -208,10 +217,12 @@ def write_mixed(src: Path, dst: Path) -> None:
         value_type = field.types[0]
         sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, field.contents(), value_type, sub_type=sub_type)
+    for key, value in (extra or {}).items():
+        writer.add_uint32(key, value)
     for tensor in reader.tensors:
         weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        qtype = MIXED.get(tensor.name.removesuffix(".weight"), "F32" if weights.ndim == 1
-                          else "F16")
+        qtype = qtypes.get(tensor.name.removesuffix(".weight"), "F32" if weights.ndim == 1
+                           else "F16")
         if qtype == "Q6_K_ROWS":  # 32-wide rows cannot hold a K block: llama.cpp falls back
             qtype = "Q8_0"
         data, raw = _encode(weights.astype(np.float32), qtype)

@@ -83,7 +83,7 @@ def test_scaled_rope_greedy_float32_matches_transformers(tmp_path, arch, rope):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3",
-                                    "qwen3moe", "mixtral"])
+                                    "qwen3moe", "mixtral", "mistral"])
 def test_converted_gguf_f16_greedy_matches_transformers(family):
     """tests/data/gguf (llama.cpp's converter) on the GPU: the F16 file's tokens equal
     transformers' on the HF directory it was converted from."""
@@ -95,6 +95,7 @@ def test_converted_gguf_f16_greedy_matches_transformers(family):
     hf = AutoModelForCausalLM.from_pretrained(data / family, dtype=torch.float32).cuda().eval()
     vocab = hf.config.vocab_size
     prompts = [[3 + (i * 7919 + n) % (vocab - 3) for i in range(n)] for n in (5, 40)]
-    llm = _llm(data / f"{family}-F16.gguf", dtype="float32")
+    name = "mistral-F16-SWA.gguf" if family == "mistral" else f"{family}-F16.gguf"
+    llm = _llm(data / name, dtype="float32")
     assert _generate(llm, prompts, 16) == _hf_greedy(hf, prompts, 16)
     _free(llm, hf)

@@ -130,3 +130,22 @@ def test_mixed_file_holds_every_type():
     assert {"Q4_K", "Q6_K", "Q5_0", "Q4_0", "Q4_1", "Q8_0", "F32"} <= types
     kept = load_gguf(DATA / "llama-MIXED.gguf", keep_quantized=True).config.quantization
     assert set(kept.gguf_types.values()) == {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"}
+
+
+def test_mistral_window_dropped_by_the_converter_and_honoured_when_present(reference):
+    """llama.cpp's converter writes Mistral as `llama` without its sliding window (llama.cpp runs
+    Mistral 7B v0.1 with full attention too); a file that carries llama.attention.sliding_window
+    (mistral-F16-SWA.gguf: the F16 file plus that key) runs windowed, as transformers does."""
+    assert load_gguf(DATA / "mistral-F16.gguf").config.sliding_window is None
+    config = load_gguf(DATA / "mistral-F16-SWA.gguf").config
+    assert config.sliding_window == 8 and config.kv_window == 8
+    expected = load_file(str(DATA / "mistral" / "model.safetensors"))
+    for name, tensor in load_gguf(DATA / "mistral-F16-SWA.gguf").weights():
+        torch.testing.assert_close(tensor, expected[name].float(), rtol=0, atol=0, msg=name)
+    model, prompts = reference("mistral")
+    llm = _llm(DATA / "mistral-F16-SWA.gguf")
+    try:
+        got = [o.token_ids for o in _greedy(llm, prompts)]
+    finally:
+        llm.shutdown()
+    assert got == _hf_greedy(model, prompts, NEW_TOKENS, None)
