@@ -10,6 +10,7 @@ Per layer, Attention reads its sliding window (ModelConfig.layer_window), its qu
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
@@ -190,7 +191,9 @@ class LlamaForCausalLM(nn.Module):
                 quantized[module_name].load(attr, tensor, offset)
                 continue
             if name not in params:
-                raise ValueError(f"checkpoint tensor {hf_name!r} has no place in the model")
+                raise ValueError(f"checkpoint tensor {hf_name!r} has no place in a "
+                                 f"{self.config.architecture} model; it loads "
+                                 f"{', '.join(_name_patterns(params))}")
             param = params[name]
             dst = param.data if offset is None else param.data.narrow(0, *offset)
             if dst.shape != tensor.shape:
@@ -258,3 +261,8 @@ def _map_name(hf_name: str, config: ModelConfig) -> tuple[str, tuple[int, int] |
         if f".{src}." in name:
             return name.replace(src, dst), offset
     return name, None
+
+
+def _name_patterns(params: dict) -> list[str]:
+    """The parameters as checkpoint-style names, layers folded: model.layers.N.mlp.down_proj..."""
+    return sorted({"model." + re.sub(r"\.\d+\.", ".N.", name) for name in params})
