@@ -149,3 +149,17 @@ def test_mistral_window_dropped_by_the_converter_and_honoured_when_present(refer
     finally:
         llm.shutdown()
     assert got == _hf_greedy(model, prompts, NEW_TOKENS, None)
+
+
+def test_old_mixtral_files_with_one_tensor_per_expert_map_onto_the_experts():
+    """llama.cpp wrote Mixtral's experts one tensor each before April 2024 (TheBloke's files)."""
+    from hearth.engine.loader.gguf_names import hf_name
+
+    assert hf_name("blk.3.ffn_gate.7.weight", "llama", "x.gguf") == (
+        "model.layers.3.mlp.experts.7.gate_proj.weight")
+    assert hf_name("blk.0.ffn_down.0.weight", "llama", "x.gguf") == (
+        "model.layers.0.mlp.experts.0.down_proj.weight")
+    assert hf_name("blk.0.ffn_gate_exps.weight", "qwen3moe", "x.gguf") == (
+        "model.layers.0.mlp.experts.gate_proj.weight")
+    with pytest.raises(ValueError, match="has no place"):
+        hf_name("blk.0.ffn_gate.0.weight", "qwen2", "x.gguf")

@@ -33,6 +33,14 @@ _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 _SWA_PATTERN = {"gemma2": 2, "gemma3": 6}  # every n-th layer (1-based) is global
 
 
+def hf_architecture(md: dict[str, Any]) -> str | None:
+    """The HF architecture name of a GGUF file's metadata (Mixtral: `llama` with experts)."""
+    arch = md.get("general.architecture")
+    if arch == "llama" and md.get("llama.expert_count"):
+        return "MixtralForCausalLM"
+    return ARCHITECTURES.get(arch)
+
+
 def supported_gguf_architectures() -> list[str]:
     from hearth.engine.model_config import SUPPORTED_ARCHITECTURES
 
@@ -58,9 +66,7 @@ def _config(md: dict[str, Any], arch: str, tensors: dict[str, Any], path) -> Mod
     head_dim = md.get(f"{arch}.attention.key_length") or hidden // num_heads
     num_layers = md[f"{arch}.block_count"]
     moe = _moe(md, arch)
-    hf_arch = ARCHITECTURES[arch]
-    if arch == "llama" and moe is not None:
-        hf_arch = "MixtralForCausalLM"
+    hf_arch = hf_architecture(md)
     gemma = arch in ("gemma2", "gemma3")
     window = md.get(f"{arch}.attention.sliding_window") or None
     return ModelConfig(

@@ -123,8 +123,8 @@ def _kept_quantized(reader: Any, hf_names: dict[str, str | None]) -> dict[str, s
     types = {}
     for tensor in reader.tensors:
         name = hf_names[tensor.name]
-        if (name and name.endswith("_proj.weight") and len(tensor.shape) == 2
-                and tensor.tensor_type.name in BLOCKS):  # experts (3-D) come dequantized
+        if (name and name.endswith("_proj.weight") and ".experts." not in name
+                and tensor.tensor_type.name in BLOCKS):  # experts come dequantized
             types[name.removesuffix(".weight")] = tensor.tensor_type.name
     kept = {}
     for name, qtype in types.items():

@@ -55,6 +55,8 @@ BLOCK_NAMES: dict[str, dict[str, str]] = {
     "phi3": {**_COMMON, **_PHI3},
 }
 _BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# llama.cpp before April 2024 wrote Mixtral's experts one tensor each: blk.N.ffn_gate.E.weight
+_OLD_EXPERT = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight")
 
 
 def hf_name(gguf_name: str, arch: str, path: str | Path) -> str | None:
@@ -64,6 +66,10 @@ def hf_name(gguf_name: str, arch: str, path: str | Path) -> str | None:
     if gguf_name in ROPE_TENSORS:
         return None
     names = BLOCK_NAMES[arch]
+    old = _OLD_EXPERT.fullmatch(gguf_name)
+    if old and "ffn_gate_exps" in names:
+        layer, piece, expert = old.groups()
+        return f"model.layers.{layer}.mlp.experts.{expert}.{piece}_proj.weight"
     match = _BLOCK_NAME.fullmatch(gguf_name)
     if match and match.group(2) in names:
         layer, part, kind = match.groups()
