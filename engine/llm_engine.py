@@ -73,7 +73,8 @@ class LLMEngine:
         self.device = str(self.runner.device)
         self.dtype = str(self.runner.dtype).removeprefix("torch.")
         block_manager = BlockManager(
-            built.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching
+            built.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching,
+            sliding_window=self.model_config.kv_window,  # every layer windowed: blocks released
         )
         eos = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
         self.scheduler = Scheduler(

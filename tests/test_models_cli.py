@@ -184,3 +184,19 @@ def test_list_and_show_print_what_the_server_would_advertise(tmp_path, monkeypat
     assert "completion, insert (fill-in-the-middle: starcoder, psm); context 512 tokens" in listing
     assert main(["models", "show", "coder"]) == 0
     assert "served as:      completion, insert" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name,arch", [("gemma3-F16.gguf", "Gemma3ForCausalLM"),
+                                       ("mixtral-Q8_0.gguf", "MixtralForCausalLM")])
+def test_add_gguf_records_its_architecture(tiny, name, arch):
+    """A converted file (tests/data/gguf): `add` reads general.architecture (Mixtral: llama with
+    experts) and records the HF name the loader checks against."""
+    from hearth.engine.catalog import resolve_model
+    from hearth.engine.loader import load_model_source
+
+    _, catalog = tiny
+    path = REPO / "tests" / "data" / "gguf" / name
+    assert main(["models", "add", "m", str(path)]) == 0
+    spec = load_catalog(catalog).models["m"]
+    assert spec.architecture == arch and spec.sha256[name]
+    assert load_model_source(resolve_model("m")).config.architecture == arch

@@ -241,12 +241,28 @@ def _detected(spec: ModelSpec, args: argparse.Namespace) -> dict:
         fields["architecture"] = (config.get("architectures") or [None])[0]
         fields["dtype"] = config.get("torch_dtype") or config.get("dtype")
         fields["quantization"] = (config.get("quantization_config") or {}).get("quant_method")
+    elif spec.source == "gguf":
+        fields["architecture"] = _gguf_architecture(spec.path)
     for key in ("architecture", "dtype", "quantization", "description", "max_model_len"):
         if getattr(args, key) is not None:
             fields[key] = getattr(args, key)
     if args.chat_template:
         fields["chat_template"] = Path(args.chat_template).read_text(encoding="utf-8")
     return fields
+
+
+def _gguf_architecture(path: Path) -> str | None:
+    """general.architecture as an HF name (what load_model_source checks), None if unknown."""
+    from gguf import GGUFReader
+
+    from hearth.engine.loader.gguf_config import hf_architecture
+
+    try:
+        reader = GGUFReader(path)
+    except Exception:  # not readable: the hash is still recorded, loading will say why
+        return None
+    fields = ("general.architecture", "llama.expert_count")
+    return hf_architecture({k: reader.fields[k].contents() for k in fields if k in reader.fields})
 
 
 def _where(spec: ModelSpec) -> str:
