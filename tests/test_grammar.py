@@ -174,9 +174,17 @@ def test_gbnf_grammars_are_accepted(compiler):
 # ---- matchers: rebuilt exactly -----------------------------------------------------------------
 
 class _Seq:
+    """What GrammarMatchers reads of a Sequence (here the prompt is empty)."""
+
     def __init__(self, seq_id, grammar, output_token_ids):
-        self.seq_id, self.grammar, self.output_token_ids = seq_id, grammar, output_token_ids
+        self.seq_id, self.grammar, self.token_ids = seq_id, grammar, output_token_ids
+        self.output_token_ids = self.token_ids
+        self.num_prompt_tokens = 0
         self.is_finished = False
+
+    @property
+    def num_tokens(self):
+        return len(self.token_ids)
 
 
 def test_dropped_matcher_is_rebuilt_to_the_same_state(compiler):
@@ -261,7 +269,7 @@ def test_preempted_constrained_requests_rebuild_their_matchers(tmp_path):
     path = save_tiny_model(tmp_path / "llama", "llama", seed=1)
     prompts = [torch.randint(3, 500, (40,), generator=torch.Generator().manual_seed(i)).tolist()
                for i in range(6)]
-    spec = StructuredOutput(json={"type": "array", "items": {"type": "string"}})
+    spec = StructuredOutput(regex="[a-z ]{40,80}")  # runs to max_tokens: KV pressure
     params = SamplingParams(temperature=0, max_tokens=40, structured_output=spec)
     roomy = LLM(str(path), device="cpu", progress=False).generate(prompts, params, use_tqdm=False)
     tight = LLM(str(path), device="cpu", progress=False, num_kv_blocks=12, block_size=16)
