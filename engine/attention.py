@@ -10,8 +10,12 @@ KV cache layout, per layer (the kernels in kernels/ use the same):
 A batch is flat: the new tokens of every scheduled sequence, one after another. Sequence s owns rows
 query_start_loc[s] : query_start_loc[s + 1]; its context after this step is seq_lens[s] tokens, the
 last (query_start_loc[s + 1] - query_start_loc[s]) of them new. Prefill, chunked prefill,
-prefix-cache
-hits and decode are all this one shape.
+prefix-cache hits and decode are all this one shape.
+
+Per layer, two options change the scores (both as transformers computes them):
+- `window` (sliding-window attention): the query at position p sees keys p - window < k <= p;
+  K/V before the window are never read (their blocks may be freed: engine/block_manager.py);
+- `softcap` (Gemma 2): scores -> softcap * tanh(scores / softcap) before the mask and softmax.
 """
 
 from __future__ import annotations
@@ -60,22 +64,45 @@ class TorchAttention:
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache
         write_kv_torch(k, v, k_cache, v_cache, meta.slot_mapping)
+        scores = _Scores(scale, window, softcap)
         if meta.is_decode_only:  # plain matmuls: SDPA's CPU math path is slow for one query row
-            return _decode_batched(q, k_cache, v_cache, meta, scale)
+            return _decode_batched(q, k_cache, v_cache, meta, scores)
         out = torch.empty_like(q)
         start = 0
         for s, (q_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
             qs = q[start : start + q_len]
+            first = scores.first_key(seq_len - q_len, k_cache.shape[1])
             if q_len == seq_len:  # nothing cached before this chunk: attend to the new K/V directly
                 ks, vs = k[start : start + q_len], v[start : start + q_len]
             else:
-                ks, vs = _gather(k_cache, v_cache, meta.block_tables[s], seq_len)
-            out[start : start + q_len] = _attend(qs, ks, vs, scale, seq_len - q_len)
+                ks, vs = _gather(k_cache, v_cache, meta.block_tables[s], seq_len, first)
+            out[start : start + q_len] = _attend(qs, ks, vs, scores, seq_len - q_len,
+                                                 first if q_len != seq_len else 0)
             start += q_len
         return out
+
+
+@dataclass(frozen=True)
+class _Scores:
+    """How a layer turns q.k into attention weights."""
+
+    scale: float
+    window: int | None = None
+    softcap: float | None = None
+
+    def first_key(self, first_query_pos: int, block_size: int) -> int:
+        """The first position any of these queries sees, rounded down to its block."""
+        if self.window is None:
+            return 0
+        return max(0, first_query_pos - self.window + 1) // block_size * block_size
+
+    def capped(self, s: torch.Tensor) -> torch.Tensor:
+        return s if self.softcap is None else torch.tanh(s / self.softcap) * self.softcap
 
 
 def write_kv_torch(
@@ -90,13 +117,15 @@ def write_kv_torch(
 
 
 def _gather(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+    k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int,
+    first: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions first..seq_len-1 (first: a block boundary) -> (seq_len - first, kv_heads, dim)."""
     block_size = k_cache.shape[1]
-    blocks = block_table[: (seq_len + block_size - 1) // block_size]
-    # (num_blocks_used, block_size, kv_heads, head_dim) -> (seq_len, kv_heads, head_dim)
-    ks = _gather_blocks(k_cache, blocks).flatten(0, 1)[:seq_len]
-    vs = _gather_blocks(v_cache, blocks).flatten(0, 1)[:seq_len]
+    blocks = block_table[first // block_size : (seq_len + block_size - 1) // block_size]
+    # (num_blocks_used, block_size, kv_heads, head_dim) -> (seq_len - first, kv_heads, head_dim)
+    ks = _gather_blocks(k_cache, blocks).flatten(0, 1)[: seq_len - first]
+    vs = _gather_blocks(v_cache, blocks).flatten(0, 1)[: seq_len - first]
     return ks, vs
 
 
@@ -108,35 +137,56 @@ def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 
 
 def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, num_prefix: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: _Scores, num_prefix: int,
+    first: int = 0,
 ) -> torch.Tensor:
-    """q: (q_len, H, D), k/v: (kv_len, Hkv, D); query i sits at position num_prefix + i."""
+    """q: (q_len, H, D), k/v: (kv_len, Hkv, D) at positions first..; query i sits at position
+    num_prefix + i."""
     q_len, kv_len = q.shape[0], k.shape[0]
     group = q.shape[1] // k.shape[1]
     if group > 1:  # repeat K/V per query head: SDPA's enable_gqa runs the slow math path on CPU
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     # (1, heads, len, D): SDPA's fused CPU kernel takes 4-D inputs only
     qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-    if q_len == 1:
-        out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
-    elif num_prefix == 0:
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
-    else:
-        q_pos = torch.arange(num_prefix, num_prefix + q_len, device=q.device)
-        mask = torch.arange(kv_len, device=q.device)[None, :] <= q_pos[:, None]  # (q_len, kv_len)
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
-    return out[0].transpose(0, 1)  # (q_len, H, D)
+    scale = scores.scale
+    if scores.window is None and scores.softcap is None:
+        if q_len == 1:
+            out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
+        elif num_prefix == 0:
+            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+        else:
+            q_pos = torch.arange(num_prefix, num_prefix + q_len, device=q.device)
+            mask = torch.arange(kv_len, device=q.device)[None, :] <= q_pos[:, None]
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+        return out[0].transpose(0, 1)  # (q_len, H, D)
+    q_pos = torch.arange(num_prefix, num_prefix + q_len, device=q.device)[:, None]
+    k_pos = torch.arange(first, first + kv_len, device=q.device)[None, :]
+    visible = k_pos <= q_pos  # (q_len, kv_len)
+    if scores.window is not None:
+        visible &= k_pos > q_pos - scores.window
+    return _masked_attention(qt, kt, vt, scores, visible)[0].transpose(0, 1)
+
+
+def _masked_attention(q, k, v, scores: _Scores, visible: torch.Tensor) -> torch.Tensor:
+    """Eager attention as transformers runs it with soft-capping: scores (capped), masked,
+    softmax in float32, weights cast back. q: (..., Lq, D), k/v: (..., Lk, D)."""
+    s = scores.capped(torch.matmul(q, k.transpose(-1, -2)) * scores.scale)
+    s = s.masked_fill(~visible, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 def _decode_batched(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-    scale: float,
+    scores: _Scores,
 ) -> torch.Tensor:
     """All rows are decode tokens: gather every context padded to the longest, one masked pass.
 
     The GQA group is folded into the query length — (seqs, kv_heads, group, head_dim) against
     (seqs, kv_heads, context, head_dim) — so SDPA takes its fused CPU kernel with no K/V
-    repetition (its `enable_gqa` path falls back to the slow math kernel on CPU)."""
+    repetition (its `enable_gqa` path falls back to the slow math kernel on CPU). With a window
+    only the blocks from the earliest window start on are gathered."""
+    if scores.window is not None or scores.softcap is not None:
+        return _decode_windowed(q, k_cache, v_cache, meta, scores)
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     max_len = meta.max_seq_len
@@ -151,7 +201,31 @@ def _decode_batched(
         vs = _gather_blocks(v_cache, tables).flatten(1, 2)[:, :max_len].transpose(1, 2)
     qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # (S, Hkv, G, D)
     out = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=_padding_mask(meta, q.dtype),
-                                         scale=scale)
+                                         scale=scores.scale)
+    return out.reshape(num_seqs, num_heads, head_dim)
+
+
+def _decode_windowed(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+    scores: _Scores,
+) -> torch.Tensor:
+    """Decode rows with a window and/or soft-capping: keys from the earliest window start on."""
+    num_seqs, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    first = scores.first_key(min(meta.seq_lens_cpu) - 1, block_size)
+    num_blocks = -(-meta.max_seq_len // block_size)
+    tables = meta.block_tables[:, first // block_size : num_blocks]
+    length = meta.max_seq_len - first
+    # (S, Hkv, L, D) from position `first` on
+    ks = _gather_blocks(k_cache, tables).flatten(1, 2)[:, :length].transpose(1, 2)
+    vs = _gather_blocks(v_cache, tables).flatten(1, 2)[:, :length].transpose(1, 2)
+    q_pos = meta.seq_lens.to(torch.int64)[:, None] - 1  # (S, 1)
+    k_pos = torch.arange(first, meta.max_seq_len, device=q.device)[None, :]  # (1, L)
+    visible = k_pos <= q_pos
+    if scores.window is not None:
+        visible &= k_pos > q_pos - scores.window
+    qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # (S, Hkv, G, D)
+    out = _masked_attention(qg, ks, vs, scores, visible[:, None, None, :])
     return out.reshape(num_seqs, num_heads, head_dim)
 
 

@@ -15,6 +15,18 @@ earlier (`key`, a number never reused), so a collision can cost a miss but never
 
 Free blocks: blocks without a hash are reused first; freed blocks that are still findable ("cached")
 wait in LRU order and are evicted least-recently-freed first, losing their hash entry.
+
+Sliding window (every layer attends to the last `sliding_window` positions only, as Mistral's):
+a block whose positions every future query of its sequence has left behind is released while the
+sequence runs. Its table entry stays (positions keep their index) but is stale, never read:
+
+    window 6, block_size 4, num_computed 14: the next query sits at 14 and sees 9..14
+    seq.block_ids  [ 7 | 2 | 9 | 4 ]      num_dropped_blocks = 2: blocks 7 and 2 released
+                     ~~~~~
+
+A block is released only once its successor is registered in the prefix cache (whose chain needs
+the parent), and a released block that is registered stays findable: its K/V still serve prefix
+hits, which attach whole prefixes as before.
 """
 
 from __future__ import annotations
@@ -54,6 +66,7 @@ class BlockSnapshot:
     prefix_queries_tokens: int
     prefix_hits_tokens: int
     usage: float  # num_used / num_blocks
+    num_window_freed: int = 0  # blocks released: they left every layer's sliding window
 
 
 class _Block:
@@ -71,14 +84,19 @@ class _Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(
                 f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}"
             )
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window  # None: some layer reads the whole context
+        self.num_window_freed = 0
         self._blocks = [_Block() for _ in range(num_blocks)]
         self._free_uncached: deque[int] = deque(range(num_blocks))
         self._free_cached: OrderedDict[int, None] = OrderedDict()  # LRU: oldest first
@@ -164,20 +182,43 @@ class BlockManager:
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """`child` shares all of `parent`'s blocks; a shared partial block is copied on write."""
-        for block_id in parent.block_ids:
+        for block_id in parent.live_block_ids:
             self._blocks[block_id].ref_count += 1
         child.block_ids = list(parent.block_ids)
+        child.num_dropped_blocks = parent.num_dropped_blocks
         self._holders[child.seq_id] = child
 
     def free(self, seq: Sequence) -> None:
         """Drop `seq`'s references; its last blocks are freed first so prefixes outlive tails."""
-        for block_id in reversed(seq.block_ids):
-            block = self._blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self._release(block_id)
+        for block_id in reversed(seq.live_block_ids):
+            self._unref(block_id)
         seq.block_ids = []
+        seq.num_dropped_blocks = 0
         self._holders.pop(seq.seq_id, None)
+
+    def drop_out_of_window(self, seq: Sequence) -> int:
+        """Release the blocks that no future query of `seq` reads (sliding window; see the
+        module docstring). Returns how many were released."""
+        if self.sliding_window is None:
+            return 0
+        bs = self.block_size
+        first_needed = seq.num_computed_tokens - self.sliding_window + 1  # next query's window
+        limit = max(first_needed, 0) // bs
+        if self.enable_prefix_caching:  # the prefix chain registers a block through its parent
+            limit = min(limit, seq.num_computed_tokens // bs - 1)
+        limit = min(limit, len(seq.block_ids))
+        for index in range(seq.num_dropped_blocks, limit):
+            self._unref(seq.block_ids[index])
+        released = max(limit - seq.num_dropped_blocks, 0)
+        seq.num_dropped_blocks += released
+        self.num_window_freed += released
+        return released
+
+    def _unref(self, block_id: int) -> None:
+        block = self._blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self._release(block_id)
 
     def take_block_copies(self) -> list[BlockCopy]:
         """Copy-on-write copies recorded since the last call (the runner does them)."""
@@ -241,7 +282,7 @@ class BlockManager:
         """Call on the engine thread; the result may then go to any thread."""
         holders: list[list[int] | None] = [None] * self.num_blocks
         for seq in list(self._holders.values()):
-            for block_id in seq.block_ids:
+            for block_id in seq.live_block_ids:
                 holders[block_id] = (holders[block_id] or []) + [seq.seq_id]
         cached = [False] * self.num_blocks
         for block_id in self._free_cached:
@@ -253,6 +294,7 @@ class BlockManager:
             num_free=num_free,
             num_used=self.num_blocks - num_free,
             num_cached=len(self._free_cached),
+            num_window_freed=self.num_window_freed,
             block_owner=tuple(tuple(h) if h else None for h in holders),
             block_cached=tuple(cached),
             prefix_queries_tokens=self.prefix_queries_tokens,

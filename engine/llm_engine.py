@@ -77,7 +77,8 @@ class LLMEngine:
         self.device = str(self.runner.device)
         self.dtype = str(self.runner.dtype).removeprefix("torch.")
         block_manager = BlockManager(
-            built.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching
+            built.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching,
+            sliding_window=self.model_config.kv_window,  # every layer windowed: blocks released
         )
         eos = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
         self.scheduler = Scheduler(
@@ -88,6 +89,8 @@ class LLMEngine:
         self.model_info = ModelInfo(
             self.model_name, self.scheduler.max_len, self.model_config.vocab_size,
             self.tokenizer, self.device, self.dtype, self.grammars,
+            self.model_config.architecture, self.model_config.num_params, built.quantization,
+            built.fim,
         )
         self._requests: dict[str, RequestState] = {}
         self._lock = threading.Lock()

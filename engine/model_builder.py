@@ -18,8 +18,16 @@ import torch
 from hearth.engine.attention import AttentionMetadata
 from hearth.engine.catalog import resolve_model, verify
 from hearth.engine.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig
+from hearth.engine.fim import FimSpec, model_fim
 from hearth.engine.kv_cache import resolve_kv_cache_dtype
 from hearth.engine.loader import LoadedSource, load_hf_config, load_model_source
+from hearth.engine.memory_check import (
+    DeviceMemory,
+    MemoryNeed,
+    check_fits,
+    host_memory,
+    weight_bytes,
+)
 from hearth.engine.model_config import ModelConfig
 from hearth.engine.model_runner import (
     ModelRunner,
@@ -41,6 +49,8 @@ class BuiltModel:
     model_config: ModelConfig
     max_model_len: int
     runner: ModelRunner
+    quantization: str | None = None
+    fim: FimSpec | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -64,15 +74,31 @@ def build_model(config: EngineConfig, progress: bool = True) -> BuiltModel:
             "gguf_keep_quantized on CPU in float32 keeps the exact reference path, which "
             "dequantizes every layer at every step (about 10x slower than float32 weights); "
             "with dtype bfloat16 the GGUF's 4-bit linears run torch's int4 GEMV instead")
-    model = _instantiate(source, config, device, dtype, progress)
     max_model_len = _max_model_len(config, source)
+    check_fits(source.name, _memory_need(config, source, resolved, dtype, kv_dtype,
+                                         max_model_len), _device_memory(device, config))
+    try:
+        model = _instantiate(source, config, device, dtype, progress)
+    except ValueError as e:  # name the file and the architecture with any loading error
+        raise ValueError(f"{resolved.path} ({source.config.architecture}): {e}") from e
     sched = config.scheduler_config(max_model_len)
     limits = RunnerLimits(sched.max_num_seqs, sched.max_num_batched_tokens, max_model_len,
                           config.enforce_eager)
     num_blocks = _num_kv_blocks(config, source.config, model, limits, kv_dtype)
     runner = ModelRunner(model, source.config, config.block_size, num_blocks, config.seed, limits,
                          kv_cache_dtype=kv_dtype)
-    return BuiltModel(source.name, source.tokenizer, source.config, max_model_len, runner)
+    return BuiltModel(source.name, source.tokenizer, source.config, max_model_len, runner,
+                      source.quantization, _fim(resolved, source))
+
+
+def _fim(resolved, source: LoadedSource) -> FimSpec | None:
+    """The model's FIM tokens (engine/fim.py), as the catalogue entry overrides them."""
+    spec = resolved.spec
+    family, order = (spec.fim, spec.fim_order) if spec is not None else (None, None)
+    try:
+        return model_fim(source.tokenizer, source.config.vocab_size, family, order)
+    except ValueError as e:
+        raise ValueError(f"model {resolved.name!r}: {e}") from None
 
 
 def _load_source(resolved, config: EngineConfig) -> LoadedSource:
@@ -85,6 +111,40 @@ def _load_source(resolved, config: EngineConfig) -> LoadedSource:
     model_config = dataclasses.replace(model_config, eos_token_ids=eos_ids)
     return LoadedSource(resolved.name, model_config, tokenizer, lambda: iter(()),
                         model_config.max_position_embeddings)
+
+
+def _memory_need(config: EngineConfig, source: LoadedSource, resolved, dtype: torch.dtype,
+                 kv_dtype: torch.dtype, max_model_len: int) -> MemoryNeed:
+    model_config = source.config
+    kept = None
+    if resolved.format == "gguf" and config.gguf_keep_quantized and config.load_format != "dummy":
+        kept = resolved.path.stat().st_size
+    weights = weight_bytes(model_config, dtype.itemsize, kept)
+    per_token = model_config.kv_bytes_per_token(kv_dtype.itemsize)
+    if config.kv_cache_gib is not None:
+        kv, what = int(config.kv_cache_gib * _GIB), f"kv_cache_gib={config.kv_cache_gib}"
+    elif config.num_kv_blocks is not None:
+        kv, what = config.num_kv_blocks * config.block_size * per_token, "num_kv_blocks"
+    elif resolve_device(config.device).type == "cpu":  # the cache _num_kv_blocks will allocate
+        kv = int(DEFAULT_CPU_KV_CACHE_GIB * _GIB)
+        what = f"the CPU default kv_cache_gib={DEFAULT_CPU_KV_CACHE_GIB}"
+    else:
+        tokens = max_model_len
+        if model_config.kv_window is not None:
+            tokens = min(tokens, model_config.kv_window + 2048)
+        kv, what = tokens * per_token, f"one {tokens}-token sequence"
+    label = "kept-quantized GGUF blocks" if kept else f"{str(dtype).removeprefix('torch.')} weights"
+    if model_config.quantization is not None and not kept:
+        label = f"{model_config.quantization.method} weights"
+    return MemoryNeed(weights, kv, label, what)
+
+
+def _device_memory(device: torch.device, config: EngineConfig) -> DeviceMemory | None:
+    if device.type != "cuda":
+        return host_memory()
+    free, total = torch.cuda.mem_get_info(device)
+    usable = min(free, int(total * config.gpu_memory_utilization))
+    return DeviceMemory(f"{device} ({torch.cuda.get_device_name(device)})", free, total, usable)
 
 
 def _tokenizer_for_dummy(path, model_config: ModelConfig):
@@ -141,16 +201,12 @@ def _instantiate(source, config: EngineConfig, device, dtype, progress: bool) ->
 
 
 def _rebuild_buffers(model: torch.nn.Module, config: ModelConfig, device) -> None:
-    """The rotary table is a buffer, never materialised on the meta device: compute it now."""
+    """Rotary tables are buffers, never materialised on the meta device: compute them now."""
     from hearth.engine.layers.rotary import RotaryEmbedding
 
-    rotary = RotaryEmbedding(
-        config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
-    )
-    table = rotary.cos_sin_cache.to(device)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
-            module.cos_sin_cache = table
+            module.rebuild(device)
 
 
 def _counted(weights, bar):
@@ -185,7 +241,10 @@ def _num_kv_blocks(config, model_config: ModelConfig, model, limits: RunnerLimit
     else:
         budget = DEFAULT_CPU_KV_CACHE_GIB * _GIB
     num_blocks = int(budget // bytes_per_block)
-    min_blocks = (max_model_len + config.block_size - 1) // config.block_size
+    held = max_model_len
+    if model_config.kv_window is not None:  # a sequence holds its window and one chunk at most
+        held = min(held, model_config.kv_window + limits.max_num_batched_tokens + config.block_size)
+    min_blocks = (held + config.block_size - 1) // config.block_size
     if num_blocks < min_blocks:
         raise ValueError(
             f"the KV-cache budget holds {num_blocks} blocks of {config.block_size} tokens, fewer "

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from hearth.engine.fim import FimSpec
 from hearth.engine.grammar import CompiledGrammar, GrammarCompiler
 from hearth.engine.sampling_params import SamplingParams
 from hearth.engine.structured_output import StructuredOutputError
@@ -43,6 +44,10 @@ class ModelInfo:
     device: str = "cpu"
     dtype: str = "float32"
     grammars: GrammarCompiler | None = None  # None: this engine has no structured output
+    architecture: str | None = None  # HF name, e.g. "LlamaForCausalLM"
+    num_params: int | None = None
+    quantization: str | None = None  # e.g. "Q4_1", "awq"; None: float weights
+    fim: FimSpec | None = None  # fill-in-the-middle tokens; None: the model has none
 
 
 @dataclass(frozen=True)

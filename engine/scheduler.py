@@ -70,10 +70,11 @@ class Scheduler:
         self.config = config
         self.block_manager = block_manager
         self.eos_token_ids = frozenset(eos_token_ids)
-        # A sequence longer than the whole cache could never run, even alone: cap it there.
-        self.max_len = min(
-            config.max_model_len, block_manager.num_blocks * block_manager.block_size
-        )
+        # A sequence longer than the whole cache could never run, even alone: cap it there
+        # (a sliding window releases blocks as it goes: only the window and a chunk are held).
+        self.max_len = config.max_model_len
+        if block_manager.sliding_window is None:
+            self.max_len = min(self.max_len, block_manager.num_blocks * block_manager.block_size)
         self.waiting: list[Sequence] = []  # both sorted by _order
         self.running: list[Sequence] = []
         self._finished_seq_ids: list[int] = []  # since the last schedule()
@@ -211,6 +212,7 @@ class Scheduler:
             num_computed_before = seq.num_computed_tokens
             seq.num_computed_tokens += chunk.num_new_tokens
             self.block_manager.cache_blocks(seq, num_computed_before)
+            self.block_manager.drop_out_of_window(seq)
             token_ids = output.sampled_token_ids.get(seq.seq_id)
             if samples and token_ids:
                 sampled.extend(self._append_samples(seq, token_ids))
@@ -288,7 +290,7 @@ def _seq_snapshot(seq: Sequence, now: float) -> SeqSnapshot:
         num_prompt_tokens=seq.num_prompt_tokens,
         num_output_tokens=seq.num_output_tokens,
         num_computed_tokens=seq.num_computed_tokens,
-        num_blocks=len(seq.block_ids),
+        num_blocks=len(seq.live_block_ids),
         age_s=now - seq.arrival_time,
         constrained=seq.sampling_params.structured_output is not None,
     )

@@ -53,6 +53,9 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at admission
         self.block_ids: list[int] = []
+        # Leading table entries released by a sliding window (engine/block_manager.py): stale,
+        # kept so positions keep their index, never read.
+        self.num_dropped_blocks = 0
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0
@@ -79,6 +82,11 @@ class Sequence:
     @property
     def last_token_id(self) -> int:
         return self.token_ids[-1]
+
+    @property
+    def live_block_ids(self) -> list[int]:
+        """The blocks this sequence holds (without the ones a sliding window released)."""
+        return self.block_ids[self.num_dropped_blocks :]
 
     @property
     def is_finished(self) -> bool:

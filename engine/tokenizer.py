@@ -7,7 +7,7 @@ jinja chat template, rendered the way transformers renders it (sandboxed, trim_b
 
 A GGUF file carries no tokenizer.json: `from_gguf_metadata` rebuilds the byte-level BPE from the
 vocabulary, merges and token types that llama.cpp's converter stored, with the pre-tokenizer regex
-that `tokenizer.ggml.pre` names.
+that `tokenizer.ggml.pre` names, or a SentencePiece vocabulary (engine/gguf_sentencepiece.py).
 """
 
 from __future__ import annotations
@@ -114,28 +114,36 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, metadata: Mapping[str, Any] | Any) -> Tokenizer:
-        """A byte-level BPE from GGUF `tokenizer.*` metadata (a dict of values, or a GGUFReader)."""
+        """A byte-level BPE ('gpt2': SmolLM, Llama 3, Qwen) or SentencePiece ('llama': Llama 2,
+        Mistral 7B, Gemma, Phi-3) vocabulary from GGUF `tokenizer.*` metadata (a dict of values,
+        or a GGUFReader)."""
         if hasattr(metadata, "fields"):  # a gguf.GGUFReader
             metadata = {k: f.contents() for k, f in metadata.fields.items()}
         kind = metadata.get("tokenizer.ggml.model")
-        if kind != "gpt2":
+        if kind == "llama":
+            from hearth.engine.gguf_sentencepiece import sentencepiece_backend
+
+            backend = sentencepiece_backend(metadata)
+        elif kind == "gpt2":
+            tokens = list(metadata["tokenizer.ggml.tokens"])
+            backend = _byte_level_bpe(tokens, metadata.get("tokenizer.ggml.merges") or [],
+                                      metadata.get("tokenizer.ggml.pre"))
+            _add_gguf_special_tokens(backend, tokens,
+                                     list(metadata.get("tokenizer.ggml.token_type") or []))
+        else:
             raise ValueError(
                 f"GGUF tokenizer type {kind!r} is not supported; Hearth reads byte-level BPE "
-                "('gpt2') vocabularies, as used by SmolLM, Llama 3 and Qwen"
+                "('gpt2': SmolLM, Llama 3, Qwen) and SentencePiece ('llama': Llama 2, Mistral, "
+                "Gemma, Phi-3) vocabularies"
             )
-        tokens = list(metadata["tokenizer.ggml.tokens"])
-        token_types = list(metadata.get("tokenizer.ggml.token_type") or [])
-        backend = _byte_level_bpe(
-            tokens, metadata.get("tokenizer.ggml.merges") or [], metadata.get("tokenizer.ggml.pre")
-        )
-        _add_gguf_special_tokens(backend, tokens, token_types)
         eos_ids = [metadata.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
         return cls(
             backend,
             bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=[int(i) for i in eos_ids if i is not None],
             chat_template=metadata.get("tokenizer.chat_template"),
-            add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+            # llama.cpp (and transformers) add BOS to a SentencePiece vocabulary by default
+            add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", kind == "llama")),
         )
 
     # ----- encode / decode -----

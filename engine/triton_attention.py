@@ -16,6 +16,8 @@ The layer hands over q and k unrotated with `rope` = (positions, cos_sin_cache) 
 `fuse_kv_write` (class default, read when a backend is made) turns the fusion off: the
 benchmark's baseline sets it before building the engine, whose graphs capture the choice.
 
+A layer's sliding window and soft-cap (Gemma 2) go to every kernel as they are.
+
 An fp8 cache (engine/kv_cache.py's LayerKVCache) brings its layer's scales; every kernel takes
 them (tensors, so the captured graphs read their current values).
 """
@@ -48,15 +50,18 @@ class TritonAttention:
         meta: AttentionMetadata,
         scale: float,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # (positions, cos_sin_cache)
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache
+        extra = {"window": window, "softcap": softcap}
         scales = getattr(kv_cache, "scales", None)  # a plain (k, v) pair: not fp8, none
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, unlike q
         if meta.is_decode_only and self.fuse_kv_write:
             new_kv = NewKV(k, v, meta.slot_mapping)
             return paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, out=out,
-                new_kv=new_kv, scales=scales, rope=None if rope is None else Rope(*rope),
+                new_kv=new_kv, scales=scales, rope=None if rope is None else Rope(*rope), **extra,
             )
         if rope is not None:
             rotary_embedding(rope[0], q, k, rope[1], q.shape[-1])
@@ -64,9 +69,9 @@ class TritonAttention:
         if meta.is_decode_only:
             return paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, out=out,
-                scales=scales,
+                scales=scales, **extra,
             )
         return paged_prefill_attention(
             q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
-            out=out, scales=scales,
+            out=out, scales=scales, **extra,
         )

@@ -20,6 +20,10 @@ their slot (slot < 0: padding, nothing stored). No program of the launch reads t
 there is no race; later launches find it written. With `rope` as well, the query and the new key
 arrive unrotated and are rotated in the kernel (one launch fewer a layer than rotary + attention).
 
+A sliding window (`window`) starts the key range at context_len - window, so the splits cover
+only the window and blocks before it are never read (they may have been released); `softcap`
+(Gemma 2) maps each score s to softcap * tanh(s / softcap) before the softmax.
+
 An fp8 cache (kernels/kv_write.py) is read as e4m3 tiles converted to the query dtype (exact: e4m3
 values fit in fp16/bf16); the K scale is folded into the softmax scale and the V scale into the
 output, so no tile is multiplied. The new row of a fused write is quantized first and folded in
@@ -56,17 +60,22 @@ def _decode_kernel(
     kn_ptr, vn_ptr, slot_ptr, stride_kn, stride_knh, stride_vn, stride_vnh,
     k_scale_ptr, v_scale_ptr, pos_ptr, cs_ptr, stride_cs,
     qk_scale, block_size, stride_qs, stride_qh, stride_bt, stride_os, stride_oh,
+    window, softcap,
     GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSE_NEW: tl.constexpr,
-    KV_FP8: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
+    KV_FP8: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     pdl.launch_dependents(PDL, 1)
     pdl.wait(PDL)  # everything read here may come from the kernels before (kernels/pdl.py)
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx_len = tl.load(ctx_ptr + seq)
-    split_len = tl.cdiv(tl.cdiv(ctx_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * split_len
+    lo = ctx_len * 0  # the first key the query sees
+    if HAS_WINDOW:
+        lo = tl.maximum(ctx_len - window, 0)
+    split_len = tl.cdiv(tl.cdiv(ctx_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * split_len
     end = tl.minimum(start + split_len, ctx_len)
     last = ctx_len - 1  # the newest position: from kn/vn when FUSE_NEW
     cache_end = end
@@ -104,6 +113,8 @@ def _decode_kernel(
         kv_mask = pmask[:, None] & (d[None, :] < HEAD_DIM)
         k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N)
+        if SOFTCAP:
+            s = soft_cap(s, softcap)
         s = tl.where(pmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -117,8 +128,8 @@ def _decode_kernel(
             m_i, l_i, acc = _fold_new_token(
                 q, m_i, l_i, acc, kn_ptr + seq * stride_kn + kv_head * stride_knh,
                 vn_ptr + seq * stride_vn + kv_head * stride_vnh, k_ptr, v_ptr, slot_ptr + seq,
-                qk_scale, k_scale, v_scale, kv_head, cs_row, NUM_KV_HEADS, HEAD_DIM, BLOCK_D,
-                KV_FP8, ROPE,
+                qk_scale, k_scale, v_scale, kv_head, cs_row, softcap, NUM_KV_HEADS, HEAD_DIM,
+                BLOCK_D, KV_FP8, ROPE, SOFTCAP,
             )
     pdl.launch_dependents(PDL, 2)
     if KV_FP8:
@@ -141,8 +152,8 @@ def _decode_kernel(
 @triton.jit
 def _fold_new_token(
     q, m_i, l_i, acc, kn_ptr, vn_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, qk_scale, k_scale,
-    v_scale, kv_head, cs_row, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, KV_FP8: tl.constexpr, ROPE: tl.constexpr,
+    v_scale, kv_head, cs_row, softcap, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, KV_FP8: tl.constexpr, ROPE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Online-softmax step for the one new key/value row (fp32), and its store into the cache.
     ROPE: the key is rotated first (cs_row: its position's cos | sin). fp8: the row is quantized
@@ -159,6 +170,8 @@ def _fold_new_token(
         kn = quantize_fp8(kn, k_scale)
         vn = quantize_fp8(vn, v_scale)
     s = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * qk_scale  # (BLOCK_G,)
+    if SOFTCAP:
+        s = soft_cap(s, softcap)
     m_new = tl.maximum(m_i, s)
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new)
@@ -169,6 +182,13 @@ def _fold_new_token(
         tl.store(k_cache_ptr + dst, kn.to(k_cache_ptr.dtype.element_ty), mask=dmask)
         tl.store(v_cache_ptr + dst, vn.to(v_cache_ptr.dtype.element_ty), mask=dmask)
     return m_new, l_i * alpha + p, acc
+
+
+@triton.jit
+def soft_cap(s, cap):
+    """cap * tanh(s / cap), written with a sigmoid (tanh x = 2 sigmoid(2x) - 1). Scores here are
+    in base 2 (times log2 e), so `cap` is too: the same map as on the natural-log scores."""
+    return cap * (2.0 * tl.sigmoid(2.0 * s / cap) - 1.0)
 
 
 @triton.jit
@@ -321,13 +341,17 @@ def paged_decode_attention(
     new_kv: NewKV | None = None,
     scales: KVScales | None = None,
     rope: Rope | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """One query token per sequence attends to its cached context -> (num_seqs, heads, dim).
 
     new_kv: the newest position's K/V come from these rows (the cache is not read there) and are
     stored into their slots: write_kv and attention in one launch. scales: an fp8 cache's.
     rope (with new_kv): query and new key are not rotated yet; the kernel rotates them at
-    rope.positions (the key as stored in the cache), as kernels/fused.py's rotary_embedding."""
+    rope.positions (the key as stored in the cache), as kernels/fused.py's rotary_embedding.
+    window: only the last `window` positions are read; softcap: scores soft-capped (Gemma 2)."""
+    check_window_softcap(window, softcap)
     _check_decode_args(query, k_cache, v_cache, block_tables, context_lens)
     out = _check_out(out, query)
     new_k, new_v, slots = _check_new_kv(new_kv, query, k_cache)
@@ -338,7 +362,7 @@ def paged_decode_attention(
     if num_seqs == 0:
         return out
     if num_splits is None:
-        max_len = block_tables.shape[1] * block_size
+        max_len = min(block_tables.shape[1] * block_size, window or 1 << 62)
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_len, _num_sms(query.device))
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
@@ -356,11 +380,13 @@ def paged_decode_attention(
         k_scale, v_scale, positions, cos_sin, cos_sin.stride(0),
         scale * _LOG2E, block_size, query.stride(0), query.stride(1),
         block_tables.stride(0), out.stride(0), out.stride(1),
+        window or 0, (softcap or 1.0) * _LOG2E,
         GROUP=group, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_N=tile.block_n,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         FUSE_NEW=new_kv is not None, KV_FP8=k_cache.dtype == FP8_DTYPE, ROPE=rope is not None,
+        HAS_WINDOW=window is not None, SOFTCAP=softcap is not None,
         num_warps=tile.num_warps, num_stages=tile.num_stages, **launch,
     )
     if partial:
@@ -371,6 +397,13 @@ def paged_decode_attention(
             **launch,
         )
     return out
+
+
+def check_window_softcap(window: int | None, softcap: float | None) -> None:
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap!r}")
 
 
 def _check_new_kv(new_kv: NewKV | None, query: torch.Tensor, k_cache: torch.Tensor):
@@ -430,9 +463,11 @@ def paged_decode_attention_ref(
     context_lens: torch.Tensor,
     scale: float,
     scales: KVScales | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Torch reference: gather K/V through the block table (dequantized from fp8), plain fp32
-    softmax per sequence."""
+    """Torch reference: gather K/V through the block table (dequantized from fp8; only the
+    window), plain fp32 softmax per sequence."""
     _check_decode_args(query, k_cache, v_cache, block_tables, context_lens)
     k_scale, v_scale = check_scales(scales, k_cache)
     out = torch.zeros_like(query)
@@ -440,9 +475,12 @@ def paged_decode_attention_ref(
     for s, length in enumerate(context_lens.tolist()):
         if length == 0:
             continue
-        k = dequantize(gather_kv(k_cache, block_tables[s], length), k_scale)
-        v = dequantize(gather_kv(v_cache, block_tables[s], length), v_scale)
+        first = max(length - window, 0) if window else 0
+        k = dequantize(gather_kv(k_cache, block_tables[s], length), k_scale)[first:]
+        v = dequantize(gather_kv(v_cache, block_tables[s], length), v_scale)[first:]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,nhd->hn", query[s].float(), k) * scale  # (num_heads, length)
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         out[s] = torch.einsum("hn,nhd->hd", scores.softmax(-1), v).to(query.dtype)
     return out

@@ -17,6 +17,10 @@ Sequence s owns tiles [qsl[s] // BLOCK_Q + s, ...): the grid size needs no host 
 finds its sequence by binary search over query_start_loc. Flash-attention style online softmax in
 fp32 (base 2) over BLOCK_N-key tiles, which may straddle cache blocks.
 
+A sliding window (`window`): query at position p sees keys p - window < k <= p, and a tile's
+key loop starts at its first query's window (blocks before it are never read). `softcap` (Gemma 2)
+maps each score s to softcap * tanh(s / softcap) before the mask.
+
 An fp8 cache is read as in kernels/paged_attention.py: tiles converted to the query dtype, the K
 scale folded into the softmax scale and the V scale into the output.
 """
@@ -33,7 +37,7 @@ from hearth.kernels.kv_write import (
     check_scales,
     dequantize,
 )
-from hearth.kernels.paged_attention import gather_kv
+from hearth.kernels.paged_attention import check_window_softcap, gather_kv, soft_cap
 
 _LOG2E = 1.4426950408889634
 
@@ -57,9 +61,11 @@ def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale, block_size, num_seqs, stride_qt, stride_qh, stride_bt, stride_ot, stride_oh,
+    window, softcap,
     GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     tile, kv_head = tl.program_id(0), tl.program_id(1)
     seq = _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q)
@@ -88,20 +94,30 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(0, kv_end, BLOCK_N):
+    first_key = kv_end * 0
+    if HAS_WINDOW:  # the tile's first query sees keys from first - window + 1 on
+        first_key = tl.maximum(ctx_start + local_tile * BLOCK_Q - window + 1, 0)
+    for n0 in range(first_key // BLOCK_N * BLOCK_N, kv_end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
-        pmask = pos < kv_end
+        pmask = (pos < kv_end) & (pos >= first_key)  # released blocks are never loaded
         block_id = tl.load(bt_ptr + seq * stride_bt + pos // block_size, mask=pmask, other=0)
         slot = block_id.to(tl.int64) * block_size + pos % block_size
         kv_off = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + d[None, :]
         kv_mask = pmask[:, None] & (d[None, :] < HEAD_DIM)
         k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)  # (BLOCK_N, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if SOFTCAP:
+            s = soft_cap(s, softcap)
         causal = pmask[None, :] & (pos[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            causal = causal & (pos[None, :] > q_pos[:, None] - window)
         s = tl.where(causal, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        m_use = m_new
+        if HAS_WINDOW:  # a row may see no key of this tile yet: exp2(-inf - -inf) would be NaN
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -159,10 +175,14 @@ def paged_prefill_attention(
     scale: float,
     out: torch.Tensor | None = None,
     scales: KVScales | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of the new tokens over their whole context -> (num_tokens, heads, dim).
-    scales: an fp8 cache's."""
+    scales: an fp8 cache's; window: each query sees its last `window` positions only; softcap:
+    scores soft-capped (Gemma 2)."""
     _check_prefill_args(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
+    check_window_softcap(window, softcap)
     k_scale, v_scale = check_scales(scales, k_cache)
     if out is None:
         out = torch.empty_like(query)
@@ -182,10 +202,12 @@ def paged_prefill_attention(
         query, k_cache, v_cache, block_tables, query_start_loc.contiguous(), seq_lens, out,
         k_scale, v_scale, scale * _LOG2E, block_size, num_seqs, query.stride(0), query.stride(1),
         block_tables.stride(0), out.stride(0), out.stride(1),
+        window or 0, (softcap or 1.0) * _LOG2E,
         GROUP=group, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m,
         BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        KV_FP8=k_cache.dtype == FP8_DTYPE, num_warps=4, num_stages=2,
+        KV_FP8=k_cache.dtype == FP8_DTYPE, HAS_WINDOW=window is not None,
+        SOFTCAP=softcap is not None, num_warps=4, num_stages=2,
     )
     return out
 
@@ -199,9 +221,11 @@ def paged_prefill_attention_ref(
     seq_lens: torch.Tensor,
     scale: float,
     scales: KVScales | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Torch reference: per sequence, gather its K/V (dequantized from fp8) and run masked fp32
-    softmax attention."""
+    softmax attention (window and soft-cap as transformers applies them)."""
     _check_prefill_args(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
     k_scale, v_scale = check_scales(scales, k_cache)
     out = torch.empty_like(query)
@@ -215,8 +239,13 @@ def paged_prefill_attention_ref(
         v = dequantize(gather_kv(v_cache, block_tables[s], seq_len), v_scale)
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         q_pos = torch.arange(seq_len - q.shape[0], seq_len, device=q.device)
-        visible = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # (new, len)
+        k_pos = torch.arange(seq_len, device=q.device)[None, :]
+        visible = k_pos <= q_pos[:, None]  # (new, len)
+        if window:
+            visible &= k_pos > q_pos[:, None] - window
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         scores = scores.masked_fill(~visible, float("-inf"))
         out_s = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
         out[starts[s] : starts[s + 1]] = out_s.to(query.dtype)

@@ -102,7 +102,7 @@ CASES = [
     ("stop a number", "POST", C, completion(stop=5), 400, "stop", "string"),
     ("seed a string", "POST", C, completion(seed="abc"), 400, "seed", "integer"),
     ("unknown model", "POST", C, completion(model="gpt-9"), 404, "model", "does not exist"),
-    ("suffix", "POST", C, completion(suffix="end"), 400, "suffix", "not supported"),
+    ("suffix, no FIM tokens", "POST", C, completion(suffix="x"), 400, "suffix", "in-the-middle"),
     ("best_of", "POST", C, completion(best_of=3), 400, "best_of", "not supported"),
     ("logit_bias 200", "POST", C, completion(logit_bias={"42": 200}), 400, "logit_bias",
      "[-100, 100]"),

@@ -247,7 +247,7 @@ def run_decode_fused_write(context_lens, block_size, num_kv_heads, group, head_d
     rotary = None
     if rope:
         positions = torch.tensor([max(c - 1, 0) for c in context_lens], device=DEVICE)
-        rotary = Rope(positions, RotaryEmbedding(head_dim, 1024, 10000.0).cos_sin_cache.to(DEVICE))
+        rotary = Rope(positions, RotaryEmbedding(head_dim, 1024).cos_sin_cache.to(DEVICE))
     out = paged_decode_attention(query, k_cache, v_cache, tables, ctx, scale,
                                  num_splits=num_splits, new_kv=new_kv, scales=scales,
                                  rope=rotary)

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import write_gguf
 
 from hearth.engine.catalog import ModelSpec, ResolvedModel, resolve_model
 from hearth.engine.loader import iter_hf_weights, load_gguf, load_hf_config, load_model_source
@@ -41,7 +42,7 @@ def test_gguf_config_is_the_documented_shape(gguf_model):
     assert shape == (30, 576, 1536, 9, 3)
     assert (c.head_dim, c.vocab_size, c.max_position_embeddings) == (64, 49152, 8192)
     assert c.architecture == "LlamaForCausalLM" and c.tie_word_embeddings
-    assert c.rope_theta == 100000.0 and c.rope_scaling is None
+    assert c.rope_theta == 100000.0 and c.rope.kind == "default"
     assert c.rms_norm_eps == pytest.approx(1e-5)
     assert (c.bos_token_id, c.eos_token_ids) == (1, (2,))
     assert c.num_params == 134_515_008
@@ -178,7 +179,8 @@ def test_hf_config_variants(tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128009, 128001]}))
     c = load_hf_config(tmp_path)
     assert c.rope_theta == 500000.0 and c.num_kv_heads == 4 and c.head_dim == 16
-    assert c.rope_scaling["rope_type"] == "llama3" and c.rope_scaling["factor"] == 8.0
+    assert c.rope.kind == "llama3" and c.rope.factor == 8.0
+    assert c.rope.original_max_position == 8192 and c.rope.high_freq_factor == 4.0
     assert c.eos_token_ids == (128001, 128008, 128009)
     _write_config(
         tmp_path,
@@ -186,7 +188,7 @@ def test_hf_config_variants(tmp_path):
         sliding_window=4096,
         max_position_embeddings=32768,
     )
-    assert load_hf_config(tmp_path).max_position_embeddings == 4096  # exact within the window
+    assert load_hf_config(tmp_path).max_position_embeddings == 32768  # windowed, not capped
     _write_config(
         tmp_path,
         architectures=["Qwen2ForCausalLM"],
@@ -283,68 +285,6 @@ def test_gguf_tensor_names_and_dtypes_are_float32_copies(gguf_model):
 
 # ----- GGUF written the way llama.cpp's converter writes it -----
 
-_GGUF_NAMES = {
-    "q_proj": "attn_q",
-    "k_proj": "attn_k",
-    "v_proj": "attn_v",
-    "o_proj": "attn_output",
-    "q_norm": "attn_q_norm",
-    "k_norm": "attn_k_norm",
-    "gate_proj": "ffn_gate",
-    "up_proj": "ffn_up",
-    "down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-
-
-def _gguf_name(hf_name):
-    top = {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-    if hf_name in top:
-        return top[hf_name]
-    _, _, layer, *module, kind = hf_name.split(".")
-    return f"blk.{layer}.{_GGUF_NAMES[module[-1]]}.{kind}"
-
-
-def _write_gguf(path, arch, model):
-    import gguf
-
-    c = model.config
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(c.num_hidden_layers)
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_key_length(c.head_dim)
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list([chr(ord("a") + i % 26) * (1 + i // 26) for i in range(c.vocab_size)])
-    writer.add_token_types([3] + [1] * (c.vocab_size - 1))
-    writer.add_token_merges([])
-    writer.add_eos_token_id(0)
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and c.tie_word_embeddings:
-            continue
-        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            # llama.cpp's permute: each head's rows from rotate-halves to interleaved pairs
-            heads = c.num_attention_heads if "q_proj" in name else c.num_key_value_heads
-            permuted = tensor.reshape(heads, 2, -1, tensor.shape[-1]).swapaxes(1, 2)
-            tensor = permuted.reshape(tensor.shape)
-        writer.add_tensor(_gguf_name(name), tensor.contiguous().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
 @pytest.mark.parametrize(
     "arch,config_cls,model_cls,kwargs",
     [
@@ -356,7 +296,7 @@ def test_gguf_roundtrip_gives_the_hf_tensors(tmp_path, arch, config_cls, model_c
     torch.manual_seed(0)
     config = getattr(transformers, config_cls)(**TINY, **kwargs)
     model = getattr(transformers, model_cls)(config)
-    _write_gguf(tmp_path / "tiny.gguf", arch, model)
+    write_gguf(tmp_path / "tiny.gguf", arch, model)
     loaded = load_gguf(tmp_path / "tiny.gguf")
     assert loaded.config.architecture == model_cls
     assert loaded.config.head_dim == config.head_dim

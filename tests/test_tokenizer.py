@@ -184,8 +184,8 @@ def test_missing_tokenizer_json(tmp_path):
 
 def test_unsupported_gguf_tokenizers():
     base = {"tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.merges": []}
-    with pytest.raises(ValueError, match="'llama' is not supported"):
-        Tokenizer.from_gguf_metadata({**base, "tokenizer.ggml.model": "llama"})
+    with pytest.raises(ValueError, match="'rwkv' is not supported"):
+        Tokenizer.from_gguf_metadata({**base, "tokenizer.ggml.model": "rwkv"})
     with pytest.raises(ValueError, match="pre-tokenizer 'mystery'"):
         Tokenizer.from_gguf_metadata(
             {**base, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "mystery"}

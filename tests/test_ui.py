@@ -429,6 +429,10 @@ def test_block_map_shows_a_long_generation_then_frees_it(page, server):
     _send(page, "Write a long story about a dragon who learns to bake bread.", max_tokens)
     _reply(page).wait_for()
     _open_tab(page, "Monitor")
+    page.wait_for_function(  # the header advertises what /v1/models and /api/show list
+        "() => document.querySelector('#monitor-header')?.innerText"
+        ".includes('8192 tokens, completion ·')"
+    )
     block_map = page.locator("#block-map .hearth-block-map")
     page.wait_for_function(
         "() => +document.querySelector('#block-map .hearth-block-map')?.dataset.numUsed > 0"

@@ -25,6 +25,7 @@ from hearth.appliance.request_stream import (
     RequestStream,
 )
 from hearth.appliance.serving.structured import logit_bias
+from hearth.appliance.serving.capabilities import capabilities
 from hearth.engine.outputs import TokenLogprob
 from hearth.engine.prepare import ModelInfo, PreparedRequest, TextCodec, prepare
 from hearth.engine.sampling_params import SamplingParams
@@ -183,6 +184,10 @@ class Serving:
             code="model_not_found",
         )
 
+    def capabilities(self) -> list[str]:
+        """What the served model can do on this server (serving/capabilities.py)."""
+        return capabilities(self.model)
+
     def list_models(self) -> dict[str, Any]:
         created = int(time.time())
         return {
@@ -195,6 +200,7 @@ class Serving:
                     "owned_by": "hearth",
                     "root": self.model.name,
                     "max_model_len": self.model.max_model_len,
+                    "capabilities": self.capabilities(),
                 }
                 for name in self.model_names()
             ],

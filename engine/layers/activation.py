@@ -1,4 +1,5 @@
-"""SiLU-and-mul: the gated MLP activation over a fused gate_up projection."""
+"""Gated MLP activations over a fused gate_up projection: SiLU (Llama, Qwen, Phi-3, Mistral) and
+tanh-approximated GELU (Gemma)."""
 
 from __future__ import annotations
 
@@ -14,3 +15,20 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return fused(x)
     d = x.shape[-1] // 2
     return F.silu(x[..., :d]) * x[..., d:]
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: (num_tokens, 2 * d) holding [gate | up] -> gelu_tanh(gate) * up, (num_tokens, d)."""
+    d = x.shape[-1] // 2
+    return F.gelu(x[..., :d], approximate="tanh") * x[..., d:]
+
+
+_ACTIVATIONS = {"silu": silu_and_mul, "gelu_pytorch_tanh": gelu_tanh_and_mul,
+                "gelu_tanh": gelu_tanh_and_mul}
+
+
+def gated_activation(name: str):
+    """The `*_and_mul` function of a config's hidden_act."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unsupported hidden_act {name!r}; supported: {', '.join(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]

@@ -1,50 +1,38 @@
-"""Rotary position embedding (neox / HF "rotate_half" layout), with llama3 frequency scaling.
+"""Rotary position embedding (neox / HF "rotate_half" layout) over flat batches of positions.
 
-The cos/sin table is computed once for every position up to max_position and indexed by the flat
-positions tensor, so prefill chunks and decode tokens of many sequences rotate in one call.
+The cos/sin table (engine/layers/rope_scaling.py: every scaling variant) is computed once for every
+position up to max_position and indexed by the flat positions tensor, so prefill chunks and decode
+tokens of many sequences rotate in one call. With partial rotary (Phi-4-mini) only the first
+`rotary_dim` values of each head rotate; the rest pass through.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-
-def _inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    # float32 throughout, as transformers computes it, so positions rotate bit-identically.
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
-    if kind in (None, "default"):
-        return inv_freq
-    if kind != "llama3":
-        raise ValueError(f"unsupported rope scaling type {kind!r} (supported: default, llama3)")
-    factor = scaling["factor"]
-    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_len = scaling["original_max_position_embeddings"]
-    low_wavelen, high_wavelen = old_len / low, old_len / high
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    mid = (1 - smooth) * scaled / factor + smooth * scaled
-    is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(is_mid, mid, scaled)
+from hearth.engine.layers.rope_scaling import cos_sin_table
+from hearth.engine.rope_config import RopeConfig
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(
-        self, head_dim: int, max_position: int, theta: float, scaling: dict | None = None
-    ) -> None:
+    def __init__(self, head_dim: int, max_position: int, rope: RopeConfig | None = None) -> None:
         super().__init__()
-        inv_freq = _inv_freq(head_dim, theta, scaling)
-        t = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # (max_position, head_dim // 2)
-        # (max_position, head_dim): cos in the first half, sin in the second half
-        self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1),
+        self.rope = rope or RopeConfig()
+        self.head_dim, self.max_position = head_dim, max_position
+        self.rotary_dim = self.rope.rotary_dim(head_dim)
+        # (max_position, rotary_dim): cos in the first half, sin in the second half
+        self.register_buffer("cos_sin_cache", cos_sin_table(self.rope, head_dim, max_position),
                              persistent=False)
-        self.head_dim = head_dim
         self._prepared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def is_partial(self) -> bool:
+        return self.rotary_dim != self.head_dim
+
+    def rebuild(self, device: torch.device) -> None:
+        """Compute the table again on `device` (it is never materialised on the meta device)."""
+        self.cos_sin_cache = cos_sin_table(self.rope, self.head_dim, self.max_position).to(device)
 
     def prepare(self, positions: torch.Tensor, dtype: torch.dtype) -> None:
         """CPU: look up this forward pass's cos/sin once, for every layer that follows.
@@ -70,7 +58,8 @@ class RotaryEmbedding(nn.Module):
         if q.is_cuda:
             from hearth.kernels.fused import rotary_embedding
 
-            rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim)
+            rot = self.rotary_dim
+            rotary_embedding(positions, q[..., :rot], k[..., :rot], self.cos_sin_cache, rot)
             return q, k
         cos, sin = self._cpu_cos_sin(positions, q.dtype)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
@@ -88,6 +77,9 @@ class RotaryEmbedding(nn.Module):
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rot = cos.shape[-1]
+    if rot != x.shape[-1]:  # partial rotary: the tail of each head passes through
+        return torch.cat([_rotate(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     # Same op order as transformers (x * cos + rotate_half(x) * sin) in the input dtype.

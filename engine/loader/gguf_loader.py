@@ -3,8 +3,10 @@
 The file is memory-mapped by `gguf.GGUFReader`; `GGUFModel.weights()` dequantizes one tensor at a
 time as the caller iterates, so loading never holds a second float32 copy of the whole model.
 
-Two things undo llama.cpp's converter so the tensors equal the HF checkpoint's:
-- names: `blk.N.attn_q.weight` → `model.layers.N.self_attn.q_proj.weight`, and so on;
+What the converter changed is undone so the tensors equal the HF checkpoint's:
+- names (engine/loader/gguf_names.py): `blk.N.attn_q.weight` →
+  `model.layers.N.self_attn.q_proj.weight`, and so on; metadata in engine/loader/gguf_config.py;
+- Gemma's norms, stored as (1 + w): w;
 - for the `llama` architecture, Q and K rows: the converter permutes each head's rows from HF's
   "rotate halves" layout to GGML's interleaved pairs; `_unpermute` inverts that exactly as
   transformers' GGUF loader does:
@@ -16,7 +18,6 @@ Two things undo llama.cpp's converter so the tensors equal the HF checkpoint's:
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,38 +27,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from hearth.engine.loader.gguf_config import gguf_model_config
+from hearth.engine.loader.gguf_names import hf_name
 from hearth.engine.model_config import ModelConfig
 from hearth.engine.quantization.config import QuantConfig
 from hearth.engine.quantization.gguf_blocks import BLOCKS
 from hearth.engine.tokenizer import Tokenizer
 
-_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
-_TOP_LEVEL = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_BLOCK = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # Projections Hearth fuses: kept quantized only when every member has the same block type.
-_FUSED = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+_FUSED = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",),
+          ("qkv_proj",), ("gate_up_proj",))
 _GGUF_MAGIC = b"GGUF"
+# llama.cpp permutes Q/K rows for its `llama` architecture only (Llama, Mistral, Mixtral)
+_PERMUTED = ("LlamaForCausalLM", "MixtralForCausalLM")
 
 
 @dataclass(frozen=True)
@@ -78,9 +60,9 @@ def load_gguf(path: str | Path, keep_quantized: bool = False) -> GGUFModel:
     """
     reader = _open(Path(path))
     metadata = {key: field.contents() for key, field in reader.fields.items()}
-    tensor_names = [t.name for t in reader.tensors]
-    config = _model_config(metadata, tensor_names, path)
-    hf_names = {t.name: _hf_name(t.name, path) for t in reader.tensors}
+    config = gguf_model_config(metadata, {t.name: t for t in reader.tensors}, path)
+    arch = metadata["general.architecture"]
+    hf_names = {t.name: hf_name(t.name, arch, path) for t in reader.tensors}
     types = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) == 2)
     kept = _kept_quantized(reader, hf_names) if keep_quantized else {}
     if kept:
@@ -118,59 +100,6 @@ def _open(path: Path) -> Any:
         raise ValueError(f"{path} is not a readable GGUF file ({e}); it may be truncated") from e
 
 
-def _model_config(md: dict[str, Any], tensor_names: list[str], path: str | Path) -> ModelConfig:
-    arch = md.get("general.architecture")
-    if arch not in _ARCHITECTURES:
-        raise ValueError(
-            f"{path}: GGUF architecture {arch!r} is not supported; "
-            f"supported: {', '.join(_ARCHITECTURES)}"
-        )
-    if "rope_freqs.weight" in tensor_names or md.get(f"{arch}.rope.scaling.type", "none") != "none":
-        raise ValueError(f"{path}: RoPE scaling in GGUF files is not supported yet")
-    try:
-        hidden, num_heads = md[f"{arch}.embedding_length"], md[f"{arch}.attention.head_count"]
-        head_dim = md.get(f"{arch}.attention.key_length") or hidden // num_heads
-        config = ModelConfig(
-            architecture=_ARCHITECTURES[arch],
-            vocab_size=len(md["tokenizer.ggml.tokens"]),
-            hidden_size=hidden,
-            intermediate_size=md[f"{arch}.feed_forward_length"],
-            num_layers=md[f"{arch}.block_count"],
-            num_heads=num_heads,
-            num_kv_heads=md.get(f"{arch}.attention.head_count_kv") or num_heads,
-            head_dim=head_dim,
-            rms_norm_eps=float(md[f"{arch}.attention.layer_norm_rms_epsilon"]),
-            rope_theta=float(md.get(f"{arch}.rope.freq_base", 10000.0)),
-            max_position_embeddings=md.get(f"{arch}.context_length", 2048),
-            tie_word_embeddings="output.weight" not in tensor_names,
-            attention_bias=arch == "qwen2",
-            qk_norm=arch == "qwen3",
-            bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=_eos_ids(md),
-            torch_dtype="float32",
-        )
-    except KeyError as e:
-        raise ValueError(f"{path}: GGUF metadata lacks {e}") from e
-    if md.get(f"{arch}.rope.dimension_count", head_dim) != head_dim:
-        raise ValueError(f"{path}: partial rotary embeddings are not supported")
-    return config
-
-
-def _eos_ids(md: dict[str, Any]) -> tuple[int, ...]:
-    ids = (md.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom"))
-    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
-
-
-def _hf_name(gguf_name: str, path: str | Path) -> str | None:
-    if gguf_name in _TOP_LEVEL:
-        return _TOP_LEVEL[gguf_name]
-    match = _BLOCK_NAME.fullmatch(gguf_name)
-    if match and match.group(2) in _BLOCK:
-        layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{_BLOCK[part]}.{kind}"
-    raise ValueError(f"{path}: unexpected tensor {gguf_name!r} for a llama/qwen model")
-
-
 def _dequantize(tensor: Any, hf_name: str, config: ModelConfig) -> torch.Tensor:
     from gguf.quants import dequantize
 
@@ -178,7 +107,10 @@ def _dequantize(tensor: Any, hf_name: str, config: ModelConfig) -> torch.Tensor:
     if array.dtype != np.float32 or not array.flags.writeable:
         array = np.array(array, dtype=np.float32)  # F32/F16 come back as read-only memmap views
     weight = torch.from_numpy(array)
-    if config.architecture == "LlamaForCausalLM":
+    if config.architecture.startswith("Gemma") and hf_name.endswith("norm.weight"):
+        # the converter stored Gemma's (1 + w): w again, exactly (Sterbenz), the model adds 1
+        weight = weight - 1.0
+    if config.architecture in _PERMUTED:
         if ".q_proj." in hf_name:
             weight = _unpermute(weight, config.num_heads)
         elif ".k_proj." in hf_name:
@@ -191,7 +123,8 @@ def _kept_quantized(reader: Any, hf_names: dict[str, str | None]) -> dict[str, s
     types = {}
     for tensor in reader.tensors:
         name = hf_names[tensor.name]
-        if name and name.endswith("_proj.weight") and tensor.tensor_type.name in BLOCKS:
+        if (name and name.endswith("_proj.weight") and ".experts." not in name
+                and tensor.tensor_type.name in BLOCKS):  # experts come dequantized
             types[name.removesuffix(".weight")] = tensor.tensor_type.name
     kept = {}
     for name, qtype in types.items():
@@ -205,7 +138,7 @@ def _kept_quantized(reader: Any, hf_names: dict[str, str | None]) -> dict[str, s
 def _raw_blocks(tensor: Any, hf_name: str, config: ModelConfig) -> torch.Tensor:
     """The tensor's blocks as (rows, row_bytes) uint8, Q/K rows in HF order."""
     raw = torch.from_numpy(np.array(tensor.data, dtype=np.uint8))  # a copy: the file is read-only
-    if config.architecture == "LlamaForCausalLM":
+    if config.architecture in _PERMUTED:
         if ".q_proj." in hf_name:
             raw = _unpermute(raw, config.num_heads)
         elif ".k_proj." in hf_name:

@@ -14,10 +14,19 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from hearth.engine.model_config import SUPPORTED_ARCHITECTURES, ModelConfig
+from hearth.engine.model_config import (
+    FULL,
+    SLIDING,
+    SUPPORTED_ARCHITECTURES,
+    ModelConfig,
+    MoEConfig,
+)
 from hearth.engine.quantization.config import parse_quantization_config
+from hearth.engine.rope_config import RopeConfig, rope_from_hf
 
 _INDEX_FILE = "model.safetensors.index.json"
+_QWEN = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+_QK_NORM = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM")
 
 
 def load_hf_config(model_dir: str | Path) -> ModelConfig:
@@ -33,11 +42,12 @@ def load_hf_config(model_dir: str | Path) -> ModelConfig:
 
 def _model_config(cfg: dict, arch: str, model_dir: Path) -> ModelConfig:
     num_heads = cfg["num_attention_heads"]
-    rope = cfg.get("rope_parameters") or {}
+    rope = rope_config(cfg)
     generation = _read_json(model_dir / "generation_config.json", required=False)
     eos_ids = _id_list(cfg.get("eos_token_id")) + _id_list(generation.get("eos_token_id"))
     if cfg.get("mlp_bias"):
         raise ValueError(f"{model_dir}: mlp_bias=true is not supported")
+    window, layer_types = _sliding_window(cfg, arch)
     return ModelConfig(
         architecture=arch,
         vocab_size=cfg["vocab_size"],
@@ -48,12 +58,19 @@ def _model_config(cfg: dict, arch: str, model_dir: Path) -> ModelConfig:
         num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0,
-        rope_scaling=_rope_scaling(cfg),
-        max_position_embeddings=_max_positions(cfg, model_dir),
+        rope=rope,
+        max_position_embeddings=_max_positions(cfg, rope),
+        sliding_window=window,
+        layer_types=layer_types,
+        rope_local=_local_rope(cfg, arch),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-        qk_norm=arch == "Qwen3ForCausalLM",
+        qk_norm=arch in _QK_NORM,
+        hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu",
+        query_pre_attn_scalar=cfg.get("query_pre_attn_scalar"),
+        attn_logit_softcapping=cfg.get("attn_logit_softcapping"),
+        final_logit_softcapping=cfg.get("final_logit_softcapping"),
+        moe=_moe(cfg, arch),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys(eos_ids)),
         torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
@@ -133,27 +150,72 @@ def _architecture(cfg: dict, model_dir: Path) -> str:
     )
 
 
-def _rope_scaling(cfg: dict) -> dict | None:
-    """rope_scaling (transformers 4) or rope_parameters (5) when it is more than plain RoPE."""
-    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    kind = scaling.get("rope_type") or scaling.get("type")
-    if kind in (None, "default"):
+def rope_config(cfg: dict, layer_type: str = "full_attention") -> RopeConfig:
+    """The RoPE of one layer type: rope_parameters (transformers 5, possibly one dict per layer
+    type) or rope_scaling + rope_theta (transformers 4)."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+    if isinstance(params, dict) and isinstance(params.get(layer_type), dict):
+        params = params[layer_type]  # nested per layer type (Gemma 3 in transformers 5)
+    return rope_from_hf(params, cfg)
+
+
+def _local_rope(cfg: dict, arch: str) -> RopeConfig | None:
+    """Gemma 3's sliding layers: their own rope_parameters entry (transformers 5), or theta
+    rope_local_base_freq, unscaled (transformers 4)."""
+    if arch != "Gemma3ForCausalLM":
         return None
-    return {k: v for k, v in scaling.items() if k != "rope_theta"}
+    params = cfg.get("rope_parameters") or {}
+    if isinstance(params.get(SLIDING), dict):
+        return rope_config(cfg, SLIDING)
+    return RopeConfig(theta=float(cfg.get("rope_local_base_freq") or 10000.0))
 
 
-def _max_positions(cfg: dict, model_dir: Path) -> int:
-    """max_position_embeddings, capped by a sliding window.
-
-    Attention over a window of W tokens is full attention for sequences no longer than W, so a
-    sliding-window model (Mistral 7B v0.1) runs exactly, with its context capped at W.
-    """
-    max_positions = cfg.get("max_position_embeddings", 2048)
+def _sliding_window(cfg: dict, arch: str) -> tuple[int | None, tuple[str, ...]]:
+    """(window, layer types), as transformers reads them: `layer_types` when the config lists
+    them, else Gemma 2's alternation, Gemma 3's `sliding_window_pattern`, Qwen's switch
+    (use_sliding_window, from max_window_layers on), or every layer (Mistral, Phi-3)."""
     window = cfg.get("sliding_window")
-    uses_window = cfg.get("use_sliding_window", True)  # Qwen2/3 configs carry the switch
-    if window and uses_window and window < max_positions:
-        return int(window)
+    n = cfg["num_hidden_layers"]
+    if not window or (arch in _QWEN and not cfg.get("use_sliding_window", False)):
+        return None, ()
+    types = cfg.get("layer_types")
+    if not types and arch == "Gemma2ForCausalLM":
+        types = [SLIDING if (i + 1) % 2 else FULL for i in range(n)]
+    elif not types and arch == "Gemma3ForCausalLM":
+        pattern = cfg.get("sliding_window_pattern") or 6
+        types = [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
+    elif not types and arch in _QWEN:
+        first = cfg.get("max_window_layers") or 0
+        types = [SLIDING if i >= first else FULL for i in range(n)]
+    types = tuple(types or ())
+    if types and SLIDING not in types:
+        return None, ()
+    return int(window), types
+
+
+def _max_positions(cfg: dict, rope: RopeConfig) -> int:
+    """max_position_embeddings; dynamic NTK scaling extends it."""
+    max_positions = cfg.get("max_position_embeddings", 2048)
+    if rope.kind == "dynamic":
+        max_positions = int(max_positions * rope.factor)
     return int(max_positions)
+
+
+def _moe(cfg: dict, arch: str) -> MoEConfig | None:
+    """Qwen3-MoE (num_experts, moe_intermediate_size, norm_topk_prob, dense layers) and
+    Mixtral (num_local_experts, intermediate_size, always renormalised)."""
+    if arch == "MixtralForCausalLM":
+        return MoEConfig(cfg["num_local_experts"], cfg["num_experts_per_tok"],
+                         cfg["intermediate_size"], norm_topk_prob=True)
+    if arch != "Qwen3MoeForCausalLM":
+        return None
+    step = cfg.get("decoder_sparse_step") or 1
+    only = set(cfg.get("mlp_only_layers") or ())
+    dense = tuple(i for i in range(cfg["num_hidden_layers"]) if i in only or (i + 1) % step)
+    num_experts = cfg.get("num_experts") or cfg["num_local_experts"]  # transformers 5.25 names
+    return MoEConfig(num_experts, cfg["num_experts_per_tok"],
+                     cfg["moe_intermediate_size"],
+                     norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), dense_layers=dense)
 
 
 def _read_json(path: Path, required: bool = True) -> dict:

@@ -1,20 +1,23 @@
-"""Llama-family decoder (Llama 2/3, Mistral without sliding window, SmolLM2) over flat paged
-batches.
+"""Llama-family decoder (Llama 2/3, Mistral, SmolLM2) over flat paged batches, and the pieces the
+other families reuse (engine/models/: qwen, gemma, phi3, moe).
 
 Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm) are the same network with two switches read
 from ModelConfig; engine/models/qwen.py names them. Projections are fused (qkv, gate_up) so each
 layer runs two matmuls where the checkpoint has five; `load_weights` maps HF names onto the slices.
+Per layer, Attention reads its sliding window (ModelConfig.layer_window), its query scale
+(query_pre_attn_scalar) and score soft-capping from the config.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from hearth.engine.attention import AttentionMetadata
-from hearth.engine.layers.activation import silu_and_mul
+from hearth.engine.layers.activation import gated_activation
 from hearth.engine.layers.linear import QuantizedLinear, make_linear
 from hearth.engine.layers.norm import RMSNorm
 from hearth.engine.layers.rotary import RotaryEmbedding
@@ -24,7 +27,8 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, prefix: str) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, prefix: str, layer: int = 0,
+                 norm: type[RMSNorm] = RMSNorm, fused_checkpoint: bool = False) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
@@ -32,19 +36,25 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         h = config.hidden_size
         quant, qkv = config.quantization, tuple(f"{prefix}.{p}_proj" for p in "qkv")
+        if fused_checkpoint:  # Phi-3 stores qkv_proj itself
+            qkv = (f"{prefix}.qkv_proj",)
         self.qkv_proj = make_linear(h, self.q_size + 2 * self.kv_size, config.attention_bias,
                                     quant, qkv)
         self.o_proj = make_linear(self.q_size, h, False, quant, (f"{prefix}.o_proj",))
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.q_norm = norm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = norm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.rotary = rotary
-        self.scale = self.head_dim**-0.5
+        self.scale = (config.query_pre_attn_scalar or self.head_dim) ** -0.5
+        # only what a layer uses reaches the backend (plain layers call it as before)
+        window, softcap = config.layer_window(layer), config.attn_logit_softcapping
+        self.extra = {k: v for k, v in (("window", window), ("softcap", softcap)) if v}
 
     def forward(self, positions, hidden, kv_cache: KVCache, meta: AttentionMetadata, backend):
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        rotates = backend.rotates  # Triton: rotary in the attention backend
+        # Triton: rotary in the attention backend (its kernels rotate whole heads only)
+        rotates = backend.rotates and not self.rotary.is_partial
         if self.q_norm is None and not qkv.is_cuda and not rotates:  # CPU: q, k in one pass
             heads = self.num_heads + self.num_kv_heads
             qk = self.rotary.rotate(positions, qkv[:, : self.q_size + self.kv_size].view(
@@ -58,27 +68,32 @@ class Attention(nn.Module):
             if not rotates:
                 q, k = self.rotary(positions, q, k)
         rope = {"rope": (positions, self.rotary.cos_sin_cache)} if rotates else {}
-        out = backend.forward(q, k, v, kv_cache, meta, self.scale, **rope)
+        out = backend.forward(q, k, v, kv_cache, meta, self.scale, **rope, **self.extra)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, prefix: str) -> None:
+    def __init__(self, config: ModelConfig, prefix: str, fused_checkpoint: bool = False) -> None:
         super().__init__()
         h, i, quant = config.hidden_size, config.intermediate_size, config.quantization
         gate_up = (f"{prefix}.gate_proj", f"{prefix}.up_proj")
+        if fused_checkpoint:
+            gate_up = (f"{prefix}.gate_up_proj",)
         self.gate_up_proj = make_linear(h, 2 * i, False, quant, gate_up)
         self.down_proj = make_linear(i, h, False, quant, (f"{prefix}.down_proj",))
+        self.act_and_mul = gated_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, prefix: str) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, prefix: str,
+                 layer: int = 0, fused_checkpoint: bool = False) -> None:
         super().__init__()
-        self.self_attn = Attention(config, rotary, f"{prefix}.self_attn")
-        self.mlp = MLP(config, f"{prefix}.mlp")
+        self.self_attn = Attention(config, rotary, f"{prefix}.self_attn", layer,
+                                   fused_checkpoint=fused_checkpoint)
+        self.mlp = make_mlp(config, prefix, layer, fused_checkpoint)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -93,21 +108,41 @@ class DecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
+def make_mlp(config: ModelConfig, prefix: str, layer: int,
+             fused_checkpoint: bool = False) -> nn.Module:
+    """The layer's MLP: dense, or a mixture of experts (engine/models/moe.py)."""
+    if config.moe is not None and layer not in config.moe.dense_layers:
+        from hearth.engine.models.moe import MoEBlock
+
+        return MoEBlock(config, f"{prefix}.mlp")
+    return MLP(config, f"{prefix}.mlp", fused_checkpoint)
+
+
 class LlamaForCausalLM(nn.Module):
+    norm_class: type[RMSNorm] = RMSNorm
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        rotary = RotaryEmbedding(
-            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
-        )
-        self.rotary = rotary  # shared by every layer
+        self.make_rotaries()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, rotary, f"model.layers.{i}") for i in range(config.num_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(self.make_layer(i) for i in range(config.num_layers))
+        self.norm = self.norm_class(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
+
+    def make_rotaries(self) -> None:
+        c = self.config
+        self.rotary = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope)  # shared
+
+    def make_layer(self, layer: int) -> nn.Module:
+        return DecoderLayer(self.config, self.rotary, f"model.layers.{layer}", layer)
+
+    def rotaries(self) -> list[RotaryEmbedding]:
+        return [self.rotary]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -121,8 +156,9 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         backend,
     ) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
-        self.rotary.prepare(positions, hidden.dtype)
+        hidden, residual = self.embed(input_ids), None
+        for rotary in self.rotaries():
+            rotary.prepare(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta, backend)
         hidden, _ = self.norm(hidden, residual)
@@ -142,7 +178,11 @@ class LlamaForCausalLM(nn.Module):
         quantized = {n: m for n, m in self.named_modules() if isinstance(m, QuantizedLinear)}
         loaded: set[str] = set()
         for hf_name, tensor in weights:
-            target = _map_name(hf_name, self.config)
+            special = self.load_special(hf_name, tensor)
+            if special is not None:
+                loaded.add(special)
+                continue
+            target = self.map_name(hf_name)
             if target is None:
                 continue
             name, offset = target
@@ -151,7 +191,9 @@ class LlamaForCausalLM(nn.Module):
                 quantized[module_name].load(attr, tensor, offset)
                 continue
             if name not in params:
-                raise ValueError(f"checkpoint tensor {hf_name!r} has no place in the model")
+                raise ValueError(f"checkpoint tensor {hf_name!r} has no place in a "
+                                 f"{self.config.architecture} model; it loads "
+                                 f"{', '.join(_name_patterns(params))}")
             param = params[name]
             dst = param.data if offset is None else param.data.narrow(0, *offset)
             if dst.shape != tensor.shape:
@@ -164,6 +206,15 @@ class LlamaForCausalLM(nn.Module):
         self._check_all_loaded(params, loaded)
         for module in quantized.values():
             module.finalize()
+
+    def map_name(self, hf_name: str) -> tuple[str, tuple[int, int] | None] | None:
+        """HF checkpoint name -> (parameter name, (row offset, rows) or None); None: skip it."""
+        return _map_name(hf_name, self.config)
+
+    def load_special(self, hf_name: str, tensor: torch.Tensor) -> str | None:
+        """A family's own loading of one tensor (Gemma's norms, experts): the parameter it
+        filled, or None to load it the plain way."""
+        return None
 
     def _check_all_loaded(self, params: dict, loaded: set[str]) -> None:
         missing = [n for n in params if n not in loaded]
@@ -210,3 +261,8 @@ def _map_name(hf_name: str, config: ModelConfig) -> tuple[str, tuple[int, int] |
         if f".{src}." in name:
             return name.replace(src, dst), offset
     return name, None
+
+
+def _name_patterns(params: dict) -> list[str]:
+    """The parameters as checkpoint-style names, layers folded: model.layers.N.mlp.down_proj..."""
+    return sorted({"model." + re.sub(r"\.\d+\.", ".N.", name) for name in params})

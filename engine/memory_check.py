@@ -1,0 +1,85 @@
+"""Refuse a model that cannot fit the device before a single weight is read (no torch).
+
+    need      = weights (every parameter at its load precision: the model dtype, or the packed
+                bits of a quantized checkpoint / a GGUF kept quantized) + the smallest useful KV
+                cache (one sequence of max_model_len, or what kv_cache_gib reserves)
+    available = CUDA: min(free, total * gpu_memory_utilization) of the card
+                CPU:  MemAvailable of /proc/meminfo (no check where the system does not say)
+
+The estimate leaves out activations and the CUDA context, so it refuses only what cannot run at
+all; the KV sizing after loading (engine/model_builder.py) still checks the rest. The message
+names the model, each number in GiB, and what to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from hearth.engine.model_config import ModelConfig
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    weight_bytes: int
+    kv_bytes: int
+    weights_what: str  # e.g. "bfloat16 weights", "GGUF blocks kept quantized"
+    kv_what: str  # e.g. "one 4096-token sequence"
+
+    @property
+    def total(self) -> int:
+        return self.weight_bytes + self.kv_bytes
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    label: str  # "cuda:0 (NVIDIA H100 80GB HBM3)", "host RAM"
+    free: int
+    total: int
+    usable: int  # what Hearth may take of it
+
+
+def weight_bytes(config: ModelConfig, dtype_bytes: int, kept_file_bytes: int | None) -> int:
+    """Bytes of the loaded weights. kept_file_bytes: a GGUF kept quantized (its blocks stay as
+    in the file; embeddings, norms and experts come as floats)."""
+    embed = config.vocab_size * config.hidden_size
+    if kept_file_bytes is not None:
+        return kept_file_bytes + embed * dtype_bytes
+    quant = config.quantization
+    if quant is None or quant.method == "gguf":
+        return config.num_params * dtype_bytes
+    group = quant.group_size or config.hidden_size  # an fp16 scale and a zero point a group
+    packed = config.num_linear_params * (quant.bits / 8 + 4 / group)
+    return int(packed + (config.num_params - config.num_linear_params) * dtype_bytes)
+
+
+def host_memory(meminfo: Path = Path("/proc/meminfo")) -> DeviceMemory | None:
+    """This machine's available and total RAM, or None where /proc/meminfo does not say."""
+    try:
+        fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines()
+                      if ":" in line)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+        total = int(fields["MemTotal"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    return DeviceMemory("host RAM", available, total, available)
+
+
+def check_fits(name: str, need: MemoryNeed, memory: DeviceMemory | None) -> None:
+    """ValueError with the numbers when `need` exceeds what `memory` leaves usable."""
+    if memory is None or need.total <= memory.usable:
+        return
+    raise ValueError(
+        f"model {name!r} does not fit {memory.label}: it needs {_gib(need.total)} "
+        f"({_gib(need.weight_bytes)} of {need.weights_what} + {_gib(need.kv_bytes)} of KV cache "
+        f"for {need.kv_what}), and {memory.label} has {_gib(memory.free)} free of "
+        f"{_gib(memory.total)}, {_gib(memory.usable)} usable. Use a smaller or quantized model "
+        "(a Q4 GGUF with gguf_keep_quantized, an AWQ/GPTQ checkpoint), a 16-bit dtype, a lower "
+        "max_model_len / kv_cache_gib, or free memory on the device"
+    )
+
+
+def _gib(num_bytes: float) -> str:
+    return f"{num_bytes / GIB:.2f} GiB"
