@@ -180,7 +180,11 @@ class GrammarMatchers:
             self._tracked.pop(seq_id, None)
 
     def clear(self) -> None:
+        """Forget every matcher and stop the fill thread (after a fill still running)."""
         self._tracked.clear()
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.shutdown(wait=True)
 
     def fill(self, seqs: Sequence[Any], bitmask: Any) -> None:
         """Row i of `bitmask` (a C-contiguous int32 numpy array, (rows, words)) gets seqs[i]'s

@@ -210,6 +210,27 @@ def test_dropped_matcher_is_rebuilt_to_the_same_state(compiler):
     assert matchers.advance(seq)  # the object is complete: nothing but EOS may follow
 
 
+def test_async_fill_equals_fill_and_clear_stops_its_thread(compiler):
+    """fill_async leaves the mask to a worker thread; done, it is fill's mask. clear() waits for
+    a running fill and ends the thread; the next fill starts another."""
+    grammar = compiler.compile(StructuredOutput(json=PERSON))
+    words = -(-49152 // 32)
+    seqs = [_Seq(0, grammar, compiler.lltokenizer.tokenize_str('{"name": "A')),
+            _Seq(1, None, [5]), _Seq(2, grammar, [])]
+    want = np.zeros((3, words), dtype=np.int32)
+    GrammarMatchers(eos_token_ids=[2]).fill(seqs, want)
+    matchers = GrammarMatchers(eos_token_ids=[2])
+    got = np.zeros((3, words), dtype=np.int32)
+    future = matchers.fill_async(seqs, got)
+    matchers.clear()  # waits for the fill
+    assert future.done() and matchers._worker is None
+    assert (got == want).all() and (got[1] == -1).all() and not (got[0] == got[2]).all()
+    again = np.zeros((3, words), dtype=np.int32)
+    matchers.fill_async(seqs, again).result()
+    assert (again == want).all()
+    matchers.clear()
+
+
 # ---- generation on a tiny random model ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
