@@ -71,17 +71,17 @@ def test_list_show_and_ps_describe_the_served_model(client, openai_client):
     max_model_len = openai_client.models.list().data[0].max_model_len
     assert shown.modelinfo["general.architecture"] == "llama"
     assert shown.modelinfo["llama.context_length"] == max_model_len == 8192
-    assert shown.capabilities == ["completion"]  # no FIM tokens, no tool calling yet
+    assert shown.capabilities == ["completion", "tools"]  # no FIM tokens, no thinking switch
     assert shown.parameters == f"num_ctx {max_model_len}"
     assert ".Suffix" not in shown.template  # Continue offers FIM only when it is there
-    assert client.show(f"{NAME}:latest").capabilities == ["completion"]
+    assert client.show(f"{NAME}:latest").capabilities == ["completion", "tools"]
     [running] = client.ps().models
     assert running.model == NAME and running.context_length == max_model_len
 
 
 def test_show_takes_continues_older_name_field(server):
     shown = httpx.post(server.url + "api/show", json={"name": NAME}, headers=_auth())
-    assert shown.status_code == 200 and shown.json()["capabilities"] == ["completion"]
+    assert shown.status_code == 200 and shown.json()["capabilities"] == ["completion", "tools"]
 
 
 def test_chat_answers_with_counts_like_v1(client, openai_client, server):
