@@ -209,9 +209,7 @@ def test_api_requests_count_in_the_metrics(server, client):
     assert finished() == before + 2
 
 
-# Tool calling and structured output arrive with issue 15; these flip to passing then (strict:
-# an unexpected pass fails, so the marker is removed when it happens).
-@pytest.mark.xfail(strict=True, reason="needs issue 15 (tool calling)")
+# Tool calling and structured output (issue 15) through /api.
 def test_ollama_tools_reach_the_model(client):
     tool = {"type": "function", "function": {
         "name": "get_weather", "description": "The weather in a city",
@@ -224,7 +222,6 @@ def test_ollama_tools_reach_the_model(client):
         assert call.function.name == "get_weather" and isinstance(call.function.arguments, dict)
 
 
-@pytest.mark.xfail(strict=True, reason="needs issue 15 (grammar-constrained response_format)")
 def test_ollama_format_schema_constrains_the_answer(client):
     schema = {"type": "object", "properties": {"capital": {"type": "string"}},
               "required": ["capital"]}
