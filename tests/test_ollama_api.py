@@ -130,7 +130,6 @@ def test_an_empty_prompt_loads_the_model(client):
     (lambda c: c.generate(model=NAME, prompt="def f(", suffix=")\n"), 400, "fill-in-the-middle"),
     (lambda c: c.chat(model=NAME, messages=QUESTION, options={"num_ctx": 32768}), 400,
      "num_ctx is 32768, but the model's context length here is 8192"),
-    (lambda c: c.chat(model=NAME, messages=QUESTION, think=True), 400, "think is not supported"),
     (lambda c: c.chat(model=NAME, messages=[{"role": "user", "content": "x", "images": ["aGk="]}]),
      400, "images are not supported"),
     (lambda c: c.embed(model=NAME, input="hello"), 501, "embeddings are not available"),
