@@ -11,9 +11,11 @@ missing (a forked sample, a sequence preempted and recomputed) it is rebuilt fro
 so preemption, recompute and n > 1 need nothing else. Bit j of word w of a bitmask row allows
 token 32 * w + j (llguidance's layout, which engine/logits_processors.py applies on the device).
 
-llguidance was picked over xgrammar by measurement (docs/structured_output.md): schemas compile
-in about a millisecond instead of tens to thousands, the work per token is bounded by its parser
-limits, and the wheel has no dependencies.
+llguidance was picked over xgrammar by measurement (bench/grammar_libs.py, docs/
+structured_output.md): a new schema compiles about 3x faster (it is compiled while its request
+waits), its parser limits bound a crafted grammar's work, it reads GBNF and Lark, and the wheel has
+no dependencies; xgrammar fills a mask faster per token, so the rows are filled in parallel while
+the forward pass runs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,14 +150,15 @@ class _Tracked:
 class GrammarMatchers:
     """The engine thread's matchers, one per constrained sequence, keyed by seq_id.
 
-    Sequences are duck-typed: `seq_id`, `grammar` (a CompiledGrammar), `output_token_ids` and
-    `is_finished`."""
+    Sequences are duck-typed: `seq_id`, `grammar` (a CompiledGrammar), `token_ids`, `num_tokens`,
+    `num_prompt_tokens` and `is_finished`."""
 
     def __init__(self, eos_token_ids: Sequence[int], num_threads: int | None = None) -> None:
         self.eos_token_ids = list(eos_token_ids)
         self._num_threads = num_threads
         self._executor: Any = None
         self._tracked: dict[int, _Tracked] = {}
+        self._worker: ThreadPoolExecutor | None = None
         self.num_rebuilds = 0  # matchers rebuilt from a sequence's tokens (fork, preemption)
 
     def __len__(self) -> int:
@@ -176,33 +180,49 @@ class GrammarMatchers:
             self._tracked.pop(seq_id, None)
 
     def clear(self) -> None:
+        """Forget every matcher and stop the fill thread (after a fill still running)."""
         self._tracked.clear()
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.shutdown(wait=True)
 
     def fill(self, seqs: Sequence[Any], bitmask: Any) -> None:
         """Row i of `bitmask` (a C-contiguous int32 numpy array, (rows, words)) gets seqs[i]'s
         allowed tokens; rows of sequences without a grammar allow every token."""
-        bitmask[: len(seqs)] = -1
+        self.fill_async(seqs, bitmask).result()
+
+    def fill_async(self, seqs: Sequence[Any], bitmask: Any) -> Future:
+        """`fill`, its mask computation left running on a worker thread (llguidance computes
+        without the GIL); the matchers are brought up to date here, before it returns. Nothing
+        may touch the matchers or `bitmask` until the future is done."""
         work = []
         for row, seq in enumerate(seqs):
             if seq.grammar is None or seq.is_finished:
-                continue  # a finished one's token is discarded (async steps schedule it once more)
+                # (a finished one's token is discarded: async steps may run it once more)
+                bitmask[row] = -1
+                continue
             matcher = self._sync(seq)
             if matcher.is_error():
                 self._allow_only_eos(bitmask[row])  # end it rather than sample from nothing
             else:
                 work.append((matcher, row))
-        if work:
-            row_bytes = bitmask.shape[1] * 4
-            self._get_executor().unsafe_compute_mask_ptr(
-                work, bitmask.ctypes.data, row_bytes, bitmask.shape[0])
+        if not work:
+            done: Future = Future()
+            done.set_result(None)
+            return done
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="hearth-grammar")
+        row_bytes = bitmask.shape[1] * 4
+        return self._worker.submit(self._get_executor().unsafe_compute_mask_ptr, work,
+                                   bitmask.ctypes.data, row_bytes, bitmask.shape[0])
 
     def _sync(self, seq: Any) -> Any:
         tracked = self._tracked.get(seq.seq_id)
         if tracked is None:
             tracked = self._tracked[seq.seq_id] = _Tracked(seq.grammar.matcher(), 0)
-            if seq.output_token_ids:
+            if seq.num_tokens > seq.num_prompt_tokens:
                 self.num_rebuilds += 1
-        new = seq.output_token_ids[tracked.num_consumed:]
+        new = seq.token_ids[seq.num_prompt_tokens + tracked.num_consumed:]
         if new:
             tracked.matcher.consume_tokens(new)
             tracked.num_consumed += len(new)

@@ -20,9 +20,12 @@ A grammar request's matcher (engine/grammar.py) advances with each of its tokens
 whose grammar is complete finishes with "stop". Its bitmask row for step N+1 needs step N's token,
 so a step with constrained sequences splits its launch around the read-back:
 
-    launch N+1's forward | resolve N (matchers advance) | fill N+1's bitmasks, launch its sampling
+    launch N+1's forward | resolve N (matchers advance) | start filling N+1's bitmasks on a worker
+    thread | update N+1 with placeholders || next step: schedule N+2 | N+1's bitmasks done: launch
+    its sampling | launch N+2's forward | ...
 
-and the bitmask is filled on the host while the forward runs (synchronous steps likewise).
+so the bitmask fill runs beside the scheduler's Python work (synchronous steps fill it while the
+forward pass runs).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from hearth.engine.block_manager import BlockManager
 from hearth.engine.config import EngineConfig
 from hearth.engine.grammar import GrammarCompiler, GrammarMatchers
 from hearth.engine.model_builder import BuiltModel, build_model
-from hearth.engine.model_runner import InFlightSample
+from hearth.engine.model_runner import InFlightSample, PendingSample
 from hearth.engine.outputs import RequestOutput, RunnerOutput, ScheduleOutput, TokenLogprob
 from hearth.engine.prepare import ModelInfo, PreparedRequest, prepare
 from hearth.engine.request_state import RequestState
@@ -49,8 +52,9 @@ from hearth.engine.snapshot import EngineSnapshot
 class _InFlight:
     """A launched step whose sampled ids are still on the device (async scheduling)."""
 
-    sample: InFlightSample
+    sample: InFlightSample | None  # None while its sampling waits for grammar bitmasks
     placeholders: list[tuple[Sequence, int]]  # (sequence, position of its placeholder token)
+    pending: PendingSample | None = None
 
 
 def _needs_sync(params: SamplingParams) -> bool:
@@ -184,29 +188,40 @@ class LLMEngine:
         """Schedule and launch step N+1 while N runs, then finish N (see the module docstring)."""
         schedule = self.scheduler.schedule()
         self._drop_matchers(schedule.preempted_seq_ids)
+        prev = self._inflight
+        if prev is not None:
+            self._launch_pending(prev)  # N's sampling goes before N+1's forward
         if schedule.is_empty:
             return self._drain(finished_only)
-        prev = self._inflight
         prev_sample = prev.sample if prev else None
         if self._grammar_request_ids and any(c.seq.grammar is not None for c in schedule.chunks):
             forward = self.runner.launch_forward(schedule, prev_sample)
             outputs = self._resolve(prev, finished_only) if prev else []  # matchers advance
-            sample = self.runner.launch_sample(forward, self._matchers)
-        else:
-            sample = self.runner.launch(schedule, prev_sample)
-            outputs = self._resolve(prev, finished_only) if prev else []
+            pending = self.runner.start_sample(forward, self._matchers)
+            self._inflight = self._update_with_placeholders(schedule, None, pending)
+            return outputs
+        sample = self.runner.launch(schedule, prev_sample)
+        outputs = self._resolve(prev, finished_only) if prev else []
         self._inflight = self._update_with_placeholders(schedule, sample)
         return outputs
 
-    def _update_with_placeholders(self, schedule: ScheduleOutput,
-                                  sample: InFlightSample) -> _InFlight:
+    def _update_with_placeholders(self, schedule: ScheduleOutput, sample: InFlightSample | None,
+                                  pending: PendingSample | None = None) -> _InFlight:
         placeholders = {c.seq.seq_id: [PLACEHOLDER_TOKEN_ID] for c in schedule.chunks if c.samples}
         updated = self.scheduler.update(schedule, RunnerOutput(placeholders))
-        return _InFlight(sample, [(seq, seq.num_tokens - 1) for seq in updated])
+        return _InFlight(sample, [(seq, seq.num_tokens - 1) for seq in updated], pending)
+
+    def _launch_pending(self, inflight: _InFlight) -> None:
+        if inflight.pending is not None:
+            inflight.sample = self.runner.finish_sample(inflight.pending)
+            inflight.pending = None
 
     def _drain(self, finished_only: bool) -> list[RequestOutput]:
         inflight, self._inflight = self._inflight, None
-        return self._resolve(inflight, finished_only) if inflight else []
+        if inflight is None:
+            return []
+        self._launch_pending(inflight)
+        return self._resolve(inflight, finished_only)
 
     def _resolve(self, inflight: _InFlight, finished_only: bool) -> list[RequestOutput]:
         """Read a launched step's ids back (the one sync), put them in place of the placeholders,

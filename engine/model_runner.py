@@ -14,6 +14,7 @@ the forward pass runs on the device.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +73,15 @@ class LaunchedForward:
 
     logits: torch.Tensor | None  # (num_sampled, vocab); None: nothing to sample
     sampled: list[ScheduledChunk]
+
+
+@dataclass(frozen=True)
+class PendingSample:
+    """A launched forward whose sampling waits for grammar bitmasks filling on a worker thread."""
+
+    forward: LaunchedForward
+    fill: Future | None  # done: the host bitmask holds every sampled row's allowed tokens
+    rows: list[SamplingRow]  # taken at the start: the placeholder update moves seeds and histories
 
 
 @dataclass(frozen=True)
@@ -138,15 +148,34 @@ class ModelRunner:
         return LaunchedForward(*self._forward(schedule, prev))
 
     @torch.inference_mode()
-    def launch_sample(self, forward: LaunchedForward,
-                      grammars: GrammarMatchers | None = None) -> InFlightSample:
-        """The second half: logit_bias and grammar bitmasks (their matchers must have seen the
-        step before's tokens), then the sampling, enqueued."""
-        logits, sampled = forward.logits, forward.sampled
+    def launch_sample(self, forward: LaunchedForward) -> InFlightSample:
+        """The second half: logit_bias, then the sampling, enqueued."""
+        if forward.logits is None:
+            return InFlightSample(None, {})
+        self._process_logits(forward.logits, forward.sampled, None)
+        return self._sample_on_device(forward.logits, forward.sampled)
+
+    def start_sample(self, forward: LaunchedForward, grammars: GrammarMatchers) -> PendingSample:
+        """The second half with grammars, begun: their bitmasks fill on a worker thread (the
+        matchers have seen the step before's tokens); `finish_sample` launches the sampling."""
+        seqs = [c.seq for c in forward.sampled]
+        fill = grammars.fill_async(seqs, self._bitmask.host(len(seqs))) if seqs else None
+        return PendingSample(forward, fill, _sampling_rows(forward.sampled))
+
+    @torch.inference_mode()
+    def finish_sample(self, pending: PendingSample) -> InFlightSample:
+        logits, sampled = pending.forward.logits, pending.forward.sampled
         if logits is None:
             return InFlightSample(None, {})
-        self._process_logits(logits, sampled, grammars)
-        rows = [_sampling_row(c.seq, c.seq.sample_index) for c in sampled]
+        self._process_logits(logits, sampled, None)  # logit_bias
+        if pending.fill is not None:
+            pending.fill.result()
+        apply_token_bitmask(logits, self._bitmask.to_device(len(sampled)))
+        return self._sample_on_device(logits, sampled, pending.rows)
+
+    def _sample_on_device(self, logits: torch.Tensor, sampled: list[ScheduledChunk],
+                          rows: list[SamplingRow] | None = None) -> InFlightSample:
+        rows = _sampling_rows(sampled) if rows is None else rows
         token_ids = self.sampler.sample_on_device(logits, rows)  # (num_sampled,) int64
         seq_rows = {c.seq.seq_id: i for i, c in enumerate(sampled)}
         if self.device.type != "cuda":
@@ -259,6 +288,10 @@ class ModelRunner:
             if logprob is not None:
                 out.logprobs.setdefault(seq_id, []).append(logprob)
         return out
+
+
+def _sampling_rows(sampled: list[ScheduledChunk]) -> list[SamplingRow]:
+    return [_sampling_row(c.seq, c.seq.sample_index) for c in sampled]
 
 
 def _sampling_row(seq, index: int) -> SamplingRow:

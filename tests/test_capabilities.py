@@ -1,8 +1,8 @@
 """Capability advertisement (appliance/serving/capabilities.py): what /api/show, /v1/models,
 `hearth models` and the monitor list, and that it matches what the chat endpoint really accepts.
 
-When tool calling or structured output starts to work (issue 15), the two consistency tests fail
-until SERVER_FEATURES says so: an advertisement can neither lag nor lead the server."""
+Tool calling, thinking and structured output work since issue 15; the two consistency tests fail
+if SERVER_FEATURES stops saying so: an advertisement can neither lag nor lead the server."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from hearth.appliance.serving.capabilities import SERVER_FEATURES, ServerFeature
 from hearth.appliance.serving.chat import ChatServing
 from hearth.appliance.serving.core import Serving
 from hearth.engine.fim import detect_fim
+from hearth.engine.grammar import GrammarCompiler
 from hearth.engine.prepare import ModelInfo
 from hearth.engine.tokenizer import Tokenizer
 
@@ -37,14 +38,16 @@ def model(tmp_path_factory) -> ModelInfo:
     path = save_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
     add_fim_tokens(path, "qwen")
     tokenizer = Tokenizer.from_hf_dir(path).with_chat_template(TEMPLATE)
-    return ModelInfo("tiny", 512, 512, tokenizer, fim=detect_fim(tokenizer, 512))
+    grammars = GrammarCompiler(tokenizer.to_json, 512, tokenizer.eos_token_ids)
+    return ModelInfo("tiny", 512, 512, tokenizer, fim=detect_fim(tokenizer, 512),
+                     grammars=grammars)
 
 
 def test_completion_always_insert_with_fim_tokens(model):
     assert capabilities(model)[:1] == ["completion"]
     assert "insert" in capabilities(model)
-    assert capabilities(replace(model, fim=None), SERVER_FEATURES) == ["completion"] + (
-        ["tools"] if SERVER_FEATURES.tools else [])
+    without = [c for c in capabilities(model, SERVER_FEATURES) if c != "insert"]
+    assert capabilities(replace(model, fim=None), SERVER_FEATURES) == without
 
 
 def test_tools_and_thinking_only_when_the_server_does_them(model):

@@ -114,7 +114,8 @@ def test_seeded_constrained_sampling_reproducible_on_cuda(model_dir):
     prompts = _prompts(4)
     alone = _ids(llm.generate(prompts[:1], seeded, use_tqdm=False))[0]
     other = SamplingParams(temperature=1.0, max_tokens=48, ignore_eos=True)
-    batch = llm.generate(prompts, [other, seeded, other, other], use_tqdm=False)
+    batch = llm.generate([prompts[1], prompts[0], prompts[2], prompts[3]],
+                         [other, seeded, other, other], use_tqdm=False)
     again = llm.generate([prompts[0]], [seeded], use_tqdm=False)
     assert _ids(again)[0] == alone == batch[1].outputs[0].token_ids
     _free(llm)
@@ -122,9 +123,8 @@ def test_seeded_constrained_sampling_reproducible_on_cuda(model_dir):
 
 def test_preempted_constrained_requests_on_cuda(model_dir):
     prompts = _prompts(6, length=40)
-    params = SamplingParams(temperature=0, max_tokens=40,
-                            structured_output=StructuredOutput(
-                                json={"type": "array", "items": {"type": "string"}}))
+    params = SamplingParams(temperature=0, max_tokens=40,  # runs to max_tokens: KV pressure
+                            structured_output=StructuredOutput(regex="[a-z ]{40,80}"))
     roomy = LLM(str(model_dir), device="cuda", dtype="float32", progress=False,
                 kv_cache_gib=KV_GIB)
     want = _ids(roomy.generate(prompts, params, use_tqdm=False))

@@ -174,9 +174,17 @@ def test_gbnf_grammars_are_accepted(compiler):
 # ---- matchers: rebuilt exactly -----------------------------------------------------------------
 
 class _Seq:
+    """What GrammarMatchers reads of a Sequence (here the prompt is empty)."""
+
     def __init__(self, seq_id, grammar, output_token_ids):
-        self.seq_id, self.grammar, self.output_token_ids = seq_id, grammar, output_token_ids
+        self.seq_id, self.grammar, self.token_ids = seq_id, grammar, output_token_ids
+        self.output_token_ids = self.token_ids
+        self.num_prompt_tokens = 0
         self.is_finished = False
+
+    @property
+    def num_tokens(self):
+        return len(self.token_ids)
 
 
 def test_dropped_matcher_is_rebuilt_to_the_same_state(compiler):
@@ -200,6 +208,27 @@ def test_dropped_matcher_is_rebuilt_to_the_same_state(compiler):
     assert (rebuilt[0] == kept[0]).all() and 0 < np.unpackbits(rebuilt.view(np.uint8)).sum() < 49152
     seq.output_token_ids += compiler.lltokenizer.tokenize_str(', "tags": []}')
     assert matchers.advance(seq)  # the object is complete: nothing but EOS may follow
+
+
+def test_async_fill_equals_fill_and_clear_stops_its_thread(compiler):
+    """fill_async leaves the mask to a worker thread; done, it is fill's mask. clear() waits for
+    a running fill and ends the thread; the next fill starts another."""
+    grammar = compiler.compile(StructuredOutput(json=PERSON))
+    words = -(-49152 // 32)
+    seqs = [_Seq(0, grammar, compiler.lltokenizer.tokenize_str('{"name": "A')),
+            _Seq(1, None, [5]), _Seq(2, grammar, [])]
+    want = np.zeros((3, words), dtype=np.int32)
+    GrammarMatchers(eos_token_ids=[2]).fill(seqs, want)
+    matchers = GrammarMatchers(eos_token_ids=[2])
+    got = np.zeros((3, words), dtype=np.int32)
+    future = matchers.fill_async(seqs, got)
+    matchers.clear()  # waits for the fill
+    assert future.done() and matchers._worker is None
+    assert (got == want).all() and (got[1] == -1).all() and not (got[0] == got[2]).all()
+    again = np.zeros((3, words), dtype=np.int32)
+    matchers.fill_async(seqs, again).result()
+    assert (again == want).all()
+    matchers.clear()
 
 
 # ---- generation on a tiny random model ---------------------------------------------------------
@@ -261,7 +290,7 @@ def test_preempted_constrained_requests_rebuild_their_matchers(tmp_path):
     path = save_tiny_model(tmp_path / "llama", "llama", seed=1)
     prompts = [torch.randint(3, 500, (40,), generator=torch.Generator().manual_seed(i)).tolist()
                for i in range(6)]
-    spec = StructuredOutput(json={"type": "array", "items": {"type": "string"}})
+    spec = StructuredOutput(regex="[a-z ]{40,80}")  # runs to max_tokens: KV pressure
     params = SamplingParams(temperature=0, max_tokens=40, structured_output=spec)
     roomy = LLM(str(path), device="cpu", progress=False).generate(prompts, params, use_tqdm=False)
     tight = LLM(str(path), device="cpu", progress=False, num_kv_blocks=12, block_size=16)

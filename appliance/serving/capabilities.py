@@ -28,7 +28,7 @@ class ServerFeatures:
     structured_output: bool  # response_format json_object / json_schema (Ollama: `format`)
 
 
-SERVER_FEATURES = ServerFeatures(tools=False, thinking=False, structured_output=False)
+SERVER_FEATURES = ServerFeatures(tools=True, thinking=True, structured_output=True)  # issue 15
 _THINKING_MARKERS = ("enable_thinking", "<think>")
 
 
