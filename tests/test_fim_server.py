@@ -178,10 +178,10 @@ def test_capabilities_say_insert_and_ollama_generate_fills_the_middle(served):
     import ollama
 
     family, _, server = served
-    assert _client(server).models.list().data[0].capabilities == ["completion", "insert"]
+    assert _client(server).models.list().data[0].capabilities == ["completion", "tools", "insert"]
     client = ollama.Client(host=server.url, timeout=60)
     shown = client.show(MODEL)
-    assert shown.capabilities == ["completion", "insert"] and ".Suffix" in shown.template
+    assert shown.capabilities == ["completion", "tools", "insert"] and ".Suffix" in shown.template
     options = {"temperature": 0, "num_predict": 6}
     fill = client.generate(model=MODEL, prompt=PREFIX, suffix=SUFFIX, options=options)
     same = _client(server).completions.create(

@@ -71,17 +71,17 @@ def test_list_show_and_ps_describe_the_served_model(client, openai_client):
     max_model_len = openai_client.models.list().data[0].max_model_len
     assert shown.modelinfo["general.architecture"] == "llama"
     assert shown.modelinfo["llama.context_length"] == max_model_len == 8192
-    assert shown.capabilities == ["completion"]  # no FIM tokens, no tool calling yet
+    assert shown.capabilities == ["completion", "tools"]  # no FIM tokens, no <think>
     assert shown.parameters == f"num_ctx {max_model_len}"
     assert ".Suffix" not in shown.template  # Continue offers FIM only when it is there
-    assert client.show(f"{NAME}:latest").capabilities == ["completion"]
+    assert client.show(f"{NAME}:latest").capabilities == ["completion", "tools"]
     [running] = client.ps().models
     assert running.model == NAME and running.context_length == max_model_len
 
 
 def test_show_takes_continues_older_name_field(server):
     shown = httpx.post(server.url + "api/show", json={"name": NAME}, headers=_auth())
-    assert shown.status_code == 200 and shown.json()["capabilities"] == ["completion"]
+    assert shown.status_code == 200 and shown.json()["capabilities"] == ["completion", "tools"]
 
 
 def test_chat_answers_with_counts_like_v1(client, openai_client, server):
@@ -130,7 +130,8 @@ def test_an_empty_prompt_loads_the_model(client):
     (lambda c: c.generate(model=NAME, prompt="def f(", suffix=")\n"), 400, "fill-in-the-middle"),
     (lambda c: c.chat(model=NAME, messages=QUESTION, options={"num_ctx": 32768}), 400,
      "num_ctx is 32768, but the model's context length here is 8192"),
-    (lambda c: c.chat(model=NAME, messages=QUESTION, think=True), 400, "think is not supported"),
+    (lambda c: c.chat(model=NAME, messages=QUESTION, think=True), 400,
+     "does not support thinking"),
     (lambda c: c.chat(model=NAME, messages=[{"role": "user", "content": "x", "images": ["aGk="]}]),
      400, "images are not supported"),
     (lambda c: c.embed(model=NAME, input="hello"), 501, "embeddings are not available"),
@@ -209,9 +210,6 @@ def test_api_requests_count_in_the_metrics(server, client):
     assert finished() == before + 2
 
 
-# Tool calling and structured output arrive with issue 15; these flip to passing then (strict:
-# an unexpected pass fails, so the marker is removed when it happens).
-@pytest.mark.xfail(strict=True, reason="needs issue 15 (tool calling)")
 def test_ollama_tools_reach_the_model(client):
     tool = {"type": "function", "function": {
         "name": "get_weather", "description": "The weather in a city",
@@ -224,7 +222,6 @@ def test_ollama_tools_reach_the_model(client):
         assert call.function.name == "get_weather" and isinstance(call.function.arguments, dict)
 
 
-@pytest.mark.xfail(strict=True, reason="needs issue 15 (grammar-constrained response_format)")
 def test_ollama_format_schema_constrains_the_answer(client):
     schema = {"type": "object", "properties": {"capital": {"type": "string"}},
               "required": ["capital"]}
