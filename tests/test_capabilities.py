@@ -92,7 +92,7 @@ def test_structured_output_works_where_the_engine_has_grammars(model):
 def test_advertised_thinking_matches_the_reasoning_split(model):
     for template in (TEMPLATE, "{% for m in messages %}{{ m.content }}{% endfor %}"):
         info = replace(model, tokenizer=model.tokenizer.with_chat_template(template))
-        for parser in ("auto", "none"):
+        for parser in ("auto", "none", "think", "qwen3"):
             chat = ChatServing(Serving(SimpleNamespace(model=info), ()), reasoning_parser=parser)
             listed = capabilities(info, server_features(parser))
             assert ("thinking" in listed) == chat.parses_reasoning

@@ -7,8 +7,8 @@ A capability is listed only when a request using it would work, end to end, on t
     insert      the model has fill-in-the-middle tokens (engine/fim.py): /v1/completions suffix
     tools       the chat endpoint takes tools and parses tool calls (ServerFeatures.tools)
     thinking    the server splits reasoning from the answer (ServerFeatures.thinking: not with
-                --reasoning-parser none) and the model's chat template thinks (writes or strips
-                <think> blocks: reasoning.detect)
+                --reasoning-parser none) and the model thinks: its chat template writes or strips
+                <think> blocks (reasoning.detect), or the operator named a reasoning parser
 Structured output (`response_format`, Ollama's `format`) has no Ollama capability name; it works
 when the engine has a grammar compiler (ModelInfo.grammars).
 tests/test_capabilities.py checks the features against what the chat endpoint accepts, so a
@@ -29,6 +29,7 @@ class ServerFeatures:
 
     tools: bool  # tools / tool_choice on chat completions, tool calls parsed from the output
     thinking: bool  # reasoning_content split from content (Ollama: `thinking`)
+    always_thinks: bool = False  # --reasoning-parser names a parser: whatever the template says
 
 
 SERVER_FEATURES = ServerFeatures(tools=True, thinking=True)
@@ -36,7 +37,8 @@ SERVER_FEATURES = ServerFeatures(tools=True, thinking=True)
 
 def server_features(reasoning_parser: str = "auto") -> ServerFeatures:
     """The features of a server started with this --reasoning-parser ("none": no split)."""
-    return ServerFeatures(tools=True, thinking=reasoning_parser != "none")
+    return ServerFeatures(tools=True, thinking=reasoning_parser != "none",
+                          always_thinks=reasoning_parser not in ("auto", "none"))
 
 
 def capabilities(model: ModelInfo, features: ServerFeatures = SERVER_FEATURES) -> list[str]:
@@ -46,6 +48,7 @@ def capabilities(model: ModelInfo, features: ServerFeatures = SERVER_FEATURES) -
         found.append("tools")
     if model.fim is not None:
         found.append("insert")
-    if features.thinking and reasoning.detect(getattr(model.tokenizer, "chat_template", None)):
+    template = getattr(model.tokenizer, "chat_template", None)
+    if features.thinking and (features.always_thinks or reasoning.detect(template)):
         found.append("thinking")  # the same test ChatServing.parses_reasoning makes
     return found
