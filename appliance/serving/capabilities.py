@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hearth.appliance.serving import reasoning
+from hearth.appliance.serving.reasoning import detect as template_thinks
 from hearth.engine.prepare import ModelInfo
 
 
@@ -49,6 +49,6 @@ def capabilities(model: ModelInfo, features: ServerFeatures = SERVER_FEATURES) -
     if model.fim is not None:
         found.append("insert")
     template = getattr(model.tokenizer, "chat_template", None)
-    if features.thinking and (features.always_thinks or reasoning.detect(template)):
+    if features.thinking and (features.always_thinks or template_thinks(template)):
         found.append("thinking")  # the same test ChatServing.parses_reasoning makes
     return found
