@@ -117,7 +117,7 @@ def add_ollama_routes(app: FastAPI, context: AppContext) -> None:
         authenticate(request)
         body = parse_ollama(OllamaShowRequest, await request.body())
         name = ollama.resolve_model(body.model or body.name)
-        return ollama_models.show(serving.model, name)
+        return ollama_models.show(serving.model, name, serving.capabilities())
 
     @app.post("/api/chat")
     @_ollama_errors

@@ -62,8 +62,7 @@ def _wait_cache_free(server, timeout_s: float = 60.0) -> str:
 def test_models_lists_the_default_model(client):
     [entry] = client.models.list().data
     assert entry.id == "smollm2-135m-instruct" and entry.owned_by == "hearth"
-    assert entry.max_model_len == 8192  # no FIM tokens, no thinking switch:
-    assert entry.capabilities == ["completion", "tools"]
+    assert entry.max_model_len == 8192 and entry.capabilities == ["completion", "tools"]  # no FIM
 
 
 def test_chat_answers_with_usage_and_logprobs(client, model, server):

@@ -1,8 +1,6 @@
 """Capability advertisement (appliance/serving/capabilities.py): what /api/show, /v1/models,
-`hearth models` and the monitor list, and that it matches what the chat endpoint really accepts.
-
-Tool calling, thinking and structured output work since issue 15; the two consistency tests fail
-if SERVER_FEATURES stops saying so: an advertisement can neither lag nor lead the server."""
+`hearth models` and the monitor list, and that it matches what the chat endpoint really accepts:
+an advertisement can neither lag nor lead the server."""
 
 from __future__ import annotations
 
@@ -14,7 +12,12 @@ import pytest
 from helpers import add_fim_tokens, save_tiny_tokenizer
 
 from hearth.appliance.protocol import APIError, ChatCompletionRequest, parse_request
-from hearth.appliance.serving.capabilities import SERVER_FEATURES, ServerFeatures, capabilities
+from hearth.appliance.serving.capabilities import (
+    SERVER_FEATURES,
+    ServerFeatures,
+    capabilities,
+    server_features,
+)
 from hearth.appliance.serving.chat import ChatServing
 from hearth.appliance.serving.core import Serving
 from hearth.engine.fim import detect_fim
@@ -38,29 +41,30 @@ def model(tmp_path_factory) -> ModelInfo:
     path = save_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
     add_fim_tokens(path, "qwen")
     tokenizer = Tokenizer.from_hf_dir(path).with_chat_template(TEMPLATE)
-    grammars = GrammarCompiler(tokenizer.to_json, 512, tokenizer.eos_token_ids)
-    return ModelInfo("tiny", 512, 512, tokenizer, fim=detect_fim(tokenizer, 512),
-                     grammars=grammars)
+    return ModelInfo("tiny", 512, 512, tokenizer, fim=detect_fim(tokenizer, 512))
 
 
 def test_completion_always_insert_with_fim_tokens(model):
     assert capabilities(model)[:1] == ["completion"]
     assert "insert" in capabilities(model)
-    without = [c for c in capabilities(model, SERVER_FEATURES) if c != "insert"]
-    assert capabilities(replace(model, fim=None), SERVER_FEATURES) == without
+    plain = replace(model, fim=None,
+                    tokenizer=model.tokenizer.with_chat_template("{{ messages }}"))
+    assert capabilities(plain, SERVER_FEATURES) == ["completion", "tools"]
 
 
 def test_tools_and_thinking_only_when_the_server_does_them(model):
-    none = ServerFeatures(tools=False, thinking=False, structured_output=False)
+    none = ServerFeatures(tools=False, thinking=False)
     assert capabilities(model, none) == ["completion", "insert"]
-    both = ServerFeatures(tools=True, thinking=True, structured_output=True)
+    both = ServerFeatures(tools=True, thinking=True)
     assert capabilities(model, both) == ["completion", "tools", "insert", "thinking"]
     plain = replace(model, tokenizer=model.tokenizer.with_chat_template("{{ messages }}"))
     assert "thinking" not in capabilities(plain, both)  # no thinking switch in the template
+    assert server_features("auto") == both
+    assert capabilities(model, server_features("none")) == ["completion", "tools", "insert"]
 
 
 def _chat_accepts(model: ModelInfo, **fields) -> bool:
-    serving = Serving(SimpleNamespace(model=model), ())
+    serving = Serving(SimpleNamespace(model=model), ())  # the engine's model is all it reads
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **fields}
     try:
         request = parse_request(ChatCompletionRequest, json.dumps(body).encode())
@@ -75,7 +79,20 @@ def test_advertised_tools_match_what_the_chat_endpoint_accepts(model):
     assert SERVER_FEATURES.tools == _chat_accepts(model, tools=[WEATHER])
 
 
-def test_advertised_structured_output_matches_what_the_chat_endpoint_accepts(model):
+def test_structured_output_works_where_the_engine_has_grammars(model):
+    # No Ollama capability names it: `format` works when the engine compiles grammars.
     schema = {"name": "x", "schema": {"type": "object"}}
-    accepts = _chat_accepts(model, response_format={"type": "json_schema", "json_schema": schema})
-    assert SERVER_FEATURES.structured_output == accepts
+    fmt = {"response_format": {"type": "json_schema", "json_schema": schema}}
+    assert model.grammars is None and not _chat_accepts(model, **fmt)
+    tokenizer = model.tokenizer
+    grammars = GrammarCompiler(tokenizer.to_json, model.vocab_size, tokenizer.eos_token_ids)
+    assert _chat_accepts(replace(model, grammars=grammars), **fmt)
+
+
+def test_advertised_thinking_matches_the_reasoning_split(model):
+    for template in (TEMPLATE, "{% for m in messages %}{{ m.content }}{% endfor %}"):
+        info = replace(model, tokenizer=model.tokenizer.with_chat_template(template))
+        for parser in ("auto", "none", "think", "qwen3"):
+            chat = ChatServing(Serving(SimpleNamespace(model=info), ()), reasoning_parser=parser)
+            listed = capabilities(info, server_features(parser))
+            assert ("thinking" in listed) == chat.parses_reasoning

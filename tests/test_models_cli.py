@@ -181,8 +181,8 @@ def test_list_and_show_print_what_the_server_would_advertise(tmp_path, monkeypat
     capsys.readouterr()
     assert main(["models", "list"]) == 0
     listing = capsys.readouterr().out
-    fim = "(fill-in-the-middle: starcoder, psm); context 512 tokens"
-    assert f"completion, tools, insert {fim}" in listing
+    fill = "(fill-in-the-middle: starcoder, psm)"
+    assert f"completion, tools, insert {fill}; context 512 tokens" in listing
     assert main(["models", "show", "coder"]) == 0
     assert "served as:      completion, tools, insert" in capsys.readouterr().out
 

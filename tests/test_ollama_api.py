@@ -71,7 +71,7 @@ def test_list_show_and_ps_describe_the_served_model(client, openai_client):
     max_model_len = openai_client.models.list().data[0].max_model_len
     assert shown.modelinfo["general.architecture"] == "llama"
     assert shown.modelinfo["llama.context_length"] == max_model_len == 8192
-    assert shown.capabilities == ["completion", "tools"]  # no FIM tokens, no thinking switch
+    assert shown.capabilities == ["completion", "tools"]  # no FIM tokens, no <think>
     assert shown.parameters == f"num_ctx {max_model_len}"
     assert ".Suffix" not in shown.template  # Continue offers FIM only when it is there
     assert client.show(f"{NAME}:latest").capabilities == ["completion", "tools"]
@@ -130,6 +130,8 @@ def test_an_empty_prompt_loads_the_model(client):
     (lambda c: c.generate(model=NAME, prompt="def f(", suffix=")\n"), 400, "fill-in-the-middle"),
     (lambda c: c.chat(model=NAME, messages=QUESTION, options={"num_ctx": 32768}), 400,
      "num_ctx is 32768, but the model's context length here is 8192"),
+    (lambda c: c.chat(model=NAME, messages=QUESTION, think=True), 400,
+     "does not support thinking"),
     (lambda c: c.chat(model=NAME, messages=[{"role": "user", "content": "x", "images": ["aGk="]}]),
      400, "images are not supported"),
     (lambda c: c.embed(model=NAME, input="hello"), 501, "embeddings are not available"),
@@ -208,7 +210,6 @@ def test_api_requests_count_in_the_metrics(server, client):
     assert finished() == before + 2
 
 
-# Tool calling and structured output (issue 15) through /api.
 def test_ollama_tools_reach_the_model(client):
     tool = {"type": "function", "function": {
         "name": "get_weather", "description": "The weather in a city",

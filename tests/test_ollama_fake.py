@@ -4,6 +4,7 @@ model and the official client are in test_ollama_api.py."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -101,3 +102,58 @@ def test_metrics_count_api_requests(server, http):
     answer = http.post("/api/chat", json=_chat(stream=False, options={"num_predict": 5}))
     assert answer.json()["eval_count"] == 5
     assert count("vllm:generation_tokens_total") == before + 5
+
+
+# ---- thinking and tool calls: a server told the model thinks, answers recorded (__say:...__) ----
+
+THOUGHT = "<think>\nThe user wants the weather.\n</think>\n\n"
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+@pytest.fixture(scope="module")
+def thinking_http():
+    settings = Settings(no_ui=True, reasoning_parser="think", tool_call_parser="hermes")
+    with running_server(settings, lambda: FakeEngine(max_model_len=4096)) as running:
+        with httpx.Client(base_url=running.url, timeout=30) as client:
+            yield client
+
+
+def _say(text: str, **fields) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": f"__say:{text}__"}],
+            "options": {"temperature": 0}, **fields}
+
+
+def test_show_lists_thinking_when_the_server_splits_reasoning(http, thinking_http):
+    shown = thinking_http.post("/api/show", json={"model": MODEL}).json()
+    assert shown["capabilities"] == ["completion", "tools", "thinking"]
+    assert http.post("/api/show", json={"model": MODEL}).json()["capabilities"] == [
+        "completion", "tools"]  # the fake template writes no <think>
+
+
+def test_think_splits_thinking_from_content_whole_and_streamed(thinking_http):
+    body = _say(THOUGHT + "It is sunny.", think=True)
+    message = thinking_http.post("/api/chat", json={**body, "stream": False}).json()["message"]
+    assert message["thinking"] == "\nThe user wants the weather.\n"
+    assert message["content"] == "It is sunny."
+    with thinking_http.stream("POST", "/api/chat", json=body) as response:
+        lines = [json.loads(line) for line in response.iter_lines() if line]
+    thinking = "".join(line["message"].get("thinking", "") for line in lines)
+    content = "".join(line["message"]["content"] for line in lines)
+    assert thinking == "\nThe user wants the weather.\n" and content == "It is sunny."
+    off = thinking_http.post("/api/chat", json={**_say("Sunny.", think=False), "stream": False})
+    assert off.status_code == 200 and off.json()["message"]["content"] == "Sunny."
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_calls_come_back_with_arguments_as_objects(thinking_http, stream):
+    body = _say(THOUGHT + CALL, tools=TOOLS, stream=stream)
+    with thinking_http.stream("POST", "/api/chat", json=body) as response:
+        lines = [json.loads(line) for line in response.iter_lines() if line]
+    calls = [c for line in lines for c in line["message"].get("tool_calls") or []]
+    assert [c["function"] for c in calls] == [{"name": "get_weather",
+                                               "arguments": {"city": "Paris"}}]
+    assert "".join(line["message"]["content"] for line in lines) == ""
+    assert lines[-1]["done"]

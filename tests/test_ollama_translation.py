@@ -1,6 +1,6 @@
 """Ollama → OpenAI request translation (appliance/serving/ollama.py), without a server: options,
-messages and tool calls, format / tools / think onto the fields issue 15's work reads, errors
-renamed to the Ollama field the client sent."""
+messages and tool calls, format / tools / think onto the chat request's response_format, tools
+and chat_template_kwargs, errors renamed to the Ollama field the client sent."""
 
 from __future__ import annotations
 
@@ -76,18 +76,30 @@ def test_chat_body_parses_as_the_openai_request():
 
 
 def test_tools_format_and_think_map_onto_the_chat_request_fields():
-    body = chat_body(chat(tools=[WEATHER], format="json", think=True), MODEL, "m")
+    body = chat_body(chat(tools=[WEATHER], format="json", think=True), MODEL, "m", thinks=True)
     assert body["tools"] == [WEATHER]
     assert body["response_format"] == {"type": "json_object"}
     assert body["chat_template_kwargs"] == {"enable_thinking": True}
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
-    body = chat_body(chat(format=schema, think="high"), MODEL, "m")
+    body = chat_body(chat(format=schema, think="high"), MODEL, "m", thinks=True)
     assert body["response_format"] == {
         "type": "json_schema", "json_schema": {"name": "format", "schema": schema, "strict": True}
     }
     assert body["reasoning_effort"] == "high"
-    off = chat_body(chat(think=False), MODEL, "m")  # the server splits reasoning (issue 15)
+    off = chat_body(chat(think=False), MODEL, "m", thinks=True)
     assert off["chat_template_kwargs"] == {"enable_thinking": False}
+    _, body = generate_body(generate(prompt="hi", think=False), MODEL, "m", thinks=True)
+    assert body["chat_template_kwargs"] == {"enable_thinking": False}
+
+
+def test_think_on_a_model_that_does_not_think_is_ollamas_400():
+    assert "chat_template_kwargs" not in chat_body(chat(think=False), MODEL, "m")
+    for value in (True, "high"):
+        with pytest.raises(OllamaError, match="'m' does not support thinking") as error:
+            chat_body(chat(think=value), MODEL, "m")
+        assert error.value.status == 400
+    with pytest.raises(OllamaError, match="does not support thinking"):
+        generate_body(generate(prompt="hi", think=True), MODEL, "m")
 
 
 def test_tool_calls_get_ids_and_tool_replies_answer_them():

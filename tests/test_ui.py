@@ -431,7 +431,7 @@ def test_block_map_shows_a_long_generation_then_frees_it(page, server):
     _open_tab(page, "Monitor")
     page.wait_for_function(  # the header advertises what /v1/models and /api/show list
         "() => document.querySelector('#monitor-header')?.innerText"
-        ".includes('8192 tokens, completion ·')"
+        ".includes('8192 tokens, completion, tools ·')"
     )
     block_map = page.locator("#block-map .hearth-block-map")
     page.wait_for_function(

@@ -5,17 +5,21 @@ header all come from `capabilities()`.
 A capability is listed only when a request using it would work, end to end, on this server:
     completion  always
     insert      the model has fill-in-the-middle tokens (engine/fim.py): /v1/completions suffix
-    tools       the server parses tool calls (SERVER_FEATURES.tools)
-    thinking    the server splits reasoning from the answer (SERVER_FEATURES.thinking) and the
-                model's chat template has a thinking switch
-tests/test_capabilities.py checks SERVER_FEATURES against what the chat endpoint accepts, so a
-feature that starts working (or stops) fails a test until this file says so.
+    tools       the chat endpoint takes tools and parses tool calls (ServerFeatures.tools)
+    thinking    the server splits reasoning from the answer (ServerFeatures.thinking: not with
+                --reasoning-parser none) and the model thinks: its chat template writes or strips
+                <think> blocks (reasoning.detect), or the operator named a reasoning parser
+Structured output (`response_format`, Ollama's `format`) has no Ollama capability name; it works
+when the engine has a grammar compiler (ModelInfo.grammars).
+tests/test_capabilities.py checks the features against what the chat endpoint accepts, so a
+feature that stops working (or starts) fails a test until this file says so.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hearth.appliance.serving.reasoning import detect as template_thinks
 from hearth.engine.prepare import ModelInfo
 
 
@@ -25,11 +29,16 @@ class ServerFeatures:
 
     tools: bool  # tools / tool_choice on chat completions, tool calls parsed from the output
     thinking: bool  # reasoning_content split from content (Ollama: `thinking`)
-    structured_output: bool  # response_format json_object / json_schema (Ollama: `format`)
+    always_thinks: bool = False  # --reasoning-parser names a parser: whatever the template says
 
 
-SERVER_FEATURES = ServerFeatures(tools=True, thinking=True, structured_output=True)  # issue 15
-_THINKING_MARKERS = ("enable_thinking", "<think>")
+SERVER_FEATURES = ServerFeatures(tools=True, thinking=True)
+
+
+def server_features(reasoning_parser: str = "auto") -> ServerFeatures:
+    """The features of a server started with this --reasoning-parser ("none": no split)."""
+    return ServerFeatures(tools=True, thinking=reasoning_parser != "none",
+                          always_thinks=reasoning_parser not in ("auto", "none"))
 
 
 def capabilities(model: ModelInfo, features: ServerFeatures = SERVER_FEATURES) -> list[str]:
@@ -39,11 +48,7 @@ def capabilities(model: ModelInfo, features: ServerFeatures = SERVER_FEATURES) -
         found.append("tools")
     if model.fim is not None:
         found.append("insert")
-    if features.thinking and _template_can_think(model):
-        found.append("thinking")
+    template = getattr(model.tokenizer, "chat_template", None)
+    if features.thinking and (features.always_thinks or template_thinks(template)):
+        found.append("thinking")  # the same test ChatServing.parses_reasoning makes
     return found
-
-
-def _template_can_think(model: ModelInfo) -> bool:
-    template = getattr(model.tokenizer, "chat_template", None) or ""
-    return any(marker in template for marker in _THINKING_MARKERS)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hearth.appliance.async_engine import AsyncEngine, Engine, EngineState
+from hearth.appliance.serving.capabilities import server_features
 from hearth.appliance.serving.chat import ChatServing
 from hearth.appliance.serving.completion import CompletionServing
 from hearth.appliance.serving.core import Serving
@@ -38,6 +39,7 @@ def build_context(settings: Settings, engine_factory: Callable[[], Engine]) -> A
     engine = AsyncEngine(
         engine_factory, settings.max_num_seqs, settings.max_queued_requests, observer=telemetry
     )
-    serving = Serving(engine, settings.served_model_name)
+    serving = Serving(engine, settings.served_model_name,
+                      server_features(settings.reasoning_parser))
     chat = ChatServing(serving, settings.tool_call_parser, settings.reasoning_parser)
     return AppContext(settings, engine, serving, chat, CompletionServing(serving), telemetry)

@@ -24,7 +24,7 @@ from hearth.appliance.request_stream import (
     RequestFailedError,
     RequestStream,
 )
-from hearth.appliance.serving.capabilities import capabilities
+from hearth.appliance.serving.capabilities import SERVER_FEATURES, ServerFeatures, capabilities
 from hearth.appliance.serving.structured import logit_bias
 from hearth.engine.outputs import TokenLogprob
 from hearth.engine.prepare import ModelInfo, PreparedRequest, TextCodec, prepare
@@ -154,9 +154,11 @@ def usage(prompts: Sequence[Result], completion_tokens: int) -> dict[str, Any]:
 class Serving:
     """What both endpoints share. `served_names` empty: the engine's own model name."""
 
-    def __init__(self, engine: AsyncEngine, served_names: tuple[str, ...]) -> None:
+    def __init__(self, engine: AsyncEngine, served_names: tuple[str, ...],
+                 features: ServerFeatures = SERVER_FEATURES) -> None:
         self.engine = engine
         self._served_names = served_names
+        self.features = features  # what capabilities() may advertise (--reasoning-parser)
         self.unknown_fields = UnknownFieldLog()  # the routes log unknown request fields here
 
     # ---- models ----
@@ -186,7 +188,7 @@ class Serving:
 
     def capabilities(self) -> list[str]:
         """What the served model can do on this server (serving/capabilities.py)."""
-        return capabilities(self.model)
+        return capabilities(self.model, self.features)
 
     def list_models(self) -> dict[str, Any]:
         created = int(time.time())

@@ -11,7 +11,9 @@ checks, admission and 429, metrics); the OpenAI chunks come back as Ollama's NDJ
                     repeat_penalty → repetition_penalty, presence/frequency_penalty;
                     num_ctx checked against the model's context length
     format          "json" → response_format json_object; a schema → json_schema
-    think           chat_template_kwargs {"enable_thinking": ...} (+ reasoning_effort)
+    think           chat_template_kwargs {"enable_thinking": ...} (+ reasoning_effort) on a
+                    model with the thinking capability; think: true elsewhere is Ollama's 400
+                    ("... does not support thinking"), think: false is a no-op there
 
 Errors leave in Ollama's format and name Ollama's field: a 400 on response_format says `format`.
 """
@@ -36,7 +38,6 @@ from hearth.appliance.protocol import (
     CompletionRequest,
     parse_request,
 )
-from hearth.appliance.serving.capabilities import SERVER_FEATURES
 from hearth.appliance.serving.chat import ChatServing
 from hearth.appliance.serving.completion import CompletionServing
 from hearth.appliance.serving.core import EventStream, Serving, api_error
@@ -64,19 +65,21 @@ _OLLAMA_FIELD = {
 }
 
 
-def chat_body(request: OllamaChatRequest, model: ModelInfo, name: str) -> dict[str, Any]:
-    """The OpenAI chat request an Ollama chat means (a JSON object, parsed as /v1 parses it)."""
+def chat_body(request: OllamaChatRequest, model: ModelInfo, name: str,
+              thinks: bool = False) -> dict[str, Any]:
+    """The OpenAI chat request an Ollama chat means (a JSON object, parsed as /v1 parses it).
+    `thinks`: the served model has the thinking capability (Serving.capabilities)."""
     _reject_logprobs(request)
     body = {"model": name, "messages": openai_messages(request.messages)}
     body.update(sampling(request.options, model))
     if request.tools:
         body["tools"] = request.tools
-    body.update(_format(request.format) | _think(request.think))
+    body.update(_format(request.format) | _think(request.think, thinks, name))
     return body
 
 
 def generate_body(
-    request: OllamaGenerateRequest, model: ModelInfo, name: str
+    request: OllamaGenerateRequest, model: ModelInfo, name: str, thinks: bool = False
 ) -> tuple[type, dict[str, Any]]:
     """(the OpenAI request class, its body) for an Ollama generate request."""
     _reject_logprobs(request)
@@ -86,7 +89,7 @@ def generate_body(
         if getattr(request, field):
             raise OllamaError(400, f"{what} is not supported by this server")
     body: dict[str, Any] = {"model": name, **sampling(request.options, model)}
-    body.update(_format(request.format) | _think(request.think))
+    body.update(_format(request.format) | _think(request.think, thinks, name))
     has_template = bool(getattr(model.tokenizer, "chat_template", True))
     if request.raw or request.suffix or not has_template:
         body["prompt"] = request.prompt
@@ -178,9 +181,13 @@ def _format(value: str | dict[str, Any] | None) -> dict[str, Any]:
     raise OllamaError(400, f"format must be \"json\" or a JSON schema object, got {value!r}")
 
 
-def _think(value: bool | str | None) -> dict[str, Any]:
-    if value is None or (value is False and not SERVER_FEATURES.thinking):
-        return {}  # without a reasoning split there is nothing to switch off
+def _think(value: bool | str | None, thinks: bool, name: str) -> dict[str, Any]:
+    if value is None or (value is False and not thinks):
+        return {}  # a model that does not think: nothing to switch off
+    if not thinks:
+        raise OllamaError(400, f"{name!r} does not support thinking (think: {value!r}); its "
+                               "chat template has no <think> block, or the server runs with "
+                               "--reasoning-parser none")
     body: dict[str, Any] = {"chat_template_kwargs": {"enable_thinking": bool(value)}}
     if isinstance(value, str):
         body["reasoning_effort"] = value  # "low" | "medium" | "high"
@@ -254,6 +261,10 @@ class OllamaServing:
         self._chat = chat
         self._completions = completions
 
+    @property
+    def _thinks(self) -> bool:
+        return "thinking" in self.serving.capabilities()
+
     def resolve_model(self, requested: str | None) -> str:
         """The served name for an Ollama model name ("name" or "name:latest"); 404 otherwise."""
         names = self.serving.model_names()
@@ -269,7 +280,7 @@ class OllamaServing:
         writer = ReplyWriter(name, chat=True)
         if not request.messages:
             return OllamaReply(writer, None)
-        body = chat_body(request, self.serving.model, name)
+        body = chat_body(request, self.serving.model, name, self._thinks)
         return OllamaReply(writer, self._submit(ChatCompletionRequest, body))
 
     def generate(self, request: OllamaGenerateRequest) -> OllamaReply:
@@ -277,7 +288,7 @@ class OllamaServing:
         writer = ReplyWriter(name, chat=False)
         if not (request.prompt or request.suffix):
             return OllamaReply(writer, None)
-        schema, body = generate_body(request, self.serving.model, name)
+        schema, body = generate_body(request, self.serving.model, name, self._thinks)
         return OllamaReply(writer, self._submit(schema, body))
 
     def _submit(self, schema: type, body: dict[str, Any]) -> EventStream:

@@ -60,7 +60,8 @@ def ps(model: ModelInfo, names: list[str]) -> dict[str, Any]:
     }
 
 
-def show(model: ModelInfo, name: str) -> dict[str, Any]:
+def show(model: ModelInfo, name: str, listed: list[str] | None = None) -> dict[str, Any]:
+    """`listed`: the server's capabilities (Serving.capabilities); None: the defaults'."""
     arch = family(model)
     info: dict[str, Any] = {
         "general.architecture": arch,
@@ -76,7 +77,7 @@ def show(model: ModelInfo, name: str) -> dict[str, Any]:
         "template": _template(model),
         "details": details(model),
         "model_info": info,
-        "capabilities": capabilities(model),
+        "capabilities": capabilities(model) if listed is None else listed,
         "modified_at": _STARTED,
     }
 
