@@ -126,12 +126,22 @@ def make_models(tokenizer: Path, work: Path) -> None:
         model = getattr(transformers, model_cls)(config)
         _randomize(model, gemma=family.startswith("gemma"))
         model.to(torch.float16).save_pretrained(out)
+        _portable_config(out / "config.json")
         if byte_level:
             _save_byte_level_tokenizer(out)
         else:
             for f in tokenizer.iterdir():
                 shutil.copy(f, out / f.name)
         print(f"{family}: {sum(p.numel() for p in model.parameters())} parameters")
+
+
+def _portable_config(path: Path) -> None:
+    """transformers 5.25 writes Qwen3-MoE's expert count as num_local_experts only; the GPU
+    machine's 5.17 (and the Hub's configs) read num_experts: write both."""
+    config = json.loads(path.read_text())
+    if "num_local_experts" in config and config.get("model_type") == "qwen3_moe":
+        config["num_experts"] = config["num_local_experts"]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _randomize(model, gemma: bool) -> None:
