@@ -4,15 +4,30 @@ Requests are parsed strictly: a wrong JSON type is a 400 naming the field, never
 Fields fall in four groups:
   - supported: they change what the engine does;
   - accepted and ignored: OpenAI's bookkeeping fields (`user`, `metadata`, `store`, ...);
-  - known but unsupported (`tools`, `suffix`, `best_of` > n, ...): 400 naming them when set;
-  - unknown: 400 "Unrecognized request argument supplied", as OpenAI itself answers.
+  - known but unsupported (`audio`, `suffix`, `best_of` > n, ...): 400 naming them when set;
+  - unknown: accepted and ignored, each name logged once at warning level (as vLLM does: a
+    strict server's 400 has broken clients that send a newer field).
+Tool and structured-output schemas live in protocol_tools.py.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Iterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
+
+from hearth.appliance.protocol_tools import (
+    Strict,
+    StructuredOutputFields,
+    Tool,
+    ToolCall,
+    ToolChoice,
+)
+
+logger = logging.getLogger("hearth.server")
 
 
 class APIError(Exception):
@@ -51,17 +66,12 @@ def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
 
 
-class _Strict(BaseModel):
-    # extra="allow" keeps unknown fields in `model_extra` so that we can name them in the 400.
-    model_config = ConfigDict(strict=True, extra="allow")
-
-
-class StreamOptions(_Strict):
+class StreamOptions(Strict):
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False
 
 
-class _SamplingFields(_Strict):
+class _SamplingFields(StructuredOutputFields):
     """Fields shared by both endpoints (OpenAI's plus vLLM's extensions)."""
 
     model: str | None = None
@@ -101,18 +111,19 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
 
 
-class TextPart(_Strict):
+class TextPart(Strict):
     type: str
     text: str | None = None
 
 
-class ChatMessage(_Strict):
+class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool result: which call it answers
+    reasoning_content: str | None = None  # echoed back by clients of reasoning models
     # What the openai SDK echoes back for an assistant turn; only empty values are accepted.
-    tool_calls: list[Any] | None = None
-    tool_call_id: str | None = None
     function_call: Any = None
     refusal: str | None = None
     audio: Any = None
@@ -126,23 +137,23 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None  # default: "auto" with tools, else "none"
+    parallel_tool_calls: bool | None = None  # default true
+    chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     # Known but unsupported: 400 when set to anything but their neutral value.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     audio: Any = None
     modalities: list[str] | None = None
     prediction: Any = None
     web_search_options: Any = None
     # Accepted and ignored: hints without effect on this server.
-    parallel_tool_calls: bool | None = None
-    reasoning_effort: str | None = None
     verbosity: str | None = None
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(Strict):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -150,7 +161,7 @@ class TokenizeRequest(_Strict):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(Strict):
     model: str | None = None
     tokens: list[int]
 
@@ -160,6 +171,7 @@ _EXPECTED = {
     "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
     "stop": "a string or a list of strings",
     "content": "a string or a list of text parts",
+    "tool_choice": '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
 }
 _UNION_TAGS = {
     "str",
@@ -173,33 +185,58 @@ _UNION_TAGS = {
     "list[str]",
     "list[list[int]]",
     "list[TextPart]",
+    "NamedToolChoice",
+    "dict[str,any]",
 }
 
 
-def parse_request(model: type[BaseModel], body: bytes) -> Any:
-    """Parse and check a JSON body; APIError(400) naming the offending field otherwise."""
+def parse_request(model: type[BaseModel], body: bytes,
+                  unknown: UnknownFieldLog | None = None) -> Any:
+    """Parse and check a JSON body; APIError(400) naming the offending field otherwise. Unknown
+    fields are accepted; `unknown` logs each name once."""
     if not body.strip():
         raise bad_request("the request body is empty; send a JSON object")
     try:
         request = model.model_validate_json(body)
     except ValidationError as exc:
         raise _validation_error(exc) from None
-    _reject_unknown(request, path="")
+    if unknown is not None:
+        unknown.note(request)
     return request
 
 
-def _reject_unknown(obj: BaseModel, path: str) -> None:
-    extra = sorted(obj.model_extra or {})
-    if extra:
-        names = ", ".join(path + name for name in extra)
-        raise bad_request(f"Unrecognized request argument supplied: {names}", param=path + extra[0])
+class UnknownFieldLog:
+    """Logs each unknown request field once, by its path (`frobnicate`, `messages[].foo`)."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def note(self, request: BaseModel) -> list[str]:
+        """The unknown field paths of `request` not logged before (logged now)."""
+        new = []
+        with self._lock:
+            for path in dict.fromkeys(unknown_fields(request)):
+                if path not in self._seen:
+                    self._seen.add(path)
+                    new.append(path)
+        for path in new:
+            logger.warning("ignoring unknown request field %r (logged once per field name)", path)
+        return new
+
+
+def unknown_fields(obj: BaseModel, path: str = "") -> Iterator[str]:
+    """Paths of the fields `obj` (and the models inside it) did not declare; list positions are
+    written `[]` so that one name is one path however many messages carry it."""
+    for name in sorted(obj.model_extra or {}):
+        yield path + name
     for name in type(obj).model_fields:
         value = getattr(obj, name)
         children = value if isinstance(value, list) else [value]
-        for i, child in enumerate(children):
-            if isinstance(child, BaseModel) and not isinstance(child, TextPart):
-                where = f"{path}{name}[{i}]." if isinstance(value, list) else f"{path}{name}."
-                _reject_unknown(child, where)
+        suffix = "[]." if isinstance(value, list) else "."
+        for child in children:
+            if isinstance(child, BaseModel):
+                yield from unknown_fields(child, f"{path}{name}{suffix}")
 
 
 def _validation_error(exc: ValidationError) -> APIError:

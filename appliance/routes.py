@@ -1,8 +1,10 @@
 """The FastAPI app: factory, lifespan, thin routes. Each route authenticates, parses the body into a
 protocol schema, and hands over to serving; every error leaves in OpenAI's format.
 
-    /v1/completions  /v1/chat/completions  /v1/models  /tokenize  /detokenize   API key if set
+    /v1/completions (alias /v1/fim/completions)  /v1/chat/completions  /v1/models
+    /tokenize  /detokenize                                                      API key if set
     /health  /version  /metrics                                                  open
+    /api/...: Ollama's API, in ollama_routes.py (registered below, errors in Ollama's format)
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from functools import wraps
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from hearth import __version__
 from hearth.appliance.async_engine import Engine, EngineState
+from hearth.appliance.ollama_routes import add_ollama_routes
 from hearth.appliance.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -30,9 +33,10 @@ from hearth.appliance.protocol import (
     TokenizeRequest,
     parse_request,
 )
+from hearth.appliance.responses import StreamResponse, until_disconnect
 from hearth.appliance.security import HostOriginGuard, allowed_host_names, check_api_key
 from hearth.appliance.serving.context import AppContext, build_context
-from hearth.appliance.serving.core import EventStream, api_error
+from hearth.appliance.serving.core import api_error
 from hearth.appliance.serving.tokens import detokenize, tokenize
 from hearth.appliance.settings import Settings
 
@@ -62,6 +66,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], Engine]) -> Fast
     )
     app.state.hearth = context
     _add_routes(app, context)
+    add_ollama_routes(app, context)  # /api: Ollama's API, translated to the serving layer
     app.add_exception_handler(HTTPException, _http_exception)
     if settings.allowed_origins:
         app.add_middleware(
@@ -110,44 +115,6 @@ async def _http_exception(request: Request, exc: HTTPException) -> JSONResponse:
     )
 
 
-class _SSEResponse(StreamingResponse):
-    """Server-sent events that abort their requests however the response ends."""
-
-    def __init__(self, stream: EventStream) -> None:
-        super().__init__(
-            stream.events,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-        self._stream = stream
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._stream.close()
-
-
-async def _until_disconnect(request: Request, work: Awaitable[dict[str, Any]]) -> Response:
-    """Run `work`; if the client hangs up first, cancel it (which aborts its requests)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if not task.done() or task.cancelled():
-        return Response(status_code=499)  # nobody is listening
-    return JSONResponse(task.result())
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 def _add_routes(app: FastAPI, context: AppContext) -> None:
     serving, completions, chat = context.serving, context.completions, context.chat
     api_key = context.settings.api_key
@@ -178,31 +145,34 @@ def _add_routes(app: FastAPI, context: AppContext) -> None:
         return serving.list_models()
 
     @app.post("/v1/completions")
+    @app.post("/v1/fim/completions")  # the same endpoint: some FIM clients post here
     @_openai_errors
     async def create_completion(request: Request) -> Any:
         authenticate(request)
-        body = parse_request(CompletionRequest, await request.body())
+        body = parse_request(CompletionRequest, await request.body(), serving.unknown_fields)
         if body.stream:
-            return _SSEResponse(completions.stream(body))
-        return await _until_disconnect(request, completions.create(body))
+            return StreamResponse(completions.stream(body))
+        return await until_disconnect(request, completions.create(body))
 
     @app.post("/v1/chat/completions")
     @_openai_errors
     async def create_chat_completion(request: Request) -> Any:
         authenticate(request)
-        body = parse_request(ChatCompletionRequest, await request.body())
+        body = parse_request(ChatCompletionRequest, await request.body(), serving.unknown_fields)
         if body.stream:
-            return _SSEResponse(chat.stream(body))
-        return await _until_disconnect(request, chat.create(body))
+            return StreamResponse(chat.stream(body))
+        return await until_disconnect(request, chat.create(body))
 
     @app.post("/tokenize")
     @_openai_errors
     async def tokenize_route(request: Request) -> Any:
         authenticate(request)
-        return tokenize(serving, parse_request(TokenizeRequest, await request.body()))
+        body = parse_request(TokenizeRequest, await request.body(), serving.unknown_fields)
+        return tokenize(serving, body)
 
     @app.post("/detokenize")
     @_openai_errors
     async def detokenize_route(request: Request) -> Any:
         authenticate(request)
-        return detokenize(serving, parse_request(DetokenizeRequest, await request.body()))
+        body = parse_request(DetokenizeRequest, await request.body(), serving.unknown_fields)
+        return detokenize(serving, body)

@@ -106,7 +106,8 @@ async def _refuse(scope: dict, send: Any, reason: str) -> None:
         await send({"type": "websocket.close", "code": 1008})
         return
     error = APIError(403, reason, type="forbidden", code="forbidden")
-    body = json.dumps(error.body()).encode()
+    ollama = scope.get("path", "").startswith("/api/")  # Ollama's error format there
+    body = json.dumps({"error": reason} if ollama else error.body()).encode()
     await send(
         {
             "type": "http.response.start",

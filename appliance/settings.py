@@ -19,6 +19,10 @@ from hearth.engine.config import DEVICES, DTYPES, KV_CACHE_DTYPES, EngineConfig
 
 ENV_PREFIX = "HEARTH_"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+# appliance/serving/tool_parsers.py and reasoning.py: their families and aliases (a test checks)
+TOOL_CALL_PARSERS = ("auto", "none", "hermes", "llama3_json", "mistral", "qwen", "qwen3",
+                     "llama3", "llama")
+REASONING_PARSERS = ("auto", "none", "think", "qwen3", "deepseek_r1", "deepseek-r1")
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers at all
     allowed_hosts: tuple[str, ...] = ()  # Host headers accepted besides localhost names
     shutdown_timeout: float = 30.0  # SIGTERM: seconds in-flight requests get to finish
+    tool_call_parser: str = "auto"  # auto: from the chat template
+    reasoning_parser: str = "auto"  # auto: <think> blocks when the chat template has them
     no_ui: bool = False
     log_level: str = "info"
     access_log: bool = False
@@ -54,6 +60,10 @@ class Settings:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
         if self.log_level not in _LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
+        for name, choices in (("tool_call_parser", TOOL_CALL_PARSERS),
+                              ("reasoning_parser", REASONING_PARSERS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (leave it unset to disable auth)")
         object.__setattr__(self, "engine", EngineConfig(
@@ -204,6 +214,18 @@ _OPTIONS = (
         _float,
         "on SIGTERM, seconds in-flight requests get to finish before they are aborted",
         metavar="SECONDS",
+    ),
+    _Option(
+        "tool_call_parser",
+        _choice(TOOL_CALL_PARSERS),
+        "the format tool calls are read from in answers (tool_choice auto): hermes "
+        "(<tool_call>, Qwen), llama3_json, mistral; auto: from the chat template",
+    ),
+    _Option(
+        "reasoning_parser",
+        _choice(REASONING_PARSERS),
+        "return <think>...</think> as reasoning_content: think (Qwen3, DeepSeek-R1), none; "
+        "auto: when the chat template has <think>",
     ),
     _Option("no_ui", _bool, "serve the API only, without the browser UI", flag=True),
     _Option("log_level", _choice(_LOG_LEVELS), "log level"),

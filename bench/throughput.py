@@ -136,9 +136,9 @@ class StepProfile:
         step, execute, launch = self.engine.step, self.runner.execute, self.runner.launch
         holder = {}
 
-        def timed_execute(schedule):
+        def timed_execute(schedule, *grammars):
             t = time.perf_counter()
-            out = execute(schedule)
+            out = execute(schedule, *grammars)
             holder["exec"] = time.perf_counter() - t
             return out
 
@@ -191,17 +191,21 @@ class StepProfile:
 
 
 def run_hearth(w: Workload, args, async_scheduling: bool = True, fused: bool = True,
-               pdl_on: bool = True) -> dict:
+               pdl_on: bool = True, model_path: str | None = None,
+               structured_output: bool = True) -> dict:
+    """`model_path`: another directory with the workload's config (bench/structured.py adds a
+    tokenizer, so that the engine has its grammar machinery); `structured_output`: off, the
+    engine has none (the baseline of the grammar hook's cost)."""
     from hearth.kernels import pdl
 
     pdl.ENABLED = pdl_on  # read at every launch, so for the whole run (graphs capture it)
     batched = max(16384, max(len(p) for p in w.prompts))
     TritonAttention.fuse_kv_write = fused  # read when the engine makes its backend
-    llm = LLM(model_dir(w, args.weights), load_format="dummy", dtype="bfloat16", progress=False,
-              max_model_len=2048, max_num_seqs=min(256, len(w.prompts)),
+    llm = LLM(model_path or model_dir(w, args.weights), load_format="dummy", dtype="bfloat16",
+              progress=False, max_model_len=2048, max_num_seqs=min(256, len(w.prompts)),
               max_num_batched_tokens=batched, gpu_memory_utilization=args.gpu_util,
               enable_prefix_caching=False, async_scheduling=async_scheduling,
-              kv_cache_dtype=args.kv_cache_dtype)
+              kv_cache_dtype=args.kv_cache_dtype, structured_output=structured_output)
     TritonAttention.fuse_kv_write = True
     llm.engine.runner.sampler.use_kernel = None if fused else False
     # Warm-up: 1, 3 and (if allowed) 16 short prompts, so no kernel compiles in the timed run.

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hearth.engine.fim import check_fim_setting
+
 _SOURCES = ("package", "gguf", "hf")
 _REPO_CATALOG = Path(__file__).resolve().parents[1] / "models.toml"
 
@@ -59,6 +61,8 @@ class ModelSpec:
     quantization: str | None = None
     max_model_len: int | None = None
     chat_template: str | None = None  # overrides the model's own template
+    fim: str | None = None  # FIM family (engine/fim.py) or "none"; None: found from the tokenizer
+    fim_order: str | None = None  # "psm" | "spm"; None: the family's default
     description: str | None = None
     sha256: dict[str, str] = field(default_factory=dict)  # file name (relative) → hex digest
 
@@ -275,6 +279,10 @@ def _spec(name: str, entry: dict[str, Any], base: Path, source: str) -> ModelSpe
     missing = [key for key in needed if not entry.get(key)]
     if missing:
         raise ValueError(f"{source}: model {name!r} (source {kind!r}) needs {', '.join(missing)}")
+    try:
+        check_fim_setting(entry.get("fim"), entry.get("fim_order"))
+    except ValueError as e:
+        raise ValueError(f"{source}: model {name!r}: {e}") from None
     fields = dict(entry)
     if "path" in fields:
         fields["path"] = base / Path(fields["path"]).expanduser()

@@ -52,6 +52,9 @@ class EngineConfig:
     async_scheduling: bool | None = None
     gguf_keep_quantized: bool = False  # GGUF: run the linears from their blocks (less memory)
     kv_cache_dtype: str = "auto"  # fp8: half the bytes per cached token (engine/kv_cache.py)
+    # Grammar-constrained decoding (engine/grammar.py). False: no grammar compiler and no grammar
+    # hook in the step at all (bench/structured.py measures the hook's cost against this).
+    structured_output: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:

@@ -15,6 +15,14 @@ Async scheduling (`EngineConfig.async_scheduling`, on for CUDA) overlaps the CPU
 A sequence that stops at N (EOS, stop string) was already scheduled at N+1: its token from N+1 is
 discarded (update() skips finished sequences). Requests with penalties, logprobs or n > 1 need
 their tokens on the host before the next step: while any is live, steps run synchronously.
+
+A grammar request's matcher (engine/grammar.py) advances with each of its tokens here; a sequence
+whose grammar is complete finishes with "stop". Its bitmask row for step N+1 needs step N's token,
+so a step with constrained sequences splits its launch around the read-back:
+
+    launch N+1's forward | resolve N (matchers advance) | fill N+1's bitmasks, launch its sampling
+
+and the bitmask is filled on the host while the forward runs (synchronous steps likewise).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from dataclasses import dataclass
 
 from hearth.engine.block_manager import BlockManager
 from hearth.engine.config import EngineConfig
+from hearth.engine.grammar import GrammarCompiler, GrammarMatchers
 from hearth.engine.model_builder import BuiltModel, build_model
 from hearth.engine.model_runner import InFlightSample
 from hearth.engine.outputs import RequestOutput, RunnerOutput, ScheduleOutput, TokenLogprob
@@ -71,9 +80,13 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.config.scheduler_config(self.max_model_len), block_manager, sorted(eos)
         )
+        self.grammars = self._grammar_compiler(sorted(eos))
+        self._matchers = GrammarMatchers(sorted(eos)) if self.grammars else None
         self.model_info = ModelInfo(
             self.model_name, self.scheduler.max_len, self.model_config.vocab_size,
-            self.tokenizer, self.device, self.dtype,
+            self.tokenizer, self.device, self.dtype, self.grammars,
+            self.model_config.architecture, self.model_config.num_params, built.quantization,
+            built.fim,
         )
         self._requests: dict[str, RequestState] = {}
         self._lock = threading.Lock()
@@ -85,6 +98,15 @@ class LLMEngine:
         self._async = self.runner.device.type == "cuda" if overlap is None else overlap
         self._inflight: _InFlight | None = None
         self._sync_request_ids: set[str] = set()  # live requests that need synchronous steps
+        self._grammar_request_ids: set[str] = set()  # live requests with a grammar
+
+    def _grammar_compiler(self, eos_token_ids: list[int]) -> GrammarCompiler | None:
+        """None when switched off, or with a stand-in tokenizer (dummy weights, no tokenizer)."""
+        to_json = getattr(self.tokenizer, "to_json", None)
+        if not self.config.structured_output or to_json is None:
+            return None
+        known = [i for i in eos_token_ids if i < self.tokenizer.vocab_size]  # llguidance's rule
+        return GrammarCompiler(to_json, self.model_config.vocab_size, known)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -109,10 +131,13 @@ class LLMEngine:
             req = RequestState(request_id, request.prompt, token_ids, params, now)
             seq = Sequence(self.scheduler.next_seq_id(), request_id, token_ids, params, priority,
                            arrival_time=now)
+            seq.grammar = request.grammar
             self.scheduler.add(seq)
             self._requests[request_id] = req
             if _needs_sync(params):
                 self._sync_request_ids.add(request_id)
+            if request.grammar is not None:
+                self._grammar_request_ids.add(request_id)
             self._num_prompt_tokens += len(token_ids)
 
     def abort_request(self, request_id: str) -> None:
@@ -120,8 +145,10 @@ class LLMEngine:
             self._snapshot = None  # the blocks come back now: the next reader must see it
             req = self._requests.pop(request_id, None)
             self._sync_request_ids.discard(request_id)
+            self._grammar_request_ids.discard(request_id)
             if req is not None:
-                self.scheduler.abort_request(request_id)
+                seqs = self.scheduler.abort_request(request_id)
+                self._drop_matchers([seq.seq_id for seq in seqs])
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
@@ -145,9 +172,10 @@ class LLMEngine:
         if self._inflight is not None:
             return self._drain(finished_only)  # the next step runs synchronously
         schedule = self.scheduler.schedule()
+        self._drop_matchers(schedule.preempted_seq_ids)  # rebuilt from their tokens when resumed
         if schedule.is_empty:
             return []
-        runner_output = self.runner.execute(schedule)
+        runner_output = self.runner.execute(schedule, self._matchers)
         updated = self.scheduler.update(schedule, runner_output)
         pairs = [(seq, runner_output.logprobs.get(seq.seq_id)) for seq in updated]
         return self._emit(pairs, finished_only)
@@ -155,11 +183,18 @@ class LLMEngine:
     def _step_overlapped(self, finished_only: bool) -> list[RequestOutput]:
         """Schedule and launch step N+1 while N runs, then finish N (see the module docstring)."""
         schedule = self.scheduler.schedule()
+        self._drop_matchers(schedule.preempted_seq_ids)
         if schedule.is_empty:
             return self._drain(finished_only)
         prev = self._inflight
-        sample = self.runner.launch(schedule, prev.sample if prev else None)
-        outputs = self._resolve(prev, finished_only) if prev else []
+        prev_sample = prev.sample if prev else None
+        if self._grammar_request_ids and any(c.seq.grammar is not None for c in schedule.chunks):
+            forward = self.runner.launch_forward(schedule, prev_sample)
+            outputs = self._resolve(prev, finished_only) if prev else []  # matchers advance
+            sample = self.runner.launch_sample(forward, self._matchers)
+        else:
+            sample = self.runner.launch(schedule, prev_sample)
+            outputs = self._resolve(prev, finished_only) if prev else []
         self._inflight = self._update_with_placeholders(schedule, sample)
         return outputs
 
@@ -202,14 +237,22 @@ class LLMEngine:
         self._num_generation_tokens += 1
         if req.add_token(seq, logprobs, self.tokenizer) and not seq.is_finished:
             self.scheduler.finish(seq, FinishReason.STOP)  # a stop string
+        if seq.grammar is not None and not seq.is_finished and self._matchers.advance(seq):
+            self.scheduler.finish(seq, FinishReason.STOP)  # the grammar is complete
 
     def _finish_output(self, req: RequestState) -> RequestOutput:
         if req.finished:
             req.finished_time = time.monotonic()
             self._requests.pop(req.request_id, None)
             self._sync_request_ids.discard(req.request_id)
+            self._grammar_request_ids.discard(req.request_id)
             self._num_finished += 1
+            self._drop_matchers([seq.seq_id for seq in req.seqs.values()])
         return req.output()
+
+    def _drop_matchers(self, seq_ids: list[int]) -> None:
+        if self._matchers is not None and len(self._matchers) and seq_ids:
+            self._matchers.drop(seq_ids)
 
     # -- state for the UI and metrics --------------------------------------------------------
 
@@ -254,4 +297,7 @@ class LLMEngine:
                 self.scheduler.abort_request(request_id)
             self._requests.clear()
             self._sync_request_ids.clear()
+            self._grammar_request_ids.clear()
             self._inflight = None
+            if self._matchers is not None:
+                self._matchers.clear()

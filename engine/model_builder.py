@@ -18,6 +18,7 @@ import torch
 from hearth.engine.attention import AttentionMetadata
 from hearth.engine.catalog import resolve_model, verify
 from hearth.engine.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig
+from hearth.engine.fim import FimSpec, model_fim
 from hearth.engine.kv_cache import resolve_kv_cache_dtype
 from hearth.engine.loader import LoadedSource, load_hf_config, load_model_source
 from hearth.engine.memory_check import (
@@ -48,6 +49,8 @@ class BuiltModel:
     model_config: ModelConfig
     max_model_len: int
     runner: ModelRunner
+    quantization: str | None = None
+    fim: FimSpec | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -84,7 +87,18 @@ def build_model(config: EngineConfig, progress: bool = True) -> BuiltModel:
     num_blocks = _num_kv_blocks(config, source.config, model, limits, kv_dtype)
     runner = ModelRunner(model, source.config, config.block_size, num_blocks, config.seed, limits,
                          kv_cache_dtype=kv_dtype)
-    return BuiltModel(source.name, source.tokenizer, source.config, max_model_len, runner)
+    return BuiltModel(source.name, source.tokenizer, source.config, max_model_len, runner,
+                      source.quantization, _fim(resolved, source))
+
+
+def _fim(resolved, source: LoadedSource) -> FimSpec | None:
+    """The model's FIM tokens (engine/fim.py), as the catalogue entry overrides them."""
+    spec = resolved.spec
+    family, order = (spec.fim, spec.fim_order) if spec is not None else (None, None)
+    try:
+        return model_fim(source.tokenizer, source.config.vocab_size, family, order)
+    except ValueError as e:
+        raise ValueError(f"model {resolved.name!r}: {e}") from None
 
 
 def _load_source(resolved, config: EngineConfig) -> LoadedSource:

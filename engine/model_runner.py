@@ -7,7 +7,9 @@ flat input tensors, runs the forward pass, and samples the positions that need a
 
 Logits are computed only for the sampled rows. Inputs are built with numpy into host buffers
 (pinned on CUDA) and copied without blocking; a decode-only batch on CUDA replays a captured graph
-(engine/cuda_graphs.py), anything else runs eagerly.
+(engine/cuda_graphs.py), anything else runs eagerly. Before sampling, logit_bias and grammar
+bitmasks change the logits (engine/logits_processors.py); the bitmask is filled on the host while
+the forward pass runs on the device.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import torch
 
 from hearth.engine.attention import AttentionMetadata, TorchAttention
 from hearth.engine.cuda_graphs import DecodeGraphs, DecodeInputs
+from hearth.engine.grammar import GrammarMatchers
 from hearth.engine.kv_cache import allocate_kv_cache
+from hearth.engine.logits_processors import BitmaskBuffers, apply_logit_bias, apply_token_bitmask
 from hearth.engine.model_config import ModelConfig
 from hearth.engine.outputs import RunnerOutput, ScheduledChunk, ScheduleOutput
 from hearth.engine.sampler import Sampler, SamplingRow
@@ -63,6 +67,14 @@ class InFlightSample:
 
 
 @dataclass(frozen=True)
+class LaunchedForward:
+    """A forward pass enqueued by `launch_forward`: the sampled chunks' logits, on the device."""
+
+    logits: torch.Tensor | None  # (num_sampled, vocab); None: nothing to sample
+    sampled: list[ScheduledChunk]
+
+
+@dataclass(frozen=True)
 class RunnerLimits:
     """Batch limits the runner sizes its buffers (and CUDA graphs) for."""
 
@@ -92,6 +104,7 @@ class ModelRunner:
         self.sampler = Sampler(config.vocab_size, seed)
         self.max_blocks = -(-self.limits.max_model_len // block_size)
         self._host = _HostBuffers(self.limits, self.max_blocks, self.device.type == "cuda")
+        self._bitmask = BitmaskBuffers(config.vocab_size, self.device)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not self.limits.enforce_eager:
             self.graphs = DecodeGraphs(model, self.kv_caches, self.backend,
@@ -99,10 +112,14 @@ class ModelRunner:
             self.graphs.capture()
 
     @torch.inference_mode()
-    def execute(self, schedule: ScheduleOutput) -> RunnerOutput:
+    def execute(self, schedule: ScheduleOutput,
+                grammars: GrammarMatchers | None = None) -> RunnerOutput:
+        """One synchronous step. `grammars`: the matchers of constrained sequences (None: the
+        engine has no structured output, and no step looks for grammars)."""
         logits, sampled = self._forward(schedule, None)
         if logits is None:
             return RunnerOutput()
+        self._process_logits(logits, sampled, grammars)
         return self._sample(logits, sampled)
 
     @torch.inference_mode()
@@ -112,9 +129,23 @@ class ModelRunner:
         Input tokens that are still placeholders come from `prev` (the step before, on the same
         stream) by a gather on the device. Every sampled sequence draws one row (no n > 1 parent),
         without penalties or logprobs: the engine runs such requests synchronously."""
-        logits, sampled = self._forward(schedule, prev)
+        return self.launch_sample(self.launch_forward(schedule, prev))
+
+    @torch.inference_mode()
+    def launch_forward(self, schedule: ScheduleOutput,
+                       prev: InFlightSample | None) -> LaunchedForward:
+        """The first half of `launch`: the forward pass, enqueued."""
+        return LaunchedForward(*self._forward(schedule, prev))
+
+    @torch.inference_mode()
+    def launch_sample(self, forward: LaunchedForward,
+                      grammars: GrammarMatchers | None = None) -> InFlightSample:
+        """The second half: logit_bias and grammar bitmasks (their matchers must have seen the
+        step before's tokens), then the sampling, enqueued."""
+        logits, sampled = forward.logits, forward.sampled
         if logits is None:
             return InFlightSample(None, {})
+        self._process_logits(logits, sampled, grammars)
         rows = [_sampling_row(c.seq, c.seq.sample_index) for c in sampled]
         token_ids = self.sampler.sample_on_device(logits, rows)  # (num_sampled,) int64
         seq_rows = {c.seq.seq_id: i for i, c in enumerate(sampled)}
@@ -152,6 +183,17 @@ class ModelRunner:
             rows = torch.from_numpy(batch.last_rows(chunks)).to(self.device, non_blocking=True)
             hidden = hidden[rows]
         return self.model.compute_logits(hidden), sampled  # (num_sampled_chunks, vocab)
+
+    def _process_logits(self, logits: torch.Tensor, chunks: list[ScheduledChunk],
+                        grammars: GrammarMatchers | None) -> None:
+        """In place, one row per sampled chunk: logit_bias, then the grammar bitmask (filled on
+        the host now, while the device still runs the forward pass)."""
+        seqs = [c.seq for c in chunks]
+        if any(s.sampling_params.logit_bias for s in seqs):
+            apply_logit_bias(logits, [s.sampling_params for s in seqs])
+        if grammars is not None and any(s.grammar is not None for s in seqs):
+            grammars.fill(seqs, self._bitmask.host(len(seqs)))
+            apply_token_bitmask(logits, self._bitmask.to_device(len(seqs)))
 
     def _patch_placeholders(self, input_ids: torch.Tensor, batch: _Batch,
                             chunks: list[ScheduledChunk], prev: InFlightSample | None) -> None:

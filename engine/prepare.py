@@ -4,7 +4,8 @@ Every caller goes through it: the offline LLM (`LLMEngine.add_request`), the HTT
 browser UI (both through the serving layer, on the event loop, so that a bad request is a 400
 before any response starts). It tokenizes a text prompt, checks token ids against the vocabulary,
 and checks the prompt and `max_tokens` against the context length, filling `max_tokens` when unset.
-Pure: it reads the model's facts and changes nothing. The engine then trusts a PreparedRequest.
+A request with a structured output gets its grammar compiled here (engine/grammar.py, cached), off
+the engine thread. The engine then trusts a PreparedRequest.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from hearth.engine.fim import FimSpec
+from hearth.engine.grammar import CompiledGrammar, GrammarCompiler
 from hearth.engine.sampling_params import SamplingParams
+from hearth.engine.structured_output import StructuredOutputError
 
 
 class TextCodec(Protocol):
@@ -24,7 +28,8 @@ class TextCodec(Protocol):
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **kwargs) -> str:
         ...
 
 
@@ -38,6 +43,11 @@ class ModelInfo:
     tokenizer: TextCodec
     device: str = "cpu"
     dtype: str = "float32"
+    grammars: GrammarCompiler | None = None  # None: this engine has no structured output
+    architecture: str | None = None  # HF name, e.g. "LlamaForCausalLM"
+    num_params: int | None = None
+    quantization: str | None = None  # e.g. "Q4_1", "awq"; None: float weights
+    fim: FimSpec | None = None  # fill-in-the-middle tokens; None: the model has none
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,7 @@ class PreparedRequest:
     prompt: str | None  # the text, when the prompt came as text
     token_ids: list[int]
     params: SamplingParams  # max_tokens always set
+    grammar: CompiledGrammar | None = None  # params.structured_output, compiled
 
 
 def prepare(
@@ -63,7 +74,19 @@ def prepare(
         raise ValueError(f"{where} must not be empty")
     text = prompt if isinstance(prompt, str) else None
     params = _fit(len(token_ids), params, model.max_model_len, where)
-    return PreparedRequest(text, token_ids, params)
+    if params.logit_bias:
+        _check_ids(list(params.logit_bias), model.vocab_size, "logit_bias")
+    return PreparedRequest(text, token_ids, params, _compile(model, params))
+
+
+def _compile(model: ModelInfo, params: SamplingParams) -> CompiledGrammar | None:
+    spec = params.structured_output
+    if spec is None:
+        return None
+    if model.grammars is None:
+        raise StructuredOutputError(
+            f"{spec.source}: this engine has no structured output (grammar) support", spec.source)
+    return model.grammars.compile(spec)
 
 
 def _check_ids(token_ids: list[int], vocab_size: int, where: str) -> None:

@@ -239,8 +239,8 @@ def _gather_logprobs(
         if n is None:
             result.append(None)
             continue
-        result.append(
-            TokenLogprob(token_ids[i], chosen_list[i], tuple(top_ids_l[i][:n]),
-                         tuple(top_vals_l[i][:n]))
-        )
+        top = [(t, v) for t, v in zip(top_ids_l[i][:n], top_vals_l[i][:n]) if v != _NEG_INF]
+        # (a grammar's masked tokens have no probability: they are not alternatives)
+        result.append(TokenLogprob(token_ids[i], chosen_list[i], tuple(t for t, _ in top),
+                                   tuple(v for _, v in top)))
     return result

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hearth.engine.structured_output import StructuredOutput
+
 _MAX_LOGPROBS = 20
+_MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, 100 all but forces it
 
 
 @dataclass
@@ -37,6 +40,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     detokenize: bool = True  # False: token ids only, no text (benchmarks; stop strings need text)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
+    structured_output: StructuredOutput | None = None  # a grammar the output must match
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -79,6 +84,11 @@ class SamplingParams:
             raise ValueError("stop strings need detokenize=True (they are matched in the text)")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=_MAX_LOGPROBS)
+        if self.logit_bias:
+            _check_logit_bias(self.logit_bias)
+        if self.structured_output is not None and not isinstance(
+                self.structured_output, StructuredOutput):
+            raise ValueError("structured_output must be a StructuredOutput")
 
     @property
     def greedy(self) -> bool:
@@ -91,6 +101,17 @@ class SamplingParams:
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
         )
+
+
+def _check_logit_bias(bias: object) -> None:
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must be a mapping of token id to bias, got {bias!r}")
+    for token_id, value in bias.items():
+        _check_int("logit_bias token id", token_id, low=0)
+        _check_number("logit_bias value", value)
+        if not -_MAX_LOGIT_BIAS <= value <= _MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias values must be in [-100, 100], got {value} for token "
+                             f"{token_id}")
 
 
 def _check_int(name: str, value: object, low: int | None = None, high: int | None = None) -> None:

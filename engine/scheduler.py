@@ -42,6 +42,7 @@ class SeqSnapshot:
     num_computed_tokens: int
     num_blocks: int
     age_s: float  # since arrival
+    constrained: bool = False  # its output must match a grammar (structured output)
 
 
 @dataclass(frozen=True)
@@ -291,4 +292,5 @@ def _seq_snapshot(seq: Sequence, now: float) -> SeqSnapshot:
         num_computed_tokens=seq.num_computed_tokens,
         num_blocks=len(seq.live_block_ids),
         age_s=now - seq.arrival_time,
+        constrained=seq.sampling_params.structured_output is not None,
     )

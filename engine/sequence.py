@@ -61,6 +61,7 @@ class Sequence:
         self.num_preemptions = 0
         self.forked = sampling_params.n == 1  # a parent with n > 1 forks after its first sample
         self.first_token_time: float | None = None
+        self.grammar = None  # a CompiledGrammar (engine/grammar.py) its tokens must match, or None
 
     @property
     def num_tokens(self) -> int:
@@ -120,6 +121,7 @@ class Sequence:
         child.status = self.status
         child.forked = True
         child.first_token_time = self.first_token_time
+        child.grammar = self.grammar
         return child
 
     def __repr__(self) -> str:

@@ -5,13 +5,15 @@ from an offset that depends on the prompt, then emits EOS; sampled output draws 
 per-sample `random.Random(seed + index)`, so seeded requests are reproducible. Each step sleeps
 `step_delay_s` (like a forward pass, releasing the GIL) and emits one token per running sample.
 Magic prompts: "__crash__" makes step() raise (the engine thread dies); "__add_fails__" makes
-add_request raise RuntimeError (one request fails).
+add_request raise RuntimeError (one request fails); "__say:TEXT__" makes the greedy answer TEXT
+(then EOS), e.g. a recorded answer with tool calls or <think> blocks.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from hearth.engine.prepare import ModelInfo, PreparedRequest, prepare
 from hearth.engine.sampling_params import SamplingParams
 
 PHRASE = "the quick brown fox jumps over the lazy dog. "
+_SAY = re.compile(r"__say:(.*?)__", re.S)
 BOS, EOS = 1, 2
 BLOCK_SIZE = 16
 
@@ -40,7 +43,8 @@ class FakeTokenizer:
             ("" if skip_special_tokens else specials[i]) if i in specials else chr(i) for i in ids
         )
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **kwargs) -> str:
         text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
         return text + ("<assistant>" if add_generation_prompt else "")
 
@@ -226,6 +230,10 @@ class FakeEngine:
         position = len(sample.token_ids)
         if request.params.temperature > 0:
             return ord(sample.rng.choice("abcdefghijklmnopqrstuvwxyz "))
+        script = _SAY.search(self.tokenizer.decode(request.prompt_token_ids))
+        if script is not None:
+            text = script.group(1)
+            return EOS if position >= len(text) else ord(text[position])
         if position == len(PHRASE):
             return EOS
         offset = sum(request.prompt_token_ids) % len(PHRASE)

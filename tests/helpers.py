@@ -100,6 +100,43 @@ def _save_byte_tokenizer(path: Path) -> None:
     )
 
 
+# Each family's FIM tokens as its real tokenizers spell them (engine/fim.py), plus an end token.
+FIM_TOKENS = {
+    "starcoder": ["<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<file_sep>"],
+    "qwen": ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|fim_pad|>"],
+    "codellama": ["▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>"],
+    "deepseek": ["<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"],
+    "codestral": ["[PREFIX]", "[SUFFIX]"],
+}
+
+
+def add_fim_tokens(model_dir: Path, family: str) -> dict[str, int]:
+    """Extend a tiny model's tokenizer.json with `family`'s FIM tokens (special, kept whole); their
+    ids stay below the model's vocab_size, so the embedding has rows for them. Returns the ids."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tok.add_special_tokens(FIM_TOKENS[family])
+    tok.save(str(model_dir / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in FIM_TOKENS[family]}
+    vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    assert max(ids.values()) < vocab_size, "the embedding must have a row for every FIM token"
+    return ids
+
+
+def save_tiny_tokenizer(path: Path, vocab_size: int = 512) -> Path:
+    """Only the byte-level tokenizer of save_tiny_model (and config.json's vocab_size): enough
+    for tokenizer-level tests, without building a model."""
+    import json
+
+    path.mkdir(parents=True, exist_ok=True)
+    _save_byte_tokenizer(path)
+    (path / "config.json").write_text(json.dumps({"vocab_size": vocab_size}))
+    return path
+
+
 _GGUF_NAMES = {
     "q_proj": "attn_q",
     "k_proj": "attn_k",

@@ -12,6 +12,14 @@ from hearth.cli import engine_factory
 
 MAX_MODEL_LEN = 512
 MESSAGES = [{"role": "user", "content": "Hi"}]
+DEEP: dict = {"type": "object"}
+_inner = DEEP
+for _ in range(60):
+    _inner["properties"] = {"x": {"type": "object"}}
+    _inner = _inner["properties"]["x"]
+F_TOOL = {"type": "function", "function": {"name": "f"}}
+BIG = {"type": "object", "properties": {f"p{i}": {"type": "string", "description": "x" * 100}
+                                        for i in range(1000)}}
 C, CHAT = "/v1/completions", "/v1/chat/completions"
 
 
@@ -94,18 +102,22 @@ CASES = [
     ("stop a number", "POST", C, completion(stop=5), 400, "stop", "string"),
     ("seed a string", "POST", C, completion(seed="abc"), 400, "seed", "integer"),
     ("unknown model", "POST", C, completion(model="gpt-9"), 404, "model", "does not exist"),
-    ("suffix", "POST", C, completion(suffix="end"), 400, "suffix", "not supported"),
+    ("suffix, no FIM tokens", "POST", C, completion(suffix="x"), 400, "suffix", "in-the-middle"),
     ("best_of", "POST", C, completion(best_of=3), 400, "best_of", "not supported"),
-    (
-        "logit_bias",
-        "POST",
-        C,
-        completion(logit_bias={"42": -100}),
-        400,
-        "logit_bias",
-        "not supported",
-    ),
-    ("unknown field", "POST", C, completion(frobnicate=True), 400, "frobnicate", "Unrecognized"),
+    ("logit_bias 200", "POST", C, completion(logit_bias={"42": 200}), 400, "logit_bias",
+     "[-100, 100]"),
+    ("logit_bias key", "POST", C, completion(logit_bias={"x": 1}), 400, "logit_bias", "token id"),
+    ("logit_bias past vocab", "POST", C, completion(logit_bias={"999999": 1}), 400, "logit_bias",
+     "vocabulary"),
+    ("completion bad regex", "POST", C, completion(structured_outputs={"regex": "(a"}), 400,
+     "structured_outputs", "invalid regex"),
+    ("two constraints", "POST", C, completion(structured_outputs={"regex": "a", "choice": ["b"]}),
+     400, "structured_outputs", "exactly one"),
+    ("guided and response_format", "POST", C,
+     completion(guided_regex="a+", response_format={"type": "json_object"}), 400, "guided_regex",
+     "both constrain"),
+    ("guided_json not JSON", "POST", C, completion(guided_json="{nope"), 400, "guided_json",
+     "not valid JSON"),
     (
         "stream_options without stream",
         "POST",
@@ -160,24 +172,50 @@ CASES = [
         "messages",
         "image_url",
     ),
-    (
-        "tool message",
-        "POST",
-        CHAT,
-        chat(messages=[{"role": "tool", "content": "{}", "tool_call_id": "1"}]),
-        400,
-        "messages",
-        "not supported",
-    ),
-    (
-        "tools",
-        "POST",
-        CHAT,
-        chat(tools=[{"type": "function", "function": {"name": "f"}}]),
-        400,
-        "tools",
-        "not supported",
-    ),
+    ("function message", "POST", CHAT,
+     chat(messages=[{"role": "function", "name": "f", "content": "{}"}]), 400, "messages",
+     "deprecated"),
+    ("functions", "POST", CHAT, chat(functions=[{"name": "f"}]), 400, "functions", "tools"),
+    ("tool without function", "POST", CHAT, chat(tools=[{"type": "function"}]), 400, "tools",
+     "required"),
+    ("tool type", "POST", CHAT, chat(tools=[{"type": "web", "function": {"name": "f"}}]), 400,
+     "tools", "function"),
+    ("tool name", "POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "a b"}}]),
+     400, "tools", "letters"),
+    ("tool names twice", "POST", CHAT, chat(tools=[F_TOOL, F_TOOL]), 400, "tools", "twice"),
+    ("tool_choice unknown", "POST", CHAT, chat(tool_choice="always"), 400, "tool_choice", "auto"),
+    ("tool_choice without tools", "POST", CHAT, chat(tool_choice="required"), 400, "tool_choice",
+     "needs tools"),
+    ("tool_choice names another", "POST", CHAT,
+     chat(tools=[{"type": "function", "function": {"name": "f"}}],
+          tool_choice={"type": "function", "function": {"name": "g"}}), 400, "tool_choice",
+     "not among"),
+    ("tool schema invalid", "POST", CHAT,
+     chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}],
+          tool_choice="required"), 400, "tools", "invalid JSON schema"),
+    ("tool call arguments not a string", "POST", CHAT,
+     chat(messages=[{"role": "assistant", "tool_calls": [
+         {"id": "1", "type": "function", "function": {"name": "f", "arguments": {}}}]}]), 400,
+     "messages", "string"),
+    ("response_format type", "POST", CHAT, chat(response_format={"type": "xml"}), 400,
+     "response_format", "json_schema"),
+    ("json schema invalid", "POST", CHAT,
+     chat(response_format={"type": "json_schema",
+                           "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}}),
+     400, "response_format", "invalid JSON schema"),
+    ("json schema too deep", "POST", CHAT,
+     chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": DEEP}}),
+     400, "response_format", "levels deep"),
+    ("json schema too big", "POST", CHAT,
+     chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": BIG}}),
+     400, "response_format", "characters"),
+    ("schema with forced tool", "POST", CHAT,
+     chat(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required",
+          response_format={"type": "json_object"}), 400, "response_format", "forces a tool call"),
+    ("chat_template_kwargs messages", "POST", CHAT, chat(chat_template_kwargs={"messages": []}),
+     400, "chat_template_kwargs", "may not set"),
+    ("reasoning_effort", "POST", CHAT, chat(reasoning_effort="extreme"), 400, "reasoning_effort",
+     "low"),
     (
         "json_schema",
         "POST",
@@ -272,3 +310,22 @@ def test_server_still_answers_and_ignores_bookkeeping_fields(http):
         ],
     )
     assert http.post(CHAT, json=chat_body).status_code == 200
+
+
+def test_unknown_fields_are_accepted_and_logged_once(http, caplog):
+    body = completion(frobnicate=True, temperature=0,
+                      stream_options=None, structured_outputs={"regex": "[ab]{2}", "future": 1})
+    with caplog.at_level("WARNING", logger="hearth.server"):
+        for _ in range(2):
+            response = http.post(C, json=body)
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["text"] in ("aa", "ab", "ba", "bb")
+        chat_body = chat(messages=[{"role": "user", "content": "Hi", "mood": "happy"}],
+                         frobnicate=2)
+        assert http.post(CHAT, json=chat_body).status_code == 200
+    warned = [r.getMessage() for r in caplog.records if "unknown request field" in r.getMessage()]
+    assert sorted(warned) == sorted([
+        "ignoring unknown request field 'frobnicate' (logged once per field name)",
+        "ignoring unknown request field 'structured_outputs.future' (logged once per field name)",
+        "ignoring unknown request field 'messages[].mood' (logged once per field name)",
+    ])

@@ -62,6 +62,7 @@ def _wait_cache_free(server, timeout_s: float = 60.0) -> str:
 def test_models_lists_the_default_model(client):
     [entry] = client.models.list().data
     assert entry.id == "smollm2-135m-instruct" and entry.owned_by == "hearth"
+    assert entry.max_model_len == 8192 and entry.capabilities == ["completion"]  # no FIM tokens
 
 
 def test_chat_answers_with_usage_and_logprobs(client, model, server):
@@ -234,3 +235,18 @@ def test_foreign_host_refused_and_no_cors_for_unlisted_origin(server):
     )
     assert not any(h.startswith("access-control-") for h in preflight.headers)
     assert httpx.get(url, headers=auth).status_code == 200
+
+
+def test_suffix_without_fim_tokens_is_a_400_naming_fill_in_the_middle(client, model, server):
+    """The default model has no FIM tokens: never a silently wrong prompt."""
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model=model, prompt="def f(x):\n    ", suffix="\n", max_tokens=4)
+    assert "fill-in-the-middle" in error.value.message and error.value.param == "suffix"
+    for alias in ("v1/completions", "v1/fim/completions"):
+        plain = httpx.post(
+            server.url + alias,
+            json={"prompt": "def f(", "suffix": "", "max_tokens": 1},
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=60,
+        )
+        assert plain.status_code == 200, plain.text  # an empty suffix is a plain completion

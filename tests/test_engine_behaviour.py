@@ -62,9 +62,9 @@ def test_shared_prefix_computes_only_new_tokens(model_dir):
     computed = []
     real_execute = engine.runner.execute
 
-    def spy(schedule):
+    def spy(schedule, *args):
         computed.append(schedule.num_batched_tokens)
-        return real_execute(schedule)
+        return real_execute(schedule, *args)
 
     engine.runner.execute = spy
     second = llm.generate([prefix + [10, 11, 12, 13]], GREEDY, use_tqdm=False)[0]

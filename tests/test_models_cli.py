@@ -170,6 +170,22 @@ def test_serve_refuses_a_model_that_does_not_match(tiny, tmp_path):
     assert "Traceback" not in result.stderr  # a clear message, not a stack trace
 
 
+def test_list_and_show_print_what_the_server_would_advertise(tmp_path, monkeypatch, capsys):
+    from helpers import add_fim_tokens, save_tiny_model
+
+    model = save_tiny_model(tmp_path / "coder", "llama")
+    add_fim_tokens(model, "starcoder")
+    catalog = tmp_path / "models.toml"
+    monkeypatch.setenv("HEARTH_MODELS_TOML", str(catalog))
+    assert main(["models", "add", "coder", str(model)]) == 0
+    capsys.readouterr()
+    assert main(["models", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "completion, insert (fill-in-the-middle: starcoder, psm); context 512 tokens" in listing
+    assert main(["models", "show", "coder"]) == 0
+    assert "served as:      completion, insert" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name,arch", [("gemma3-F16.gguf", "Gemma3ForCausalLM"),
                                        ("mixtral-Q8_0.gguf", "MixtralForCausalLM")])
 def test_add_gguf_records_its_architecture(tiny, name, arch):

@@ -8,6 +8,7 @@ HEARTH_UI_SCREENSHOTS=DIR also saves the chat and monitor screenshots there (doc
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -35,6 +36,7 @@ from hearth.ui.block_map import (
     render_block_map,
     request_colour,
 )
+from hearth.ui.chat import ChatOptions, response_format
 from hearth.ui.conversation import (
     STOPPED,
     ReplyStats,
@@ -44,7 +46,15 @@ from hearth.ui.conversation import (
     mark_stopped,
     model_messages,
 )
-from hearth.ui.panels import cache_summary, format_bytes, gpu_panel, hit_rate, host_panel
+from hearth.ui.panels import (
+    GRAMMAR_MARK,
+    cache_summary,
+    format_bytes,
+    gpu_panel,
+    hit_rate,
+    host_panel,
+    scheduler_rows,
+)
 from hearth.ui.throughput import GENERATION, PROMPT, ThroughputHistory
 
 gradio = pytest.importorskip("gradio")
@@ -216,6 +226,27 @@ def test_format_bytes():
         "1048576.0 GiB",
     ]
     assert format_bytes(None) == "n/a"
+
+
+def test_scheduler_rows_mark_constrained_requests():
+    from hearth.engine.scheduler import SeqSnapshot
+
+    seqs = [SeqSnapshot(0, "chatcmpl-a", "decode", 5, 2, 7, 1, 1.25, constrained=True),
+            SeqSnapshot(1, "ui-b", "waiting", 3, 0, 0, 0, 0.5)]
+    assert [row[:3] for row in scheduler_rows(seqs)] == [
+        ["chatcmpl-a", "decode", GRAMMAR_MARK], ["ui-b", "waiting", ""]]
+
+
+def test_json_toggle_becomes_response_format():
+    def options(on, schema=""):
+        return ChatOptions("", 0.7, 0.95, 64, json_output=on, json_schema=schema)
+
+    assert response_format(options(False, '{"type": "object"}')) is None
+    assert response_format(options(True)) == {"type": "json_object"}
+    assert response_format(options(True, '{"type": "object"}')) == {
+        "type": "json_schema", "json_schema": {"name": "ui", "schema": {"type": "object"}}}
+    with pytest.raises(Exception, match="not valid JSON"):
+        response_format(options(True, "{oops"))
 
 
 def test_cache_summary_and_hit_rate():
@@ -398,6 +429,10 @@ def test_block_map_shows_a_long_generation_then_frees_it(page, server):
     _send(page, "Write a long story about a dragon who learns to bake bread.", max_tokens)
     _reply(page).wait_for()
     _open_tab(page, "Monitor")
+    page.wait_for_function(  # the header advertises what /v1/models and /api/show list
+        "() => document.querySelector('#monitor-header')?.innerText"
+        ".includes('8192 tokens, completion ·')"
+    )
     block_map = page.locator("#block-map .hearth-block-map")
     page.wait_for_function(
         "() => +document.querySelector('#block-map .hearth-block-map')?.dataset.numUsed > 0"
@@ -415,6 +450,46 @@ def test_block_map_shows_a_long_generation_then_frees_it(page, server):
     assert block_map.locator(".cell.cached").count() > 0  # the finished prompt stays reusable
     _open_tab(page, "Chat")
     assert "tok/s" in _reply(page).inner_text()
+
+
+def _json_output(page, on: bool, schema: str = "") -> None:
+    box = page.locator("#json-output input[type=checkbox]")
+    if box.is_checked() != on:
+        box.click()
+    page.locator("#json-schema textarea").fill(schema)
+
+
+def test_json_output_toggle_gives_json_and_the_monitor_marks_it(page, server):
+    rate = measured.get("tokens_per_s", 5.0)
+    story = ('{"type": "object", "properties": {"story": {"type": "string", "minLength": 2000}}, '
+             '"required": ["story"]}')  # runs to max_tokens: the monitor sees it running
+    _open_tab(page, "Chat")
+    _json_output(page, True, story)
+    _send(page, "Tell me a long story.", max_tokens=int(min(96, max(24, rate * 4))))
+    _reply(page).wait_for()
+    _open_tab(page, "Monitor")
+    page.wait_for_function(
+        "() => (document.querySelector('#scheduler-table')?.innerText || '').includes('{ }')")
+    _open_tab(page, "Chat")
+    page.wait_for_function("""() => {
+        const bots = document.querySelectorAll('#chatbot [data-testid=bot]');
+        return bots.length && bots[bots.length - 1].innerText.includes('tok/s');
+    }""", timeout=120_000)
+    assert _reply(page).inner_text().startswith('{"story": "')
+    _json_output(page, True, '{"type": "object", "properties": {"capital": {"enum": '
+                             '["Paris", "Lyon"]}}, "required": ["capital"], '
+                             '"additionalProperties": false}')
+    _send(page, "What is the capital of France?", max_tokens=24)
+    page.wait_for_function("""() => {
+        const bots = document.querySelectorAll('#chatbot [data-testid=bot]');
+        return bots.length && bots[bots.length - 1].innerText.includes('tok/s');
+    }""")
+    answer = _reply(page).inner_text().rsplit("\n", 1)[0].strip()
+    assert json.loads(answer)["capital"] in ("Paris", "Lyon")
+    _json_output(page, True, "{not json")
+    _send(page, "Hi", max_tokens=8)
+    _reply(page).get_by_text("not valid JSON").wait_for()
+    _json_output(page, False)
 
 
 def test_stop_aborts_the_request_mid_stream(page, server):

@@ -6,15 +6,20 @@
     Stop / Clear cancel the streaming event: its task is cancelled, `finally` closes the stream,
     and closing an unfinished stream aborts the request (the engine frees its blocks).
 
-Every error a request can meet (context too long, server busy, model loading) ends up as a message
-in the chat, worded as the API words it; never a stack trace.
+"JSON output" sends response_format json_object, or json_schema with the schema box's schema:
+the engine's grammar then keeps the reply valid JSON (the monitor marks such requests).
+
+Every error a request can meet (context too long, server busy, model loading, a bad schema) ends
+up as a message in the chat, worded as the API words it; never a stack trace.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import gradio as gr
 
@@ -25,6 +30,7 @@ from hearth.appliance.serving import (
     ChatMessage,
     RequestStream,
     api_error,
+    bad_request,
 )
 from hearth.ui.conversation import ReplyStats, Turn, display_messages, mark_stopped, model_messages
 
@@ -39,6 +45,8 @@ class ChatOptions:
     temperature: float
     top_p: float
     max_tokens: int
+    json_output: bool = False
+    json_schema: str = ""  # with json_output: the schema replies must match ("": any object)
 
 
 Update = tuple[list[Turn], list[dict[str, str]]]
@@ -77,9 +85,23 @@ def _submit(context: AppContext, turns: list[Turn], options: ChatOptions) -> Req
         max_tokens=int(options.max_tokens),
         temperature=float(options.temperature),
         top_p=float(options.top_p),
+        response_format=response_format(options),
     )
     _, stream = context.chat.submit(request, fit_max_tokens=True, origin="ui")
     return stream
+
+
+def response_format(options: ChatOptions) -> dict[str, Any] | None:
+    """The JSON toggle and schema box as the API's response_format."""
+    if not options.json_output:
+        return None
+    if not options.json_schema.strip():
+        return {"type": "json_object"}
+    try:
+        schema = json.loads(options.json_schema)
+    except json.JSONDecodeError as error:
+        raise bad_request(f"the JSON schema is not valid JSON: {error}") from None
+    return {"type": "json_schema", "json_schema": {"name": "ui", "schema": schema}}
 
 
 def _stats(
@@ -132,18 +154,22 @@ def build_chat_tab(context: AppContext) -> None:
             max_tokens = gr.Slider(
                 1, MAX_TOKENS_LIMIT, value=256, step=1, label="Max tokens", elem_id="max-tokens"
             )
+            json_output = gr.Checkbox(label="JSON output", elem_id="json-output")
+            json_schema = gr.Textbox(label="JSON schema (optional)", lines=3, max_lines=12,
+                                     placeholder='{"type": "object", "properties": {...}}',
+                                     elem_id="json-schema")
 
-    async def respond(text, history, system_prompt, temp, p, limit):  # noqa: ANN001 - gradio
+    async def respond(text, history, system_prompt, temp, p, limit, as_json, schema):  # noqa: ANN001
         if not text.strip():
             yield gr.skip(), gr.skip(), gr.skip()
             return
         history = [*history, Turn("user", text)]
         yield "", display_messages(history), history
-        options = ChatOptions(system_prompt, temp, p, limit)
+        options = ChatOptions(system_prompt, temp, p, limit, bool(as_json), schema or "")
         async for updated, shown in reply(context, history, options):
             yield gr.skip(), shown, updated
 
-    inputs = [message, turns, system, temperature, top_p, max_tokens]
+    inputs = [message, turns, system, temperature, top_p, max_tokens, json_output, json_schema]
     outputs = [message, chatbot, turns]
     # concurrency_limit=None: the engine batches concurrent chats; admission limits live there.
     events = [

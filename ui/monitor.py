@@ -159,7 +159,8 @@ async def refresh(context: AppContext, readings: Readings) -> list[Any]:
     seq_requests = {s.seq_id: s.request_id for s in scheduler.seqs}
     header = (
         f"**{snapshot.model_name}** on {snapshot.device} ({snapshot.dtype}), context "
-        f"{snapshot.max_model_len} tokens · running {scheduler.num_running} · waiting "
+        f"{snapshot.max_model_len} tokens, {', '.join(context.serving.capabilities())} · "
+        f"running {scheduler.num_running} · waiting "
         f"{scheduler.num_waiting} · prompt {format_rate(history.latest(PROMPT))} · "
         f"generation {format_rate(history.latest(GENERATION))}"
     )

@@ -9,7 +9,9 @@ from collections.abc import Sequence
 
 from hearth.appliance.serving import BlockSnapshot, GpuSample, HostSample
 
-SCHEDULER_COLUMNS = ["request", "state", "prompt tokens", "generated", "blocks", "age (s)"]
+SCHEDULER_COLUMNS = ["request", "state", "grammar", "prompt tokens", "generated", "blocks",
+                     "age (s)"]
+GRAMMAR_MARK = "{ }"  # the request's output must match a grammar (JSON schema, tool call, ...)
 
 
 def format_bytes(num_bytes: float | None) -> str:
@@ -46,11 +48,13 @@ def cache_summary(blocks: BlockSnapshot, num_preemptions: int) -> str:
 
 
 def scheduler_rows(seqs: Sequence) -> list[list]:
-    """One row per live sequence (SeqSnapshot): running first, then waiting."""
+    """One row per live sequence (SeqSnapshot): running first, then waiting; constrained ones
+    (structured output) carry GRAMMAR_MARK."""
     return [
         [
             s.request_id,
             s.state,
+            GRAMMAR_MARK if getattr(s, "constrained", False) else "",
             s.num_prompt_tokens,
             s.num_output_tokens,
             s.num_blocks,

@@ -9,7 +9,7 @@ The UI imports only this package; the names below are what it may use.
 """
 
 from hearth.appliance.deltas import ABORT, RequestDelta
-from hearth.appliance.protocol import ChatCompletionRequest, ChatMessage
+from hearth.appliance.protocol import ChatCompletionRequest, ChatMessage, bad_request
 from hearth.appliance.request_stream import RequestStream
 from hearth.appliance.serving.context import AppContext, build_context
 from hearth.appliance.serving.core import Serving, api_error
@@ -20,5 +20,5 @@ from hearth.engine.snapshot import EngineSnapshot
 __all__ = [
     "ABORT", "AppContext", "BlockSnapshot", "ChatCompletionRequest", "ChatMessage",
     "EngineSnapshot", "GpuSample", "HostSample", "RequestDelta", "RequestStream", "Serving",
-    "api_error", "build_context",
+    "api_error", "bad_request", "build_context",
 ]

@@ -1,4 +1,7 @@
-"""POST /v1/completions: prompts (text or token ids, one or many) → choices, streamed or whole.
+"""POST /v1/completions (and its alias /v1/fim/completions): prompts (text or token ids, one or
+many) → choices, streamed or whole. With `suffix`, each text prompt is the code before the cursor
+and the prompt becomes the model's fill-in-the-middle layout (serving/fim.py);
+response_format / structured_outputs constrain the text as on the chat endpoint.
 
 Choice `index` is prompt_position * n + sample_index, as OpenAI numbers them.
 """
@@ -8,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from hearth.appliance.protocol import CompletionRequest, bad_request
@@ -23,6 +27,8 @@ from hearth.appliance.serving.core import (
     sse,
     usage,
 )
+from hearth.appliance.serving.structured import structured_output
+from hearth.appliance.serving.fim import fim_prompts, no_fim_message
 from hearth.engine.outputs import TokenLogprob
 from hearth.engine.prepare import PreparedRequest
 
@@ -37,9 +43,7 @@ class CompletionServing:
         serving.reject_unsupported(
             request,
             [
-                ("suffix", bool(request.suffix), "suffix"),
                 ("best_of", request.best_of not in (None, 1, request.n), "best_of other than n"),
-                ("logit_bias", bool(request.logit_bias), "logit_bias"),
                 (
                     "echo",
                     request.echo and request.logprobs is not None,
@@ -47,8 +51,16 @@ class CompletionServing:
                 ),
             ],
         )
-        prompts = self._prompts(request.prompt)
-        params = serving.sampling_params(request, request.max_tokens, request.logprobs)
+        params = serving.sampling_params(request, request.max_tokens, request.logprobs,
+                                         structured_output(request))
+        fim = serving.model.fim if request.suffix is not None else None
+        if request.suffix and fim is None:
+            raise bad_request(no_fim_message(serving.model.name), param="suffix")
+        if fim is not None:
+            prompts = fim_prompts(serving.tokenizer, fim, request)
+            params = replace(params, stop_token_ids=[*params.stop_token_ids, *fim.stop_token_ids])
+        else:
+            prompts = self._prompts(request.prompt)
         prepared = []
         for i, prompt in enumerate(prompts):
             where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"

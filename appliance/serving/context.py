@@ -39,5 +39,5 @@ def build_context(settings: Settings, engine_factory: Callable[[], Engine]) -> A
         engine_factory, settings.max_num_seqs, settings.max_queued_requests, observer=telemetry
     )
     serving = Serving(engine, settings.served_model_name)
-    return AppContext(settings, engine, serving, ChatServing(serving), CompletionServing(serving),
-                      telemetry)
+    chat = ChatServing(serving, settings.tool_call_parser, settings.reasoning_parser)
+    return AppContext(settings, engine, serving, chat, CompletionServing(serving), telemetry)

@@ -17,16 +17,19 @@ from typing import Any
 
 from hearth.appliance.async_engine import AsyncEngine
 from hearth.appliance.deltas import RequestDelta, SampleDelta
-from hearth.appliance.protocol import APIError, bad_request
+from hearth.appliance.protocol import APIError, UnknownFieldLog, bad_request
 from hearth.appliance.request_stream import (
     EngineUnavailableError,
     QueueFullError,
     RequestFailedError,
     RequestStream,
 )
+from hearth.appliance.serving.structured import logit_bias
+from hearth.appliance.serving.capabilities import capabilities
 from hearth.engine.outputs import TokenLogprob
 from hearth.engine.prepare import ModelInfo, PreparedRequest, TextCodec, prepare
 from hearth.engine.sampling_params import SamplingParams
+from hearth.engine.structured_output import StructuredOutput, StructuredOutputError
 
 DONE = "data: [DONE]\n\n"
 _PARAM_FIELDS = {
@@ -43,6 +46,7 @@ _PARAM_FIELDS = {
     "frequency_penalty",
     "logprobs",
     "stop_token_ids",
+    "logit_bias",
 }
 
 
@@ -97,11 +101,14 @@ class ChunkWriter:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __call__(self, choices: list[dict[str, Any]], usage: Any = None) -> str:
+        return sse(self.body(choices, usage))
+
+    def body(self, choices: list[dict[str, Any]], usage: Any = None) -> dict[str, Any]:
         body = {"id": self.request_id, "object": self.object, "created": self.created,
                 "model": self.model, "choices": choices}
         if self.include_usage:
             body["usage"] = usage
-        return sse(body)
+        return body
 
 
 def sse(data: dict[str, Any]) -> str:
@@ -130,7 +137,7 @@ def api_error(error: BaseException) -> APIError:
 
 
 def _param_of(message: str) -> str | None:
-    first = message.split(" ", 1)[0]
+    first = message.split(" ", 1)[0].rstrip(":")
     return first if first in _PARAM_FIELDS else None
 
 
@@ -150,6 +157,7 @@ class Serving:
     def __init__(self, engine: AsyncEngine, served_names: tuple[str, ...]) -> None:
         self.engine = engine
         self._served_names = served_names
+        self.unknown_fields = UnknownFieldLog()  # the routes log unknown request fields here
 
     # ---- models ----
 
@@ -176,6 +184,10 @@ class Serving:
             code="model_not_found",
         )
 
+    def capabilities(self) -> list[str]:
+        """What the served model can do on this server (serving/capabilities.py)."""
+        return capabilities(self.model)
+
     def list_models(self) -> dict[str, Any]:
         created = int(time.time())
         return {
@@ -188,6 +200,7 @@ class Serving:
                     "owned_by": "hearth",
                     "root": self.model.name,
                     "max_model_len": self.model.max_model_len,
+                    "capabilities": self.capabilities(),
                 }
                 for name in self.model_names()
             ],
@@ -208,11 +221,15 @@ class Serving:
         label = "the chat prompt" if param == "messages" else where
         try:
             return prepare(self.model, prompt.token_ids, params, label)
+        except StructuredOutputError as error:
+            raise bad_request(str(error), param=error.field) from None
         except ValueError as error:
-            raise bad_request(str(error), param=param) from None
+            message = str(error)
+            raise bad_request(message, param=_param_of(message) or param) from None
 
     def sampling_params(
-        self, request: Any, max_tokens: int | None, logprobs: int | None
+        self, request: Any, max_tokens: int | None, logprobs: int | None,
+        structured_output: StructuredOutput | None = None, skip_special_tokens: bool | None = None,
     ) -> SamplingParams:
         def value(x: Any, default: Any) -> Any:
             return default if x is None else x
@@ -237,7 +254,9 @@ class Serving:
                 ignore_eos=request.ignore_eos,
                 logprobs=logprobs,
                 include_stop_str_in_output=request.include_stop_str_in_output,
-                skip_special_tokens=request.skip_special_tokens,
+                skip_special_tokens=value(skip_special_tokens, request.skip_special_tokens),
+                logit_bias=logit_bias(request.logit_bias),
+                structured_output=structured_output,
             )
         except ValueError as error:
             raise bad_request(str(error), param=_param_of(str(error))) from None

@@ -1,32 +1,54 @@
-"""Chat messages → prompt through the model's chat template, and the /tokenize and /detokenize
-routes (which accept the same messages, so that a client can count a chat's tokens)."""
+"""Chat messages → prompt through the model's chat template (tool calls and tool results
+included), and the /tokenize and /detokenize routes (which accept the same messages, so that a
+client can count a chat's tokens)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from hearth.appliance.protocol import ChatMessage, DetokenizeRequest, TokenizeRequest, bad_request
 from hearth.appliance.serving.core import Prompt, Serving
 
 
-def messages_for_template(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Chat messages as the template wants them: role and plain-text content."""
-    converted = []
+def messages_for_template(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Chat messages as templates want them (transformers' convention): role and plain-text
+    content; an assistant turn's `tool_calls` with their arguments as objects; a tool result's
+    `tool_call_id` and the name of the function it answers."""
+    converted: list[dict[str, Any]] = []
+    names: dict[str, str] = {}  # tool call id -> function name
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
-        if message.role in ("tool", "function") or message.tool_calls or message.function_call:
-            raise bad_request(
-                f"{where}: tool and function messages are not supported", param="messages"
-            )
-        if message.content is None:
+        if message.role == "function" or message.function_call:
+            raise bad_request(f"{where}: function messages are deprecated; send tool calls and "
+                              "role \"tool\" messages", param="messages")
+        entry: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role}
+        if message.content is None and not message.tool_calls:
             raise bad_request(f"{where}.content is required", param="messages")
-        converted.append(
-            {
-                "role": "system" if message.role == "developer" else message.role,
-                "content": _text_of(message.content, where),
-            }
-        )
+        entry["content"] = "" if message.content is None else _text_of(message.content, where)
+        if message.tool_calls:
+            entry["tool_calls"] = [_call(call) for call in message.tool_calls]
+            names.update((call.id, call.function.name) for call in message.tool_calls)
+        if message.role == "tool":
+            if message.tool_call_id is not None:
+                entry["tool_call_id"] = message.tool_call_id
+            name = message.name or names.get(message.tool_call_id or "")
+            if name:
+                entry["name"] = name
+        elif message.name:
+            entry["name"] = message.name
+        converted.append(entry)
     return converted
+
+
+def _call(call: Any) -> dict[str, Any]:
+    """Arguments as an object where they parse (templates write them with `tojson`)."""
+    try:
+        arguments = json.loads(call.function.arguments)
+    except json.JSONDecodeError:
+        arguments = call.function.arguments
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.function.name, "arguments": arguments}}
 
 
 def _text_of(content: str | list[Any], where: str) -> str:
@@ -43,12 +65,17 @@ def _text_of(content: str | list[Any], where: str) -> str:
     return "\n".join(texts)
 
 
-def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool) -> Prompt:
+def chat_prompt(tokenizer: Any, messages: list[ChatMessage] | list[dict[str, Any]],
+                add_generation_prompt: bool, **template_kwargs: Any) -> Prompt:
+    """The prompt of a chat. `messages` may be converted already (messages_for_template);
+    `template_kwargs` reach the template as variables (`tools`, `enable_thinking`, ...)."""
+    if messages and not isinstance(messages[0], dict):
+        messages = messages_for_template(messages)
     try:
         text = tokenizer.apply_chat_template(
-            messages_for_template(messages), add_generation_prompt=add_generation_prompt
+            messages, add_generation_prompt=add_generation_prompt, **template_kwargs
         )
-    except ValueError as error:
+    except (ValueError, TypeError) as error:
         raise bad_request(f"the chat template failed: {error}", param="messages") from None
     return Prompt(text, tokenizer.encode(text, add_special_tokens=False))
 

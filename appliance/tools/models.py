@@ -78,6 +78,7 @@ def _list(args: argparse.Namespace) -> int:
         mark = "*" if name == catalog.default else " "
         kind = spec.quantization or spec.dtype or ""
         print(f"{mark} {name:<32} {spec.source:<8} {kind:<10} {_where(spec)}")
+        print(f"    {_served_as(catalog, name)}")
     print("(* = default)")
     return 0
 
@@ -93,11 +94,33 @@ def _show(args: argparse.Namespace) -> int:
     try:
         resolved = resolve_model(spec.name, catalog)
         print(f"{'resolved:':<15} {resolved.path} ({resolved.format}, {_size(resolved)})")
+        print(f"{'served as:':<15} {_served_as(catalog, spec.name)}")
     except ValueError as error:
         print(f"{'resolved:':<15} not available: {error}")
     for file_name, digest in spec.sha256.items():
         print(f"{'sha256:':<15} {digest}  {file_name}")
     return 0
+
+
+def _served_as(catalog: Catalog, name: str) -> str:
+    """What `hearth serve` would advertise for the model: its capabilities (as /api/show and
+    /v1/models list them) and context length. Reads the config and tokenizer, not the weights."""
+    from hearth.appliance.serving.capabilities import capabilities
+    from hearth.engine.fim import model_fim
+    from hearth.engine.loader import load_model_source  # torch: imported when asked for
+    from hearth.engine.prepare import ModelInfo
+
+    try:
+        resolved = resolve_model(name, catalog)
+        source = load_model_source(resolved)
+        spec = resolved.spec
+        vocab_size = source.config.vocab_size
+        fim = model_fim(source.tokenizer, vocab_size, spec and spec.fim, spec and spec.fim_order)
+    except Exception as error:  # noqa: BLE001 - a file that does not load: say so, list the rest
+        return f"not available: {error}"
+    info = ModelInfo(name, source.max_model_len, vocab_size, source.tokenizer, fim=fim)
+    fill = f" (fill-in-the-middle: {fim.family}, {fim.order})" if fim else ""
+    return f"{', '.join(capabilities(info))}{fill}; context {source.max_model_len} tokens"
 
 
 def _add(args: argparse.Namespace) -> int:
