@@ -9,9 +9,10 @@ it imports no Hearth module.
 
 `convert` runs vendor/llama.cpp/convert_hf_to_gguf.py (from the llama-cpp-python sdist) at F16
 and Q8_0 for every family, copies each HF dir's config.json and safetensors beside the files,
-adds the window the converter drops to a copy of Mistral's F16 file, and writes llama-MIXED.gguf:
-the llama file's tensors re-typed per tensor as llama.cpp's Q4_K_M mixes them (Q4_K, Q6_K, Q5_0,
-Q4_0, Q4_1, Q8_0). The converter itself writes no K-quants (its outtypes
+adds the window the converter drops to a copy of Mistral's F16 file, writes FAMILY-Q4_K_M.gguf
+for every family (the F16 file's tensors re-typed as llama-quantize's Q4_K_M picks them,
+q4_k_m_types) and llama-MIXED.gguf (llama's tensors re-typed by hand: Q4_K, Q6_K, Q5_0, Q4_0,
+Q4_1 and Q8_0 in one file). The converter itself writes no K-quants (its outtypes
 are f32, f16, bf16, q8_0, tq1_0, tq2_0; K-quants come from the compiled llama-quantize), so the
 Q4_K and Q6_K blocks are encoded here and checked against gguf-py's own dequantizer.
 
@@ -33,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 SEED = 0
-SHARED = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+# intermediate 256: the down projections' rows (and the experts') are one K-quant block wide
+SHARED = dict(hidden_size=32, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
               num_key_value_heads=1, head_dim=16, max_position_embeddings=512, bos_token_id=1,
               eos_token_id=2, rms_norm_eps=1e-6)
 TINY_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -41,10 +43,9 @@ TINY_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "rope_theta": 10000.0}
 # family -> (transformers config class, model class, config beyond SHARED)
 FAMILIES = {
-    # Llama 3.1-style RoPE (the converter writes rope_freqs); down_proj 256 wide for K-quants
+    # Llama 3.1-style RoPE (the converter writes rope_freqs)
     "llama": ("LlamaConfig", "LlamaForCausalLM",
-              dict(intermediate_size=256, tie_word_embeddings=False,
-                   rope_parameters=TINY_LLAMA3)),
+              dict(tie_word_embeddings=False, rope_parameters=TINY_LLAMA3)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
               dict(tie_word_embeddings=True,
                    rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
@@ -71,7 +72,7 @@ FAMILIES = {
                 dict(tie_word_embeddings=False, sliding_window=8)),
     "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                  dict(tie_word_embeddings=True, num_experts=4, num_experts_per_tok=2,
-                      moe_intermediate_size=32, norm_topk_prob=True)),
+                      moe_intermediate_size=256, norm_topk_prob=True)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
                 dict(tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2)),
 }
@@ -126,12 +127,22 @@ def make_models(tokenizer: Path, work: Path) -> None:
         model = getattr(transformers, model_cls)(config)
         _randomize(model, gemma=family.startswith("gemma"))
         model.to(torch.float16).save_pretrained(out)
+        _portable_config(out / "config.json")
         if byte_level:
             _save_byte_level_tokenizer(out)
         else:
             for f in tokenizer.iterdir():
                 shutil.copy(f, out / f.name)
         print(f"{family}: {sum(p.numel() for p in model.parameters())} parameters")
+
+
+def _portable_config(path: Path) -> None:
+    """transformers 5.25 writes Qwen3-MoE's expert count as num_local_experts only; the GPU
+    machine's 5.17 (and the Hub's configs) read num_experts: write both."""
+    config = json.loads(path.read_text())
+    if "num_local_experts" in config and config.get("model_type") == "qwen3_moe":
+        config["num_experts"] = config["num_local_experts"]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _randomize(model, gemma: bool) -> None:
@@ -181,6 +192,9 @@ def convert(llama_cpp: Path, work: Path, out: Path) -> None:
             print(f"{target.name}: {target.stat().st_size} bytes")
     sys.path.insert(0, str(llama_cpp / "gguf-py"))  # the converter's own gguf package
     rewrite(out / "llama-F16.gguf", out / "llama-MIXED.gguf", MIXED)
+    for family in FAMILIES:
+        src = out / f"{family}-F16.gguf"
+        rewrite(src, out / f"{family}-Q4_K_M.gguf", q4_k_m_types(src))
     rewrite(out / "mistral-F16.gguf", out / "mistral-F16-SWA.gguf", {},
             {"llama.attention.sliding_window": 8})
 
@@ -202,6 +216,42 @@ MIXED = {"token_embd": "Q8_0", "output": "Q8_0", "blk.0.attn_q": "Q8_0", "blk.0.
          "blk.0.ffn_up": "Q4_0", "blk.0.ffn_down": "Q6_K", "blk.1.attn_q": "Q4_1",
          "blk.1.attn_k": "Q4_1", "blk.1.attn_v": "Q8_0", "blk.1.attn_output": "Q4_1",
          "blk.1.ffn_gate": "Q4_1", "blk.1.ffn_up": "Q4_1", "blk.1.ffn_down": "Q4_K"}
+
+
+def q4_k_m_types(src: Path) -> dict[str, str]:
+    """GGUF name -> type, as llama-quantize's Q4_K_M picks them (llama-quant.cpp): the output
+    (or tied embedding) Q6_K, fused qkv Q5_K, attn_v and ffn_down (experts too) Q6_K on
+    use_more_bits layers, the rest Q4_K; rows not a multiple of 256 fall back (Q4_K -> Q5_0,
+    Q5_K -> Q5_1, Q6_K -> Q8_0); routers and 1-D tensors keep their type. Tiny models: only
+    the 256-wide down projections hold K blocks."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    n_layer = int(reader.fields[f"{arch}.block_count"].contents())
+    names = {t.name.removesuffix(".weight") for t in reader.tensors}
+    fallback = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+    types = {}
+    for tensor in reader.tensors:
+        name = tensor.name.removesuffix(".weight")
+        if tensor.data.ndim < 2 or "ffn_gate_inp" in name:
+            types[name] = tensor.tensor_type.name
+            continue
+        layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
+        qtype = "Q4_K"
+        if name == "output" or (name == "token_embd" and "output" not in names):
+            qtype = "Q6_K"
+        elif name.endswith("attn_qkv"):
+            qtype = "Q5_K"
+        elif (name.endswith("attn_v") or ".ffn_down" in name) and _more_bits(layer, n_layer):
+            qtype = "Q6_K"
+        types[name] = fallback[qtype] if tensor.data.shape[-1] % 256 else qtype
+    return types
+
+
+def _more_bits(i: int, n: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the layers and every third."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
 def rewrite(src: Path, dst: Path, qtypes: dict[str, str], extra: dict | None = None) -> None:

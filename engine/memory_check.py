@@ -43,10 +43,13 @@ class DeviceMemory:
 
 def weight_bytes(config: ModelConfig, dtype_bytes: int, kept_file_bytes: int | None) -> int:
     """Bytes of the loaded weights. kept_file_bytes: a GGUF kept quantized (its blocks stay as
-    in the file; embeddings, norms and experts come as floats)."""
+    in the file; embeddings, norms and experts come as floats: the experts' share of the file,
+    by parameter count, is counted at dtype_bytes instead)."""
     embed = config.vocab_size * config.hidden_size
     if kept_file_bytes is not None:
-        return kept_file_bytes + embed * dtype_bytes
+        experts = config.num_expert_params
+        blocks = kept_file_bytes * (1 - experts / config.num_params)
+        return int(blocks) + (experts + embed) * dtype_bytes
     quant = config.quantization
     if quant is None or quant.method == "gguf":
         return config.num_params * dtype_bytes

@@ -113,6 +113,15 @@ class ModelConfig:
         return (self.num_layers * self._attention_params() + self._mlp_params(active=True)
                 + self.vocab_size * self.hidden_size)
 
+    @property
+    def num_expert_params(self) -> int:
+        """Weights of the routed experts of every MoE layer (0 for a dense model)."""
+        if self.moe is None:
+            return 0
+        sparse_layers = self.num_layers - len(self.moe.dense_layers)
+        return (sparse_layers * self.moe.num_experts * 3 * self.hidden_size
+                * self.moe.intermediate_size)
+
     def _attention_params(self) -> int:
         h, q = self.hidden_size, self.num_heads * self.head_dim
         return h * (q + 2 * self.num_kv_heads * self.head_dim) + q * h

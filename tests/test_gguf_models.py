@@ -4,8 +4,11 @@ transformers on the HF directories they were converted from:
     F16     every tensor equals the checkpoint's; greedy tokens equal transformers'
     Q8_0    kept quantized (gguf_keep_quantized) = Hearth's dequantized-float run, token for token;
             first-step log-probabilities close to transformers' on the float weights
-    MIXED   llama's tensors re-typed one by one as llama.cpp's Q4_K_M mixes them (Q4_K, Q6_K,
-            Q5_0, Q4_0, Q4_1, Q8_0): loads, same two checks
+    Q4_K_M  every family's tensors re-typed as llama-quantize's Q4_K_M picks them (Q4_K and Q6_K
+            in the 256-wide down projections, experts included; Q5_0 / Q5_1 / Q8_0 where rows
+            are narrower): loads, same two checks
+    MIXED   llama's tensors re-typed by hand (Q4_K, Q6_K, Q5_0, Q4_0, Q4_1, Q8_0 in one file):
+            loads, same two checks
 """
 
 from __future__ import annotations
@@ -104,13 +107,17 @@ def _hf_first_logprobs(model, prompt: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("name,tolerance", [
     *((f"{family}-Q8_0.gguf", 0.15) for family in FAMILIES),
-    ("llama-MIXED.gguf", 0.6),  # 4-bit groups on a 32-wide random model
+    *((f"{family}-Q4_K_M.gguf", 0.6) for family in FAMILIES),  # 4-5 bits, 32-wide random models
+    ("llama-MIXED.gguf", 0.6),
 ])
 def test_quantized_kept_equals_dequantized_and_is_close(name, tolerance, reference):
     model, prompts = reference(name.split("-")[0])
     dense, kept = _llm(DATA / name), _llm(DATA / name, gguf_keep_quantized=True)
-    try:  # (experts stay float: the fused MoE kernel reads float weights)
-        assert any(isinstance(m, GGUFLinear) for m in kept.engine.runner.model.modules())
+    # experts stay float (the fused MoE kernel reads float weights): in the MoE Q4_K_M files the
+    # K blocks are all the experts', and the 32-wide attention is Q5_0, which no kernel keeps
+    keeps = not (name.endswith("Q4_K_M.gguf") and name.split("-")[0] in MOE)
+    try:
+        assert any(isinstance(m, GGUFLinear) for m in kept.engine.runner.model.modules()) == keeps
         dense_out, kept_out = _greedy(dense, prompts, 5), _greedy(kept, prompts, 5)
     finally:
         dense.shutdown()
@@ -130,6 +137,21 @@ def test_mixed_file_holds_every_type():
     assert {"Q4_K", "Q6_K", "Q5_0", "Q4_0", "Q4_1", "Q8_0", "F32"} <= types
     kept = load_gguf(DATA / "llama-MIXED.gguf", keep_quantized=True).config.quantization
     assert set(kept.gguf_types.values()) == {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_q4_k_m_files_hold_k_blocks_where_llama_cpp_puts_them(family):
+    """Q4_K_M: the down projections (experts too) Q6_K on use_more_bits layers and Q4_K on the
+    others; narrower rows fall back as llama-quantize does; both K types load."""
+    import gguf
+
+    path = DATA / f"{family}-Q4_K_M.gguf"
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    down = {types[name] for name in types if ".ffn_down" in name}
+    assert down == {"Q4_K", "Q6_K"}
+    assert set(types.values()) <= {"Q4_K", "Q6_K", "Q5_0", "Q5_1", "Q8_0", "F16", "F32"}
+    weights = dict(load_gguf(path).weights())
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
 
 
 def test_mistral_window_dropped_by_the_converter_and_honoured_when_present(reference):

@@ -125,6 +125,12 @@ def test_weight_bytes_and_host_memory(tmp_path):
 
     awq = dataclasses.replace(config, quantization=QuantConfig("awq", 4, 128))
     assert 0.3 < weight_bytes(awq, 2, None) / (config.num_params * 2) < 0.4  # head stays 16-bit
+    assert weight_bytes(config, 2, 4 << 30) == (4 << 30) + config.vocab_size * 4096 * 2
+    moe = load_hf_config(model_builder.__file__.rsplit("/engine/", 1)[0]
+                         + "/bench/configs/qwen3-30b-a3b")
+    assert 0.9 < moe.num_expert_params / moe.num_params < 0.99
+    kept = weight_bytes(moe, 2, 18 << 30)  # a Q4_K_M file: its experts come as bf16
+    assert moe.num_expert_params * 2 < kept < moe.num_params * 2
     (tmp_path / "meminfo").write_text("MemTotal: 1024 kB\nMemFree: 10 kB\nMemAvailable: 512 kB\n")
     memory = host_memory(tmp_path / "meminfo")
     assert (memory.free, memory.total, memory.usable) == (512 << 10, 1 << 20, 512 << 10)
