@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hearth.engine.speculative.config import SpeculativeConfig
+
 DEVICES = ("auto", "cpu", "cuda")  # auto: cuda when available
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "dummy")
@@ -55,8 +57,12 @@ class EngineConfig:
     # Grammar-constrained decoding (engine/grammar.py). False: no grammar compiler and no grammar
     # hook in the step at all (bench/structured.py measures the hook's cost against this).
     structured_output: bool = True
+    # Speculative decoding (engine/speculative/): None = off; "ngram", "draft", a dict of
+    # SpeculativeConfig fields or a SpeculativeConfig (normalised to one here).
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "speculative", SpeculativeConfig.parse(self.speculative))
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
         if self.dtype not in DTYPES:
