@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
+from helpers import save_tiny_model
 
 from hearth import LLM, SamplingParams
 from hearth.engine.speculative import SpeculativeConfig
 from hearth.engine.speculative.verify import verify
-from tests.helpers import save_tiny_model
 
 
 def chi2_threshold(dof: int, z: float = 3.09) -> float:
