@@ -89,3 +89,29 @@ def test_monitor_shows_the_acceptance_rate():
     assert speculation_summary(None) == ""
     assert "no proposals" in speculation_summary(SpecDecodeStats("draft", 4))
     assert STATS.acceptance_rate == 0.6 and SpecDecodeStats("ngram", 2).acceptance_rate is None
+
+
+def test_served_dummy_weights_with_speculation(tmp_path):
+    """`hearth serve --load-format dummy --speculative ngram` on a config-only directory: random
+    weights, requests answered, spec-decode counters on /metrics."""
+    import httpx
+    from helpers import save_tiny_model
+    from server_harness import metric, running_server
+
+    from hearth.appliance.settings import Settings
+    from hearth.cli import engine_factory
+
+    model = save_tiny_model(tmp_path / "tiny", "llama")
+    for weights in model.glob("*.safetensors"):
+        weights.unlink()  # only config.json and the tokenizer remain
+    settings = Settings(model=str(model), device="cpu", load_format="dummy", no_ui=True,
+                        speculative="ngram", num_speculative_tokens=3)
+    with running_server(settings, engine_factory(settings)) as server:
+        name = httpx.get(server.base_url + "/models", timeout=30).json()["data"][0]["id"]
+        reply = httpx.post(server.base_url + "/completions", timeout=120, json={
+            "model": name, "prompt": "abc abc abc abc abc", "max_tokens": 12, "temperature": 0})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] == 12
+        text = httpx.get(server.url + "metrics", timeout=30).text
+        assert metric(text, "vllm:spec_decode_num_draft_tokens_total") >= 0
+        assert "vllm:spec_decode_num_accepted_tokens_per_pos_total" in text
