@@ -164,7 +164,7 @@ async def refresh(context: AppContext, readings: Readings) -> list[Any]:
         f"running {scheduler.num_running} · waiting "
         f"{scheduler.num_waiting} · prompt {format_rate(history.latest(PROMPT))} · "
         f"generation {format_rate(history.latest(GENERATION))}"
-        f"{speculation_summary(snapshot.spec_decode)}"
+        f"{speculation_summary(getattr(snapshot, 'spec_decode', None))}"
     )
     return [
         header,
