@@ -15,7 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from hearth.engine.config import DEVICES, DTYPES, KV_CACHE_DTYPES, EngineConfig
+from hearth.engine.config import DEVICES, DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS, EngineConfig
+from hearth.engine.speculative import SPECULATIVE_METHODS, SpeculativeConfig
 
 ENV_PREFIX = "HEARTH_"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -40,6 +41,11 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     gguf_keep_quantized: bool = False  # GGUF linears from their blocks (CPU bf16: int4 GEMV)
+    load_format: str = "auto"  # dummy: random weights of the model's config (benchmarks)
+    speculative: str | None = None  # ngram | draft; None: no speculative decoding
+    num_speculative_tokens: int = 4
+    draft_model: str | None = None
+    speculative_disable_by_batch_size: int = 8
     max_queued_requests: int = 256  # requests admitted beyond max_num_seqs before 429
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers at all
     allowed_hosts: tuple[str, ...] = ()  # Host headers accepted besides localhost names
@@ -76,7 +82,21 @@ class Settings:
             kv_cache_dtype=self.kv_cache_dtype,
             gpu_memory_utilization=self.gpu_memory_utilization,
             gguf_keep_quantized=self.gguf_keep_quantized,
+            load_format=self.load_format,
+            speculative=self._speculative_config(),
         ))
+
+    def _speculative_config(self) -> SpeculativeConfig | None:
+        if self.speculative is None:
+            if self.draft_model is not None:
+                raise ValueError("--draft-model is used by --speculative draft; add it")
+            return None
+        return SpeculativeConfig(
+            method=self.speculative,
+            num_speculative_tokens=self.num_speculative_tokens,
+            draft_model=self.draft_model,
+            disable_by_batch_size=self.speculative_disable_by_batch_size,
+        )
 
 
 @dataclass(frozen=True)
@@ -187,6 +207,30 @@ _OPTIONS = (
         "run a GGUF model's linears from its quantized blocks instead of dequantizing at load "
         "(less memory; on CPU with --dtype bfloat16, Q4 weights take the int4 GEMV: ~2x decode)",
         flag=True,
+    ),
+    _Option(
+        "load_format",
+        _choice(LOAD_FORMATS),
+        "auto: the model's weights; dummy: random weights of its config (benchmarks only)",
+    ),
+    _Option(
+        "speculative",
+        _choice(SPECULATIVE_METHODS),
+        "speculative decoding: ngram (prompt lookup, no extra model: code edits, quoting) or "
+        "draft (a small model with the same tokenizer, --draft-model); greedy output unchanged",
+    ),
+    _Option(
+        "num_speculative_tokens", _positive_int, "tokens proposed per step (K)", metavar="K"
+    ),
+    _Option(
+        "draft_model", str, "the draft model of --speculative draft (name or path)",
+        metavar="MODEL",
+    ),
+    _Option(
+        "speculative_disable_by_batch_size",
+        _positive_int,
+        "steps with more running sequences than this do not speculate (it stops paying)",
+        metavar="N",
     ),
     _Option(
         "max_queued_requests",

@@ -283,6 +283,9 @@ class _StateCollector:
         ):
             family.add_metric([state], value)
         yield family
+        spec = getattr(snap, "spec_decode", None)
+        if spec is not None:
+            yield from _spec_decode_metrics(spec, model)
 
     def _gpu_metrics(self) -> Iterator[Metric]:
         samples = self._telemetry.gpu.sample()
@@ -317,3 +320,22 @@ class _StateCollector:
         yield GaugeMetricFamily(
             "hearth_host_memory_total_bytes", "Host memory.", value=host.memory_total_bytes
         )
+
+
+def _spec_decode_metrics(spec: Any, model: list[str]) -> Iterator[Metric]:
+    """Speculative decoding under vLLM's metric names (engine/speculative/stats.py)."""
+    for name, doc, value in (
+        ("vllm:spec_decode_num_drafts", "Proposals verified.", spec.num_drafts),
+        ("vllm:spec_decode_num_draft_tokens", "Tokens proposed.", spec.num_draft_tokens),
+        ("vllm:spec_decode_num_accepted_tokens", "Proposed tokens accepted.",
+         spec.num_accepted_tokens),
+    ):
+        family = CounterMetricFamily(name, doc, labels=["model_name"])
+        family.add_metric(model, value)
+        yield family
+    family = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                 "Proposed tokens accepted, by position in the proposal.",
+                                 labels=["model_name", "position"])
+    for position, value in enumerate(spec.accepted_per_pos):
+        family.add_metric([*model, str(position)], value)
+    yield family

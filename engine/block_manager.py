@@ -196,6 +196,16 @@ class BlockManager:
         seq.num_dropped_blocks = 0
         self._holders.pop(seq.seq_id, None)
 
+    def free_tail(self, seq: Sequence, num_tokens: int) -> int:
+        """Release the blocks past the first `num_tokens` positions of `seq`: after speculative
+        decoding, the blocks that only rejected proposals occupied. Returns how many."""
+        keep = max(-(-num_tokens // self.block_size), seq.num_dropped_blocks)
+        tail = seq.block_ids[keep:]
+        for block_id in reversed(tail):
+            self._unref(block_id)
+        del seq.block_ids[keep:]
+        return len(tail)
+
     def drop_out_of_window(self, seq: Sequence) -> int:
         """Release the blocks that no future query of `seq` reads (sliding window; see the
         module docstring). Returns how many were released."""

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hearth.engine.speculative.config import SpeculativeConfig
+
 DEVICES = ("auto", "cpu", "cuda")  # auto: cuda when available
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-_LOAD_FORMATS = ("auto", "dummy")
+LOAD_FORMATS = ("auto", "dummy")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # auto: the model dtype; fp8: e4m3, CUDA only
 DEFAULT_CPU_KV_CACHE_GIB = 1.0
 
@@ -55,15 +57,19 @@ class EngineConfig:
     # Grammar-constrained decoding (engine/grammar.py). False: no grammar compiler and no grammar
     # hook in the step at all (bench/structured.py measures the hook's cost against this).
     structured_output: bool = True
+    # Speculative decoding (engine/speculative/): None = off; "ngram", "draft", a dict of
+    # SpeculativeConfig fields or a SpeculativeConfig (normalised to one here).
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "speculative", SpeculativeConfig.parse(self.speculative))
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
-        if self.load_format not in _LOAD_FORMATS:
+        if self.load_format not in LOAD_FORMATS:
             raise ValueError(
-                f"load_format must be one of {_LOAD_FORMATS}; got {self.load_format!r}"
+                f"load_format must be one of {LOAD_FORMATS}; got {self.load_format!r}"
             )
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; "

@@ -46,6 +46,8 @@ from hearth.engine.sampling_params import SamplingParams
 from hearth.engine.scheduler import PLACEHOLDER_TOKEN_ID, Scheduler
 from hearth.engine.sequence import FinishReason, Sequence
 from hearth.engine.snapshot import EngineSnapshot
+from hearth.engine.speculative.proposer_draft import DraftProposer, build_draft, check_draft
+from hearth.engine.speculative.speculator import Speculator
 
 
 @dataclass
@@ -68,6 +70,9 @@ _SNAPSHOT_REFRESH_S = 0.2
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, progress: bool = True) -> None:
         self.config = config or EngineConfig()
+        spec = self.config.speculative
+        # The draft first: on CUDA the target's KV budget then counts the draft's memory.
+        draft = build_draft(self.config, progress) if spec and spec.method == "draft" else None
         built: BuiltModel = build_model(self.config, progress=progress)
         self.model_name = built.name
         self.tokenizer = built.tokenizer
@@ -92,6 +97,13 @@ class LLMEngine:
             self.model_config.architecture, self.model_config.num_params, built.quantization,
             built.fim,
         )
+        self._speculator: Speculator | None = None
+        if spec is not None:
+            if draft is not None:
+                check_draft(draft, built)
+            self._speculator = Speculator(spec, self.scheduler.max_len,
+                                          DraftProposer(draft.runner, spec.num_speculative_tokens)
+                                          if draft else None)
         self._requests: dict[str, RequestState] = {}
         self._lock = threading.Lock()
         self._snapshot: EngineSnapshot | None = None
@@ -171,18 +183,27 @@ class LLMEngine:
             return outputs
 
     def _step(self, finished_only: bool) -> list[RequestOutput]:
-        if self._async and not self._sync_request_ids:
+        spec = self._speculator
+        speculate = spec is not None and spec.wants(self.scheduler.num_running)
+        if self._async and not self._sync_request_ids and not speculate:
             return self._step_overlapped(finished_only)
         if self._inflight is not None:
             return self._drain(finished_only)  # the next step runs synchronously
+        if speculate:
+            spec.propose(self.scheduler.running)
         schedule = self.scheduler.schedule()
+        if speculate:
+            spec.clear()  # the scheduled chunks carry the proposals they verify
         self._drop_matchers(schedule.preempted_seq_ids)  # rebuilt from their tokens when resumed
         if schedule.is_empty:
             return []
         runner_output = self.runner.execute(schedule, self._matchers)
+        num_before = {c.seq.seq_id: c.seq.num_tokens for c in schedule.chunks if c.spec_token_ids}
         updated = self.scheduler.update(schedule, runner_output)
+        if num_before:
+            spec.record(schedule, runner_output)
         pairs = [(seq, runner_output.logprobs.get(seq.seq_id)) for seq in updated]
-        return self._emit(pairs, finished_only)
+        return self._emit(pairs, finished_only, num_before)
 
     def _step_overlapped(self, finished_only: bool) -> list[RequestOutput]:
         """Schedule and launch step N+1 while N runs, then finish N (see the module docstring)."""
@@ -235,22 +256,27 @@ class LLMEngine:
         return self._emit([(seq, None) for seq, _ in inflight.placeholders], finished_only)
 
     def _emit(self, tokens: list[tuple[Sequence, list[TokenLogprob] | None]],
-              finished_only: bool) -> list[RequestOutput]:
-        """Detokenize and stop-check each sequence's new token; outputs of the changed requests."""
+              finished_only: bool, num_before: dict[int, int] | None = None,
+              ) -> list[RequestOutput]:
+        """Detokenize and stop-check each sequence's new token (or tokens: `num_before` holds
+        the token counts of sequences that speculated); outputs of the changed requests."""
         changed: dict[str, RequestState] = {}
         for seq, logprobs in tokens:
             req = self._requests.get(seq.request_id)
             if req is None:
                 continue  # aborted while its step ran
-            self._on_token(req, seq, logprobs)
+            num_new = 1
+            if num_before:
+                num_new = seq.num_tokens - num_before.get(seq.seq_id, seq.num_tokens - 1)
+            self._on_token(req, seq, logprobs, num_new)
             changed[req.request_id] = req
         return [self._finish_output(req) for req in changed.values()
                 if not finished_only or req.finished]
 
     def _on_token(self, req: RequestState, seq: Sequence,
-                  logprobs: list[TokenLogprob] | None) -> None:
-        self._num_generation_tokens += 1
-        if req.add_token(seq, logprobs, self.tokenizer) and not seq.is_finished:
+                  logprobs: list[TokenLogprob] | None, num_new: int = 1) -> None:
+        self._num_generation_tokens += num_new
+        if req.add_token(seq, logprobs, self.tokenizer, num_new) and not seq.is_finished:
             self.scheduler.finish(seq, FinishReason.STOP)  # a stop string
         if seq.grammar is not None and not seq.is_finished and self._matchers.advance(seq):
             self.scheduler.finish(seq, FinishReason.STOP)  # the grammar is complete
@@ -304,6 +330,7 @@ class LLMEngine:
             dtype=self.dtype,
             max_model_len=self.model_info.max_model_len,
             taken_at=time.monotonic(),
+            spec_decode=self._speculator.stats() if self._speculator else None,
         )
 
     def shutdown(self) -> None:

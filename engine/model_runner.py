@@ -29,6 +29,7 @@ from hearth.engine.model_config import ModelConfig
 from hearth.engine.outputs import RunnerOutput, ScheduledChunk, ScheduleOutput
 from hearth.engine.sampler import Sampler, SamplingRow
 from hearth.engine.scheduler import PLACEHOLDER_TOKEN_ID
+from hearth.engine.speculative.verify import verify_chunks
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -129,8 +130,32 @@ class ModelRunner:
         logits, sampled = self._forward(schedule, None)
         if logits is None:
             return RunnerOutput()
+        if any(c.spec_token_ids for c in sampled):
+            return self._sample_speculated(logits, sampled, grammars)
         self._process_logits(logits, sampled, grammars)
         return self._sample(logits, sampled)
+
+    def _sample_speculated(self, logits: torch.Tensor, chunks: list[ScheduledChunk],
+                           grammars: GrammarMatchers | None) -> RunnerOutput:
+        """logits hold K + 1 rows per speculating chunk, one per other chunk: the others sample
+        as usual, the speculating ones are verified (engine/speculative/verify.py)."""
+        counts = [c.num_sampled_rows for c in chunks]
+        first_rows = np.cumsum([0, *counts[:-1]])
+        plain = [i for i, c in enumerate(chunks) if not c.spec_token_ids]
+        out = RunnerOutput()
+        if plain:
+            plain_chunks = [chunks[i] for i in plain]
+            plain_logits = logits[torch.from_numpy(first_rows[plain]).to(self.device)]
+            self._process_logits(plain_logits, plain_chunks, grammars)
+            out = self._sample(plain_logits, plain_chunks)
+        spec = [i for i, c in enumerate(chunks) if c.spec_token_ids]
+        rows = np.concatenate([np.arange(first_rows[i], first_rows[i] + counts[i]) for i in spec])
+        spec_chunks = [chunks[i] for i in spec]
+        result = verify_chunks(self.sampler, logits[torch.from_numpy(rows).to(self.device)],
+                               spec_chunks)
+        for chunk, token_ids in zip(spec_chunks, result.token_ids, strict=True):
+            out.sampled_token_ids[chunk.seq.seq_id] = token_ids
+        return out
 
     @torch.inference_mode()
     def launch(self, schedule: ScheduleOutput, prev: InFlightSample | None) -> InFlightSample:
@@ -200,7 +225,7 @@ class ModelRunner:
             self._patch_placeholders(self.graphs.input_ids, batch, chunks, prev)
             logits = self.graphs.replay(batch.num_seqs)  # (num_seqs, vocab), every row
             if len(sampled) != len(chunks):
-                logits = logits[torch.from_numpy(batch.last_rows(chunks)).to(self.device)]
+                logits = logits[torch.from_numpy(batch.sample_rows(chunks)).to(self.device)]
             return logits, sampled
         input_ids, positions, meta = self._to_device(batch)
         self._host.record_copies()
@@ -209,7 +234,7 @@ class ModelRunner:
         if not sampled:
             return None, []
         if len(sampled) != len(chunks) or hidden.shape[0] != len(chunks):
-            rows = torch.from_numpy(batch.last_rows(chunks)).to(self.device, non_blocking=True)
+            rows = torch.from_numpy(batch.sample_rows(chunks)).to(self.device, non_blocking=True)
             hidden = hidden[rows]
         return self.model.compute_logits(hidden), sampled  # (num_sampled_chunks, vocab)
 
@@ -319,9 +344,15 @@ class _Batch:
     def decode_only(self) -> bool:
         return self.num_tokens == self.num_seqs
 
-    def last_rows(self, chunks: list[ScheduledChunk]) -> np.ndarray:
-        ends = np.cumsum(self.query_lens) - 1
-        return ends[np.array([c.samples for c in chunks], dtype=bool)]
+    def sample_rows(self, chunks: list[ScheduledChunk]) -> np.ndarray:
+        """Rows whose logits are read: each sampled chunk's last, or its last K + 1 when it
+        verifies K proposals."""
+        ends = np.cumsum(self.query_lens)
+        counts = np.fromiter((c.num_sampled_rows for c in chunks), np.int64, len(chunks))
+        if counts.max(initial=0) <= 1:
+            return (ends - 1)[counts.astype(bool)]
+        firsts = np.repeat(ends - counts, counts)
+        return firsts + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
 
     def decode_inputs(self) -> DecodeInputs:
         h = self.host

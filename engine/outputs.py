@@ -15,15 +15,23 @@ from hearth.engine.sequence import Sequence
 
 @dataclass(frozen=True)
 class ScheduledChunk:
-    """`num_new_tokens` tokens of `seq`, starting at position `start_pos`, computed this step."""
+    """`num_new_tokens` tokens of `seq`, starting at position `start_pos`, computed this step.
+
+    A speculating decode chunk also computes its proposed tokens, which are not (yet) the
+    sequence's: `num_new_tokens` counts them, and every one of its positions is sampled.
+
+        seq.token_ids [ ... t41 ]   spec_token_ids ( d0 d1 d2 )
+        chunk          [ t41 d0 d1 d2 ]   start_pos 41, num_new_tokens 4"""
 
     seq: Sequence
     start_pos: int  # == seq.num_computed_tokens when scheduled
     num_new_tokens: int
+    spec_token_ids: tuple[int, ...] = ()  # proposals verified this step (speculative decoding)
 
     @property
     def token_ids(self) -> list[int]:
-        return self.seq.token_ids[self.start_pos : self.start_pos + self.num_new_tokens]
+        end = self.end_pos - len(self.spec_token_ids)
+        return self.seq.token_ids[self.start_pos : end] + list(self.spec_token_ids)
 
     @property
     def end_pos(self) -> int:
@@ -32,7 +40,12 @@ class ScheduledChunk:
     @property
     def samples(self) -> bool:
         """The chunk reaches the end of the sequence: its last position is sampled."""
-        return self.end_pos == self.seq.num_tokens
+        return self.end_pos - len(self.spec_token_ids) == self.seq.num_tokens
+
+    @property
+    def num_sampled_rows(self) -> int:
+        """Positions whose logits are read: K + 1 for a speculating chunk."""
+        return 1 + len(self.spec_token_ids) if self.samples else 0
 
 
 @dataclass(frozen=True)
@@ -71,7 +84,8 @@ class TokenLogprob:
 
 @dataclass
 class RunnerOutput:
-    """Per sampled sequence: `num_samples_to_draw` token ids (and logprobs when asked for)."""
+    """Per sampled sequence: `num_samples_to_draw` token ids (and logprobs when asked for); a
+    speculating sequence gets its accepted proposals followed by the target's token."""
 
     sampled_token_ids: dict[int, list[int]] = field(default_factory=dict)
     logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)

@@ -28,8 +28,10 @@ class RequestState:
     def finished(self) -> bool:
         return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs.values())
 
-    def add_token(self, seq: Sequence, logprobs: list[TokenLogprob] | None, tokenizer) -> bool:
-        """Record seq's newest token (and its logprobs); True if a stop string ends the sample."""
+    def add_token(self, seq: Sequence, logprobs: list[TokenLogprob] | None, tokenizer,
+                  num_new: int = 1) -> bool:
+        """Record seq's `num_new` newest tokens (more than one after speculative decoding) and
+        their logprobs; True if a stop string ends the sample."""
         index = seq.sample_index
         if index not in self.seqs:
             self.seqs[index] = seq
@@ -43,7 +45,10 @@ class RequestState:
                 self.logprobs.setdefault(child_index, []).append(lp)
         if not self.params.detokenize:
             return False
-        return self.detoks[index].add_token(seq.last_token_id)
+        detok = self.detoks[index]
+        if num_new == 1:
+            return detok.add_token(seq.last_token_id)
+        return any(detok.add_token(t) for t in seq.token_ids[seq.num_tokens - num_new :])
 
     def output(self) -> RequestOutput:
         first = min((s.first_token_time for s in self.seqs.values() if s.first_token_time),

@@ -80,6 +80,17 @@ class Sampler:
         ids left on the device: nothing here waits for the GPU."""
         return self._choose(logits[:, : self.vocab_size], rows)
 
+    def probs(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """(num_rows, vocab) float32: the distribution each row draws from (temperature, top-k,
+        top-p, min-p applied; no penalties). Speculative verification reads it."""
+        return self._filtered_probs(logits[:, : self.vocab_size].float(), rows)
+
+    def rng(self, device: torch.device) -> torch.Generator:
+        """The engine-seeded generator unseeded draws use on `device`."""
+        if self.generator is None:
+            self.generator = torch.Generator(device=device).manual_seed(self._seed)
+        return self.generator
+
     def _kernel_on(self, logits: torch.Tensor) -> bool:
         return self.use_kernel if self.use_kernel is not None else logits.is_cuda
 
@@ -146,9 +157,7 @@ class Sampler:
         return self._scalars[key]
 
     def _exponential_noise(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        if self.generator is None:
-            self.generator = torch.Generator(device=probs.device).manual_seed(self._seed)
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        noise = torch.empty_like(probs).exponential_(generator=self.rng(probs.device))
         for i, row in enumerate(rows):
             if row.params.seed is not None and not row.params.greedy:
                 gen = torch.Generator(device=probs.device).manual_seed(_row_seed(row))

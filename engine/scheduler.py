@@ -147,10 +147,22 @@ class Scheduler:
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if num_new <= 0:
                 continue  # nothing to compute (its sample never arrived)
-            if self._allocate_or_preempt(seq, num_new, out):
-                out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
+            spec = self._spec_tokens(seq, num_new, budget)
+            if spec and not self.block_manager.allocate(seq, num_new + len(spec)):
+                spec = ()  # no room for the proposals: decode without them, preempt no one
+            if spec or self._allocate_or_preempt(seq, num_new, out):
+                num_new += len(spec)
+                out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new, spec))
                 budget -= num_new
         return budget
+
+    def _spec_tokens(self, seq: Sequence, num_new: int, budget: int) -> tuple[int, ...]:
+        """The proposals a decoding sequence verifies this step, within the token budget and
+        the context length (engine/speculative/: the engine set them before schedule())."""
+        if not seq.spec_token_ids or num_new != 1 or seq.num_computed_tokens != seq.num_tokens - 1:
+            return ()
+        room = min(budget - 1, self.max_len - seq.num_tokens)
+        return tuple(seq.spec_token_ids[: max(room, 0)])
 
     def _allocate_or_preempt(self, seq: Sequence, num_new: int, out: ScheduleOutput) -> bool:
         while not self.block_manager.allocate(seq, num_new):
@@ -208,12 +220,16 @@ class Scheduler:
             seq = chunk.seq
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted or finished between schedule() and update()
+            token_ids = output.sampled_token_ids.get(seq.seq_id)
+            if chunk.spec_token_ids:
+                if token_ids:
+                    sampled.append(self._update_speculated(chunk, token_ids))
+                continue
             samples = chunk.samples  # read before the token count grows
             num_computed_before = seq.num_computed_tokens
             seq.num_computed_tokens += chunk.num_new_tokens
             self.block_manager.cache_blocks(seq, num_computed_before)
             self.block_manager.drop_out_of_window(seq)
-            token_ids = output.sampled_token_ids.get(seq.seq_id)
             if samples and token_ids:
                 sampled.extend(self._append_samples(seq, token_ids))
         for seq in sampled:
@@ -221,6 +237,25 @@ class Scheduler:
             if reason is not None:
                 self.finish(seq, reason)
         return sampled
+
+    def _update_speculated(self, chunk: ScheduledChunk, token_ids: list[int]) -> Sequence:
+        """A verified proposal: append the accepted tokens and the target's own (up to a stop),
+        count the accepted positions as computed, and free the blocks that only the rejected
+        proposals occupied.
+
+            before  tokens [ .. t41 ]            computed 41    blocks for 41 + 1 + K positions
+            after   tokens [ .. t41 d0 d1 x ]    computed 43    blocks for 43 positions"""
+        seq = chunk.seq
+        num_computed_before = seq.num_computed_tokens
+        for token_id in token_ids:
+            seq.append_token(token_id)
+            if self._stop_reason(seq) is not None:
+                break  # the tokens after a stop are not the sequence's
+        seq.num_computed_tokens = seq.num_tokens - 1  # the last token's K/V: next step
+        self.block_manager.free_tail(seq, seq.num_computed_tokens)
+        self.block_manager.cache_blocks(seq, num_computed_before)
+        self.block_manager.drop_out_of_window(seq)
+        return seq
 
     def _append_samples(self, seq: Sequence, token_ids: list[int]) -> list[Sequence]:
         seq.append_token(token_ids[0])

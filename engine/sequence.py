@@ -62,6 +62,8 @@ class Sequence:
         self.forked = sampling_params.n == 1  # a parent with n > 1 forks after its first sample
         self.first_token_time: float | None = None
         self.grammar = None  # a CompiledGrammar (engine/grammar.py) its tokens must match, or None
+        # Proposed next tokens (speculative decoding) for the next schedule(); not yet its tokens.
+        self.spec_token_ids: list[int] = []
 
     @property
     def num_tokens(self) -> int:

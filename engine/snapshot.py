@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from hearth.engine.block_manager import BlockSnapshot
 from hearth.engine.scheduler import SchedulerSnapshot
+from hearth.engine.speculative.stats import SpecDecodeStats
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class EngineSnapshot:
     dtype: str
     max_model_len: int
     taken_at: float  # time.monotonic()
+    spec_decode: SpecDecodeStats | None = None  # None: speculative decoding is off
 
     @property
     def blocks(self) -> BlockSnapshot:

@@ -279,7 +279,8 @@ def test_host_panel():
 def server():
     from hearth.ui.app import mount_ui
 
-    settings = Settings(port=0, api_key=API_KEY, max_num_seqs=4)
+    # n-gram speculation on: greedy answers are unchanged, and the monitor shows its acceptance
+    settings = Settings(port=0, api_key=API_KEY, max_num_seqs=4, speculative="ngram")
     sock = bind("127.0.0.1", 0)
     app = create_app(settings, engine_factory(settings))
     mount_ui(app, app.state.hearth)
@@ -534,3 +535,23 @@ def test_gpu_and_host_panels(page, server):
         panel.get_by_text("No NVIDIA GPU").wait_for()
         assert "runs on the CPU" in panel.inner_text()
     page.locator("#host-panel").get_by_text("process RSS").wait_for()
+
+
+def test_monitor_shows_the_speculation_acceptance_rate(page, server):
+    """The server speculates (n-gram): after an answer that copies its prompt, the monitor's
+    header shows the acceptance rate, read from the engine snapshot through the serving layer."""
+    phrase = "the quick brown fox jumps over the lazy dog"
+    _send(page, f"Repeat exactly, three times: {phrase}. {phrase}.", max_tokens=40)
+    page.wait_for_function(
+        """() => {
+            const bots = document.querySelectorAll('#chatbot [data-testid=bot]');
+            return bots.length === 1 && bots[0].innerText.includes('tok/s');
+        }"""
+    )
+    stats = server.context.engine.snapshot().spec_decode
+    assert stats.num_draft_tokens > 0, stats
+    _open_tab(page, "Monitor")
+    page.wait_for_function(
+        "() => document.querySelector('#monitor-header').innerText.includes('acceptance')")
+    header = page.locator("#monitor-header").inner_text()
+    assert re.search(r"speculative ngram \(K=4\): acceptance \d+%", header), header

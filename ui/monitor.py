@@ -26,6 +26,7 @@ from hearth.ui.panels import (
     gpu_panel,
     host_panel,
     scheduler_rows,
+    speculation_summary,
 )
 from hearth.ui.throughput import GENERATION, PROMPT, ThroughputHistory
 
@@ -163,6 +164,7 @@ async def refresh(context: AppContext, readings: Readings) -> list[Any]:
         f"running {scheduler.num_running} · waiting "
         f"{scheduler.num_waiting} · prompt {format_rate(history.latest(PROMPT))} · "
         f"generation {format_rate(history.latest(GENERATION))}"
+        f"{speculation_summary(getattr(snapshot, 'spec_decode', None))}"
     )
     return [
         header,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
-from hearth.appliance.serving import BlockSnapshot, GpuSample, HostSample
+from hearth.appliance.serving import BlockSnapshot, GpuSample, HostSample, SpecDecodeStats
 
 SCHEDULER_COLUMNS = ["request", "state", "grammar", "prompt tokens", "generated", "blocks",
                      "age (s)"]
@@ -45,6 +45,18 @@ def cache_summary(blocks: BlockSnapshot, num_preemptions: int) -> str:
         f"({blocks.prefix_hits_tokens} / {blocks.prefix_queries_tokens} prompt tokens) · "
         f"preemptions {num_preemptions}"
     )
+
+
+def speculation_summary(spec: SpecDecodeStats | None) -> str:
+    """The speculative-decoding part of the monitor's header: "" when it is off."""
+    if spec is None:
+        return ""
+    if not spec.num_draft_tokens:
+        return f" · speculative {spec.method}: no proposals verified yet"
+    per_pos = " / ".join(f"{n / spec.num_drafts:.0%}" for n in spec.accepted_per_pos)
+    return (f" · speculative {spec.method} (K={spec.num_speculative_tokens}): acceptance "
+            f"{spec.acceptance_rate:.0%} ({spec.num_accepted_tokens} / {spec.num_draft_tokens} "
+            f"tokens), {spec.mean_acceptance_length:.2f} tokens a step, by position {per_pos}")
 
 
 def scheduler_rows(seqs: Sequence) -> list[list]:

@@ -16,9 +16,10 @@ from hearth.appliance.serving.core import Serving, api_error
 from hearth.appliance.telemetry import GpuSample, HostSample
 from hearth.engine.block_manager import BlockSnapshot
 from hearth.engine.snapshot import EngineSnapshot
+from hearth.engine.speculative.stats import SpecDecodeStats
 
 __all__ = [
     "ABORT", "AppContext", "BlockSnapshot", "ChatCompletionRequest", "ChatMessage",
     "EngineSnapshot", "GpuSample", "HostSample", "RequestDelta", "RequestStream", "Serving",
-    "api_error", "bad_request", "build_context",
+    "SpecDecodeStats", "api_error", "bad_request", "build_context",
 ]

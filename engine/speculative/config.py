@@ -1,0 +1,62 @@
+"""SpeculativeConfig: how the engine speculates, validated once (no torch).
+
+`LLM(..., speculative=...)` and `hearth serve --speculative ...` both end here. The offline API
+takes a SpeculativeConfig, a method name ("ngram", "draft") or a dict of these fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+SPECULATIVE_METHODS = ("ngram", "draft")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str = "ngram"
+    num_speculative_tokens: int = 4  # K: tokens proposed per sequence and step
+    draft_model: str | None = None  # method "draft": catalogue name, HF directory or .gguf path
+    prompt_lookup_min: int = 2  # method "ngram": shortest n-gram matched
+    prompt_lookup_max: int = 4  # method "ngram": longest n-gram matched (tried first)
+    # Above this many running sequences a step does not speculate: the batch already fills the
+    # device, and K + 1 rows per sequence cost more than the accepted tokens save.
+    disable_by_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)};"
+                             f" got {self.method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
+                     "disable_by_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"speculative {name} must be a positive integer, got {value!r}")
+        if self.num_speculative_tokens > 16:
+            raise ValueError("num_speculative_tokens must be <= 16 (acceptance falls with each "
+                             f"position); got {self.num_speculative_tokens}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) must be <= "
+                             f"prompt_lookup_max ({self.prompt_lookup_max})")
+        if self.method == "draft" and not self.draft_model:
+            raise ValueError("speculative method 'draft' needs a draft model (--draft-model): a "
+                             "small model with the target's tokenizer")
+        if self.method == "ngram" and self.draft_model:
+            raise ValueError("a draft model was given with speculative method 'ngram'; use "
+                             "method 'draft' to speculate with it")
+
+    @classmethod
+    def parse(cls, value: SpeculativeConfig | str | dict | None) -> SpeculativeConfig | None:
+        """None, a config, a method name or a dict of fields -> a config (or None: off)."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            return cls(method=value)
+        if isinstance(value, dict):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(f"unknown speculative settings {unknown}; known: "
+                                 f"{', '.join(sorted(known))}")
+            return cls(**value)
+        raise ValueError("speculative must be 'ngram', 'draft', a dict of SpeculativeConfig "
+                         f"fields or a SpeculativeConfig; got {type(value).__name__}")
