@@ -19,6 +19,8 @@ class EngineSnapshot:
     dtype: str
     max_model_len: int
     taken_at: float  # time.monotonic()
+    # Data parallelism: each replica's own snapshot (this one sums their totals); () otherwise.
+    replicas: tuple[EngineSnapshot, ...] = ()
 
     @property
     def blocks(self) -> BlockSnapshot:

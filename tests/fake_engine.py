@@ -266,5 +266,8 @@ class FakeEngine:
                 num_generation_tokens_total=self._num_generation_tokens,
             )
 
+    def check_health(self) -> None:
+        pass
+
     def shutdown(self) -> None:
         self.shut_down = True

@@ -64,9 +64,12 @@ class TensorParallelRunner(ModelRunner):
         if self._stopped:
             return
         self._stopped = True
-        alive = self.workers is None or self.workers.failure is None
+        alive = self.workers is None or self.workers.all_alive()
         if alive:
-            self.comm.broadcast_object(STOP)
+            try:
+                self.comm.broadcast_object(STOP)
+            except RuntimeError:  # a worker died meanwhile: stop() below kills the rest
+                alive = False
         if self.workers is not None:
             self.workers.stop(timeout_s=10.0 if alive else 0.0)
         self.comm.shutdown()

@@ -58,6 +58,9 @@ class WorkerGroup:
                         f"code {process.exitcode}; the engine stops")
         logger.critical(self.failure)
 
+    def all_alive(self) -> bool:
+        return self.failure is None and all(p.is_alive() for p in self.processes)
+
     def check(self) -> None:
         """RuntimeError if a worker has died (the engine-death path takes it from there)."""
         if self.failure is not None:
