@@ -264,6 +264,7 @@ class FakeEngine:
                 ),
                 num_prompt_tokens_total=self._num_prompt_tokens,
                 num_generation_tokens_total=self._num_generation_tokens,
+                replicas=(),
             )
 
     def check_health(self) -> None:
