@@ -82,7 +82,7 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
     if comm is not None:
         from hearth.engine.distributed import sharded_build
 
-        device = sharded_build.rank_device(config, device, comm.rank)
+        device = resolve_device(str(sharded_build.rank_device(config, device, comm.rank)))
         share = sharded_build.rank_share(source, comm)
         source, runner_config = share.source, share.runner_config
     if device.type == "cuda" and device.index is not None:

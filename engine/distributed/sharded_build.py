@@ -7,6 +7,7 @@ engine/model_builder.py calls these when tensor_parallel_size > 1; with 1 it nev
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import torch
 
@@ -46,10 +47,31 @@ def start_driver(config: EngineConfig, device: torch.device):
     comm_config = CommConfig(0, config.tensor_parallel_size, free_local_address(), backend)
     workers = WorkerGroup(config, comm_config)
     try:
-        return TorchCommunicator(comm_config), workers
+        return _join_watching(comm_config, workers), workers
     except BaseException:
         workers.stop(timeout_s=0)
         raise
+
+
+def _join_watching(comm_config: CommConfig, workers) -> Communicator:
+    """Join the process group on a helper thread, checking the workers meanwhile: a worker that
+    dies before joining would otherwise keep rank 0 waiting for the whole rendezvous timeout."""
+    joined: list = []
+
+    def join() -> None:
+        try:
+            joined.append(TorchCommunicator(comm_config))
+        except BaseException as error:  # noqa: BLE001 - re-raised on the caller's thread
+            joined.append(error)
+
+    thread = threading.Thread(target=join, name="hearth-tp-join", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+        workers.check()  # RuntimeError naming the dead worker
+    if isinstance(joined[0], BaseException):
+        raise joined[0]
+    return joined[0]
 
 
 def mlp_unit(config: ModelConfig) -> int:
