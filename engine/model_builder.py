@@ -120,7 +120,8 @@ def _build_driver(config: EngineConfig, progress: bool) -> BuiltModel:
     """Rank 0 of tensor parallelism: workers started, then this rank's share built with them."""
     from hearth.engine.distributed import sharded_build
 
-    comm, workers = sharded_build.start_driver(config, resolve_device(config.device))
+    comm, workers = sharded_build.start_driver(config, resolve_device(config.device),
+                                               run_tp_worker)
     try:
         built = build_model(config, progress, comm)
     except BaseException:
@@ -129,6 +130,19 @@ def _build_driver(config: EngineConfig, progress: bool) -> BuiltModel:
         raise
     built.runner.attach_workers(workers)
     return built
+
+
+def run_tp_worker(config: EngineConfig, comm_config) -> None:
+    """A tensor-parallel worker process's life (engine/distributed/workers.py starts it): its
+    share of the model, then the driver's steps until STOP."""
+    from hearth.engine.distributed.communicator import TorchCommunicator
+    from hearth.engine.distributed.tp_runner import worker_loop
+
+    comm = TorchCommunicator(comm_config)
+    try:
+        worker_loop(build_model(config, progress=False, comm=comm).runner, comm)
+    finally:
+        comm.shutdown()
 
 
 def _fim(resolved, tokenizer, model_config: ModelConfig) -> FimSpec | None:

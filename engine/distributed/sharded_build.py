@@ -39,13 +39,14 @@ def rank_device(config: EngineConfig, base: torch.device, rank: int) -> torch.de
     return torch.device("cuda", index)
 
 
-def start_driver(config: EngineConfig, device: torch.device):
-    """Rank 0: start the workers, then join the process group with them. -> (comm, workers)"""
+def start_driver(config: EngineConfig, device: torch.device, entry):
+    """Rank 0: start the workers (each runs `entry(config, comm_config)`), then join the process
+    group with them. -> (comm, workers)"""
     from hearth.engine.distributed.workers import WorkerGroup
 
     backend = resolve_backend(config.tensor_parallel_backend, device)
     comm_config = CommConfig(0, config.tensor_parallel_size, free_local_address(), backend)
-    workers = WorkerGroup(config, comm_config)
+    workers = WorkerGroup(config, comm_config, entry)
     try:
         return _join_watching(comm_config, workers), workers
     except BaseException:

@@ -18,6 +18,7 @@ import multiprocessing.connection
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 from hearth.engine.config import EngineConfig
 from hearth.engine.distributed.communicator import CommConfig
@@ -29,12 +30,14 @@ _PR_SET_PDEATHSIG = 1
 class WorkerGroup:
     """The worker processes of ranks 1..world_size - 1."""
 
-    def __init__(self, config: EngineConfig, comm: CommConfig) -> None:
+    def __init__(self, config: EngineConfig, comm: CommConfig,
+                 entry: Callable[[EngineConfig, CommConfig], None]) -> None:
+        """`entry`: what a worker runs (a module-level function: spawn pickles it by name)."""
         ctx = multiprocessing.get_context("spawn")
         self.failure: str | None = None
         self._stopping = False
         self.processes = [
-            ctx.Process(target=worker_main, args=(config, _for_rank(comm, rank)),
+            ctx.Process(target=_bootstrap, args=(entry, config, _for_rank(comm, rank)),
                         name=f"hearth-tp-{rank}", daemon=True)
             for rank in range(1, comm.world_size)]
         for process in self.processes:
@@ -90,18 +93,11 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def worker_main(config: EngineConfig, comm_config: CommConfig) -> None:
-    """A worker process: its share of the model, then the driver's steps until STOP."""
+def _bootstrap(entry: Callable[[EngineConfig, CommConfig], None], config: EngineConfig,
+               comm_config: CommConfig) -> None:
+    """A worker process: signals and parent-death first, then `entry` (model_builder's
+    run_tp_worker: its share of the model, then the driver's steps until STOP)."""
     _die_with_parent()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp{comm_config.rank} "
                         "%(levelname)s %(name)s: %(message)s")
-    from hearth.engine.distributed.communicator import TorchCommunicator
-    from hearth.engine.distributed.tp_runner import worker_loop
-    from hearth.engine.model_builder import build_model
-
-    comm = TorchCommunicator(comm_config)
-    try:
-        built = build_model(config, progress=False, comm=comm)
-        worker_loop(built.runner, comm)
-    finally:
-        comm.shutdown()
+    entry(config, comm_config)
