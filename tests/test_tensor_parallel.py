@@ -1,7 +1,7 @@
 """Tensor parallelism on CPU: two gloo processes give the greedy tokens of one process and of
-transformers (tiny Llama and Qwen3, the default model, GPTQ and AWQ int4 split on group
-boundaries); the partition and weight-cutting rules; a killed worker stops the engine with a
-clear error and leaves no process behind."""
+transformers (tiny Llama, Qwen3, Mistral with its window, Gemma 2 with soft-caps; the default
+model; GPTQ and AWQ int4 split on group boundaries); the partition and weight-cutting rules; a
+killed worker stops the engine with a clear error and leaves no process behind."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def _hf_greedy(path) -> list[list[int]]:
     return outs
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "gemma2"])
 def test_tp2_matches_tp1_and_transformers(tmp_path, arch):
     path = save_tiny_model(tmp_path / arch, arch)
     tp2 = _greedy(path, 2)
