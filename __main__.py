@@ -4,4 +4,5 @@ import sys
 
 from hearth.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not in spawned tensor-parallel workers
+    sys.exit(main())

@@ -68,6 +68,8 @@ def serve(settings: Settings, factory: Callable[[], Any] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # CUDA numbers cards as NVML does (bus order): --device cuda:1 is the NVML panel's GPU 1.
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     sock = lifecycle.bind(settings.host, settings.port)
     model = settings.model or "the default model"
     print(f"Loading {model} on {settings.device} ...", flush=True)
@@ -78,9 +80,14 @@ def serve(settings: Settings, factory: Callable[[], Any] | None = None) -> int:
 
 
 def engine_factory(settings: Settings) -> Callable[[], Any]:
-    """Loads the LLMEngine when called (on the engine thread, with a progress bar)."""
+    """Loads the LLMEngine when called (on the engine thread, with a progress bar); with
+    --data-parallel-size N, N replicas behind one router (engine/data_parallel/)."""
 
     def load() -> Any:
+        if settings.data_parallel_size > 1:
+            from hearth.engine.data_parallel.replicated_engine import ReplicatedEngine
+
+            return ReplicatedEngine.load(settings.engine, settings.data_parallel_size)
         from hearth.engine.llm_engine import LLMEngine  # torch: imported on the engine thread
 
         return LLMEngine(settings.engine, progress=True)

@@ -66,6 +66,9 @@ class Engine(Protocol):
 
     def snapshot(self) -> EngineSnapshot: ...
 
+    def check_health(self) -> None:
+        """Raise if the engine can no longer step (a tensor-parallel worker died)."""
+
     def shutdown(self) -> None: ...
 
 
@@ -84,6 +87,7 @@ class _Abort:
 
 _STOP = object()
 _IDLE_STEP_S = 0.001
+_IDLE_HEALTH_CHECK_S = 1.0  # an idle engine still notices a dead worker within this
 
 
 class AsyncEngine:
@@ -323,8 +327,11 @@ class AsyncEngine:
     def _apply_commands(self, engine: Engine, block: bool) -> bool:
         """Run the queued adds and aborts; wait for one when idle. False when told to stop."""
         try:
-            command = self._commands.get(block=block)
+            command = self._commands.get(block=block, timeout=_IDLE_HEALTH_CHECK_S if block
+                                         else None)
         except queue.Empty:
+            if block:
+                engine.check_health()  # raises: the engine thread dies, the server exits 1
             return True
         while True:
             if command is _STOP:

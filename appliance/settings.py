@@ -15,7 +15,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from hearth.engine.config import DEVICES, DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS, EngineConfig
+from hearth.engine.config import (
+    DEVICES,
+    DTYPES,
+    KV_CACHE_DTYPES,
+    LOAD_FORMATS,
+    EngineConfig,
+    is_device_name,
+)
 from hearth.engine.speculative import SPECULATIVE_METHODS, SpeculativeConfig
 
 ENV_PREFIX = "HEARTH_"
@@ -40,6 +47,8 @@ class Settings:
     gpu_memory_utilization: float = 0.9
     device: str = "auto"
     dtype: str = "auto"
+    tensor_parallel_size: int = 1  # one worker process per extra GPU (engine/distributed/)
+    data_parallel_size: int = 1  # engine replicas, one per GPU, behind one router
     gguf_keep_quantized: bool = False  # GGUF linears from their blocks (CPU bf16: int4 GEMV)
     load_format: str = "auto"  # dummy: random weights of the model's config (benchmarks)
     speculative: str | None = None  # ngram | draft; None: no speculative decoding
@@ -84,7 +93,13 @@ class Settings:
             gguf_keep_quantized=self.gguf_keep_quantized,
             load_format=self.load_format,
             speculative=self._speculative_config(),
+            tensor_parallel_size=self.tensor_parallel_size,
         ))
+        if self.data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        if self.data_parallel_size > 1 and self.tensor_parallel_size > 1:
+            raise ValueError("choose --tensor-parallel-size or --data-parallel-size, not both "
+                             "(docs/operations.md: which one fits your model)")
 
     def _speculative_config(self) -> SpeculativeConfig | None:
         if self.speculative is None:
@@ -146,6 +161,12 @@ def _bool(text: str) -> bool:
     raise ValueError(f"must be true or false, got {text!r}")
 
 
+def _device(text: str) -> str:
+    if not is_device_name(text):
+        raise ValueError(f"must be one of {', '.join(DEVICES)} or cuda:N; got {text!r}")
+    return text
+
+
 def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in choices:
@@ -199,7 +220,15 @@ _OPTIONS = (
     _Option(
         "gpu_memory_utilization", _positive_float, "fraction of GPU memory to use", metavar="F"
     ),
-    _Option("device", _choice(DEVICES), "device (auto: cuda when available)"),
+    _Option("device", _device, "device: auto (cuda when available), cpu, cuda, or cuda:N "
+            "(the first card of the engine; tensor / data parallelism use the cards after it)",
+            metavar="DEVICE"),
+    _Option("tensor_parallel_size", _positive_int, "split the model over N GPUs (one worker "
+            "process per extra card): for models that do not fit one card, or lowest latency",
+            metavar="N"),
+    _Option("data_parallel_size", _positive_int, "N engine replicas, one per GPU, behind one "
+            "router (least work, prefix-cache affinity): throughput for models that fit one card",
+            metavar="N"),
     _Option("dtype", _choice(DTYPES), "weights and activations dtype"),
     _Option(
         "gguf_keep_quantized",

@@ -80,6 +80,26 @@ class HostSample:
     process_rss_bytes: int
 
 
+def engine_gpu_indices(devices: str, visible: str | None = None) -> list[int]:
+    """NVML indices of the cards in an engine's device text ("cuda:1", "cuda:0, cuda:1", "cpu").
+
+    CUDA numbers the cards CUDA_VISIBLE_DEVICES lets it see (`visible`, the variable's value);
+    `hearth serve` sets CUDA_DEVICE_ORDER=PCI_BUS_ID unless told otherwise, so CUDA's order is
+    NVML's. Cards named by UUID in CUDA_VISIBLE_DEVICES cannot be mapped here and are left out."""
+    indices = []
+    for device in (d.strip() for d in devices.split(",")):
+        if not device.startswith("cuda"):
+            continue
+        index = int(device.partition(":")[2] or 0)
+        if visible is None or not visible.strip():
+            indices.append(index)
+            continue
+        entries = [e.strip() for e in visible.split(",")]
+        if index < len(entries) and entries[index].isdigit():
+            indices.append(int(entries[index]))
+    return indices
+
+
 class GpuSampler:
     """NVML readings per GPU; `status` says "no NVIDIA GPU" (and sample() is empty) without one."""
 
@@ -286,6 +306,8 @@ class _StateCollector:
         spec = getattr(snap, "spec_decode", None)
         if spec is not None:
             yield from _spec_decode_metrics(spec, model)
+        if snap.replicas:
+            yield from _replica_metrics(snap.replicas)
 
     def _gpu_metrics(self) -> Iterator[Metric]:
         samples = self._telemetry.gpu.sample()
@@ -339,3 +361,30 @@ def _spec_decode_metrics(spec: Any, model: list[str]) -> Iterator[Metric]:
     for position, value in enumerate(spec.accepted_per_pos):
         family.add_metric([*model, str(position)], value)
     yield family
+
+
+def _replica_metrics(replicas: tuple) -> Iterator[Metric]:
+    """Data parallelism: each replica's queues, KV blocks and tokens, labelled by replica and
+    device (the vllm:* series above sum or show replica 0)."""
+    labels = ["replica", "device"]
+    rows = (
+        ("hearth_replica_requests_running", "Sequences running, per replica.", GaugeMetricFamily,
+         lambda s: s.scheduler.num_running),
+        ("hearth_replica_requests_waiting", "Sequences waiting, per replica.", GaugeMetricFamily,
+         lambda s: s.scheduler.num_waiting),
+        ("hearth_replica_kv_cache_usage_perc", "KV-cache usage per replica (1 = full).",
+         GaugeMetricFamily, lambda s: s.blocks.usage),
+        ("hearth_replica_kv_cache_blocks_total", "KV-cache blocks per replica.",
+         GaugeMetricFamily, lambda s: s.blocks.num_blocks),
+        ("hearth_replica_prompt_tokens", "Prompt tokens per replica.", CounterMetricFamily,
+         lambda s: s.num_prompt_tokens_total),
+        ("hearth_replica_generation_tokens", "Generated tokens per replica.", CounterMetricFamily,
+         lambda s: s.num_generation_tokens_total),
+        ("hearth_replica_prefix_cache_hits", "Prompt tokens found in each replica's prefix "
+         "cache.", CounterMetricFamily, lambda s: s.blocks.prefix_hits_tokens),
+    )
+    for name, doc, kind, value in rows:
+        family = kind(name, doc, labels=labels)
+        for index, replica in enumerate(replicas):
+            family.add_metric([str(index), replica.device], value(replica))
+        yield family

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from hearth.engine.speculative.config import SpeculativeConfig
 
-DEVICES = ("auto", "cpu", "cuda")  # auto: cuda when available
+DEVICES = ("auto", "cpu", "cuda")  # auto: cuda when available; also "cuda:N" for one card
+TP_BACKENDS = ("auto", "gloo", "nccl")  # auto: nccl on CUDA, gloo on CPU
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # auto: the model dtype; fp8: e4m3, CUDA only
@@ -60,11 +61,19 @@ class EngineConfig:
     # Speculative decoding (engine/speculative/): None = off; "ngram", "draft", a dict of
     # SpeculativeConfig fields or a SpeculativeConfig (normalised to one here).
     speculative: SpeculativeConfig | None = None
+    # Tensor parallelism (engine/distributed/): one worker process per extra rank, on the cards
+    # after `device` (cuda:0, cuda:1, ...), or on `tensor_parallel_devices` (e.g. two ranks
+    # sharing one card in a test). Steps run synchronously and eagerly when > 1.
+    tensor_parallel_size: int = 1
+    tensor_parallel_backend: str = "auto"
+    tensor_parallel_devices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "speculative", SpeculativeConfig.parse(self.speculative))
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+        if not is_device_name(self.device):
+            raise ValueError(f"device must be one of {', '.join(DEVICES)} or cuda:N (a GPU "
+                             f"index); got {self.device!r}")
+        self._check_tensor_parallel()
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:
@@ -91,6 +100,24 @@ class EngineConfig:
         if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")
 
+    def _check_tensor_parallel(self) -> None:
+        tp = self.tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+        if self.tensor_parallel_backend not in TP_BACKENDS:
+            raise ValueError(f"tensor_parallel_backend must be one of {', '.join(TP_BACKENDS)}; "
+                             f"got {self.tensor_parallel_backend!r}")
+        devices = self.tensor_parallel_devices
+        if devices and (len(devices) != tp or not all(map(is_device_name, devices))):
+            raise ValueError(f"tensor_parallel_devices must name {tp} devices (cpu, cuda, "
+                             f"cuda:N), one per rank; got {devices!r}")
+        if tp > 1 and self.speculative is not None:
+            raise ValueError("speculative decoding is not supported with tensor_parallel_size > 1 "
+                             "yet; use one of the two")
+        if tp > 1 and self.async_scheduling:
+            raise ValueError("async_scheduling is not supported with tensor_parallel_size > 1; "
+                             "leave it unset")
+
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         """The scheduler's view, once the model's context length is known."""
         budget = self.max_num_batched_tokens
@@ -108,6 +135,16 @@ class EngineConfig:
             block_size=self.block_size,
             enable_chunked_prefill=self.enable_chunked_prefill,
         )
+
+
+def is_device_name(device: object) -> bool:
+    """auto, cpu, cuda, or cuda:N."""
+    if device in DEVICES:
+        return True
+    if not isinstance(device, str) or not device.startswith("cuda:"):
+        return False
+    index = device.removeprefix("cuda:")
+    return index.isdigit() and str(int(index)) == index
 
 
 def fp8_needs_cuda_message(kv_cache_dtype: str) -> str:

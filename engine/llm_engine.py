@@ -111,7 +111,9 @@ class LLMEngine:
         self._num_generation_tokens = 0
         self._num_finished = 0
         overlap = self.config.async_scheduling
-        self._async = self.runner.device.type == "cuda" if overlap is None else overlap
+        if overlap is None:  # tensor parallelism steps synchronously (engine/distributed/)
+            overlap = self.runner.device.type == "cuda" and self.config.tensor_parallel_size == 1
+        self._async = overlap
         self._inflight: _InFlight | None = None
         self._sync_request_ids: set[str] = set()  # live requests that need synchronous steps
         self._grammar_request_ids: set[str] = set()  # live requests with a grammar
@@ -343,3 +345,9 @@ class LLMEngine:
             self._inflight = None
             if self._matchers is not None:
                 self._matchers.clear()
+        self.runner.shutdown()
+
+    def check_health(self) -> None:
+        """Raise if the engine can no longer step (a tensor-parallel worker died); the async
+        layer calls it while idle, so a dead worker ends the service without a request."""
+        self.runner.check_health()

@@ -56,17 +56,37 @@ class BuiltModel:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for, but no CUDA GPU is available; use 'cpu'")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} was asked for, but no CUDA GPU is available; "
+                             "use 'cpu'")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r} was asked for, but only "
+                             f"{torch.cuda.device_count()} GPU(s) are visible (cuda:0.."
+                             f"cuda:{torch.cuda.device_count() - 1}); check CUDA_VISIBLE_DEVICES")
     return torch.device(device)
 
 
-def build_model(config: EngineConfig, progress: bool = True) -> BuiltModel:
+def build_model(config: EngineConfig, progress: bool = True, comm=None) -> BuiltModel:
+    """`comm`: a tensor-parallel worker's communicator (engine/distributed/workers.py); the
+    driver (rank 0) starts its workers here when tensor_parallel_size > 1."""
+    if config.tensor_parallel_size > 1 and comm is None:
+        return _build_driver(config, progress)
     resolved = resolve_model(config.model)
     if config.load_format != "dummy":
         verify(resolved)
     source = _load_source(resolved, config)
+    full_config, runner_config, share = source.config, source.config, None
     device = resolve_device(config.device)
+    if comm is not None:
+        from hearth.engine.distributed import sharded_build
+
+        device = resolve_device(str(sharded_build.rank_device(config, device, comm.rank)))
+        share = sharded_build.rank_share(source, comm)
+        source, runner_config = share.source, share.runner_config
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # streams, events, graphs and pinned copies on this card
     dtype = resolve_dtype(config.dtype, device)
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype, device)  # before the weights
     if config.gguf_keep_quantized and device.type == "cpu" and dtype == torch.float32:
@@ -83,20 +103,54 @@ def build_model(config: EngineConfig, progress: bool = True) -> BuiltModel:
         raise ValueError(f"{resolved.path} ({source.config.architecture}): {e}") from e
     sched = config.scheduler_config(max_model_len)
     limits = RunnerLimits(sched.max_num_seqs, sched.max_num_batched_tokens, max_model_len,
-                          config.enforce_eager)
+                          config.enforce_eager or comm is not None)
+    if comm is not None:
+        model = sharded_build.wrap_model(model, share, comm)
     num_blocks = _num_kv_blocks(config, source.config, model, limits, kv_dtype)
-    runner = ModelRunner(model, source.config, config.block_size, num_blocks, config.seed, limits,
-                         kv_cache_dtype=kv_dtype)
-    return BuiltModel(source.name, source.tokenizer, source.config, max_model_len, runner,
-                      source.quantization, _fim(resolved, source))
+    runner_args = (config.block_size, num_blocks, config.seed, limits)
+    if comm is not None:
+        runner = sharded_build.make_runner(model, runner_config, runner_args, kv_dtype, comm)
+    else:
+        runner = ModelRunner(model, runner_config, *runner_args, kv_cache_dtype=kv_dtype)
+    return BuiltModel(source.name, source.tokenizer, full_config, max_model_len, runner,
+                      source.quantization, _fim(resolved, source.tokenizer, full_config))
 
 
-def _fim(resolved, source: LoadedSource) -> FimSpec | None:
+def _build_driver(config: EngineConfig, progress: bool) -> BuiltModel:
+    """Rank 0 of tensor parallelism: workers started, then this rank's share built with them."""
+    from hearth.engine.distributed import sharded_build
+
+    comm, workers = sharded_build.start_driver(config, resolve_device(config.device),
+                                               run_tp_worker)
+    try:
+        built = build_model(config, progress, comm)
+    except BaseException:
+        workers.stop(timeout_s=5)
+        comm.shutdown()
+        raise
+    built.runner.attach_workers(workers)
+    return built
+
+
+def run_tp_worker(config: EngineConfig, comm_config) -> None:
+    """A tensor-parallel worker process's life (engine/distributed/workers.py starts it): its
+    share of the model, then the driver's steps until STOP."""
+    from hearth.engine.distributed.communicator import TorchCommunicator
+    from hearth.engine.distributed.tp_runner import worker_loop
+
+    comm = TorchCommunicator(comm_config)
+    try:
+        worker_loop(build_model(config, progress=False, comm=comm).runner, comm)
+    finally:
+        comm.shutdown()
+
+
+def _fim(resolved, tokenizer, model_config: ModelConfig) -> FimSpec | None:
     """The model's FIM tokens (engine/fim.py), as the catalogue entry overrides them."""
     spec = resolved.spec
     family, order = (spec.fim, spec.fim_order) if spec is not None else (None, None)
     try:
-        return model_fim(source.tokenizer, source.config.vocab_size, family, order)
+        return model_fim(tokenizer, model_config.vocab_size, family, order)
     except ValueError as e:
         raise ValueError(f"model {resolved.name!r}: {e}") from None
 

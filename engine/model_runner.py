@@ -122,6 +122,12 @@ class ModelRunner:
                                        self.limits.max_num_seqs, self.max_blocks, block_size)
             self.graphs.capture()
 
+    def check_health(self) -> None:
+        """Raise if the runner can no longer step (a tensor-parallel worker died)."""
+
+    def shutdown(self) -> None:
+        """Release what the runner started (tensor-parallel workers); nothing here."""
+
     @torch.inference_mode()
     def execute(self, schedule: ScheduleOutput,
                 grammars: GrammarMatchers | None = None) -> RunnerOutput:

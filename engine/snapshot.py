@@ -21,6 +21,8 @@ class EngineSnapshot:
     max_model_len: int
     taken_at: float  # time.monotonic()
     spec_decode: SpecDecodeStats | None = None  # None: speculative decoding is off
+    # Data parallelism: each replica's own snapshot (this one sums their totals); () otherwise.
+    replicas: tuple[EngineSnapshot, ...] = ()
 
     @property
     def blocks(self) -> BlockSnapshot:

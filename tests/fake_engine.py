@@ -264,7 +264,11 @@ class FakeEngine:
                 ),
                 num_prompt_tokens_total=self._num_prompt_tokens,
                 num_generation_tokens_total=self._num_generation_tokens,
+                replicas=(),
             )
+
+    def check_health(self) -> None:
+        pass
 
     def shutdown(self) -> None:
         self.shut_down = True

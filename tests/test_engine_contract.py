@@ -8,6 +8,7 @@ import pytest
 from fake_engine import FakeEngine
 
 from hearth.appliance.async_engine import Engine
+from hearth.engine.data_parallel.replicated_engine import ReplicatedEngine
 from hearth.engine.llm_engine import LLMEngine
 from hearth.engine.prepare import ModelInfo
 
@@ -20,11 +21,11 @@ def _parameters(function) -> list[tuple[str, object]]:
 
 
 def test_the_contract_names_the_bridge_calls():
-    assert sorted(METHODS) == ["abort_request", "add_prepared", "has_unfinished_requests",
-                               "shutdown", "snapshot", "step"]
+    assert sorted(METHODS) == ["abort_request", "add_prepared", "check_health",
+                               "has_unfinished_requests", "shutdown", "snapshot", "step"]
 
 
-@pytest.mark.parametrize("implementation", [LLMEngine, FakeEngine])
+@pytest.mark.parametrize("implementation", [LLMEngine, FakeEngine, ReplicatedEngine])
 @pytest.mark.parametrize("method", METHODS)
 def test_implementations_take_the_contracts_parameters(implementation, method):
     wanted = _parameters(getattr(Engine, method))

@@ -215,6 +215,19 @@ def test_chart_hpa_scales_on_waiting_requests_and_options_switch():
     assert pod["nodeSelector"] == {"gpu": "h100"}
 
 
+def test_chart_gpu_count_sets_resources_and_parallelism():
+    container = _manifests()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["HEARTH_DATA_PARALLEL_SIZE"] == "1" and "HEARTH_TENSOR_PARALLEL_SIZE" not in env
+    docs = _manifests({"gpu.count": 2, "gpu.tensorParallel": True})
+    container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    resources = container["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 2
+    assert resources["requests"]["cpu"] == "2" and resources["limits"]["memory"] == "16Gi"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["HEARTH_TENSOR_PARALLEL_SIZE"] == "2" and "HEARTH_DATA_PARALLEL_SIZE" not in env
+
+
 def test_the_renderer_rejects_what_it_does_not_know():
     with pytest.raises(ValueError, match="outside the tested subset"):
         _render("{{ .Values.x | upper }}", {"x": "a"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from hearth.appliance.serving import AppContext
+from hearth.appliance.serving import AppContext, engine_gpu_indices
 from hearth.ui.block_map import render_block_map
 from hearth.ui.panels import (
     SCHEDULER_COLUMNS,
@@ -151,12 +152,14 @@ async def refresh(context: AppContext, readings: Readings) -> list[Any]:
     """Values for MonitorView.outputs(), from one engine snapshot and one telemetry sample."""
     snapshot = await asyncio.to_thread(context.engine.snapshot)
     history, gpus = readings.history, context.telemetry.gpu
-    gpu = gpu_panel(gpus.sample(), gpus.status)
+    engine_gpus = [] if snapshot is None else engine_gpu_indices(
+        snapshot.device, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    gpu = gpu_panel(gpus.sample(), gpus.status, engine_gpus)
     host = host_panel(readings.host())
     if snapshot is None:  # the engine is still loading
         return [LOADING, "", "", [], _plot(history), gpu, host]
     readings.record(snapshot)
-    scheduler, blocks = snapshot.scheduler, snapshot.blocks
+    scheduler = snapshot.scheduler
     seq_requests = {s.seq_id: s.request_id for s in scheduler.seqs}
     header = (
         f"**{snapshot.model_name}** on {snapshot.device} ({snapshot.dtype}), context "
@@ -168,13 +171,33 @@ async def refresh(context: AppContext, readings: Readings) -> list[Any]:
     )
     return [
         header,
-        render_block_map(blocks, seq_requests),
-        cache_summary(blocks, scheduler.num_preemptions),
+        _block_maps(snapshot, seq_requests),
+        _cache_summaries(snapshot),
         pd.DataFrame(scheduler_rows(scheduler.seqs), columns=SCHEDULER_COLUMNS),
         _plot(history),
         gpu,
         host,
     ]
+
+
+def _block_maps(snapshot: Any, seq_requests: dict[int, str]) -> str:
+    """One block map, or one per data-parallel replica, each titled with its device."""
+    if not snapshot.replicas:
+        return render_block_map(snapshot.blocks, seq_requests)
+    maps = []
+    for index, replica in enumerate(snapshot.replicas):
+        requests = {s.seq_id: s.request_id for s in replica.scheduler.seqs}
+        maps.append(f'<div class="hearth-replica" data-replica="{index}"><b>replica {index} · '
+                    f"{replica.device}</b>{render_block_map(replica.blocks, requests)}</div>")
+    return "".join(maps)
+
+
+def _cache_summaries(snapshot: Any) -> str:
+    if not snapshot.replicas:
+        return cache_summary(snapshot.blocks, snapshot.scheduler.num_preemptions)
+    return "\n\n".join(
+        f"**replica {i} · {r.device}** {cache_summary(r.blocks, r.scheduler.num_preemptions)}"
+        for i, r in enumerate(snapshot.replicas))
 
 
 def _plot(history: ThroughputHistory) -> pd.DataFrame:

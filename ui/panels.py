@@ -76,18 +76,23 @@ def scheduler_rows(seqs: Sequence) -> list[list]:
     ]
 
 
-def gpu_panel(samples: Sequence[GpuSample], status: str) -> str:
-    """HTML: one card per GPU, or the sampler's status ("no NVIDIA GPU") stated plainly."""
+def gpu_panel(samples: Sequence[GpuSample], status: str,
+              engine_gpus: Sequence[int] = ()) -> str:
+    """HTML: one card per GPU, the engine's own (`engine_gpus`, NVML indices) first and marked,
+    or the sampler's status ("no NVIDIA GPU") stated plainly."""
     if not samples:
         return (
             f'<div class="hearth-gpu" data-num-gpus="0"><b>{html.escape(_capitalized(status))}'
             "</b>: the engine runs on the CPU; there is no GPU to show.</div>"
         )
-    cards = "".join(_gpu_card(s) for s in samples)
-    return f'<div class="hearth-gpu" data-num-gpus="{len(samples)}">{cards}</div>'
+    ordered = sorted(samples, key=lambda s: s.index not in engine_gpus)
+    cards = "".join(_gpu_card(s, s.index in engine_gpus) for s in ordered)
+    serving = ",".join(str(i) for i in engine_gpus)
+    return (f'<div class="hearth-gpu" data-num-gpus="{len(samples)}" '
+            f'data-engine-gpus="{serving}">{cards}</div>')
 
 
-def _gpu_card(sample: GpuSample) -> str:
+def _gpu_card(sample: GpuSample, serving: bool = False) -> str:
     def optional(value: float | None, unit: str) -> str:
         return "n/a" if value is None else f"{value:.0f} {unit}"
 
@@ -107,7 +112,7 @@ def _gpu_card(sample: GpuSample) -> str:
         ("clocks", f"SM {optional(sm_clock, 'MHz')}, memory {optional(memory_clock, 'MHz')}"),
     ]
     body = "".join(f"<tr><td>{k}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
-    title = html.escape(f"GPU {sample.index}: {sample.name}")
+    title = html.escape(f"GPU {sample.index}: {sample.name}" + (" · engine" if serving else ""))
     return f"<div><b>{title}</b><table>{body}</table></div>"
 
 

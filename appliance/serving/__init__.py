@@ -13,7 +13,7 @@ from hearth.appliance.protocol import ChatCompletionRequest, ChatMessage, bad_re
 from hearth.appliance.request_stream import RequestStream
 from hearth.appliance.serving.context import AppContext, build_context
 from hearth.appliance.serving.core import Serving, api_error
-from hearth.appliance.telemetry import GpuSample, HostSample
+from hearth.appliance.telemetry import GpuSample, HostSample, engine_gpu_indices
 from hearth.engine.block_manager import BlockSnapshot
 from hearth.engine.snapshot import EngineSnapshot
 from hearth.engine.speculative.stats import SpecDecodeStats
@@ -21,5 +21,5 @@ from hearth.engine.speculative.stats import SpecDecodeStats
 __all__ = [
     "ABORT", "AppContext", "BlockSnapshot", "ChatCompletionRequest", "ChatMessage",
     "EngineSnapshot", "GpuSample", "HostSample", "RequestDelta", "RequestStream", "Serving",
-    "SpecDecodeStats", "api_error", "bad_request", "build_context",
+    "SpecDecodeStats", "api_error", "bad_request", "build_context", "engine_gpu_indices",
 ]
