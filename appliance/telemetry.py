@@ -306,8 +306,9 @@ class _StateCollector:
         spec = getattr(snap, "spec_decode", None)
         if spec is not None:
             yield from _spec_decode_metrics(spec, model)
-        if snap.replicas:
-            yield from _replica_metrics(snap.replicas)
+        replicas = getattr(snap, "replicas", ())
+        if replicas:
+            yield from _replica_metrics(replicas)
 
     def _gpu_metrics(self) -> Iterator[Metric]:
         samples = self._telemetry.gpu.sample()

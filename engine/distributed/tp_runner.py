@@ -88,7 +88,7 @@ class TensorParallelRunner(ModelRunner):
         sampled = [c for c in chunks if c.samples]
         rows = None
         if len(sampled) != len(chunks) or batch.num_tokens != len(chunks):
-            rows = batch.last_rows(chunks)
+            rows = batch.sample_rows(chunks)
         n, t, h = batch.num_seqs, batch.num_tokens, self._host
         step = StepInputs(
             h.input_ids[:t].numpy().copy(), h.positions[:t].numpy().copy(),
