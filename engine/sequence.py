@@ -62,6 +62,8 @@ class Sequence:
         self.forked = sampling_params.n == 1  # a parent with n > 1 forks after its first sample
         self.first_token_time: float | None = None
         self.grammar = None  # a CompiledGrammar (engine/grammar.py) its tokens must match, or None
+        self.share_key: str | None = None  # its API key's name: the fair-share flow (fair_share.py)
+        self.share_weight = 1.0  # that key's weight in the fair share
 
     @property
     def num_tokens(self) -> int:
@@ -122,6 +124,7 @@ class Sequence:
         child.forked = True
         child.first_token_time = self.first_token_time
         child.grammar = self.grammar
+        child.share_key, child.share_weight = self.share_key, self.share_weight
         return child
 
     def __repr__(self) -> str:
