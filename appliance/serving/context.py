@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hearth.appliance.async_engine import AsyncEngine, Engine, EngineState
+from hearth.appliance.auth.wiring import Auth, build_auth
 from hearth.appliance.serving.chat import ChatServing
 from hearth.appliance.serving.completion import CompletionServing
 from hearth.appliance.serving.core import Serving
@@ -22,6 +23,7 @@ class AppContext:
     chat: ChatServing
     completions: CompletionServing
     telemetry: Telemetry
+    auth: Auth
 
 
 def build_context(settings: Settings, engine_factory: Callable[[], Engine]) -> AppContext:
@@ -40,4 +42,5 @@ def build_context(settings: Settings, engine_factory: Callable[[], Engine]) -> A
     )
     serving = Serving(engine, settings.served_model_name)
     chat = ChatServing(serving, settings.tool_call_parser, settings.reasoning_parser)
-    return AppContext(settings, engine, serving, chat, CompletionServing(serving), telemetry)
+    auth = build_auth(settings, telemetry.registry)
+    return AppContext(settings, engine, serving, chat, CompletionServing(serving), telemetry, auth)
