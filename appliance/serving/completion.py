@@ -27,8 +27,8 @@ from hearth.appliance.serving.core import (
     sse,
     usage,
 )
-from hearth.appliance.serving.structured import structured_output
 from hearth.appliance.serving.fim import fim_prompts, no_fim_message
+from hearth.appliance.serving.structured import structured_output
 from hearth.engine.outputs import TokenLogprob
 from hearth.engine.prepare import PreparedRequest
 

@@ -25,8 +25,8 @@ from hearth.appliance.request_stream import (
     RequestFailedError,
     RequestStream,
 )
-from hearth.appliance.serving.structured import logit_bias
 from hearth.appliance.serving.capabilities import capabilities
+from hearth.appliance.serving.structured import logit_bias
 from hearth.engine.outputs import TokenLogprob
 from hearth.engine.prepare import ModelInfo, PreparedRequest, TextCodec, prepare
 from hearth.engine.sampling_params import SamplingParams
