@@ -49,6 +49,11 @@ class AuditLog:
         self._queue.put(logging.makeLogRecord({"msg": line, "levelno": logging.INFO,
                                                "levelname": "INFO"}))
 
+    def flush(self) -> None:
+        """Wait until every queued line is on disk (tests, shutdown)."""
+        self._listener.stop()  # drains the queue
+        self._listener.start()
+
     def close(self) -> None:
         """Write what is queued and close the file."""
         self._listener.stop()
