@@ -15,6 +15,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -53,6 +54,7 @@ from hearth.ui.panels import (
     gpu_panel,
     hit_rate,
     host_panel,
+    key_rows,
     scheduler_rows,
 )
 from hearth.ui.throughput import GENERATION, PROMPT, ThroughputHistory
@@ -235,6 +237,12 @@ def test_scheduler_rows_mark_constrained_requests():
             SeqSnapshot(1, "ui-b", "waiting", 3, 0, 0, 0, 0.5)]
     assert [row[:3] for row in scheduler_rows(seqs)] == [
         ["chatcmpl-a", "decode", GRAMMAR_MARK], ["ui-b", "waiting", ""]]
+
+
+def test_key_rows():
+    row = SimpleNamespace(key="kiosk", num_requests=5, num_rejected=2, num_running=1,
+                          num_prompt_tokens=40, num_generation_tokens=12)
+    assert key_rows([row]) == [["kiosk", 5, 2, 1, 40, 12]]
 
 
 def test_json_toggle_becomes_response_format():
@@ -534,3 +542,10 @@ def test_gpu_and_host_panels(page, server):
         panel.get_by_text("No NVIDIA GPU").wait_for()
         assert "runs on the CPU" in panel.inner_text()
     page.locator("#host-panel").get_by_text("process RSS").wait_for()
+
+
+def test_monitor_shows_a_table_per_key(page, server):
+    models = httpx.get(server.url + "v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert models.status_code == 200  # counted for the key "default" (--api-key)
+    _open_tab(page, "Monitor")
+    page.locator("#keys-table").get_by_text("default").first.wait_for()

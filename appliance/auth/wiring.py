@@ -12,6 +12,7 @@ from hearth.appliance.auth.audit import AuditLog
 from hearth.appliance.auth.key_stats import KeyRow, KeyStats
 from hearth.appliance.auth.keyring import Keyring
 from hearth.appliance.auth.quotas import Quotas
+from hearth.appliance.protocol import APIError
 from hearth.appliance.settings import Settings
 
 
@@ -25,6 +26,18 @@ class Auth:
     def reload_keys(self) -> bool:
         """Re-read the keys file (SIGHUP); streams in progress keep running."""
         return self.keyring.reload()
+
+    @property
+    def requires_key(self) -> bool:
+        return self.keyring.enabled
+
+    def accepts(self, key: str) -> bool:
+        """Whether `key` is valid: the UI's login (scrypt only the first time a key is seen)."""
+        try:
+            self.keyring.authenticate(f"Bearer {key}")
+        except APIError:
+            return False
+        return True
 
     def rows(self) -> list[KeyRow]:
         return self.stats.rows()
