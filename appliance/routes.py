@@ -4,8 +4,10 @@ protocol schema, and hands over to serving; every error leaves in OpenAI's forma
     /v1/completions (alias /v1/fim/completions)  /v1/chat/completions  /v1/models
     /tokenize  /detokenize                                                      API key if set
     /health  /version  /metrics                                                  open
-Keys, quotas and the audit log are checked before any route by the KeyGate middleware (auth/gate.py).
     /api/...: Ollama's API, in ollama_routes.py (registered below, errors in Ollama's format)
+
+Named keys (endpoints, quotas, concurrency) and the audit log are handled before any route, by the
+KeyGate middleware (auth/gate.py); the routes' own check covers only a lone --api-key.
 """
 
 from __future__ import annotations
