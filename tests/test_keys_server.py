@@ -41,6 +41,7 @@ def keyed(tmp_path_factory):
         "kiosk": write_key(path, "kiosk", endpoints=frozenset({"chat"}), max_concurrent=1),
         "metered": write_key(path, "metered", requests_per_minute=2),
         "spare": write_key(path, "spare"),
+        "tokens": write_key(path, "tokens", tokens_per_minute=20),
     }
     settings = Settings(api_keys_file=str(path), api_key="plain-admin", state_dir=str(state),
                         max_num_seqs=4, max_queued_requests=64, no_ui=True)
@@ -80,6 +81,17 @@ def test_request_quota_gives_429_with_retry_after(keyed):
     assert [a.status_code for a in answers] == [200, 200, 429]
     assert 1 <= int(answers[2].headers["Retry-After"]) <= 60
     assert answers[2].json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_token_quota_gives_429_once_the_minute_is_spent(keyed):
+    server, keys, _, _ = keyed
+    first = httpx.post(server.url + "v1/chat/completions", json=CHAT,
+                       headers=_headers(keys["tokens"]))
+    assert first.status_code == 200 and first.json()["usage"]["total_tokens"] > 20
+    second = httpx.post(server.url + "v1/chat/completions", json=CHAT,
+                        headers=_headers(keys["tokens"]))
+    assert second.status_code == 429 and "tokens quota" in second.json()["error"]["message"]
+    assert 55 <= int(second.headers["Retry-After"]) <= 60  # when the first request's tokens expire
 
 
 def test_concurrency_limit(keyed):
@@ -283,3 +295,36 @@ def test_sighup_reloads_keys_in_a_real_process(tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
+
+
+def test_ui_login_takes_a_named_key(tmp_path):
+    pytest.importorskip("gradio")
+    import threading
+
+    from server_harness import RunningServer, wait_healthy
+
+    from hearth.appliance.lifecycle import bind, make_server
+    from hearth.appliance.routes import create_app
+    from hearth.ui.app import mount_ui
+
+    path = tmp_path / "keys.toml"
+    key = write_key(path, "kiosk", endpoints=frozenset({"chat"}))
+    settings = Settings(api_keys_file=str(path))
+    sock = bind("127.0.0.1", 0)
+    app = create_app(settings, FakeEngine)
+    mount_ui(app, app.state.hearth)
+    server = make_server(app, app.state.hearth, sock)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_healthy(RunningServer(server.url, server, app.state.hearth, thread), 60)
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            assert client.get("/config").status_code == 401  # keys file alone: the UI is closed
+            wrong = client.post("/login", data={"username": "me", "password": key + "x"})
+            assert wrong.status_code == 400
+            right = client.post("/login", data={"username": "me", "password": key})
+            assert right.status_code == 200 and client.get("/config").status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        sock.close()
