@@ -112,6 +112,7 @@ class FakeEngine:
         self._num_generation_tokens = 0
         self.shut_down = False
         self.fair_share = FairShare()
+        self.paused = threading.Event()  # set: steps admit and run nothing (queue up a load first)
 
     def add_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
@@ -158,6 +159,8 @@ class FakeEngine:
 
     def step(self) -> list[RequestOutput]:
         time.sleep(self.step_delay_s)
+        if self.paused.is_set():
+            return []
         with self._lock:
             self._admit()
             outputs = [self._advance(r) for r in self._running]

@@ -170,11 +170,19 @@ async def _stream(client: httpx.AsyncClient, key: str, name: str) -> tuple[str, 
         return name, 200, time.monotonic()
 
 
-async def _overload(url: str, keys: dict[str, str]) -> list[tuple[str, int, float]]:
+async def _overload(server, engine: FakeEngine, keys: dict[str, str]) -> list:
+    """300 streams, arrivals interleaved; the engine starts once all are queued (or refused), so
+    that the shares are measured under saturation however slowly this machine sends them."""
     limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        order = [name for _ in range(100) for name in keys]  # interleaved arrivals
-        return await asyncio.gather(*(_stream(client, keys[n], n) for n in order))
+    engine.paused.set()
+    async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
+        order = [name for _ in range(100) for name in keys]
+        load = asyncio.gather(*(_stream(client, keys[n], n) for n in order))
+        deadline = time.monotonic() + 60
+        while server.context.engine.num_in_flight < 220 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # 100 + 100 + the metered key's 20 (80 get 429)
+        engine.paused.clear()
+        return await load
 
 
 def test_three_keys_under_overload_share_by_weight_and_quota(tmp_path):
@@ -186,7 +194,7 @@ def test_three_keys_under_overload_share_by_weight_and_quota(tmp_path):
                         no_ui=True)
     engine = FakeEngine(max_num_seqs=4, step_delay_s=0.004)
     with running_server(settings, lambda: engine) as server:
-        results = asyncio.run(_overload(server.url, keys))
+        results = asyncio.run(_overload(server, engine, keys))
         statuses = Counter((name, status) for name, status, _ in results)
         assert statuses[("heavy", 200)] == 100 and statuses[("double", 200)] == 100
         assert statuses[("metered", 200)] == 20 and statuses[("metered", 429)] == 80
