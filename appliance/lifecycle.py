@@ -48,9 +48,8 @@ class HearthServer(uvicorn.Server):
                 self._loop.remove_signal_handler(signal.SIGHUP)
 
     def _handle_sighup(self) -> bool:
-        """SIGHUP reloads the keys file (main thread only: a test's server thread cannot)."""
-        if self.context.settings.api_keys_file is None:
-            return False
+        """SIGHUP (`systemctl reload`) reloads the keys file, and never stops the server: its
+        default action would. Main thread only: a test's server thread cannot take signals."""
         try:
             self._loop.add_signal_handler(signal.SIGHUP, self._reload_keys)
         except (RuntimeError, ValueError, NotImplementedError):
@@ -58,6 +57,9 @@ class HearthServer(uvicorn.Server):
         return True
 
     def _reload_keys(self) -> None:
+        if self.context.settings.api_keys_file is None:
+            logger.info("SIGHUP: no --api-keys-file, nothing to reload")
+            return
         logger.info("SIGHUP: reloading the API keys file")
         asyncio.ensure_future(asyncio.to_thread(self.context.auth.reload_keys))
 

@@ -336,3 +336,18 @@ def test_ui_login_takes_a_named_key(tmp_path):
         server.should_exit = True
         thread.join(60)
         sock.close()
+
+
+def test_sighup_without_a_keys_file_keeps_serving():
+    code = _SERVE.format(tests=str(Path(__file__).parent), keys=None)
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        url = next(line.split()[3] for line in process.stdout if line.startswith("Hearth is ready"))
+        process.send_signal(signal.SIGHUP)  # `systemctl reload hearth` must not stop it
+        time.sleep(0.5)
+        assert process.poll() is None
+        assert httpx.post(url + "v1/chat/completions", json=CHAT).status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
