@@ -16,12 +16,13 @@ from typing import Any
 
 from hearth import __version__
 from hearth.appliance.settings import Settings, add_arguments, settings_from
-from hearth.appliance.tools import bundle, doctor, models, quantize
+from hearth.appliance.tools import bundle, cert, doctor, keys, models, quantize
 
 EXIT_USAGE = 2
 # Subcommands that live in their own module: `add_parser(subparsers)` and `run(args) -> int`.
 TOOLS = {
     "models": models, "bundle": bundle, "doctor": doctor, "quantize": quantize,
+    "keys": keys, "cert": cert,
 }
 
 

@@ -4,6 +4,7 @@ start ─► engine loads (health 503) ─► ready: print the URL (health 200)
 SIGTERM/SIGINT ─► drain: refuse new requests (503), let in-flight ones finish for
                   --shutdown-timeout seconds, abort the rest (their streams end cleanly) ─► exit 0
 second signal ─► stop now
+SIGHUP ─► reload the API keys file (--api-keys-file); requests in flight are not touched
 engine thread dies ─► health 503, in-flight requests fail 503 ─► exit 1 (systemd restarts us)
 """
 
@@ -38,10 +39,29 @@ class HearthServer(uvicorn.Server):
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         watcher = asyncio.ensure_future(self._watch_engine())
+        reloads = self._handle_sighup()
         try:
             await super().serve(sockets)
         finally:
             watcher.cancel()
+            if reloads:
+                self._loop.remove_signal_handler(signal.SIGHUP)
+
+    def _handle_sighup(self) -> bool:
+        """SIGHUP (`systemctl reload`) reloads the keys file, and never stops the server: its
+        default action would. Main thread only: a test's server thread cannot take signals."""
+        try:
+            self._loop.add_signal_handler(signal.SIGHUP, self._reload_keys)
+        except (RuntimeError, ValueError, NotImplementedError):
+            return False
+        return True
+
+    def _reload_keys(self) -> None:
+        if self.context.settings.api_keys_file is None:
+            logger.info("SIGHUP: no --api-keys-file, nothing to reload")
+            return
+        logger.info("SIGHUP: reloading the API keys file")
+        asyncio.ensure_future(asyncio.to_thread(self.context.auth.reload_keys))
 
     async def _watch_engine(self) -> None:
         engine = self.context.engine
@@ -81,7 +101,8 @@ def make_server(app: Any, context: AppContext, sock: socket.socket) -> HearthSer
     settings = context.settings
     host, port = sock.getsockname()[:2]
     shown = host if ":" not in host else f"[{host}]"
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown}:{port}/"
+    scheme = "https" if settings.ssl_certfile else "http"
+    url = f"{scheme}://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown}:{port}/"
     # uvicorn's own info lines ("Uvicorn running on ...") would print before the model is
     # loaded; we print the URL once it is ready instead.
     log_level = "debug" if settings.log_level == "debug" else "warning"
@@ -91,6 +112,8 @@ def make_server(app: Any, context: AppContext, sock: socket.socket) -> HearthSer
         access_log=settings.access_log,
         timeout_graceful_shutdown=5,
         lifespan="on",
+        ssl_certfile=settings.ssl_certfile,  # checked when the settings were made (tls.py)
+        ssl_keyfile=settings.ssl_keyfile,
     )
     if settings.access_log:
         logging.getLogger("uvicorn.access").setLevel(logging.INFO)

@@ -87,7 +87,7 @@ def _stream(reply: OllamaReply) -> StreamResponse:
 def add_ollama_routes(app: FastAPI, context: AppContext) -> None:
     """Register /api on `app`, over the serving layer of `context`."""
     ollama = OllamaServing(context.serving, context.chat, context.completions)
-    serving, api_key = context.serving, context.settings.api_key
+    serving, api_key = context.serving, context.settings.route_api_key
 
     def authenticate(request: Request) -> None:
         try:

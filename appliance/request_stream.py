@@ -60,6 +60,8 @@ class RequestStream:
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.num_generation_tokens = 0
+        self.num_prompt_tokens = 0
+        self.finish_reason: str | None = None  # of the last sample to finish
         self._abort = abort
         self._queue: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
         self._consumed_last = False
@@ -73,6 +75,9 @@ class RequestStream:
                 self.first_token_time = self.first_token_time or item.time
                 self.last_token_time = item.time
             self.done = item.finished
+            self.num_prompt_tokens = len(item.prompt_token_ids)
+            reasons = [s.finish_reason for s in item.samples if s.finish_reason]
+            self.finish_reason = reasons[-1] if reasons else self.finish_reason
         else:
             self.done = True
         self._queue.put_nowait(item)

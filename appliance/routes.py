@@ -5,6 +5,9 @@ protocol schema, and hands over to serving; every error leaves in OpenAI's forma
     /tokenize  /detokenize                                                      API key if set
     /health  /version  /metrics                                                  open
     /api/...: Ollama's API, in ollama_routes.py (registered below, errors in Ollama's format)
+
+Named keys (endpoints, quotas, concurrency) and the audit log are handled before any route, by the
+KeyGate middleware (auth/gate.py); the routes' own check covers only a lone --api-key.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from hearth import __version__
 from hearth.appliance.async_engine import Engine, EngineState
+from hearth.appliance.auth.gate import KeyGate
 from hearth.appliance.ollama_routes import add_ollama_routes
 from hearth.appliance.protocol import (
     APIError,
@@ -55,6 +59,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], Engine]) -> Fast
         naming.cancel()
         await asyncio.to_thread(context.engine.shutdown)
         context.telemetry.close()
+        context.auth.close()
 
     app = FastAPI(
         title="Hearth",
@@ -75,9 +80,16 @@ def create_app(settings: Settings, engine_factory: Callable[[], Engine]) -> Fast
             allow_methods=["*"],
             allow_headers=["*"],
         )
+    auth = context.auth
+    app.add_middleware(KeyGate, keyring=auth.keyring, quotas=auth.quotas, stats=auth.stats,
+                       audit=auth.audit, model_name=lambda: _model_name(context))
     hosts = allowed_host_names(settings.host, settings.allowed_hosts)
     app.add_middleware(HostOriginGuard, hosts=hosts, origins=settings.allowed_origins)
     return app
+
+
+def _model_name(context: AppContext) -> str | None:
+    return context.telemetry.model_name or None
 
 
 async def _name_metrics_when_ready(context: AppContext) -> None:
@@ -117,7 +129,7 @@ async def _http_exception(request: Request, exc: HTTPException) -> JSONResponse:
 
 def _add_routes(app: FastAPI, context: AppContext) -> None:
     serving, completions, chat = context.serving, context.completions, context.chat
-    api_key = context.settings.api_key
+    api_key = context.settings.route_api_key
 
     def authenticate(request: Request) -> None:
         check_api_key(request.headers.get("authorization"), api_key)

@@ -40,6 +40,12 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    api_keys_file: str | None = None  # named keys with quotas (appliance/auth/keys.py)
+    ssl_certfile: str | None = None  # TLS: both files, or neither
+    ssl_keyfile: str | None = None
+    state_dir: str | None = None  # writable state (audit log); the installer's /var/lib/hearth
+    audit_log_max_mib: float = 64.0  # the audit log rotates at this size (5 files kept)
+    log_prompts: bool = False  # the audit log also records prompt text
     max_model_len: int | None = None
     max_num_seqs: int = 64
     kv_cache_gib: float | None = None
@@ -81,6 +87,7 @@ class Settings:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (leave it unset to disable auth)")
+        self._check_security_files()
         object.__setattr__(self, "engine", EngineConfig(
             model=self.model,
             device=self.device,
@@ -112,6 +119,25 @@ class Settings:
             draft_model=self.draft_model,
             disable_by_batch_size=self.speculative_disable_by_batch_size,
         )
+
+
+    def _check_security_files(self) -> None:
+        """A bad keys file or certificate stops the start here, with the reason."""
+        if self.api_keys_file is not None:
+            from hearth.appliance.auth.keys import load_keys
+
+            load_keys(self.api_keys_file)
+        if self.ssl_certfile is not None or self.ssl_keyfile is not None:
+            from hearth.appliance.tls import check_tls_files  # cryptography: only when asked
+
+            check_tls_files(self.ssl_certfile, self.ssl_keyfile)
+        if self.log_prompts and self.state_dir is None:
+            raise ValueError("--log-prompts writes to the audit log: set --state-dir too")
+
+    @property
+    def route_api_key(self) -> str | None:
+        """The single key the routes check themselves; with a keys file the gate checks all."""
+        return None if self.api_keys_file is not None else self.api_key
 
 
 @dataclass(frozen=True)
@@ -202,6 +228,22 @@ _OPTIONS = (
         "(prefer the environment variable: flags show in `ps`)",
         metavar="KEY",
     ),
+    _Option(
+        "api_keys_file",
+        str,
+        "named API keys with quotas, endpoints and fair-share weights (TOML; edit with "
+        "`hearth keys`; reloaded on SIGHUP). --api-key still works beside it, as key 'default'",
+        metavar="FILE",
+    ),
+    _Option("ssl_certfile", str, "serve HTTPS with this PEM certificate (`hearth cert` makes "
+            "one)", metavar="FILE"),
+    _Option("ssl_keyfile", str, "the certificate's PEM private key", metavar="FILE"),
+    _Option("state_dir", str, "writable state directory: the audit log goes to "
+            "DIR/audit/audit.jsonl (the installer sets /var/lib/hearth)", metavar="DIR"),
+    _Option("audit_log_max_mib", _positive_float, "rotate the audit log at this size "
+            "(5 old files kept)", metavar="MIB"),
+    _Option("log_prompts", _bool, "write prompt text into the audit log too (off: token "
+            "counts only)", flag=True),
     _Option(
         "max_model_len", _positive_int, "context length (default: the model's own)", metavar="N"
     ),

@@ -150,6 +150,7 @@ class LLMEngine:
             seq = Sequence(self.scheduler.next_seq_id(), request_id, token_ids, params, priority,
                            arrival_time=now)
             seq.grammar = request.grammar
+            seq.share_key, seq.share_weight = request.share_key, request.share_weight
             self.scheduler.add(seq)
             self._requests[request_id] = req
             if _needs_sync(params):

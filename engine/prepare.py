@@ -56,6 +56,8 @@ class PreparedRequest:
     token_ids: list[int]
     params: SamplingParams  # max_tokens always set
     grammar: CompiledGrammar | None = None  # params.structured_output, compiled
+    share_key: str | None = None  # the API key's name: its fair-share flow (engine/fair_share.py)
+    share_weight: float = 1.0  # that key's weight in the fair share
 
 
 def prepare(

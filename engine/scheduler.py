@@ -2,7 +2,8 @@
 
 Each step it spends a token budget (`max_num_batched_tokens`) on running sequences first (a decode
 costs 1 token, an unfinished chunked prefill continues), then admits waiting ones in priority order
-(lower number first, FCFS within a priority), taking prefix-cache hits into account. When KV blocks
+(lower number first, FCFS within a priority; across API keys by deficit round robin over tokens,
+engine/fair_share.py), taking prefix-cache hits into account. When KV blocks
 run out it preempts by recompute: the lowest-priority, latest-arrived running sequence loses its
 blocks and returns to the waiting queue with `num_computed_tokens = 0`.
 
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 from hearth.engine.block_manager import BlockManager, BlockSnapshot
 from hearth.engine.config import SchedulerConfig
+from hearth.engine.fair_share import FairShare
 from hearth.engine.outputs import RunnerOutput, ScheduledChunk, ScheduleOutput
 from hearth.engine.sequence import FinishReason, Sequence, SequenceStatus
 
@@ -80,6 +82,7 @@ class Scheduler:
         self._finished_seq_ids: list[int] = []  # since the last schedule()
         self._num_preemptions = 0
         self._seq_ids = itertools.count()
+        self.fair_share = FairShare()  # admission order across API keys
 
     def next_seq_id(self) -> int:
         return next(self._seq_ids)
@@ -184,14 +187,15 @@ class Scheduler:
 
     def _schedule_waiting(self, out: ScheduleOutput, budget: int) -> None:
         while self.waiting and budget > 0:
-            seq = self.waiting[0]
+            seq = self.fair_share.pick(self.waiting)
             room = self.config.max_num_seqs - len(self.running)
             if room < min(seq.num_samples_to_draw, self.config.max_num_seqs):
                 break  # a parent forks into n running sequences after its first sample
             num_new = self._admit(seq, budget)
             if num_new == 0:
                 break  # FCFS: nobody overtakes the first sequence that does not fit
-            self.waiting.pop(0)
+            self.waiting.remove(seq)
+            self.fair_share.charge(seq, seq.num_tokens)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=_order)
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
@@ -233,6 +237,7 @@ class Scheduler:
             if samples and token_ids:
                 sampled.extend(self._append_samples(seq, token_ids))
         for seq in sampled:
+            self.fair_share.charge(seq, 1)
             reason = self._stop_reason(seq)
             if reason is not None:
                 self.finish(seq, reason)

@@ -16,6 +16,7 @@ usage() {
     cat <<'EOF'
 usage: install.sh [--prefix DIR] [--host ADDR] [--port N] [--python PYTHON] [--user NAME]
                   [--no-systemd] [--wait SECONDS]
+                  [--tls [--tls-name HOST]... | --tls-cert FILE --tls-key FILE]
 
   --prefix DIR    install under DIR (DIR/opt/hearth, DIR/etc/hearth, DIR/var/lib/hearth);
                   no user is created and no service started (for staging and tests)
@@ -25,6 +26,12 @@ usage: install.sh [--prefix DIR] [--host ADDR] [--port N] [--python PYTHON] [--u
   --user NAME     the service's system user (default hearth)
   --no-systemd    do not install or start the systemd unit
   --wait SECONDS  how long to wait for /health after starting the service (default 300)
+  --tls           serve HTTPS with a self-signed certificate made now (`hearth cert`) in
+                  /etc/hearth/tls; its SHA-256 fingerprint is printed for clients to compare
+  --tls-name HOST a name or address clients use for the certificate (repeatable; default: this
+                  host's name, localhost, 127.0.0.1)
+  --tls-cert FILE, --tls-key FILE
+                  serve HTTPS with this certificate and key (copied to /etc/hearth/tls)
 EOF
 }
 
@@ -33,6 +40,7 @@ die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
 
 BUNDLE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PREFIX="" HOST=127.0.0.1 PORT=8000 PYTHON=python3 SERVICE_USER=hearth SYSTEMD=auto WAIT=300
+TLS=no TLS_CERT="" TLS_KEY="" TLS_NAMES=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --prefix) [ $# -ge 2 ] || die "--prefix needs a directory"; PREFIX=$(realpath -m "$2"); shift 2 ;;
@@ -42,10 +50,17 @@ while [ $# -gt 0 ]; do
         --user) SERVICE_USER=${2:?--user needs a name}; shift 2 ;;
         --wait) WAIT=${2:?--wait needs seconds}; shift 2 ;;
         --no-systemd) SYSTEMD=no; shift ;;
+        --tls) TLS=self-signed; shift ;;
+        --tls-name) TLS_NAMES+=("${2:?--tls-name needs a host name or address}"); shift 2 ;;
+        --tls-cert) TLS=given; TLS_CERT=$(realpath "${2:?--tls-cert needs a file}"); shift 2 ;;
+        --tls-key) TLS_KEY=$(realpath "${2:?--tls-key needs a file}"); shift 2 ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; die "unknown option $1" ;;
     esac
 done
+
+[ "$TLS" != given ] || [ -n "$TLS_KEY" ] || die "--tls-cert needs --tls-key too"
+[ -z "$TLS_KEY" ] || [ "$TLS" = given ] || die "--tls-key needs --tls-cert too"
 
 OPT=$PREFIX/opt/hearth
 ETC=$PREFIX/etc/hearth
@@ -169,8 +184,12 @@ HEARTH_HOST=$HOST
 HEARTH_PORT=$PORT
 HEARTH_MODELS_TOML=$STATE/models.toml
 HEARTH_NO_UI=$no_ui
+# The audit log (one JSON line per API call, no prompt text): $STATE/audit/audit.jsonl
+HEARTH_STATE_DIR=$STATE
 # HEARTH_MODEL=smollm2-135m-instruct
 # HEARTH_API_KEY=change-me
+# Named keys with quotas: hearth keys --file $ETC/keys.toml add NAME; then set
+# HEARTH_API_KEYS_FILE=$ETC/keys.toml   (systemctl reload hearth re-reads it)
 # HEARTH_DEVICE=auto
 # Caches (compiled kernels) go to the writable state directory.
 HOME=$STATE
@@ -180,6 +199,26 @@ HF_HUB_OFFLINE=1
 EOF
     chmod 640 "$ETC/hearth.env"
     say "wrote $ETC/hearth.env"
+}
+
+# 4b. TLS: a self-signed certificate made here, or the operator's pair, in $ETC/tls; hearth.env
+#     gets the two HEARTH_SSL_* lines (also on an upgrade that asks for TLS).
+setup_tls() {
+    [ "$TLS" != no ] || return 0
+    mkdir -p "$ETC/tls"
+    if [ "$TLS" = given ]; then
+        install -m 644 "$TLS_CERT" "$ETC/tls/cert.pem"
+        install -m 600 "$TLS_KEY" "$ETC/tls/key.pem"
+    else
+        local names=()
+        for name in "${TLS_NAMES[@]}"; do names+=(--name "$name"); done
+        "$OPT/venv/bin/hearth" cert --out-dir "$ETC/tls" --force "${names[@]}"
+    fi
+    local env_file=$ETC/hearth.env
+    sed -i -e '/^HEARTH_SSL_CERTFILE=/d' -e '/^HEARTH_SSL_KEYFILE=/d' "$env_file"
+    printf 'HEARTH_SSL_CERTFILE=%s\nHEARTH_SSL_KEYFILE=%s\n' "$ETC/tls/cert.pem" \
+        "$ETC/tls/key.pem" >>"$env_file"
+    say "TLS: $ETC/tls/cert.pem (clients trust this file, or compare its fingerprint)"
 }
 
 # 5. The unit, with this install's paths; started where systemd runs (not under --prefix).
@@ -197,14 +236,21 @@ install_unit() {
         fi
         chown -R "$SERVICE_USER:$SERVICE_USER" "$STATE"
         chown "root:$SERVICE_USER" "$ETC/hearth.env"
+        if [ -d "$ETC/tls" ]; then
+            chown -R "root:$SERVICE_USER" "$ETC/tls"
+            chmod 640 "$ETC/tls/key.pem"
+        fi
     fi
 }
 
 start_service() {
-    local host port url
+    local host port url cert scheme
     host=$(set -a; . "$ETC/hearth.env"; echo "${HEARTH_HOST:-127.0.0.1}")
     port=$(set -a; . "$ETC/hearth.env"; echo "${HEARTH_PORT:-8000}")
-    case "$host" in 0.0.0.0 | ::) url="http://127.0.0.1:$port/" ;; *) url="http://$host:$port/" ;; esac
+    cert=$(set -a; . "$ETC/hearth.env"; echo "${HEARTH_SSL_CERTFILE:-}")
+    scheme=http
+    [ -z "$cert" ] || scheme=https
+    case "$host" in 0.0.0.0 | ::) url="$scheme://127.0.0.1:$port/" ;; *) url="$scheme://$host:$port/" ;; esac
     if [ "$SYSTEMD" = no ] || [ -n "$PREFIX" ] || [ ! -d /run/systemd/system ] || ! command -v systemctl >/dev/null; then
         say "systemd is not running here (a container?) or was not asked for: the unit is in $UNIT but not started."
         say "Start Hearth by hand with:"
@@ -216,12 +262,15 @@ start_service() {
     systemctl enable --quiet hearth.service
     systemctl restart hearth.service
     say "waiting for ${url}health (up to $WAIT s)"
-    if ! "$OPT/venv/bin/python" - "${url}health" "$WAIT" <<'PY'
-import sys, time, urllib.request
+    if ! "$OPT/venv/bin/python" - "${url}health" "$WAIT" "$cert" <<'PY'
+import ssl, sys, time, urllib.request
 url, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
+context = ssl.create_default_context(cafile=sys.argv[3]) if sys.argv[3] else None
+if context is not None:
+    context.check_hostname = False  # the certificate names this host; the URL may say 127.0.0.1
 while time.monotonic() < deadline:
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(url, timeout=5, context=context) as response:
             if response.status == 200:
                 sys.exit(0)
     except OSError:
@@ -239,5 +288,6 @@ verify_bundle
 install_venv
 install_models
 write_config
+setup_tls
 install_unit
 start_service

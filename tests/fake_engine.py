@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+from hearth.engine.fair_share import FairShare
 from hearth.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
 from hearth.engine.prepare import ModelInfo, PreparedRequest, prepare
 from hearth.engine.sampling_params import SamplingParams
@@ -71,6 +72,16 @@ class _Request:
     arrival: float
     first_token_time: float | None = None
     crash: bool = False
+    share_key: str | None = None  # the fair-share flow, as engine Sequences have it
+    share_weight: float = 1.0
+
+    @property
+    def arrival_time(self) -> float:
+        return self.arrival
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + max(len(s.token_ids) for s in self.samples)
 
     @property
     def finished(self) -> bool:
@@ -100,6 +111,8 @@ class FakeEngine:
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
         self.shut_down = False
+        self.fair_share = FairShare()
+        self.paused = threading.Event()  # set: steps admit and run nothing (queue up a load first)
 
     def add_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
@@ -129,6 +142,8 @@ class FakeEngine:
             samples,
             time.monotonic(),
             crash="__crash__" in text,
+            share_key=request.share_key,
+            share_weight=request.share_weight,
         )
         with self._lock:
             self._waiting.append(queued)
@@ -144,6 +159,8 @@ class FakeEngine:
 
     def step(self) -> list[RequestOutput]:
         time.sleep(self.step_delay_s)
+        if self.paused.is_set():
+            return []
         with self._lock:
             self._admit()
             outputs = [self._advance(r) for r in self._running]
@@ -151,12 +168,14 @@ class FakeEngine:
         return outputs
 
     def _admit(self) -> None:
-        self._waiting.sort(key=lambda r: r.priority)
-        while (
-            self._waiting
-            and self._num_seqs_running() + self._waiting[0].params.n <= self.max_num_seqs
-        ):
-            self._running.append(self._waiting.pop(0))
+        """The real scheduler's admission order: priority, then fair share across keys."""
+        while self._waiting:
+            request = self.fair_share.pick(self._waiting)
+            if self._num_seqs_running() + request.params.n > self.max_num_seqs:
+                return
+            self._waiting.remove(request)
+            self._running.append(request)
+            self.fair_share.charge(request, request.num_tokens)
 
     def _num_seqs_running(self) -> int:
         return sum(len(r.samples) for r in self._running)
@@ -196,6 +215,7 @@ class FakeEngine:
         params = request.params
         token = self._next_token(request, sample)
         self._num_generation_tokens += 1
+        self.fair_share.charge(request, 1)
         sample.token_ids.append(token)
         if sample.logprobs is not None:
             top = tuple(range(97, 97 + (params.logprobs or 0)))

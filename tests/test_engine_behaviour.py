@@ -171,3 +171,26 @@ def test_overlapped_steps_give_the_same_tokens_as_synchronous_steps(model_dir):
         assert _all_blocks_free(llm)
     assert results[0] == results[1]
     assert results[1][2][1] == "stop"
+
+
+def test_keyed_requests_join_fair_share_flows_and_keep_their_tokens(model_dir):
+    from dataclasses import replace
+
+    llm = _llm(model_dir, max_num_seqs=2)
+    engine = llm.engine
+    prompts = _prompts(6, 20, seed=7)
+    for i, prompt in enumerate(prompts):  # the serving layer sets the key from the API key
+        request = replace(engine.prepare(prompt, GREEDY), share_key="heavy" if i < 4 else "light")
+        engine.add_prepared(f"r{i}", request)
+    finished_order, tokens = [], {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished_order.append(out.request_id)
+                tokens[out.request_id] = out.outputs[0].token_ids
+    assert finished_order.index("r4") < finished_order.index("r3")  # light's first overtakes
+    plain = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [tokens[f"r{i}"] for i in range(6)] == [o.outputs[0].token_ids for o in plain]
+    served = engine.scheduler.fair_share.served_tokens()
+    assert served["light"] == 2 * (20 + 16) and served["heavy"] == 4 * (20 + 16)
+    assert _all_blocks_free(llm)

@@ -316,3 +316,18 @@ def test_bundle_requirements_pin_torch_per_target():
         "hearth[serve,ui]==0.1.0", "torch==2.13.0"
     ]
     assert bundle.default_platforms("aarch64")[0] == "manylinux_2_28_aarch64"
+
+
+def test_install_sh_tls_options(tmp_path):
+    text = (INSTALLERS / "install.sh").read_text()
+    options = set(re.findall(r"^\s+(--[a-z-]+)\)", text, re.M))
+    assert {"--tls", "--tls-name", "--tls-cert", "--tls-key"} <= options
+    assert '"$OPT/venv/bin/hearth" cert --out-dir "$ETC/tls"' in text
+    assert "HEARTH_SSL_CERTFILE=" in text and "HEARTH_STATE_DIR=$STATE" in text
+    for args, message in ((["--tls-cert", "c.pem"], "--tls-cert needs --tls-key"),
+                          (["--tls-key", "k.pem"], "--tls-key needs --tls-cert")):
+        result = subprocess.run(["bash", str(INSTALLERS / "install.sh"), *args],
+                                capture_output=True, text=True, cwd=tmp_path)
+        assert result.returncode == 1 and message in result.stderr
+    unit = (INSTALLERS / "hearth.service").read_text()
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit  # systemctl reload: the keys file

@@ -15,6 +15,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -53,6 +54,7 @@ from hearth.ui.panels import (
     gpu_panel,
     hit_rate,
     host_panel,
+    key_rows,
     scheduler_rows,
 )
 from hearth.ui.throughput import GENERATION, PROMPT, ThroughputHistory
@@ -235,6 +237,12 @@ def test_scheduler_rows_mark_constrained_requests():
             SeqSnapshot(1, "ui-b", "waiting", 3, 0, 0, 0, 0.5)]
     assert [row[:3] for row in scheduler_rows(seqs)] == [
         ["chatcmpl-a", "decode", GRAMMAR_MARK], ["ui-b", "waiting", ""]]
+
+
+def test_key_rows():
+    row = SimpleNamespace(key="kiosk", num_requests=5, num_rejected=2, num_running=1,
+                          num_prompt_tokens=40, num_generation_tokens=12)
+    assert key_rows([row]) == [["kiosk", 5, 2, 1, 40, 12]]
 
 
 def test_json_toggle_becomes_response_format():
@@ -555,3 +563,11 @@ def test_monitor_shows_the_speculation_acceptance_rate(page, server):
         "() => document.querySelector('#monitor-header').innerText.includes('acceptance')")
     header = page.locator("#monitor-header").inner_text()
     assert re.search(r"speculative ngram \(K=4\): acceptance \d+%", header), header
+
+
+def test_monitor_shows_a_table_per_key(page, server):
+    models = httpx.get(server.url + "v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert models.status_code == 200  # counted for the key "default" (--api-key)
+    _open_tab(page, "Monitor")
+    page.wait_for_function(
+        "() => (document.querySelector('#keys-table')?.innerText || '').includes('default')")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -61,7 +60,7 @@ def mount_ui(app: FastAPI, context: AppContext) -> FastAPI:
         app,
         build_ui(context, readings),
         path="/",
-        auth=_key_check(context.settings.api_key),
+        auth=_key_check(context),
         auth_message="This server has an API key: enter it as the password (any user name).",
         footer_links=[],
         theme=theme,
@@ -87,12 +86,8 @@ def _sample_during_lifespan(app: FastAPI, readings: Readings, context: AppContex
     app.router.lifespan_context = lifespan
 
 
-def _key_check(api_key: str | None):  # noqa: ANN202 - gradio's auth callable, or None: no login
-    if api_key is None:
+def _key_check(context: AppContext):  # noqa: ANN202 - gradio's auth callable, or None: no login
+    """Any key the API accepts (--api-key or one from the keys file) logs in."""
+    if not context.auth.requires_key:
         return None
-    expected = api_key.encode()
-
-    def check(username: str, password: str) -> bool:
-        return hmac.compare_digest(password.encode(), expected)
-
-    return check
+    return lambda username, password: context.auth.accepts(password)

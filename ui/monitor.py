@@ -21,11 +21,13 @@ import pandas as pd
 from hearth.appliance.serving import AppContext, engine_gpu_indices
 from hearth.ui.block_map import render_block_map
 from hearth.ui.panels import (
+    KEY_COLUMNS,
     SCHEDULER_COLUMNS,
     cache_summary,
     format_rate,
     gpu_panel,
     host_panel,
+    key_rows,
     scheduler_rows,
     speculation_summary,
 )
@@ -89,6 +91,7 @@ class MonitorView:
     throughput: Any
     gpu: Any
     host: Any
+    keys: Any
 
     def outputs(self) -> list[Any]:
         return [
@@ -99,6 +102,7 @@ class MonitorView:
             self.throughput,
             self.gpu,
             self.host,
+            self.keys,
         ]
 
 
@@ -118,6 +122,8 @@ def build_monitor_tab(context: AppContext, readings: Readings) -> gr.Timer:
                 interactive=False,
                 wrap=True,
             )
+            gr.Markdown("### API keys")
+            keys = gr.Dataframe(headers=KEY_COLUMNS, elem_id="keys-table", interactive=False)
         with gr.Column(scale=2):
             gr.Markdown("### Throughput")
             throughput = gr.LinePlot(
@@ -134,7 +140,7 @@ def build_monitor_tab(context: AppContext, readings: Readings) -> gr.Timer:
             gpu = gr.HTML(elem_id="gpu-panel")
             gr.Markdown("### Host")
             host = gr.HTML(elem_id="host-panel")
-    view = MonitorView(header, block_map, summary, scheduler, throughput, gpu, host)
+    view = MonitorView(header, block_map, summary, scheduler, throughput, gpu, host, keys)
     timer = gr.Timer(REFRESH_S, active=False)
 
     async def tick() -> list[Any]:
@@ -142,7 +148,7 @@ def build_monitor_tab(context: AppContext, readings: Readings) -> gr.Timer:
             return await refresh(context, readings)
         except Exception as error:  # noqa: BLE001 - say so in the tab, not in a toast each second
             logger.exception("monitor refresh failed")
-            return [f"**Monitor error:** {type(error).__name__}: {error}"] + [gr.skip()] * 6
+            return [f"**Monitor error:** {type(error).__name__}: {error}"] + [gr.skip()] * 7
 
     timer.tick(tick, None, view.outputs(), show_progress="hidden", concurrency_limit=None)
     return timer
@@ -156,8 +162,9 @@ async def refresh(context: AppContext, readings: Readings) -> list[Any]:
         snapshot.device, os.environ.get("CUDA_VISIBLE_DEVICES"))
     gpu = gpu_panel(gpus.sample(), gpus.status, engine_gpus)
     host = host_panel(readings.host())
+    keys = pd.DataFrame(key_rows(context.auth.rows()), columns=KEY_COLUMNS)
     if snapshot is None:  # the engine is still loading
-        return [LOADING, "", "", [], _plot(history), gpu, host]
+        return [LOADING, "", "", [], _plot(history), gpu, host, keys]
     readings.record(snapshot)
     scheduler = snapshot.scheduler
     seq_requests = {s.seq_id: s.request_id for s in scheduler.seqs}
@@ -177,6 +184,7 @@ async def refresh(context: AppContext, readings: Readings) -> list[Any]:
         _plot(history),
         gpu,
         host,
+        keys,
     ]
 
 

@@ -76,6 +76,18 @@ def scheduler_rows(seqs: Sequence) -> list[list]:
     ]
 
 
+KEY_COLUMNS = ["key", "requests", "refused", "running", "prompt tokens", "generated tokens"]
+
+
+def key_rows(rows: Sequence) -> list[list]:
+    """One row per API key that has called (KeyRow): its totals since the start."""
+    return [
+        [r.key, r.num_requests, r.num_rejected, r.num_running, r.num_prompt_tokens,
+         r.num_generation_tokens]
+        for r in rows
+    ]
+
+
 def gpu_panel(samples: Sequence[GpuSample], status: str,
               engine_gpus: Sequence[int] = ()) -> str:
     """HTML: one card per GPU, the engine's own (`engine_gpus`, NVML indices) first and marked,

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hearth.appliance.async_engine import AsyncEngine, Engine, EngineState
+from hearth.appliance.auth.wiring import Auth, build_auth
 from hearth.appliance.serving.capabilities import server_features
 from hearth.appliance.serving.chat import ChatServing
 from hearth.appliance.serving.completion import CompletionServing
@@ -23,6 +24,7 @@ class AppContext:
     chat: ChatServing
     completions: CompletionServing
     telemetry: Telemetry
+    auth: Auth
 
 
 def build_context(settings: Settings, engine_factory: Callable[[], Engine]) -> AppContext:
@@ -42,4 +44,5 @@ def build_context(settings: Settings, engine_factory: Callable[[], Engine]) -> A
     serving = Serving(engine, settings.served_model_name,
                       server_features(settings.reasoning_parser))
     chat = ChatServing(serving, settings.tool_call_parser, settings.reasoning_parser)
-    return AppContext(settings, engine, serving, chat, CompletionServing(serving), telemetry)
+    auth = build_auth(settings, telemetry.registry)
+    return AppContext(settings, engine, serving, chat, CompletionServing(serving), telemetry, auth)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hearth.appliance.async_engine import AsyncEngine
+from hearth.appliance.auth.call import current_call
 from hearth.appliance.deltas import RequestDelta, SampleDelta
 from hearth.appliance.protocol import APIError, UnknownFieldLog, bad_request
 from hearth.appliance.request_stream import (
@@ -278,12 +279,22 @@ class Serving:
     def submit(
         self, request_id: str, requests: list[PreparedRequest], priority: int
     ) -> list[RequestStream]:
-        """Start every request, or none (admission is all-or-nothing)."""
+        """Start every request, or none (admission is all-or-nothing). Under an API key (the
+        gate's CallRecord), the requests join the key's fair-share flow at its priority."""
         self.engine.check_admission(len(requests))
-        return [
+        call = current_call.get()
+        if call is not None:
+            requests = [replace(r, share_key=call.key, share_weight=call.weight) for r in requests]
+            priority += call.priority
+        streams = [
             self.engine.submit(f"{request_id}-{i}", request, priority)
             for i, request in enumerate(requests)
         ]
+        for stream, request in zip(streams, requests, strict=True):
+            stream.num_prompt_tokens = len(request.token_ids)
+        if call is not None:
+            call.streams.extend(streams)
+        return streams
 
     async def collect(self, streams: list[RequestStream]) -> list[Result]:
         try:
