@@ -55,6 +55,12 @@ class EngineConfig:
     # Grammar-constrained decoding (engine/grammar.py). False: no grammar compiler and no grammar
     # hook in the step at all (bench/structured.py measures the hook's cost against this).
     structured_output: bool = True
+    # Tiers below the device's prefix cache (engine/kv_tiers/): KV blocks on disk, kept across
+    # restarts (None: off) within `prefix_cache_gib`, and `kv_offload_gib` of host RAM that
+    # blocks evicted from the device go to first (0: off).
+    prefix_cache_dir: str | None = None
+    prefix_cache_gib: float = 10.0
+    kv_offload_gib: float = 0.0
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -74,6 +80,7 @@ class EngineConfig:
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128; got {self.block_size}")
         if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
             raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        self._check_tiers()
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
@@ -84,6 +91,18 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")
+
+    def _check_tiers(self) -> None:
+        if not self.prefix_cache_gib > 0:
+            raise ValueError(f"prefix_cache_gib must be > 0, got {self.prefix_cache_gib}")
+        if not self.kv_offload_gib >= 0:
+            raise ValueError(f"kv_offload_gib must be >= 0, got {self.kv_offload_gib}")
+        if self.prefix_cache_dir == "":
+            raise ValueError("prefix_cache_dir must not be empty (leave it unset for no disk tier)")
+        tiers = self.prefix_cache_dir is not None or self.kv_offload_gib > 0
+        if tiers and not self.enable_prefix_caching:
+            raise ValueError("prefix_cache_dir and kv_offload_gib extend the prefix cache: they "
+                             "need enable_prefix_caching=True")
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         """The scheduler's view, once the model's context length is known."""
