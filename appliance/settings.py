@@ -40,6 +40,9 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     gguf_keep_quantized: bool = False  # GGUF linears from their blocks (CPU bf16: int4 GEMV)
+    prefix_cache_dir: str | None = None  # KV blocks of cached prefixes on disk, across restarts
+    prefix_cache_gib: float = 10.0  # the disk tier's size budget (LRU)
+    kv_offload_gib: float = 0.0  # host RAM for blocks evicted from the device; 0: off
     max_queued_requests: int = 256  # requests admitted beyond max_num_seqs before 429
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers at all
     allowed_hosts: tuple[str, ...] = ()  # Host headers accepted besides localhost names
@@ -76,6 +79,9 @@ class Settings:
             kv_cache_dtype=self.kv_cache_dtype,
             gpu_memory_utilization=self.gpu_memory_utilization,
             gguf_keep_quantized=self.gguf_keep_quantized,
+            prefix_cache_dir=self.prefix_cache_dir,
+            prefix_cache_gib=self.prefix_cache_gib,
+            kv_offload_gib=self.kv_offload_gib,
         ))
 
 
@@ -187,6 +193,25 @@ _OPTIONS = (
         "run a GGUF model's linears from its quantized blocks instead of dequantizing at load "
         "(less memory; on CPU with --dtype bfloat16, Q4 weights take the int4 GEMV: ~2x decode)",
         flag=True,
+    ),
+    _Option(
+        "prefix_cache_dir",
+        str,
+        "save the KV blocks of cached prefixes here and reuse them after a restart (keyed by the "
+        "model's weights, dtype, KV dtype and block size; loaded lazily on a hit)",
+        metavar="DIR",
+    ),
+    _Option(
+        "prefix_cache_gib",
+        _positive_float,
+        "size budget of --prefix-cache-dir; least recently used blocks are deleted beyond it",
+        metavar="G",
+    ),
+    _Option(
+        "kv_offload_gib",
+        _float,
+        "host RAM for KV blocks evicted from the device, before the disk (0: off)",
+        metavar="G",
     ),
     _Option(
         "max_queued_requests",
