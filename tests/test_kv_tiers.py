@@ -238,3 +238,53 @@ def test_evicted_registered_blocks_reach_the_tier():
     bm.free(first)
     _run(bm, _seq(1, list(range(100, 108))))  # needs both blocks: evicts the cached ones
     assert sorted(tier.evicted) == sorted(d for d, _ in _chain(2))
+
+
+# -- block payloads between the cache tensors and host memory ---------------------------------
+
+
+def _caches(device: str, dtype):
+    import torch
+
+    from hearth.engine.kv_cache import LayerKVCache
+
+    shape = (6, 4, 2, 8)  # (num_blocks, block_size, num_kv_heads, head_dim)
+    out = []
+    for _ in range(3):
+        key, value = (torch.randn(shape, device=device).to(dtype) for _ in range(2))
+        out.append(LayerKVCache(key, value))
+    return out
+
+
+def _round_trip(device: str, dtype) -> None:
+    import torch
+
+    from hearth.engine.kv_tiers.block_io import BlockIO
+
+    caches = _caches(device, dtype)
+    io = BlockIO(caches)
+    saved = io.save([4, 1])
+    payloads = [row.clone() for row in saved.wait()]
+    assert payloads[0].numel() == io.block_nbytes == 3 * 2 * 4 * 2 * 8 * dtype.itemsize
+    io.load([0, 5], payloads)
+    for layer in caches:
+        for cache in layer:
+            raw = cache.view(torch.uint8)  # byte-exact, whatever the dtype
+            assert torch.equal(raw[0], raw[4]) and torch.equal(raw[5], raw[1])
+            assert not torch.equal(raw[2], raw[4])
+
+
+def test_block_io_round_trip_is_byte_exact_cpu():
+    import torch
+
+    _round_trip("cpu", torch.float32)
+    _round_trip("cpu", torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_block_io_round_trip_is_byte_exact_cuda():
+    import torch
+
+    for dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        _round_trip("cuda", dtype)
+    torch.cuda.synchronize()

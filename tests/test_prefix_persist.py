@@ -85,3 +85,36 @@ def test_blocks_evicted_from_the_device_come_back_from_host_ram(warm):
     stats = llm.engine.prefix_store.stats
     assert stats.blocks_offloaded > 0 and stats.blocks_loaded_from_host > 0
     llm.engine.shutdown()
+
+
+def test_server_restart_keeps_the_prefix_cache(tmp_path):
+    """The real server, twice on one --prefix-cache-dir: the second answers the same prompt from
+    disk (usage's cached_tokens) with the same greedy text."""
+    import time
+
+    import httpx
+    from server_harness import running_server
+
+    from hearth.appliance.settings import Settings
+    from hearth.cli import engine_factory
+
+    settings = Settings(device="cpu", no_ui=True, max_model_len=2048, kv_cache_gib=0.15,
+                        prefix_cache_dir=str(tmp_path))
+    body = {"model": "x", "prompt": SYSTEM + "\nQuestion: what is rule 5?", "max_tokens": 6,
+            "temperature": 0}
+
+    def ask(running):
+        served = httpx.get(running.base_url + "/models").json()["data"][0]["id"]
+        reply = httpx.post(running.base_url + "/completions", json=body | {"model": served},
+                           timeout=600).json()
+        return reply["choices"][0]["text"], reply["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    with running_server(settings, engine_factory(settings)) as running:
+        first_text, first_cached = ask(running)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("*/*.kv")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    with running_server(settings, engine_factory(settings)) as running:
+        second_text, second_cached = ask(running)
+    assert first_cached == 0 and second_cached > 500
+    assert second_text == first_text
