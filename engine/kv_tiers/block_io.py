@@ -61,10 +61,14 @@ class BlockIO:
         """Write host payloads into the device blocks `block_ids` (before the next forward)."""
         if not block_ids:
             return
-        host = torch.stack(payloads)  # (num_blocks, block_nbytes) uint8
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        data = host.to(self.device, non_blocking=True).view(len(block_ids), *self._block_shape)
+        if self.device.type == "cuda":  # row by row: no host-side gather of the payloads
+            data = torch.empty((len(block_ids), self.block_nbytes), dtype=torch.uint8,
+                               device=self.device)
+            for row, payload in zip(data, payloads, strict=True):
+                row.copy_(payload, non_blocking=True)
+        else:
+            data = torch.stack(payloads)  # (num_blocks, block_nbytes) uint8
+        data = data.view(len(block_ids), *self._block_shape)
         index = torch.tensor(block_ids, dtype=torch.int64).to(self.device, non_blocking=True)
         for layer, (key, value) in enumerate(self._raw):
             key.index_copy_(0, index, data[:, layer, 0])

@@ -86,12 +86,14 @@ class DiskStore:
     def num_blocks(self) -> int:
         return len(self._mine)
 
-    def read(self, digest: bytes, token_ids: tuple[int, ...]) -> bytearray | None:
-        """The block's payload, or None (and the file deleted) unless every check passes."""
+    def read(self, digest: bytes, token_ids: tuple[int, ...],
+             out: memoryview | None = None) -> memoryview | None:
+        """The block's payload, or None (and the file deleted) unless every check passes.
+        `out`: a writable buffer of the payload's size to read into (no copy after the read)."""
         path = self._path(digest)
         try:
-            data = path.read_bytes()
-            payload = self._check(data, digest, token_ids)
+            with path.open("rb") as f:
+                payload = self._read_checked(f, digest, token_ids, out)
         except (OSError, ValueError) as e:
             logger.warning("prefix cache: rejecting %s: %s", path, e)
             self.num_rejected += 1
@@ -100,27 +102,32 @@ class DiskStore:
         self._touch(path)
         return payload
 
-    def _check(self, data: bytes, digest: bytes, token_ids: tuple[int, ...]) -> bytearray:
-        if len(data) < _HEADER.size + _CRC.size:
-            raise ValueError(f"truncated header ({len(data)} bytes)")
-        fields = _HEADER.unpack_from(data)
-        magic, version, _, identity, block, num_tokens, payload_len, payload_crc = fields
-        header_end = _HEADER.size + _CRC.size + 8 * num_tokens
+    def _read_checked(self, f, digest: bytes, token_ids: tuple[int, ...],
+                      out: memoryview | None) -> memoryview:
+        head = f.read(_HEADER.size + _CRC.size)
+        if len(head) < _HEADER.size + _CRC.size:
+            raise ValueError(f"truncated header ({len(head)} bytes)")
+        magic, version, _, identity, block, num_tokens, payload_len, payload_crc = (
+            _HEADER.unpack_from(head))
         if magic != _MAGIC or version != FORMAT_VERSION:
             raise ValueError("not a block file of this Hearth version")
-        (header_crc,) = _CRC.unpack_from(data, _HEADER.size)
-        if zlib.crc32(data[: _HEADER.size]) != header_crc:
+        if zlib.crc32(head[: _HEADER.size]) != _CRC.unpack_from(head, _HEADER.size)[0]:
             raise ValueError("header checksum mismatch")
         if identity != self.identity.digest or block != digest:
             raise ValueError("written for another model, dtype or block size")
-        if len(data) != header_end + payload_len:
-            raise ValueError(f"truncated: {len(data)} bytes, expected {header_end + payload_len}")
-        if array("q", data[_HEADER.size + _CRC.size : header_end]).tolist() != list(token_ids):
-            raise ValueError("token ids differ from the lookup's (digest collision)")
-        payload = bytearray(memoryview(data)[header_end:])
-        if zlib.crc32(payload) != payload_crc:
+        tokens = f.read(8 * num_tokens)
+        if len(tokens) != 8 * num_tokens or array("q", tokens).tolist() != list(token_ids):
+            raise ValueError("token ids differ from the lookup's (truncated or a collision)")
+        if out is None:
+            out = memoryview(bytearray(payload_len))
+        if out.nbytes != payload_len:
+            raise ValueError(f"payload of {payload_len} bytes, expected {out.nbytes}")
+        num_read = f.readinto(out)
+        if num_read != payload_len or f.read(1):
+            raise ValueError(f"truncated: payload of {num_read} bytes, expected {payload_len}")
+        if zlib.crc32(out) != payload_crc:
             raise ValueError("payload checksum mismatch")
-        return payload
+        return out
 
     # -- writes (queued by the engine thread, done by the writer thread) ---------------------
 

@@ -90,8 +90,7 @@ class PrefixStore:
             else:
                 break
             run += 1
-        read = dict(zip([d for d, _ in to_read],
-                        self._readers.map(self._read, to_read), strict=True))
+        read = self._read_all(to_read)
         for index, (digest, _) in enumerate(blocks[:run]):
             if digest in read:
                 if read[digest] is None:
@@ -148,15 +147,16 @@ class PrefixStore:
             return True
         return self.host is not None and self.host.get(digest, token_ids) is not None
 
-    def _read(self, block: tuple[bytes, tuple[int, ...]]) -> torch.Tensor | None:
-        payload = self.disk.read(*block)
-        if payload is None:
-            return None
-        if len(payload) != self.io.block_nbytes:
-            logger.warning("prefix cache: a block of %d bytes, expected %d: ignored",
-                           len(payload), self.io.block_nbytes)
-            return None
-        return torch.frombuffer(payload, dtype=torch.uint8)
+    def _read_all(self, blocks: list[tuple[bytes, tuple[int, ...]]]) -> dict:
+        """digest -> payload (a row of one host buffer) or None, the files read in parallel."""
+        if not blocks:
+            return {}
+        arena = torch.empty((len(blocks), self.io.block_nbytes), dtype=torch.uint8)
+        rows = [memoryview(arena[i].numpy()) for i in range(len(blocks))]
+        found = self._readers.map(lambda i: self.disk.read(*blocks[i], out=rows[i]),
+                                  range(len(blocks)))
+        return {digest: (arena[i] if ok is not None else None)
+                for i, ((digest, _), ok) in enumerate(zip(blocks, found, strict=True))}
 
     def _save(self, saves: list[_Save], host: HostBlocks) -> None:
         for row, save in enumerate(saves):
