@@ -61,6 +61,9 @@ class Settings:
     num_speculative_tokens: int = 4
     draft_model: str | None = None
     speculative_disable_by_batch_size: int = 8
+    prefix_cache_dir: str | None = None  # KV blocks of cached prefixes on disk, across restarts
+    prefix_cache_gib: float = 10.0  # the disk tier's size budget (LRU)
+    kv_offload_gib: float = 0.0  # host RAM for blocks evicted from the device; 0: off
     max_queued_requests: int = 256  # requests admitted beyond max_num_seqs before 429
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers at all
     allowed_hosts: tuple[str, ...] = ()  # Host headers accepted besides localhost names
@@ -101,6 +104,9 @@ class Settings:
             load_format=self.load_format,
             speculative=self._speculative_config(),
             tensor_parallel_size=self.tensor_parallel_size,
+            prefix_cache_dir=self.prefix_cache_dir,
+            prefix_cache_gib=self.prefix_cache_gib,
+            kv_offload_gib=self.kv_offload_gib,
         ))
         if self.data_parallel_size < 1:
             raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
@@ -302,6 +308,25 @@ _OPTIONS = (
         _positive_int,
         "steps with more running sequences than this do not speculate (it stops paying)",
         metavar="N",
+    ),
+    _Option(
+        "prefix_cache_dir",
+        str,
+        "save the KV blocks of cached prefixes here and reuse them after a restart (keyed by the "
+        "model's weights, dtype, KV dtype and block size; loaded lazily on a hit)",
+        metavar="DIR",
+    ),
+    _Option(
+        "prefix_cache_gib",
+        _positive_float,
+        "size budget of --prefix-cache-dir; least recently used blocks are deleted beyond it",
+        metavar="G",
+    ),
+    _Option(
+        "kv_offload_gib",
+        _float,
+        "host RAM for KV blocks evicted from the device, before the disk (0: off)",
+        metavar="G",
     ),
     _Option(
         "max_queued_requests",

@@ -27,6 +27,11 @@ sequence runs. Its table entry stays (positions keep their index) but is stale, 
 A block is released only once its successor is registered in the prefix cache (whose chain needs
 the parent), and a released block that is registered stays findable: its K/V still serve prefix
 hits, which attach whole prefixes as before.
+
+Tiers below the device (engine/kv_tiers/: host RAM, disk), when attached, see three hooks: a
+registered block (to write through to disk), an evicted block (to keep in host RAM), and a lookup
+that continues past the device's last hit; blocks they hold are attached like cached ones, into
+fresh blocks that the tier fills before the next forward (`PrefixHit.loaded`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Protocol
 
 from hearth.engine.outputs import BlockCopy
 from hearth.engine.sequence import Sequence
@@ -50,6 +56,18 @@ class PrefixHit:
 
     block_ids: tuple[int, ...] = ()
     num_tokens: int = 0  # at most num_tokens - 1: the last position is always computed
+    loaded: tuple[tuple[bytes, tuple[int, ...]], ...] = ()  # after block_ids: (digest, tokens)
+    # of blocks a lower tier holds; attaching them takes free blocks that the tier fills
+
+
+class PrefixTier(Protocol):
+    """A store below the device cache (engine/kv_tiers/prefix_store.py): the hooks it sees."""
+
+    def digest(self, parent: bytes | None, token_ids: tuple[int, ...]) -> bytes: ...
+    def lookup(self, blocks: list[tuple[bytes, tuple[int, ...]]]) -> int: ...
+    def on_registered(self, block_id: int, digest: bytes, token_ids: tuple[int, ...]) -> None: ...
+    def on_evicted(self, block_id: int, digest: bytes, token_ids: tuple[int, ...]) -> None: ...
+    def on_loaded(self, block_id: int, digest: bytes, token_ids: tuple[int, ...]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -70,7 +88,7 @@ class BlockSnapshot:
 
 
 class _Block:
-    __slots__ = ("ref_count", "hash", "token_ids", "key", "parent_key")
+    __slots__ = ("ref_count", "hash", "token_ids", "key", "parent_key", "digest")
 
     def __init__(self) -> None:
         self.ref_count = 0
@@ -81,6 +99,7 @@ class _Block:
         self.token_ids: tuple[int, ...] | None = None
         self.key: int | None = None  # unique per registration: identifies this exact content
         self.parent_key: int | None = None
+        self.digest: bytes | None = None  # stable chained digest, when a tier is attached
 
 
 class BlockManager:
@@ -106,6 +125,7 @@ class BlockManager:
         self._keys = itertools.count()
         self.prefix_queries_tokens = 0
         self.prefix_hits_tokens = 0
+        self.tier: PrefixTier | None = None  # host RAM / disk below the device (engine sets it)
 
     @property
     def num_free_blocks(self) -> int:
@@ -124,20 +144,39 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.block_ids or seq.num_computed_tokens:
             return None
         hit_ids: list[int] = []
-        parent_hash, parent_key = None, None
+        parent_hash, parent_key, missed = None, None, False
         for start in range(0, seq.num_tokens - self.block_size + 1, self.block_size):
             tokens = tuple(seq.token_ids[start : start + self.block_size])
             parent_hash = block_hash(parent_hash, tokens)
             block_id = self._hash_to_block.get(parent_hash)
             if block_id is None:
+                missed = True
                 break
             block = self._blocks[block_id]
             if block.token_ids != tokens or block.parent_key != parent_key:
                 break  # a hash collision: different content behind the same hash
             hit_ids.append(block_id)
             parent_key = block.key
-        num_tokens = min(len(hit_ids) * self.block_size, seq.num_tokens - 1)
-        return PrefixHit(tuple(hit_ids), num_tokens)
+        loaded = self._match_tier(seq, hit_ids, missed)
+        num_tokens = min((len(hit_ids) + len(loaded)) * self.block_size, seq.num_tokens - 1)
+        return PrefixHit(tuple(hit_ids), num_tokens, loaded)
+
+    def _match_tier(self, seq: Sequence, hit_ids: list[int],
+                    missed: bool) -> tuple[tuple[bytes, tuple[int, ...]], ...]:
+        """The blocks after the device's hits that the tier holds (`missed`: the device walk
+        ended on a missing hash, not a collision or the end of the prompt)."""
+        if self.tier is None or not missed:
+            return ()
+        parent = self._blocks[hit_ids[-1]].digest if hit_ids else None
+        if hit_ids and parent is None:
+            return ()  # its chain was not tracked (registered before the tier)
+        blocks = []
+        bs = self.block_size
+        for start in range(len(hit_ids) * bs, seq.num_tokens - bs + 1, bs):
+            tokens = tuple(seq.token_ids[start : start + bs])
+            parent = self.tier.digest(parent, tokens)
+            blocks.append((parent, tokens))
+        return tuple(blocks[: self.tier.lookup(blocks)]) if blocks else ()
 
     def cache_blocks(self, seq: Sequence, num_computed_before: int) -> None:
         """Register the blocks that became full and computed since `num_computed_before`."""
@@ -151,11 +190,22 @@ class BlockManager:
                 continue  # a prefix hit or a shared block, registered already
             parent = self._blocks[seq.block_ids[index - 1]] if index else None
             start = index * self.block_size
-            block.token_ids = tuple(seq.token_ids[start : start + self.block_size])
-            block.hash = block_hash(parent.hash if parent else None, block.token_ids)
-            block.key = next(self._keys)
-            block.parent_key = parent.key if parent else None
-            self._hash_to_block.setdefault(block.hash, seq.block_ids[index])
+            tokens = tuple(seq.token_ids[start : start + self.block_size])
+            self._register(seq.block_ids[index], parent, tokens)
+            if self.tier is not None and block.digest is not None:
+                self.tier.on_registered(seq.block_ids[index], block.digest, tokens)
+
+    def _register(self, block_id: int, parent: _Block | None, tokens: tuple[int, ...],
+                  digest: bytes | None = None) -> None:
+        block = self._blocks[block_id]
+        block.token_ids = tokens
+        block.hash = block_hash(parent.hash if parent else None, tokens)
+        block.key = next(self._keys)
+        block.parent_key = parent.key if parent else None
+        if digest is None and self.tier is not None and (parent is None or parent.digest):
+            digest = self.tier.digest(parent.digest if parent else None, tokens)
+        block.digest = digest
+        self._hash_to_block.setdefault(block.hash, block_id)
 
     # -- allocation -----------------------------------------------------------------------------
 
@@ -165,11 +215,13 @@ class BlockManager:
         All or nothing: returns False and changes nothing when too few blocks are free."""
         num_computed = seq.num_computed_tokens if prefix is None else prefix.num_tokens
         hit_ids = () if prefix is None else prefix.block_ids
-        num_have = len(seq.block_ids) + len(hit_ids)
+        num_loaded = 0 if prefix is None else len(prefix.loaded)
+        num_have = len(seq.block_ids) + len(hit_ids) + num_loaded
         num_needed = -(-(num_computed + num_new_tokens) // self.block_size)
         cow_indices = self._cow_indices(seq, num_computed, num_new_tokens)
         num_revived = sum(1 for b in hit_ids if self._blocks[b].ref_count == 0)
-        if max(num_needed - num_have, 0) + len(cow_indices) + num_revived > self.num_free_blocks:
+        num_taken = num_revived + num_loaded
+        if max(num_needed - num_have, 0) + len(cow_indices) + num_taken > self.num_free_blocks:
             return False
         if prefix is not None:
             self._attach_prefix(seq, prefix)
@@ -241,6 +293,12 @@ class BlockManager:
                 del self._free_cached[block_id]
             self._blocks[block_id].ref_count += 1
         seq.block_ids = list(prefix.block_ids)
+        for digest, tokens in prefix.loaded:  # after the hits: taking blocks may evict others
+            parent = self._blocks[seq.block_ids[-1]] if seq.block_ids else None
+            block_id = self._take_free_block()
+            self._register(block_id, parent, tokens, digest)
+            self.tier.on_loaded(block_id, digest, tokens)
+            seq.block_ids.append(block_id)
         seq.num_computed_tokens = seq.num_cached_tokens = prefix.num_tokens
         self.prefix_queries_tokens += seq.num_tokens
         self.prefix_hits_tokens += prefix.num_tokens
@@ -284,6 +342,8 @@ class BlockManager:
         block = self._blocks[block_id]
         if self._hash_to_block.get(block.hash) == block_id:
             del self._hash_to_block[block.hash]
+            if self.tier is not None and block.digest is not None:
+                self.tier.on_evicted(block_id, block.digest, block.token_ids)
         block.clear()
 
     # -- monitoring -----------------------------------------------------------------------------

@@ -67,6 +67,12 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     tensor_parallel_backend: str = "auto"
     tensor_parallel_devices: tuple[str, ...] = ()
+    # Tiers below the device's prefix cache (engine/kv_tiers/): KV blocks on disk, kept across
+    # restarts (None: off) within `prefix_cache_gib`, and `kv_offload_gib` of host RAM that
+    # blocks evicted from the device go to first (0: off).
+    prefix_cache_dir: str | None = None
+    prefix_cache_gib: float = 10.0
+    kv_offload_gib: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "speculative", SpeculativeConfig.parse(self.speculative))
@@ -89,6 +95,7 @@ class EngineConfig:
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128; got {self.block_size}")
         if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
             raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        self._check_tiers()
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
@@ -117,6 +124,21 @@ class EngineConfig:
         if tp > 1 and self.async_scheduling:
             raise ValueError("async_scheduling is not supported with tensor_parallel_size > 1; "
                              "leave it unset")
+
+    def _check_tiers(self) -> None:
+        if not self.prefix_cache_gib > 0:
+            raise ValueError(f"prefix_cache_gib must be > 0, got {self.prefix_cache_gib}")
+        if not self.kv_offload_gib >= 0:
+            raise ValueError(f"kv_offload_gib must be >= 0, got {self.kv_offload_gib}")
+        if self.prefix_cache_dir == "":
+            raise ValueError("prefix_cache_dir must not be empty (leave it unset for no disk tier)")
+        tiers = self.prefix_cache_dir is not None or self.kv_offload_gib > 0
+        if tiers and self.tensor_parallel_size > 1:
+            raise ValueError("prefix_cache_dir and kv_offload_gib are not supported with "
+                             "tensor_parallel_size > 1 yet (each rank holds a share of the KV)")
+        if tiers and not self.enable_prefix_caching:
+            raise ValueError("prefix_cache_dir and kv_offload_gib extend the prefix cache: they "
+                             "need enable_prefix_caching=True")
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         """The scheduler's view, once the model's context length is known."""

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from hearth.engine.block_manager import BlockManager
 from hearth.engine.config import EngineConfig
 from hearth.engine.grammar import GrammarCompiler, GrammarMatchers
+from hearth.engine.kv_tiers.setup import open_tiers
 from hearth.engine.model_builder import BuiltModel, build_model
 from hearth.engine.model_runner import InFlightSample, PendingSample
 from hearth.engine.outputs import RequestOutput, RunnerOutput, ScheduleOutput, TokenLogprob
@@ -85,6 +86,9 @@ class LLMEngine:
             built.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching,
             sliding_window=self.model_config.kv_window,  # every layer windowed: blocks released
         )
+        self.prefix_store = open_tiers(self.config, built.resolved, self.model_config,
+                                       self.runner.kv_caches, self.runner.dtype)
+        block_manager.tier = self.prefix_store  # host RAM / disk below the device cache
         eos = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
         self.scheduler = Scheduler(
             self.config.scheduler_config(self.max_model_len), block_manager, sorted(eos)
@@ -179,6 +183,8 @@ class LLMEngine:
         finished (offline generate reads nothing else, and a partial output costs O(tokens))."""
         with self._lock:
             outputs = self._step(finished_only)
+            if self.prefix_store is not None:
+                self.prefix_store.transfer()  # blocks registered by this step: write through
             now = time.monotonic()
             cached = self._snapshot
             if cached is None or now - cached.taken_at > _SNAPSHOT_REFRESH_S or not self._requests:
@@ -194,10 +200,9 @@ class LLMEngine:
             return self._drain(finished_only)  # the next step runs synchronously
         if speculate:
             spec.propose(self.scheduler.running)
-        schedule = self.scheduler.schedule()
+        schedule = self._schedule()
         if speculate:
             spec.clear()  # the scheduled chunks carry the proposals they verify
-        self._drop_matchers(schedule.preempted_seq_ids)  # rebuilt from their tokens when resumed
         if schedule.is_empty:
             return []
         runner_output = self.runner.execute(schedule, self._matchers)
@@ -208,10 +213,16 @@ class LLMEngine:
         pairs = [(seq, runner_output.logprobs.get(seq.seq_id)) for seq in updated]
         return self._emit(pairs, finished_only, num_before)
 
+    def _schedule(self) -> ScheduleOutput:
+        schedule = self.scheduler.schedule()
+        self._drop_matchers(schedule.preempted_seq_ids)  # rebuilt from their tokens when resumed
+        if self.prefix_store is not None:
+            self.prefix_store.transfer()  # evicted blocks out, tier hits in: before the forward
+        return schedule
+
     def _step_overlapped(self, finished_only: bool) -> list[RequestOutput]:
         """Schedule and launch step N+1 while N runs, then finish N (see the module docstring)."""
-        schedule = self.scheduler.schedule()
-        self._drop_matchers(schedule.preempted_seq_ids)
+        schedule = self._schedule()
         prev = self._inflight
         if prev is not None:
             self._launch_pending(prev)  # N's sampling goes before N+1's forward
@@ -346,6 +357,8 @@ class LLMEngine:
             self._inflight = None
             if self._matchers is not None:
                 self._matchers.clear()
+            if self.prefix_store is not None:
+                self.prefix_store.close()  # queued disk writes finish
         self.runner.shutdown()
 
     def check_health(self) -> None:

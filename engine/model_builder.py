@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from hearth.engine.attention import AttentionMetadata
-from hearth.engine.catalog import resolve_model, verify
+from hearth.engine.catalog import ResolvedModel, resolve_model, verify
 from hearth.engine.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig
 from hearth.engine.fim import FimSpec, model_fim
 from hearth.engine.kv_cache import resolve_kv_cache_dtype
@@ -51,6 +51,7 @@ class BuiltModel:
     runner: ModelRunner
     quantization: str | None = None
     fim: FimSpec | None = None
+    resolved: ResolvedModel | None = None  # where the files are (the KV tiers' model identity)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -113,7 +114,8 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
     else:
         runner = ModelRunner(model, runner_config, *runner_args, kv_cache_dtype=kv_dtype)
     return BuiltModel(source.name, source.tokenizer, full_config, max_model_len, runner,
-                      source.quantization, _fim(resolved, source.tokenizer, full_config))
+                      source.quantization, _fim(resolved, source.tokenizer, full_config),
+                      resolved)
 
 
 def _build_driver(config: EngineConfig, progress: bool) -> BuiltModel:
