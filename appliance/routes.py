@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import wraps
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -24,6 +24,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from hearth import __version__
 from hearth.appliance.async_engine import Engine, EngineState
+from hearth.appliance.body_limit import BodySizeLimit
 from hearth.appliance.ollama_routes import add_ollama_routes
 from hearth.appliance.protocol import (
     APIError,
@@ -41,6 +42,7 @@ from hearth.appliance.serving.tokens import detokenize, tokenize
 from hearth.appliance.settings import Settings
 
 logger = logging.getLogger("hearth.server")
+T = TypeVar("T")
 
 
 def create_app(settings: Settings, engine_factory: Callable[[], Engine]) -> FastAPI:
@@ -54,6 +56,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], Engine]) -> Fast
         yield
         naming.cancel()
         await asyncio.to_thread(context.engine.shutdown)
+        context.serving.pool.shutdown()
         context.telemetry.close()
 
     app = FastAPI(
@@ -77,6 +80,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], Engine]) -> Fast
         )
     hosts = allowed_host_names(settings.host, settings.allowed_hosts)
     app.add_middleware(HostOriginGuard, hosts=hosts, origins=settings.allowed_origins)
+    app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_request_body_mib * (1 << 20)))
     return app
 
 
@@ -122,6 +126,11 @@ def _add_routes(app: FastAPI, context: AppContext) -> None:
     def authenticate(request: Request) -> None:
         check_api_key(request.headers.get("authorization"), api_key)
 
+    async def parse_off_loop(schema: type[T], request: Request) -> T:
+        """The body (capped by body_limit.py) parsed on the tokenize pool, not the loop."""
+        return await serving.offload(parse_request, schema, await request.body(),
+                                     serving.unknown_fields)
+
     @app.get("/health")
     async def health() -> Response:
         state = context.engine.state
@@ -149,26 +158,30 @@ def _add_routes(app: FastAPI, context: AppContext) -> None:
     @_openai_errors
     async def create_completion(request: Request) -> Any:
         authenticate(request)
-        body = parse_request(CompletionRequest, await request.body(), serving.unknown_fields)
+        body = await parse_off_loop(CompletionRequest, request)
+        serving.resolve_model(body.model)
+        checked = await serving.offload(completions.prepare, body)
         if body.stream:
-            return StreamResponse(completions.stream(body))
-        return await until_disconnect(request, completions.create(body))
+            return StreamResponse(completions.stream(body, checked))
+        return await until_disconnect(request, completions.create(body, checked))
 
     @app.post("/v1/chat/completions")
     @_openai_errors
     async def create_chat_completion(request: Request) -> Any:
         authenticate(request)
-        body = parse_request(ChatCompletionRequest, await request.body(), serving.unknown_fields)
+        body = await parse_off_loop(ChatCompletionRequest, request)
+        serving.resolve_model(body.model)
+        plan = await serving.offload(chat.plan, body)
         if body.stream:
-            return StreamResponse(chat.stream(body))
-        return await until_disconnect(request, chat.create(body))
+            return StreamResponse(chat.stream(body, plan))
+        return await until_disconnect(request, chat.create(body, plan))
 
     @app.post("/tokenize")
     @_openai_errors
     async def tokenize_route(request: Request) -> Any:
         authenticate(request)
-        body = parse_request(TokenizeRequest, await request.body(), serving.unknown_fields)
-        return tokenize(serving, body)
+        body = await parse_off_loop(TokenizeRequest, request)
+        return await serving.offload(tokenize, serving, body)
 
     @app.post("/detokenize")
     @_openai_errors

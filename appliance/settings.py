@@ -41,6 +41,7 @@ class Settings:
     dtype: str = "auto"
     gguf_keep_quantized: bool = False  # GGUF linears from their blocks (CPU bf16: int4 GEMV)
     max_queued_requests: int = 256  # requests admitted beyond max_num_seqs before 429
+    max_request_body_mib: float = 8.0  # larger bodies: 413 unread (appliance/body_limit.py)
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers at all
     allowed_hosts: tuple[str, ...] = ()  # Host headers accepted besides localhost names
     shutdown_timeout: float = 30.0  # SIGTERM: seconds in-flight requests get to finish
@@ -193,6 +194,12 @@ _OPTIONS = (
         _int,
         "requests that may wait beyond --max-num-seqs; past that, 429 with Retry-After",
         metavar="N",
+    ),
+    _Option(
+        "max_request_body_mib",
+        _positive_float,
+        "largest request body in MiB; larger ones get 413 before they are read",
+        metavar="MIB",
     ),
     _Option(
         "allowed_origins",

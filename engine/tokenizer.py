@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +166,13 @@ class Tokenizer:
     def to_json(self) -> str:
         """The tokenizer as HF tokenizer.json text (engine/grammar.py builds its own from it)."""
         return self._backend.to_str()
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token stands for: its longest piece. A byte-level
+        piece has one character per byte, a SentencePiece piece one per character, a byte-fallback
+        piece (<0xE2>) more characters than its one byte (engine/prepare.py's length bound)."""
+        return max(len(piece) for piece in self._backend.get_vocab(with_added_tokens=True))
 
     @property
     def vocab_size(self) -> int:
