@@ -32,7 +32,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    max_model_len: int | None = None
+    max_model_len: int | str | None = None  # "auto": sized from the KV budget at load
     max_num_seqs: int = 64
     kv_cache_gib: float | None = None
     kv_cache_dtype: str = "auto"
@@ -111,6 +111,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_int_or_auto(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else _positive_int(text)
+
+
 def _positive_float(text: str) -> float:
     value = _float(text)
     if not (value > 0 and math.isfinite(value)):
@@ -163,7 +167,11 @@ _OPTIONS = (
         metavar="KEY",
     ),
     _Option(
-        "max_model_len", _positive_int, "context length (default: the model's own)", metavar="N"
+        "max_model_len",
+        _positive_int_or_auto,
+        "context length (default: the model's own); auto: the longest that fits --max-num-seqs "
+        "sequences of average length in the KV cache (--kv-cache-gib or free GPU memory)",
+        metavar="N|auto",
     ),
     _Option("max_num_seqs", _positive_int, "sequences the engine runs at once", metavar="N"),
     _Option(
