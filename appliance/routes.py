@@ -25,6 +25,7 @@ from starlette.middleware.cors import CORSMiddleware
 from hearth import __version__
 from hearth.appliance.async_engine import Engine, EngineState
 from hearth.appliance.body_limit import BodySizeLimit
+from hearth.appliance.gc_heap import GcPauses, freeze_heap
 from hearth.appliance.ollama_routes import add_ollama_routes
 from hearth.appliance.protocol import (
     APIError,
@@ -48,12 +49,16 @@ T = TypeVar("T")
 def create_app(settings: Settings, engine_factory: Callable[[], Engine]) -> FastAPI:
     """The app; the engine loads (on its thread) when the lifespan starts."""
     context = build_context(settings, engine_factory)
+    gc_pauses = GcPauses()
+    context.telemetry.registry.register(gc_pauses)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         context.engine.start()
         naming = asyncio.ensure_future(_name_metrics_when_ready(context))
+        gc_pauses.install()
         yield
+        gc_pauses.uninstall()
         naming.cancel()
         await asyncio.to_thread(context.engine.shutdown)
         context.serving.pool.shutdown()
@@ -87,6 +92,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], Engine]) -> Fast
 async def _name_metrics_when_ready(context: AppContext) -> None:
     await context.engine.wait_ready()
     context.telemetry.model_name = context.serving.model_names()[0]
+    freeze_heap()  # the loaded heap, out of every later collection's walk (gc_heap.py)
 
 
 def _openai_errors(route: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:

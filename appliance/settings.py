@@ -111,7 +111,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_int_or_auto(text: str) -> int | str:
+def parse_max_model_len(text: str) -> int | str:
     return "auto" if text.strip().lower() == "auto" else _positive_int(text)
 
 
@@ -168,7 +168,7 @@ _OPTIONS = (
     ),
     _Option(
         "max_model_len",
-        _positive_int_or_auto,
+        parse_max_model_len,
         "context length (default: the model's own); auto: the longest that fits --max-num-seqs "
         "sequences of average length in the KV cache (--kv-cache-gib or free GPU memory)",
         metavar="N|auto",

@@ -8,6 +8,7 @@ default model, no UI) on a free port unless `--base-url` points at a running ser
     .venv/bin/python bench/tail_latency.py                      # 1,200 requests, concurrency 16
     .venv/bin/python bench/tail_latency.py --num-requests 300 --json out.json
     .venv/bin/python bench/tail_latency.py --base-url http://127.0.0.1:8000
+    .venv/bin/python bench/tail_latency.py --fake       # the fake engine: the HTTP layer alone
 
 Results go to docs/benchmarks.md ("Tail latency").
 """
@@ -28,6 +29,12 @@ from dataclasses import asdict, dataclass
 import httpx
 
 _PROMPT = "Write one word about the sea."
+_FAKE_SERVER = """import sys; sys.path.insert(0, {tests!r})
+from fake_engine import FakeEngine
+from hearth.appliance.settings import Settings
+from hearth.cli import serve
+serve(Settings(no_ui=True, port={port}, log_level="warning"), lambda: FakeEngine(max_num_seqs=64))
+"""
 
 
 @dataclass
@@ -75,7 +82,12 @@ async def run_load(args) -> list[Sample]:
             async with gate:
                 return await _one(http, i, i % 2 == 1, args, t0)
 
-        return list(await asyncio.gather(*(limited(i) for i in range(args.num_requests))))
+        tasks = [asyncio.ensure_future(limited(i)) for i in range(args.num_requests)]
+        done, pending = await asyncio.wait(tasks, timeout=args.max_seconds)
+        for task in pending:  # over the time limit: reported as not answered (status 0)
+            task.cancel()
+        return [t.result() if t in done else Sample(i, i % 2 == 1)
+                for i, t in enumerate(tasks)]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -122,6 +134,9 @@ def start_server(args) -> subprocess.Popen:
     args.base_url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "hearth", "serve", "--no-ui", "--port", str(port),
                *args.serve_args]
+    if args.fake:  # tests/fake_engine.py: the HTTP layer alone, steps of a few milliseconds
+        tests = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
+        command = [sys.executable, "-c", _FAKE_SERVER.format(tests=tests, port=port)]
     server = subprocess.Popen(command, env={**os.environ, "HEARTH_LOG_LEVEL": "warning"})
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -144,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--max-seconds", type=float, default=1800,
+                        help="stop the load after this long; unanswered requests count as failed")
     parser.add_argument("--json", help="write the summary and every sample here")
+    parser.add_argument("--fake", action="store_true",
+                        help="serve tests/fake_engine.py instead of the model: the server's own "
+                        "share of the latency")
     parser.add_argument("serve_args", nargs="*", help="extra `hearth serve` flags (after --)")
     args = parser.parse_args(argv)
     server = None if args.base_url else start_server(args)

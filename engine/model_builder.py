@@ -87,7 +87,7 @@ def build_model(config: EngineConfig, progress: bool = True) -> BuiltModel:
     limits = _limits(config, max_model_len)
     budget = _kv_budget(config, model, limits)
     if config.max_model_len == AUTO:
-        max_model_len = _auto_max_model_len(config, source.config, kv_dtype, budget, device)
+        max_model_len = _auto_max_model_len(config, source, kv_dtype, budget, device)
         limits = _limits(config, max_model_len)
     num_blocks = _num_kv_blocks(config, source.config, budget, limits, kv_dtype)
     runner = ModelRunner(model, source.config, config.block_size, num_blocks, config.seed, limits,
@@ -102,7 +102,7 @@ def _limits(config: EngineConfig, max_model_len: int) -> RunnerLimits:
                         config.enforce_eager)
 
 
-def _auto_max_model_len(config: EngineConfig, model_config: ModelConfig, kv_dtype: torch.dtype,
+def _auto_max_model_len(config: EngineConfig, source: LoadedSource, kv_dtype: torch.dtype,
                         budget: float, device: torch.device) -> int:
     """max_model_len "auto" (engine/memory_check.py's rule), logged with its numbers."""
     if config.kv_cache_gib is not None:
@@ -113,8 +113,8 @@ def _auto_max_model_len(config: EngineConfig, model_config: ModelConfig, kv_dtyp
     else:
         budget_from = f"the CPU default kv_cache_gib={DEFAULT_CPU_KV_CACHE_GIB}"
     choice = choose_max_model_len(
-        int(budget), model_config.kv_bytes_per_token(kv_dtype.itemsize), config.max_num_seqs,
-        config.block_size, model_config.max_position_embeddings, budget_from)
+        int(budget), source.config.kv_bytes_per_token(kv_dtype.itemsize), config.max_num_seqs,
+        config.block_size, source.max_model_len, budget_from)
     logger.warning("%s", choice.describe())  # shown at the default log level
     return choice.max_model_len
 

@@ -42,8 +42,8 @@ def test_doctor_on_this_machine(free_port):
     result = _doctor("--port", str(free_port))
     checks = _lines(result.stdout)
     assert list(checks) == [
-        "python", "packages", "torch", "lock", "cpu", "gpu", "model", "checksums", "memory", "disk",
-        "port",
+        "python", "packages", "torch", "lock", "cpu", "gpu", "model", "checksums", "memory",
+        "context", "disk", "port",
     ]
     assert result.returncode == 0, result.stdout
     assert checks["python"][1].startswith(".".join(map(str, sys.version_info[:3])))

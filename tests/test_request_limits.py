@@ -231,3 +231,14 @@ def test_tokenize_pool_bounds_and_errors():
     asyncio.run(main())
     with pytest.raises(ValueError):
         TokenizePool(max_workers=0)
+
+
+def test_the_loaded_heap_is_frozen_and_gc_pauses_are_counted(http):
+    """Tail latency: full collections no longer walk the startup heap (appliance/gc_heap.py)."""
+    import gc
+
+    assert gc.get_freeze_count() > 1000
+    gc.collect()  # one full pass, counted
+    text = http.get("/metrics").text
+    assert 'hearth_gc_collections_total{generation="2"}' in text
+    assert "hearth_gc_pause_max_seconds" in text
