@@ -30,7 +30,7 @@ GPU_RESERVE_BYTES = 3 * _GIB // 2  # activations of a profiling pass + the CUDA-
 
 @dataclass(frozen=True)
 class ContextReport:
-    status: str  # "OK" | "FAIL"
+    status: str  # "OK" | "WARN" (the model could not be read) | "FAIL"
     detail: str
 
 
@@ -50,8 +50,8 @@ def context_report(settings: Settings) -> ContextReport:
 
     try:
         source = load_model_source(resolve_model(settings.model), settings.gguf_keep_quantized)
-    except ValueError as error:
-        return ContextReport("FAIL", str(error))
+    except Exception as error:  # noqa: BLE001 - the model and checksums lines say what is wrong
+        return ContextReport("WARN", f"the model's config could not be read: {error}")
     cuda = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
     dtype_bytes = (2 if cuda else 4) if settings.dtype == "auto" else (
         4 if settings.dtype == "float32" else 2)
