@@ -7,8 +7,9 @@ grammar compiling) on a few worker threads, never on the event loop.
 
 On the event loop, one 20 MiB prompt held /health for 21 s. Here the loop only waits: /health,
 /metrics and streaming answers go on while a worker tokenizes, and the pool's bound keeps a flood of
-large requests from queueing unbounded work (and memory) behind it. The `tokenizers` library
-releases the GIL while it encodes, so a worker does not stall the loop either.
+large requests from queueing unbounded work (and memory) behind it. A long text is encoded through
+`tokenizers`' encode_batch, which releases the GIL (engine/tokenizer.py), and Python work (JSON,
+Jinja templates) gives the GIL up every few milliseconds, so a worker does not stall the loop.
 """
 
 from __future__ import annotations

@@ -60,6 +60,12 @@ _PRE_TOKENIZERS: dict[str, tuple[str | None, bool]] = {
 }
 
 
+# `tokenizers`' encode() holds the GIL for all its work (a 650k-character text: 3.8 s in which the
+# event loop got 3 turns), its encode_batch() releases it (916 turns): long texts take the batch
+# path, so that tokenizing on a worker thread never stalls the server (appliance/tokenize_pool.py).
+_GIL_FREE_CHARS = 4096
+
+
 class Tokenizer:
     """Encode, decode and render chat templates for one model."""
 
@@ -149,7 +155,10 @@ class Tokenizer:
     # ----- encode / decode -----
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if len(text) > _GIL_FREE_CHARS:  # encode_batch releases the GIL while it works
+            ids = self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        else:
+            ids = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self._prepend_bos:
             ids.insert(0, self.bos_token_id)
         return ids

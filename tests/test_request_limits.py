@@ -242,3 +242,23 @@ def test_the_loaded_heap_is_frozen_and_gc_pauses_are_counted(http):
     text = http.get("/metrics").text
     assert 'hearth_gc_collections_total{generation="2"}' in text
     assert "hearth_gc_pause_max_seconds" in text
+
+
+def test_long_texts_are_tokenized_without_holding_the_gil():
+    """engine/tokenizer.py: `tokenizers`' encode() holds the GIL, encode_batch() does not; a
+    long text takes the second path (same ids), so a worker thread leaves the loop running."""
+    from hearth.engine.catalog import resolve_model
+    from hearth.engine.loader import load_model_source
+
+    tokenizer = load_model_source(resolve_model(None)).tokenizer
+    text = "Hearth serves a shop floor; " * 12_000
+    assert tokenizer.encode(text) == tokenizer._backend.encode(text).ids
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (tokenizer.encode(text), done.set()))
+    worker.start()
+    turns = 0
+    while not done.is_set():
+        time.sleep(0.001)
+        turns += 1
+    worker.join()
+    assert turns >= 10  # held GIL: 1-3 turns for the whole encode
