@@ -106,3 +106,17 @@ def test_doctor_context_line():
     card = DeviceMemory("cuda:0 (test card)", free=2 * GIB, total=8 * GIB, usable=2 * GIB)
     no_fit = _judge(None, GIB, memory=card, weights=3 * GIB)
     assert no_fit.status == "FAIL" and "does not fit cuda:0 (test card)" in no_fit.detail
+
+
+@pytest.mark.gpu
+def test_auto_on_the_gpu_sizes_the_context_from_what_the_card_leaves(tmp_path):
+    """On CUDA without kv_cache_gib: the budget is what gpu_memory_utilization leaves after the
+    weights and the profiling pass; the choice holds max_num_seqs sequences of average length."""
+    path = save_tiny_model(tmp_path / "llama", "llama", max_position_embeddings=1 << 20)
+    llm = LLM(str(path), device="cuda", max_model_len="auto", max_num_seqs=4096,
+              gpu_memory_utilization=0.3, enforce_eager=True, progress=False)
+    length = llm.engine.max_model_len
+    blocks = llm.engine.runner.num_blocks
+    assert MIN_AUTO_LEN <= length < 1 << 20 and length % 16 == 0
+    assert 4096 * length // 2 <= blocks * 16 < 4096 * (length + 16) // 2 + 16
+    assert llm.generate(["hello"])[0].outputs[0].token_ids
