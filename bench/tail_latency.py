@@ -9,6 +9,7 @@ default model, no UI) on a free port unless `--base-url` points at a running ser
     .venv/bin/python bench/tail_latency.py --num-requests 300 --json out.json
     .venv/bin/python bench/tail_latency.py --base-url http://127.0.0.1:8000
     .venv/bin/python bench/tail_latency.py --fake       # the fake engine: the HTTP layer alone
+    .venv/bin/python bench/tail_latency.py --fake --real-heap   # ... in a real server's heap
 
 Results go to docs/benchmarks.md ("Tail latency").
 """
@@ -30,6 +31,7 @@ import httpx
 
 _PROMPT = "Write one word about the sea."
 _FAKE_SERVER = """import sys; sys.path.insert(0, {tests!r})
+{preload}
 from fake_engine import FakeEngine
 from hearth.appliance.settings import Settings
 from hearth.cli import serve
@@ -136,7 +138,9 @@ def start_server(args) -> subprocess.Popen:
                *args.serve_args]
     if args.fake:  # tests/fake_engine.py: the HTTP layer alone, steps of a few milliseconds
         tests = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
-        command = [sys.executable, "-c", _FAKE_SERVER.format(tests=tests, port=port)]
+        preload = "from hearth import LLM; heap = LLM(progress=False)" if args.real_heap else ""
+        command = [sys.executable, "-c", _FAKE_SERVER.format(tests=tests, port=port,
+                                                             preload=preload)]
     server = subprocess.Popen(command, env={**os.environ, "HEARTH_LOG_LEVEL": "warning"})
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -165,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fake", action="store_true",
                         help="serve tests/fake_engine.py instead of the model: the server's own "
                         "share of the latency")
+    parser.add_argument("--real-heap", action="store_true",
+                        help="with --fake: load the default model first (unused), so that the "
+                        "server holds a real server's heap (garbage-collector pauses)")
     parser.add_argument("serve_args", nargs="*", help="extra `hearth serve` flags (after --)")
     args = parser.parse_args(argv)
     server = None if args.base_url else start_server(args)
