@@ -17,7 +17,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import wraps
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -28,6 +28,8 @@ from starlette.middleware.cors import CORSMiddleware
 from hearth import __version__
 from hearth.appliance.async_engine import Engine, EngineState
 from hearth.appliance.auth.gate import KeyGate
+from hearth.appliance.body_limit import BodySizeLimit
+from hearth.appliance.gc_heap import GcPauses, freeze_heap
 from hearth.appliance.ollama_routes import add_ollama_routes
 from hearth.appliance.protocol import (
     APIError,
@@ -45,19 +47,25 @@ from hearth.appliance.serving.tokens import detokenize, tokenize
 from hearth.appliance.settings import Settings
 
 logger = logging.getLogger("hearth.server")
+T = TypeVar("T")
 
 
 def create_app(settings: Settings, engine_factory: Callable[[], Engine]) -> FastAPI:
     """The app; the engine loads (on its thread) when the lifespan starts."""
     context = build_context(settings, engine_factory)
+    gc_pauses = GcPauses()
+    context.telemetry.registry.register(gc_pauses)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         context.engine.start()
         naming = asyncio.ensure_future(_name_metrics_when_ready(context))
+        gc_pauses.install()
         yield
+        gc_pauses.uninstall()
         naming.cancel()
         await asyncio.to_thread(context.engine.shutdown)
+        context.serving.pool.shutdown()
         context.telemetry.close()
         context.auth.close()
 
@@ -85,6 +93,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], Engine]) -> Fast
                        audit=auth.audit, model_name=lambda: _model_name(context))
     hosts = allowed_host_names(settings.host, settings.allowed_hosts)
     app.add_middleware(HostOriginGuard, hosts=hosts, origins=settings.allowed_origins)
+    app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_request_body_mib * (1 << 20)))
     return app
 
 
@@ -95,6 +104,7 @@ def _model_name(context: AppContext) -> str | None:
 async def _name_metrics_when_ready(context: AppContext) -> None:
     await context.engine.wait_ready()
     context.telemetry.model_name = context.serving.model_names()[0]
+    freeze_heap()  # the loaded heap, out of every later collection's walk (gc_heap.py)
 
 
 def _openai_errors(route: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -134,6 +144,11 @@ def _add_routes(app: FastAPI, context: AppContext) -> None:
     def authenticate(request: Request) -> None:
         check_api_key(request.headers.get("authorization"), api_key)
 
+    async def parse_off_loop(schema: type[T], request: Request) -> T:
+        """The body (capped by body_limit.py) parsed on the tokenize pool, not the loop."""
+        return await serving.offload(parse_request, schema, await request.body(),
+                                     serving.unknown_fields)
+
     @app.get("/health")
     async def health() -> Response:
         state = context.engine.state
@@ -161,26 +176,30 @@ def _add_routes(app: FastAPI, context: AppContext) -> None:
     @_openai_errors
     async def create_completion(request: Request) -> Any:
         authenticate(request)
-        body = parse_request(CompletionRequest, await request.body(), serving.unknown_fields)
+        body = await parse_off_loop(CompletionRequest, request)
+        serving.resolve_model(body.model)
+        checked = await serving.offload(completions.prepare, body)
         if body.stream:
-            return StreamResponse(completions.stream(body))
-        return await until_disconnect(request, completions.create(body))
+            return StreamResponse(completions.stream(body, checked))
+        return await until_disconnect(request, completions.create(body, checked))
 
     @app.post("/v1/chat/completions")
     @_openai_errors
     async def create_chat_completion(request: Request) -> Any:
         authenticate(request)
-        body = parse_request(ChatCompletionRequest, await request.body(), serving.unknown_fields)
+        body = await parse_off_loop(ChatCompletionRequest, request)
+        serving.resolve_model(body.model)
+        plan = await serving.offload(chat.plan, body)
         if body.stream:
-            return StreamResponse(chat.stream(body))
-        return await until_disconnect(request, chat.create(body))
+            return StreamResponse(chat.stream(body, plan))
+        return await until_disconnect(request, chat.create(body, plan))
 
     @app.post("/tokenize")
     @_openai_errors
     async def tokenize_route(request: Request) -> Any:
         authenticate(request)
-        body = parse_request(TokenizeRequest, await request.body(), serving.unknown_fields)
-        return tokenize(serving, body)
+        body = await parse_off_loop(TokenizeRequest, request)
+        return await serving.offload(tokenize, serving, body)
 
     @app.post("/detokenize")
     @_openai_errors

@@ -46,7 +46,7 @@ class Settings:
     state_dir: str | None = None  # writable state (audit log); the installer's /var/lib/hearth
     audit_log_max_mib: float = 64.0  # the audit log rotates at this size (5 files kept)
     log_prompts: bool = False  # the audit log also records prompt text
-    max_model_len: int | None = None
+    max_model_len: int | str | None = None  # "auto": sized from the KV budget at load
     max_num_seqs: int = 64
     kv_cache_gib: float | None = None
     kv_cache_dtype: str = "auto"
@@ -65,6 +65,7 @@ class Settings:
     prefix_cache_gib: float = 10.0  # the disk tier's size budget (LRU)
     kv_offload_gib: float = 0.0  # host RAM for blocks evicted from the device; 0: off
     max_queued_requests: int = 256  # requests admitted beyond max_num_seqs before 429
+    max_request_body_mib: float = 8.0  # larger bodies: 413 unread (appliance/body_limit.py)
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers at all
     allowed_hosts: tuple[str, ...] = ()  # Host headers accepted besides localhost names
     shutdown_timeout: float = 30.0  # SIGTERM: seconds in-flight requests get to finish
@@ -177,6 +178,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def parse_max_model_len(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else _positive_int(text)
+
+
 def _positive_float(text: str) -> float:
     value = _float(text)
     if not (value > 0 and math.isfinite(value)):
@@ -251,7 +256,11 @@ _OPTIONS = (
     _Option("log_prompts", _bool, "write prompt text into the audit log too (off: token "
             "counts only)", flag=True),
     _Option(
-        "max_model_len", _positive_int, "context length (default: the model's own)", metavar="N"
+        "max_model_len",
+        parse_max_model_len,
+        "context length (default: the model's own); auto: the longest that fits --max-num-seqs "
+        "sequences of average length in the KV cache (--kv-cache-gib or free GPU memory)",
+        metavar="N|auto",
     ),
     _Option("max_num_seqs", _positive_int, "sequences the engine runs at once", metavar="N"),
     _Option(
@@ -333,6 +342,12 @@ _OPTIONS = (
         _int,
         "requests that may wait beyond --max-num-seqs; past that, 429 with Retry-After",
         metavar="N",
+    ),
+    _Option(
+        "max_request_body_mib",
+        _positive_float,
+        "largest request body in MiB; larger ones get 413 before they are read",
+        metavar="MIB",
     ),
     _Option(
         "allowed_origins",

@@ -38,7 +38,9 @@ class EngineConfig:
     model: str | None = None  # catalogue name, HF directory or .gguf path; None: the default model
     device: str = "auto"  # "auto" picks cuda when available
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
-    max_model_len: int | None = None  # None: the model's own limit (capped by the catalogue)
+    # None: the model's own limit (capped by the catalogue); "auto": the longest context the KV
+    # budget serves max_num_seqs sequences at (engine/memory_check.py, picked at load)
+    max_model_len: int | str | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None  # None: max(2048, max_model_len) without chunking
     block_size: int = 16
@@ -100,10 +102,16 @@ class EngineConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+        if self.max_model_len == "auto" and self.num_kv_blocks is not None:
+            raise ValueError("max_model_len 'auto' sizes the context from the KV-cache budget; "
+                             "it cannot be combined with num_kv_blocks")
         for name in ("max_model_len", "max_num_batched_tokens", "num_kv_blocks"):
             value = getattr(self, name)
+            if name == "max_model_len" and value == "auto":
+                continue
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                also = " or 'auto'" if name == "max_model_len" else ""
+                raise ValueError(f"{name} must be a positive integer{also}, got {value!r}")
         if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")
 
@@ -121,6 +129,9 @@ class EngineConfig:
         if tp > 1 and self.speculative is not None:
             raise ValueError("speculative decoding is not supported with tensor_parallel_size > 1 "
                              "yet; use one of the two")
+        if tp > 1 and self.max_model_len == "auto":
+            raise ValueError("max_model_len 'auto' is not supported with tensor_parallel_size > 1 "
+                             "yet; give a number")
         if tp > 1 and self.async_scheduling:
             raise ValueError("async_scheduling is not supported with tensor_parallel_size > 1; "
                              "leave it unset")

@@ -99,7 +99,7 @@ class LLMEngine:
             self.model_name, self.scheduler.max_len, self.model_config.vocab_size,
             self.tokenizer, self.device, self.dtype, self.grammars,
             self.model_config.architecture, self.model_config.num_params, built.quantization,
-            built.fim,
+            built.fim, getattr(self.tokenizer, "max_token_chars", None),
         )
         self._speculator: Speculator | None = None
         if spec is not None:

@@ -86,3 +86,54 @@ def check_fits(name: str, need: MemoryNeed, memory: DeviceMemory | None) -> None
 
 def _gib(num_bytes: float) -> str:
     return f"{num_bytes / GIB:.2f} GiB"
+
+
+# ---- max_model_len "auto": the longest context the KV budget serves at full concurrency ----
+
+AUTO = "auto"
+MIN_AUTO_LEN = 256  # shorter than this, "auto" refuses: the budget is too small to be useful
+
+
+@dataclass(frozen=True)
+class ContextChoice:
+    """What `max_model_len="auto"` picked, and from what (logged at startup; `hearth doctor`)."""
+
+    max_model_len: int
+    kv_tokens: int  # tokens the KV budget holds
+    kv_budget_bytes: int
+    max_num_seqs: int
+    model_max_len: int
+    budget_from: str  # "kv_cache_gib=2.0", "free memory of cuda:0 (...)"
+
+    def describe(self) -> str:
+        capped = " (the model's own maximum)" if self.max_model_len == self.model_max_len else ""
+        return (f"max_model_len auto: {self.max_model_len} tokens{capped}. The KV cache of "
+                f"{_gib(self.kv_budget_bytes)} ({self.budget_from}) holds {self.kv_tokens} tokens: "
+                f"{self.max_num_seqs} sequences (max_num_seqs) of the average length, half the "
+                "context, fit at once")
+
+
+def choose_max_model_len(kv_budget_bytes: int, bytes_per_token: int, max_num_seqs: int,
+                         block_size: int, model_max_len: int, budget_from: str) -> ContextChoice:
+    """The longest context L (a multiple of block_size, at most the model's) such that
+    max_num_seqs sequences of the average length L / 2 (lengths spread evenly up to L) fit the
+    budget together, and one sequence of L fits alone. ValueError with the numbers when L would
+    be under MIN_AUTO_LEN."""
+    kv_tokens = max(0, kv_budget_bytes) // bytes_per_token // block_size * block_size
+    length = min(model_max_len, kv_tokens, 2 * kv_tokens // max_num_seqs)
+    length = length // block_size * block_size
+    if length < min(MIN_AUTO_LEN, model_max_len):
+        raise ValueError(
+            f"max_model_len auto: the KV cache of {_gib(kv_budget_bytes)} ({budget_from}) holds "
+            f"{kv_tokens} tokens, {bytes_per_token} bytes each; {max_num_seqs} sequences "
+            f"(max_num_seqs) at half the context leave a context of {length} tokens, under the "
+            f"{MIN_AUTO_LEN} this needs. Lower --max-num-seqs, raise --kv-cache-gib / "
+            "--gpu-memory-utilization, use --kv-cache-dtype fp8, or set --max-model-len")
+    return ContextChoice(length, kv_tokens, kv_budget_bytes, max_num_seqs, model_max_len,
+                         budget_from)
+
+
+def min_auto_kv_bytes(bytes_per_token: int, max_num_seqs: int, model_max_len: int) -> int:
+    """The smallest KV cache "auto" accepts: max_num_seqs sequences at half MIN_AUTO_LEN."""
+    shortest = min(MIN_AUTO_LEN, model_max_len)
+    return max(shortest, max_num_seqs * shortest // 2) * bytes_per_token

@@ -22,10 +22,13 @@ from hearth.engine.fim import FimSpec, model_fim
 from hearth.engine.kv_cache import resolve_kv_cache_dtype
 from hearth.engine.loader import LoadedSource, load_hf_config, load_model_source
 from hearth.engine.memory_check import (
+    AUTO,
     DeviceMemory,
     MemoryNeed,
     check_fits,
+    choose_max_model_len,
     host_memory,
+    min_auto_kv_bytes,
     weight_bytes,
 )
 from hearth.engine.model_config import ModelConfig
@@ -95,19 +98,21 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
             "gguf_keep_quantized on CPU in float32 keeps the exact reference path, which "
             "dequantizes every layer at every step (about 10x slower than float32 weights); "
             "with dtype bfloat16 the GGUF's 4-bit linears run torch's int4 GEMV instead")
-    max_model_len = _max_model_len(config, source)
+    max_model_len = _max_model_len(config, source)  # "auto": the model's, until the budget is known
     check_fits(source.name, _memory_need(config, source, resolved, dtype, kv_dtype,
                                          max_model_len), _device_memory(device, config))
     try:
         model = _instantiate(source, config, device, dtype, progress)
     except ValueError as e:  # name the file and the architecture with any loading error
         raise ValueError(f"{resolved.path} ({source.config.architecture}): {e}") from e
-    sched = config.scheduler_config(max_model_len)
-    limits = RunnerLimits(sched.max_num_seqs, sched.max_num_batched_tokens, max_model_len,
-                          config.enforce_eager or comm is not None)
+    limits = _limits(config, max_model_len, comm is not None)
     if comm is not None:
         model = sharded_build.wrap_model(model, share, comm)
-    num_blocks = _num_kv_blocks(config, source.config, model, limits, kv_dtype)
+    budget = _kv_budget(config, model, limits)
+    if config.max_model_len == AUTO:
+        max_model_len = _auto_max_model_len(config, source, kv_dtype, budget, device)
+        limits = _limits(config, max_model_len, comm is not None)
+    num_blocks = _num_kv_blocks(config, source.config, budget, limits, kv_dtype)
     runner_args = (config.block_size, num_blocks, config.seed, limits)
     if comm is not None:
         runner = sharded_build.make_runner(model, runner_config, runner_args, kv_dtype, comm)
@@ -147,6 +152,30 @@ def run_tp_worker(config: EngineConfig, comm_config) -> None:
         comm.shutdown()
 
 
+def _limits(config: EngineConfig, max_model_len: int, eager: bool = False) -> RunnerLimits:
+    """`eager`: tensor parallelism runs without CUDA graphs."""
+    sched = config.scheduler_config(max_model_len)
+    return RunnerLimits(sched.max_num_seqs, sched.max_num_batched_tokens, max_model_len,
+                        config.enforce_eager or eager)
+
+
+def _auto_max_model_len(config: EngineConfig, source: LoadedSource, kv_dtype: torch.dtype,
+                        budget: float, device: torch.device) -> int:
+    """max_model_len "auto" (engine/memory_check.py's rule), logged with its numbers."""
+    if config.kv_cache_gib is not None:
+        budget_from = f"kv_cache_gib={config.kv_cache_gib}"
+    elif device.type == "cuda":
+        budget_from = (f"{config.gpu_memory_utilization:g} of {device} after the weights and "
+                       "activations")
+    else:
+        budget_from = f"the CPU default kv_cache_gib={DEFAULT_CPU_KV_CACHE_GIB}"
+    choice = choose_max_model_len(
+        int(budget), source.config.kv_bytes_per_token(kv_dtype.itemsize), config.max_num_seqs,
+        config.block_size, source.max_model_len, budget_from)
+    logger.warning("%s", choice.describe())  # shown at the default log level
+    return choice.max_model_len
+
+
 def _fim(resolved, tokenizer, model_config: ModelConfig) -> FimSpec | None:
     """The model's FIM tokens (engine/fim.py), as the catalogue entry overrides them."""
     spec = resolved.spec
@@ -181,6 +210,9 @@ def _memory_need(config: EngineConfig, source: LoadedSource, resolved, dtype: to
         kv, what = int(config.kv_cache_gib * _GIB), f"kv_cache_gib={config.kv_cache_gib}"
     elif config.num_kv_blocks is not None:
         kv, what = config.num_kv_blocks * config.block_size * per_token, "num_kv_blocks"
+    elif config.max_model_len == AUTO:
+        kv = min_auto_kv_bytes(per_token, config.max_num_seqs, max_model_len)
+        what = f"max_model_len auto's shortest context at max_num_seqs={config.max_num_seqs}"
     elif resolve_device(config.device).type == "cpu":  # the cache _num_kv_blocks will allocate
         kv = int(DEFAULT_CPU_KV_CACHE_GIB * _GIB)
         what = f"the CPU default kv_cache_gib={DEFAULT_CPU_KV_CACHE_GIB}"
@@ -272,7 +304,7 @@ def _counted(weights, bar):
 
 
 def _max_model_len(config: EngineConfig, source) -> int:
-    if config.max_model_len is None:
+    if config.max_model_len is None or config.max_model_len == AUTO:
         return source.max_model_len
     if config.max_model_len > source.config.max_position_embeddings:
         raise ValueError(
@@ -282,20 +314,24 @@ def _max_model_len(config: EngineConfig, source) -> int:
     return config.max_model_len
 
 
-def _num_kv_blocks(config, model_config: ModelConfig, model, limits: RunnerLimits,
+def _kv_budget(config: EngineConfig, model, limits: RunnerLimits) -> float:
+    """Bytes for the KV cache: kv_cache_gib, what the GPU has left after a profiling pass, or the
+    CPU default."""
+    device = next(model.parameters()).device
+    if config.kv_cache_gib is not None:
+        return config.kv_cache_gib * _GIB
+    if device.type == "cuda" and config.num_kv_blocks is None:
+        return _cuda_kv_budget(config, model, limits)
+    return DEFAULT_CPU_KV_CACHE_GIB * _GIB
+
+
+def _num_kv_blocks(config, model_config: ModelConfig, budget: float, limits: RunnerLimits,
                    kv_dtype: torch.dtype) -> int:
     """Blocks of `kv_dtype` the budget holds: an fp8 cache gets twice the blocks of bf16."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    device = next(model.parameters()).device
     max_model_len = limits.max_model_len
     bytes_per_block = config.block_size * model_config.kv_bytes_per_token(kv_dtype.itemsize)
-    if config.kv_cache_gib is not None:
-        budget = config.kv_cache_gib * _GIB
-    elif device.type == "cuda":
-        budget = _cuda_kv_budget(config, model, limits)
-    else:
-        budget = DEFAULT_CPU_KV_CACHE_GIB * _GIB
     num_blocks = int(budget // bytes_per_block)
     held = max_model_len
     if model_config.kv_window is not None:  # a sequence holds its window and one chunk at most

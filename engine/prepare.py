@@ -18,6 +18,8 @@ from hearth.engine.grammar import CompiledGrammar, GrammarCompiler
 from hearth.engine.sampling_params import SamplingParams
 from hearth.engine.structured_output import StructuredOutputError
 
+_NORMALIZATION_SHRINK = 3
+
 
 class TextCodec(Protocol):
     """What requests need of a tokenizer (engine/tokenizer.py's Tokenizer, or a test's fake)."""
@@ -48,6 +50,7 @@ class ModelInfo:
     num_params: int | None = None
     quantization: str | None = None  # e.g. "Q4_1", "awq"; None: float weights
     fim: FimSpec | None = None  # fill-in-the-middle tokens; None: the model has none
+    max_token_chars: int | None = None  # the longest token's text; None: no length pre-check
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ def prepare(
     if isinstance(prompt, str):
         if not prompt:
             raise ValueError(f"{where} must not be empty")
+        check_prompt_chars(model, prompt, where)
         token_ids = model.tokenizer.encode(prompt)
     else:
         token_ids = list(prompt)
@@ -79,6 +83,32 @@ def prepare(
     if params.logit_bias:
         _check_ids(list(params.logit_bias), model.vocab_size, "logit_bias")
     return PreparedRequest(text, token_ids, params, _compile(model, params))
+
+
+def max_prompt_chars(model: ModelInfo) -> int | None:
+    """The most characters a prompt that fits the context can have; None: no bound known.
+
+    Characters are not a bound on tokens by themselves (one token may stand for many characters),
+    so the bound is context x the longest token's text (`max_token_chars`: a byte-level piece
+    has a character per byte of text, so it covers at most that many characters; a SentencePiece
+    piece covers one per character) x _NORMALIZATION_SHRINK, for normalizers that compose
+    characters before the pieces are matched (NFC/NFKC join at most three into one: a Hangul
+    L+V+T syllable). A text longer than this cannot fit, whatever the tokenizer does with it,
+    so it is refused before the tokenizer spends seconds and memory on it. Tokenizers whose
+    normalizer deletes characters (BERT's clean_text) are not decoder models' and are not bound."""
+    if model.max_token_chars is None:
+        return None
+    return model.max_model_len * model.max_token_chars * _NORMALIZATION_SHRINK
+
+
+def check_prompt_chars(model: ModelInfo, text: str, where: str) -> None:
+    """ValueError, before tokenizing, for a text too long to fit the context (max_prompt_chars)."""
+    limit = max_prompt_chars(model)
+    if limit is not None and len(text) > limit:
+        raise ValueError(
+            f"{where} has {len(text)} characters: more than any text of the model's context "
+            f"length {model.max_model_len} tokens can have (at most {limit} characters for this "
+            "tokenizer); shorten the prompt")
 
 
 def _compile(model: ModelInfo, params: SamplingParams) -> CompiledGrammar | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,12 @@ _PRE_TOKENIZERS: dict[str, tuple[str | None, bool]] = {
     "qwen2": (_QWEN2_SPLIT, False),
     "deepseek-r1-qwen": (_QWEN2_SPLIT, False),
 }
+
+
+# `tokenizers`' encode() holds the GIL for all its work (a 650k-character text: 3.8 s in which the
+# event loop got 3 turns), its encode_batch() releases it (916 turns): long texts take the batch
+# path, so that tokenizing on a worker thread never stalls the server (appliance/tokenize_pool.py).
+_GIL_FREE_CHARS = 4096
 
 
 class Tokenizer:
@@ -149,7 +155,10 @@ class Tokenizer:
     # ----- encode / decode -----
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if len(text) > _GIL_FREE_CHARS:  # encode_batch releases the GIL while it works
+            ids = self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        else:
+            ids = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self._prepend_bos:
             ids.insert(0, self.bos_token_id)
         return ids
@@ -166,6 +175,13 @@ class Tokenizer:
     def to_json(self) -> str:
         """The tokenizer as HF tokenizer.json text (engine/grammar.py builds its own from it)."""
         return self._backend.to_str()
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token stands for: its longest piece. A byte-level
+        piece has one character per byte, a SentencePiece piece one per character, a byte-fallback
+        piece (<0xE2>) more characters than its one byte (engine/prepare.py's length bound)."""
+        return max(len(piece) for piece in self._backend.get_vocab(with_added_tokens=True))
 
     @property
     def vocab_size(self) -> int:

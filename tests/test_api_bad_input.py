@@ -258,12 +258,31 @@ CASES = [
     ("wrong method", "GET", C, None, 405, None, "Method Not Allowed"),
     ("tokenize nothing", "POST", "/tokenize", {}, 400, "prompt", "exactly one"),
     ("detokenize bad id", "POST", "/detokenize", {"tokens": [-3]}, 400, "tokens", "vocabulary"),
+    # Issue 20: no single request stalls the server (appliance/body_limit.py, request_limits.py)
+    ("body over the size cap", "POST", C, b"x" * (3 << 19), 413, None, "max-request-body-mib"),
+    ("chat body over the size cap", "POST", CHAT, b" " * (3 << 19), 413, None, "larger than"),
+    ("prompt too long by its characters", "POST", C, completion(prompt="ab" * 100_000), 400,
+     "prompt", "characters"),
+    ("chat too long by its characters", "POST", CHAT,
+     chat(messages=[{"role": "user", "content": "ab" * 100_000}]), 400, "messages", "characters"),
+    ("tokenize too long", "POST", "/tokenize", {"prompt": "ab" * 100_000}, 400, "prompt",
+     "characters"),
+    ("too many stop strings", "POST", C, completion(stop=["x"] * 65), 400, "stop", "at most 64"),
+    ("stop strings too long", "POST", CHAT, chat(stop=["y" * 9000] * 2), 400, "stop",
+     "characters in all"),
+    ("too many logit_bias entries", "POST", C,
+     completion(logit_bias={str(i): 1 for i in range(1025)}), 400, "logit_bias", "at most 1024"),
+    ("too many tools", "POST", CHAT, chat(tools=[F_TOOL] * 257), 400, "tools", "at most 256"),
+    ("too many messages", "POST", CHAT, chat(messages=MESSAGES * 2049), 400, "messages",
+     "at most 2048"),
+    ("too many prompts", "POST", C, completion(prompt=["a"] * 257), 400, "prompt", "at most 256"),
 ]
 
 
 @pytest.fixture(scope="module")
 def http():
-    settings = Settings(device="cpu", max_model_len=MAX_MODEL_LEN, no_ui=True)
+    settings = Settings(device="cpu", max_model_len=MAX_MODEL_LEN, max_request_body_mib=1.0,
+                        no_ui=True)
     with (
         running_server(settings, engine_factory(settings)) as server,
         httpx.Client(base_url=server.url, timeout=120) as client,

@@ -42,8 +42,8 @@ def test_doctor_on_this_machine(free_port):
     result = _doctor("--port", str(free_port))
     checks = _lines(result.stdout)
     assert list(checks) == [
-        "python", "packages", "torch", "lock", "cpu", "gpu", "model", "checksums", "memory", "disk",
-        "port",
+        "python", "packages", "torch", "lock", "cpu", "gpu", "model", "checksums", "memory",
+        "context", "disk", "port",
     ]
     assert result.returncode == 0, result.stdout
     assert checks["python"][1].startswith(".".join(map(str, sys.version_info[:3])))
@@ -60,6 +60,8 @@ def test_doctor_on_this_machine(free_port):
     assert checks["model"][0] == "OK" and "smollm2-135m-instruct" in checks["model"][1]
     assert checks["checksums"] == ("OK", "OK smollm2-135m-instruct: 1 file(s) match their sha256")
     assert checks["memory"][0] == "OK" and "GiB available" in checks["memory"][1]
+    assert checks["context"][0] == "OK" and "max_model_len 8192" in checks["context"][1]
+    assert "--max-model-len auto would pick" in checks["context"][1]
     assert checks["disk"][0] == "OK" and "GiB free" in checks["disk"][1]
     assert checks["port"] == ("OK", f"127.0.0.1:{free_port} is free")
     assert result.stdout.rstrip().endswith("ready to serve")
@@ -119,3 +121,14 @@ def test_doctor_unknown_model_fails_with_the_choices():
     status, detail = _lines(result.stdout)["model"]
     assert result.returncode == 1 and status == "FAIL"
     assert "smollm2-135m-instruct" in detail and ".gguf" in detail
+
+
+def test_doctor_reports_auto_context_and_refuses_what_cannot_start(free_port):
+    """--max-model-len auto: the choice before a start; a budget too small for it fails."""
+    ok = _lines(_doctor("--port", str(free_port), "--max-model-len", "auto").stdout)
+    assert ok["context"][0] == "OK" and "max_model_len auto: 720 tokens" in ok["context"][1]
+    result = _doctor("--port", str(free_port), "--max-model-len", "auto", "--max-num-seqs",
+                     "1000")
+    status, detail = _lines(result.stdout)["context"]
+    assert result.returncode == 1 and status == "FAIL"
+    assert "1000 sequences" in detail and "--max-num-seqs" in detail

@@ -159,7 +159,7 @@ class ChatServing:
                                             for m in messages):
             messages = inline_tools(messages, tools.tools)
         return chat_prompt(self._serving.tokenizer, messages, request.add_generation_prompt,
-                           **kwargs)
+                           limit_to=self._serving, **kwargs)
 
     def _eos_texts(self) -> tuple[str, ...]:
         tokenizer = self._serving.tokenizer
@@ -189,15 +189,18 @@ class ChatServing:
         return request_id, stream
 
     def _start(self, request: ChatCompletionRequest, fit_max_tokens: bool = False,
-               origin: str = "chatcmpl") -> tuple[str, RequestStream, ChatPlan]:
-        plan = self.plan(request, fit_max_tokens)
+               origin: str = "chatcmpl", plan: ChatPlan | None = None
+               ) -> tuple[str, RequestStream, ChatPlan]:
+        plan = plan or self.plan(request, fit_max_tokens)
         request_id = f"{origin}-{uuid.uuid4().hex}"
         [stream] = self._serving.submit(request_id, [plan.prepared], request.priority)
         return request_id, stream, plan
 
-    async def create(self, request: ChatCompletionRequest) -> dict[str, Any]:
+    async def create(self, request: ChatCompletionRequest,
+                     plan: ChatPlan | None = None) -> dict[str, Any]:
+        """`plan`: `plan(request)`, when the caller ran it off the event loop."""
         model = self._serving.resolve_model(request.model)
-        request_id, stream, plan = self._start(request)
+        request_id, stream, plan = self._start(request, plan=plan)
         [result] = await self._serving.collect([stream])
         choices = []
         for sample in result.samples:
@@ -219,15 +222,16 @@ class ChatServing:
             "usage": usage([result], num_generated),
         }
 
-    def stream(self, request: ChatCompletionRequest) -> EventStream:
+    def stream(self, request: ChatCompletionRequest, plan: ChatPlan | None = None) -> EventStream:
         """Validate and submit now, so that errors are HTTP errors; then the SSE events."""
-        chunks = self.open_chunks(request)
+        chunks = self.open_chunks(request, plan)
         return EventStream(self._events(chunks.chunks), chunks.streams)
 
-    def open_chunks(self, request: ChatCompletionRequest) -> ChunkStream:
+    def open_chunks(self, request: ChatCompletionRequest,
+                    plan: ChatPlan | None = None) -> ChunkStream:
         """Validate and submit now; then the streamed chunks as dicts (for other front ends)."""
         model = self._serving.resolve_model(request.model)
-        request_id, stream, plan = self._start(request)
+        request_id, stream, plan = self._start(request, plan=plan)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         writer = ChunkWriter(request_id, "chat.completion.chunk", model, include_usage)
         chunks = self._chunks(writer, request.n, stream, plan.output)

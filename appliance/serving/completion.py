@@ -51,6 +51,7 @@ class CompletionServing:
                 ),
             ],
         )
+        _check_text_lengths(serving, request)
         params = serving.sampling_params(request, request.max_tokens, request.logprobs,
                                          structured_output(request))
         fim = serving.model.fim if request.suffix is not None else None
@@ -81,9 +82,12 @@ class CompletionServing:
             return [Prompt(p, encode(p)) for p in prompt]
         return [Prompt(None, list(p)) for p in prompt]
 
-    async def create(self, request: CompletionRequest) -> dict[str, Any]:
+    async def create(self, request: CompletionRequest,
+                     checked: tuple[list[Prompt], list[PreparedRequest]] | None = None
+                     ) -> dict[str, Any]:
+        """`checked`: what `prepare(request)` returned, when the caller ran it off the loop."""
         model = self._serving.resolve_model(request.model)
-        prompts, prepared = self.prepare(request)
+        prompts, prepared = checked or self.prepare(request)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = self._serving.submit(request_id, prepared, request.priority)
         results = await self._serving.collect(streams)
@@ -110,10 +114,11 @@ class CompletionServing:
             "usage": usage(results, num_generated),
         }
 
-    def stream(self, request: CompletionRequest) -> EventStream:
+    def stream(self, request: CompletionRequest,
+               checked: tuple[list[Prompt], list[PreparedRequest]] | None = None) -> EventStream:
         """Validate and submit now, so that errors are HTTP errors; then the events stream."""
         model = self._serving.resolve_model(request.model)
-        prompts, prepared = self.prepare(request)
+        prompts, prepared = checked or self.prepare(request)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = self._serving.submit(request_id, prepared, request.priority)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
@@ -188,3 +193,13 @@ class CompletionServing:
             ],
             "text_offset": offsets,
         }
+
+
+def _check_text_lengths(serving: Serving, request: CompletionRequest) -> None:
+    """Text prompts (and a FIM suffix) too long for the context: 400 before tokenizing."""
+    texts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+    for i, text in enumerate(texts):
+        if isinstance(text, str):
+            serving.check_chars(text, "prompt" if len(texts) == 1 else f"prompt[{i}]")
+    if request.suffix:
+        serving.check_chars(request.suffix, "suffix")

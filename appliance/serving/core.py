@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from hearth.appliance.async_engine import AsyncEngine
 from hearth.appliance.auth.call import current_call
 from hearth.appliance.deltas import RequestDelta, SampleDelta
 from hearth.appliance.protocol import APIError, UnknownFieldLog, bad_request
+from hearth.appliance.request_limits import check_request_limits
 from hearth.appliance.request_stream import (
     EngineUnavailableError,
     QueueFullError,
@@ -27,11 +28,19 @@ from hearth.appliance.request_stream import (
 )
 from hearth.appliance.serving.capabilities import SERVER_FEATURES, ServerFeatures, capabilities
 from hearth.appliance.serving.structured import logit_bias
+from hearth.appliance.tokenize_pool import TokenizePool
 from hearth.engine.outputs import TokenLogprob
-from hearth.engine.prepare import ModelInfo, PreparedRequest, TextCodec, prepare
+from hearth.engine.prepare import (
+    ModelInfo,
+    PreparedRequest,
+    TextCodec,
+    check_prompt_chars,
+    prepare,
+)
 from hearth.engine.sampling_params import SamplingParams
 from hearth.engine.structured_output import StructuredOutput, StructuredOutputError
 
+T = TypeVar("T")
 DONE = "data: [DONE]\n\n"
 _PARAM_FIELDS = {
     "n",
@@ -156,11 +165,18 @@ class Serving:
     """What both endpoints share. `served_names` empty: the engine's own model name."""
 
     def __init__(self, engine: AsyncEngine, served_names: tuple[str, ...],
-                 features: ServerFeatures = SERVER_FEATURES) -> None:
+                 features: ServerFeatures = SERVER_FEATURES,
+                 pool: TokenizePool | None = None) -> None:
         self.engine = engine
         self._served_names = served_names
         self.features = features  # what capabilities() may advertise (--reasoning-parser)
         self.unknown_fields = UnknownFieldLog()  # the routes log unknown request fields here
+        self.pool = pool or TokenizePool()
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the tokenize pool (appliance/tokenize_pool.py), off the event loop:
+        parsing, chat templates, tokenizing and grammar compiling of one request."""
+        return await self.pool.run(fn, *args)
 
     # ---- models ----
 
@@ -230,6 +246,14 @@ class Serving:
             message = str(error)
             raise bad_request(message, param=_param_of(message) or param) from None
 
+    def check_chars(self, text: str, where: str) -> None:
+        """400 for a text too long to fit the context, found by its length before tokenizing
+        (engine/prepare.py's bound): a huge prompt costs no tokenizer time."""
+        try:
+            check_prompt_chars(self.model, text, where)
+        except ValueError as error:
+            raise bad_request(str(error), param=where.split("[", 1)[0]) from None
+
     def sampling_params(
         self, request: Any, max_tokens: int | None, logprobs: int | None,
         structured_output: StructuredOutput | None = None, skip_special_tokens: bool | None = None,
@@ -266,6 +290,7 @@ class Serving:
 
     def reject_unsupported(self, request: Any, checks: list[tuple[str, bool, str]]) -> None:
         """`checks`: (param, "set to something this server cannot do", what to call it)."""
+        check_request_limits(request)
         for param, unsupported, what in checks:
             if unsupported:
                 raise bad_request(f"{what} is not supported by this server", param=param)

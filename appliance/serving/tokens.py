@@ -66,9 +66,11 @@ def _text_of(content: str | list[Any], where: str) -> str:
 
 
 def chat_prompt(tokenizer: Any, messages: list[ChatMessage] | list[dict[str, Any]],
-                add_generation_prompt: bool, **template_kwargs: Any) -> Prompt:
+                add_generation_prompt: bool, *, limit_to: Serving | None = None,
+                **template_kwargs: Any) -> Prompt:
     """The prompt of a chat. `messages` may be converted already (messages_for_template);
-    `template_kwargs` reach the template as variables (`tools`, `enable_thinking`, ...)."""
+    `template_kwargs` reach the template as variables (`tools`, `enable_thinking`, ...).
+    `limit_to`: refuse a rendered prompt too long for its context before tokenizing it."""
     if messages and not isinstance(messages[0], dict):
         messages = messages_for_template(messages)
     try:
@@ -77,6 +79,8 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage] | list[dict[str, Any
         )
     except (ValueError, TypeError) as error:
         raise bad_request(f"the chat template failed: {error}", param="messages") from None
+    if limit_to is not None:
+        limit_to.check_chars(text, "messages")
     return Prompt(text, tokenizer.encode(text, add_special_tokens=False))
 
 
@@ -86,8 +90,10 @@ def tokenize(serving: Serving, request: TokenizeRequest) -> dict[str, Any]:
     if (request.prompt is None) == (request.messages is None):
         raise bad_request("send exactly one of prompt or messages", param="prompt")
     if request.messages is not None:
-        ids = chat_prompt(tokenizer, request.messages, request.add_generation_prompt).token_ids
+        ids = chat_prompt(tokenizer, request.messages, request.add_generation_prompt,
+                          limit_to=serving).token_ids
     else:
+        serving.check_chars(request.prompt, "prompt")
         add_special = True if request.add_special_tokens is None else request.add_special_tokens
         ids = tokenizer.encode(request.prompt, add_special_tokens=add_special)
     return {"tokens": ids, "count": len(ids), "max_model_len": serving.model.max_model_len}

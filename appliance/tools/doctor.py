@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hearth import __version__
-from hearth.appliance.settings import Settings, settings_from
+from hearth.appliance.settings import Settings, parse_max_model_len, settings_from
 
 _GIB = 1 << 30
 _PYTHON_MIN = (3, 10)
@@ -44,8 +44,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "doctor", help="check this machine: Python, GPU, memory, disk, port, model checksums",
         description=__doc__.split("\n\n")[1],
     )
-    for flag, kind in (("--model", str), ("--host", str), ("--port", int), ("--device", str)):
-        env = "HEARTH_" + flag[2:].upper()
+    flags = (("--model", str), ("--host", str), ("--port", int), ("--device", str),
+             ("--dtype", str), ("--max-model-len", parse_max_model_len), ("--max-num-seqs", int),
+             ("--kv-cache-gib", float), ("--kv-cache-dtype", str))
+    for flag, kind in flags:
+        env = "HEARTH_" + flag[2:].upper().replace("-", "_")
         parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"[env {env}]")
 
 
@@ -68,7 +71,8 @@ def run_checks(settings: Settings) -> list[Check]:
     checks = [_python(), _serving_packages(), _torch(), _lock(), _cpu(settings), _gpus()]
     weight_bytes, model_checks = _model(settings)
     checks += model_checks
-    checks += [_memory(weight_bytes), _disk(), _port(settings.host, settings.port)]
+    checks += [_memory(weight_bytes), _context(settings), _disk(),
+               _port(settings.host, settings.port)]
     return checks
 
 
@@ -257,6 +261,14 @@ def _memory(weight_bytes: int) -> Check:
     if available < need:
         return Check("FAIL", "memory", detail + ": free memory or pick a smaller model")
     return Check("OK", "memory", detail)
+
+
+def _context(settings: Settings) -> Check:
+    """The KV budget and the context it gives; --max-model-len auto's choice (context_check.py)."""
+    from hearth.appliance.tools.context_check import context_report
+
+    report = context_report(settings)
+    return Check(report.status, "context", report.detail)
 
 
 def _disk() -> Check:
