@@ -315,7 +315,7 @@ def test_bundle_requirements_pin_torch_per_target():
     assert bundle.requirements(_options(torch="cuda", ui=True)) == [
         "hearth[serve,ui]==0.1.0", "torch==2.13.0"
     ]
-    assert bundle.default_platforms("aarch64")[0] == "manylinux_2_28_aarch64"
+    assert bundle.default_platforms("aarch64")[0] == "manylinux_2_31_aarch64"
 
 
 def test_install_sh_tls_options(tmp_path):

@@ -94,8 +94,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def default_platforms(machine: str | None = None) -> list[str]:
+    """glibc 2.31 and up (Debian 11, Ubuntu 20.04, RHEL 9): llguidance ships manylinux_2_31
+    wheels only, so that is the oldest target a bundle with grammars can serve."""
     arch = machine or platform.machine()
-    return [f"manylinux_2_{v}_{arch}" for v in (28, 27, 17, 12, 5)] + [
+    return [f"manylinux_2_{v}_{arch}" for v in (31, 28, 27, 17, 12, 5)] + [
         f"manylinux2014_{arch}", f"manylinux1_{arch}"
     ]
 
