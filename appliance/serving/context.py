@@ -14,6 +14,7 @@ from hearth.appliance.serving.completion import CompletionServing
 from hearth.appliance.serving.core import Serving
 from hearth.appliance.settings import Settings
 from hearth.appliance.telemetry import Telemetry
+from hearth.appliance.tokenize_pool import TokenizePool
 
 
 @dataclass
@@ -41,8 +42,10 @@ def build_context(settings: Settings, engine_factory: Callable[[], Engine]) -> A
     engine = AsyncEngine(
         engine_factory, settings.max_num_seqs, settings.max_queued_requests, observer=telemetry
     )
+    # The pool refuses only past what the engine's own queues admit (max_queued_requests 429s).
+    pool = TokenizePool(max_waiting=settings.max_num_seqs + settings.max_queued_requests)
     serving = Serving(engine, settings.served_model_name,
-                      server_features(settings.reasoning_parser))
+                      server_features(settings.reasoning_parser), pool)
     chat = ChatServing(serving, settings.tool_call_parser, settings.reasoning_parser)
     auth = build_auth(settings, telemetry.registry)
     return AppContext(settings, engine, serving, chat, CompletionServing(serving), telemetry, auth)
