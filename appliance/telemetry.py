@@ -303,10 +303,10 @@ class _StateCollector:
         ):
             family.add_metric([state], value)
         yield family
-        spec = getattr(snap, "spec_decode", None)
+        spec = snap.spec_decode
         if spec is not None:
             yield from _spec_decode_metrics(spec, model)
-        replicas = getattr(snap, "replicas", ())
+        replicas = snap.replicas
         if replicas:
             yield from _replica_metrics(replicas)
 

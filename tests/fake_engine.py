@@ -284,6 +284,7 @@ class FakeEngine:
                 ),
                 num_prompt_tokens_total=self._num_prompt_tokens,
                 num_generation_tokens_total=self._num_generation_tokens,
+                spec_decode=None,
                 replicas=(),
             )
 

@@ -61,7 +61,8 @@ def _snapshot(spec):
                              num_blocks=4, num_used=0, num_free=4, num_cached=0)
     scheduler = SimpleNamespace(num_running=0, num_waiting=0, num_preemptions=0, blocks=blocks)
     return SimpleNamespace(scheduler=scheduler, blocks=blocks, num_prompt_tokens_total=0,
-                           num_generation_tokens_total=0, spec_decode=spec)
+                           num_generation_tokens_total=0, spec_decode=spec,
+                           replicas=())
 
 
 def test_metrics_use_vllm_spec_decode_names():
