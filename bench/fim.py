@@ -294,12 +294,11 @@ def _encoder(args: argparse.Namespace, url: str | None, engine_tokenizer=None):
             url + "tokenize", json={"prompt": text, "add_special_tokens": False}, timeout=60
         ).json()["tokens"]
     try:
-        from gguf import GGUFReader
-
         from hearth.engine.catalog import resolve_model
+        from hearth.engine.loader.gguf_file import read_gguf
         from hearth.engine.tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.from_gguf_metadata(GGUFReader(resolve_model(None).path))
+        tokenizer = Tokenizer.from_gguf_metadata(read_gguf(resolve_model(None).path).metadata)
         args.tokenizer = "default model (SmolLM2 BPE)"
         return lambda text: tokenizer.encode(text, add_special_tokens=False)
     except (ImportError, ValueError):

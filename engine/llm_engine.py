@@ -30,6 +30,7 @@ forward pass runs).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from hearth.engine.kv_tiers.setup import open_tiers
 from hearth.engine.model_builder import BuiltModel, build_model
 from hearth.engine.model_runner import InFlightSample, PendingSample
 from hearth.engine.outputs import RequestOutput, RunnerOutput, ScheduleOutput, TokenLogprob
+from hearth.engine.phase_timer import PhaseTimer
 from hearth.engine.prepare import ModelInfo, PreparedRequest, prepare
 from hearth.engine.request_state import RequestState
 from hearth.engine.sampling_params import SamplingParams
@@ -49,6 +51,8 @@ from hearth.engine.sequence import FinishReason, Sequence
 from hearth.engine.snapshot import EngineSnapshot
 from hearth.engine.speculative.proposer_draft import DraftProposer, build_draft, check_draft
 from hearth.engine.speculative.speculator import Speculator
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,10 +75,12 @@ _SNAPSHOT_REFRESH_S = 0.2
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, progress: bool = True) -> None:
         self.config = config or EngineConfig()
+        timer = PhaseTimer()
         spec = self.config.speculative
         # The draft first: on CUDA the target's KV budget then counts the draft's memory.
         draft = build_draft(self.config, progress) if spec and spec.method == "draft" else None
         built: BuiltModel = build_model(self.config, progress=progress)
+        timer.lap("model")
         self.model_name = built.name
         self.tokenizer = built.tokenizer
         self.model_config = built.model_config
@@ -93,7 +99,9 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.config.scheduler_config(self.max_model_len), block_manager, sorted(eos)
         )
+        timer.lap("scheduler and prefix tiers")
         self.grammars = self._grammar_compiler(sorted(eos))
+        timer.lap("grammar tokenizer")
         self._matchers = GrammarMatchers(sorted(eos)) if self.grammars else None
         self.model_info = ModelInfo(
             self.model_name, self.scheduler.max_len, self.model_config.vocab_size,
@@ -121,6 +129,7 @@ class LLMEngine:
         self._inflight: _InFlight | None = None
         self._sync_request_ids: set[str] = set()  # live requests that need synchronous steps
         self._grammar_request_ids: set[str] = set()  # live requests with a grammar
+        logger.info("engine ready in %s", timer.summary())
 
     def _grammar_compiler(self, eos_token_ids: list[int]) -> GrammarCompiler | None:
         """None when switched off, or with a stand-in tokenizer (dummy weights, no tokenizer)."""

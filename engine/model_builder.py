@@ -39,6 +39,7 @@ from hearth.engine.model_runner import (
     resolve_dtype,
 )
 from hearth.engine.models.registry import model_class
+from hearth.engine.phase_timer import PhaseTimer
 from hearth.engine.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -77,10 +78,13 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
     driver (rank 0) starts its workers here when tensor_parallel_size > 1."""
     if config.tensor_parallel_size > 1 and comm is None:
         return _build_driver(config, progress)
+    timer = PhaseTimer()
     resolved = resolve_model(config.model)
     if config.load_format != "dummy":
         verify(resolved)
+        timer.lap("checksum")
     source = _load_source(resolved, config)
+    timer.lap("header and tokenizer")
     full_config, runner_config, share = source.config, source.config, None
     device = resolve_device(config.device)
     if comm is not None:
@@ -105,6 +109,7 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
         model = _instantiate(source, config, device, dtype, progress)
     except ValueError as e:  # name the file and the architecture with any loading error
         raise ValueError(f"{resolved.path} ({source.config.architecture}): {e}") from e
+    timer.lap("weights")
     limits = _limits(config, max_model_len, comm is not None)
     if comm is not None:
         model = sharded_build.wrap_model(model, share, comm)
@@ -118,6 +123,8 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
         runner = sharded_build.make_runner(model, runner_config, runner_args, kv_dtype, comm)
     else:
         runner = ModelRunner(model, runner_config, *runner_args, kv_cache_dtype=kv_dtype)
+    timer.lap("KV cache and runner")
+    logger.info("built %s on %s in %s", source.name, device, timer.summary())
     return BuiltModel(source.name, source.tokenizer, full_config, max_model_len, runner,
                       source.quantization, _fim(resolved, source.tokenizer, full_config),
                       resolved)

@@ -253,16 +253,15 @@ def _detected(spec: ModelSpec, args: argparse.Namespace) -> dict:
 
 def _gguf_architecture(path: Path) -> str | None:
     """general.architecture as an HF name (what load_model_source checks), None if unknown."""
-    from gguf import GGUFReader
-
     from hearth.engine.loader.gguf_config import hf_architecture
+    from hearth.engine.loader.gguf_file import read_gguf
 
     try:
-        reader = GGUFReader(path)
-    except Exception:  # not readable: the hash is still recorded, loading will say why
+        metadata = read_gguf(path).metadata
+    except ValueError:  # not readable: the hash is still recorded, loading will say why
         return None
     fields = ("general.architecture", "llama.expert_count")
-    return hf_architecture({k: reader.fields[k].contents() for k in fields if k in reader.fields})
+    return hf_architecture({k: metadata[k] for k in fields if k in metadata})
 
 
 def _where(spec: ModelSpec) -> str:

@@ -21,9 +21,13 @@ class RotaryEmbedding(nn.Module):
         self.rope = rope or RopeConfig()
         self.head_dim, self.max_position = head_dim, max_position
         self.rotary_dim = self.rope.rotary_dim(head_dim)
-        # (max_position, rotary_dim): cos in the first half, sin in the second half
-        self.register_buffer("cos_sin_cache", cos_sin_table(self.rope, head_dim, max_position),
-                             persistent=False)
+        # (max_position, rotary_dim): cos in the first half, sin in the second half. Computed on
+        # the CPU even inside the model builder's `torch.device("meta")`: meta arange runs
+        # through torch's Python decompositions, which import torch._dynamo (1.3 s of a cold
+        # start); the builder calls `rebuild` on the real device afterwards.
+        with torch.device("cpu"):
+            table = cos_sin_table(self.rope, head_dim, max_position)
+        self.register_buffer("cos_sin_cache", table, persistent=False)
         self._prepared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property

@@ -1,7 +1,10 @@
 """GGUF files (llama.cpp): metadata → ModelConfig and Tokenizer, tensors → HF-named float32 tensors.
 
-The file is memory-mapped by `gguf.GGUFReader`; `GGUFModel.weights()` dequantizes one tensor at a
-time as the caller iterates, so loading never holds a second float32 copy of the whole model.
+The file is memory-mapped and its header parsed by engine/loader/gguf_file.py;
+`GGUFModel.weights()` dequantizes one tensor at a time as the caller iterates, so loading never
+holds a second float32 copy of the whole model. The block types Hearth runs (Q4_0, Q4_1, Q8_0,
+Q4_K, Q6_K) dequantize with engine/quantization/gguf_blocks.py's torch code, which gives gguf-py's
+numbers exactly in half its time; the rest with gguf-py's.
 
 What the converter changed is undone so the tensors equal the HF checkpoint's:
 - names (engine/loader/gguf_names.py): `blk.N.attn_q.weight` →
@@ -28,16 +31,17 @@ import numpy as np
 import torch
 
 from hearth.engine.loader.gguf_config import gguf_model_config
+from hearth.engine.loader.gguf_file import read_gguf
 from hearth.engine.loader.gguf_names import hf_name
 from hearth.engine.model_config import ModelConfig
 from hearth.engine.quantization.config import QuantConfig
 from hearth.engine.quantization.gguf_blocks import BLOCKS
+from hearth.engine.quantization.gguf_blocks import dequantize as dequantize_blocks
 from hearth.engine.tokenizer import Tokenizer
 
 # Projections Hearth fuses: kept quantized only when every member has the same block type.
 _FUSED = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",),
           ("qkv_proj",), ("gate_up_proj",))
-_GGUF_MAGIC = b"GGUF"
 # llama.cpp permutes Q/K rows for its `llama` architecture only (Llama, Mistral, Mixtral)
 _PERMUTED = ("LlamaForCausalLM", "MixtralForCausalLM")
 
@@ -58,8 +62,8 @@ def load_gguf(path: str | Path, keep_quantized: bool = False) -> GGUFModel:
     blocks named `...q_proj.qweight` (uint8, one row per output), and config.quantization lists
     them; embeddings, norms and the rest still come as float32.
     """
-    reader = _open(Path(path))
-    metadata = {key: field.contents() for key, field in reader.fields.items()}
+    reader = read_gguf(path)
+    metadata = reader.metadata
     config = gguf_model_config(metadata, {t.name: t for t in reader.tensors}, path)
     arch = metadata["general.architecture"]
     hf_names = {t.name: hf_name(t.name, arch, path) for t in reader.tensors}
@@ -86,27 +90,20 @@ def load_gguf(path: str | Path, keep_quantized: bool = False) -> GGUFModel:
     )
 
 
-def _open(path: Path) -> Any:
-    from gguf import GGUFReader  # the package is imported only when a GGUF is loaded
-
-    if not path.is_file():
-        raise ValueError(f"GGUF file {path} does not exist")
-    with path.open("rb") as f:
-        if f.read(4) != _GGUF_MAGIC:
-            raise ValueError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
-    try:
-        return GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, IndexError, struct errors...
-        raise ValueError(f"{path} is not a readable GGUF file ({e}); it may be truncated") from e
-
-
 def _dequantize(tensor: Any, hf_name: str, config: ModelConfig) -> torch.Tensor:
-    from gguf.quants import dequantize
+    qtype = tensor.tensor_type.name
+    if qtype in BLOCKS:  # torch's dequantizers: gguf-py's numbers exactly (a test checks)
+        raw = torch.from_numpy(np.array(tensor.data))  # a copy: the file's map is read-only
+        cols = tensor.shape[0]
+        weight = dequantize_blocks(raw.reshape(-1, raw.shape[-1]), qtype, cols)
+        weight = weight.reshape(*raw.shape[:-1], cols)
+    else:
+        from gguf.quants import dequantize
 
-    array = dequantize(tensor.data, tensor.tensor_type)  # numpy shape = reversed GGUF shape = HF
-    if array.dtype != np.float32 or not array.flags.writeable:
-        array = np.array(array, dtype=np.float32)  # F32/F16 come back as read-only memmap views
-    weight = torch.from_numpy(array)
+        array = dequantize(tensor.data, tensor.tensor_type)  # numpy shape = reversed GGUF's = HF
+        if array.dtype != np.float32 or not array.flags.writeable:
+            array = np.array(array, dtype=np.float32)  # F32/F16 come back as read-only views
+        weight = torch.from_numpy(array)
     if config.architecture.startswith("Gemma") and hf_name.endswith("norm.weight"):
         # the converter stored Gemma's (1 + w): w again, exactly (Sterbenz), the model adds 1
         weight = weight - 1.0

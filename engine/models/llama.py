@@ -125,7 +125,11 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.make_rotaries()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # `_weight`: no random init. On the builder's meta device nn.Embedding's normal_ runs
+        # torch's Python decompositions, which import torch._dynamo (1.3 s of a cold start);
+        # load_weights or init_dummy fills it.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(self.make_layer(i) for i in range(config.num_layers))
         self.norm = self.norm_class(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
