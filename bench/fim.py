@@ -91,6 +91,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--fim", action="store_true")
     p.add_argument("--suffix-tokens", type=int, default=512)
     p.add_argument("--token-ids", action="store_true")
+    p.add_argument("--tokenizer-json", help="--token-ids: this tokenizer.json instead of the "
+                   "default model's (a machine without the default model installed)")
     p.add_argument("--fim-ids", default=QWEN_FIM_IDS, help="prefix,suffix,middle token ids")
     p.add_argument("--offline", action="store_true", help="the engine without HTTP")
     p.add_argument("--json", help="write keystrokes and summary here")
@@ -293,6 +295,12 @@ def _encoder(args: argparse.Namespace, url: str | None, engine_tokenizer=None):
         return lambda text: httpx.post(
             url + "tokenize", json={"prompt": text, "add_special_tokens": False}, timeout=60
         ).json()["tokens"]
+    if args.tokenizer_json:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        hf_tokenizer = HFTokenizer.from_file(args.tokenizer_json)
+        args.tokenizer = args.tokenizer_json
+        return lambda text: hf_tokenizer.encode(text, add_special_tokens=False).ids
     try:
         from hearth.engine.catalog import resolve_model
         from hearth.engine.loader.gguf_file import read_gguf
