@@ -97,15 +97,16 @@ def engine_factory(settings: Settings) -> Callable[[], Any]:
 
 
 def mount_ui(app: Any) -> None:
-    """Mount the browser UI at / (`ui.app.mount_ui`); without gradio, serve the API only."""
+    """Mount the browser UI at / once the model is ready (`ui.deferred`: the API's first token
+    does not wait for gradio's imports); without gradio, serve the API only."""
     if importlib.util.find_spec("gradio") is None:
         logging.getLogger("hearth").warning(
             "gradio is not installed: serving the API only (pip install 'hearth[ui]', or --no-ui)"
         )
         return
-    from hearth.ui.app import mount_ui as mount
+    from hearth.ui.deferred import mount_ui_when_ready
 
-    mount(app, app.state.hearth)
+    mount_ui_when_ready(app, app.state.hearth)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,11 @@ prompts only) when the directory has no tokenizer.json.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +21,7 @@ import torch
 from hearth.engine.attention import AttentionMetadata
 from hearth.engine.catalog import ResolvedModel, resolve_model, verify
 from hearth.engine.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig
+from hearth.engine.cpu_precision import resolve_cpu_precision
 from hearth.engine.fim import FimSpec, model_fim
 from hearth.engine.kv_cache import resolve_kv_cache_dtype
 from hearth.engine.loader import LoadedSource, load_hf_config, load_model_source
@@ -83,6 +87,8 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
     if config.load_format != "dummy":
         verify(resolved)
         timer.lap("checksum")
+    config = resolve_cpu_precision(config, resolved.format, resolved.path,
+                                   resolve_device(config.device).type)
     source = _load_source(resolved, config)
     timer.lap("header and tokenizer")
     full_config, runner_config, share = source.config, source.config, None
@@ -279,11 +285,16 @@ def _instantiate(source, config: EngineConfig, device, dtype, progress: bool) ->
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("meta"):  # no memory and no random init until the real weights arrive
-            model = cls(source.config)
+        if device.type == "cpu":  # see _no_linear_init
+            with torch.device(device), _no_linear_init():
+                model = cls(source.config)
+        else:
+            with torch.device("meta"):  # no memory and no random init until the weights arrive
+                model = cls(source.config)
     finally:
         torch.set_default_dtype(default_dtype)
-    model = model.to_empty(device=device)
+    if device.type != "cpu":
+        model = model.to_empty(device=device)
     model.tie_weights()  # to_empty gives each module its own tensor
     _rebuild_buffers(model, source.config, device)
     if config.load_format == "dummy":
@@ -293,6 +304,33 @@ def _instantiate(source, config: EngineConfig, device, dtype, progress: bool) ->
         with progress_bar(**bar_args) as bar:
             model.load_weights(_counted(source.weights(), bar))
     return model.eval()
+
+
+_init_lock = threading.Lock()
+_init_skips = 0
+_linear_reset = torch.nn.Linear.reset_parameters
+
+
+@contextlib.contextmanager
+def _no_linear_init() -> Iterator[None]:
+    """nn.Linear without its random init while a CPU model is built in place.
+
+    On the CPU the model is built on its device, not on the meta device: the first meta tensor
+    imports torch._meta_registrations and sympy (0.46 s of a 5 s cold start), and untouched
+    CPU memory costs nothing until the weights are written. nn.Linear's kaiming init would touch
+    it all for values the loader overwrites, so it is skipped here (counted: nested or
+    concurrent builds restore it once the last one ends)."""
+    global _init_skips
+    with _init_lock:
+        _init_skips += 1
+        torch.nn.Linear.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        with _init_lock:
+            _init_skips -= 1
+            if _init_skips == 0:
+                torch.nn.Linear.reset_parameters = _linear_reset
 
 
 def _rebuild_buffers(model: torch.nn.Module, config: ModelConfig, device) -> None:
