@@ -56,6 +56,9 @@ class EngineConfig:
     # ids fed back on the device). None: on for CUDA, off on CPU.
     async_scheduling: bool | None = None
     gguf_keep_quantized: bool = False  # GGUF: run the linears from their blocks (less memory)
+    # dtype "auto" on a CPU: bfloat16 + kept Q4 blocks where that is fast and close
+    # (engine/cpu_precision.py). `hearth serve` turns it on; off here, the exact float32 path.
+    cpu_fast_path: bool = False
     kv_cache_dtype: str = "auto"  # fp8: half the bytes per cached token (engine/kv_cache.py)
     # Grammar-constrained decoding (engine/grammar.py). False: no grammar compiler and no grammar
     # hook in the step at all (bench/structured.py measures the hook's cost against this).

@@ -1,0 +1,82 @@
+"""`--dtype auto` on a CPU (engine/cpu_precision.py): bfloat16 with kept Q4 blocks where the CPU
+has bf16 matrix instructions and the GGUF's linears are Q4_0/Q4_1, float32 otherwise; and the
+fast path's quality: held-out perplexity within 1% of the exact float32 path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hearth.appliance.settings import Settings
+from hearth.engine import cpu_precision
+from hearth.engine.catalog import resolve_model
+from hearth.engine.config import EngineConfig
+from hearth.engine.cpu_precision import gguf_linear_types, resolve_cpu_precision
+
+DATA = Path(__file__).parent / "data" / "gguf"
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    monkeypatch.setattr(cpu_precision, "cpu_has_bf16_matmul", lambda: True)
+
+
+def _resolve(config: EngineConfig, path: Path, device: str = "cpu") -> EngineConfig:
+    return resolve_cpu_precision(config, "gguf", path, device)
+
+
+def test_the_server_asks_for_the_fast_path_and_the_engine_does_not():
+    assert Settings().engine.cpu_fast_path is True
+    assert EngineConfig().cpu_fast_path is False
+
+
+def test_default_model_on_a_bf16_cpu_gets_bf16_and_kept_blocks(bf16_cpu):
+    path = resolve_model(None).path
+    assert gguf_linear_types(path) == {"Q4_1"}
+    fast = _resolve(EngineConfig(cpu_fast_path=True), path)
+    assert (fast.dtype, fast.gguf_keep_quantized) == ("bfloat16", True)
+
+
+@pytest.mark.parametrize("config", [
+    EngineConfig(),  # the engine's own default: exact
+    EngineConfig(cpu_fast_path=True, dtype="float32"),  # asked for exactly
+    EngineConfig(cpu_fast_path=True, load_format="dummy"),
+])
+def test_exact_unless_auto_and_asked(bf16_cpu, config):
+    assert _resolve(config, resolve_model(None).path) == config
+
+
+def test_cuda_and_hf_directories_are_left_alone(bf16_cpu):
+    config = EngineConfig(cpu_fast_path=True)
+    assert _resolve(config, resolve_model(None).path, "cuda") == config
+    assert resolve_cpu_precision(config, "hf", "/some/dir", "cpu") == config
+
+
+def test_a_cpu_without_bf16_keeps_float32(monkeypatch):
+    monkeypatch.setattr(cpu_precision, "cpu_has_bf16_matmul", lambda: False)
+    config = EngineConfig(cpu_fast_path=True)
+    assert _resolve(config, resolve_model(None).path) == config
+
+
+@pytest.mark.parametrize("name", ["llama-Q4_K_M.gguf", "llama-Q8_0.gguf", "llama-F16.gguf"])
+def test_block_types_without_an_int4_gemv_keep_float32(bf16_cpu, name):
+    config = EngineConfig(cpu_fast_path=True)
+    assert _resolve(config, DATA / name) == config
+
+
+def test_fast_path_perplexity_within_one_percent_of_float32():
+    from hearth.appliance.tools.quantizer.calibration import perplexity, split_text
+    from hearth.engine.llm_engine import LLMEngine
+
+    results = {}
+    for dtype, keep in (("float32", False), ("bfloat16", True)):
+        engine = LLMEngine(EngineConfig(device="cpu", dtype=dtype, gguf_keep_quantized=keep,
+                                        kv_cache_gib=0.05, max_model_len=1024),
+                             progress=False)
+        try:
+            ids = engine.tokenizer.encode(split_text()[1], add_special_tokens=False)[:600]
+            results[dtype] = perplexity(engine.runner.model, ids)
+        finally:
+            engine.shutdown()
+    assert abs(results["bfloat16"] / results["float32"] - 1) < 0.01, results
