@@ -66,6 +66,8 @@ def bench_kernel(bandwidth: float) -> list[dict]:
 
 
 def _llm(max_num_seqs: int) -> LLM:
+    gc.collect()  # the previous part's engine, dropped by its caller: 57 GiB of weights
+    torch.cuda.empty_cache()
     return LLM(str(CONFIG), load_format="dummy", dtype="bfloat16", progress=False,
                max_model_len=2048, max_num_seqs=max_num_seqs, max_num_batched_tokens=4096,
                enable_prefix_caching=False)
@@ -96,6 +98,7 @@ def bench_b1(bandwidth: float) -> dict:
     llm = _llm(1)
     ms = _run(llm, [prompt], [out], 0.0)
     _free(llm)
+    del llm
     kv = cfg.kv_bytes_per_token(2) * (128 + out / 2)  # mean context per step
     floor_ms = 1e3 * (cfg.num_active_params * 2 + kv) / bandwidth
     print(f"  b1: {ms:.2f} ms/token, floor {floor_ms:.2f} ms ({100 * floor_ms / ms:.0f}% of "
@@ -128,6 +131,7 @@ def bench_w1(bandwidth: float, flops: float) -> dict:
     llm = _llm(256)
     seconds = _run(llm, prompts, outs, 0.6)
     _free(llm)
+    del llm
     floor = w1_floor(prompts, outs, bandwidth, flops)
     tok_s = sum(outs) / seconds
     print(f"  w1: {tok_s:.0f} output tok/s ({seconds:.1f} s), floor {floor:.1f} s "

@@ -17,7 +17,7 @@ from helpers import save_tiny_model
 from hearth import LLM, SamplingParams
 
 pytestmark = pytest.mark.gpu
-KV_GIB = 0.25
+KV_GIB = 0.5  # float32 at the default model's 8192-token context needs 0.38 GiB for one sequence
 
 CODE = '''def read_config(path):
     with open(path) as handle:

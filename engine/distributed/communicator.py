@@ -86,30 +86,30 @@ class TorchCommunicator(Communicator):
         # Step inputs are Python objects on the host: a gloo group carries them under NCCL too.
         self._objects = dist.new_group(backend="gloo") if config.backend == "nccl" else None
 
-    def _host_round_trip(self, tensor: torch.Tensor) -> bool:
-        return tensor.is_cuda and self.backend == "gloo"
+    def _staged(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` where the backend can reach it: gloo reduces host memory, NCCL device memory
+        (a host tensor under NCCL, e.g. the ranks' block counts, goes through this rank's card)."""
+        if tensor.is_cuda and self.backend == "gloo":
+            return tensor.cpu()
+        if not tensor.is_cuda and self.backend == "nccl":
+            return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        return tensor.contiguous()
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        if self._host_round_trip(tensor):
-            host = tensor.cpu()
-            dist.all_reduce(host, _OPS[op])
-            return tensor.copy_(host)
-        dist.all_reduce(tensor, _OPS[op])
-        return tensor
+        staged = self._staged(tensor)
+        dist.all_reduce(staged, _OPS[op])
+        return tensor if staged is tensor else tensor.copy_(staged)
 
     def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        src = tensor.cpu() if self._host_round_trip(tensor) else tensor.contiguous()
+        src = self._staged(tensor)
         pieces = [torch.empty_like(src) for _ in range(self.world_size)]
         dist.all_gather(pieces, src)
         return torch.cat(pieces, dim=dim).to(tensor.device)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        if self._host_round_trip(tensor):
-            host = tensor.cpu()
-            dist.broadcast(host, src)
-            return tensor.copy_(host)
-        dist.broadcast(tensor, src)
-        return tensor
+        staged = self._staged(tensor)
+        dist.broadcast(staged, src)
+        return tensor if staged is tensor else tensor.copy_(staged)
 
     def broadcast_object(self, obj: object = None, src: int = 0) -> object:
         box = [obj]
