@@ -1,6 +1,7 @@
 """`hearth serve` mounts the UI once the model is ready (ui/deferred.py): until then / is a
 self-refreshing placeholder (503), the API answers as soon as the engine is ready, and the real
-gradio UI follows. A model that fails to load leaves a placeholder that says so."""
+gradio UI follows. A model that fails to load stops the placeholder's refreshing, and the
+server exits as it does without the UI."""
 
 from __future__ import annotations
 
@@ -78,16 +79,16 @@ def test_placeholder_then_api_then_the_real_ui():
         _stop(running, sock)
 
 
-def test_a_model_that_fails_to_load_leaves_a_placeholder_that_says_so():
+def test_a_model_that_fails_to_load_stops_the_placeholder_and_the_server_exits():
     def factory():
         raise ValueError("no such model")
 
     running, deferred, sock = _serve(factory)
     try:
         _wait(lambda: deferred.failed)
-        page = httpx.get(running.url, timeout=10)
-        assert page.status_code == 503 and "could not be loaded" in page.text
-        assert "refresh" not in page.text  # nothing more will come
+        assert "could not be loaded" in deferred.message and deferred.target is None
+        running.thread.join(30)  # the server exits non-zero, as without the UI
+        assert not running.thread.is_alive() and running.server.exit_code == 1
     finally:
         _stop(running, sock)
 

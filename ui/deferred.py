@@ -5,7 +5,8 @@ Importing gradio takes 2.4 s on the 2-core box (it writes its components' .pyi s
 and loading the default model 1.7 s; in parallel threads they fight over the GIL and both get
 slower (measured: 8.1 s in sequence, 10.0 s in parallel). So the server starts with a small
 placeholder at / ("the UI is starting", refreshing itself every second), serves the API as soon
-as the engine is ready, and only then imports gradio on a worker thread, builds the UI
+as the engine is ready, and once no request has been in flight for a second (at most 30 s after
+ready) imports gradio on a worker thread, builds the UI
 (ui/app.py) in a sub-application, runs that application's lifespan (gradio's queue, the
 monitor's sampler) and swaps it in. Routes added before the mount (/v1, /health, /metrics, ...)
 still match first.
@@ -28,6 +29,8 @@ from fastapi import FastAPI
 from hearth.appliance.serving.context import AppContext
 
 logger = logging.getLogger("hearth.ui")
+_QUIET_S = 1.0  # no request in flight for this long: build the UI
+_QUIET_MAX_S = 30.0  # under constant load, build it anyway after this
 
 _STARTING = """<!doctype html><html><head><meta charset="utf-8"><title>Hearth</title>
 <meta http-equiv="refresh" content="1"></head>
@@ -94,6 +97,7 @@ async def _mount_later(deferred: DeferredApp, context: AppContext,
         deferred.message, deferred.failed = "The model could not be loaded: see the log.", True
         return
     deferred.message = "The model is ready; the chat UI is starting."
+    await _quiet_moment(context)
     try:
         ui_app = await asyncio.to_thread(_build_ui_app, context)
         await stack.enter_async_context(ui_app.router.lifespan_context(ui_app))
@@ -103,6 +107,20 @@ async def _mount_later(deferred: DeferredApp, context: AppContext,
         return
     deferred.target = ui_app
     logger.info("the UI is ready")
+
+
+async def _quiet_moment(context: AppContext) -> None:
+    """Wait until no request is in flight for a moment (at most _QUIET_MAX_S): the gradio import
+    holds the GIL for seconds, and the first API request after a restart should not pay for it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _QUIET_MAX_S
+    quiet_since = loop.time()
+    while loop.time() < deadline:
+        if context.engine.num_in_flight:
+            quiet_since = loop.time()
+        elif loop.time() - quiet_since >= _QUIET_S:
+            return
+        await asyncio.sleep(0.05)
 
 
 def _build_ui_app(context: AppContext) -> FastAPI:
