@@ -37,7 +37,7 @@ class SchedulerConfig:
 class EngineConfig:
     model: str | None = None  # catalogue name, HF directory or .gguf path; None: the default model
     device: str = "auto"  # "auto" picks cuda when available
-    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu (unless cpu_fast_path)
     # None: the model's own limit (capped by the catalogue); "auto": the longest context the KV
     # budget serves max_num_seqs sequences at (engine/memory_check.py, picked at load)
     max_model_len: int | str | None = None
