@@ -289,7 +289,7 @@ _OPTIONS = (
             metavar="N"),
     _Option("dtype", _choice(DTYPES), "weights and activations dtype. auto: bfloat16 on CUDA; on "
             "a CPU with bf16 matrix instructions (AVX512-BF16, AMX) and a GGUF of Q4_0/Q4_1 "
-            "linears, bfloat16 with the blocks kept for the int4 GEMV (perplexity +0.4%), else "
+            "linears, bfloat16 with the blocks kept for the int4 GEMV (perplexity +0.4%%), else "
             "float32. float32: the exact path"),
     _Option(
         "gguf_keep_quantized",
