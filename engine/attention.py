@@ -144,6 +144,9 @@ def _attend(
     num_prefix + i."""
     q_len, kv_len = q.shape[0], k.shape[0]
     group = q.shape[1] // k.shape[1]
+    if (group > 1 and 0 < num_prefix and q_len <= _FOLD_MAX_QUERIES and scores.window is None
+            and scores.softcap is None):
+        return _attend_folded(q, k, v, scores.scale, num_prefix)
     if group > 1:  # repeat K/V per query head: SDPA's enable_gqa runs the slow math path on CPU
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     # (1, heads, len, D): SDPA's fused CPU kernel takes 4-D inputs only
@@ -165,6 +168,31 @@ def _attend(
     if scores.window is not None:
         visible &= k_pos > q_pos - scores.window
     return _masked_attention(qt, kt, vt, scores, visible)[0].transpose(0, 1)
+
+
+# A few new tokens after a cached prefix (a keystroke's completion, a short chat turn): fold the
+# query heads of each KV head into the query length instead of repeating K/V per head. Measured
+# per layer on the 2-core box (bf16, 9 query / 3 KV heads, 1,884 keys): 19 queries 1.00 -> 0.61
+# ms, 4 queries 1.73 -> 0.49 ms, 128 queries 4.50 -> 3.77 ms; at 300 queries over 600 keys the
+# fold loses (2.45 -> 3.52 ms), hence the bound. Outputs are equal bit for bit (same SDPA kernel).
+_FOLD_MAX_QUERIES = 64
+
+
+def _attend_folded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                   num_prefix: int) -> torch.Tensor:
+    """Causal attention of q (q_len, H, D) after `num_prefix` cached positions, over k/v
+    (kv_len, Hkv, D) from position 0, as (1, Hkv, group * q_len, D) queries: rows (g, i)."""
+    q_len, num_heads, dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[0]
+    group = num_heads // kv_heads
+    qg = q.reshape(q_len, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(
+        1, kv_heads, group * q_len, dim)
+    kt, vt = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+    q_pos = torch.arange(num_prefix, num_prefix + q_len, device=q.device).repeat(group)
+    mask = torch.arange(kv_len, device=q.device)[None, :] <= q_pos[:, None]
+    out = F.scaled_dot_product_attention(qg, kt, vt, attn_mask=mask, scale=scale)
+    return out[0].reshape(kv_heads, group, q_len, dim).permute(2, 0, 1, 3).reshape(
+        q_len, num_heads, dim)
 
 
 def _masked_attention(q, k, v, scores: _Scores, visible: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The CPU attention backend (engine/attention.py, TorchAttention) against a direct per-sequence
 computation: decode over gathered blocks, decode of one sequence on consecutive blocks (read in
-place, no gather), padded contexts of different lengths, and prefill after a cached prefix."""
+place, no gather), padded contexts of different lengths, and prefill after a cached prefix (a
+few new tokens take the folded-heads path, more the repeated-K/V one)."""
 
 from __future__ import annotations
 
@@ -81,3 +82,16 @@ def test_decode_batch_of_different_lengths_is_masked():
 
 def test_prefill_after_a_cached_prefix_and_a_fresh_prompt():
     _run([[2, 6, 3], [0, 1]], [45, 20], [13, 20], seed=2)
+
+
+@pytest.mark.parametrize("query_len", [1, 2, 9, 64, 65, 200])
+def test_new_tokens_after_a_long_cached_prefix(query_len):
+    """A keystroke's few tokens after a cached file (the folded-heads path up to 64 queries, the
+    repeated-K/V path above), against the direct computation."""
+    seq_len = 300 + query_len
+    blocks = list(range((seq_len + BLOCK - 1) // BLOCK))[::-1]  # scattered: descending
+    _run([blocks], [seq_len], [query_len], seed=query_len)
+
+
+def test_new_tokens_of_two_sequences_after_cached_prefixes():
+    _run([[5, 1, 9, 2], [0, 3, 4]], [60, 40], [3, 7], seed=11)
