@@ -137,6 +137,17 @@ class AsyncEngine:
     async def wait_dead(self) -> None:
         await self._dead.wait()
 
+    async def wait_loaded(self) -> bool:
+        """Until the engine is ready (True) or died loading (False)."""
+        ready = asyncio.ensure_future(self._ready.wait())
+        dead = asyncio.ensure_future(self._dead.wait())
+        try:
+            await asyncio.wait({ready, dead}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            dead.cancel()
+        return self._ready.is_set()
+
     def snapshot(self) -> EngineSnapshot | None:
         return self._engine.snapshot() if self._engine is not None else None
 

@@ -65,14 +65,10 @@ class HearthServer(uvicorn.Server):
 
     async def _watch_engine(self) -> None:
         engine = self.context.engine
-        ready = asyncio.ensure_future(engine.wait_ready())
-        dead = asyncio.ensure_future(engine.wait_dead())
-        await asyncio.wait({ready, dead}, return_when=asyncio.FIRST_COMPLETED)
-        if not dead.done():
+        if await engine.wait_loaded():
             print(f"Hearth is ready: {self.url}  (OpenAI API: {self.url}v1)", flush=True)
-            await dead
+            await engine.wait_dead()
             logger.error("the engine thread died; exiting with status %d", EXIT_ENGINE_DIED)
-        ready.cancel()
         self.exit_code = EXIT_ENGINE_DIED
         self.should_exit = True
 

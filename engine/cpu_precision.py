@@ -27,19 +27,25 @@ from hearth.engine.config import EngineConfig
 logger = logging.getLogger(__name__)
 
 INT4_GEMV_TYPES = frozenset({"Q4_0", "Q4_1"})
-_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 @functools.cache
-def cpu_has_bf16_matmul() -> bool:
-    """AVX512-BF16 or AMX-BF16 in /proc/cpuinfo (Linux; elsewhere: False, the exact path)."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux; elsewhere none)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
-    return any(flag in flags for flag in _BF16_FLAGS)
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """AVX512-BF16 or AMX-BF16 (else bf16 is emulated and float32 stays the CPU default)."""
+    return bool(BF16_FLAGS & cpu_flags())
 
 
 def gguf_linear_types(path: str | Path) -> set[str]:

@@ -99,9 +99,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.config.scheduler_config(self.max_model_len), block_manager, sorted(eos)
         )
-        timer.lap("scheduler and prefix tiers")
-        self.grammars = self._grammar_compiler(sorted(eos))
-        timer.lap("grammar tokenizer")
+        self.grammars = self._grammar_compiler(sorted(eos))  # its tokenizer view is built lazily
+        timer.lap("scheduler, prefix tiers, grammar compiler")
         self._matchers = GrammarMatchers(sorted(eos)) if self.grammars else None
         self.model_info = ModelInfo(
             self.model_name, self.scheduler.max_len, self.model_config.vocab_size,

@@ -293,10 +293,10 @@ def _instantiate(source, config: EngineConfig, device, dtype, progress: bool) ->
                 model = cls(source.config)
     finally:
         torch.set_default_dtype(default_dtype)
-    if device.type != "cpu":
+    if device.type != "cpu":  # built on the meta device: allocate, then the buffers it lacks
         model = model.to_empty(device=device)
-    model.tie_weights()  # to_empty gives each module its own tensor
-    _rebuild_buffers(model, source.config, device)
+        model.tie_weights()  # to_empty gives each module its own tensor
+        _rebuild_buffers(model, source.config, device)
     if config.load_format == "dummy":
         model.init_dummy(config.seed)
     else:

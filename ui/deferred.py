@@ -32,8 +32,9 @@ logger = logging.getLogger("hearth.ui")
 _QUIET_S = 1.0  # no request in flight for this long: build the UI
 _QUIET_MAX_S = 30.0  # under constant load, build it anyway after this
 
+_REFRESH = '<meta http-equiv="refresh" content="1">'
 _STARTING = """<!doctype html><html><head><meta charset="utf-8"><title>Hearth</title>
-<meta http-equiv="refresh" content="1"></head>
+{refresh}</head>
 <body style="font-family: system-ui, sans-serif; margin: 3em; color: #333">
 <h2>Hearth</h2><p>{message}</p><p>The API at <code>/v1</code> serves once the model is ready.</p>
 </body></html>"""
@@ -51,10 +52,8 @@ class DeferredApp:
         if self.target is not None:
             await self.target(scope, receive, send)
         elif scope["type"] == "http":
-            page = _STARTING.format(message=html.escape(self.message))
-            if self.failed:  # nothing more will come: no refreshing
-                page = page.replace('<meta http-equiv="refresh" content="1">', "")
-            body = page.encode()
+            refresh = "" if self.failed else _REFRESH  # failed: nothing more will come
+            body = _STARTING.format(message=html.escape(self.message), refresh=refresh).encode()
             await send({"type": "http.response.start", "status": 503, "headers": [
                 (b"content-type", b"text/html; charset=utf-8"), (b"retry-after", b"1"),
                 (b"cache-control", b"no-store"), (b"content-length", str(len(body)).encode())]})
@@ -86,14 +85,7 @@ def mount_ui_when_ready(app: FastAPI, context: AppContext) -> DeferredApp:
 
 async def _mount_later(deferred: DeferredApp, context: AppContext,
                        stack: contextlib.AsyncExitStack) -> None:
-    ready = asyncio.ensure_future(context.engine.wait_ready())
-    dead = asyncio.ensure_future(context.engine.wait_dead())
-    try:
-        await asyncio.wait({ready, dead}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        ready.cancel()
-        dead.cancel()
-    if not ready.done() or ready.cancelled():
+    if not await context.engine.wait_loaded():
         deferred.message, deferred.failed = "The model could not be loaded: see the log.", True
         return
     deferred.message = "The model is ready; the chat UI is starting."

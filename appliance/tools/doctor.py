@@ -171,24 +171,20 @@ def normalize(name: str) -> str:
 
 def _cpu(settings: Settings) -> Check:
     """Cores, and whether the CPU computes bf16 natively (AVX-512 BF16 or AMX), which is what
-    makes `--dtype bfloat16 --gguf-keep-quantized` (int4 GEMV decode) faster than float32."""
-    native = sorted({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    makes `--dtype bfloat16 --gguf-keep-quantized` (int4 GEMV decode) faster than float32, and
+    what `--dtype auto` picks there (engine/cpu_precision.py)."""
+    from hearth.engine.cpu_precision import BF16_FLAGS, cpu_flags
+
+    native = sorted(BF16_FLAGS & cpu_flags())
     detail = f"{os.cpu_count()} cores, " + (f"native bf16 ({', '.join(native)})" if native
                                              else "no native bf16 (keep float32 on CPU)")
-    if native and settings.dtype in ("auto", "float32") and not settings.gguf_keep_quantized:
-        detail += "; without a GPU, --dtype bfloat16 --gguf-keep-quantized decodes GGUF ~2x faster"
+    if native and settings.dtype == "auto":
+        detail += ("; --dtype auto runs a Q4_0/Q4_1 GGUF on it as --dtype bfloat16 "
+                   "--gguf-keep-quantized (int4 GEMV)")
+    elif native and settings.dtype == "float32" and not settings.gguf_keep_quantized:
+        detail += ("; without a GPU, --dtype bfloat16 --gguf-keep-quantized decodes GGUF ~1.5x "
+                   "faster")
     return Check("OK", "cpu", detail)
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no flags to read
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
 
 
 def _gpus() -> Check:

@@ -58,10 +58,13 @@ class GGUFFile:
 class _Cursor:
     def __init__(self, buf: mmap.mmap, endian: str):
         self.buf, self.pos, self.endian = buf, 0, endian
+        # one compiled Struct per scalar format: a vocabulary reads ~100k lengths
+        self._structs = {fmt: struct.Struct(endian + fmt) for fmt in _SCALARS.values()}
 
     def scalar(self, fmt: str) -> Any:
-        (value,) = struct.unpack_from(self.endian + fmt, self.buf, self.pos)
-        self.pos += struct.calcsize(fmt)
+        packed = self._structs[fmt]
+        (value,) = packed.unpack_from(self.buf, self.pos)
+        self.pos += packed.size
         return value
 
     def string(self) -> str:
