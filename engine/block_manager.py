@@ -36,11 +36,13 @@ fresh blocks that the tier fills before the next forward (`PrefixHit.loaded`).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Protocol
 
+from hearth.engine.kv_tiers.identity import DIGEST_SIZE
 from hearth.engine.outputs import BlockCopy
 from hearth.engine.sequence import Sequence
 
@@ -48,6 +50,27 @@ from hearth.engine.sequence import Sequence
 def block_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
     """Chained hash of one full block: depends on every token before it through `parent_hash`."""
     return hash((parent_hash, token_ids))
+
+
+@dataclass(frozen=True)
+class _Root:
+    """What a sequence's first block chains from. Sequences whose K/V differ for the same tokens
+    get different roots, so their blocks never serve each other: longrope's long regime
+    (`Sequence.rope_long`, keys rotated with the long factors) has its own."""
+
+    hash: int | None
+    key: int | None  # a block's parent_key; block keys count up from 0, so -1 is nobody's
+    digest: bytes | None  # the tiers' chained digest (engine/kv_tiers/identity.py)
+
+
+_SHORT_ROOT = _Root(None, None, None)
+_LONG_ROOT = _Root(hash("hearth: longrope long factors"), -1,
+                   hashlib.blake2b(b"hearth: longrope long factors",
+                                   digest_size=DIGEST_SIZE).digest())
+
+
+def _root(seq: Sequence) -> _Root:
+    return _LONG_ROOT if seq.rope_long else _SHORT_ROOT
 
 
 @dataclass(frozen=True)
@@ -144,7 +167,8 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.block_ids or seq.num_computed_tokens:
             return None
         hit_ids: list[int] = []
-        parent_hash, parent_key, missed = None, None, False
+        root = _root(seq)
+        parent_hash, parent_key, missed = root.hash, root.key, False
         for start in range(0, seq.num_tokens - self.block_size + 1, self.block_size):
             tokens = tuple(seq.token_ids[start : start + self.block_size])
             parent_hash = block_hash(parent_hash, tokens)
@@ -167,7 +191,7 @@ class BlockManager:
         ended on a missing hash, not a collision or the end of the prompt)."""
         if self.tier is None or not missed:
             return ()
-        parent = self._blocks[hit_ids[-1]].digest if hit_ids else None
+        parent = self._blocks[hit_ids[-1]].digest if hit_ids else _root(seq).digest
         if hit_ids and parent is None:
             return ()  # its chain was not tracked (registered before the tier)
         blocks = []
@@ -191,19 +215,20 @@ class BlockManager:
             parent = self._blocks[seq.block_ids[index - 1]] if index else None
             start = index * self.block_size
             tokens = tuple(seq.token_ids[start : start + self.block_size])
-            self._register(seq.block_ids[index], parent, tokens)
+            self._register(seq.block_ids[index], parent, tokens, root=_root(seq))
             if self.tier is not None and block.digest is not None:
                 self.tier.on_registered(seq.block_ids[index], block.digest, tokens)
 
     def _register(self, block_id: int, parent: _Block | None, tokens: tuple[int, ...],
-                  digest: bytes | None = None) -> None:
+                  digest: bytes | None = None, root: _Root = _SHORT_ROOT) -> None:
+        """`root` stands in for the parent of a sequence's first block."""
         block = self._blocks[block_id]
         block.token_ids = tokens
-        block.hash = block_hash(parent.hash if parent else None, tokens)
+        block.hash = block_hash(parent.hash if parent else root.hash, tokens)
         block.key = next(self._keys)
-        block.parent_key = parent.key if parent else None
+        block.parent_key = parent.key if parent else root.key
         if digest is None and self.tier is not None and (parent is None or parent.digest):
-            digest = self.tier.digest(parent.digest if parent else None, tokens)
+            digest = self.tier.digest(parent.digest if parent else root.digest, tokens)
         block.digest = digest
         self._hash_to_block.setdefault(block.hash, block_id)
 
@@ -296,7 +321,7 @@ class BlockManager:
         for digest, tokens in prefix.loaded:  # after the hits: taking blocks may evict others
             parent = self._blocks[seq.block_ids[-1]] if seq.block_ids else None
             block_id = self._take_free_block()
-            self._register(block_id, parent, tokens, digest)
+            self._register(block_id, parent, tokens, digest, _root(seq))
             self.tier.on_loaded(block_id, digest, tokens)
             seq.block_ids.append(block_id)
         seq.num_computed_tokens = seq.num_cached_tokens = prefix.num_tokens

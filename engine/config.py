@@ -25,6 +25,9 @@ class SchedulerConfig:
     max_model_len: int = 2048
     block_size: int = 16
     enable_chunked_prefill: bool = True
+    # longrope models: the length past which a sequence's keys are recomputed with the long
+    # factors (RopeConfig.regime_switch); None for every other model
+    rope_switch: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
@@ -154,8 +157,9 @@ class EngineConfig:
             raise ValueError("prefix_cache_dir and kv_offload_gib extend the prefix cache: they "
                              "need enable_prefix_caching=True")
 
-    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
-        """The scheduler's view, once the model's context length is known."""
+    def scheduler_config(self, max_model_len: int,
+                         rope_switch: int | None = None) -> SchedulerConfig:
+        """The scheduler's view, once the model's context length (and RoPE switch) is known."""
         budget = self.max_num_batched_tokens
         if budget is None:
             budget = 2048 if self.enable_chunked_prefill else max(2048, max_model_len)
@@ -170,6 +174,7 @@ class EngineConfig:
             max_model_len=max_model_len,
             block_size=self.block_size,
             enable_chunked_prefill=self.enable_chunked_prefill,
+            rope_switch=rope_switch,
         )
 
 

@@ -24,6 +24,7 @@ from hearth.engine.attention import AttentionMetadata, TorchAttention
 from hearth.engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from hearth.engine.grammar import GrammarMatchers
 from hearth.engine.kv_cache import allocate_kv_cache
+from hearth.engine.layers.rope_scaling import longrope_row_offset
 from hearth.engine.logits_processors import BitmaskBuffers, apply_logit_bias, apply_token_bitmask
 from hearth.engine.model_config import ModelConfig
 from hearth.engine.outputs import RunnerOutput, ScheduledChunk, ScheduleOutput
@@ -115,6 +116,8 @@ class ModelRunner:
         self.sampler = Sampler(config.vocab_size, seed)
         self.max_blocks = -(-self.limits.max_model_len // block_size)
         self._host = _HostBuffers(self.limits, self.max_blocks, self.device.type == "cuda")
+        # longrope: sequences past the switch read the long half of the rotary table
+        self._host.rope_offset = longrope_row_offset(config.rope, config.max_position_embeddings)
         self._bitmask = BitmaskBuffers(config.vocab_size, self.device)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not self.limits.enforce_eager:
@@ -376,6 +379,7 @@ class _HostBuffers:
     def __init__(self, limits: RunnerLimits, max_blocks: int, pin: bool) -> None:
         self.pin = pin and torch.cuda.is_available()
         self.max_blocks = max_blocks
+        self.rope_offset = 0  # added to the positions of `rope_long` sequences (longrope)
         self._copied = torch.cuda.Event() if self.pin else None
         self._alloc_tokens(max(limits.max_num_batched_tokens, limits.max_num_seqs))
         self._alloc_seqs(limits.max_num_seqs)
@@ -444,4 +448,8 @@ class _HostBuffers:
         pos[:t] = np.arange(t) - np.repeat(qsl[:n].astype(np.int64) - starts, query_lens)
         slots[:t] = tables[row, pos[:t] // block_size].astype(np.int64) * block_size
         slots[:t] += pos[:t] % block_size
+        if self.rope_offset:  # from here on `pos` indexes the rotary table, no longer the cache
+            long = np.fromiter((c.seq.rope_long for c in chunks), bool, n)
+            if long.any():
+                pos[:t] += np.repeat(long * self.rope_offset, query_lens)
         return _Batch(n, t, query_lens, seq_lens, self)

@@ -38,8 +38,8 @@ class RopeConfig:
     mscale: float | None = None  # yarn (DeepSeek-style attention factor)
     mscale_all_dim: float | None = None  # yarn
     attention_factor: float | None = None  # yarn / longrope: cos and sin scaled (None: derived)
-    short_factor: tuple[float, ...] = ()  # longrope, positions < original_max_position
-    long_factor: tuple[float, ...] = ()  # longrope, positions >= original_max_position
+    short_factor: tuple[float, ...] = ()  # longrope, sequences of <= original_max_position
+    long_factor: tuple[float, ...] = ()  # longrope, longer sequences (every position)
     freq_factors: tuple[float, ...] = ()  # GGUF rope_freqs.weight: inv_freq[i] / freq_factors[i]
     partial_rotary_factor: float = 1.0  # Phi-4-mini: only the first 75% of each head rotates
 
@@ -56,6 +56,16 @@ class RopeConfig:
 
     def rotary_dim(self, head_dim: int) -> int:
         return int(head_dim * self.partial_rotary_factor)
+
+    @property
+    def regime_switch(self) -> int | None:
+        """longrope: the sequence length past which every position of a sequence rotates with the
+        long factors (its cached keys are computed again when it grows past it); None otherwise.
+
+        Transformers' Phi-3 picks the factors per forward pass from the longest position in it, and
+        drops its KV cache to recompute the whole sequence once generation passes this length;
+        engine/scheduler.py does the same per sequence (`Sequence.rope_long`)."""
+        return self.original_max_position if self.kind == "longrope" else None
 
     def replace(self, **changes: Any) -> RopeConfig:
         return dataclasses.replace(self, **changes)

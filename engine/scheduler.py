@@ -147,6 +147,8 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if self._passes_rope_switch(seq):
+                self._recompute_long(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if num_new <= 0:
                 continue  # nothing to compute (its sample never arrived)
@@ -165,7 +167,27 @@ class Scheduler:
         if not seq.spec_token_ids or num_new != 1 or seq.num_computed_tokens != seq.num_tokens - 1:
             return ()
         room = min(budget - 1, self.max_len - seq.num_tokens)
+        switch = self.config.rope_switch
+        if switch is not None and not seq.rope_long:
+            # positions past the switch would be computed with the short factors; the step that
+            # passes it recomputes the sequence instead (_recompute_long), with or without proposals
+            room = min(room, switch - seq.num_tokens)
         return tuple(seq.spec_token_ids[: max(room, 0)])
+
+    # -- longrope (Phi-3): short factors up to the pretraining context, long ones past it ----------
+
+    def _passes_rope_switch(self, seq: Sequence) -> bool:
+        switch = self.config.rope_switch
+        return switch is not None and not seq.rope_long and seq.num_tokens > switch
+
+    def _recompute_long(self, seq: Sequence) -> None:
+        """`seq` just grew past the longrope switch: its keys were rotated with the short factors
+        and every position must now use the long ones, so its blocks go (they stay findable by
+        short prompts) and it computes all its tokens again, as transformers' Phi-3 drops its
+        cache at that length. It keeps its place in `running`; it is not counted as preempted."""
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.rope_long = True
 
     def _allocate_or_preempt(self, seq: Sequence, num_new: int, out: ScheduleOutput) -> bool:
         while not self.block_manager.allocate(seq, num_new):
@@ -203,6 +225,8 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, budget: int) -> int:
         """Attach cached prefix blocks and allocate the first chunk; 0 when it does not fit."""
+        if self.config.rope_switch is not None:  # the regime its K/V are computed in (and cached)
+            seq.rope_long = seq.num_tokens > self.config.rope_switch
         prefix = self.block_manager.match_prefix(seq)
         num_computed = seq.num_computed_tokens if prefix is None else prefix.num_tokens
         num_left = seq.num_tokens - num_computed

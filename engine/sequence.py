@@ -64,6 +64,9 @@ class Sequence:
         self.grammar = None  # a CompiledGrammar (engine/grammar.py) its tokens must match, or None
         # Proposed next tokens (speculative decoding) for the next schedule(); not yet its tokens.
         self.spec_token_ids: list[int] = []
+        # longrope (Phi-3): its K/V rotate with the long factors, as it is longer than the
+        # pretraining context (set by the scheduler: RopeConfig.regime_switch)
+        self.rope_long = False
         self.share_key: str | None = None  # its API key's name: the fair-share flow (fair_share.py)
         self.share_weight = 1.0  # that key's weight in the fair share
 
@@ -126,6 +129,7 @@ class Sequence:
         child.forked = True
         child.first_token_time = self.first_token_time
         child.grammar = self.grammar
+        child.rope_long = self.rope_long
         child.share_key, child.share_weight = self.share_key, self.share_weight
         return child
 

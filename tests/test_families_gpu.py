@@ -56,10 +56,9 @@ def test_window_families_greedy_float32_match_transformers(tmp_path, arch, enfor
 
     path = save_tiny_model(tmp_path / arch, arch)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
-    # Phi-3: no prompt that generation carries across original_max_position_embeddings (64):
-    # transformers recomputes the whole sequence with the long factors there, Hearth keeps the
-    # keys it wrote (a known difference: docs/benchmarks.md, "Phi-3 longrope on the GPU")
-    prompts = _prompts((5, 17, 33, 100 if arch == "phi3" else 64, 1, 130))
+    # Phi-3: 64 = original_max_position_embeddings, so generation crosses it (the sequence is
+    # computed again with the long factors); 100 starts past it
+    prompts = _prompts((5, 17, 33, 64, 1, 130) + ((100,) if arch == "phi3" else ()))
     llm = _llm(path, dtype="float32", enforce_eager=enforce_eager)
     assert _generate(llm, prompts, 24) == _hf_greedy(hf, prompts, 24)
     chunked = _llm(path, dtype="float32", enforce_eager=enforce_eager, max_num_batched_tokens=19)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import llama3_freq_factors, save_tiny_model, write_gguf
 
-from hearth.engine.layers.rope_scaling import cos_sin_table
+from hearth.engine.layers.rope_scaling import cos_sin_table, longrope_row_offset
 from hearth.engine.loader import load_gguf, load_hf_config
 from hearth.engine.loader.hf import rope_config
 from hearth.engine.rope_config import RopeConfig, rope_from_hf
@@ -112,13 +112,19 @@ def test_longrope_short_and_long_match_transformers(tmp_path, partial):
                         partial_rotary_factor=partial)
     rope = _rope_of(tmp_path, config)
     assert rope.kind == "longrope" and rope.rotary_dim(HEAD_DIM) == dim
-    below, above = POSITIONS[POSITIONS < 4096], POSITIONS[POSITIONS >= 4096]
-    for positions in (below, above):  # transformers: long factors once a position passes 4096
+    assert rope.regime_switch == 4096
+    offset = longrope_row_offset(rope, MAX_POS)
+    assert offset == MAX_POS and cos_sin_table(rope, HEAD_DIM, MAX_POS).shape[0] == 2 * MAX_POS
+    # transformers: every position of a forward pass rotates with the long factors once the
+    # longest one passes 4096; a sequence that long reads the table's long half
+    below = POSITIONS[POSITIONS < 4096]
+    for positions, rows in ((below, below), (POSITIONS, POSITIONS + offset)):
         want_cos, want_sin = _hf_cos_sin("Phi3", config, positions)
-        cos, sin = _ours(rope, positions)
+        cos, sin = _ours(rope, rows)
         assert cos.shape[-1] == dim
         torch.testing.assert_close(cos, want_cos, rtol=0, atol=0)
         torch.testing.assert_close(sin, want_sin, rtol=0, atol=0)
+    assert not torch.equal(_ours(rope, below)[0], _ours(rope, below + offset)[0])
 
 
 def _write_tiny_gguf(path, extra_tensors=(), **metadata):

@@ -4,12 +4,16 @@ computes it (modeling_rope_utils: float32, the same op order), so positions rota
     table[p] = [cos(p * inv_freq) | sin(p * inv_freq)] * attention_factor    (rotary_dim wide)
 
 Most variants have one inv_freq for every position. Two depend on the sequence length in
-transformers, which recomputes them in each forward from the longest position it sees; a paged
-cache keeps every key as it was rotated, so Hearth gives each position the frequencies it has
-when it is the newest token (what transformers uses for that token while decoding):
-- longrope: short factors below original_max_position, long factors from there on;
-- dynamic: theta * ((factor * (p + 1) / original) - (factor - 1)) ** (dim / (dim - 2)) past the
-  original length, plain theta before it.
+transformers, which recomputes them in each forward from the longest position it sees:
+- longrope: the table has two halves, rows [0, max_position) with the short factors and rows
+  [max_position, 2 * max_position) with the long ones. A sequence longer than
+  original_max_position reads every position from the long half (the runner adds max_position to
+  its positions: `longrope_row_offset`), and the scheduler recomputes its keys when it grows past
+  that length, as transformers' Phi-3 drops its cache there (RopeConfig.regime_switch).
+- dynamic: a paged cache keeps every key as it was rotated, so each position gets the frequencies
+  it has when it is the newest token (what transformers uses for that token while decoding):
+  theta * ((factor * (p + 1) / original) - (factor - 1)) ** (dim / (dim - 2)) past the original
+  length, plain theta before it.
 """
 
 from __future__ import annotations
@@ -22,23 +26,28 @@ from hearth.engine.rope_config import RopeConfig
 
 
 def cos_sin_table(rope: RopeConfig, head_dim: int, max_position: int) -> torch.Tensor:
-    """(max_position, rotary_dim) float32: cos in the first half, sin in the second."""
+    """(max_position, rotary_dim) float32: cos in the first half, sin in the second
+    (longrope: (2 * max_position, rotary_dim), the short rows then the long rows)."""
     dim = rope.rotary_dim(head_dim)
     positions = torch.arange(max_position, dtype=torch.float32)
     if rope.kind == "dynamic":
         freqs = _dynamic_freqs(rope, dim, positions)
         scale = 1.0
     elif rope.kind == "longrope":
-        split = min(rope.original_max_position, max_position)
         scale = _longrope_attention_factor(rope)
-        short = torch.outer(positions[:split], _longrope_inv_freq(rope, dim, rope.short_factor))
-        long = torch.outer(positions[split:], _longrope_inv_freq(rope, dim, rope.long_factor))
+        short = torch.outer(positions, _longrope_inv_freq(rope, dim, rope.short_factor))
+        long = torch.outer(positions, _longrope_inv_freq(rope, dim, rope.long_factor))
         freqs = torch.cat([short, long])
     else:
         inv_freq, scale = inv_freq_and_scale(rope, dim)
         freqs = torch.outer(positions, inv_freq)  # (max_position, dim // 2)
     table = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
     return table * scale if scale != 1.0 else table
+
+
+def longrope_row_offset(rope: RopeConfig, max_position: int) -> int:
+    """What a long-regime sequence adds to its positions to index `cos_sin_table` (0: none)."""
+    return max_position if rope.regime_switch is not None else 0
 
 
 def inv_freq_and_scale(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
