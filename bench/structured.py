@@ -4,8 +4,8 @@
              schema, against the same 64 requests unconstrained, with async scheduling (the
              default on CUDA) and without; target: constrained >= 80% of unconstrained tok/s.
              Constrained answers that finish early shrink the batch (the unconstrained ones
-             run to max_tokens), so a second run sends --requests (192) through the same 64
-             slots: both decode at a full batch until the last requests drain
+             run to max_tokens), so a third run decodes unconstrained to each answer's length
+             ("matched"): the same tokens at the same batch sizes
     w1       bench/throughput.py's W1 "before" (the engine's structured output switched off and
              the runner's logits hook replaced by nothing: the code path before grammars
              existed) and "after" (all of it live), alternating; no request carries a grammar
@@ -16,14 +16,15 @@ beside a tokenizer.json: `--tokenizer DIR` (a directory with tokenizer.json), by
 embedded model's (SmolLM2's 49k byte-level BPE, written from its GGUF; the mask covers Qwen3's
 151,936 ids, the ids past the tokenizer's are never allowed).
 
-    python bench/structured.py schemas w1 [--seqs 64] [--requests 192] [--max-tokens 256]
-                               [--repeats 2] [--tokenizer DIR] [--json out.json]
+    python bench/structured.py schemas w1 [--seqs 64] [--max-tokens 256] [--repeats 2]
+                               [--tokenizer DIR] [--json out.json]
 """
 
 import argparse
 import json
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -94,15 +95,16 @@ def _timed(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> 
 
 
 def run_schemas(args, path: str) -> dict:
-    """`--seqs` requests at once (the batch shrinks as constrained answers finish), then
-    `--requests` through the same `--seqs` slots (a finished answer's slot is refilled, so both
-    runs decode at a full batch until the last requests drain)."""
+    """Per mode, `--repeats` rounds of: the 64 requests unconstrained (to max_tokens), the same
+    with their schemas, and unconstrained again with each request's max_tokens set to its
+    constrained answer's length ("matched": the same tokens at the same batch sizes, so the
+    ratio is the grammar's cost alone; answers that finish early shrink the batch, which the
+    full-length ratio also counts). The median of each ratio is reported."""
     rng = random.Random(0)
-    total = max(args.requests, args.seqs)
-    prompts = [[rng.randint(0, 10000) for _ in range(args.prompt_len)] for _ in range(total)]
-    specs = [StructuredOutput(json=schema(i)) for i in range(total)]
-    result = {"seqs": args.seqs, "requests": total, "max_tokens": args.max_tokens,
-              "prompt_len": args.prompt_len}
+    prompts = [[rng.randint(0, 10000) for _ in range(args.prompt_len)] for _ in range(args.seqs)]
+    specs = [StructuredOutput(json=schema(i)) for i in range(args.seqs)]
+    result = {"seqs": args.seqs, "max_tokens": args.max_tokens, "prompt_len": args.prompt_len,
+              "repeats": args.repeats}
     for mode in ("async", "sync"):
         llm = LLM(path, load_format="dummy", dtype="bfloat16", progress=False, max_model_len=2048,
                   max_num_seqs=args.seqs, enable_prefix_caching=False, device=args.device,
@@ -113,25 +115,32 @@ def run_schemas(args, path: str) -> dict:
                               structured_output=StructuredOutput(json_object=True))
         llm.generate(prompts[:16], warm, use_tqdm=False)  # graphs, kernels, the grammar path
         llm.generate(prompts[:16], free, use_tqdm=False)
-        t0 = time.perf_counter()  # cold compiles, off the timed runs (the cache keeps them)
-        for spec in specs:
-            llm.engine.grammars.compile(spec)
-        if mode == "async":
+        if mode == "async":  # cold compiles, off the timed runs (the cache keeps them)
+            t0 = time.perf_counter()
+            for spec in specs:
+                llm.engine.grammars.compile(spec)
             result["compile_ms_per_schema"] = 1e3 * (time.perf_counter() - t0) / len(specs)
-        for load, n in (("", args.seqs), ("saturated_", total)):
-            if load and n == args.seqs:
-                continue
-            base = _timed(llm, prompts[:n], [free] * n)
-            result[f"{load}unconstrained_{mode}"] = {k: v for k, v in base.items()
-                                                     if k != "outputs"}
-            params = [SamplingParams(temperature=0.6, max_tokens=args.max_tokens,
-                                     detokenize=False, structured_output=spec)
-                      for spec in specs[:n]]
-            constrained = _timed(llm, prompts[:n], params)
-            entry = {k: v for k, v in constrained.items() if k != "outputs"}
+        params = [SamplingParams(temperature=0.6, max_tokens=args.max_tokens, detokenize=False,
+                                 structured_output=spec) for spec in specs]
+        rounds = []
+        for _ in range(args.repeats):
+            base = _timed(llm, prompts, [free] * args.seqs)
+            constrained = _timed(llm, prompts, params)
+            lengths = [len(o.outputs[0].token_ids) for o in constrained["outputs"]]
+            matched = _timed(llm, prompts, [SamplingParams(
+                temperature=0.6, max_tokens=n, ignore_eos=True, detokenize=False)
+                for n in lengths])
+            entry = {f"{name}_tok_s": r["tok_s"] for name, r in
+                     (("unconstrained", base), ("constrained", constrained),
+                      ("matched", matched))}
             entry.update(_validity(llm, constrained["outputs"]))
-            entry["ratio"] = constrained["tok_s"] / base["tok_s"]
-            result[f"{load}constrained_{mode}"] = entry
+            entry["ratio_full"] = constrained["tok_s"] / base["tok_s"]
+            entry["ratio_matched"] = constrained["tok_s"] / matched["tok_s"]
+            rounds.append(entry)
+            print(mode, json.dumps(entry), flush=True)
+        result[mode] = {"rounds": rounds,
+                        "ratio_full": statistics.median(r["ratio_full"] for r in rounds),
+                        "ratio_matched": statistics.median(r["ratio_matched"] for r in rounds)}
         llm.shutdown()
         del llm
         if torch.cuda.is_available():
@@ -180,13 +189,12 @@ def main() -> None:
     parser.add_argument("parts", nargs="+", choices=["schemas", "w1"])
     parser.add_argument("--tokenizer", type=Path)
     parser.add_argument("--seqs", type=int, default=64)
-    parser.add_argument("--requests", type=int, default=192,
-                        help="schemas: the saturated run's requests through --seqs slots")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--gpu-util", type=float, default=0.9)
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run of `schemas` only")
-    parser.add_argument("--repeats", type=int, default=2, help="w1: before/after pairs")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="schemas: rounds per mode; w1: before/after pairs")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.weights, args.kv_cache_dtype, args.profile = "bf16", "auto", False  # for run_hearth
