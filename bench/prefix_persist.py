@@ -15,9 +15,11 @@ the numbers say which.
 
 CPU, default model (context 8192):
     python bench/prefix_persist.py
-GPU, Llama-3-8B shape with random weights:
+GPU, Llama-3-8B shape with random weights (context 8192; Llama-3.1-8B's shape and RoPE for 16k):
     python bench/prefix_persist.py --device cuda --model bench/configs/llama-3-8b \
         --load-format dummy [--drop-caches]
+    python bench/prefix_persist.py --device cuda --model bench/configs/llama-3.1-8b \
+        --load-format dummy --max-model-len 16512
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def run_phase(args) -> dict:
     engine.shutdown()  # waits for the queued disk writes
     return {"phase": args.phase, "ttft_s": ttft, "prompt_tokens": len(prompt),
             "blocks_from_disk": stats.blocks_loaded_from_disk if stats else 0,
+            "disk_read_s": stats.disk_read_s if stats else 0.0,
             "device": engine.device, "dtype": engine.dtype}
 
 

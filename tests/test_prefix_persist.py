@@ -118,3 +118,22 @@ def test_server_restart_keeps_the_prefix_cache(tmp_path):
         second_text, second_cached = ask(running)
     assert first_cached == 0 and second_cached > 500
     assert second_text == first_text
+
+
+@pytest.mark.gpu
+def test_restart_on_cuda_stages_disk_hits_on_the_device(tmp_path):
+    """CUDA: disk hits go through the pinned ring into a device staging buffer; the restarted
+    engine answers as the cold one did."""
+    cache = tmp_path / "cache"
+    kw = dict(device="cuda", dtype="float32", prefix_cache_dir=str(cache))
+    prompt = SYSTEM + "\nQuestion: what is rule 5?"
+    cold = _llm(**kw)
+    expected, num_cached = _answer(cold, prompt)
+    assert num_cached == 0
+    cold.engine.shutdown()
+    warm = _llm(**kw)
+    tokens, num_cached = _answer(warm, prompt)
+    stats = warm.engine.prefix_store.stats
+    assert tokens == expected and num_cached > 500
+    assert stats.blocks_loaded_from_disk == num_cached // 16 and stats.disk_read_s > 0
+    warm.engine.shutdown()

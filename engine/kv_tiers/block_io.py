@@ -61,11 +61,8 @@ class BlockIO:
         """Write host payloads into the device blocks `block_ids` (before the next forward)."""
         if not block_ids:
             return
-        if self.device.type == "cuda":  # row by row: no host-side gather of the payloads
-            data = torch.empty((len(block_ids), self.block_nbytes), dtype=torch.uint8,
-                               device=self.device)
-            for row, payload in zip(data, payloads, strict=True):
-                row.copy_(payload, non_blocking=True)
+        if self.device.type == "cuda":
+            data = _device_rows(payloads, self.device, self.block_nbytes)
         else:
             data = torch.stack(payloads)  # (num_blocks, block_nbytes) uint8
         data = data.view(len(block_ids), *self._block_shape)
@@ -73,3 +70,19 @@ class BlockIO:
         for layer, (key, value) in enumerate(self._raw):
             key.index_copy_(0, index, data[:, layer, 0])
             value.index_copy_(0, index, data[:, layer, 1])
+
+
+def _device_rows(payloads: list[torch.Tensor], device: torch.device, nbytes: int) -> torch.Tensor:
+    """(n, nbytes) on `device`: a view when the payloads are consecutive rows of one device
+    buffer (disk hits staged in order), else each row copied in (pinned host-tier rows
+    asynchronously; no host-side gather)."""
+    first = payloads[0]
+    if first.device == device and first.dim() == 1 and first.numel() == nbytes:
+        base = first.as_strided((len(payloads), nbytes), (nbytes, 1))
+        if all(p.device == device and p.data_ptr() == first.data_ptr() + i * nbytes
+               for i, p in enumerate(payloads)):
+            return base
+    data = torch.empty((len(payloads), nbytes), dtype=torch.uint8, device=device)
+    for row, payload in zip(data, payloads, strict=True):
+        row.copy_(payload, non_blocking=True)
+    return data
