@@ -6,8 +6,8 @@
     disk (disk_store.py, --prefix-cache-dir) ◄─────────┘
 
     lookup on a device miss: host RAM, then disk (files read in parallel and checked; on CUDA
-    each read lands in a small pinned ring and goes on to a device staging buffer while the
-    next files are read, so the disk, the checksums and the PCIe copies overlap)
+    into two pinned chunk buffers in turn, each chunk copied on to a device staging buffer while
+    the readers fill the other, so reads, checksums and PCIe copies overlap)
     a hit: the block manager takes a free device block, and transfer() copies the payload into it
 
 The block manager calls the hooks while it schedules (no torch there); the engine calls
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ _GIB = 1 << 30
 _STAGING_BYTES = 8 * _GIB  # disk hits read ahead of their admission, at most this much
 # file reads (and their checksums: zlib releases the GIL) run on this many threads
 _READ_THREADS = min(16, max(8, os.cpu_count() or 8))
+_CHUNK_BYTES = 128 << 20  # CUDA: each of the two pinned buffers disk hits are read into
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,12 @@ class PrefixStore:
         self._staged: dict[bytes, torch.Tensor] = {}  # disk hits read, not yet loaded
         self._max_staged = max(_STAGING_BYTES // block_io.block_nbytes, 1)
         self._readers = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="hearth-kv-read")
-        self._ring: queue.SimpleQueue | None = None  # CUDA: pinned rows the readers fill
-        self._copy_stream = None  # CUDA: the ring's copies to the device
+        # CUDA: pinned chunk buffers the readers fill, and the stream of their device copies;
+        # made when the disk tier opens, so a restart's first hit does not pay for pinning
+        self._chunks: list[tuple[torch.Tensor, list[memoryview]]] | None = None
+        self._copy_stream = None
+        if disk is not None and block_io.device.type == "cuda":
+            self._pinned_chunks()
 
     # -- hooks the block manager calls (engine thread, no torch work) -----------------------
 
@@ -182,39 +186,48 @@ class PrefixStore:
                 for i, ((digest, _), ok) in enumerate(zip(blocks, found, strict=True))}
 
     def _read_to_device(self, blocks: list[tuple[bytes, tuple[int, ...]]]) -> dict:
-        """Each reader takes a pinned ring row, reads and checks a file into it, copies it to
-        its row of the device buffer on the copy stream, and frees the ring row once that copy
-        is done: no large pinned allocation, no pageable copy, reads and copies overlapped."""
+        """The files read and checked in parallel into one of two pinned chunk buffers, each
+        chunk copied to its rows of a device staging buffer in one transfer on the copy stream
+        while the readers fill the other buffer (H100 probe: 16 threads read and check 22 GB/s
+        from the page cache; one pinned copy moves 50 GB/s, 2 MB copies with an event each 10)."""
         nbytes = self.io.block_nbytes
         staging = torch.empty((len(blocks), nbytes), dtype=torch.uint8, device=self.io.device)
-        if self._ring is None:
-            self._copy_stream = torch.cuda.Stream(self.io.device)
-            pinned = torch.empty((2 * _READ_THREADS, nbytes), dtype=torch.uint8, pin_memory=True)
-            self._ring = queue.SimpleQueue()
-            for row in pinned:
-                self._ring.put((row, memoryview(row.numpy())))
-        # the staging buffer was allocated on the engine's stream: the copies wait for it
-        self._copy_stream.wait_stream(torch.cuda.current_stream(self.io.device))
+        buffers = self._pinned_chunks()
+        rows = buffers[0][0].shape[0]
+        current = torch.cuda.current_stream(self.io.device)
+        self._copy_stream.wait_stream(current)  # the staging buffer was allocated on `current`
+        found: list[bool] = []
+        copied: list[torch.cuda.Event | None] = [None, None]
 
-        def read_one(i: int) -> bool:
-            row, view = self._ring.get()
-            try:
-                if self.disk.read(*blocks[i], out=view) is None:
-                    return False
-                with torch.cuda.stream(self._copy_stream):
-                    staging[i].copy_(row, non_blocking=True)
-                    done = torch.cuda.Event()
-                    done.record(self._copy_stream)
-                done.synchronize()  # the ring row may be reused only after its copy
-                return True
-            finally:
-                self._ring.put((row, view))
+        def read(block: tuple[bytes, tuple[int, ...]], view: memoryview) -> bool:
+            return self.disk.read(*block, out=view) is not None
 
-        found = list(self._readers.map(read_one, range(len(blocks))))
-        torch.cuda.current_stream(self.io.device).wait_stream(self._copy_stream)
+        for chunk, first in enumerate(range(0, len(blocks), rows)):
+            buffer, views = buffers[chunk % 2]
+            if copied[chunk % 2] is not None:
+                copied[chunk % 2].synchronize()  # its last copy has left the buffer
+            count = min(rows, len(blocks) - first)
+            found += self._readers.map(read, blocks[first : first + count], views[:count])
+            with torch.cuda.stream(self._copy_stream):
+                staging[first : first + count].copy_(buffer[:count], non_blocking=True)
+                copied[chunk % 2] = torch.cuda.Event()
+                copied[chunk % 2].record(self._copy_stream)
+        current.wait_stream(self._copy_stream)
         staging.record_stream(self._copy_stream)
         return {digest: (staging[i] if ok else None)
                 for i, ((digest, _), ok) in enumerate(zip(blocks, found, strict=True))}
+
+    def _pinned_chunks(self) -> list[tuple[torch.Tensor, list[memoryview]]]:
+        """Two pinned (rows, block_nbytes) buffers of about _CHUNK_BYTES each, made once."""
+        if self._chunks is None:
+            rows = max(_CHUNK_BYTES // self.io.block_nbytes, 1)
+            self._copy_stream = torch.cuda.Stream(self.io.device)
+            self._chunks = []
+            for _ in range(2):
+                buffer = torch.empty((rows, self.io.block_nbytes), dtype=torch.uint8,
+                                     pin_memory=True)
+                self._chunks.append((buffer, [memoryview(row.numpy()) for row in buffer]))
+        return self._chunks
 
     def _save(self, saves: list[_Save], host: HostBlocks) -> None:
         for row, save in enumerate(saves):
