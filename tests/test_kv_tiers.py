@@ -102,6 +102,7 @@ def test_budget_evicts_least_recently_used_files(tmp_path):
         store.write(digest, tokens, _payload(i))
     file_size = store.num_bytes // 3
     store.read(*blocks[0])  # touched: now the most recently used
+    store.flush()  # the file's mtime is set on the writer thread
     small = _store(tmp_path, budget=3 * file_size)
     small.write(*blocks[3], _payload(3))
     assert blocks[1][0] not in small  # the oldest one untouched went first

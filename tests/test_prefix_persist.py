@@ -133,11 +133,13 @@ def test_restart_on_cuda_stages_disk_hits_on_the_device(tmp_path, monkeypatch):
     path = save_tiny_model(tmp_path / "llama", "llama")
     prompt = torch.randint(3, 512, (400,), generator=torch.Generator().manual_seed(0)).tolist()
     kw = dict(device="cuda", dtype="float32", prefix_cache_dir=str(tmp_path / "cache"),
-              block_size=16, progress=False)
+              block_size=16, progress=False, kv_cache_gib=0.25)
     cold = LLM(str(path), **kw)
     expected = cold.generate([prompt], GREEDY, use_tqdm=False)[0]
     assert expected.num_cached_tokens == 0
-    cold.engine.shutdown()
+    cold.shutdown()
+    del cold
+    torch.cuda.empty_cache()
     block_nbytes = 2 * 2 * 16 * 2 * 16 * 4  # layers, K and V, tokens, KV heads, head_dim, fp32
     monkeypatch.setattr(prefix_store, "_CHUNK_BYTES", 3 * block_nbytes)
     warm = LLM(str(path), **kw)
@@ -147,4 +149,4 @@ def test_restart_on_cuda_stages_disk_hits_on_the_device(tmp_path, monkeypatch):
     assert out.outputs[0].token_ids == expected.outputs[0].token_ids
     assert out.num_cached_tokens == 399 and stats.blocks_loaded_from_disk == 25
     assert stats.disk_read_s > 0
-    warm.engine.shutdown()
+    warm.shutdown()

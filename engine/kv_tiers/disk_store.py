@@ -161,7 +161,7 @@ class DiskStore:
         while (item := self._writes.get()) is not None:
             digest, token_ids, payload = item
             if digest is None:
-                payload()  # a flush marker
+                payload()  # a flush marker, or a read's mtime update
                 continue
             try:
                 self.write(digest, token_ids, payload())
@@ -238,13 +238,19 @@ class DiskStore:
             self._evict_to(self.budget_bytes)
 
     def _touch(self, path: Path) -> None:
+        """Most recently used: now in the index, and in the file's mtime (what the next start's
+        scan orders by) on the writer thread: a metadata write per read would queue the readers
+        on the file system's journal while a long prefix loads."""
         with self._lock:
             if path in self._lru:
                 self._lru.move_to_end(path)
+        if self._writer is None:
+            _utime(path)
+            return
         try:
-            os.utime(path)
-        except OSError:
-            pass
+            self._writes.put_nowait((None, None, lambda: _utime(path)))
+        except queue.Full:
+            pass  # the order on disk ages a little; the index has it
 
     def _remove(self, path: Path, digest: bytes) -> None:
         with self._lock:
@@ -268,6 +274,13 @@ class DiskStore:
     @property
     def num_bytes(self) -> int:
         return self._num_bytes
+
+
+def _utime(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def _digest_of(path: Path) -> bytes | None:
