@@ -74,6 +74,34 @@ def test_flipped_payload_byte_fails_the_checksum(tmp_path, caplog):
     assert "checksum" in caplog.text
 
 
+@pytest.mark.parametrize("damage", ["none", "truncated", "overlong", "payload", "header",
+                                    "tokens"])
+def test_read_into_a_buffer_checks_as_much(tmp_path, damage):
+    """The prefix store's path (one vectored read into the caller's buffer) rejects what the
+    plain read rejects, and deletes the file."""
+    store = _store(tmp_path)
+    (digest, tokens), = _chain(1)
+    store.write(digest, tokens, _payload(1))
+    path = store.dir / (digest.hex() + ".kv")
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        del data[-10:]
+    elif damage == "overlong":
+        data += b"\0"
+    elif damage == "payload":
+        data[-1] ^= 0x01
+    elif damage == "header":
+        data[5] ^= 0x01
+    path.write_bytes(bytes(data))
+    out = memoryview(bytearray(PAYLOAD_LEN))
+    want_tokens = (9, 9, 9, 9) if damage == "tokens" else tokens
+    got = store.read(digest, want_tokens, out=out)
+    if damage == "none":
+        assert got is out and bytes(out) == _payload(1)
+    else:
+        assert got is None and not path.exists() and store.num_rejected == 1
+
+
 def test_wrong_tokens_under_a_digest_are_rejected(tmp_path):
     store = _store(tmp_path)
     (digest, tokens), = _chain(1)

@@ -48,7 +48,8 @@ class DiskStore:
         self.root = root
         self.identity = identity
         self.budget_bytes = budget_bytes
-        self.dir = root / identity.digest.hex()
+        self._identity_digest = identity.digest  # a property that hashes: computed once
+        self.dir = root / self._identity_digest.hex()
         self._lock = threading.Lock()
         self._lru: OrderedDict[Path, int] = OrderedDict()  # every identity's files, oldest first
         self._mine: set[bytes] = set()  # digests of this identity's files
@@ -92,8 +93,11 @@ class DiskStore:
         `out`: a writable buffer of the payload's size to read into (no copy after the read)."""
         path = self._path(digest)
         try:
-            with path.open("rb") as f:
-                payload = self._read_checked(f, digest, token_ids, out)
+            if out is not None:
+                payload = self._read_into(path, digest, token_ids, out)
+            else:
+                with path.open("rb") as f:
+                    payload = self._read_checked(f, digest, token_ids, out)
         except (OSError, ValueError) as e:
             logger.warning("prefix cache: rejecting %s: %s", path, e)
             self.num_rejected += 1
@@ -101,6 +105,40 @@ class DiskStore:
             return None
         self._touch(path)
         return payload
+
+    def _read_into(self, path: Path, digest: bytes, token_ids: tuple[int, ...],
+                   out: memoryview) -> memoryview:
+        """`_read_checked` for a known payload size in one positional vectored read (header,
+        token ids, payload, one byte past the end): few GIL round trips per file, so 16 reader
+        threads are not queued behind one another on it."""
+        head = bytearray(_HEADER.size + _CRC.size + 8 * len(token_ids))
+        extra = bytearray(1)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            num_read = os.preadv(fd, [head, out, extra], 0)
+        finally:
+            os.close(fd)
+        if num_read < len(head):
+            raise ValueError(f"truncated header ({num_read} bytes)")
+        magic, version, _, identity, block, num_tokens, payload_len, payload_crc = (
+            _HEADER.unpack_from(head))
+        if magic != _MAGIC or version != FORMAT_VERSION:
+            raise ValueError("not a block file of this Hearth version")
+        if zlib.crc32(memoryview(head)[: _HEADER.size]) != _CRC.unpack_from(head, _HEADER.size)[0]:
+            raise ValueError("header checksum mismatch")
+        if identity != self._identity_digest or block != digest:
+            raise ValueError("written for another model, dtype or block size")
+        if num_tokens != len(token_ids) or array("q", head[_HEADER.size + _CRC.size:]).tolist(
+                ) != list(token_ids):
+            raise ValueError("token ids differ from the lookup's (truncated or a collision)")
+        if payload_len != out.nbytes:
+            raise ValueError(f"payload of {payload_len} bytes, expected {out.nbytes}")
+        if num_read != len(head) + payload_len:
+            raise ValueError(f"truncated or overlong: {num_read - len(head)} payload bytes read, "
+                             f"expected {payload_len}")
+        if zlib.crc32(out) != payload_crc:
+            raise ValueError("payload checksum mismatch")
+        return out
 
     def _read_checked(self, f, digest: bytes, token_ids: tuple[int, ...],
                       out: memoryview | None) -> memoryview:
@@ -113,7 +151,7 @@ class DiskStore:
             raise ValueError("not a block file of this Hearth version")
         if zlib.crc32(head[: _HEADER.size]) != _CRC.unpack_from(head, _HEADER.size)[0]:
             raise ValueError("header checksum mismatch")
-        if identity != self.identity.digest or block != digest:
+        if identity != self._identity_digest or block != digest:
             raise ValueError("written for another model, dtype or block size")
         tokens = f.read(8 * num_tokens)
         if len(tokens) != 8 * num_tokens or array("q", tokens).tolist() != list(token_ids):
@@ -189,7 +227,7 @@ class DiskStore:
     def _encode(self, digest: bytes, token_ids: tuple[int, ...],
                 payload: bytes | memoryview) -> list[bytes | memoryview]:
         view = memoryview(payload).cast("B")
-        header = _HEADER.pack(_MAGIC, FORMAT_VERSION, 0, self.identity.digest, digest,
+        header = _HEADER.pack(_MAGIC, FORMAT_VERSION, 0, self._identity_digest, digest,
                               len(token_ids), view.nbytes, zlib.crc32(view))
         return [header, _CRC.pack(zlib.crc32(header)), array("q", token_ids).tobytes(), view]
 
