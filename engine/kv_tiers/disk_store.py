@@ -3,19 +3,16 @@
     DIR/<identity digest>/identity.json        what the blocks below were computed with
     DIR/<identity digest>/<block digest>.kv    one full block:
 
-    | magic "HKVB" | version | identity | block digest | num tokens | payload len | payload xxh3 |
-    | header crc32 | token ids (int64 each) | payload: K and V of every layer, raw cache bytes  |
+    | magic "HKVB" | version | identity | block digest | num tokens | payload len | payload crc32 |
+    | header crc32 | token ids (int64 each) | payload: K and V of every layer, raw cache bytes   |
 
-The payload's checksum is xxHash's XXH3-64 (format 2; format 1 used zlib's crc32): about 40 GB/s
-a core without the GIL against crc32's 4, which made the checksum the largest cost of a restart's
-prefix load (bench/prefix_persist.py). A file is only trusted when its length, both checksums,
-the identity and the token ids all match what the lookup expects; anything else (truncated by a
-crash, a bit flip, a stray file) is logged, deleted and treated as a miss, never loaded. Files
-are written to a temporary name and renamed, on a writer thread (the engine never waits for the
-disk); a full disk drops the write and evicts the oldest files. The LRU order is the files' mtime
-(touched after every hit, on the writer thread), so it survives restarts; the budget covers every
-identity in DIR. The store starts lazily: it lists the files (names and sizes), reading a block
-only on a hit. No torch.
+A file is only trusted when its length, both checksums, the identity and the token ids all match
+what the lookup expects; anything else (truncated by a crash, a bit flip, a stray file) is
+logged, deleted and treated as a miss, never loaded. Files are written to a temporary name and
+renamed, on a writer thread (the engine never waits for the disk); a full disk drops the write
+and evicts the oldest files. The LRU order is the files' mtime (touched on every hit), so it
+survives restarts; the budget covers every identity in DIR. The store starts lazily: it lists
+the files (names and sizes), reading a block only on a hit. No torch.
 """
 
 from __future__ import annotations
@@ -33,14 +30,12 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-import xxhash
-
 from hearth.engine.kv_tiers.identity import DIGEST_SIZE, FORMAT_VERSION, ModelIdentity
 
 logger = logging.getLogger(__name__)
 
 _MAGIC = b"HKVB"
-_HEADER = struct.Struct(f"<4sHH{DIGEST_SIZE}s{DIGEST_SIZE}sIQQ")  # + header crc32 after it
+_HEADER = struct.Struct(f"<4sHH{DIGEST_SIZE}s{DIGEST_SIZE}sIQI")  # + header crc32 after it
 _CRC = struct.Struct("<I")
 _SUFFIX = ".kv"
 _MAX_PENDING_WRITES = 4096
@@ -125,7 +120,7 @@ class DiskStore:
             os.close(fd)
         if num_read < len(head):
             raise ValueError(f"truncated header ({num_read} bytes)")
-        magic, version, _, identity, block, num_tokens, payload_len, payload_sum = (
+        magic, version, _, identity, block, num_tokens, payload_len, payload_crc = (
             _HEADER.unpack_from(head))
         if magic != _MAGIC or version != FORMAT_VERSION:
             raise ValueError("not a block file of this Hearth version")
@@ -141,7 +136,7 @@ class DiskStore:
         if num_read != len(head) + payload_len:
             raise ValueError(f"truncated or overlong: {num_read - len(head)} payload bytes read, "
                              f"expected {payload_len}")
-        if xxhash.xxh3_64_intdigest(out) != payload_sum:
+        if zlib.crc32(out) != payload_crc:
             raise ValueError("payload checksum mismatch")
         return out
 
@@ -150,7 +145,7 @@ class DiskStore:
         head = f.read(_HEADER.size + _CRC.size)
         if len(head) < _HEADER.size + _CRC.size:
             raise ValueError(f"truncated header ({len(head)} bytes)")
-        magic, version, _, identity, block, num_tokens, payload_len, payload_sum = (
+        magic, version, _, identity, block, num_tokens, payload_len, payload_crc = (
             _HEADER.unpack_from(head))
         if magic != _MAGIC or version != FORMAT_VERSION:
             raise ValueError("not a block file of this Hearth version")
@@ -168,7 +163,7 @@ class DiskStore:
         num_read = f.readinto(out)
         if num_read != payload_len or f.read(1):
             raise ValueError(f"truncated: payload of {num_read} bytes, expected {payload_len}")
-        if xxhash.xxh3_64_intdigest(out) != payload_sum:
+        if zlib.crc32(out) != payload_crc:
             raise ValueError("payload checksum mismatch")
         return out
 
@@ -233,7 +228,7 @@ class DiskStore:
                 payload: bytes | memoryview) -> list[bytes | memoryview]:
         view = memoryview(payload).cast("B")
         header = _HEADER.pack(_MAGIC, FORMAT_VERSION, 0, self._identity_digest, digest,
-                              len(token_ids), view.nbytes, xxhash.xxh3_64_intdigest(view))
+                              len(token_ids), view.nbytes, zlib.crc32(view))
         return [header, _CRC.pack(zlib.crc32(header)), array("q", token_ids).tobytes(), view]
 
     def _on_write_error(self, error: OSError) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # bump when the on-disk block layout changes (2: XXH3-64 payload checksums)
+FORMAT_VERSION = 1  # bump when the on-disk block layout changes
 DIGEST_SIZE = 16
 
 
