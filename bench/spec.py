@@ -1,9 +1,11 @@
 """Speculative decoding: decode tok/s with and without it on a copy-heavy workload.
 
 The default model (or --model) answers "repeat / edit this code" requests, greedy, so every
-configuration produces the same tokens (checked and reported). For each batch size it reports
-decode tok/s (tokens after each request's first / time from the first first-token to the last
-finish), the speedup over the plain engine of the same run, and the acceptance rates.
+configuration produces the same tokens (checked and reported). For each batch size B it runs
+max(B, --requests) prompts (16) in groups of B, one group after the other, and reports decode
+tok/s (tokens after each request's first / the groups' time from first first-token to last
+finish), the speedup over the plain engine of the same run, and the acceptance rates. (Until
+2026-12-06 batch 1 ran one request: 19 tokens, 6 drafts, too few to rank configurations.)
 
     python bench/spec.py                                     # CPU: batch 1 and 64, n-gram
     python bench/spec.py --device cuda --batch 1 64          # GPU (the lead's command)
@@ -72,9 +74,9 @@ TASKS = [
 ]
 
 
-def workload(llm: LLM, batch: int) -> list[str]:
+def workload(llm: LLM, num: int) -> list[str]:
     prompts = []
-    for i in range(batch):
+    for i in range(num):
         code = SNIPPETS[i % len(SNIPPETS)]
         task = TASKS[(i // len(SNIPPETS)) % len(TASKS)]
         messages = [{"role": "user", "content": task.format(code=code)}]
@@ -82,18 +84,25 @@ def workload(llm: LLM, batch: int) -> list[str]:
     return prompts
 
 
-def run(llm: LLM, batch: int, max_tokens: int) -> dict:
+def run(llm: LLM, batch: int, max_tokens: int, requests: int = 16) -> dict:
+    """max(batch, requests) prompts in groups of `batch`, one group at a time (batch 1: each
+    request alone, as a chat user sends them); decode tok/s over every group's decode time
+    (from its first first-token to its last finish)."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
-    prompts = workload(llm, batch)
+    prompts = workload(llm, max(batch, requests))
     llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     before = llm.engine.snapshot().spec_decode
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    outs, seconds = [], 0.0
+    for first_prompt in range(0, len(prompts), batch):
+        group = llm.generate(prompts[first_prompt : first_prompt + batch], params,
+                             use_tqdm=False)
+        first = min(o.metrics.first_token_time for o in group)
+        seconds += max(o.metrics.finished_time for o in group) - first
+        outs += group
     after = llm.engine.snapshot().spec_decode
-    first = min(o.metrics.first_token_time for o in outs)
-    last = max(o.metrics.finished_time for o in outs)
     decoded = sum(len(o.outputs[0].token_ids) - 1 for o in outs)
-    result = {"batch": batch, "decode_tok_s": decoded / (last - first), "tokens": decoded,
-              "outputs": [o.outputs[0].token_ids for o in outs]}
+    result = {"batch": batch, "requests": len(prompts), "decode_tok_s": decoded / seconds,
+              "tokens": decoded, "outputs": [o.outputs[0].token_ids for o in outs]}
     if after is not None:
         drafts = after.num_drafts - before.num_drafts
         proposed = after.num_draft_tokens - before.num_draft_tokens
@@ -128,6 +137,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--requests", type=int, default=16,
+                        help="prompts per batch size, run in groups of the batch size")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     if args.sweep and args.batch == [1, 64]:
@@ -137,7 +148,7 @@ def main() -> None:
         llm = LLM(args.model, device=args.device, dtype=args.dtype, progress=False,
                   max_num_seqs=max(64, max(args.batch)), speculative=spec,
                   gpu_memory_utilization=0.45)
-        results[name] = [run(llm, b, args.max_tokens) for b in args.batch]
+        results[name] = [run(llm, b, args.max_tokens, args.requests) for b in args.batch]
         device = llm.engine.device
         llm.shutdown()
         del llm
