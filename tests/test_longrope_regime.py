@@ -177,3 +177,18 @@ def test_prefix_cache_keeps_the_regimes_apart():
     again_long.rope_long = True
     assert blocks.match_prefix(again_short).block_ids == tuple(short.block_ids[:2])
     assert blocks.match_prefix(again_long).block_ids == tuple(long.block_ids[:2])
+
+
+def test_recompute_under_a_tight_cache_preempts_and_leaks_nothing(phi3):
+    """Three of four sequences cross the switch while 24 blocks of 8 hold them (35 needed
+    without a window): a recompute needs a whole sequence's blocks at once, so others are
+    preempted; every answer is still transformers', and every block comes back."""
+    path, want = phi3
+    prompts = _prompts()
+    picked = [0, 1, 2, 5]  # 50, 64, 63 and 7 tokens: the first three cross 64 while generating
+    llm = _llm(path, num_kv_blocks=24, max_num_batched_tokens=32)
+    assert _tokens(llm, [prompts[i] for i in picked]) == [want[i] for i in picked]
+    snap = llm.engine.snapshot()
+    assert snap.blocks.num_free == snap.blocks.num_blocks
+    windowed = llm.engine.model_config.sliding_window is not None
+    assert windowed or llm.engine.scheduler.num_preemptions > 0
