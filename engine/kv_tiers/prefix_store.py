@@ -188,8 +188,9 @@ class PrefixStore:
     def _read_to_device(self, blocks: list[tuple[bytes, tuple[int, ...]]]) -> dict:
         """The files read and checked in parallel into one of two pinned chunk buffers, each
         chunk copied to its rows of a device staging buffer in one transfer on the copy stream
-        while the readers fill the other buffer (H100 probe: 16 threads read and check 22 GB/s
-        from the page cache; one pinned copy moves 50 GB/s, 2 MB copies with an event each 10)."""
+        while the readers fill the other buffer (an H100 host's probe: 16 threads read and check
+        22 GB/s from the page cache; one pinned copy moves 50 GB/s, 2 MB copies each waited on
+        10 GB/s: docs/benchmarks.md, "Persistent prefix cache")."""
         nbytes = self.io.block_nbytes
         staging = torch.empty((len(blocks), nbytes), dtype=torch.uint8, device=self.io.device)
         buffers = self._pinned_chunks()
