@@ -127,3 +127,20 @@ def test_int_layout_refusals():
     _, qweight, zeros, scales = _int_layout(96, 64, 32, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="rows a multiple of 64"):
         cpu_int4.pack_int(qweight, zeros, scales, 32, torch.bfloat16)
+
+
+@pytest.mark.parametrize("layout", ["halves-64", "halves-32", "pairs-32"])
+def test_every_known_torch_layout_reads_back(layout):
+    """torch packs per CPU (AVX-512: tiles of 64, AVX2: 32): each reading inverts its packing,
+    whichever machine the tests run on, and this machine's layout is one of them."""
+    n, k = 128, 64
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    tile = 64 if layout == "halves-64" else 32
+    t = q.view(n // tile, tile, k)
+    if layout.startswith("halves"):
+        lo, hi = t[:, : tile // 2], t[:, tile // 2:]  # rows j and tile/2 + j
+    else:
+        lo, hi = t[:, 0::2], t[:, 1::2]  # rows 2j and 2j + 1
+    packed = (lo | (hi << 4)).permute(0, 2, 1).contiguous().view(n, k // 2)
+    assert torch.equal(cpu_int4._LAYOUTS[layout](packed, n, k), q)
+    assert cpu_int4._layout() in cpu_int4._LAYOUTS

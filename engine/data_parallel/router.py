@@ -27,6 +27,8 @@ class _Probe:
     token_ids: list[int]
     block_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    rope_long: bool = False  # a probe matches the short-regime chain (longrope prompts past the
+    # switch start their own chain, so the router merely finds no hit for them)
 
     @property
     def num_tokens(self) -> int:

@@ -14,14 +14,19 @@ llama.cpp's blocks map onto it exactly, group for group:
 (d, m are float16 in the file; scale and zero are held in the activation dtype, so bf16 rounds
 them to 8 significant bits — far below the 4-bit quantization step.)
 
-The packed layout (checked by tests/test_cpu_int4.py against torch, since torch owns it): rows in
-tiles of 64; byte [tile, k, j] holds q[64 tile + j, k] in its low nibble and q[64 tile + 32 + j, k]
-in its high nibble. `dequantize` reads it back for large batches (prefill), where a dense bf16
-matmul beats the GEMV.
+The packed layout is torch's and depends on the CPU torch dispatches to (int4mm_kernel.cpp):
+rows in tiles of T (64 on AVX-512, 32 on AVX2); byte [tile, k, j] holds q[T tile + j, k] in its
+low nibble and q[T tile + T/2 + j, k] in its high nibble (older scalar builds paired adjacent
+rows instead).
+`_layout()` packs a probe once and keeps whichever reading gives it back (none: the int4 path is
+refused and the weights stay dequantized). `dequantize` reads it back for large batches
+(prefill), where a dense bf16 matmul beats the GEMV. tests/test_cpu_int4.py checks the read-back
+against torch on the machine it runs on.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -45,11 +50,51 @@ class Int4Weight:
     group: int = GROUP
 
 
+def _unpack_halves(packed: torch.Tensor, n: int, k: int, tile: int) -> torch.Tensor:
+    """Tiles of `tile` rows; byte [t, k, j] holds row tile t + j low, row tile t + tile / 2 + j
+    high."""
+    half = tile // 2
+    tiles = packed.view(n // tile, k, half)
+    q = torch.stack((tiles & 0x0F, tiles >> 4), dim=1)  # (tiles, 2, K, half): rows t + h half + j
+    return q.permute(0, 1, 3, 2).reshape(n, k)
+
+
+def _unpack_pairs(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Tiles of 32 rows; byte [t, k, j] holds row 32 t + 2 j low, row 32 t + 2 j + 1 high."""
+    tiles = packed.view(n // 32, k, 16)
+    q = torch.stack((tiles & 0x0F, tiles >> 4), dim=-1)  # (tiles, K, 16, 2): rows 32t + 2j + h
+    return q.reshape(n // 32, k, 32).permute(0, 2, 1).reshape(n, k)
+
+
+_LAYOUTS = {
+    "halves-64": functools.partial(_unpack_halves, tile=64),  # AVX-512
+    "halves-32": functools.partial(_unpack_halves, tile=32),  # AVX2 (torch 2.13)
+    "pairs-32": _unpack_pairs,  # torch's scalar fallback in earlier releases
+}
+
+
+@functools.cache
+def _layout() -> str | None:
+    """Which of the known layouts torch packs in on this CPU (None: torch lacks the kernel or
+    packs in a layout we cannot read, so the int4 path is refused)."""
+    if not (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+            and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")):
+        return None
+    n, k = 2 * _TILE, 2 * GROUP
+    q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    if packed.numel() * 2 != n * k:
+        return None
+    for name, read in _LAYOUTS.items():
+        if torch.equal(read(packed.view(torch.uint8), n, k).to(torch.int32), q):
+            return name
+    return None
+
+
 def supported(qtype: str, out_features: int, in_features: int, dtype: torch.dtype) -> bool:
     """Whether this weight can take the int4 path (and torch has the kernel)."""
     return (qtype in TYPES and dtype in _ACT_DTYPES and out_features % _TILE == 0
-            and in_features % GROUP == 0
-            and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+            and in_features % GROUP == 0 and _layout() is not None)
 
 
 INT_GROUPS = (32, 64, 128, 256)  # the group sizes torch's kernel takes
@@ -60,7 +105,7 @@ def supported_int(bits: int, group_size: int | None, out_features: int, in_featu
     """Whether an int-layout weight (trivial g_idx: group_size set) can take the int4 path."""
     return (bits == 4 and group_size in INT_GROUPS and dtype in _ACT_DTYPES
             and out_features % _TILE == 0 and in_features % group_size == 0
-            and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+            and _layout() is not None)
 
 
 def pack_int(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int,
@@ -110,10 +155,10 @@ def matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
 
 def unpack(w: Int4Weight) -> torch.Tensor:
     """The 4-bit values q (N, K) uint8, read back from the packed layout."""
-    n, k = w.out_features, w.in_features
-    tiles = w.packed.view(n // _TILE, k, _TILE // 2)
-    q = torch.stack((tiles & 0x0F, tiles >> 4), dim=1)  # (tiles, 2, K, 32): rows 64t + 32h + j
-    return q.permute(0, 1, 3, 2).reshape(n, k)
+    layout = _layout()
+    if layout is None:
+        raise RuntimeError("torch's CPU int4 layout is unknown on this machine")
+    return _LAYOUTS[layout](w.packed.view(torch.uint8), w.out_features, w.in_features)
 
 
 def dequantize(w: Int4Weight) -> torch.Tensor:
