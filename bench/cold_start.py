@@ -6,6 +6,12 @@ Each run is a fresh process (the OS page cache stays warm: the systemd-restart c
 before a start-up change), in this same venv, so both sides share the machine's state.
 
     python bench/cold_start.py [--runs 3] [--baseline e988f6a] [-- extra serve flags]
+
+On a GPU, with a model directory that has weights but no tokenizer (bench/make_weights.py):
+
+    python bench/cold_start.py --device cuda --api-only --prompt-ids -- --model DIR
+
+Each run prints the server's own account of the start (`built ... in ...`: the phases).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+_LOG_KEYS = (" built ", "ready in", "captured", "Traceback", " ERROR ")  # the server's phases
 
 
 def _launcher(package_parent: Path | None) -> list[str]:
@@ -42,14 +49,29 @@ def _get(url: str, timeout: float = 5) -> bytes | None:
         return None
 
 
-def one_run(launcher: list[str], ui: bool, port: int, extra: list[str]) -> dict:
-    args = [*launcher, "serve", "--port", str(port), "--device", "cpu", *extra]
+def _first_token_request(base: str, model: str, prompt_ids: bool) -> urllib.request.Request:
+    """A streamed 4-token request: chat, or a completion from token ids where the model directory
+    has no tokenizer (dummy weights)."""
+    if prompt_ids:
+        url, body = "v1/completions", {"model": model, "prompt": [1, 2, 3, 4], "max_tokens": 4,
+                                       "stream": True}
+    else:
+        url, body = "v1/chat/completions", {"model": model, "max_tokens": 4, "stream": True,
+                                            "messages": [{"role": "user", "content": "Hi"}]}
+    return urllib.request.Request(base + url, data=json.dumps(body).encode(),
+                                  headers={"Content-Type": "application/json"})
+
+
+def one_run(launcher: list[str], ui: bool, port: int, extra: list[str], device: str = "cpu",
+            prompt_ids: bool = False) -> dict:
+    args = [*launcher, "serve", "--port", str(port), "--device", device, *extra]
     if not ui:
         args.append("--no-ui")
     base = f"http://127.0.0.1:{port}/"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = tempfile.TemporaryFile()
     t0 = time.perf_counter()
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, env=env)
     try:
         while _get(base + "health", 1) is None:
             if process.poll() is not None:
@@ -57,14 +79,11 @@ def one_run(launcher: list[str], ui: bool, port: int, extra: list[str]) -> dict:
             time.sleep(0.02)
         health = time.perf_counter() - t0
         model = json.loads(_get(base + "v1/models"))["data"][0]["id"]
-        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hi"}],
-                           "max_tokens": 4, "stream": True}).encode()
-        request = urllib.request.Request(base + "v1/chat/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
+        request = _first_token_request(base, model, prompt_ids)
         first = None
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=120) as response:
             for line in response:
-                if b'"content"' in line:
+                if b'"content"' in line or b'"text"' in line:
                     first = time.perf_counter() - t0
                     break
         page = None
@@ -75,7 +94,12 @@ def one_run(launcher: list[str], ui: bool, port: int, extra: list[str]) -> dict:
         return {"health_s": health, "first_token_s": first, "ui_page_s": page}
     finally:
         process.terminate()
-        process.wait(30)
+        process.wait(60)
+        log.seek(0)
+        for line in log.read().decode(errors="replace").splitlines():
+            if any(key in line for key in _LOG_KEYS):
+                print("  server:", line.strip()[-400:], flush=True)
+        log.close()
 
 
 def main() -> None:
@@ -84,6 +108,10 @@ def main() -> None:
     parser.add_argument("--baseline", help="a git ref to time beside this checkout")
     parser.add_argument("--port", type=int, default=8771)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--device", default="cpu", help="`hearth serve --device` (cpu, cuda)")
+    parser.add_argument("--api-only", action="store_true", help="skip the runs with the UI")
+    parser.add_argument("--prompt-ids", action="store_true",
+                        help="first token from a token-id completion (a model without tokenizer)")
     parser.add_argument("extra", nargs="*", help="more `hearth serve` flags (after --)")
     args = parser.parse_args()
     sides: dict[str, list[str]] = {"this checkout": _launcher(None)}
@@ -97,8 +125,9 @@ def main() -> None:
     try:
         for _ in range(args.runs):
             for side, launcher in sides.items():
-                for mode in ("api only", "with UI"):
-                    run = one_run(launcher, mode == "with UI", args.port, args.extra)
+                for mode in ("api only",) if args.api_only else ("api only", "with UI"):
+                    run = one_run(launcher, mode == "with UI", args.port, args.extra,
+                                  args.device, args.prompt_ids)
                     results[side][mode].append(run)
                     print(side, mode, {k: v and round(v, 2) for k, v in run.items()}, flush=True)
     finally:
