@@ -3,7 +3,8 @@
     asyncio side (event loop)                       engine thread
     submit() ── Add ──► commands (queue.Queue) ──►  engine.add_request / abort_request
                                                     engine.step() → DeltaTracker → RequestDelta
-    RequestStream ◄── asyncio.Queue ◄── call_soon_threadsafe(_deliver) ◄──┘
+    RequestStream ◄── asyncio.Queue ◄── _deliver ◄── call_soon_threadsafe ◄──┘
+    (a consumer behind takes its queued deltas as one)   (one wake-up while the loop is behind)
 
 Only the engine thread touches the engine (except `snapshot()`, which the engine makes
 thread-safe, and the tokenizer). Admission is bounded: at most `max_num_seqs + max_queued_requests`
@@ -107,6 +108,11 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}
         self._commands: queue.Queue[Any] = queue.Queue()
         self._tracker = DeltaTracker()
+        # Deltas of steps the event loop has not taken yet: one call_soon_threadsafe while the
+        # loop is behind, however many steps end meanwhile (the engine thread does not flood the
+        # loop with callbacks, and each wake-up serves several steps).
+        self._pending: list[RequestDelta] | None = None
+        self._pending_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="hearth-engine", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = asyncio.Event()
@@ -245,6 +251,22 @@ class AsyncEngine:
             except Exception:  # noqa: BLE001 - metrics must never cost a request its answer
                 logger.exception("recording metrics for %s failed", delta.request_id)
 
+    def _hand_over(self, deltas: list[RequestDelta]) -> None:
+        """Engine thread: queue a step's deltas for the loop, waking it only if it is not
+        already due to take the queue."""
+        with self._pending_lock:
+            if self._pending is not None:
+                self._pending.extend(deltas)
+                return
+            self._pending = deltas
+        self._call_soon(self._take_pending)
+
+    def _take_pending(self) -> None:
+        with self._pending_lock:
+            deltas, self._pending = self._pending, None
+        if deltas:
+            self._deliver(deltas)
+
     def _fail(self, request_id: str, error: BaseException) -> None:
         stream = self._streams.pop(request_id, None)
         if stream is not None:
@@ -331,7 +353,7 @@ class AsyncEngine:
             now = time.monotonic()
             deltas = self._tracker.update(outputs, now)
             if deltas:
-                self._call_soon(self._deliver, deltas)
+                self._hand_over(deltas)
             elif now - started < _IDLE_STEP_S:
                 time.sleep(_IDLE_STEP_S)  # nothing could be scheduled: do not spin a core
 
@@ -373,4 +395,4 @@ class AsyncEngine:
         engine.abort_request(command.request_id)
         last = self._tracker.abort(command.request_id, time.monotonic())
         if command.notify and last is not None:
-            self._call_soon(self._deliver, [last])
+            self._hand_over([last])

@@ -6,6 +6,11 @@ step copies only the new tokens (not the whole output: long generations would go
 
     step k:   text "The cap"      token_ids [a b c]   -> SampleDelta(text "The cap", ids [a b c])
     step k+1: text "The capital"  token_ids [a b c d] -> SampleDelta(text "ital",    ids [d])
+
+A consumer that falls behind (a busy event loop, a slow client) takes the deltas queued for it
+as one (`merge_deltas`): one SSE chunk for several steps' tokens, as vLLM's output collector
+does, so that the per-chunk cost (JSON, ASGI send) is paid per wake-up, not per token, and the
+server keeps up with the engine instead of stealing its GIL time.
 """
 
 from __future__ import annotations
@@ -37,6 +42,35 @@ class RequestDelta:
     finished: bool  # every sample has its finish_reason; this is the request's last delta
     num_cached_tokens: int = 0
     time: float = 0.0  # time.monotonic() on the engine thread when the step ended
+
+
+def merge_deltas(first: RequestDelta, then: RequestDelta) -> RequestDelta:
+    """`first` followed by `then` (the next delta of the same request), as one delta."""
+    by_index = {sample.index: sample for sample in first.samples}
+    for sample in then.samples:
+        before = by_index.get(sample.index)
+        if before is None:
+            by_index[sample.index] = sample
+            continue
+        logprobs = before.logprobs
+        if sample.logprobs is not None:
+            logprobs = [*(logprobs or ()), *sample.logprobs]
+        by_index[sample.index] = SampleDelta(
+            sample.index,
+            before.text + sample.text,
+            [*before.token_ids, *sample.token_ids],
+            logprobs,
+            sample.finish_reason or before.finish_reason,
+            sample.stop_reason if sample.finish_reason else before.stop_reason,
+        )
+    return RequestDelta(
+        then.request_id,
+        sorted(by_index.values(), key=lambda sample: sample.index),
+        then.prompt_token_ids or first.prompt_token_ids,
+        then.finished,
+        then.num_cached_tokens,
+        then.time,
+    )
 
 
 @dataclass

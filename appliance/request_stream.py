@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from hearth.appliance.deltas import RequestDelta
+from hearth.appliance.deltas import RequestDelta, merge_deltas
 
 
 class EngineUnavailableError(Exception):
@@ -92,6 +92,13 @@ class RequestStream:
         if isinstance(item, BaseException):
             self._consumed_last = True
             raise item
+        # Behind the engine: take every delta already queued as one (deltas.merge_deltas); an
+        # error stays queued, for the next call.
+        while not item.finished and not self._queue.empty():
+            queued = self._queue._queue[0]  # noqa: SLF001 - a peek; asyncio.Queue has none
+            if isinstance(queued, BaseException):
+                break
+            item = merge_deltas(item, self._queue.get_nowait())
         self._consumed_last = item.finished
         return item
 

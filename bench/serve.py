@@ -8,6 +8,7 @@ p50, p99) and request / token throughput.
     python bench/serve.py --base-url http://127.0.0.1:8000 --num-prompts 64 \
         --input-len 128 --output-len 128 --max-concurrency 16
     python bench/serve.py --request-rate 4 --range-ratio 0.5   # random lengths in [64, 192]
+    python bench/serve.py --max-concurrency 256 --client-procs 4  # a fast server: 4 clients
 
 Lengths: with `--range-ratio r` each request draws input and output lengths uniformly from
 [len * (1 - r), len * (1 + r)]; r = 0 (the default) gives fixed lengths. EOS is ignored so that
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import json
 import math
+import multiprocessing
 import os
 import random
 import statistics
@@ -128,6 +130,43 @@ async def run(args: argparse.Namespace, model: str, requests: list[BenchRequest]
         return results, time.perf_counter() - start
 
 
+def _worker(args: argparse.Namespace, model: str, requests: list[BenchRequest],
+            start_at: float) -> tuple[list[RequestResult], float]:
+    """One client process's share (see `run_in_processes`): sends at `start_at` (time.time())."""
+    time.sleep(max(0.0, start_at - time.time()))
+    results, _ = asyncio.run(run(args, model, requests))
+    return results, time.time()
+
+
+def run_in_processes(args: argparse.Namespace, model: str, requests: list[BenchRequest],
+                     procs: int) -> tuple[list[RequestResult], float]:
+    """`run` split over `procs` client processes, each with its share of the requests, the
+    concurrency and the request rate; all start at the same moment. One Python client parses
+    ≈ 10k streamed chunks a second at most (httpx), fewer than a GPU server sends at high
+    concurrency: the client must not be what the benchmark measures."""
+    if procs <= 1:
+        return asyncio.run(run(args, model, requests))
+    limit = args.max_concurrency or len(requests)
+    procs = min(procs, limit, len(requests))
+    shares = []
+    for i in range(procs):
+        share = argparse.Namespace(**vars(args))
+        share.max_concurrency = limit // procs + (i < limit % procs)
+        share.request_rate = args.request_rate / procs
+        share.seed = args.seed + 7919 * i
+        shares.append(share)
+    parts = [requests[i::procs] for i in range(procs)]
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(procs) as pool:
+        start_at = time.time() + 3.0  # every process imported and waiting
+        done = pool.starmap(_worker, [(shares[i], model, parts[i], start_at)
+                                      for i in range(procs)])
+    results: list[RequestResult] = [None] * len(requests)  # type: ignore[list-item]
+    for i, (part, _) in enumerate(done):
+        results[i::procs] = part
+    return results, max(end for _, end in done) - start_at
+
+
 def summarize(results: list[RequestResult], duration_s: float) -> dict[str, float]:
     done = [r for r in results if r.ok]
     input_tokens = sum(r.prompt_len for r in done)
@@ -213,6 +252,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="requests per second, Poisson arrivals (default: all at once)",
     )
     parser.add_argument("--max-concurrency", type=int, default=None)
+    parser.add_argument(
+        "--client-procs",
+        type=int,
+        default=1,
+        help="client processes sharing the requests (a GPU server outruns one Python client)",
+    )
     parser.add_argument("--token-low", type=int, default=100)
     parser.add_argument(
         "--token-high",
@@ -244,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         f"max concurrency {args.max_concurrency or 'unlimited'}",
         file=sys.stderr,
     )
-    results, duration_s = asyncio.run(run(args, model, requests))
+    results, duration_s = run_in_processes(args, model, requests, args.client_procs)
     for failure in [r for r in results if not r.ok][:3]:
         print(f"failed: {failure.error}", file=sys.stderr)
     summary = summarize(results, duration_s)

@@ -27,6 +27,15 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs), progress=progress)
         self._ids = itertools.count()
 
+    @classmethod
+    def from_config(cls, config: EngineConfig, progress: bool = True) -> LLM:
+        """An LLM over an EngineConfig made elsewhere, e.g. `hearth serve`'s settings.engine, so
+        that an offline run uses exactly the server's engine options (bench/served.py)."""
+        llm = cls.__new__(cls)
+        llm.engine = LLMEngine(config, progress=progress)
+        llm._ids = itertools.count()
+        return llm
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

@@ -4,12 +4,14 @@ streaming deltas, the Host/API-key checks. No server, no model: milliseconds."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 
 import pytest
 
 from hearth import cli
-from hearth.appliance.deltas import DeltaTracker
+from hearth.appliance.deltas import DeltaTracker, RequestDelta, SampleDelta, merge_deltas
 from hearth.appliance.protocol import APIError
+from hearth.appliance.request_stream import RequestStream
 from hearth.appliance.security import allowed_host_names, check_api_key, host_of
 from hearth.appliance.settings import Settings, add_arguments, settings_from
 from hearth.appliance.telemetry import NO_GPU, GpuSampler, HostSampler
@@ -135,6 +137,43 @@ def test_delta_tracker_abort_ends_unfinished_samples():
         (1, "abort"),
     ]
     assert tracker.abort("r", now=3.0) is None
+
+
+def _delta(*samples: SampleDelta, finished: bool = False, time: float = 0.0) -> RequestDelta:
+    return RequestDelta("r", list(samples), [5, 6], finished, 0, time)
+
+
+def test_merge_deltas_joins_what_each_sample_gained():
+    lp = [TokenLogprob(7, -0.1), TokenLogprob(8, -0.2), TokenLogprob(9, -0.3)]
+    first = _delta(SampleDelta(0, "Hel", [7], lp[:1]), SampleDelta(1, "a", [3]), time=1.0)
+    then = _delta(SampleDelta(0, "lo", [8, 9], lp[1:], "stop", "!"), SampleDelta(2, "b", [4]),
+                  finished=True, time=2.0)
+    merged = merge_deltas(first, then)
+    assert [(s.index, s.text, s.token_ids) for s in merged.samples] == [
+        (0, "Hello", [7, 8, 9]), (1, "a", [3]), (2, "b", [4])]
+    zero = merged.samples[0]
+    assert zero.logprobs == lp and (zero.finish_reason, zero.stop_reason) == ("stop", "!")
+    assert merged.finished and merged.time == 2.0 and merged.prompt_token_ids == [5, 6]
+
+
+def test_a_stream_behind_takes_its_queued_deltas_as_one_and_errors_stay_queued():
+    async def consume() -> list:
+        stream = RequestStream("r", abort=lambda: None)
+        for i, text in enumerate("abc"):
+            stream.put(_delta(SampleDelta(0, text, [ord(text)]), time=float(i)))
+        got = [await stream.__anext__()]
+        stream.put(_delta(SampleDelta(0, "d", [100])))
+        stream.put(RuntimeError("engine died"))
+        got.append(await stream.__anext__())
+        try:
+            await stream.__anext__()
+        except RuntimeError as error:
+            got.append(str(error))
+        return got
+
+    abc, d, error = asyncio.run(consume())
+    assert (abc.samples[0].text, abc.samples[0].token_ids, abc.time) == ("abc", [97, 98, 99], 2.0)
+    assert d.samples[0].text == "d" and error == "engine died"
 
 
 def test_host_names():
