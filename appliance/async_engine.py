@@ -243,11 +243,11 @@ class AsyncEngine:
             if stream is None:
                 continue
             last_token_time = stream.last_token_time
-            stream.put(delta)
+            has_tokens = stream.put(delta) > 0
             if delta.finished:
                 del self._streams[delta.request_id]
             try:
-                self._observe(stream, delta, last_token_time)
+                self._observe(stream, delta, last_token_time, has_tokens)
             except Exception:  # noqa: BLE001 - metrics must never cost a request its answer
                 logger.exception("recording metrics for %s failed", delta.request_id)
 
@@ -273,10 +273,9 @@ class AsyncEngine:
             stream.put(error)
 
     def _observe(self, stream: RequestStream, delta: RequestDelta,
-                 last_token_time: float | None) -> None:
+                 last_token_time: float | None, has_tokens: bool) -> None:
         """Tell the observer about `delta`, already put on `stream`; `last_token_time` is the
         stream's before it."""
-        has_tokens = any(sample.token_ids for sample in delta.samples)
         if self._observer is not None and has_tokens:
             if last_token_time is None:
                 self._observer.on_first_token(delta.time - stream.arrival_time)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -51,7 +52,10 @@ class RequestObserver(Protocol):
 
 class RequestStream:
     """The deltas of one request, in order, with its token timings. Iterate it; `close()` aborts
-    the request if it is unfinished. The bridge feeds it with `put` (event loop thread only)."""
+    the request if it is unfinished. The bridge feeds it with `put` (event loop thread only).
+
+    A deque and at most one waiting future rather than an asyncio.Queue: `put` runs for every
+    token of every request on the event loop, so it must cost about a microsecond."""
 
     def __init__(self, request_id: str, abort: Callable[[], None]) -> None:
         self.request_id = request_id
@@ -63,24 +67,34 @@ class RequestStream:
         self.num_prompt_tokens = 0
         self.finish_reason: str | None = None  # of the last sample to finish
         self._abort = abort
-        self._queue: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
+        self._items: deque[RequestDelta | BaseException] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._consumed_last = False
 
-    def put(self, item: RequestDelta | BaseException) -> None:
-        """Deliver a delta (recording its token timings) or the error that ends the request."""
+    def put(self, item: RequestDelta | BaseException) -> int:
+        """Deliver a delta (recording its token timings) or the error that ends the request; the
+        number of new tokens it carries."""
+        num_new = 0
         if isinstance(item, RequestDelta):
-            num_new = sum(len(sample.token_ids) for sample in item.samples)
+            for sample in item.samples:
+                num_new += len(sample.token_ids)
+                if sample.finish_reason:
+                    self.finish_reason = sample.finish_reason
             self.num_generation_tokens += num_new
             if num_new:
                 self.first_token_time = self.first_token_time or item.time
                 self.last_token_time = item.time
             self.done = item.finished
             self.num_prompt_tokens = len(item.prompt_token_ids)
-            reasons = [s.finish_reason for s in item.samples if s.finish_reason]
-            self.finish_reason = reasons[-1] if reasons else self.finish_reason
         else:
             self.done = True
-        self._queue.put_nowait(item)
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        return num_new
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -88,17 +102,17 @@ class RequestStream:
     async def __anext__(self) -> RequestDelta:
         if self._consumed_last:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        item = self._items.popleft()
         if isinstance(item, BaseException):
             self._consumed_last = True
             raise item
         # Behind the engine: take every delta already queued as one (deltas.merge_deltas); an
         # error stays queued, for the next call.
-        while not item.finished and not self._queue.empty():
-            queued = self._queue._queue[0]  # noqa: SLF001 - a peek; asyncio.Queue has none
-            if isinstance(queued, BaseException):
-                break
-            item = merge_deltas(item, self._queue.get_nowait())
+        while not item.finished and self._items and isinstance(self._items[0], RequestDelta):
+            item = merge_deltas(item, self._items.popleft())
         self._consumed_last = item.finished
         return item
 

@@ -192,6 +192,7 @@ class Telemetry:
         self._itl = histogram(
             "vllm:inter_token_latency_seconds", "Time between tokens.", _LATENCY_BUCKETS
         )
+        self._itl_for: tuple[str | None, Any] = (None, None)  # (model name, its ITL child)
         self._e2e = histogram(
             "vllm:e2e_request_latency_seconds", "Request latency.", _LATENCY_BUCKETS
         )
@@ -220,7 +221,10 @@ class Telemetry:
         self._ttft.labels(self.model_name).observe(ttft_s)
 
     def on_token_gap(self, itl_s: float) -> None:
-        self._itl.labels(self.model_name).observe(itl_s)
+        # Once per token of every stream: the labelled child is looked up once per model name.
+        if self._itl_for[0] != self.model_name:
+            self._itl_for = (self.model_name, self._itl.labels(self.model_name))
+        self._itl_for[1].observe(itl_s)
 
     def on_finished(self, request: FinishedRequest) -> None:
         self._e2e.labels(self.model_name).observe(request.e2e_s)
