@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -332,12 +333,22 @@ class AsyncEngine:
             self._call_soon(self._on_dead, error)
             return
         self._call_soon(self._on_ready)
+        profile_to = os.environ.get("HEARTH_PROFILE_ENGINE_THREAD")  # bench/served.py
+        profiler = None
+        if profile_to:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         try:
             self._loop_steps(self._engine)
         except BaseException as error:  # noqa: BLE001
             logger.critical("the engine thread died", exc_info=error)
             self._call_soon(self._on_dead, error)
         finally:
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(profile_to)
             try:
                 self._engine.shutdown()
             except Exception:  # noqa: BLE001 - exiting anyway

@@ -17,6 +17,11 @@ A model directory without a tokenizer (bench/configs) gets one in a temporary co
 directory: `--tokenizer words` (default) is a word-level vocabulary with one word per id of the
 model's vocabulary, so every sampled id detokenizes; `--tokenizer DIR` copies DIR's
 tokenizer.json (e.g. the default model's, for its shape in bench/configs/smollm2-135m).
+
+The served side also prints the server's per-thread CPU seconds (the event loop's and the
+engine thread's). To see where a thread's time goes: HEARTH_PROFILE_ENGINE_THREAD=FILE (the
+server's engine thread under cProfile, written at shutdown) and HEARTH_PROFILE_OFFLINE=FILE (the
+offline side's last run).
 """
 
 from __future__ import annotations
@@ -133,8 +138,18 @@ def offline_child(args: argparse.Namespace, server_args: list[str]) -> None:
     for batch in warmup_requests(args):
         generate(batch)
     runs = []
+    profile_to = os.environ.get("HEARTH_PROFILE_OFFLINE")  # the last run, under cProfile
     for run in range(args.runs):
+        profiler = None
+        if profile_to and run == args.runs - 1:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         seconds, tokens = generate(requests_for(args, run))
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile_to)
         runs.append({"duration_s": seconds, "output_tokens": tokens,
                      "output_throughput": tokens / seconds})
         print(f"offline run {run}: {tokens / seconds:,.0f} output tok/s", file=sys.stderr)
@@ -200,13 +215,33 @@ def run_served(args: argparse.Namespace, server_args: list[str]) -> dict:
             runs.append(summary)
             print(f"served run {run}: {summary['output_throughput']:,.0f} output tok/s, "
                   f"p99 ITL {summary['p99_itl_ms']:.1f} ms", file=sys.stderr)
-        return {"runs": runs}
+        threads = thread_cpu(server.pid)
+        print("served: server threads' CPU seconds over its life: " + ", ".join(
+            f"{name} {seconds:.1f}" for name, seconds in threads[:6]), file=sys.stderr)
+        return {"runs": runs, "thread_cpu_s": threads}
     finally:
         server.terminate()
         try:
             server.wait(60)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def thread_cpu(pid: int) -> list[tuple[str, float]]:
+    """CPU seconds (user + system) of each thread of `pid` so far, busiest first (Linux /proc):
+    whether the event loop or another thread (the engine's, the busiest other) is saturated."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    totals: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        # CPython 3.11 does not name OS threads: the main thread (the event loop) is the pid
+        name = "loop (main)" if task.name == str(pid) else f"thread {task.name}"
+        fields = stat[stat.rindex(")") + 2:].split()
+        totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return sorted(totals.items(), key=lambda item: -item[1])
 
 
 def main(argv: list[str] | None = None) -> int:

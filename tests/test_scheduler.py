@@ -344,3 +344,46 @@ def test_scheduler_and_block_manager_import_no_torch():
             else:
                 continue
             assert not any(m.split(".")[0] == "torch" for m in modules), (name, modules)
+
+
+def test_prefill_hold_lets_arrivals_share_one_prefill_step():
+    """With decodes running (a CUDA graph step), new sequences wait up to `prefill_hold_steps`
+    decode-only steps, then are admitted together; the outputs do not change."""
+    sched = make_scheduler(num_blocks=256, prefill_hold_steps=3, prefill_hold_min_running=2)
+    runner = FakeRunner(4)
+    running = [add(sched, prompt(4, start=10 + i), max_tokens=20) for i in range(2)]
+    step(sched, runner)  # both prefill together
+    late = []
+    kinds = []
+    for i in range(6):
+        if i < 2:
+            late.append(add(sched, prompt(5, start=40 + i), max_tokens=3))
+        schedule, _ = step(sched, runner)
+        kinds.append(sorted(c.num_new_tokens for c in schedule.chunks))
+    # Three decode-only steps held (the limit), the fourth admits both arrivals in one step.
+    assert kinds[:4] == [[1, 1], [1, 1], [1, 1], [1, 1, 5, 5]], kinds
+    run_all(sched, runner)
+    assert all(seq.num_output_tokens == 20 for seq in running)
+    assert all(seq.num_output_tokens == 3 for seq in late)
+
+
+def test_prefill_hold_skips_small_batches_and_eager_steps():
+    # Fewer running than prefill_hold_min_running: admitted at once (interactive latency).
+    sched = make_scheduler(prefill_hold_steps=8, prefill_hold_min_running=4)
+    runner = FakeRunner(4)
+    add(sched, prompt(4), max_tokens=10)
+    step(sched, runner)
+    late = add(sched, prompt(4, start=30), max_tokens=2)
+    schedule, _ = step(sched, runner)
+    assert late in [c.seq for c in schedule.chunks]
+    # A step that already has a prefill chunk (eager anyway) admits without holding.
+    sched = make_scheduler(num_blocks=256, max_num_batched_tokens=8, prefill_hold_steps=8,
+                           prefill_hold_min_running=1)
+    long = add(sched, prompt(20), max_tokens=2)
+    step(sched, runner)  # 8 of 20 prompt tokens
+    late = add(sched, prompt(4, start=30), max_tokens=2)
+    schedule, _ = step(sched, runner)  # long's next chunk: 8 tokens, budget spent
+    assert [c.seq for c in schedule.chunks] == [long]
+    schedule, _ = step(sched, runner)  # long's last 4 + late's 4: no hold
+    assert [c.seq for c in schedule.chunks] == [long, late]
+    run_all(sched, runner)
