@@ -48,7 +48,6 @@ class Settings:
     log_prompts: bool = False  # the audit log also records prompt text
     max_model_len: int | str | None = None  # "auto": sized from the KV budget at load
     max_num_seqs: int = 64
-    prefill_hold_steps: int | None = None  # None: auto (engine/config.py)
     kv_cache_gib: float | None = None
     kv_cache_dtype: str = "auto"
     gpu_memory_utilization: float = 0.9
@@ -99,7 +98,6 @@ class Settings:
             dtype=self.dtype,
             max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs,
-            prefill_hold_steps=self.prefill_hold_steps,
             kv_cache_gib=self.kv_cache_gib,
             kv_cache_dtype=self.kv_cache_dtype,
             gpu_memory_utilization=self.gpu_memory_utilization,
@@ -185,15 +183,6 @@ def parse_max_model_len(text: str) -> int | str:
     return "auto" if text.strip().lower() == "auto" else _positive_int(text)
 
 
-def parse_prefill_hold_steps(text: str) -> int | None:
-    if text.strip().lower() == "auto":
-        return None
-    value = _int(text)
-    if value < 0:
-        raise ValueError(f"must be >= 0 or auto, got {text}")
-    return value
-
-
 def _positive_float(text: str) -> float:
     value = _float(text)
     if not (value > 0 and math.isfinite(value)):
@@ -275,13 +264,6 @@ _OPTIONS = (
         metavar="N|auto",
     ),
     _Option("max_num_seqs", _positive_int, "sequences the engine runs at once", metavar="N"),
-    _Option(
-        "prefill_hold_steps",
-        parse_prefill_hold_steps,
-        "decode steps a new request may wait so that arrivals share one prefill step, while 16 "
-        "or more sequences decode in CUDA graphs; auto: 8 on CUDA, 0 (admit at once) elsewhere",
-        metavar="N|auto",
-    ),
     _Option(
         "kv_cache_gib",
         _positive_float,

@@ -28,25 +28,12 @@ class SchedulerConfig:
     # longrope models: the length past which a sequence's keys are recomputed with the long
     # factors (RopeConfig.regime_switch); None for every other model
     rope_switch: int | None = None
-    # While at least `prefill_hold_min_running` sequences decode and a step would be decode-only
-    # (a CUDA graph replay), new sequences wait up to this many steps so that several arrivals
-    # share one eager step; 0: admit at once (scheduler.py, "Prefill hold")
-    prefill_hold_steps: int = 0
-    prefill_hold_min_running: int = 16
 
     def __post_init__(self) -> None:
-        if not isinstance(self.prefill_hold_steps, int) or self.prefill_hold_steps < 0:
-            raise ValueError(f"prefill_hold_steps must be >= 0, got {self.prefill_hold_steps!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-# Measured on an H100 (docs/benchmarks.md, "The served path"): an eager mixed step costs about
-# two graph replays of host time; holding arrivals 8 steps (≈ 70 ms at 256 sequences, far less
-# at small batches, which the hold skips anyway) makes them share one.
-PREFILL_HOLD_STEPS_WITH_GRAPHS = 8
 
 
 @dataclass(frozen=True)
@@ -60,8 +47,6 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None  # None: max(2048, max_model_len) without chunking
     block_size: int = 16
-    # None (auto): PREFILL_HOLD_STEPS_WITH_GRAPHS where decode steps replay CUDA graphs, else 0
-    prefill_hold_steps: int | None = None
     kv_cache_gib: float | None = None  # absolute KV budget; None: from gpu_memory_utilization
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None  # exact block count (tests); overrides the memory budget
@@ -172,10 +157,9 @@ class EngineConfig:
             raise ValueError("prefix_cache_dir and kv_offload_gib extend the prefix cache: they "
                              "need enable_prefix_caching=True")
 
-    def scheduler_config(self, max_model_len: int, rope_switch: int | None = None,
-                         graphs: bool = False) -> SchedulerConfig:
-        """The scheduler's view, once the model's context length (and RoPE switch) is known;
-        `graphs`: decode-only steps replay CUDA graphs (the prefill hold's `auto` turns on)."""
+    def scheduler_config(self, max_model_len: int,
+                         rope_switch: int | None = None) -> SchedulerConfig:
+        """The scheduler's view, once the model's context length (and RoPE switch) is known."""
         budget = self.max_num_batched_tokens
         if budget is None:
             budget = 2048 if self.enable_chunked_prefill else max(2048, max_model_len)
@@ -191,8 +175,6 @@ class EngineConfig:
             block_size=self.block_size,
             enable_chunked_prefill=self.enable_chunked_prefill,
             rope_switch=rope_switch,
-            prefill_hold_steps=(self.prefill_hold_steps if self.prefill_hold_steps is not None
-                                else PREFILL_HOLD_STEPS_WITH_GRAPHS if graphs else 0),
         )
 
 

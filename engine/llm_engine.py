@@ -97,8 +97,7 @@ class LLMEngine:
         block_manager.tier = self.prefix_store  # host RAM / disk below the device cache
         eos = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
         self.scheduler = Scheduler(
-            self.config.scheduler_config(self.max_model_len, self.model_config.rope.regime_switch,
-                                         graphs=getattr(self.runner, "graphs", None) is not None),
+            self.config.scheduler_config(self.max_model_len, self.model_config.rope.regime_switch),
             block_manager, sorted(eos),
         )
         self.grammars = self._grammar_compiler(sorted(eos))  # its tokenizer view is built lazily

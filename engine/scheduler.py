@@ -81,7 +81,6 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._finished_seq_ids: list[int] = []  # since the last schedule()
         self._num_preemptions = 0
-        self._steps_held = 0  # decode-only steps the waiting sequences were held (prefill hold)
         self._seq_ids = itertools.count()
         self.fair_share = FairShare()  # admission order across API keys
 
@@ -135,30 +134,10 @@ class Scheduler:
         out = ScheduleOutput(finished_seq_ids=self._finished_seq_ids)
         self._finished_seq_ids = []
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
-        if not out.preempted_seq_ids and not self._hold_prefills(out):
+        if not out.preempted_seq_ids:
             self._schedule_waiting(out, budget)
         out.block_copies = self.block_manager.take_block_copies()
         return out
-
-    def _hold_prefills(self, out: ScheduleOutput) -> bool:
-        """Prefill hold: True to leave the waiting sequences for a later step.
-
-        On CUDA a decode-only step replays a graph, while any step with a prefill chunk runs
-        eagerly, launch by launch, and costs the host about two graph steps. Under a steady load
-        a sequence finishes and another arrives nearly every step, so admitting each at once
-        makes every step eager (the served path fell to a third of the offline engine's
-        tokens/s). Held up to `prefill_hold_steps` steps, arrivals share one eager step. No
-        hold when few sequences run (interactive latency), when the step is eager anyway, or
-        when nothing runs."""
-        hold = self.config.prefill_hold_steps
-        if (not hold or not self.waiting
-                or len(self.running) < self.config.prefill_hold_min_running
-                or any(chunk.num_new_tokens != 1 for chunk in out.chunks)
-                or self._steps_held >= hold):
-            self._steps_held = 0
-            return False
-        self._steps_held += 1
-        return True
 
     def _schedule_running(self, out: ScheduleOutput, budget: int) -> int:
         # Victims come from the end of `running`, at or after the sequence being scheduled, so a
