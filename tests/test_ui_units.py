@@ -44,6 +44,15 @@ from hearth.ui.panels import (
 from hearth.ui.throughput import GENERATION, PROMPT, ThroughputHistory
 
 
+def _seq_blocks(owners) -> tuple:
+    """Per-block holder tuples → (seq id, its blocks), the form a BlockSnapshot keeps."""
+    blocks: dict[int, list[int]] = {}
+    for block_id, holders in enumerate(owners):
+        for seq_id in holders or ():
+            blocks.setdefault(seq_id, []).append(block_id)
+    return tuple((seq_id, tuple(ids)) for seq_id, ids in blocks.items())
+
+
 def snapshot(owners, cached=None, block_size=16, queries=0, hits=0) -> BlockSnapshot:
     cached = cached or [False] * len(owners)
     num_used = sum(o is not None for o in owners)
@@ -53,8 +62,8 @@ def snapshot(owners, cached=None, block_size=16, queries=0, hits=0) -> BlockSnap
         num_free=len(owners) - num_used,
         num_used=num_used,
         num_cached=sum(cached),
-        block_owner=tuple(owners),
-        block_cached=tuple(cached),
+        seq_blocks=_seq_blocks(owners),
+        cached_block_ids=tuple(i for i, c in enumerate(cached) if c),
         prefix_queries_tokens=queries,
         prefix_hits_tokens=hits,
         usage=num_used / len(owners),
