@@ -138,22 +138,21 @@ class DeltaTracker:
             sample = progress.samples[completion.index]
             if sample.finished:
                 continue
-            delta = SampleDelta(
-                index=completion.index,
-                text=completion.text[sample.text_len :],
-                token_ids=completion.token_ids[sample.num_tokens :],
-                logprobs=None
-                if completion.logprobs is None
-                else completion.logprobs[sample.num_logprobs :],
-                finish_reason=completion.finish_reason,
-                stop_reason=completion.stop_reason,
-            )
-            sample.text_len = len(completion.text)
-            sample.num_tokens = len(completion.token_ids)
-            sample.num_logprobs = len(completion.logprobs or ())
-            sample.finished = completion.finish_reason is not None
-            if delta.text or delta.token_ids or delta.finish_reason:
-                samples.append(delta)
+            text, token_ids, logprobs = completion.text, completion.token_ids, completion.logprobs
+            new_text = text[sample.text_len :]
+            new_ids = token_ids[sample.num_tokens :]
+            sample.text_len = len(text)
+            sample.num_tokens = len(token_ids)
+            if logprobs is not None:
+                new_logprobs = logprobs[sample.num_logprobs :]
+                sample.num_logprobs = len(logprobs)
+            else:
+                new_logprobs = None
+            reason = completion.finish_reason
+            sample.finished = reason is not None
+            if new_text or new_ids or reason:
+                samples.append(SampleDelta(completion.index, new_text, new_ids, new_logprobs,
+                                           reason, completion.stop_reason))
         finished = output.finished or all(s.finished for s in progress.samples)
         if not samples and not finished:
             return None

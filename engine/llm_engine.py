@@ -305,14 +305,15 @@ class LLMEngine:
             self.scheduler.finish(seq, FinishReason.STOP)  # the grammar is complete
 
     def _finish_output(self, req: RequestState) -> RequestOutput:
-        if req.finished:
+        finished = req.finished
+        if finished:
             req.finished_time = time.monotonic()
             self._requests.pop(req.request_id, None)
             self._sync_request_ids.discard(req.request_id)
             self._grammar_request_ids.discard(req.request_id)
             self._num_finished += 1
             self._drop_matchers([seq.seq_id for seq in req.seqs.values()])
-        return req.output()
+        return req.output(finished)
 
     def _drop_matchers(self, seq_ids: list[int]) -> None:
         if self._matchers is not None and len(self._matchers) and seq_ids:

@@ -26,7 +26,12 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
-        return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs.values())
+        if len(self.seqs) != self.params.n:
+            return False
+        for seq in self.seqs.values():  # a loop, not all(genexpr): per request, every step
+            if not seq.is_finished:
+                return False
+        return True
 
     def add_token(self, seq: Sequence, logprobs: list[TokenLogprob] | None, tokenizer,
                   num_new: int = 1) -> bool:
@@ -50,15 +55,22 @@ class RequestState:
             return detok.add_token(seq.last_token_id)
         return any(detok.add_token(t) for t in seq.token_ids[seq.num_tokens - num_new :])
 
-    def output(self) -> RequestOutput:
-        first = min((s.first_token_time for s in self.seqs.values() if s.first_token_time),
-                    default=None)
+    def output(self, finished: bool | None = None) -> RequestOutput:
+        """The request's output now (built for every running request after each step when the
+        server streams: kept to plain loops). `finished`: `self.finished`, if already known."""
+        if len(self.seqs) == 1:
+            [(index, seq)] = self.seqs.items()
+            first, outputs = seq.first_token_time or None, [self._completion(index)]
+        else:
+            first = min((s.first_token_time for s in self.seqs.values() if s.first_token_time),
+                        default=None)
+            outputs = [self._completion(i) for i in sorted(self.seqs)]
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
-            outputs=[self._completion(i) for i in sorted(self.seqs)],
-            finished=self.finished,
+            outputs=outputs,
+            finished=self.finished if finished is None else finished,
             num_cached_tokens=self.num_cached_tokens,
             metrics=RequestMetrics(self.arrival_time, first, self.finished_time),
         )
