@@ -206,3 +206,16 @@ def test_samplers_without_a_gpu_report_and_do_not_crash():
     assert 0 <= host.cpu_utilization <= 1
     assert 0 < host.process_rss_bytes < host.memory_total_bytes
     assert 0 < host.memory_used_bytes <= host.memory_total_bytes
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize(("text", "reason", "stop"), [
+    ("Hello", None, None), ('a "quoted"\\ line\n\ttab', "stop", "\n"),
+    ("naïve 日本 🙂\u2028", "length", None), ("", "stop", 2), ("\x00\x1f control", None, None)])
+def test_a_text_chunk_is_the_same_bytes_as_the_dict_path(include_usage, text, reason, stop):
+    from hearth.appliance.serving.core import ChunkWriter
+
+    writer = ChunkWriter('cmpl-"x"', "text_completion", "mödel", include_usage, created=123)
+    choice = {"index": 3, "text": text, "logprobs": None, "finish_reason": reason,
+              "stop_reason": stop}
+    assert writer.text_choice(3, text, reason, stop) == writer([choice])

@@ -145,6 +145,14 @@ class CompletionServing:
         try:
             async for position, delta in merge(streams):
                 results[position] = Result(delta.prompt_token_ids, delta.num_cached_tokens, [])
+                if len(delta.samples) == 1 and delta.samples[0].logprobs is None and not echo:
+                    change = delta.samples[0]  # the common chunk: one choice, text only
+                    index = position * n + change.index
+                    offsets[index] = offsets.get(index, 0) + len(change.text)
+                    num_generated += len(change.token_ids)
+                    yield chunk.text_choice(index, change.text, change.finish_reason,
+                                            change.stop_reason)
+                    continue
                 choices = []
                 for change in delta.samples:
                     index = position * n + change.index
