@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.helpers, as documented
+
 from hearth import LLM, SamplingParams  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS = 512, 128
