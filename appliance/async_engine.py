@@ -265,8 +265,7 @@ class AsyncEngine:
     def _take_pending(self) -> None:
         with self._pending_lock:
             deltas, self._pending = self._pending, None
-        if deltas:
-            self._deliver(deltas)
+        self._deliver(deltas)  # set before this callback was scheduled
 
     def _fail(self, request_id: str, error: BaseException) -> None:
         stream = self._streams.pop(request_id, None)

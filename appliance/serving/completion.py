@@ -145,15 +145,7 @@ class CompletionServing:
         try:
             async for position, delta in merge(streams):
                 results[position] = Result(delta.prompt_token_ids, delta.num_cached_tokens, [])
-                if len(delta.samples) == 1 and delta.samples[0].logprobs is None and not echo:
-                    change = delta.samples[0]  # the common chunk: one choice, text only
-                    index = position * n + change.index
-                    offsets[index] = offsets.get(index, 0) + len(change.text)
-                    num_generated += len(change.token_ids)
-                    yield chunk.text_choice(index, change.text, change.finish_reason,
-                                            change.stop_reason)
-                    continue
-                choices = []
+                choices = []  # (index, text, offset for logprobs, the change)
                 for change in delta.samples:
                     index = position * n + change.index
                     text = change.text
@@ -162,17 +154,16 @@ class CompletionServing:
                     offset = offsets.get(index, 0)
                     offsets[index] = offset + len(text)
                     num_generated += len(change.token_ids)
-                    choices.append(
-                        {
-                            "index": index,
-                            "text": text,
-                            "logprobs": self._logprobs(change.logprobs, offset),
-                            "finish_reason": change.finish_reason,
-                            "stop_reason": change.stop_reason,
-                        }
-                    )
-                if choices:
-                    yield chunk(choices)
+                    choices.append((index, text, offset, change))
+                if len(choices) == 1 and choices[0][3].logprobs is None:
+                    index, text, _, change = choices[0]  # the common chunk: formatted directly
+                    yield chunk.text_choice(index, text, change.finish_reason, change.stop_reason)
+                elif choices:
+                    yield chunk([{"index": index, "text": text,
+                                  "logprobs": self._logprobs(change.logprobs, offset),
+                                  "finish_reason": change.finish_reason,
+                                  "stop_reason": change.stop_reason}
+                                 for index, text, offset, change in choices])
             if include_usage:
                 yield chunk([], usage(results, num_generated))
         except Exception as error:  # noqa: BLE001 - one request fails; the stream ends cleanly
