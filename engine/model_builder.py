@@ -303,6 +303,10 @@ def _instantiate(source, config: EngineConfig, device, dtype, progress: bool) ->
         bar_args = dict(total=None, desc="Loading weights", unit="tensor", enable=progress)
         with progress_bar(**bar_args) as bar:
             model.load_weights(_counted(source.weights(), bar))
+        prepare_head = getattr(model, "prepare_cpu_head", None)
+        if prepare_head is not None and prepare_head():
+            logger.info("LM head: int8 rows for decode on the CPU (the file's head is %s)",
+                        source.config.quantization.lm_head_type)
     return model.eval()
 
 

@@ -66,6 +66,8 @@ def test_block_types_without_an_int4_gemv_keep_float32(bf16_cpu, name):
 
 
 def test_fast_path_perplexity_within_one_percent_of_float32():
+    """Every logit of the fast path comes from the int8 LM head, one row per call as at batch-1
+    decode (engine/quantization/cpu_int8.py), and the 16-bit head at full width as prefill."""
     from hearth.appliance.tools.quantizer.calibration import perplexity, split_text
     from hearth.engine.llm_engine import LLMEngine
 
@@ -76,7 +78,12 @@ def test_fast_path_perplexity_within_one_percent_of_float32():
                              progress=False)
         try:
             ids = engine.tokenizer.encode(split_text()[1], add_special_tokens=False)[:600]
-            results[dtype] = perplexity(engine.runner.model, ids)
+            model = engine.runner.model
+            assert (model.lm_head_int8 is not None) == keep  # the file's head is Q8_0
+            results[dtype] = perplexity(model, ids, logit_rows=1)
+            if keep:
+                results["bfloat16, 16-bit head"] = perplexity(model, ids)
         finally:
             engine.shutdown()
-    assert abs(results["bfloat16"] / results["float32"] - 1) < 0.01, results
+    for fast in ("bfloat16", "bfloat16, 16-bit head"):
+        assert abs(results[fast] / results["float32"] - 1) < 0.01, results

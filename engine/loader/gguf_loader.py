@@ -70,7 +70,11 @@ def load_gguf(path: str | Path, keep_quantized: bool = False) -> GGUFModel:
     types = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) == 2)
     kept = _kept_quantized(reader, hf_names) if keep_quantized else {}
     if kept:
-        config = dataclasses.replace(config, quantization=QuantConfig("gguf", gguf_types=kept))
+        by_name = {t.name: t for t in reader.tensors}
+        head = by_name.get("output.weight", by_name.get("token_embd.weight"))
+        head_type = head.tensor_type.name if head is not None else None
+        config = dataclasses.replace(config, quantization=QuantConfig(
+            "gguf", gguf_types=kept, lm_head_type=head_type))
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
         for tensor in reader.tensors:

@@ -22,6 +22,7 @@ from hearth.engine.layers.linear import QuantizedLinear, make_linear
 from hearth.engine.layers.norm import RMSNorm
 from hearth.engine.layers.rotary import RotaryEmbedding
 from hearth.engine.model_config import ModelConfig
+from hearth.engine.quantization import cpu_int8
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -133,6 +134,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(self.make_layer(i) for i in range(config.num_layers))
         self.norm = self.norm_class(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head_int8: cpu_int8.Int8Rows | None = None  # CPU decode, see prepare_cpu_head
         self.tie_weights()
 
     def make_rotaries(self) -> None:
@@ -168,7 +170,20 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.norm(hidden, residual)
         return hidden  # (num_tokens, hidden_size)
 
+    def prepare_cpu_head(self) -> bool:
+        """On a CPU with 16-bit activations and a GGUF head of 8 bits or fewer, an int8 copy
+        of the LM head for decode's few rows (engine/quantization/cpu_int8.py)."""
+        weight = self.lm_head.weight
+        quant = self.config.quantization
+        if (weight.device.type != "cpu" or quant is None
+                or not cpu_int8.supported(quant.lm_head_type, weight.dtype)):
+            return False
+        self.lm_head_int8 = cpu_int8.quantize_rows(weight.data)
+        return True
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head_int8 is not None and hidden.shape[0] <= cpu_int8.MAX_ROWS:
+            return cpu_int8.matmul(hidden, self.lm_head_int8)
         weight = self.lm_head.weight
         if hidden.shape[0] == 1 and not hidden.is_cuda and weight.dtype != torch.float32:
             # one row in bf16/fp16 on CPU: torch.mv's kernel reads the (vocab, hidden) weight

@@ -32,6 +32,7 @@ class QuantConfig:
     gptq_v2: bool = False  # GPTQ checkpoint_format "gptq_v2": zeros stored without the -1 offset
     ignore: tuple[str, ...] = ()  # module names (or "re:" patterns) left in float
     gguf_types: dict[str, str] = field(default_factory=dict)  # GGUF: HF module name -> "Q4_1"
+    lm_head_type: str | None = None  # GGUF: the output matrix's type in the file (tied: token_embd)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -66,9 +66,13 @@ def hidden_states_dense(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def forward_dense(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits (T, vocab) for one sequence."""
-    return model.compute_logits(hidden_states_dense(model, input_ids)).float()
+def forward_dense(model, input_ids: torch.Tensor, logit_rows: int | None = None) -> torch.Tensor:
+    """Logits (T, vocab) for one sequence. `logit_rows`: the LM head takes that many rows per
+    call, as decode calls it (the CPU's int8 head serves only a few rows at a time)."""
+    hidden = hidden_states_dense(model, input_ids)
+    if logit_rows is None:
+        return model.compute_logits(hidden).float()
+    return torch.cat([model.compute_logits(rows).float() for rows in hidden.split(logit_rows)])
 
 
 def token_ids(model_dir: str | Path, text: str) -> list[int]:
@@ -90,14 +94,15 @@ def calibration_samples(model_dir: str | Path, num_samples: int,
 
 
 @torch.no_grad()
-def perplexity(model, ids: list[int], window: int = 512) -> float:
-    """exp(mean next-token NLL) over non-overlapping windows of the token stream."""
+def perplexity(model, ids: list[int], window: int = 512, logit_rows: int | None = None) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of the token stream (`logit_rows`:
+    see forward_dense)."""
     total, count = 0.0, 0
     for start in range(0, len(ids) - 1, window):
         chunk = torch.tensor(ids[start : start + window + 1])
         if len(chunk) < 2:
             break
-        logits = forward_dense(model, chunk[:-1])
+        logits = forward_dense(model, chunk[:-1], logit_rows)
         total += F.cross_entropy(logits, chunk[1:], reduction="sum").item()
         count += len(chunk) - 1
     return float(torch.exp(torch.tensor(total / count)))

@@ -1,0 +1,62 @@
+"""The LM head on a CPU at decode: 8-bit rows through torch's int8 weight-only GEMV
+(`_weight_int8pack_mm`), for a GGUF whose output matrix the file holds in 8 bits or fewer.
+
+At batch 1 the default model's tied LM head (49,152 x 576) is the largest single read of a decode
+step: 56.6 MB in bfloat16, 5.2-5.6 ms of a 20 ms token on a 2-core Zen 4 (torch.mv; F.linear 3.1
+ms), against 4 ms for all 120 int4 GEMVs of the decoder. The GGUF stores that matrix as Q8_0, and
+llama.cpp reads those 8 bits. Held as int8 with one scale per output row (W8A16, absmax), the
+same product reads 28 MB: 1.4 ms measured, at M = 1.
+
+    w[n, k] ~= q[n, k] * scale[n]          q in -127..127, scale = max_k |w[n, k]| / 127
+
+Per-row scales are coarser than Q8_0's per-32 scales, so this is a rounding, not the file's exact
+blocks: its quality is held by tests/test_cpu_precision.py (held-out perplexity with every logit
+computed through this head stays within 1% of float32). torch's kernel reads the whole matrix
+once per output row block whatever M is, but its cost grows with M (2.2 ms at M = 4, 4.4 ms at M
+= 8, where F.linear on the 16-bit weight takes 3.4-3.9 ms), so it serves M <= MAX_ROWS and the
+16-bit weight, which the embedding keeps anyway, serves the rest (prefill's last rows, big batches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MAX_ROWS = 4  # decode rows per call where int8 beats F.linear on the 16-bit weight (measured)
+_ACT_DTYPES = (torch.bfloat16, torch.float16)
+# GGUF types of 8 bits or fewer per weight: an int8 copy reads no more than the file does
+_NARROW_TYPES = frozenset({
+    "Q8_0", "Q8_1", "Q8_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K", "Q4_0", "Q4_1", "Q4_K", "Q3_K",
+    "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S",
+    "IQ1_M", "TQ1_0", "TQ2_0"})
+
+
+@dataclass
+class Int8Rows:
+    weight: torch.Tensor  # (N, K) int8
+    scales: torch.Tensor  # (N,) in the activation dtype
+
+
+def supported(file_type: str | None, dtype: torch.dtype) -> bool:
+    """An 8-bit-or-narrower GGUF head, 16-bit activations, and torch's kernel present."""
+    return (file_type in _NARROW_TYPES and dtype in _ACT_DTYPES
+            and hasattr(torch, "_weight_int8pack_mm"))
+
+
+def quantize_rows(weight: torch.Tensor) -> Int8Rows:
+    """Absmax int8 per output row of a (N, K) float weight (rounded in float32)."""
+    w = weight.float()
+    scales = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return Int8Rows(q.contiguous(), scales.to(weight.dtype))
+
+
+def dequantize(w: Int8Rows) -> torch.Tensor:
+    """The weight the kernel multiplies by, in float32 (for tests)."""
+    return w.weight.float() * w.scales.float()[:, None]
+
+
+def matmul(x: torch.Tensor, w: Int8Rows) -> torch.Tensor:
+    """x (M, K) in the activation dtype -> (M, N)."""
+    return torch._weight_int8pack_mm(x.contiguous(), w.weight, w.scales)

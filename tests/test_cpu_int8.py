@@ -1,0 +1,69 @@
+"""The CPU's int8 LM head (engine/quantization/cpu_int8.py): per-row absmax rounding, torch's
+int8 GEMV against a float reference on fresh random inputs, and when the model uses it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hearth.engine.quantization import cpu_int8
+
+
+def test_rows_round_within_half_a_step_and_keep_their_extremes():
+    w = torch.randn(300, 96, generator=torch.Generator().manual_seed(1)) * 0.05
+    q = cpu_int8.quantize_rows(w.bfloat16())
+    assert q.weight.dtype == torch.int8 and q.scales.shape == (300,)
+    assert int(q.weight.abs().max()) == 127
+    step = q.scales.float()[:, None]
+    # the scale itself is rounded to bf16: allow that on top of half a step
+    assert ((cpu_int8.dequantize(q) - w.bfloat16().float()).abs() <= 0.5 * step + 0.01 * w.abs()
+            + 1e-6).all()
+
+
+def test_zero_rows_stay_zero():
+    q = cpu_int8.quantize_rows(torch.zeros(4, 32, dtype=torch.bfloat16))
+    assert torch.equal(cpu_int8.dequantize(q), torch.zeros(4, 32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_matmul_matches_the_dequantized_product(dtype, rows):
+    gen = torch.Generator().manual_seed(rows)
+    w = (torch.randn(1000, 128, generator=gen) * 0.02).to(dtype)
+    x = torch.randn(rows, 128, generator=gen).to(dtype)
+    q = cpu_int8.quantize_rows(w)
+    out = cpu_int8.matmul(x, q)
+    ref = x.float() @ cpu_int8.dequantize(q).T
+    assert out.shape == (rows, 1000) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_only_narrow_gguf_heads_and_16_bit_activations():
+    assert cpu_int8.supported("Q8_0", torch.bfloat16)
+    assert cpu_int8.supported("Q6_K", torch.float16)
+    assert not cpu_int8.supported("F16", torch.bfloat16)  # int8 would round the file's head
+    assert not cpu_int8.supported("Q8_0", torch.float32)  # the exact path stays exact
+    assert not cpu_int8.supported(None, torch.bfloat16)
+
+
+def test_the_model_uses_it_for_a_few_rows_only(monkeypatch):
+    from hearth.engine.catalog import resolve_model
+    from hearth.engine.config import EngineConfig
+    from hearth.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(device="cpu", dtype="bfloat16", gguf_keep_quantized=True,
+                                    kv_cache_gib=0.02, max_model_len=256), progress=False)
+    try:
+        model = engine.runner.model
+        assert model.lm_head_int8 is not None, resolve_model(None).path
+        calls = []
+        real = cpu_int8.matmul
+        monkeypatch.setattr(cpu_int8, "matmul", lambda x, w: calls.append(len(x)) or real(x, w))
+        hidden = torch.randn(8, model.config.hidden_size, dtype=torch.bfloat16)
+        few, many = model.compute_logits(hidden[:1]), model.compute_logits(hidden)
+        assert calls == [1] and few.shape == (1, model.config.vocab_size)
+        # the int8 row agrees with the 16-bit head's on the same input
+        assert int(few.argmax()) == int(many[:1].argmax())
+        torch.testing.assert_close(few.float(), many[:1].float(), atol=0.5, rtol=0.05)
+    finally:
+        engine.shutdown()
