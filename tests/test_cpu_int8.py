@@ -46,7 +46,7 @@ def test_only_narrow_gguf_heads_and_16_bit_activations():
     assert not cpu_int8.supported(None, torch.bfloat16)
 
 
-def test_the_model_uses_it_for_a_few_rows_only(monkeypatch):
+def test_the_model_uses_it_for_decode_batches_only(monkeypatch):
     from hearth.engine.catalog import resolve_model
     from hearth.engine.config import EngineConfig
     from hearth.engine.llm_engine import LLMEngine
@@ -59,9 +59,12 @@ def test_the_model_uses_it_for_a_few_rows_only(monkeypatch):
         calls = []
         real = cpu_int8.matmul
         monkeypatch.setattr(cpu_int8, "matmul", lambda x, w: calls.append(len(x)) or real(x, w))
-        hidden = torch.randn(8, model.config.hidden_size, dtype=torch.bfloat16)
+        hidden = torch.randn(40, model.config.hidden_size, dtype=torch.bfloat16)
         few, many = model.compute_logits(hidden[:1]), model.compute_logits(hidden)
         assert calls == [1] and few.shape == (1, model.config.vocab_size)
+        # a decode batch's rows get the logits they would get alone (batch invariance)
+        torch.testing.assert_close(model.compute_logits(hidden[:cpu_int8.MAX_ROWS])[:1], few,
+                                   atol=0, rtol=0)
         # the int8 row agrees with the 16-bit head's on the same input
         assert int(few.argmax()) == int(many[:1].argmax())
         torch.testing.assert_close(few.float(), many[:1].float(), atol=0.5, rtol=0.05)

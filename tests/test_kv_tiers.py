@@ -102,6 +102,31 @@ def test_read_into_a_buffer_checks_as_much(tmp_path, damage):
         assert got is None and not path.exists() and store.num_rejected == 1
 
 
+def test_read_many_checks_each_file_and_touches_the_good_ones(tmp_path):
+    """A reader thread's share of a long prefix: every file checked as `read` checks it; the
+    damaged ones rejected, counted and deleted, the rest read byte-exact and made most recent."""
+    store = _store(tmp_path)
+    blocks = _chain(6)
+    for i, (digest, tokens) in enumerate(blocks):
+        store.write(digest, tokens, _payload(i))
+    for i in (1, 4):
+        path = store.dir / (blocks[i][0].hex() + ".kv")
+        data = bytearray(path.read_bytes())
+        data[-1 - i] ^= 0x10  # a flipped payload bit
+        path.write_bytes(bytes(data))
+    outs = [memoryview(bytearray(PAYLOAD_LEN)) for _ in blocks]
+    found = store.read_many(blocks[::-1], outs[::-1])[::-1]  # last written, first read
+    assert found == [i not in (1, 4) for i in range(6)]
+    assert store.num_rejected == 2
+    for i, (digest, _) in enumerate(blocks):
+        if i in (1, 4):
+            assert digest not in store and not (store.dir / (digest.hex() + ".kv")).exists()
+        else:
+            assert bytes(outs[i]) == _payload(i) and digest in store
+    newest = [path.name for path in store._lru][-4:]  # the hits, in the order they were read
+    assert newest == [blocks[i][0].hex() + ".kv" for i in (5, 3, 2, 0)]
+
+
 def test_wrong_tokens_under_a_digest_are_rejected(tmp_path):
     store = _store(tmp_path)
     (digest, tokens), = _chain(1)

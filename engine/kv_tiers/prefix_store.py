@@ -180,9 +180,8 @@ class PrefixStore:
     def _read_to_host(self, blocks: list[tuple[bytes, tuple[int, ...]]]) -> dict:
         arena = torch.empty((len(blocks), self.io.block_nbytes), dtype=torch.uint8)
         rows = [memoryview(arena[i].numpy()) for i in range(len(blocks))]
-        found = self._readers.map(lambda i: self.disk.read(*blocks[i], out=rows[i]),
-                                  range(len(blocks)))
-        return {digest: (arena[i] if ok is not None else None)
+        found = self._read_chunk(blocks, rows)
+        return {digest: (arena[i] if ok else None)
                 for i, ((digest, _), ok) in enumerate(zip(blocks, found, strict=True))}
 
     def _read_to_device(self, blocks: list[tuple[bytes, tuple[int, ...]]]) -> dict:
@@ -200,15 +199,12 @@ class PrefixStore:
         found: list[bool] = []
         copied: list[torch.cuda.Event | None] = [None, None]
 
-        def read(block: tuple[bytes, tuple[int, ...]], view: memoryview) -> bool:
-            return self.disk.read(*block, out=view) is not None
-
         for chunk, first in enumerate(range(0, len(blocks), rows)):
             buffer, views = buffers[chunk % 2]
             if copied[chunk % 2] is not None:
                 copied[chunk % 2].synchronize()  # its last copy has left the buffer
             count = min(rows, len(blocks) - first)
-            found += self._readers.map(read, blocks[first : first + count], views[:count])
+            found += self._read_chunk(blocks[first : first + count], views[:count])
             with torch.cuda.stream(self._copy_stream):
                 staging[first : first + count].copy_(buffer[:count], non_blocking=True)
                 copied[chunk % 2] = torch.cuda.Event()
@@ -217,6 +213,17 @@ class PrefixStore:
         staging.record_stream(self._copy_stream)
         return {digest: (staging[i] if ok else None)
                 for i, ((digest, _), ok) in enumerate(zip(blocks, found, strict=True))}
+
+    def _read_chunk(self, blocks: list[tuple[bytes, tuple[int, ...]]],
+                    views: list[memoryview]) -> list[bool]:
+        """The files into their buffers, split evenly between the reader threads: one task
+        per thread, not per file (per-file futures cost GIL time the reads then queue on)."""
+        per = -(-len(blocks) // _READ_THREADS)
+        parts = [(blocks[i : i + per], views[i : i + per]) for i in range(0, len(blocks), per)]
+        found: list[bool] = []
+        for part in self._readers.map(lambda p: self.disk.read_many(*p), parts):
+            found += part
+        return found
 
     def _pinned_chunks(self) -> list[tuple[torch.Tensor, list[memoryview]]]:
         """Two pinned (rows, block_nbytes) buffers of about _CHUNK_BYTES each, made once."""
