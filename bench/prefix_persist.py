@@ -41,7 +41,7 @@ def _engine(args, cache_dir: str | None):
     return LLMEngine(EngineConfig(
         model=args.model, device=args.device, load_format=args.load_format,
         max_model_len=args.max_model_len, prefix_cache_dir=cache_dir,
-        kv_cache_gib=args.kv_cache_gib), progress=False)
+        kv_cache_gib=args.kv_cache_gib, kv_cache_dtype=args.kv_cache_dtype), progress=False)
 
 
 def _ttft(engine, request_id: str, token_ids: list[int]) -> float:
@@ -77,13 +77,13 @@ def run_phase(args) -> dict:
     return {"phase": args.phase, "ttft_s": ttft, "prompt_tokens": len(prompt),
             "blocks_from_disk": stats.blocks_loaded_from_disk if stats else 0,
             "disk_read_s": stats.disk_read_s if stats else 0.0,
-            "device": engine.device, "dtype": engine.dtype}
+            "device": engine.device, "dtype": engine.dtype, "kv_cache_dtype": args.kv_cache_dtype}
 
 
 def _spawn(args, phase: str, cache_dir: str) -> dict:
     cmd = [sys.executable, __file__, "--phase", phase, "--cache-dir", cache_dir,
            "--device", args.device, "--load-format", args.load_format,
-           "--prompt-tokens", str(args.prompt_tokens)]
+           "--prompt-tokens", str(args.prompt_tokens), "--kv-cache-dtype", args.kv_cache_dtype]
     for name in ("model", "max_model_len", "kv_cache_gib"):
         if getattr(args, name) is not None:
             cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--load-format", default="auto")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--kv-cache-gib", type=float, default=None)
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        help="fp8 halves the bytes a block file holds (CUDA)")
     parser.add_argument("--prompt-tokens", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=1, help="disk/recompute pairs")
     parser.add_argument("--drop-caches", action="store_true")
