@@ -388,7 +388,12 @@ class BlockManager:
             self._free_cached[block_id] = None
         else:
             block.clear()  # not findable (a duplicate lost the hash slot): plain free block
-            self._free_uncached.append(block_id)
+            # handed out next (LIFO): `free` releases tails first, so a finished turn's partial
+            # last block is reused by the next turn's first new block, right after the cached
+            # prefix it extends. A single user's block table then stays one consecutive run,
+            # which the CPU's decode attention reads in place instead of gathering it
+            # (engine/attention.py, _block_run; tests/test_block_manager.py)
+            self._free_uncached.appendleft(block_id)
 
     def _forget(self, block_id: int) -> None:
         block = self._blocks[block_id]

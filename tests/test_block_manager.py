@@ -228,6 +228,24 @@ def test_uncached_free_blocks_are_used_before_cached_ones():
     assert bm.match_prefix(make_seq(2, [1, 2, 0])).block_ids  # still cached
 
 
+def test_a_follow_up_turn_keeps_one_consecutive_block_run():
+    """A chat's next turn hits the cached prefix and reuses the finished turn's partial last
+    block first (freed blocks without a hash are handed out LIFO), so the table stays one run
+    of consecutive blocks: the CPU's decode attention reads such a run in place."""
+    bm = BlockManager(num_blocks=64, block_size=4)
+    kv = FakeKV(bm)
+    turn = make_seq(0, list(range(100, 114)))  # 3 full blocks + a partial one
+    assert admit(bm, kv, turn)
+    assert turn.block_ids == [0, 1, 2, 3]
+    bm.free(turn)
+    follow_up = make_seq(1, list(range(100, 114)) + [7, 7, 7, 7, 7, 7])
+    assert admit(bm, kv, follow_up)
+    assert follow_up.num_cached_tokens == 12
+    table = follow_up.block_ids
+    assert table == list(range(table[0], table[0] + len(table)))
+    kv.check(follow_up)
+
+
 def test_fork_copies_partial_last_block_on_write():
     bm = BlockManager(num_blocks=8, block_size=4)
     kv = FakeKV(bm)
