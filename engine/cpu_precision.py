@@ -4,9 +4,10 @@ The exact CPU path dequantizes a GGUF to float32: decode reads 540 MB per token 
 model (20.6 tok/s served on the 2-core box). With bfloat16 activations and the GGUF's Q4_0 / Q4_1
 blocks kept (repacked exactly for torch's int4 GEMV, engine/quantization/cpu_int4.py) and the
 file's 8-bit LM head as int8 rows (cpu_int8.py) a token reads the bytes llama.cpp reads: batch-1
-decode 58 against 17.7 tok/s in float32 on a 2-core Zen 4 (2x on an AMX Xeon), prefill 1.2-2x. Its quality cost, measured on the
-shipped held-out text (appliance/tools/quantizer/calibration.txt): perplexity 17.86 against 17.81
-in float32, +0.3% (tests/test_cpu_precision.py holds it under 1%).
+decode 58 against 17.7 tok/s in float32 on a 2-core Zen 4 (2x on an AMX Xeon), prefill 1.2-2x.
+Its quality cost, measured on the shipped held-out text
+(appliance/tools/quantizer/calibration.txt): perplexity 17.86 against 17.81 in float32, +0.3%
+(tests/test_cpu_precision.py holds it under 1%).
 
 So when `EngineConfig.cpu_fast_path` is on (the server's default; the engine's own default stays
 exact, for the token-identity tests), `dtype="auto"` on a CPU becomes bfloat16 + kept blocks if:
