@@ -20,6 +20,16 @@ def test_rows_round_within_half_a_step_and_keep_their_extremes():
             + 1e-6).all()
 
 
+def test_chunks_give_the_whole_matrix_rounding_and_leave_the_weight_alone():
+    w = torch.randn(1000, 64, generator=torch.Generator().manual_seed(2))
+    before = w.clone()
+    whole, chunked = cpu_int8.quantize_rows(w, chunk_rows=1000), cpu_int8.quantize_rows(w, 7)
+    assert torch.equal(w, before)  # float32 input: no in-place pass on the caller's tensor
+    assert torch.equal(whole.weight, chunked.weight) and torch.equal(whole.scales, chunked.scales)
+    ref = torch.round(w / (w.abs().amax(1, keepdim=True) / 127)).clamp(-127, 127)
+    assert torch.equal(whole.weight.float(), ref)
+
+
 def test_zero_rows_stay_zero():
     q = cpu_int8.quantize_rows(torch.zeros(4, 32, dtype=torch.bfloat16))
     assert torch.equal(cpu_int8.dequantize(q), torch.zeros(4, 32))

@@ -49,12 +49,17 @@ def supported(file_type: str | None, dtype: torch.dtype) -> bool:
             and hasattr(torch, "_weight_int8pack_mm"))
 
 
-def quantize_rows(weight: torch.Tensor) -> Int8Rows:
-    """Absmax int8 per output row of a (N, K) float weight (rounded in float32)."""
-    w = weight.float()
-    scales = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    return Int8Rows(q.contiguous(), scales.to(weight.dtype))
+def quantize_rows(weight: torch.Tensor, chunk_rows: int = 2048) -> Int8Rows:
+    """Absmax int8 per output row of a (N, K) float weight (rounded in float32), a chunk of rows
+    at a time so each pass stays in cache (0.05 s for the default model's head, against 0.24-0.49
+    s for whole-matrix passes: part of every cold start)."""
+    scales = weight.abs().amax(dim=1).float().clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    for start in range(0, weight.shape[0], chunk_rows):
+        stop = start + chunk_rows
+        rows = torch.div(weight[start:stop].float(), scales[start:stop, None])  # a new tensor
+        q[start:stop] = rows.round_().clamp_(-127, 127).to(torch.int8)
+    return Int8Rows(q, scales.to(weight.dtype))
 
 
 def dequantize(w: Int8Rows) -> torch.Tensor:
