@@ -50,7 +50,6 @@ class DiskStore:
         self.budget_bytes = budget_bytes
         self._identity_digest = identity.digest  # a property that hashes: computed once
         self.dir = root / self._identity_digest.hex()
-        self._dir_str = str(self.dir)
         self._lock = threading.Lock()
         self._lru: OrderedDict[Path, int] = OrderedDict()  # every identity's files, oldest first
         self._mine: set[bytes] = set()  # digests of this identity's files
@@ -92,57 +91,74 @@ class DiskStore:
              out: memoryview | None = None) -> memoryview | None:
         """The block's payload, or None (and the file deleted) unless every check passes.
         `out`: a writable buffer of the payload's size to read into (no copy after the read)."""
+        if out is not None:
+            return out if self.read_many([(digest, token_ids)], [out])[0] else None
         path = self._path(digest)
         try:
-            if out is not None:
-                payload = self._read_into(path, digest, token_ids, out)
-            else:
-                with path.open("rb") as f:
-                    payload = self._read_checked(f, digest, token_ids, out)
+            with path.open("rb") as f:
+                payload = self._read_checked(f, digest, token_ids, out)
         except (OSError, ValueError) as e:
-            logger.warning("prefix cache: rejecting %s: %s", path, e)
-            self.num_rejected += 1
-            self._remove(path, digest)
+            self._reject(path, digest, e)
             return None
-        self._touch(path)
+        self._touch_many([path])
         return payload
-
-    def _read_into(self, path: Path, digest: bytes, token_ids: tuple[int, ...],
-                   out: memoryview) -> memoryview:
-        read_block_file(str(path), self._identity_digest, digest, token_ids, out)
-        return out
 
     def read_many(self, blocks: list[tuple[bytes, tuple[int, ...]]],
                   outs: list[memoryview]) -> list[bool]:
-        """`read` of several blocks into their buffers in one loop: found and checked, per block.
-        A reader thread's share of a long prefix: the hits are touched in one batch."""
-        errors = []
+        """Each block's payload into its buffer, checked: found or not, per block. A reader
+        thread's share of a long prefix comes here in one call: the hits are touched in one
+        batch."""
+        found, touched = [], []
         for (digest, token_ids), out in zip(blocks, outs, strict=True):
-            try:
-                read_block_file(self.path_of(digest), self._identity_digest, digest, token_ids,
-                                out)
-                errors.append(None)
-            except (OSError, ValueError) as e:
-                errors.append(str(e))
-        return self._finish_reads(blocks, errors)
-
-    def _finish_reads(self, blocks: list[tuple[bytes, tuple[int, ...]]],
-                      errors: list[str | None]) -> list[bool]:
-        """Each failed file logged, counted and deleted; the good ones touched in one batch."""
-        touched = []
-        for (digest, _), error in zip(blocks, errors, strict=True):
             path = self._path(digest)
-            if error is None:
-                touched.append(path)
+            try:
+                self._read_into(path, digest, token_ids, out)
+            except (OSError, ValueError) as e:
+                self._reject(path, digest, e)
+                found.append(False)
                 continue
-            logger.warning("prefix cache: rejecting %s: %s", path, error)
-            self.num_rejected += 1
-            self._remove(path, digest)
+            touched.append(path)
+            found.append(True)
         self._touch_many(touched)
-        return [error is None for error in errors]
+        return found
 
-    def path_of(self, digest: bytes) -> str:
-        return os.path.join(self._dir_str, digest.hex() + _SUFFIX)
+    def _reject(self, path: Path, digest: bytes, error: Exception) -> None:
+        logger.warning("prefix cache: rejecting %s: %s", path, error)
+        self.num_rejected += 1
+        self._remove(path, digest)
+
+    def _read_into(self, path: Path, digest: bytes, token_ids: tuple[int, ...],
+                   out: memoryview) -> None:
+        """`_read_checked` for a known payload size (`out`'s) in one positional vectored read
+        (header, token ids, payload, one byte past the end): few GIL round trips per file, so
+        16 reader threads are not queued behind one another on it."""
+        head = bytearray(_HEADER.size + _CRC.size + 8 * len(token_ids))
+        extra = bytearray(1)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            num_read = os.preadv(fd, [head, out, extra], 0)
+        finally:
+            os.close(fd)
+        if num_read < len(head):
+            raise ValueError(f"truncated header ({num_read} bytes)")
+        magic, version, _, identity, block, num_tokens, payload_len, payload_crc = (
+            _HEADER.unpack_from(head))
+        if magic != _MAGIC or version != FORMAT_VERSION:
+            raise ValueError("not a block file of this Hearth version")
+        if zlib.crc32(memoryview(head)[: _HEADER.size]) != _CRC.unpack_from(head, _HEADER.size)[0]:
+            raise ValueError("header checksum mismatch")
+        if identity != self._identity_digest or block != digest:
+            raise ValueError("written for another model, dtype or block size")
+        if num_tokens != len(token_ids) or array("q", head[_HEADER.size + _CRC.size:]).tolist(
+                ) != list(token_ids):
+            raise ValueError("token ids differ from the lookup's (truncated or a collision)")
+        if payload_len != out.nbytes:
+            raise ValueError(f"payload of {payload_len} bytes, expected {out.nbytes}")
+        if num_read != len(head) + payload_len:
+            raise ValueError(f"truncated or overlong: {num_read - len(head)} payload bytes read, "
+                             f"expected {payload_len}")
+        if zlib.crc32(out) != payload_crc:
+            raise ValueError("payload checksum mismatch")
 
     def _read_checked(self, f, digest: bytes, token_ids: tuple[int, ...],
                       out: memoryview | None) -> memoryview:
@@ -279,9 +295,6 @@ class DiskStore:
             self._mine.add(digest)
             self._evict_to(self.budget_bytes)
 
-    def _touch(self, path: Path) -> None:
-        self._touch_many([path])
-
     def _touch_many(self, paths: list[Path]) -> None:
         """Most recently used: now in the index, and in the files' mtime (what the next start's
         scan orders by) on the writer thread, in one queued item: a metadata write per read
@@ -345,38 +358,3 @@ def _identity_json(identity: ModelIdentity) -> str:
 
     return json.dumps(asdict(identity), indent=1, sort_keys=True) + "\n"
 
-
-def read_block_file(path: str, identity_digest: bytes, digest: bytes, token_ids: tuple[int, ...],
-                    out: memoryview) -> None:
-    """Read one block file's payload into `out` (its exact size) and check everything: header,
-    both checksums, identity, block digest, token ids, length. Raises ValueError (or OSError)
-    naming what failed. One positional vectored read (header, token ids, payload, one byte past
-    the end): few GIL round trips per file, so 16 reader threads are not queued behind one
-    another on it."""
-    head = bytearray(_HEADER.size + _CRC.size + 8 * len(token_ids))
-    extra = bytearray(1)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        num_read = os.preadv(fd, [head, out, extra], 0)
-    finally:
-        os.close(fd)
-    if num_read < len(head):
-        raise ValueError(f"truncated header ({num_read} bytes)")
-    magic, version, _, identity, block, num_tokens, payload_len, payload_crc = (
-        _HEADER.unpack_from(head))
-    if magic != _MAGIC or version != FORMAT_VERSION:
-        raise ValueError("not a block file of this Hearth version")
-    if zlib.crc32(memoryview(head)[: _HEADER.size]) != _CRC.unpack_from(head, _HEADER.size)[0]:
-        raise ValueError("header checksum mismatch")
-    if identity != identity_digest or block != digest:
-        raise ValueError("written for another model, dtype or block size")
-    if num_tokens != len(token_ids) or array("q", head[_HEADER.size + _CRC.size:]).tolist(
-            ) != list(token_ids):
-        raise ValueError("token ids differ from the lookup's (truncated or a collision)")
-    if payload_len != out.nbytes:
-        raise ValueError(f"payload of {payload_len} bytes, expected {out.nbytes}")
-    if num_read != len(head) + payload_len:
-        raise ValueError(f"truncated or overlong: {num_read - len(head)} payload bytes read, "
-                         f"expected {payload_len}")
-    if zlib.crc32(out) != payload_crc:
-        raise ValueError("payload checksum mismatch")

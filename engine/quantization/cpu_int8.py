@@ -30,11 +30,9 @@ import torch
 
 MAX_ROWS = 32  # as cpu_int4.linear's GEMV: decode batches up to this many rows are batch-invariant
 _ACT_DTYPES = (torch.bfloat16, torch.float16)
-# GGUF types of 8 bits or fewer per weight: an int8 copy reads no more than the file does
-_NARROW_TYPES = frozenset({
-    "Q8_0", "Q8_1", "Q8_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K", "Q4_0", "Q4_1", "Q4_K", "Q3_K",
-    "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S",
-    "IQ1_M", "TQ1_0", "TQ2_0"})
+# GGUF's float types: an int8 copy would round what the file holds exactly. Every other type
+# is a quantized block format of 8 bits or fewer a weight, which an int8 copy reads no more of.
+_FLOAT_TYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
 
 @dataclass
@@ -45,7 +43,7 @@ class Int8Rows:
 
 def supported(file_type: str | None, dtype: torch.dtype) -> bool:
     """An 8-bit-or-narrower GGUF head, 16-bit activations, and torch's kernel present."""
-    return (file_type in _NARROW_TYPES and dtype in _ACT_DTYPES
+    return (file_type is not None and file_type not in _FLOAT_TYPES and dtype in _ACT_DTYPES
             and hasattr(torch, "_weight_int8pack_mm"))
 
 
