@@ -11,6 +11,8 @@ finish), the speedup over the plain engine of the same run, and the acceptance r
     python bench/spec.py --device cuda --batch 1 64          # GPU (the lead's command)
     python bench/spec.py --device cuda --sweep               # speculation forced at every batch
                                                              # size: where it stops paying
+    python bench/spec.py --cpu-fast-path --batch 1 64        # CPU: the precision `hearth serve`
+                                                             # picks (bf16 + int4 blocks)
     python bench/spec.py --draft-model PATH                  # also draft-model speculation
 
 `--sweep` sets disable_by_batch_size above the largest batch so every step speculates; without
@@ -133,6 +135,9 @@ def main() -> None:
     parser.add_argument("--draft-model", default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--cpu-fast-path", action="store_true",
+                        help="the CPU precision `hearth serve` picks (bf16 + int4 blocks + int8 "
+                             "head where the CPU supports them) instead of LLM's exact float32")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -147,7 +152,7 @@ def main() -> None:
     for name, spec in configurations(args):
         llm = LLM(args.model, device=args.device, dtype=args.dtype, progress=False,
                   max_num_seqs=max(64, max(args.batch)), speculative=spec,
-                  gpu_memory_utilization=0.45)
+                  gpu_memory_utilization=0.45, cpu_fast_path=args.cpu_fast_path)
         results[name] = [run(llm, b, args.max_tokens, args.requests) for b in args.batch]
         device = llm.engine.device
         llm.shutdown()

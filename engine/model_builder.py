@@ -22,6 +22,7 @@ from hearth.engine.attention import AttentionMetadata
 from hearth.engine.catalog import ResolvedModel, resolve_model, verify
 from hearth.engine.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig
 from hearth.engine.cpu_precision import resolve_cpu_precision
+from hearth.engine.cuda_graphs import MAX_VERIFY_ROWS
 from hearth.engine.fim import FimSpec, model_fim
 from hearth.engine.kv_cache import resolve_kv_cache_dtype
 from hearth.engine.loader import LoadedSource, load_hf_config, load_model_source
@@ -168,8 +169,13 @@ def run_tp_worker(config: EngineConfig, comm_config) -> None:
 def _limits(config: EngineConfig, max_model_len: int, eager: bool = False) -> RunnerLimits:
     """`eager`: tensor parallelism runs without CUDA graphs."""
     sched = config.scheduler_config(max_model_len)
+    spec = config.speculative
+    verify_tokens = spec.num_speculative_tokens + 1 if spec else 0
+    # verification graphs up to the speculator's switch-off, within MAX_VERIFY_ROWS rows
+    verify_max_seqs = (min(sched.max_num_seqs, spec.disable_by_batch_size,
+                           max(MAX_VERIFY_ROWS // verify_tokens, 1)) if spec else 0)
     return RunnerLimits(sched.max_num_seqs, sched.max_num_batched_tokens, max_model_len,
-                        config.enforce_eager or eager)
+                        config.enforce_eager or eager, verify_tokens, verify_max_seqs)
 
 
 def _auto_max_model_len(config: EngineConfig, source: LoadedSource, kv_dtype: torch.dtype,

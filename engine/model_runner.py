@@ -94,6 +94,10 @@ class RunnerLimits:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
     enforce_eager: bool = False
+    # Speculative decoding: K + 1 rows per sequence for verification graphs, captured for batches
+    # up to verify_max_seqs (the speculator's switch-off); 0: none
+    verify_tokens: int = 0
+    verify_max_seqs: int = 0
 
 
 class ModelRunner:
@@ -120,10 +124,16 @@ class ModelRunner:
         self._host.rope_offset = longrope_row_offset(config.rope, config.max_position_embeddings)
         self._bitmask = BitmaskBuffers(config.vocab_size, self.device)
         self.graphs: DecodeGraphs | None = None
+        self.verify_graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not self.limits.enforce_eager:
             self.graphs = DecodeGraphs(model, self.kv_caches, self.backend,
                                        self.limits.max_num_seqs, self.max_blocks, block_size)
             self.graphs.capture()
+            if self.limits.verify_tokens > 1 and self.limits.verify_max_seqs > 0:
+                self.verify_graphs = DecodeGraphs(
+                    model, self.kv_caches, self.backend, self.limits.verify_max_seqs,
+                    self.max_blocks, block_size, query_len=self.limits.verify_tokens)
+                self.verify_graphs.capture()
 
     def check_health(self) -> None:
         """Raise if the runner can no longer step (a tensor-parallel worker died)."""
@@ -236,6 +246,13 @@ class ModelRunner:
             if len(sampled) != len(chunks):
                 logits = logits[torch.from_numpy(batch.sample_rows(chunks)).to(self.device)]
             return logits, sampled
+        if self._fits_verify_graph(batch):
+            graphs = self.verify_graphs
+            graphs.load(batch.decode_inputs())
+            self._host.record_copies()
+            logits = graphs.replay(batch.num_seqs)  # the padded layout's rows
+            rows = batch.sample_rows(chunks, stride=graphs.query_len)
+            return logits[torch.from_numpy(rows).to(self.device, non_blocking=True)], sampled
         input_ids, positions, meta = self._to_device(batch)
         self._host.record_copies()
         self._patch_placeholders(input_ids, batch, chunks, prev)
@@ -246,6 +263,15 @@ class ModelRunner:
             rows = torch.from_numpy(batch.sample_rows(chunks)).to(self.device, non_blocking=True)
             hidden = hidden[rows]
         return self.model.compute_logits(hidden), sampled  # (num_sampled_chunks, vocab)
+
+    def _fits_verify_graph(self, batch: _Batch) -> bool:
+        """A step a verification graph can run: few enough sequences, at most K + 1 new tokens
+        each, and every input token known on the host (speculating steps run synchronously)."""
+        graphs = self.verify_graphs
+        return (graphs is not None and batch.num_seqs <= graphs.max_batch_size
+                and int(batch.query_lens.max()) <= graphs.query_len
+                and not (batch.host.input_ids.numpy()[: batch.num_tokens]
+                         == PLACEHOLDER_TOKEN_ID).any())
 
     def _process_logits(self, logits: torch.Tensor, chunks: list[ScheduledChunk],
                         grammars: GrammarMatchers | None) -> None:
@@ -353,10 +379,14 @@ class _Batch:
     def decode_only(self) -> bool:
         return self.num_tokens == self.num_seqs
 
-    def sample_rows(self, chunks: list[ScheduledChunk]) -> np.ndarray:
+    def sample_rows(self, chunks: list[ScheduledChunk], stride: int = 0) -> np.ndarray:
         """Rows whose logits are read: each sampled chunk's last, or its last K + 1 when it
-        verifies K proposals."""
-        ends = np.cumsum(self.query_lens)
+        verifies K proposals. stride > 0: in a verification graph's layout, where sequence i's
+        rows start at i * stride (engine/cuda_graphs.py)."""
+        if stride:
+            ends = np.arange(self.num_seqs) * stride + self.query_lens
+        else:
+            ends = np.cumsum(self.query_lens)
         counts = np.fromiter((c.num_sampled_rows for c in chunks), np.int64, len(chunks))
         if counts.max(initial=0) <= 1:
             return (ends - 1)[counts.astype(bool)]
@@ -366,7 +396,7 @@ class _Batch:
     def decode_inputs(self) -> DecodeInputs:
         h = self.host
         return DecodeInputs(self.num_seqs, h.input_ids, h.positions, h.slot_mapping,
-                            h.seq_lens, h.block_tables)
+                            h.seq_lens, h.block_tables, self.query_lens)
 
 
 class _HostBuffers:
