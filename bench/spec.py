@@ -139,7 +139,8 @@ def main() -> None:
                         help="the CPU precision `hearth serve` picks (bf16 + int4 blocks + int8 "
                              "head where the CPU supports them) instead of LLM's exact float32")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 64])
-    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--k", type=int, default=None,
+                        help="K (default: the engine's, 3 on a CPU and 4 on a GPU)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--requests", type=int, default=16,
@@ -155,6 +156,8 @@ def main() -> None:
                   gpu_memory_utilization=0.45, cpu_fast_path=args.cpu_fast_path)
         results[name] = [run(llm, b, args.max_tokens, args.requests) for b in args.batch]
         device = llm.engine.device
+        if spec is not None:
+            args.k = llm.engine.config.speculative.num_speculative_tokens  # as resolved
         llm.shutdown()
         del llm
         gc.collect()

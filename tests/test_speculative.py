@@ -167,6 +167,21 @@ def test_bad_speculative_settings_are_refused(tiny):
             speculative={"method": "draft", "draft_model": "smollm2-135m-instruct"})
 
 
+def test_k_defaults_to_the_devices_row_tile(tiny):
+    """No K given: 3 on a CPU (the int4 GEMV and int8 head take 4 rows for about the price of
+    one, a fifth row doubles it), 4 on a GPU; a given K is kept."""
+    assert SpeculativeConfig().for_device("cpu").num_speculative_tokens == 3
+    assert SpeculativeConfig().for_device("cuda").num_speculative_tokens == 4
+    given = SpeculativeConfig(num_speculative_tokens=6)
+    assert given.for_device("cpu") is given
+    with pytest.raises(ValueError, match="positive integer"):
+        SpeculativeConfig(num_speculative_tokens=0)
+    target, _ = tiny
+    llm = LLM(str(target), device="cpu", progress=False, speculative="ngram")
+    assert llm.engine.config.speculative.num_speculative_tokens == 3
+    assert llm.engine.snapshot().spec_decode.num_speculative_tokens == 3
+
+
 # -- the default model --------------------------------------------------------------------------
 
 CODE = '''def mean(values):

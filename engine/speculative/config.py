@@ -6,15 +6,21 @@ takes a SpeculativeConfig, a method name ("ngram", "draft") or a dict of these f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 SPECULATIVE_METHODS = ("ngram", "draft")
+
+# K when none is given: verifying K proposals runs K + 1 rows a sequence. On a CPU the int4 GEMV
+# (torch's _weight_int4pack_mm_for_cpu) and the int8 LM head work in tiles of 4 rows: 4 rows
+# cost 1.6x one row, 5 rows 3x (docs/benchmarks.md), so K = 3 there; 4 on a GPU.
+DEFAULT_K = {"cpu": 3, "cuda": 4}
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     method: str = "ngram"
-    num_speculative_tokens: int = 4  # K: tokens proposed per sequence and step
+    # K: tokens proposed per sequence and step; None: DEFAULT_K of the device (`for_device`)
+    num_speculative_tokens: int | None = None
     draft_model: str | None = None  # method "draft": catalogue name, HF directory or .gguf path
     prompt_lookup_min: int = 2  # method "ngram": shortest n-gram matched
     prompt_lookup_max: int = 4  # method "ngram": longest n-gram matched (tried first)
@@ -29,9 +35,11 @@ class SpeculativeConfig:
         for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
                      "disable_by_batch_size"):
             value = getattr(self, name)
+            if value is None and name == "num_speculative_tokens":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"speculative {name} must be a positive integer, got {value!r}")
-        if self.num_speculative_tokens > 16:
+        if self.num_speculative_tokens is not None and self.num_speculative_tokens > 16:
             raise ValueError("num_speculative_tokens must be <= 16 (acceptance falls with each "
                              f"position); got {self.num_speculative_tokens}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
@@ -43,6 +51,12 @@ class SpeculativeConfig:
         if self.method == "ngram" and self.draft_model:
             raise ValueError("a draft model was given with speculative method 'ngram'; use "
                              "method 'draft' to speculate with it")
+
+    def for_device(self, device_type: str) -> SpeculativeConfig:
+        """This config with K filled in for the device ("cpu", "cuda") when none was given."""
+        if self.num_speculative_tokens is not None:
+            return self
+        return replace(self, num_speculative_tokens=DEFAULT_K.get(device_type, DEFAULT_K["cuda"]))
 
     @classmethod
     def parse(cls, value: SpeculativeConfig | str | dict | None) -> SpeculativeConfig | None:
