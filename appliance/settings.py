@@ -58,7 +58,7 @@ class Settings:
     gguf_keep_quantized: bool = False  # GGUF linears from their blocks (CPU bf16: int4 GEMV)
     load_format: str = "auto"  # dummy: random weights of the model's config (benchmarks)
     speculative: str | None = None  # ngram | draft; None: no speculative decoding
-    num_speculative_tokens: int | None = None  # None: 3 on a CPU, 4 on a GPU
+    num_speculative_tokens: int | None = None  # None: 3 on a CPU in 16-bit, else 4
     draft_model: str | None = None
     speculative_disable_by_batch_size: int = 8
     prefix_cache_dir: str | None = None  # KV blocks of cached prefixes on disk, across restarts
@@ -311,7 +311,8 @@ _OPTIONS = (
     ),
     _Option(
         "num_speculative_tokens", _positive_int,
-        "tokens proposed per step (K; default 3 on a CPU, 4 on a GPU)", metavar="K"
+        "tokens proposed per step (K; default 3 on a CPU in 16-bit, the CPU default, else 4)",
+        metavar="K"
     ),
     _Option(
         "draft_model", str, "the draft model of --speculative draft (name or path)",

@@ -140,7 +140,7 @@ def main() -> None:
                              "head where the CPU supports them) instead of LLM's exact float32")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--k", type=int, default=None,
-                        help="K (default: the engine's, 3 on a CPU and 4 on a GPU)")
+                        help="K (default: the engine's: 3 on a CPU in 16-bit, else 4)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--requests", type=int, default=16,

@@ -40,7 +40,7 @@ from hearth.engine.block_manager import BlockManager
 from hearth.engine.config import EngineConfig
 from hearth.engine.grammar import GrammarCompiler, GrammarMatchers
 from hearth.engine.kv_tiers.setup import open_tiers
-from hearth.engine.model_builder import BuiltModel, build_model, resolve_device
+from hearth.engine.model_builder import BuiltModel, build_model
 from hearth.engine.model_runner import InFlightSample, PendingSample
 from hearth.engine.outputs import RequestOutput, RunnerOutput, ScheduleOutput, TokenLogprob
 from hearth.engine.phase_timer import PhaseTimer
@@ -78,13 +78,13 @@ class LLMEngine:
         self.config = config or EngineConfig()
         timer = PhaseTimer()
         spec = self.config.speculative
-        if spec is not None:  # K for the device when none was given
-            spec = spec.for_device(resolve_device(self.config.device).type)
-            self.config = dataclasses.replace(self.config, speculative=spec)
         # The draft first: on CUDA the target's KV budget then counts the draft's memory.
         draft = build_draft(self.config, progress) if spec and spec.method == "draft" else None
         built: BuiltModel = build_model(self.config, progress=progress)
         timer.lap("model")
+        if spec is not None:  # with K for the device and precision when none was given
+            spec = built.speculative
+            self.config = dataclasses.replace(self.config, speculative=spec)
         self.model_name = built.name
         self.tokenizer = built.tokenizer
         self.model_config = built.model_config

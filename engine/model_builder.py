@@ -46,6 +46,7 @@ from hearth.engine.model_runner import (
 from hearth.engine.models.registry import model_class
 from hearth.engine.phase_timer import PhaseTimer
 from hearth.engine.progress import progress_bar
+from hearth.engine.speculative.config import SpeculativeConfig
 
 logger = logging.getLogger(__name__)
 _GIB = 1 << 30
@@ -61,6 +62,7 @@ class BuiltModel:
     quantization: str | None = None
     fim: FimSpec | None = None
     resolved: ResolvedModel | None = None  # where the files are (the KV tiers' model identity)
+    speculative: SpeculativeConfig | None = None  # the config's, K filled in for the device
 
 
 def resolve_device(device: str) -> torch.device:
@@ -103,6 +105,9 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # streams, events, graphs and pinned copies on this card
     dtype = resolve_dtype(config.dtype, device)
+    if config.speculative is not None:  # K for this device and precision when none was given
+        config = dataclasses.replace(config, speculative=config.speculative.for_device(
+            device.type, dtype == torch.float32))
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype, device)  # before the weights
     if config.gguf_keep_quantized and device.type == "cpu" and dtype == torch.float32:
         logger.warning(
@@ -134,7 +139,7 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
     logger.info("built %s on %s in %s", source.name, device, timer.summary())
     return BuiltModel(source.name, source.tokenizer, full_config, max_model_len, runner,
                       source.quantization, _fim(resolved, source.tokenizer, full_config),
-                      resolved)
+                      resolved, config.speculative)
 
 
 def _build_driver(config: EngineConfig, progress: bool) -> BuiltModel:

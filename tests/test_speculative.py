@@ -168,18 +168,20 @@ def test_bad_speculative_settings_are_refused(tiny):
 
 
 def test_k_defaults_to_the_devices_row_tile(tiny):
-    """No K given: 3 on a CPU (the int4 GEMV and int8 head take 4 rows for about the price of
-    one, a fifth row doubles it), 4 on a GPU; a given K is kept."""
-    assert SpeculativeConfig().for_device("cpu").num_speculative_tokens == 3
-    assert SpeculativeConfig().for_device("cuda").num_speculative_tokens == 4
+    """No K given: 3 on a CPU in 16-bit (the int4 GEMV and the int8 head take 4 rows for about
+    the price of one, a fifth row doubles it), 4 in float32 and on a GPU; a given K is kept."""
+    assert SpeculativeConfig().for_device("cpu", float32=False).num_speculative_tokens == 3
+    assert SpeculativeConfig().for_device("cpu", float32=True).num_speculative_tokens == 4
+    assert SpeculativeConfig().for_device("cuda", float32=False).num_speculative_tokens == 4
     given = SpeculativeConfig(num_speculative_tokens=6)
-    assert given.for_device("cpu") is given
+    assert given.for_device("cpu", float32=False) is given
     with pytest.raises(ValueError, match="positive integer"):
         SpeculativeConfig(num_speculative_tokens=0)
     target, _ = tiny
-    llm = LLM(str(target), device="cpu", progress=False, speculative="ngram")
-    assert llm.engine.config.speculative.num_speculative_tokens == 3
-    assert llm.engine.snapshot().spec_decode.num_speculative_tokens == 3
+    for dtype, k in (("float32", 4), ("bfloat16", 3)):
+        llm = LLM(str(target), device="cpu", dtype=dtype, progress=False, speculative="ngram")
+        assert llm.engine.config.speculative.num_speculative_tokens == k
+        assert llm.engine.snapshot().spec_decode.num_speculative_tokens == k
 
 
 # -- the default model --------------------------------------------------------------------------

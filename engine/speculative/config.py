@@ -10,16 +10,19 @@ from dataclasses import dataclass, fields, replace
 
 SPECULATIVE_METHODS = ("ngram", "draft")
 
-# K when none is given: verifying K proposals runs K + 1 rows a sequence. On a CPU the int4 GEMV
-# (torch's _weight_int4pack_mm_for_cpu) and the int8 LM head work in tiles of 4 rows: 4 rows
-# cost 1.6x one row, 5 rows 3x (docs/benchmarks.md), so K = 3 there; 4 on a GPU.
-DEFAULT_K = {"cpu": 3, "cuda": 4}
+# K when none is given: verifying K proposals runs K + 1 rows a sequence. On a CPU in 16-bit (the
+# default there: the int4 GEMV, torch's _weight_int4pack_mm_for_cpu, and the int8 LM head) rows
+# go in tiles of 4: 4 rows cost 1.6x one row, 5 rows 3x, so K = 3 (1.60x against 1.28x with K = 4
+# in one run). Exact float32 on a CPU (sgemm) and a GPU: K = 4 (float32: 32.5 tok/s against 28.5).
+# docs/benchmarks.md has the runs.
+DEFAULT_K = 4
+DEFAULT_K_CPU_16BIT = 3
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     method: str = "ngram"
-    # K: tokens proposed per sequence and step; None: DEFAULT_K of the device (`for_device`)
+    # K: tokens proposed per sequence and step; None: the device's default (`for_device`)
     num_speculative_tokens: int | None = None
     draft_model: str | None = None  # method "draft": catalogue name, HF directory or .gguf path
     prompt_lookup_min: int = 2  # method "ngram": shortest n-gram matched
@@ -52,11 +55,13 @@ class SpeculativeConfig:
             raise ValueError("a draft model was given with speculative method 'ngram'; use "
                              "method 'draft' to speculate with it")
 
-    def for_device(self, device_type: str) -> SpeculativeConfig:
-        """This config with K filled in for the device ("cpu", "cuda") when none was given."""
+    def for_device(self, device_type: str, float32: bool) -> SpeculativeConfig:
+        """This config with K filled in when none was given (DEFAULT_K*, above): the device
+        ("cpu", "cuda") and whether the model runs in float32."""
         if self.num_speculative_tokens is not None:
             return self
-        return replace(self, num_speculative_tokens=DEFAULT_K.get(device_type, DEFAULT_K["cuda"]))
+        k = DEFAULT_K_CPU_16BIT if device_type == "cpu" and not float32 else DEFAULT_K
+        return replace(self, num_speculative_tokens=k)
 
     @classmethod
     def parse(cls, value: SpeculativeConfig | str | dict | None) -> SpeculativeConfig | None:
