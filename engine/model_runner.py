@@ -14,6 +14,7 @@ the forward pass runs on the device.
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ from hearth.engine.outputs import RunnerOutput, ScheduledChunk, ScheduleOutput
 from hearth.engine.sampler import Sampler, SamplingRow
 from hearth.engine.scheduler import PLACEHOLDER_TOKEN_ID
 from hearth.engine.speculative.verify import verify_chunks
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -130,10 +133,22 @@ class ModelRunner:
                                        self.limits.max_num_seqs, self.max_blocks, block_size)
             self.graphs.capture()
             if self.limits.verify_tokens > 1 and self.limits.verify_max_seqs > 0:
-                self.verify_graphs = DecodeGraphs(
-                    model, self.kv_caches, self.backend, self.limits.verify_max_seqs,
-                    self.max_blocks, block_size, query_len=self.limits.verify_tokens)
-                self.verify_graphs.capture()
+                self._capture_verify_graphs()
+
+    def _capture_verify_graphs(self) -> None:
+        """Speculative steps replay these; should a model's K + 1-row forward not capture, the
+        server still starts and verifies eagerly (slower, same tokens), and says so."""
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.backend,
+                              self.limits.verify_max_seqs, self.max_blocks, self.block_size,
+                              query_len=self.limits.verify_tokens)
+        try:
+            graphs.capture()
+        except RuntimeError as e:
+            logger.warning("verification CUDA graphs not captured (%s): speculative steps run "
+                           "eagerly", e)
+            torch.cuda.synchronize()
+            return
+        self.verify_graphs = graphs
 
     def check_health(self) -> None:
         """Raise if the runner can no longer step (a tensor-parallel worker died)."""

@@ -1,6 +1,6 @@
 """Speculative decoding on a CUDA GPU: with CUDA graphs captured (decode-only steps replay them;
-verification steps over K + 1 positions run eagerly; a draft model's decode rounds replay its
-own graphs) and async scheduling on (steps above the switch-off batch size overlap), greedy
+verification steps over K + 1 positions replay verification graphs; a draft model's decode
+rounds replay its own graphs) and async scheduling on (steps above the switch-off batch size overlap), greedy
 output is token-identical to the plain engine's, on the default model and a tiny model.
 
 Marked `gpu`: conftest skips them without CUDA. No timing here (bench/spec.py does that).
@@ -61,6 +61,8 @@ def test_default_model_greedy_identical_with_ngram_graphs_and_async(dtype):
     spec = LLM(device="cuda", dtype=dtype, kv_cache_gib=KV_GIB, progress=False,
                speculative={"method": "ngram", "disable_by_batch_size": 4})
     assert spec.engine._async  # steps above 4 running sequences overlap
+    assert spec.engine.runner.verify_graphs is not None  # speculating steps replay graphs
+    assert spec.engine.runner.verify_graphs.sizes == [1, 2, 4]
     alone = _tokens(spec, prompts[:1], params)
     got = _tokens(spec, prompts, params)  # 12 running: async steps, then speculating ones
     if dtype == "float32":
