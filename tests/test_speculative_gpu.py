@@ -1,7 +1,8 @@
 """Speculative decoding on a CUDA GPU: with CUDA graphs captured (decode-only steps replay them;
 verification steps over K + 1 positions replay verification graphs; a draft model's decode
-rounds replay its own graphs) and async scheduling on (steps above the switch-off batch size overlap), greedy
-output is token-identical to the plain engine's, on the default model and a tiny model.
+rounds replay its own graphs) and async scheduling on (steps above the switch-off batch size
+overlap), greedy output is token-identical to the plain engine's, on the default model and a
+tiny model.
 
 Marked `gpu`: conftest skips them without CUDA. No timing here (bench/spec.py does that).
 """
