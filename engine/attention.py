@@ -80,7 +80,7 @@ class TorchAttention:
             if q_len == seq_len:  # nothing cached before this chunk: attend to the new K/V directly
                 ks, vs = k[start : start + q_len], v[start : start + q_len]
             else:
-                ks, vs = _gather(k_cache, v_cache, meta.block_tables[s], seq_len, first)
+                ks, vs = _context(k_cache, v_cache, meta, s, seq_len, first)
             out[start : start + q_len] = _attend(qs, ks, vs, scores, seq_len - q_len,
                                                  first if q_len != seq_len else 0)
             start += q_len
@@ -114,6 +114,32 @@ def write_kv_torch(
     flat_v = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
     flat_k.index_copy_(0, slot_mapping, k)
     flat_v.index_copy_(0, slot_mapping, v)
+
+
+def _context(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, s: int, seq_len: int,
+    first: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence s's K/V at positions first..seq_len-1: views of the cache in place when its blocks
+    there are consecutive (a chat's next turn, a speculative verification: the block manager
+    hands out blocks in order), else gathered. Same values and strides either way; the check
+    runs once a step for every layer (meta.cpu_step_cache)."""
+    block_size = k_cache.shape[1]
+    key = ("context_run", s, first)
+    if k_cache.device.type != "cpu":  # reading the table would synchronize with the device
+        return _gather(k_cache, v_cache, meta.block_tables[s], seq_len, first)
+    if key not in meta.cpu_step_cache:
+        table = meta.block_tables[s, first // block_size : -(-seq_len // block_size)].tolist()
+        consecutive = table == list(range(table[0], table[0] + len(table))) if table else False
+        meta.cpu_step_cache[key] = (table[0], len(table)) if consecutive else None
+    run = meta.cpu_step_cache[key]
+    if run is None:
+        return _gather(k_cache, v_cache, meta.block_tables[s], seq_len, first)
+    start, count = run
+    length = seq_len - first
+    ks = k_cache[start : start + count].flatten(0, 1)[:length]
+    vs = v_cache[start : start + count].flatten(0, 1)[:length]
+    return ks, vs
 
 
 def _gather(

@@ -95,3 +95,17 @@ def test_new_tokens_after_a_long_cached_prefix(query_len):
 
 def test_new_tokens_of_two_sequences_after_cached_prefixes():
     _run([[5, 1, 9, 2], [0, 3, 4]], [60, 40], [3, 7], seed=11)
+
+
+@pytest.mark.parametrize("query_len", [4, 9, 100])
+def test_new_tokens_on_consecutive_blocks_read_the_cache_in_place(query_len):
+    """A speculative verification or a chat's next turn on consecutive blocks: the context is
+    read as a view of the cache (no gather); a scattered table is gathered; both against the
+    direct computation."""
+    seq_len = 200 + query_len
+    count = -(-seq_len // BLOCK)
+    meta = _run([list(range(4, 4 + count)), [0, 1, 2]], [seq_len, 40], [query_len, 3], seed=7)
+    assert meta.cpu_step_cache[("context_run", 0, 0)] == (4, count)
+    assert meta.cpu_step_cache[("context_run", 1, 0)] == (0, 3)
+    scattered = _run([list(range(count))[::-1]], [seq_len], [query_len], seed=7)
+    assert scattered.cpu_step_cache[("context_run", 0, 0)] is None
