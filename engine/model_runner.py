@@ -266,6 +266,8 @@ class ModelRunner:
             graphs.load(batch.decode_inputs())
             self._host.record_copies()
             logits = graphs.replay(batch.num_seqs)  # the padded layout's rows
+            if not sampled:  # prompt chunks that sample nothing: their K/V are written
+                return None, []
             rows = batch.sample_rows(chunks, stride=graphs.query_len)
             return logits[torch.from_numpy(rows).to(self.device, non_blocking=True)], sampled
         input_ids, positions, meta = self._to_device(batch)

@@ -47,13 +47,14 @@ def _eager_verify_graphs(llm: LLM, max_seqs: int) -> tuple[DecodeGraphs, list[in
     return graphs, calls
 
 
-@pytest.mark.parametrize("budget", [None, 11])
+@pytest.mark.parametrize("budget", [None, 11, 4])
 def test_speculative_steps_through_the_padded_layout_match_plain_greedy(tmp_path,
                                                                         triton_backend, budget):
     """Three sequences verify proposals of different lengths (and some none) in one padded
     layout; greedy tokens equal the plain engine's, alone and batched, and no block leaks.
     budget 11: chunked prefill, so a prompt's last few tokens (a chunk that samples its last
-    row) or a middle chunk (samples nothing) share a padded step with verifying rows."""
+    row) or a middle chunk (samples nothing) share a padded step with verifying rows; budget 4:
+    steps of prompt chunks alone that sample nothing run through the layout too."""
     path = save_tiny_model(tmp_path / "llama", "llama")
     gen = torch.Generator().manual_seed(3)
     motif = torch.randint(3, 512, (6,), generator=gen).tolist()
