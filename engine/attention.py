@@ -124,14 +124,14 @@ def _context(
     there are consecutive (a chat's next turn, a speculative verification: the block manager
     hands out blocks in order), else gathered. Same values and strides either way; the check
     runs once a step for every layer (meta.cpu_step_cache)."""
-    block_size = k_cache.shape[1]
-    key = ("context_run", s, first)
     if k_cache.device.type != "cpu":  # reading the table would synchronize with the device
         return _gather(k_cache, v_cache, meta.block_tables[s], seq_len, first)
+    block_size = k_cache.shape[1]
+    key = ("context_run", s, first)
     if key not in meta.cpu_step_cache:
         table = meta.block_tables[s, first // block_size : -(-seq_len // block_size)].tolist()
-        consecutive = table == list(range(table[0], table[0] + len(table))) if table else False
-        meta.cpu_step_cache[key] = (table[0], len(table)) if consecutive else None
+        start = _run_start(table)
+        meta.cpu_step_cache[key] = None if start is None else (start, len(table))
     run = meta.cpu_step_cache[key]
     if run is None:
         return _gather(k_cache, v_cache, meta.block_tables[s], seq_len, first)
@@ -303,10 +303,14 @@ def _block_run(meta: AttentionMetadata, num_blocks: int) -> int | None:
     """A batch of one sequence whose blocks are consecutive (the usual case for a single user:
     the free list hands out blocks in order): its first block, else None. Once per step."""
     if "block_run" not in meta.cpu_step_cache:
-        first = None
-        if meta.num_seqs == 1:
-            table = meta.block_tables[0, :num_blocks].tolist()
-            if table == list(range(table[0], table[0] + num_blocks)):
-                first = table[0]
-        meta.cpu_step_cache["block_run"] = first
+        meta.cpu_step_cache["block_run"] = (
+            _run_start(meta.block_tables[0, :num_blocks].tolist()) if meta.num_seqs == 1
+            else None)
     return meta.cpu_step_cache["block_run"]
+
+
+def _run_start(table: list[int]) -> int | None:
+    """The first block of a table that is one run of consecutive blocks, else None."""
+    if table and table == list(range(table[0], table[0] + len(table))):
+        return table[0]
+    return None

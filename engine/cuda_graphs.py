@@ -209,7 +209,7 @@ class DecodeGraphs:
 
 class _Staging:
     """Host buffers the verification layout is built in (pinned on CUDA), reused every step. The
-    runner refills them only after the last step's copies (its _HostBuffers event)."""
+    runner refills them only after the last step's copies (its HostBuffers event)."""
 
     def __init__(self, max_seqs: int, query_len: int, pin: bool) -> None:
         rows = max_seqs * query_len

@@ -22,15 +22,15 @@ import numpy as np
 import torch
 
 from hearth.engine.attention import AttentionMetadata, TorchAttention
-from hearth.engine.cuda_graphs import DecodeGraphs, DecodeInputs
+from hearth.engine.cuda_graphs import DecodeGraphs
 from hearth.engine.grammar import GrammarMatchers
+from hearth.engine.host_inputs import HostBuffers, StepBatch
 from hearth.engine.kv_cache import allocate_kv_cache
 from hearth.engine.layers.rope_scaling import longrope_row_offset
 from hearth.engine.logits_processors import BitmaskBuffers, apply_logit_bias, apply_token_bitmask
 from hearth.engine.model_config import ModelConfig
 from hearth.engine.outputs import RunnerOutput, ScheduledChunk, ScheduleOutput
 from hearth.engine.sampler import Sampler, SamplingRow
-from hearth.engine.scheduler import PLACEHOLDER_TOKEN_ID
 from hearth.engine.speculative.verify import verify_chunks
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,8 @@ class ModelRunner:
         self.backend = make_attention_backend(self.device)
         self.sampler = Sampler(config.vocab_size, seed)
         self.max_blocks = -(-self.limits.max_model_len // block_size)
-        self._host = _HostBuffers(self.limits, self.max_blocks, self.device.type == "cuda")
+        self._host = HostBuffers(self.limits.max_num_batched_tokens, self.limits.max_num_seqs,
+                                 self.max_blocks, self.device.type == "cuda")
         # longrope: sequences past the switch read the long half of the rotary table
         self._host.rope_offset = longrope_row_offset(config.rope, config.max_position_embeddings)
         self._bitmask = BitmaskBuffers(config.vocab_size, self.device)
@@ -281,14 +282,13 @@ class ModelRunner:
             hidden = hidden[rows]
         return self.model.compute_logits(hidden), sampled  # (num_sampled_chunks, vocab)
 
-    def _fits_verify_graph(self, batch: _Batch) -> bool:
+    def _fits_verify_graph(self, batch: StepBatch) -> bool:
         """A step a verification graph can run: few enough sequences, at most K + 1 new tokens
         each, and every input token known on the host (speculating steps run synchronously)."""
         graphs = self.verify_graphs
         return (graphs is not None and batch.num_seqs <= graphs.max_batch_size
                 and int(batch.query_lens.max()) <= graphs.query_len
-                and not (batch.host.input_ids.numpy()[: batch.num_tokens]
-                         == PLACEHOLDER_TOKEN_ID).any())
+                and batch.placeholder_rows.size == 0)
 
     def _process_logits(self, logits: torch.Tensor, chunks: list[ScheduledChunk],
                         grammars: GrammarMatchers | None) -> None:
@@ -301,11 +301,10 @@ class ModelRunner:
             grammars.fill(seqs, self._bitmask.host(len(seqs)))
             apply_token_bitmask(logits, self._bitmask.to_device(len(seqs)))
 
-    def _patch_placeholders(self, input_ids: torch.Tensor, batch: _Batch,
+    def _patch_placeholders(self, input_ids: torch.Tensor, batch: StepBatch,
                             chunks: list[ScheduledChunk], prev: InFlightSample | None) -> None:
         """input_ids[i] = prev's sampled id wherever the host had only a placeholder."""
-        dst = np.flatnonzero(batch.host.input_ids.numpy()[: batch.num_tokens]
-                             == PLACEHOLDER_TOKEN_ID)
+        dst = batch.placeholder_rows
         if dst.size == 0:
             return
         if prev is None or prev.token_ids is None:
@@ -327,7 +326,7 @@ class ModelRunner:
         for layer in self.kv_caches:
             layer.copy_blocks(src, dst)
 
-    def _to_device(self, batch: _Batch):
+    def _to_device(self, batch: StepBatch):
         dev, n, t = self.device, batch.num_seqs, batch.num_tokens
         host = self._host
         meta = AttentionMetadata(
@@ -380,123 +379,3 @@ def _sampling_row(seq, index: int) -> SamplingRow:
 
 
 _NO_TOKENS: list[int] = []
-
-
-@dataclass
-class _Batch:
-    """One step's layout on the host; the token arrays live in _HostBuffers."""
-
-    num_seqs: int
-    num_tokens: int
-    query_lens: np.ndarray  # (num_seqs,) int64
-    seq_lens: np.ndarray  # (num_seqs,) int64: context after this step
-    host: _HostBuffers
-
-    @property
-    def decode_only(self) -> bool:
-        return self.num_tokens == self.num_seqs
-
-    def sample_rows(self, chunks: list[ScheduledChunk], stride: int = 0) -> np.ndarray:
-        """Rows whose logits are read: each sampled chunk's last, or its last K + 1 when it
-        verifies K proposals. stride > 0: in a verification graph's layout, where sequence i's
-        rows start at i * stride (engine/cuda_graphs.py)."""
-        if stride:
-            ends = np.arange(self.num_seqs) * stride + self.query_lens
-        else:
-            ends = np.cumsum(self.query_lens)
-        counts = np.fromiter((c.num_sampled_rows for c in chunks), np.int64, len(chunks))
-        if counts.max(initial=0) <= 1:
-            return (ends - 1)[counts.astype(bool)]
-        firsts = np.repeat(ends - counts, counts)
-        return firsts + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-
-    def decode_inputs(self) -> DecodeInputs:
-        h = self.host
-        return DecodeInputs(self.num_seqs, h.input_ids, h.positions, h.slot_mapping,
-                            h.seq_lens, h.block_tables, self.query_lens)
-
-
-class _HostBuffers:
-    """Host-side input arrays, reused every step (pinned on CUDA so copies do not block).
-
-    Refilling waits for the last step's host-to-device copies (an event recorded right after
-    them, not after the forward): with async scheduling the next step is built while the GPU may
-    not have reached this step's copies yet."""
-
-    def __init__(self, limits: RunnerLimits, max_blocks: int, pin: bool) -> None:
-        self.pin = pin and torch.cuda.is_available()
-        self.max_blocks = max_blocks
-        self.rope_offset = 0  # added to the positions of `rope_long` sequences (longrope)
-        self._copied = torch.cuda.Event() if self.pin else None
-        self._alloc_tokens(max(limits.max_num_batched_tokens, limits.max_num_seqs))
-        self._alloc_seqs(limits.max_num_seqs)
-
-    def _tensor(self, shape, dtype) -> torch.Tensor:
-        return torch.zeros(shape, dtype=dtype, pin_memory=self.pin)
-
-    def _alloc_tokens(self, n: int) -> None:
-        self.input_ids = self._tensor(n, torch.int64)
-        self.positions = self._tensor(n, torch.int64)
-        self.slot_mapping = self._tensor(n, torch.int64)
-        self._np_tokens = (
-            self.input_ids.numpy(), self.positions.numpy(), self.slot_mapping.numpy()
-        )
-
-    def _alloc_seqs(self, n: int) -> None:
-        self.seq_lens = self._tensor(n, torch.int32)
-        self.query_start_loc = self._tensor(n + 1, torch.int32)
-        self.block_tables = self._tensor((n, self.max_blocks), torch.int32)
-        self._np_seqs = (self.seq_lens.numpy(), self.query_start_loc.numpy(),
-                         self.block_tables.numpy())
-        self._row_owner: list[tuple[list[int] | None, int]] = [(None, 0)] * n  # (block list, width)
-
-    def _fill_tables(self, chunks: list[ScheduledChunk], widths: list[int], bs: int) -> None:
-        """Block-table rows, rewriting only what may have changed since the last step. A row that
-        keeps the same block list object (free / prefix attach replace it) changes only from the
-        block this step writes into (copy-on-write) onwards: in steady decoding, one entry."""
-        tables, owners = self._np_seqs[2], self._row_owner
-        for i, (c, w) in enumerate(zip(chunks, widths, strict=True)):
-            ids = c.seq.block_ids
-            owner, written = owners[i]
-            first = 0 if owner is not ids else min(written, c.start_pos // bs)
-            tables[i, first:w] = ids[first:w]
-            owners[i] = (ids, w)
-
-    def record_copies(self) -> None:
-        if self._copied is not None:
-            self._copied.record()
-
-    def fill(self, chunks: list[ScheduledChunk], block_size: int) -> _Batch:
-        if self._copied is not None:
-            self._copied.synchronize()
-        n = len(chunks)
-        starts = np.fromiter((c.start_pos for c in chunks), np.int64, n)
-        query_lens = np.fromiter((c.num_new_tokens for c in chunks), np.int64, n)
-        seq_lens = starts + query_lens
-        t = int(query_lens.sum())
-        widths = -(-seq_lens // block_size)  # blocks each sequence needs this step
-        if t > self.input_ids.shape[0]:
-            self._alloc_tokens(t)
-        if n > self.seq_lens.shape[0] or int(widths.max()) > self.max_blocks:
-            self.max_blocks = max(self.max_blocks, int(widths.max()))
-            self._alloc_seqs(max(n, self.seq_lens.shape[0]))
-        ids, pos, slots = self._np_tokens
-        lens, qsl, tables = self._np_seqs
-        lens[:n] = seq_lens
-        qsl[0] = 0
-        np.cumsum(query_lens, out=qsl[1 : n + 1])
-        if t == n:  # decode only: one token per sequence, no per-token work
-            ids[:n] = [c.seq.token_ids[c.start_pos] for c in chunks]
-        else:
-            ids[:t] = [tok for c in chunks for tok in c.token_ids]
-        self._fill_tables(chunks, widths.tolist(), block_size)
-        # (t,) position of each new token, and its slot through its sequence's block table
-        row = np.repeat(np.arange(n), query_lens)
-        pos[:t] = np.arange(t) - np.repeat(qsl[:n].astype(np.int64) - starts, query_lens)
-        slots[:t] = tables[row, pos[:t] // block_size].astype(np.int64) * block_size
-        slots[:t] += pos[:t] % block_size
-        if self.rope_offset:  # from here on `pos` indexes the rotary table, no longer the cache
-            long = np.fromiter((c.seq.rope_long for c in chunks), bool, n)
-            if long.any():
-                pos[:t] += np.repeat(long * self.rope_offset, query_lens)
-        return _Batch(n, t, query_lens, seq_lens, self)

@@ -357,4 +357,3 @@ def _identity_json(identity: ModelIdentity) -> str:
     import json
 
     return json.dumps(asdict(identity), indent=1, sort_keys=True) + "\n"
-

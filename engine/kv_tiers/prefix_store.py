@@ -218,7 +218,7 @@ class PrefixStore:
                     views: list[memoryview]) -> list[bool]:
         """The files into their buffers, split evenly between the reader threads: one task
         per thread, not per file (per-file futures cost GIL time the reads then queue on)."""
-        per = -(-len(blocks) // _READ_THREADS)
+        per = max(-(-len(blocks) // _READ_THREADS), 1)
         parts = [(blocks[i : i + per], views[i : i + per]) for i in range(0, len(blocks), per)]
         found: list[bool] = []
         for part in self._readers.map(lambda p: self.disk.read_many(*p), parts):
