@@ -69,14 +69,17 @@ def test_the_model_uses_it_for_decode_batches_only(monkeypatch):
         calls = []
         real = cpu_int8.matmul
         monkeypatch.setattr(cpu_int8, "matmul", lambda x, w: calls.append(len(x)) or real(x, w))
-        hidden = torch.randn(40, model.config.hidden_size, dtype=torch.bfloat16)
+        gen = torch.Generator().manual_seed(0)
+        hidden = torch.randn(40, model.config.hidden_size, generator=gen).to(torch.bfloat16)
         few, many = model.compute_logits(hidden[:1]), model.compute_logits(hidden)
         assert calls == [1] and few.shape == (1, model.config.vocab_size)
         # a decode batch's rows get the logits they would get alone (batch invariance)
         torch.testing.assert_close(model.compute_logits(hidden[:cpu_int8.MAX_ROWS])[:1], few,
                                    atol=0, rtol=0)
-        # the int8 row agrees with the 16-bit head's on the same input
-        assert int(few.argmax()) == int(many[:1].argmax())
+        # the int8 row agrees with the 16-bit head's on the same input: its top token is the 16-bit
+        # head's top token or a near-tie of it (a random hidden state has near-ties; CI once drew one)
+        exact = many[0].float()
+        assert exact[int(few.argmax())] >= exact.max() - 0.25
         torch.testing.assert_close(few.float(), many[:1].float(), atol=0.5, rtol=0.05)
     finally:
         engine.shutdown()
