@@ -7,6 +7,7 @@ It is the only module that imports ui/, and lazily, so that `--no-ui` never pays
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import logging
 import os
@@ -81,19 +82,20 @@ def serve(settings: Settings, factory: Callable[[], Any] | None = None) -> int:
 
 
 def engine_factory(settings: Settings) -> Callable[[], Any]:
-    """Loads the LLMEngine when called (on the engine thread, with a progress bar); with
-    --data-parallel-size N, N replicas behind one router (engine/data_parallel/)."""
+    """Loads the LLMEngine when called (on the engine thread or in the engine process, with a
+    progress bar); with --data-parallel-size N, N replicas behind one router
+    (engine/data_parallel/). A partial of a module function: it pickles for the engine process."""
+    return functools.partial(load_engine, settings)
 
-    def load() -> Any:
-        if settings.data_parallel_size > 1:
-            from hearth.engine.data_parallel.replicated_engine import ReplicatedEngine
 
-            return ReplicatedEngine.load(settings.engine, settings.data_parallel_size)
-        from hearth.engine.llm_engine import LLMEngine  # torch: imported on the engine thread
+def load_engine(settings: Settings) -> Any:
+    if settings.data_parallel_size > 1:
+        from hearth.engine.data_parallel.replicated_engine import ReplicatedEngine
 
-        return LLMEngine(settings.engine, progress=True)
+        return ReplicatedEngine.load(settings.engine, settings.data_parallel_size)
+    from hearth.engine.llm_engine import LLMEngine  # torch: imported where the engine runs
 
-    return load
+    return LLMEngine(settings.engine, progress=True)
 
 
 def mount_ui(app: Any) -> None:

@@ -1,10 +1,13 @@
 """AsyncEngine: the synchronous LLMEngine on its own thread, bridged to asyncio.
 
-    asyncio side (event loop)                       engine thread
+    asyncio side (event loop)                       engine thread (EngineLoop, engine_loop.py)
     submit() ── Add ──► commands (queue.Queue) ──►  engine.add_request / abort_request
                                                     engine.step() → DeltaTracker → RequestDelta
     RequestStream ◄── asyncio.Queue ◄── _deliver ◄── call_soon_threadsafe ◄──┘
     (a consumer behind takes its queued deltas as one)   (one wake-up while the loop is behind)
+
+With `engine_process=True` (`hearth serve --engine-process`) the EngineLoop runs in a process of
+its own and this side's threads only forward commands and decoded deltas (engine_process.py).
 
 Only the engine thread touches the engine (except `snapshot()`, which the engine makes
 thread-safe, and the tokenizer). Admission is bounded: at most `max_num_seqs + max_queued_requests`
@@ -18,21 +21,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
-from hearth.appliance.deltas import ABORT, DeltaTracker, RequestDelta
+from hearth.appliance.deltas import ABORT, RequestDelta
+from hearth.appliance.engine_loop import Abort, Add, EngineLoop, Stop
 from hearth.appliance.request_stream import (
     EngineUnavailableError,
     FinishedRequest,
     QueueFullError,
-    RequestFailedError,
     RequestObserver,
     RequestStream,
 )
@@ -74,22 +74,7 @@ class Engine(Protocol):
     def shutdown(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class _Add:
-    request_id: str
-    request: PreparedRequest
-    priority: int
-
-
-@dataclass(frozen=True)
-class _Abort:
-    request_id: str
-    notify: bool  # send the consumer a last delta (server-side abort); not when the client left
-
-
-_STOP = object()
-_IDLE_STEP_S = 0.001
-_IDLE_HEALTH_CHECK_S = 1.0  # an idle engine still notices a dead worker within this
+_STOP = Stop()
 
 
 class AsyncEngine:
@@ -99,8 +84,12 @@ class AsyncEngine:
         max_num_seqs: int,
         max_queued_requests: int,
         observer: RequestObserver | None = None,
+        engine_process: bool = False,
+        log_level: str = "info",
     ) -> None:
         self._engine_factory = engine_factory
+        self._engine_process = engine_process  # the engine in its own process (engine_process.py)
+        self._log_level = log_level
         self.max_in_flight = max_num_seqs + max_queued_requests
         self._observer = observer
         self._engine: Engine | None = None
@@ -108,7 +97,6 @@ class AsyncEngine:
         self.error: BaseException | None = None
         self._streams: dict[str, RequestStream] = {}
         self._commands: queue.Queue[Any] = queue.Queue()
-        self._tracker = DeltaTracker()
         # Deltas of steps the event loop has not taken yet: one call_soon_threadsafe while the
         # loop is behind, however many steps end meanwhile (the engine thread does not flood the
         # loop with callbacks, and each wake-up serves several steps).
@@ -175,7 +163,7 @@ class AsyncEngine:
                 "aborting %d request(s) still running after %.0f s", len(self._streams), timeout_s
             )
         for request_id in list(self._streams):
-            self._commands.put(_Abort(request_id, notify=True))
+            self._commands.put(Abort(request_id, notify=True))
         deadline = loop.time() + 5.0  # the aborted requests' last deltas
         while self._streams and self._state is not EngineState.DEAD and loop.time() < deadline:
             await asyncio.sleep(0.02)
@@ -210,7 +198,7 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = RequestStream(request_id, abort=lambda: self._forget(request_id))
         self._streams[request_id] = stream
-        self._commands.put(_Add(request_id, request, priority))
+        self._commands.put(Add(request_id, request, priority))
         return stream
 
     async def generate(
@@ -227,7 +215,7 @@ class AsyncEngine:
     def _forget(self, request_id: str) -> None:
         """The consumer left (its stream closed): abort without a last delta."""
         if self._streams.pop(request_id, None) is not None:
-            self._commands.put(_Abort(request_id, notify=False))
+            self._commands.put(Abort(request_id, notify=False))
 
     def _unavailable_reason(self) -> str:
         if self._state is EngineState.LOADING:
@@ -323,6 +311,9 @@ class AsyncEngine:
     # ---- the engine thread ----
 
     def _run(self) -> None:
+        if self._engine_process:
+            self._run_in_process()
+            return
         try:
             self._engine = self._engine_factory()
         except BaseException as error:  # noqa: BLE001 - reported, and the server exits non-zero
@@ -332,76 +323,45 @@ class AsyncEngine:
             self._call_soon(self._on_dead, error)
             return
         self._call_soon(self._on_ready)
-        profile_to = os.environ.get("HEARTH_PROFILE_ENGINE_THREAD")  # bench/served.py
-        profiler = None
-        if profile_to:
-            import cProfile
-
-            profiler = cProfile.Profile()
-            profiler.enable()
+        loop = EngineLoop(self._commands, emit=self._hand_over,
+                          fail=lambda request_id, error: self._call_soon(self._fail, request_id,
+                                                                         error))
         try:
-            self._loop_steps(self._engine)
+            loop.run(self._engine)
         except BaseException as error:  # noqa: BLE001
             logger.critical("the engine thread died", exc_info=error)
             self._call_soon(self._on_dead, error)
         finally:
-            if profiler is not None:
-                profiler.disable()
-                profiler.dump_stats(profile_to)
             try:
                 self._engine.shutdown()
             except Exception:  # noqa: BLE001 - exiting anyway
                 logger.exception("engine shutdown failed")
 
-    def _loop_steps(self, engine: Engine) -> None:
-        while self._apply_commands(engine, block=not engine.has_unfinished_requests()):
-            if not engine.has_unfinished_requests():
-                continue
-            started = time.monotonic()
-            outputs = engine.step()
-            now = time.monotonic()
-            deltas = self._tracker.update(outputs, now)
-            if deltas:
-                self._hand_over(deltas)
-            elif now - started < _IDLE_STEP_S:
-                time.sleep(_IDLE_STEP_S)  # nothing could be scheduled: do not spin a core
+    def _run_in_process(self) -> None:
+        """The engine in its own process; this thread receives its output, another sends it
+        the commands (appliance/engine_process.py)."""
+        from hearth.appliance.engine_process import EngineProcess
 
-    def _apply_commands(self, engine: Engine, block: bool) -> bool:
-        """Run the queued adds and aborts; wait for one when idle. False when told to stop."""
+        process = EngineProcess(self._engine_factory, self._commands, self._log_level)
         try:
-            command = self._commands.get(block=block, timeout=_IDLE_HEALTH_CHECK_S if block
-                                         else None)
-        except queue.Empty:
-            if block:
-                engine.check_health()  # raises: the engine thread dies, the server exits 1
-            return True
-        while True:
-            if command is _STOP:
-                return False
-            if isinstance(command, _Add):
-                self._add(engine, command)
-            else:
-                self._abort_now(engine, command)
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return True
-
-    def _add(self, engine: Engine, command: _Add) -> None:
-        try:
-            engine.add_prepared(command.request_id, command.request, command.priority)
-        except ValueError as error:
-            self._call_soon(self._fail, command.request_id, error)
+            process.wait_ready()
+        except BaseException as error:  # noqa: BLE001 - the engine process logged it
+            process.stop(5)
+            self._call_soon(self._on_dead, error)
             return
-        except Exception as error:  # noqa: BLE001 - this request fails, the others go on
-            logger.exception("adding request %s failed", command.request_id)
-            engine.abort_request(command.request_id)
-            self._call_soon(self._fail, command.request_id, RequestFailedError(str(error)))
-            return
-        self._tracker.start(command.request_id, command.request.params.n)
-
-    def _abort_now(self, engine: Engine, command: _Abort) -> None:
-        engine.abort_request(command.request_id)
-        last = self._tracker.abort(command.request_id, time.monotonic())
-        if command.notify and last is not None:
-            self._hand_over([last])
+        self._engine = process
+        self._call_soon(self._on_ready)
+        sender = threading.Thread(target=process.send_commands, name="hearth-engine-send",
+                                  daemon=True)
+        sender.start()
+        error = process.receive(
+            on_deltas=self._hand_over,
+            on_fail=lambda request_id, error: self._call_soon(self._fail, request_id, error))
+        if error is None and self._state is not EngineState.STOPPED:
+            error = RuntimeError("the engine process stopped unexpectedly")
+        if error is not None:
+            logger.critical("the engine process died: %s", error)
+            self._call_soon(self._on_dead, error)
+        self._commands.put(_STOP)  # the sender, if the engine process died first
+        process.stop(5)
+        sender.join(5)

@@ -70,6 +70,18 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self.num_compiled = 0
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without its lock, cache and llguidance tokenizer (the engine process gets the
+        compiler this way: appliance/engine_process.py); they are rebuilt on first use."""
+        state = dict(self.__dict__)
+        state.update(_lock=None, _lltokenizer=None, _cache=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._cache = OrderedDict()
+
     @property
     def lltokenizer(self) -> Any:
         with self._lock:

@@ -4,6 +4,7 @@ model are in test_api_real.py."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import sys
@@ -23,16 +24,19 @@ KEY = "sk-test-key"
 GOOD_ORIGIN = "http://good.example:3000"
 
 
-@pytest.fixture(scope="module")
-def server():
+@pytest.fixture(scope="module", params=[False, True], ids=["engine-thread", "engine-process"])
+def server(request):
+    """Every test runs against both: the engine on a thread, and in a process of its own
+    (`--engine-process`, appliance/engine_process.py)."""
     settings = Settings(
         api_key=KEY,
         max_num_seqs=2,
         max_queued_requests=2,
         allowed_origins=(GOOD_ORIGIN,),
         no_ui=True,
+        engine_process=request.param,
     )
-    with running_server(settings, lambda: FakeEngine(max_num_seqs=2)) as running:
+    with running_server(settings, functools.partial(FakeEngine, max_num_seqs=2)) as running:
         yield running
 
 

@@ -1,0 +1,273 @@
+"""The engine in its own process (`hearth serve --engine-process`): vLLM V1's split of the API
+server and the engine core.
+
+Why: in one process the engine thread and the event loop take turns under one GIL. On a GPU, where
+a step of 256 sequences takes a few ms, that capped the served path at 29-48% of the offline engine
+(each token ≈ 36 µs of engine Python plus ≈ 40 µs of event-loop Python, docs/benchmarks.md, "The
+served path"). In two processes each side has its own GIL and core.
+
+    API process                                           engine process (spawned)
+    AsyncEngine ── commands ─► sender thread ─► pipe ─►   EngineLoop: add / abort / snapshot,
+                                                          engine.step(), DeltaTracker
+    _hand_over ◄── receiver thread ◄── pipe ◄──────────── one message per step: compact deltas
+
+Messages from the engine process: ("ready", ModelInfo) once the model is loaded (the tokenizer and
+the grammar compiler travel pickled: the API process tokenizes and checks requests itself, as in
+one process), or ("dead", error) if loading or a step failed; then ("deltas", [...]) once per step
+(a delta is a plain tuple; the prompt's token ids stay in the API process, which sent them),
+("fail", request_id, error) for a request the engine refused, ("snapshot", EngineSnapshot) for
+each SnapshotRequest. A compiled grammar holds an llguidance matcher, which does not pickle: the
+request crosses without it and the engine process compiles the same spec again (cached there too).
+
+The engine process ignores SIGINT and SIGTERM (the API process drains, then sends Stop) and dies
+with the API process (PR_SET_PDEATHSIG on Linux; the command pipe's end elsewhere). If it dies,
+the pipe closes and every request in flight fails with 503, and the server exits 1 for its
+supervisor, as when the engine thread dies in one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import pickle
+import queue
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from multiprocessing.connection import Connection
+from typing import Any
+
+from hearth.appliance.deltas import RequestDelta, SampleDelta
+from hearth.appliance.engine_loop import Abort, Add, EngineLoop, SnapshotRequest, Stop
+from hearth.appliance.request_stream import RequestFailedError
+from hearth.engine.prepare import ModelInfo, PreparedRequest
+from hearth.engine.snapshot import EngineSnapshot
+
+logger = logging.getLogger("hearth.engine")
+
+_SNAPSHOT_TIMEOUT_S = 10.0  # a step (a long CPU prefill) may hold the answer this long
+_PR_SET_PDEATHSIG = 1
+
+
+class EngineProcessError(RuntimeError):
+    """The engine process exited without saying why (killed, out of memory, a crash in C)."""
+
+
+class EngineProcess:
+    """The API process's side: spawns the engine process, sends it commands, decodes its output.
+
+    `commands` is the queue the server's event loop puts Add / Abort / Stop on; `send_commands()`
+    (a thread) forwards it down the pipe, `receive()` (another thread) yields what comes back."""
+
+    def __init__(self, factory: Callable[[], Any], commands: queue.Queue[Any],
+                 log_level: str = "info") -> None:
+        ctx = multiprocessing.get_context("spawn")  # CUDA and threads: never fork
+        child_commands, self._to_child = ctx.Pipe(duplex=False)
+        self._from_child, child_outputs = ctx.Pipe(duplex=False)
+        self._commands = commands
+        self.process = ctx.Process(
+            target=_engine_process_main, name="hearth-engine",
+            args=(factory, child_commands, child_outputs, log_level), daemon=False)
+        self.process.start()
+        child_commands.close()  # the child's ends: a dead child then closes the pipes for good
+        child_outputs.close()
+        self.model_info: ModelInfo | None = None
+        self._prompts: dict[str, list[int]] = {}
+        self._snapshot: EngineSnapshot | None = None
+        self._snapshot_lock = threading.Lock()
+        self._snapshot_ready = threading.Event()
+
+    def wait_ready(self) -> ModelInfo:
+        """Block until the model is loaded; raise what stopped it if it could not load."""
+        try:
+            message = self._from_child.recv()
+        except EOFError:
+            raise self._exited() from None
+        if message[0] == "dead":
+            raise message[1]
+        self.model_info = message[1]
+        return self.model_info
+
+    # ---- commands (sender thread) ----
+
+    def send_commands(self) -> None:
+        """Forward the command queue to the engine process until a Stop or a closed pipe."""
+        while True:
+            command = self._commands.get()
+            if isinstance(command, Add):
+                self._prompts[command.request_id] = command.request.token_ids
+                if command.request.grammar is not None:
+                    command = replace(command, request=replace(command.request, grammar=None))
+            elif isinstance(command, Abort) and not command.notify:
+                self._prompts.pop(command.request_id, None)
+            try:
+                self._to_child.send(command)
+            except (BrokenPipeError, ConnectionResetError, EOFError):
+                return  # the engine process is gone: the receiver reports it
+            if isinstance(command, Stop):
+                return
+
+    # ---- output (receiver thread) ----
+
+    def receive(self, on_deltas: Callable[[list[RequestDelta]], None],
+                on_fail: Callable[[str, BaseException], None]) -> BaseException | None:
+        """Dispatch the engine process's messages until it ends; returns its error, if any
+        (None after a Stop)."""
+        while True:
+            try:
+                message = self._from_child.recv()
+            except (EOFError, ConnectionResetError):
+                self.process.join(5)
+                return None if self.process.exitcode == 0 else self._exited()
+            kind = message[0]
+            if kind == "deltas":
+                on_deltas(self._decode(message[1]))
+            elif kind == "fail":
+                self._prompts.pop(message[1], None)
+                on_fail(message[1], message[2])
+            elif kind == "snapshot":
+                self._snapshot = message[1]
+                self._snapshot_ready.set()
+            elif kind == "dead":
+                self.process.join(5)
+                return message[1]
+
+    def _decode(self, items: list[tuple]) -> list[RequestDelta]:
+        prompts = self._prompts
+        deltas = []
+        for request_id, finished, num_cached, time, samples in items:
+            prompt = prompts.pop(request_id, []) if finished else prompts.get(request_id, [])
+            deltas.append(RequestDelta(request_id, [SampleDelta(*s) for s in samples], prompt,
+                                       finished, num_cached, time))
+        return deltas
+
+    def snapshot(self) -> EngineSnapshot | None:
+        """The engine's state, asked of the engine process (answered between two steps)."""
+        if not self.process.is_alive():
+            return self._snapshot
+        with self._snapshot_lock:
+            self._snapshot_ready.clear()
+            self._commands.put(SnapshotRequest())
+            self._snapshot_ready.wait(_SNAPSHOT_TIMEOUT_S)
+            return self._snapshot
+
+    def stop(self, timeout_s: float) -> None:
+        """After Stop: wait for the engine process, then end it if it hangs."""
+        self.process.join(timeout_s)
+        if self.process.is_alive():
+            logger.warning("the engine process did not stop within %.0f s: killing it", timeout_s)
+            self.process.kill()
+            self.process.join(5)
+
+    def _exited(self) -> EngineProcessError:
+        self.process.join(5)
+        return EngineProcessError(f"the engine process exited with code {self.process.exitcode}")
+
+
+# ---- the engine process ----
+
+class _PipeCommands:
+    """Commands from the pipe, as `queue.Queue.get` gives them; a closed pipe reads as Stop."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        try:
+            if not self._conn.poll(timeout if block else 0):
+                raise queue.Empty
+            return self._conn.recv()
+        except (EOFError, ConnectionResetError, BrokenPipeError):
+            return Stop()  # the API process is gone
+
+
+class _Recompiling:
+    """The engine, with a request's grammar compiled again from its spec (see the module doc)."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+
+    def add_prepared(self, request_id: str, request: PreparedRequest, priority: int = 0) -> None:
+        spec = request.params.structured_output
+        if spec is not None and request.grammar is None:
+            grammars = self._engine.model_info.grammars
+            if grammars is None:
+                raise ValueError("this engine has no structured output (grammar) support")
+            request = replace(request, grammar=grammars.compile(spec))
+        self._engine.add_prepared(request_id, request, priority)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
+def _portable(error: BaseException) -> BaseException:
+    """`error`, or an exception of the same meaning that survives pickling (a ValueError stays a
+    400, anything else a 500)."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - an exception class with a custom __init__
+        cls = ValueError if isinstance(error, ValueError) else RequestFailedError
+        return cls(str(error))
+
+
+def _encode(deltas: list[RequestDelta]) -> list[tuple]:
+    return [
+        (d.request_id, d.finished, d.num_cached_tokens, d.time,
+         [(s.index, s.text, s.token_ids, s.logprobs, s.finish_reason, s.stop_reason)
+          for s in d.samples])
+        for d in deltas
+    ]
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except OSError:  # no glibc (musl): the closed command pipe stops the loop instead
+            pass
+
+
+def _engine_process_main(factory: Callable[[], Any], commands: Connection, outputs: Connection,
+                         log_level: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engine = factory()
+    except BaseException as error:  # noqa: BLE001 - reported; the server exits non-zero
+        logger.error("could not load the model: %s", error,
+                     exc_info=not isinstance(error, ValueError))
+        outputs.send(("dead", _portable(error)))
+        return
+    try:
+        outputs.send(("ready", engine.model_info))
+        from hearth.appliance.gc_heap import freeze_heap
+
+        freeze_heap()  # the loaded model's heap, out of every later collection's walk
+        loop = EngineLoop(
+            _PipeCommands(commands),
+            emit=lambda deltas: outputs.send(("deltas", _encode(deltas))),
+            fail=lambda request_id, error: outputs.send(("fail", request_id, _portable(error))),
+            on_snapshot=lambda snapshot: outputs.send(("snapshot", snapshot)),
+        )
+        loop.run(_Recompiling(engine))
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the API process is gone
+    except BaseException as error:  # noqa: BLE001
+        logger.critical("the engine process's loop died", exc_info=error)
+        try:
+            outputs.send(("dead", _portable(error)))
+        except OSError:
+            pass
+    finally:
+        try:
+            engine.shutdown()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            logger.exception("engine shutdown failed")
