@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -145,6 +146,14 @@ class AsyncEngine:
 
     def snapshot(self) -> EngineSnapshot | None:
         return self._engine.snapshot() if self._engine is not None else None
+
+    @property
+    def engine_pid(self) -> int | None:
+        """The process the engine steps in: this one, or the engine process (None: not yet)."""
+        if not self._engine_process:
+            return os.getpid()
+        process = getattr(self._engine, "process", None)
+        return process.pid if process is not None else None
 
     @property
     def num_in_flight(self) -> int:

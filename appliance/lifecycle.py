@@ -68,7 +68,7 @@ class HearthServer(uvicorn.Server):
         if await engine.wait_loaded():
             print(f"Hearth is ready: {self.url}  (OpenAI API: {self.url}v1)", flush=True)
             await engine.wait_dead()
-            logger.error("the engine thread died; exiting with status %d", EXIT_ENGINE_DIED)
+            logger.error("the engine died; exiting with status %d", EXIT_ENGINE_DIED)
         self.exit_code = EXIT_ENGINE_DIED
         self.should_exit = True
 

@@ -293,3 +293,8 @@ class FakeEngine:
 
     def shutdown(self) -> None:
         self.shut_down = True
+
+
+def failing_factory(message: str) -> FakeEngine:
+    """An engine factory that cannot load (a picklable one: it also runs in an engine process)."""
+    raise ValueError(message)

@@ -76,8 +76,8 @@ def test_the_model_uses_it_for_decode_batches_only(monkeypatch):
         # a decode batch's rows get the logits they would get alone (batch invariance)
         torch.testing.assert_close(model.compute_logits(hidden[:cpu_int8.MAX_ROWS])[:1], few,
                                    atol=0, rtol=0)
-        # the int8 row agrees with the 16-bit head's on the same input: its top token is the 16-bit
-        # head's top token or a near-tie of it (a random hidden state has near-ties; CI once drew one)
+        # the int8 row agrees with the 16-bit head's on the same input: its top token is the
+        # 16-bit head's or a near-tie of it (a random hidden state has near-ties; CI drew one)
         exact = many[0].float()
         assert exact[int(few.argmax())] >= exact.max() - 0.25
         torch.testing.assert_close(few.float(), many[:1].float(), atol=0.5, rtol=0.05)

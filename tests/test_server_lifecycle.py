@@ -4,12 +4,15 @@ SIGTERM of a real `hearth serve` process is in test_server_sigterm.py."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import signal
 import threading
 import time
 
 import httpx
+import pytest
 from fake_engine import FakeEngine
 from server_harness import running_server, wait_healthy
 
@@ -51,8 +54,10 @@ def test_health_is_503_until_the_model_is_loaded():
         assert httpx.post(server.url + "v1/completions", json={"prompt": "x"}).is_success
 
 
-def test_engine_death_fails_requests_and_exits_nonzero():
-    with running_server(SETTINGS, lambda: FakeEngine(step_delay_s=0.01)) as server:
+@pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
+def test_engine_death_fails_requests_and_exits_nonzero(engine_process):
+    settings = dataclasses.replace(SETTINGS, engine_process=engine_process)
+    with running_server(settings, functools.partial(FakeEngine, step_delay_s=0.01)) as server:
         body = {"prompt": "x", "max_tokens": 200, "stream": True}
         with httpx.stream("POST", server.url + "v1/completions", json=body) as stream:
             lines = stream.iter_lines()
@@ -67,8 +72,10 @@ def test_engine_death_fails_requests_and_exits_nonzero():
         assert server.server.exit_code == 1
 
 
-def test_sigterm_drains_then_exits_zero():
-    with running_server(SETTINGS, lambda: FakeEngine(step_delay_s=0.01)) as server:
+@pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
+def test_sigterm_drains_then_exits_zero(engine_process):
+    settings = dataclasses.replace(SETTINGS, engine_process=engine_process)
+    with running_server(settings, functools.partial(FakeEngine, step_delay_s=0.01)) as server:
         short = {"prompt": "x", "max_tokens": 20, "stream": True}  # ~0.2 s: finishes
         long = {"prompt": "x", "max_tokens": 240, "stream": True}  # ~2.4 s: aborted at 0.5 s
         with (
