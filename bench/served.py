@@ -19,7 +19,7 @@ model's vocabulary, so every sampled id detokenizes; `--tokenizer DIR` copies DI
 tokenizer.json (e.g. the default model's, for its shape in bench/configs/smollm2-135m).
 
 The served side also prints the server's per-thread CPU seconds (the event loop's and the
-engine thread's). To see where a thread's time goes: HEARTH_PROFILE_ENGINE_THREAD=FILE (the
+engine thread's; with `-- --engine-process`, the engine process's in all). To see where a thread's time goes: HEARTH_PROFILE_ENGINE_THREAD=FILE (the
 server's engine thread under cProfile, written at shutdown) and HEARTH_PROFILE_OFFLINE=FILE (the
 offline side's last run).
 """
@@ -241,6 +241,15 @@ def thread_cpu(pid: int) -> list[tuple[str, float]]:
         name = "loop (main)" if task.name == str(pid) else f"thread {task.name}"
         fields = stat[stat.rindex(")") + 2:].split()
         totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+        # child processes (--engine-process: the engine process), all their threads in one
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            children = []
+        for child in children:
+            name = f"child process {child}"
+            totals[name] = totals.get(name, 0.0) + sum(seconds for _, seconds in
+                                                       thread_cpu(int(child)))
     return sorted(totals.items(), key=lambda item: -item[1])
 
 
