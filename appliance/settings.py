@@ -390,8 +390,8 @@ _OPTIONS = (
         "auto: when the chat template has <think>",
     ),
     _Option("engine_process", _bool, "run the engine in a process of its own (the API server "
-            "and the engine each get a GIL and a core): for high request rates on a GPU; "
-            "starts ~1 s slower", flag=True),
+            "and the engine each get a GIL and a core): for many concurrent streams on a GPU",
+            flag=True),
     _Option("no_ui", _bool, "serve the API only, without the browser UI", flag=True),
     _Option("log_level", _choice(_LOG_LEVELS), "log level"),
     _Option("access_log", _bool, "log every HTTP request", flag=True),
