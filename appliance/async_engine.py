@@ -351,7 +351,12 @@ class AsyncEngine:
         the commands (appliance/engine_process.py)."""
         from hearth.appliance.engine_process import EngineProcess
 
-        process = EngineProcess(self._engine_factory, self._commands, self._log_level)
+        try:
+            process = EngineProcess(self._engine_factory, self._commands, self._log_level)
+        except Exception as error:  # noqa: BLE001 - e.g. a factory that does not pickle
+            logger.error("could not start the engine process: %s", error)
+            self._call_soon(self._on_dead, error)
+            return
         try:
             process.wait_ready()
         except BaseException as error:  # noqa: BLE001 - the engine process logged it

@@ -129,3 +129,11 @@ def test_the_default_model_answers_the_same_through_the_engine_process():
     assert set(person) == {"name", "age"} and isinstance(person["age"], int)
     assert process["kv_usage"] == 0.0 and process["blocks_used"] == 0
     assert process["prompt_tokens"] > 0
+
+
+def test_a_factory_that_does_not_pickle_is_reported_not_hung():
+    with running_server(FAKE, lambda: FakeEngine(), wait_ready=False) as server:
+        _wait(lambda: server.context.engine.error is not None, timeout_s=30)
+        assert "pickle" in str(server.context.engine.error).lower()
+        server.thread.join(10)
+        assert server.server.exit_code == 1
