@@ -19,10 +19,10 @@ one process), or ("dead", error) if loading or a step failed; then ("deltas", [.
 each SnapshotRequest. A compiled grammar holds an llguidance matcher, which does not pickle: the
 request crosses without it and the engine process compiles the same spec again (cached there too).
 
-The engine process ignores SIGINT and SIGTERM (the API process drains, then sends Stop) and dies
-with the API process (PR_SET_PDEATHSIG on Linux; the command pipe's end elsewhere). If it dies,
-the pipe closes and every request in flight fails with 503, and the server exits 1 for its
-supervisor, as when the engine thread dies in one process.
+The engine process ignores SIGINT, SIGTERM and SIGHUP (the API process drains, then sends Stop;
+it reloads its keys file on SIGHUP), and it dies with the API process (PR_SET_PDEATHSIG on Linux;
+the command pipe's end elsewhere). If it dies, the pipe closes, every request in flight fails with
+503, and the server exits 1 for its supervisor, as when the engine thread dies in one process.
 """
 
 from __future__ import annotations
@@ -234,8 +234,9 @@ def _die_with_parent() -> None:
 
 def _engine_process_main(factory: Callable[[], Any], commands: Connection, outputs: Connection,
                          log_level: str) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # SIGHUP: the API process reloads keys on it
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     _die_with_parent()
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

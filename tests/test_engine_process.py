@@ -76,13 +76,15 @@ def test_a_model_that_cannot_load_in_the_engine_process_is_reported():
         assert server.server.exit_code == 1
 
 
-def test_the_engine_process_ignores_sigint_and_sigterm():
-    """The API process drains on SIGTERM and then stops the engine: a signal to the whole group
-    (systemd, Ctrl-C) must not kill the engine under the streams being drained."""
+def test_the_engine_process_ignores_sigint_sigterm_and_sighup():
+    """The API process drains on SIGTERM and then stops the engine, and reloads its keys on
+    SIGHUP: a signal to the whole group (systemd, Ctrl-C, a closed terminal) must not kill the
+    engine under the streams being drained."""
     with running_server(FAKE, functools.partial(FakeEngine, step_delay_s=0.001)) as server:
         pid = server.context.engine.engine_pid
         os.kill(pid, signal.SIGTERM)
         os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGHUP)
         time.sleep(0.3)
         answer = httpx.post(server.url + "v1/completions", json={"prompt": "x", "max_tokens": 3})
         assert answer.status_code == 200
