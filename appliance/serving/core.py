@@ -119,6 +119,9 @@ class ChunkWriter:
         """`self([{index, text, logprobs: None, finish_reason, stop_reason}])`, the same bytes,
         without building the dicts: each streamed token of /v1/completions comes here."""
         encode = _ENCODER.encode
+        if finish_reason is None and stop_reason is None:  # every chunk but the last
+            return (f'{self._head}[{{"index":{index},"text":{encode(text)},"logprobs":null,'
+                    f'"finish_reason":null,"stop_reason":null}}]{self._tail}')
         return (f'{self._head}[{{"index":{index},"text":{encode(text)},"logprobs":null,'
                 f'"finish_reason":{encode(finish_reason)},"stop_reason":{encode(stop_reason)}}}]'
                 f'{self._tail}')
