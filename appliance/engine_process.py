@@ -28,12 +28,14 @@ the command pipe's end elsewhere). If it dies, the pipe closes, every request in
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import pickle
 import queue
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.connection import Connection
@@ -48,6 +50,7 @@ from hearth.engine.snapshot import EngineSnapshot
 logger = logging.getLogger("hearth.engine")
 
 _SNAPSHOT_TIMEOUT_S = 10.0  # a step (a long CPU prefill) may hold the answer this long
+_SNAPSHOT_SHARED_S = 0.02  # an answer this fresh serves the next reader too
 _PR_SET_PDEATHSIG = 1
 
 
@@ -76,6 +79,7 @@ class EngineProcess:
         self.model_info: ModelInfo | None = None
         self._prompts: dict[str, list[int]] = {}
         self._snapshot: EngineSnapshot | None = None
+        self._snapshot_at = -math.inf
         self._snapshot_lock = threading.Lock()
         self._snapshot_ready = threading.Event()
 
@@ -128,7 +132,7 @@ class EngineProcess:
                 self._prompts.pop(message[1], None)
                 on_fail(message[1], message[2])
             elif kind == "snapshot":
-                self._snapshot = message[1]
+                self._snapshot, self._snapshot_at = message[1], time.monotonic()
                 self._snapshot_ready.set()
             elif kind == "dead":
                 self.process.join(5)
@@ -137,17 +141,20 @@ class EngineProcess:
     def _decode(self, items: list[tuple]) -> list[RequestDelta]:
         prompts = self._prompts
         deltas = []
-        for request_id, finished, num_cached, time, samples in items:
+        for request_id, finished, num_cached, ended_at, samples in items:
             prompt = prompts.pop(request_id, []) if finished else prompts.get(request_id, [])
             deltas.append(RequestDelta(request_id, [SampleDelta(*s) for s in samples], prompt,
-                                       finished, num_cached, time))
+                                       finished, num_cached, ended_at))
         return deltas
 
     def snapshot(self) -> EngineSnapshot | None:
-        """The engine's state, asked of the engine process (answered between two steps)."""
+        """The engine's state, asked of the engine process (answered between two steps); readers
+        that come together (the monitor, a /metrics scrape) share one answer."""
         if not self.process.is_alive():
             return self._snapshot
         with self._snapshot_lock:
+            if time.monotonic() - self._snapshot_at < _SNAPSHOT_SHARED_S:
+                return self._snapshot
             self._snapshot_ready.clear()
             self._commands.put(SnapshotRequest())
             self._snapshot_ready.wait(_SNAPSHOT_TIMEOUT_S)
