@@ -27,6 +27,7 @@ the command pipe's end elsewhere). If it dies, the pipe closes, every request in
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import multiprocessing
@@ -76,6 +77,10 @@ class EngineProcess:
         self.process.start()
         child_commands.close()  # the child's ends: a dead child then closes the pipes for good
         child_outputs.close()
+        # A forced exit (a second SIGTERM while draining) skips the server's shutdown; Python's
+        # exit then joins the (non-daemonic) engine process, which waits for commands: stop it
+        # first (atexit runs this before multiprocessing's own handler, registered earlier).
+        atexit.register(self._stop_at_exit)
         self.model_info: ModelInfo | None = None
         self._prompts: dict[str, list[int]] = {}
         self._snapshot: EngineSnapshot | None = None
@@ -108,8 +113,8 @@ class EngineProcess:
                 self._prompts.pop(command.request_id, None)
             try:
                 self._to_child.send(command)
-            except (BrokenPipeError, ConnectionResetError, EOFError):
-                return  # the engine process is gone: the receiver reports it
+            except (OSError, EOFError):
+                return  # the engine process is gone (the receiver reports it), or we exit
             if isinstance(command, Stop):
                 return
 
@@ -167,6 +172,12 @@ class EngineProcess:
             logger.warning("the engine process did not stop within %.0f s: killing it", timeout_s)
             self.process.kill()
             self.process.join(5)
+        atexit.unregister(self._stop_at_exit)
+
+    def _stop_at_exit(self) -> None:
+        if self.process.is_alive():
+            self._to_child.close()  # the engine process reads the closed pipe as Stop
+            self.stop(10)
 
     def _exited(self) -> EngineProcessError:
         self.process.join(5)

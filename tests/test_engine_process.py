@@ -12,7 +12,10 @@ import functools
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -139,3 +142,47 @@ def test_a_factory_that_does_not_pickle_is_reported_not_hung():
         assert "pickle" in str(server.context.engine.error).lower()
         server.thread.join(10)
         assert server.server.exit_code == 1
+
+
+_SERVE = """
+import functools, sys
+sys.path.insert(0, {tests!r})
+from fake_engine import FakeEngine
+from hearth.appliance.settings import Settings
+from hearth.cli import serve
+settings = Settings(port=0, no_ui=True, log_level="warning", engine_process=True,
+                    shutdown_timeout=30)
+sys.exit(serve(settings, functools.partial(FakeEngine, step_delay_s=0.02)))
+"""
+
+
+def _spawned_child(pid: int) -> int:
+    """The engine process: the child of `pid` that multiprocessing spawned (not its resource
+    tracker)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    raise AssertionError("no engine process")
+
+
+def test_a_forced_exit_still_stops_the_engine_process():
+    """A second SIGTERM while draining (systemd's, or `timeout` signalling the whole group)
+    makes the server exit at once, past its shutdown: the engine process must go too, and the
+    server must not hang joining it."""
+    code = _SERVE.format(tests=str(Path(__file__).parent))
+    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        url = next(line.split()[3] for line in server.stdout if line.startswith("Hearth is ready"))
+        engine_pid = _spawned_child(server.pid)
+        body = {"prompt": "x", "max_tokens": 200, "stream": True}
+        with httpx.stream("POST", url + "v1/completions", json=body) as stream:
+            next(stream.iter_lines())
+            server.send_signal(signal.SIGTERM)  # drains: the stream may run 30 s
+            time.sleep(0.3)
+            server.send_signal(signal.SIGTERM)  # forced
+            server.wait(30)
+        _wait(lambda: _gone(engine_pid), timeout_s=15)
+    finally:
+        server.kill()
+        server.wait(10)
