@@ -53,6 +53,7 @@ logger = logging.getLogger("hearth.engine")
 _SNAPSHOT_TIMEOUT_S = 10.0  # a step (a long CPU prefill) may hold the answer this long
 _SNAPSHOT_SHARED_S = 0.02  # an answer this fresh serves the next reader too
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 
 
 class EngineProcessError(RuntimeError):
@@ -241,13 +242,16 @@ def _encode(deltas: list[RequestDelta]) -> list[tuple]:
 
 
 def _die_with_parent() -> None:
+    """SIGKILL when the API process dies, and the name `hearth-engine` in top and ps -L."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
         except OSError:  # no glibc (musl): the closed command pipe stops the loop instead
-            pass
+            return
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc.prctl(_PR_SET_NAME, b"hearth-engine")
 
 
 def _engine_process_main(factory: Callable[[], Any], commands: Connection, outputs: Connection,
@@ -256,8 +260,8 @@ def _engine_process_main(factory: Callable[[], Any], commands: Connection, outpu
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
     _die_with_parent()
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(  # the API process's format, marked as the engine process's lines
+        level=log_level.upper(), format="%(asctime)s engine %(levelname)s %(name)s: %(message)s")
     try:
         engine = factory()
     except BaseException as error:  # noqa: BLE001 - reported; the server exits non-zero

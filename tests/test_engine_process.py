@@ -40,6 +40,8 @@ def test_the_engine_runs_in_another_process_and_stops_with_the_server():
         pid = server.context.engine.engine_pid
         assert pid is not None and pid != os.getpid()
         os.kill(pid, 0)  # alive
+        if sys.platform.startswith("linux"):  # operators see it by name in top and ps
+            assert Path(f"/proc/{pid}/comm").read_text().strip() == "hearth-engine"
         answer = httpx.post(server.url + "v1/completions", json={"prompt": "x", "max_tokens": 3})
         assert answer.status_code == 200
     _wait(lambda: _gone(pid))
