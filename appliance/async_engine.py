@@ -368,9 +368,12 @@ class AsyncEngine:
         sender = threading.Thread(target=process.send_commands, name="hearth-engine-send",
                                   daemon=True)
         sender.start()
-        error = process.receive(
-            on_deltas=self._hand_over,
-            on_fail=lambda request_id, error: self._call_soon(self._fail, request_id, error))
+        try:
+            error = process.receive(
+                on_deltas=self._hand_over,
+                on_fail=lambda request_id, error: self._call_soon(self._fail, request_id, error))
+        except BaseException as failure:  # noqa: BLE001 - e.g. a message that did not unpickle
+            error = failure
         if error is None and self._state is not EngineState.STOPPED:
             error = RuntimeError("the engine process stopped unexpectedly")
         if error is not None:

@@ -93,7 +93,7 @@ class EngineProcess:
         """Block until the model is loaded; raise what stopped it if it could not load."""
         try:
             message = self._from_child.recv()
-        except EOFError:
+        except (EOFError, ConnectionResetError):
             raise self._exited() from None
         if message[0] == "dead":
             raise message[1]
