@@ -5,6 +5,7 @@ per-key /metrics, the audit log, reload without dropping streams, fair share und
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -211,12 +212,15 @@ def test_three_keys_under_overload_share_by_weight_and_quota(tmp_path):
         assert metric(text, 'vllm:key_requests_running{key="heavy"}') == 0
 
 
-def test_light_key_finishes_while_heavy_key_floods(tmp_path):
+@pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
+def test_light_key_finishes_while_heavy_key_floods(tmp_path, engine_process):
+    """Also with the engine in its own process: the key's share travels with the request."""
     path = tmp_path / "keys.toml"
     keys = {"heavy": write_key(path, "heavy"), "light": write_key(path, "light")}
     settings = Settings(api_keys_file=str(path), max_num_seqs=2, max_queued_requests=400,
-                        no_ui=True)
-    with running_server(settings, lambda: FakeEngine(max_num_seqs=2, step_delay_s=0.01)) as srv:
+                        no_ui=True, engine_process=engine_process)
+    factory = functools.partial(FakeEngine, max_num_seqs=2, step_delay_s=0.01)
+    with running_server(settings, factory) as srv:
 
         async def scenario() -> tuple[list, list]:
             async with httpx.AsyncClient(base_url=srv.url, timeout=120,

@@ -4,6 +4,7 @@ model and the official client are in test_ollama_api.py."""
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -18,10 +19,12 @@ from hearth.appliance.settings import Settings
 MODEL = "fake-model"
 
 
-@pytest.fixture(scope="module")
-def server():
-    settings = Settings(max_num_seqs=2, max_queued_requests=2, no_ui=True)
-    with running_server(settings, lambda: FakeEngine(max_num_seqs=2)) as running:
+@pytest.fixture(scope="module", params=[False, True], ids=["engine-thread", "engine-process"])
+def server(request):
+    """Every test of the Ollama API runs with the engine on a thread and in its own process."""
+    settings = Settings(max_num_seqs=2, max_queued_requests=2, no_ui=True,
+                        engine_process=request.param)
+    with running_server(settings, functools.partial(FakeEngine, max_num_seqs=2)) as running:
         yield running
 
 
