@@ -45,12 +45,15 @@ measured = {"tokens_per_s": 10.0}  # updated by the first chat test (CI machines
 # ---- the real server, with an API key: the UI is no way around it ----
 
 
-@pytest.fixture(scope="module")
-def server():
+@pytest.fixture(scope="module", params=[False, True], ids=["engine-thread", "engine-process"])
+def server(request):
+    """The UI over both: the engine on the server's thread, and in its own process (the monitor
+    then reads its snapshots through the pipe)."""
     from hearth.ui.app import mount_ui
 
     # n-gram speculation on: greedy answers are unchanged, and the monitor shows its acceptance
-    settings = Settings(port=0, api_key=API_KEY, max_num_seqs=4, speculative="ngram")
+    settings = Settings(port=0, api_key=API_KEY, max_num_seqs=4, speculative="ngram",
+                        engine_process=request.param)
     sock = bind("127.0.0.1", 0)
     app = create_app(settings, engine_factory(settings))
     mount_ui(app, app.state.hearth)
