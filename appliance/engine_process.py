@@ -18,6 +18,8 @@ one process), or ("dead", error) if loading or a step failed; then ("deltas", [.
 ("fail", request_id, error) for a request the engine refused, ("snapshot", EngineSnapshot) for
 each SnapshotRequest. A compiled grammar holds an llguidance matcher, which does not pickle: the
 request crosses without it and the engine process compiles the same spec again (cached there too).
+Times (a delta's `time`, a snapshot's `taken_at`) are the engine process's `time.monotonic()`, a
+clock the whole machine shares, so TTFT and inter-token gaps are measured as in one process.
 
 The engine process ignores SIGINT, SIGTERM and SIGHUP (the API process drains, then sends Stop;
 it reloads its keys file on SIGHUP), and it dies with the API process (PR_SET_PDEATHSIG on Linux;
