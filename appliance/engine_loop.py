@@ -67,11 +67,15 @@ class EngineLoop:
         emit: Callable[[list[RequestDelta]], None],
         fail: Callable[[str, BaseException], None],
         on_snapshot: Callable[[EngineSnapshot], None] | None = None,
+        prepare: Callable[[PreparedRequest], PreparedRequest] | None = None,
     ) -> None:
+        """`prepare`: applied to each request before the engine takes it (the engine process
+        compiles its grammar there); a ValueError it raises fails that request."""
         self._commands = commands
         self._emit = emit
         self._fail = fail
         self._on_snapshot = on_snapshot
+        self._prepare = prepare
         self._tracker = DeltaTracker()
 
     def run(self, engine: Any) -> None:
@@ -129,7 +133,8 @@ class EngineLoop:
 
     def _add(self, engine: Any, command: Add) -> None:
         try:
-            engine.add_prepared(command.request_id, command.request, command.priority)
+            request = command.request if self._prepare is None else self._prepare(command.request)
+            engine.add_prepared(command.request_id, request, command.priority)
         except ValueError as error:
             self._fail(command.request_id, error)
             return

@@ -22,7 +22,7 @@ Times (a delta's `time`, a snapshot's `taken_at`) are the engine process's `time
 clock the whole machine shares, so TTFT and inter-token gaps are measured as in one process.
 
 The engine process ignores SIGINT, SIGTERM and SIGHUP (the API process drains, then sends Stop;
-it reloads its keys file on SIGHUP), and it dies with the API process (PR_SET_PDEATHSIG on Linux;
+it reloads its keys file on SIGHUP), and it dies with the API process (engine/child_process.py;
 the command pipe's end elsewhere). If it dies, the pipe closes, every request in flight fails with
 503, and the server exits 1 for its supervisor, as when the engine thread dies in one process.
 """
@@ -35,8 +35,6 @@ import math
 import multiprocessing
 import pickle
 import queue
-import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +45,7 @@ from typing import Any
 from hearth.appliance.deltas import RequestDelta, SampleDelta
 from hearth.appliance.engine_loop import Abort, Add, EngineLoop, SnapshotRequest, Stop
 from hearth.appliance.request_stream import RequestFailedError
+from hearth.engine.child_process import guard_child_process
 from hearth.engine.prepare import ModelInfo, PreparedRequest
 from hearth.engine.snapshot import EngineSnapshot
 
@@ -54,8 +53,6 @@ logger = logging.getLogger("hearth.engine")
 
 _SNAPSHOT_TIMEOUT_S = 10.0  # a step (a long CPU prefill) may hold the answer this long
 _SNAPSHOT_SHARED_S = 0.02  # an answer this fresh serves the next reader too
-_PR_SET_PDEATHSIG = 1
-_PR_SET_NAME = 15
 
 
 class EngineProcessError(RuntimeError):
@@ -204,23 +201,18 @@ class _PipeCommands:
             return Stop()  # the API process is gone
 
 
-class _Recompiling:
-    """The engine, with a request's grammar compiled again from its spec (see the module doc)."""
+def _compile_again(grammars: Any) -> Callable[[PreparedRequest], PreparedRequest]:
+    """The request with its grammar compiled again from its spec (see the module doc)."""
 
-    def __init__(self, engine: Any) -> None:
-        self._engine = engine
-
-    def add_prepared(self, request_id: str, request: PreparedRequest, priority: int = 0) -> None:
+    def prepare(request: PreparedRequest) -> PreparedRequest:
         spec = request.params.structured_output
-        if spec is not None and request.grammar is None:
-            grammars = self._engine.model_info.grammars
-            if grammars is None:
-                raise ValueError("this engine has no structured output (grammar) support")
-            request = replace(request, grammar=grammars.compile(spec))
-        self._engine.add_prepared(request_id, request, priority)
+        if spec is None or request.grammar is not None:
+            return request
+        if grammars is None:
+            raise ValueError("this engine has no structured output (grammar) support")
+        return replace(request, grammar=grammars.compile(spec))
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
+    return prepare
 
 
 def _portable(error: BaseException) -> BaseException:
@@ -243,25 +235,9 @@ def _encode(deltas: list[RequestDelta]) -> list[tuple]:
     ]
 
 
-def _die_with_parent() -> None:
-    """SIGKILL when the API process dies, and the name `hearth-engine` in top and ps -L."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        except OSError:  # no glibc (musl): the closed command pipe stops the loop instead
-            return
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        libc.prctl(_PR_SET_NAME, b"hearth-engine")
-
-
 def _engine_process_main(factory: Callable[[], Any], commands: Connection, outputs: Connection,
                          log_level: str) -> None:
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # SIGHUP: the API process reloads keys on it
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
-    _die_with_parent()
+    guard_child_process("hearth-engine")  # signals to the group ignored, dies with the server
     logging.basicConfig(  # the API process's format, marked as the engine process's lines
         level=log_level.upper(), format="%(asctime)s engine %(levelname)s %(name)s: %(message)s")
     try:
@@ -281,8 +257,9 @@ def _engine_process_main(factory: Callable[[], Any], commands: Connection, outpu
             emit=lambda deltas: outputs.send(("deltas", _encode(deltas))),
             fail=lambda request_id, error: outputs.send(("fail", request_id, _portable(error))),
             on_snapshot=lambda snapshot: outputs.send(("snapshot", snapshot)),
+            prepare=_compile_again(engine.model_info.grammars),
         )
-        loop.run(_Recompiling(engine))
+        loop.run(engine)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the API process is gone
     except BaseException as error:  # noqa: BLE001

@@ -101,6 +101,8 @@ class EventStream:
             stream.close()
 
 
+_NO_REASONS = '"finish_reason":null,"stop_reason":null'
+
 @dataclass(frozen=True)
 class ChunkWriter:
     """The SSE chunks of one streamed response: the fields every chunk repeats, fixed once."""
@@ -119,12 +121,11 @@ class ChunkWriter:
         """`self([{index, text, logprobs: None, finish_reason, stop_reason}])`, the same bytes,
         without building the dicts: each streamed token of /v1/completions comes here."""
         encode = _ENCODER.encode
-        if finish_reason is None and stop_reason is None:  # every chunk but the last
-            return (f'{self._head}[{{"index":{index},"text":{encode(text)},"logprobs":null,'
-                    f'"finish_reason":null,"stop_reason":null}}]{self._tail}')
+        reasons = (_NO_REASONS if finish_reason is None and stop_reason is None  # all but the last
+                   else f'"finish_reason":{encode(finish_reason)},'
+                        f'"stop_reason":{encode(stop_reason)}')
         return (f'{self._head}[{{"index":{index},"text":{encode(text)},"logprobs":null,'
-                f'"finish_reason":{encode(finish_reason)},"stop_reason":{encode(stop_reason)}}}]'
-                f'{self._tail}')
+                f'{reasons}}}]{self._tail}')
 
     @functools.cached_property
     def _head(self) -> str:

@@ -5,26 +5,24 @@ the engine in the main process.
 - A worker that dies unexpectedly is logged once, with its rank, pid and exit code; the driver's
   next step (or its idle health check) raises, which runs the engine-death path (/health 503,
   exit non-zero, systemd restarts the service).
-- Workers ignore SIGINT / SIGTERM (the main process drains, then stops them) and die with the main
-  process (PR_SET_PDEATHSIG on Linux), so no worker outlives the service.
+- Workers ignore SIGINT / SIGTERM / SIGHUP (the main process drains, then stops them) and die with
+  the main process (PR_SET_PDEATHSIG on Linux), so no worker outlives the service
+  (engine/child_process.py).
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
-import signal
-import sys
 import threading
 from collections.abc import Callable
 
+from hearth.engine.child_process import guard_child_process
 from hearth.engine.config import EngineConfig
 from hearth.engine.distributed.communicator import CommConfig
 
 logger = logging.getLogger(__name__)
-_PR_SET_PDEATHSIG = 1
 
 
 class WorkerGroup:
@@ -85,19 +83,11 @@ def _for_rank(comm: CommConfig, rank: int) -> CommConfig:
     return CommConfig(rank, comm.world_size, comm.init_method, comm.backend, comm.timeout_s)
 
 
-def _die_with_parent() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def _bootstrap(entry: Callable[[EngineConfig, CommConfig], None], config: EngineConfig,
                comm_config: CommConfig) -> None:
     """A worker process: signals and parent-death first, then `entry` (model_builder's
     run_tp_worker: its share of the model, then the driver's steps until STOP)."""
-    _die_with_parent()
+    guard_child_process()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp{comm_config.rank} "
                         "%(levelname)s %(name)s: %(message)s")
     entry(config, comm_config)
