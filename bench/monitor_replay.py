@@ -101,7 +101,8 @@ def record(args: argparse.Namespace, server_args: list[str]) -> None:
                 timeout=3600.0)
             requests = serve_bench.build_requests(argparse.Namespace(
                 seed=0, num_prompts=args.num_prompts, input_len=args.input_len,
-                output_len=args.output_len, range_ratio=0.5, token_low=100, token_high=args.token_high))
+                output_len=args.output_len, range_ratio=0.5, token_low=100,
+                token_high=args.token_high))
             load = threading.Thread(target=_load, args=(client, model, requests), daemon=True)
             load.start()
             frames = _sample(context, args.seconds)

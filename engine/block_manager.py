@@ -265,6 +265,8 @@ class BlockManager:
         """Make room for `num_new_tokens` more tokens of `seq`, after attaching `prefix` (admit).
 
         All or nothing: returns False and changes nothing when too few blocks are free."""
+        if prefix is None and num_new_tokens == 1 and self._fits_in_place(seq):
+            return True  # a decode token in its own last block: every step, every sequence
         num_computed = seq.num_computed_tokens if prefix is None else prefix.num_tokens
         hit_ids = () if prefix is None else prefix.block_ids
         num_loaded = 0 if prefix is None else len(prefix.loaded)
@@ -283,6 +285,15 @@ class BlockManager:
             seq.block_ids.append(self._take_free_block())
         self._holders[seq.seq_id] = seq
         return True
+
+    def _fits_in_place(self, seq: Sequence) -> bool:
+        """The next token's slot is in a block `seq` already holds, which needs no copy on
+        write (unshared, or registered: what `allocate` would find with no work to do)."""
+        index = seq.num_computed_tokens // self.block_size
+        if index >= len(seq.block_ids) or seq.seq_id not in self._holders:
+            return False
+        block = self._blocks[seq.block_ids[index]]
+        return block.ref_count == 1 or block.key is not None
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """`child` shares all of `parent`'s blocks; a shared partial block is copied on write."""

@@ -7,6 +7,10 @@ token before it, so the new text is found by decoding a short window twice (as v
                  ^prefix_offset  ^read_offset
     new = decode(ids[prefix:]) minus decode(ids[prefix:read])   (held back while it ends in U+FFFD)
 
+Where the tokenizer offers it (engine/tokenizer.py `decode_stream`: tokenizers' DecodeStream), the
+same algorithm runs natively, one call per token; the Python form stays for other tokenizers and as
+the reference the tests compare it with.
+
 Stop strings may span tokens: the full text is searched around the newly added characters. While a
 sequence runs, the visible text holds back the last (longest stop string - 1) characters, which
 could still turn out to be the start of a stop string.
@@ -29,9 +33,18 @@ class IncrementalDetokenizer:
         self.output_text = ""
         self.stop_reason: str | None = None
         self._holdback = max((len(s) for s in params.stop), default=1) - 1
+        stream = getattr(tokenizer, "decode_stream", None)
+        self._step = None if stream is None else stream(self.ids, params.skip_special_tokens)
 
     def add_token(self, token_id: int) -> bool:
         """Append one output token; True when a stop string ended the sequence."""
+        if self._step is not None:
+            text = self._step(token_id)
+            if not text:
+                return False
+            old_len = len(self.output_text)
+            self.output_text += text
+            return self._check_stop(old_len)
         self.ids.append(token_id)
         skip = self.params.skip_special_tokens
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], skip)

@@ -61,3 +61,58 @@ def test_hold_back_releases_text_when_finished(tokenizer):
     assert not stopped
     assert len(visible[-1]) < len(detok.output_text)
     assert detok.visible_text(finished=True) == "Short reply"
+
+
+# ---- the native stream (tokenizers' DecodeStream) against the Python window ----
+
+class _PythonOnly:
+    """The same tokenizer without `decode_stream`: the detokenizer's Python window."""
+
+    def __init__(self, tokenizer) -> None:
+        self.decode = tokenizer.decode
+
+
+def _vocabularies():
+    from pathlib import Path
+
+    from gguf import GGUFReader
+
+    from hearth.engine.tokenizer import Tokenizer
+
+    data = Path(__file__).parent / "data" / "gguf"
+    yield "default (byte-level BPE)", load_model_source(resolve_model(None)).tokenizer
+    for name in ("llama-F16.gguf", "gemma2-F16.gguf", "phi3-F16.gguf"):  # SentencePiece kinds
+        yield name, Tokenizer.from_gguf_metadata(GGUFReader(data / name))
+
+
+HARD = [*TEXTS, " leading space", "\n\nnewlines first", "byte fallback: \u2603\u0000\U0001f600"]
+
+
+@pytest.mark.parametrize("skip_special", [True, False])
+def test_native_stream_equals_the_python_window(skip_special):
+    for name, tok in _vocabularies():
+        assert tok.decode_stream([1], skip_special) is not None, name  # the lock's tokenizers
+        for prompt in ("", "Say:", "Say: "):
+            for text in HARD:
+                ids = tok.encode(text, add_special_tokens=False)
+                ids = [*ids, *tok.eos_token_ids, 10**7]  # a special token, an id past the vocab
+                params = SamplingParams(stop=["zz"], skip_special_tokens=skip_special)
+                native = IncrementalDetokenizer(tok, tok.encode(prompt), params)
+                python = IncrementalDetokenizer(_PythonOnly(tok), tok.encode(prompt), params)
+                for token_id in ids:
+                    assert native.add_token(token_id) == python.add_token(token_id)
+                    assert native.output_text == python.output_text, (name, prompt, text)
+
+
+def test_native_stream_stops_like_the_python_window(tokenizer):
+    params = SamplingParams(stop=["forty-two"])
+    ids = tokenizer.encode("The answer is forty-two, and that is final.")
+    native = IncrementalDetokenizer(tokenizer, tokenizer.encode("Q:"), params)
+    python = IncrementalDetokenizer(_PythonOnly(tokenizer), tokenizer.encode("Q:"), params)
+    for token_id in ids:
+        stopped = native.add_token(token_id)
+        assert python.add_token(token_id) == stopped
+        if stopped:
+            break
+    assert stopped and native.stop_reason == python.stop_reason == "forty-two"
+    assert native.output_text == python.output_text == "The answer is "
