@@ -38,14 +38,21 @@ class IncrementalDetokenizer:
 
     def add_token(self, token_id: int) -> bool:
         """Append one output token; True when a stop string ended the sequence."""
-        if self._step is not None:
-            text = self._step(token_id)
-            if not text:
-                return False
-            old_len = len(self.output_text)
-            self.output_text += text
-            return self._check_stop(old_len)
         self.ids.append(token_id)
+        if self._step is not None:
+            try:
+                text = self._step(token_id)
+            except Exception:  # noqa: BLE001 - tokenizers' "Invalid prefix encountered"
+                # A token changed text already decoded (byte fallback, random ids): the stream
+                # refuses; the Python window, whose offsets were kept in step, takes over.
+                self._step = None
+            else:
+                if not text:
+                    return False
+                old_len = len(self.output_text)
+                self.output_text += text
+                self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+                return self._check_stop(old_len)
         skip = self.params.skip_special_tokens
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], skip)
         full = self.tokenizer.decode(self.ids[self.prefix_offset :], skip)

@@ -172,9 +172,13 @@ class Tokenizer:
         """`step(token_id)`: the new text each output token adds after `context_ids` (None while
         a character is incomplete, or for an id the vocabulary lacks): tokenizers' DecodeStream,
         the same window algorithm as engine/detokenizer.py's in one native call per token (3x
-        cheaper). None where this tokenizers cannot prime a stream with context (before 0.22)."""
+        cheaper). None where this tokenizers cannot prime a stream with context (before 0.22), or
+        where the context ends mid-character (the stream then emits the broken character again)."""
+        context_ids = list(context_ids)
+        if "\ufffd" in self._backend.decode(context_ids, skip_special_tokens=skip_special_tokens):
+            return None  # a context ending mid-character: the stream would repeat its bytes
         try:
-            stream = decoders.DecodeStream(ids=list(context_ids),
+            stream = decoders.DecodeStream(ids=context_ids,
                                            skip_special_tokens=skip_special_tokens)
         except TypeError:
             return None

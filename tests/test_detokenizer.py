@@ -104,6 +104,24 @@ def test_native_stream_equals_the_python_window(skip_special):
                     assert native.output_text == python.output_text, (name, prompt, text)
 
 
+def test_native_stream_equals_the_python_window_on_random_ids():
+    """Random ids (what a model with random weights samples) make tokenizers' stream refuse a
+    token now and then ("Invalid prefix encountered"): the detokenizer goes on in Python, with
+    the same text."""
+    import random
+
+    rng = random.Random(0)
+    for name, tok in _vocabularies():
+        vocab = tok._backend.get_vocab_size()
+        for _ in range(100):
+            ids = [rng.randrange(vocab) for _ in range(60)]
+            native = IncrementalDetokenizer(tok, [rng.randrange(vocab)], SamplingParams())
+            python = IncrementalDetokenizer(_PythonOnly(tok), native.ids[:1], SamplingParams())
+            for token_id in ids:
+                assert native.add_token(token_id) == python.add_token(token_id)
+            assert native.output_text == python.output_text, name
+
+
 def test_native_stream_stops_like_the_python_window(tokenizer):
     params = SamplingParams(stop=["forty-two"])
     ids = tokenizer.encode("The answer is forty-two, and that is final.")
