@@ -351,6 +351,8 @@ class AsyncEngine:
         the commands (appliance/engine_process.py)."""
         from hearth.appliance.engine_process import EngineProcess
 
+        logger.info("the engine steps in a process of its own (--engine-process; `off` keeps it "
+                    "on a thread of this one)")
         try:
             process = EngineProcess(self._engine_factory, self._commands, self._log_level)
         except Exception as error:  # noqa: BLE001 - e.g. a factory that does not pickle

@@ -104,6 +104,43 @@ def test_bad_flag_exits_with_usage_error(capsys):
     assert "gpu-memory-utilization" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "env", "value"),
+    [
+        ([], {}, "auto"),
+        (["--engine-process"], {}, "on"),  # the flag alone, as before it took a value
+        (["--engine-process", "off"], {"HEARTH_ENGINE_PROCESS": "on"}, "off"),
+        (["--engine-process", "--port", "9000"], {}, "on"),
+        ([], {"HEARTH_ENGINE_PROCESS": "1"}, "on"),
+        ([], {"HEARTH_ENGINE_PROCESS": "false"}, "off"),
+        ([], {"HEARTH_ENGINE_PROCESS": "AUTO"}, "auto"),
+    ],
+)
+def test_engine_process_is_auto_on_or_off(argv, env, value):
+    assert _settings(argv, env).engine_process == value
+    assert Settings(engine_process=value == "on").engine_process in ("on", "off")  # bools too
+
+
+def test_engine_process_auto_means_a_cuda_device(monkeypatch):
+    from hearth.appliance.engine_process import wanted
+
+    assert wanted("on", "cpu") and not wanted("off", "cuda")
+    assert wanted("auto", "cuda") and wanted("auto", "cuda:1") and not wanted("auto", "cpu")
+    # --device auto, decided without importing torch, agrees with torch where it can tell
+    import torch
+
+    if torch.version.cuda is None:  # a CPU build (CI's): never the engine process
+        assert not wanted("auto", "auto")
+    elif torch.cuda.is_available():
+        assert wanted("auto", "auto")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not wanted("auto", "auto")
+    with pytest.raises(ValueError, match="engine_process must be one of auto, on, off"):
+        Settings(engine_process="sometimes")
+    with pytest.raises(SystemExit):
+        _settings(["--engine-process", "sometimes"], {})
+
+
 def _output(text: str, ids: list[int], finished: bool = False, logprobs=None) -> RequestOutput:
     reason = "stop" if finished else None
     return RequestOutput(

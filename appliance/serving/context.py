@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from hearth.appliance import engine_process
 from hearth.appliance.async_engine import AsyncEngine, Engine, EngineState
 from hearth.appliance.auth.wiring import Auth, build_auth
 from hearth.appliance.serving.capabilities import server_features
@@ -41,7 +42,8 @@ def build_context(settings: Settings, engine_factory: Callable[[], Engine]) -> A
     telemetry = Telemetry(snapshot=lambda: engine.snapshot(), status=status)
     engine = AsyncEngine(
         engine_factory, settings.max_num_seqs, settings.max_queued_requests, observer=telemetry,
-        engine_process=settings.engine_process, log_level=settings.log_level,
+        engine_process=engine_process.wanted(settings.engine_process, settings.device),
+        log_level=settings.log_level,
     )
     # The pool refuses only past what the engine's own queues admit (max_queued_requests 429s).
     pool = TokenizePool(max_waiting=settings.max_num_seqs + settings.max_queued_requests)
