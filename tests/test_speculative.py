@@ -169,10 +169,13 @@ def test_bad_speculative_settings_are_refused(tiny):
 
 def test_k_defaults_to_the_devices_row_tile(tiny):
     """No K given: 3 on a CPU in 16-bit (the int4 GEMV and the int8 head take 4 rows for about
-    the price of one, a fifth row doubles it), 4 in float32 and on a GPU; a given K is kept."""
+    the price of one, a fifth row doubles it), 4 in float32, 8 for n-grams on a GPU (a
+    verification costs about one replay whatever its rows); a given K is kept."""
     assert SpeculativeConfig().for_device("cpu", float32=False).num_speculative_tokens == 3
     assert SpeculativeConfig().for_device("cpu", float32=True).num_speculative_tokens == 4
-    assert SpeculativeConfig().for_device("cuda", float32=False).num_speculative_tokens == 4
+    assert SpeculativeConfig().for_device("cuda", float32=False).num_speculative_tokens == 8
+    draft = SpeculativeConfig(method="draft", draft_model="d")
+    assert draft.for_device("cuda", float32=False).num_speculative_tokens == 4
     given = SpeculativeConfig(num_speculative_tokens=6)
     assert given.for_device("cpu", float32=False) is given
     with pytest.raises(ValueError, match="positive integer"):

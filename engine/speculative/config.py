@@ -14,9 +14,12 @@ SPECULATIVE_METHODS = ("ngram", "draft")
 # default there: the int4 GEMV, torch's _weight_int4pack_mm_for_cpu, and the int8 LM head) rows
 # go in tiles of 4: 4 rows cost 1.6x one row, 5 rows 3x, so K = 3 (1.60x against 1.28x with K = 4
 # in one run). Exact float32 on a CPU (sgemm) and a GPU: K = 4 (float32: 32.5 tok/s against 28.5).
-# docs/benchmarks.md has the runs.
+# n-gram proposals on a GPU: a verification costs about one replay whatever its rows, and the step
+# (synchronous) weighs more than the rows, so longer proposals pay: K = 8 1.40x, K = 4 1.10-1.15x,
+# K = 2 1.04x at batch 1 on an H100 (the default model, bf16). docs/benchmarks.md has the runs.
 DEFAULT_K = 4
 DEFAULT_K_CPU_16BIT = 3
+DEFAULT_K_CUDA_NGRAM = 8
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,10 @@ class SpeculativeConfig:
         ("cpu", "cuda") and whether the model runs in float32."""
         if self.num_speculative_tokens is not None:
             return self
-        k = DEFAULT_K_CPU_16BIT if device_type == "cpu" and not float32 else DEFAULT_K
+        if device_type == "cpu":
+            k = DEFAULT_K if float32 else DEFAULT_K_CPU_16BIT
+        else:
+            k = DEFAULT_K_CUDA_NGRAM if self.method == "ngram" else DEFAULT_K
         return replace(self, num_speculative_tokens=k)
 
     @classmethod
