@@ -106,8 +106,10 @@ def record(args: argparse.Namespace, server_args: list[str]) -> None:
             load = threading.Thread(target=_load, args=(client, model, requests), daemon=True)
             load.start()
             frames = _sample(context, args.seconds)
-            recording = Recording(list(context.serving.capabilities()), frames)
-            args.out.write_bytes(pickle.dumps(recording))
+            # plain dicts around the engine's own classes: readable whatever module loads them
+            args.out.write_bytes(pickle.dumps({
+                "capabilities": list(context.serving.capabilities()),
+                "frames": [vars(f) for f in frames]}))
             last = frames[-1]
             print(f"recorded {len(frames)} frames: {last.snapshot.device}, "
                   f"{[g.name for g in last.gpus]}, running {last.snapshot.scheduler.num_running},"
@@ -148,6 +150,13 @@ def _http_get(url: str) -> bytes:
 
 
 # ---- render (a machine with Chromium) ----
+
+
+def _load(path: Path) -> Recording:
+    data = pickle.loads(path.read_bytes())
+    if isinstance(data, Recording):  # written by an earlier version of this script
+        return data
+    return Recording(data["capabilities"], [Frame(**f) for f in data["frames"]])
 
 
 class Replay:
@@ -214,7 +223,7 @@ def render(args: argparse.Namespace) -> None:
     from hearth.ui.app import mount_ui
     from tests.fake_engine import FakeEngine
 
-    replay = Replay(pickle.loads(args.recording.read_bytes()))
+    replay = Replay(_load(args.recording))
     settings = Settings(port=0)
     app = create_app(settings, FakeEngine)
     context = app.state.hearth
