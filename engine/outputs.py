@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from hearth.engine.sequence import Sequence
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # one per sequence per step: not frozen (its __init__ costs 5x more)
 class ScheduledChunk:
     """`num_new_tokens` tokens of `seq`, starting at position `start_pos`, computed this step.
 
