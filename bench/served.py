@@ -19,7 +19,8 @@ model's vocabulary, so every sampled id detokenizes; `--tokenizer DIR` copies DI
 tokenizer.json (e.g. the default model's, for its shape in bench/configs/smollm2-135m).
 
 The served side also prints the server's per-thread CPU seconds (the event loop's and the
-engine thread's; with `-- --engine-process`, the engine process's in all). To see where a
+engine thread's; with the engine process, the default on a GPU, that process's in all; `--
+--engine-process off|on` picks the mode). To see where a
 thread's time goes: HEARTH_PROFILE_ENGINE_THREAD=FILE (the server's engine loop under cProfile,
 on its thread or in the engine process, written at shutdown) and HEARTH_PROFILE_OFFLINE=FILE
 (the offline side's last run).
