@@ -180,7 +180,7 @@ class Tokenizer:
         try:
             stream = decoders.DecodeStream(ids=context_ids,
                                            skip_special_tokens=skip_special_tokens)
-        except TypeError:
+        except (AttributeError, TypeError):  # no DecodeStream (< 0.21), or no `ids` (< 0.22)
             return None
         return functools.partial(stream.step, self._backend)
 
