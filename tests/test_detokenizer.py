@@ -134,3 +134,19 @@ def test_native_stream_stops_like_the_python_window(tokenizer):
             break
     assert stopped and native.stop_reason == python.stop_reason == "forty-two"
     assert native.output_text == python.output_text == "The answer is "
+
+
+def test_an_older_tokenizers_falls_back_to_the_python_window(tokenizer, monkeypatch):
+    """pyproject admits tokenizers >= 0.20: without DecodeStream (< 0.21) or its `ids`
+    (< 0.22) the detokenizer runs the Python window, with the same text."""
+    from hearth.engine import tokenizer as tokenizer_module
+
+    expected = _run(tokenizer, "Say:", TEXTS[1], SamplingParams())[0].output_text
+    for stand_in in (None, lambda skip_special_tokens=False: None):  # absent / no `ids`
+        if stand_in is None:
+            monkeypatch.delattr(tokenizer_module.decoders, "DecodeStream")
+        else:
+            monkeypatch.setattr(tokenizer_module.decoders, "DecodeStream", stand_in,
+                                raising=False)
+        assert tokenizer.decode_stream([1], True) is None
+        assert _run(tokenizer, "Say:", TEXTS[1], SamplingParams())[0].output_text == expected
