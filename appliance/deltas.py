@@ -17,31 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hearth.engine.outputs import RequestOutput, TokenLogprob
+from hearth.engine.outputs import RequestDelta, RequestOutput, SampleDelta
 
 ABORT = "abort"
-
-
-@dataclass(slots=True)  # one per request per step on the engine's host thread: not frozen (5x)
-class SampleDelta:
-    """New text, token ids and logprobs of one of a request's n samples."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None  # set once, on the sample's last delta
-    stop_reason: str | int | None = None
-
-
-@dataclass(slots=True)
-class RequestDelta:
-    request_id: str
-    samples: list[SampleDelta]  # only the samples that changed
-    prompt_token_ids: list[int]
-    finished: bool  # every sample has its finish_reason; this is the request's last delta
-    num_cached_tokens: int = 0
-    time: float = 0.0  # time.monotonic() on the engine thread when the step ended
 
 
 def merge_deltas(first: RequestDelta, then: RequestDelta) -> RequestDelta:
@@ -112,6 +90,27 @@ class DeltaTracker:
             if output.finished or (delta is not None and delta.finished):
                 del self._requests[output.request_id]
         return deltas
+
+    def observe(self, deltas: list[RequestDelta]) -> list[RequestDelta]:
+        """Deltas an engine made itself (LLMEngine.emit_deltas): those of requests still
+        tracked, noting which samples finished (for `abort`) and forgetting finished requests."""
+        kept = []
+        for delta in deltas:
+            progress = self._requests.get(delta.request_id)
+            if progress is None:  # aborted already, or not ours
+                continue
+            if not progress.prompt_token_ids:
+                progress.prompt_token_ids = delta.prompt_token_ids
+                progress.num_cached_tokens = delta.num_cached_tokens
+            for sample in delta.samples:
+                while sample.index >= len(progress.samples):
+                    progress.samples.append(_SampleProgress())
+                if sample.finish_reason is not None:
+                    progress.samples[sample.index].finished = True
+            if delta.finished:
+                del self._requests[delta.request_id]
+            kept.append(delta)
+        return kept
 
     def abort(self, request_id: str, now: float) -> RequestDelta | None:
         """The last delta of a request the server aborts: unfinished samples end with 'abort'."""

@@ -77,10 +77,18 @@ class EngineLoop:
         self._on_snapshot = on_snapshot
         self._prepare = prepare
         self._tracker = DeltaTracker()
+        self._native = False  # the engine reports deltas itself (run())
 
     def run(self, engine: Any) -> None:
         """Step until a Stop; an exception from the engine propagates (the engine is dead).
-        HEARTH_PROFILE_ENGINE_THREAD=FILE writes a cProfile of the loop there (bench/served.py)."""
+        HEARTH_PROFILE_ENGINE_THREAD=FILE writes a cProfile of the loop there (bench/served.py).
+
+        An engine that can report deltas itself (LLMEngine.emit_deltas) is asked to: no
+        cumulative outputs built each step and sliced again here; the tracker then only follows
+        which samples finished, for the deltas of aborts."""
+        self._native = getattr(engine, "emit_deltas", None) is not None
+        if self._native:
+            engine.emit_deltas = True
         profile_to = os.environ.get("HEARTH_PROFILE_ENGINE_THREAD")
         if not profile_to:
             self._steps(engine)
@@ -102,7 +110,10 @@ class EngineLoop:
             started = time.monotonic()
             outputs = engine.step()
             now = time.monotonic()
-            deltas = self._tracker.update(outputs, now)
+            if self._native:
+                deltas = self._tracker.observe(outputs)
+            else:
+                deltas = self._tracker.update(outputs, now)
             if deltas:
                 self._emit(deltas)
             elif now - started < _IDLE_STEP_S:

@@ -126,6 +126,9 @@ class LLMEngine:
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
         self._num_finished = 0
+        # step() returns RequestDeltas (only what changed) instead of RequestOutputs: set by the
+        # server's engine loop (appliance/engine_loop.py); LLM.generate keeps the outputs
+        self.emit_deltas = False
         overlap = self.config.async_scheduling
         if overlap is None:  # tensor parallelism steps synchronously (engine/distributed/)
             overlap = self.runner.device.type == "cuda" and self.config.tensor_parallel_size == 1
@@ -297,6 +300,10 @@ class LLMEngine:
                 num_new = seq.num_tokens - num_before.get(seq.seq_id, seq.num_tokens - 1)
             self._on_token(req, seq, logprobs, num_new)
             changed[req.request_id] = req
+        if self.emit_deltas:  # the server: what changed, not the cumulative outputs
+            now = time.monotonic()
+            deltas = (self._finish_output(req, now) for req in changed.values())
+            return [d for d in deltas if d is not None]
         return [self._finish_output(req) for req in changed.values()
                 if not finished_only or req.finished]
 
@@ -308,7 +315,8 @@ class LLMEngine:
         if seq.grammar is not None and not seq.is_finished and self._matchers.advance(seq):
             self.scheduler.finish(seq, FinishReason.STOP)  # the grammar is complete
 
-    def _finish_output(self, req: RequestState) -> RequestOutput:
+    def _finish_output(self, req: RequestState, now: float | None = None):
+        """The request's RequestOutput, or with `now` (emit_deltas) its RequestDelta or None."""
         finished = req.finished
         if finished:
             req.finished_time = time.monotonic()
@@ -317,7 +325,7 @@ class LLMEngine:
             self._grammar_request_ids.discard(req.request_id)
             self._num_finished += 1
             self._drop_matchers([seq.seq_id for seq in req.seqs.values()])
-        return req.output(finished)
+        return req.output(finished) if now is None else req.delta(finished, now)
 
     def _drop_matchers(self, seq_ids: list[int]) -> None:
         if self._matchers is not None and len(self._matchers) and seq_ids:

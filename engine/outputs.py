@@ -123,3 +123,25 @@ class RequestMetrics:
     arrival_time: float
     first_token_time: float | None = None
     finished_time: float | None = None
+
+
+@dataclass(slots=True)  # one per request per step when serving: not frozen (5x cheaper)
+class SampleDelta:
+    """New text, token ids and logprobs of one of a request's n samples."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # set once, on the sample's last delta
+    stop_reason: str | int | None = None
+
+
+@dataclass(slots=True)
+class RequestDelta:
+    request_id: str
+    samples: list[SampleDelta]  # only the samples that changed
+    prompt_token_ids: list[int]
+    finished: bool  # every sample has its finish_reason; this is the request's last delta
+    num_cached_tokens: int = 0
+    time: float = 0.0  # time.monotonic() on the engine thread when the step ended

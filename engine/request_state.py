@@ -6,7 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hearth.engine.detokenizer import IncrementalDetokenizer
-from hearth.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+from hearth.engine.outputs import (
+    CompletionOutput,
+    RequestDelta,
+    RequestMetrics,
+    RequestOutput,
+    SampleDelta,
+    TokenLogprob,
+)
 from hearth.engine.sampling_params import SamplingParams
 from hearth.engine.sequence import Sequence
 
@@ -23,6 +30,8 @@ class RequestState:
     logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
     num_cached_tokens: int = 0
     finished_time: float | None = None
+    # per sample, what `delta` handed out: [text length, output tokens, logprobs, finished]
+    sent: dict[int, list] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -75,13 +84,48 @@ class RequestState:
             metrics=RequestMetrics(self.arrival_time, first, self.finished_time),
         )
 
-    def _completion(self, index: int) -> CompletionOutput:
-        seq, detok = self.seqs[index], self.detoks[index]
-        reason = seq.finish_reason.value if seq.finish_reason else None
-        stop_reason = detok.stop_reason
+    def delta(self, finished: bool, now: float) -> RequestDelta | None:
+        """What changed since the last delta (the server streams these: no cumulative output
+        built each step and sliced again), or None. The same deltas as
+        appliance/deltas.py's DeltaTracker makes from `output()`; tests compare the two."""
+        samples = []
+        for index in (self.seqs if len(self.seqs) == 1 else sorted(self.seqs)):
+            sent = self.sent.get(index)
+            if sent is None:
+                sent = self.sent[index] = [0, 0, 0, False]
+            elif sent[3]:
+                continue
+            seq, detok = self.seqs[index], self.detoks[index]
+            text = detok.visible_text(seq.is_finished)
+            new_text = text[sent[0]:]
+            num_output = seq.num_tokens - seq.num_prompt_tokens
+            new_ids = seq.token_ids[seq.num_prompt_tokens + sent[1]:]
+            sent[0], sent[1] = len(text), num_output
+            new_logprobs = None
+            if self.params.logprobs is not None:
+                logprobs = self.logprobs.get(index) or []
+                new_logprobs, sent[2] = logprobs[sent[2]:], len(logprobs)
+            reason = seq.finish_reason.value if seq.finish_reason else None
+            sent[3] = reason is not None
+            if new_text or new_ids or reason:
+                samples.append(SampleDelta(index, new_text, new_ids, new_logprobs, reason,
+                                           self._stop_reason(index, reason)))
+        if not samples and not finished:
+            return None
+        return RequestDelta(self.request_id, samples, self.prompt_token_ids, finished,
+                            self.num_cached_tokens, now)
+
+    def _stop_reason(self, index: int, reason: str | None) -> str | int | None:
+        seq, stop_reason = self.seqs[index], self.detoks[index].stop_reason
         if stop_reason is None and reason == "stop" and seq.output_token_ids:
             last = seq.last_token_id
             stop_reason = last if last in self.params.stop_token_ids else None
+        return stop_reason
+
+    def _completion(self, index: int) -> CompletionOutput:
+        seq, detok = self.seqs[index], self.detoks[index]
+        reason = seq.finish_reason.value if seq.finish_reason else None
+        stop_reason = self._stop_reason(index, reason)
         want = self.params.logprobs is not None
         logprobs = self.logprobs.get(index) if want else None
         return CompletionOutput(
