@@ -1,8 +1,10 @@
 """Streaming deltas: what changed in a request since the last step, computed on the engine thread.
 
-The engine reports cumulative text and token ids. Slicing off what was already delivered on the
-engine thread means the asyncio side never holds a list the engine may still append to, and each
-step copies only the new tokens (not the whole output: long generations would go quadratic).
+LLMEngine makes them itself when the server asks (`emit_deltas`: RequestState.delta); for an
+engine that reports cumulative text and token ids (the fake engine, data parallel), DeltaTracker
+slices off what was already delivered. Either way the asyncio side never holds a list the engine
+may still append to, and each step copies only the new tokens (not the whole output: long
+generations would go quadratic).
 
     step k:   text "The cap"      token_ids [a b c]   -> SampleDelta(text "The cap", ids [a b c])
     step k+1: text "The capital"  token_ids [a b c d] -> SampleDelta(text "ital",    ids [d])
