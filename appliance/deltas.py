@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hearth.engine.outputs import RequestDelta, RequestOutput, SampleDelta
+from hearth.engine.outputs import RequestDelta, RequestOutput, SampleDelta, SampleProgress
 
 ABORT = "abort"
 
@@ -54,16 +54,8 @@ def merge_deltas(first: RequestDelta, then: RequestDelta) -> RequestDelta:
 
 
 @dataclass
-class _SampleProgress:
-    num_tokens: int = 0
-    text_len: int = 0
-    num_logprobs: int = 0
-    finished: bool = False
-
-
-@dataclass
 class _Progress:
-    samples: list[_SampleProgress]
+    samples: list[SampleProgress]
     prompt_token_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
 
@@ -75,7 +67,7 @@ class DeltaTracker:
         self._requests: dict[str, _Progress] = {}
 
     def start(self, request_id: str, n: int) -> None:
-        self._requests[request_id] = _Progress([_SampleProgress() for _ in range(n)])
+        self._requests[request_id] = _Progress([SampleProgress() for _ in range(n)])
 
     def forget(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
@@ -106,7 +98,7 @@ class DeltaTracker:
                 progress.num_cached_tokens = delta.num_cached_tokens
             for sample in delta.samples:
                 while sample.index >= len(progress.samples):
-                    progress.samples.append(_SampleProgress())
+                    progress.samples.append(SampleProgress())
                 if sample.finish_reason is not None:
                     progress.samples[sample.index].finished = True
             if delta.finished:
@@ -135,25 +127,15 @@ class DeltaTracker:
         samples = []
         for completion in output.outputs:
             while completion.index >= len(progress.samples):
-                progress.samples.append(_SampleProgress())
+                progress.samples.append(SampleProgress())
             sample = progress.samples[completion.index]
             if sample.finished:
                 continue
-            text, token_ids, logprobs = completion.text, completion.token_ids, completion.logprobs
-            new_text = text[sample.text_len :]
-            new_ids = token_ids[sample.num_tokens :]
-            sample.text_len = len(text)
-            sample.num_tokens = len(token_ids)
-            if logprobs is not None:
-                new_logprobs = logprobs[sample.num_logprobs :]
-                sample.num_logprobs = len(logprobs)
-            else:
-                new_logprobs = None
-            reason = completion.finish_reason
-            sample.finished = reason is not None
-            if new_text or new_ids or reason:
-                samples.append(SampleDelta(completion.index, new_text, new_ids, new_logprobs,
-                                           reason, completion.stop_reason))
+            delta = sample.advance(completion.index, completion.text, completion.token_ids, 0,
+                                   completion.logprobs, completion.finish_reason,
+                                   completion.stop_reason)
+            if delta is not None:
+                samples.append(delta)
         finished = output.finished or all(s.finished for s in progress.samples)
         if not samples and not finished:
             return None

@@ -145,3 +145,30 @@ class RequestDelta:
     finished: bool  # every sample has its finish_reason; this is the request's last delta
     num_cached_tokens: int = 0
     time: float = 0.0  # time.monotonic() on the engine thread when the step ended
+
+
+@dataclass(slots=True)
+class SampleProgress:
+    """How much of one sample was handed out as deltas (RequestState.delta, and
+    appliance/deltas.py's DeltaTracker for engines that report cumulative outputs)."""
+
+    num_tokens: int = 0
+    text_len: int = 0
+    num_logprobs: int = 0
+    finished: bool = False
+
+    def advance(self, index: int, text: str, token_ids: list[int], first: int,
+                logprobs: list[TokenLogprob] | None, reason: str | None,
+                stop_reason: str | int | None) -> SampleDelta | None:
+        """The sample's delta since the last call (`token_ids[first:]` are its output ids: no
+        copy of the whole output to slice again), or None when nothing changed."""
+        new_text = text[self.text_len :]
+        new_ids = token_ids[first + self.num_tokens :]
+        self.text_len, self.num_tokens = len(text), len(token_ids) - first
+        new_logprobs = None
+        if logprobs is not None:
+            new_logprobs, self.num_logprobs = logprobs[self.num_logprobs :], len(logprobs)
+        self.finished = reason is not None
+        if new_text or new_ids or reason:
+            return SampleDelta(index, new_text, new_ids, new_logprobs, reason, stop_reason)
+        return None

@@ -11,7 +11,7 @@ from hearth.engine.outputs import (
     RequestDelta,
     RequestMetrics,
     RequestOutput,
-    SampleDelta,
+    SampleProgress,
     TokenLogprob,
 )
 from hearth.engine.sampling_params import SamplingParams
@@ -30,8 +30,7 @@ class RequestState:
     logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
     num_cached_tokens: int = 0
     finished_time: float | None = None
-    # per sample, what `delta` handed out: [text length, output tokens, logprobs, finished]
-    sent: dict[int, list] = field(default_factory=dict)
+    sent: dict[int, SampleProgress] = field(default_factory=dict)  # what `delta` handed out
 
     @property
     def finished(self) -> bool:
@@ -89,27 +88,21 @@ class RequestState:
         built each step and sliced again), or None. The same deltas as
         appliance/deltas.py's DeltaTracker makes from `output()`; tests compare the two."""
         samples = []
+        want_logprobs = self.params.logprobs is not None
         for index in (self.seqs if len(self.seqs) == 1 else sorted(self.seqs)):
-            sent = self.sent.get(index)
-            if sent is None:
-                sent = self.sent[index] = [0, 0, 0, False]
-            elif sent[3]:
+            progress = self.sent.get(index)
+            if progress is None:
+                progress = self.sent[index] = SampleProgress()
+            elif progress.finished:
                 continue
-            seq, detok = self.seqs[index], self.detoks[index]
-            text = detok.visible_text(seq.is_finished)
-            new_text = text[sent[0]:]
-            num_output = seq.num_tokens - seq.num_prompt_tokens
-            new_ids = seq.token_ids[seq.num_prompt_tokens + sent[1]:]
-            sent[0], sent[1] = len(text), num_output
-            new_logprobs = None
-            if self.params.logprobs is not None:
-                logprobs = self.logprobs.get(index) or []
-                new_logprobs, sent[2] = logprobs[sent[2]:], len(logprobs)
+            seq = self.seqs[index]
             reason = seq.finish_reason.value if seq.finish_reason else None
-            sent[3] = reason is not None
-            if new_text or new_ids or reason:
-                samples.append(SampleDelta(index, new_text, new_ids, new_logprobs, reason,
-                                           self._stop_reason(index, reason)))
+            delta = progress.advance(
+                index, self.detoks[index].visible_text(seq.is_finished), seq.token_ids,
+                seq.num_prompt_tokens, (self.logprobs.get(index) or []) if want_logprobs else None,
+                reason, self._stop_reason(index, reason))
+            if delta is not None:
+                samples.append(delta)
         if not samples and not finished:
             return None
         return RequestDelta(self.request_id, samples, self.prompt_token_ids, finished,
