@@ -59,27 +59,29 @@ _SNAPSHOT_TIMEOUT_S = 10.0  # a step (a long CPU prefill) may hold the answer th
 _SNAPSHOT_SHARED_S = 0.02  # an answer this fresh serves the next reader too
 
 
-def wanted(setting: str, device: str) -> bool:
+def wanted(setting: str, device: str, num_gpus: int) -> bool:
     """Whether the engine runs in a process of its own (`--engine-process auto|on|off`). auto:
     on for a CUDA device, where many streams share a step and one GIL for engine and event loop
     capped the served rate (W7 on an H100: 23.2k tok/s against 10.2k with the engine thread, 83%
     of offline; docs/benchmarks.md), off on a CPU (not measured to pay there: a CPU box has few
-    cores to give a second process)."""
+    cores to give a second process). `num_gpus`: what NVML sees (the telemetry's GpuSampler)."""
     if setting != "auto":
         return setting == "on"
     if device != "auto":
         return device.startswith("cuda")
-    return _cuda_expected()
+    return num_gpus > 0 and _cuda_visible() and _torch_has_cuda()
 
 
-def _cuda_expected() -> bool:
-    """What `--device auto` will find, decided without importing torch (the API process never
-    does: it would cost it ~0.5 GB and a second or two): a CUDA build of torch, and an NVIDIA GPU
-    that NVML sees and CUDA_VISIBLE_DEVICES does not hide. When this guesses wrong the engine
-    still runs, only in the other mode."""
+def _cuda_visible() -> bool:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return False
+    return visible is None or visible.strip() not in ("", "-1")
+
+
+def _torch_has_cuda() -> bool:
+    """Whether the installed torch is a CUDA build, read from its version.py without importing
+    it (the API process never does: it would cost it ~0.5 GB and a second or two). With the GPU
+    count this is what `--device auto` will find; when it guesses wrong the engine still runs,
+    only in the other mode."""
     spec = importlib.util.find_spec("torch")
     if spec is None or not spec.submodule_search_locations:
         return False
@@ -87,18 +89,7 @@ def _cuda_expected() -> bool:
         version = (Path(spec.submodule_search_locations[0]) / "version.py").read_text()
     except OSError:
         return False
-    if not re.search(r"^cuda\b[^=\n]*=\s*['\"]", version, re.MULTILINE):
-        return False  # `cuda: Optional[str] = None`: a CPU build
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return pynvml.nvmlDeviceGetCount() > 0
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - no driver, no library: no GPU to run on
-        return False
+    return re.search(r"^cuda\b[^=\n]*=\s*['\"]", version, re.MULTILINE) is not None
 
 
 class EngineProcessError(RuntimeError):

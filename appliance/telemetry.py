@@ -118,6 +118,11 @@ class GpuSampler:
         except Exception as error:  # noqa: BLE001 - ImportError, NVMLError_LibraryNotFound, ...
             logger.info("%s (%s)", NO_GPU, type(error).__name__)
 
+    @property
+    def num_gpus(self) -> int:
+        """NVIDIA GPUs NVML sees (all of them: it ignores CUDA_VISIBLE_DEVICES)."""
+        return len(self._handles)
+
     def sample(self) -> list[GpuSample]:
         samples = []
         for index, handle in enumerate(self._handles):

@@ -122,7 +122,10 @@ def test_engine_process_is_auto_on_or_off(argv, env, value):
 
 
 def test_engine_process_auto_means_a_cuda_device(monkeypatch):
-    from hearth.appliance.engine_process import wanted
+    from hearth.appliance import engine_process
+
+    def wanted(setting: str, device: str) -> bool:  # with the GPUs NVML sees, as the server
+        return engine_process.wanted(setting, device, GpuSampler().num_gpus)
 
     assert wanted("on", "cpu") and not wanted("off", "cuda")
     assert wanted("auto", "cuda") and wanted("auto", "cuda:1") and not wanted("auto", "cpu")

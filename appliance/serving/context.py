@@ -42,7 +42,8 @@ def build_context(settings: Settings, engine_factory: Callable[[], Engine]) -> A
     telemetry = Telemetry(snapshot=lambda: engine.snapshot(), status=status)
     engine = AsyncEngine(
         engine_factory, settings.max_num_seqs, settings.max_queued_requests, observer=telemetry,
-        engine_process=engine_process.wanted(settings.engine_process, settings.device),
+        engine_process=engine_process.wanted(settings.engine_process, settings.device,
+                                              telemetry.gpu.num_gpus),
         log_level=settings.log_level,
     )
     # The pool refuses only past what the engine's own queues admit (max_queued_requests 429s).
