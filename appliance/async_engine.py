@@ -2,7 +2,7 @@
 
     asyncio side (event loop)                       engine thread (EngineLoop, engine_loop.py)
     submit() ── Add ──► commands (queue.Queue) ──►  engine.add_request / abort_request
-                                                    engine.step() → DeltaTracker → RequestDelta
+                                                    engine.step() → RequestDelta
     RequestStream ◄── asyncio.Queue ◄── _deliver ◄── call_soon_threadsafe ◄──┘
     (a consumer behind takes its queued deltas as one)   (one wake-up while the loop is behind)
 

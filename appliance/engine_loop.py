@@ -6,7 +6,8 @@ both places: commands come from a queue or a pipe, deltas and failures go to the
 down the pipe.
 
     commands (Add / Abort / SnapshotRequest / Stop) ──► add_prepared / abort_request / snapshot
-    engine.step() ──► DeltaTracker ──► emit(deltas)       failures ──► fail(request_id, error)
+    engine.step() ──► deltas (the engine's own, or DeltaTracker's) ──► emit(deltas)
+    failures ──► fail(request_id, error)
 
 A command source behaves like `queue.Queue.get`: `get(block, timeout)` returns the next command
 or raises `queue.Empty`.

@@ -103,7 +103,7 @@ def record(args: argparse.Namespace, server_args: list[str]) -> None:
                 seed=0, num_prompts=args.num_prompts, input_len=args.input_len,
                 output_len=args.output_len, range_ratio=0.5, token_low=100,
                 token_high=args.token_high))
-            load = threading.Thread(target=_load, args=(client, model, requests), daemon=True)
+            load = threading.Thread(target=_send_load, args=(client, model, requests), daemon=True)
             load.start()
             frames = _sample(context, args.seconds)
             # plain dicts around the engine's own classes: readable whatever module loads them
@@ -120,7 +120,7 @@ def record(args: argparse.Namespace, server_args: list[str]) -> None:
             thread.join(10)
 
 
-def _load(client: argparse.Namespace, model: str, requests: list) -> None:
+def _send_load(client: argparse.Namespace, model: str, requests: list) -> None:
     try:
         results, _ = asyncio.run(serve_bench.run(client, model, requests))
         failed = [r.error for r in results if not r.ok]
@@ -152,10 +152,8 @@ def _http_get(url: str) -> bytes:
 # ---- render (a machine with Chromium) ----
 
 
-def _load(path: Path) -> Recording:
+def _read_recording(path: Path) -> Recording:
     data = pickle.loads(path.read_bytes())
-    if isinstance(data, Recording):  # written by an earlier version of this script
-        return data
     return Recording(data["capabilities"], [Frame(**f) for f in data["frames"]])
 
 
@@ -223,7 +221,7 @@ def render(args: argparse.Namespace) -> None:
     from hearth.ui.app import mount_ui
     from tests.fake_engine import FakeEngine
 
-    replay = Replay(_load(args.recording))
+    replay = Replay(_read_recording(args.recording))
     settings = Settings(port=0)
     app = create_app(settings, FakeEngine)
     context = app.state.hearth
