@@ -63,7 +63,6 @@ class Recording:
 
 
 def _serve(server_args: list[str]):
-    from hearth.appliance.lifecycle import bind, make_server
     from hearth.appliance.routes import create_app
     from hearth.appliance.settings import add_arguments, settings_from
     from hearth.cli import engine_factory
@@ -72,12 +71,19 @@ def _serve(server_args: list[str]):
     add_arguments(parser)
     settings = dataclasses.replace(settings_from(parser.parse_args(server_args), os.environ),
                                    port=0)
-    sock = bind("127.0.0.1", 0)
     app = create_app(settings, engine_factory(settings))
+    return (app.state.hearth, *_start(app))
+
+
+def _start(app: Any) -> tuple[Any, threading.Thread, int]:
+    """The app's server on a free local port, on a thread: (server, thread, port)."""
+    from hearth.appliance.lifecycle import bind, make_server
+
+    sock = bind("127.0.0.1", 0)
     server = make_server(app, app.state.hearth, sock)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    return app.state.hearth, server, thread, sock.getsockname()[1]
+    return server, thread, sock.getsockname()[1]
 
 
 def _wait_ready(context: Any, timeout_s: float = 900.0) -> None:
@@ -215,7 +221,6 @@ class _HostReplay:
 def render(args: argparse.Namespace) -> None:
     from playwright.sync_api import sync_playwright
 
-    from hearth.appliance.lifecycle import bind, make_server
     from hearth.appliance.routes import create_app
     from hearth.appliance.settings import Settings
     from hearth.ui.app import mount_ui
@@ -231,12 +236,9 @@ def render(args: argparse.Namespace) -> None:
     context.auth.rows = lambda: replay.frame().key_rows
     context.serving.capabilities = lambda: replay.capabilities
     mount_ui(app, context)
-    sock = bind("127.0.0.1", 0)
-    server = make_server(app, context, sock)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
+    server, thread, port = _start(app)
     try:
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        url = f"http://127.0.0.1:{port}"
         while True:
             try:
                 _http_get(url + "/health")
@@ -260,7 +262,6 @@ def render(args: argparse.Namespace) -> None:
     finally:
         server.should_exit = True
         thread.join(30)
-        sock.close()
 
 
 def main(argv: list[str] | None = None) -> None:
