@@ -210,12 +210,17 @@ class LLMEngine:
     def _step(self, finished_only: bool) -> list[RequestOutput]:
         spec = self._speculator
         speculate = spec is not None and spec.wants(self.scheduler.num_running)
-        if self._async and not self._sync_request_ids and not speculate:
+        overlap = self._async and not self._sync_request_ids
+        if overlap and not speculate:
             return self._step_overlapped(finished_only)
         if self._inflight is not None:
+            if overlap and not spec.in_sight(self.scheduler.running):
+                return self._step_overlapped(finished_only)  # nothing to verify in sight
             return self._drain(finished_only)  # the next step runs synchronously
         if speculate:
             spec.propose(self.scheduler.running)
+            if overlap and not spec.has_proposals:
+                return self._step_overlapped(finished_only)  # nothing to verify: no waiting
         schedule = self._schedule()
         if speculate:
             spec.clear()  # the scheduled chunks carry the proposals they verify

@@ -31,7 +31,7 @@ from hearth.engine.logits_processors import BitmaskBuffers, apply_logit_bias, ap
 from hearth.engine.model_config import ModelConfig
 from hearth.engine.outputs import RunnerOutput, ScheduledChunk, ScheduleOutput
 from hearth.engine.sampler import Sampler, SamplingRow
-from hearth.engine.speculative.verify import verify_chunks
+from hearth.engine.speculative.verify import verify_chunks, verify_greedy
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +184,14 @@ class ModelRunner:
             self._process_logits(plain_logits, plain_chunks, grammars)
             out = self._sample(plain_logits, plain_chunks)
         spec = [i for i, c in enumerate(chunks) if c.spec_token_ids]
+        if all(chunks[i].seq.sampling_params.greedy for i in spec):
+            # one read-back of every row's argmax; the acceptance is a comparison on the host
+            argmax = logits[:, : self.sampler.vocab_size].argmax(dim=-1).tolist()
+            for i in spec:
+                chunk, first = chunks[i], int(first_rows[i])
+                out.sampled_token_ids[chunk.seq.seq_id] = verify_greedy(
+                    chunk.spec_token_ids, argmax[first : first + counts[i]])
+            return out
         rows = np.concatenate([np.arange(first_rows[i], first_rows[i] + counts[i]) for i in spec])
         spec_chunks = [chunks[i] for i in spec]
         result = verify_chunks(self.sampler, logits[torch.from_numpy(rows).to(self.device)],

@@ -12,7 +12,7 @@ from helpers import save_tiny_model
 
 from hearth import LLM, SamplingParams
 from hearth.engine.speculative import SpeculativeConfig
-from hearth.engine.speculative.verify import verify
+from hearth.engine.speculative.verify import verify, verify_greedy
 
 
 def chi2_threshold(dof: int, z: float = 3.09) -> float:
@@ -35,6 +35,19 @@ def test_greedy_verification_keeps_the_matching_prefix_and_adds_the_argmax():
     result = verify(argmax, None, drafts, torch.tensor([3, 3, 2]), torch.tensor([True] * 3))
     assert result.token_ids == [[5, 6, 7], [5, 6, 7, 8], [5]]
     assert result.num_accepted == [2, 3, 0]
+
+
+def test_greedy_verification_on_the_host_matches_the_device_path():
+    """verify_greedy (one read-back of the argmax, the comparison in Python) = verify()."""
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(200):
+        k = int(torch.randint(1, 9, (1,), generator=gen))
+        num = int(torch.randint(1, k + 1, (1,), generator=gen))
+        argmax = torch.randint(0, 3, (1, k + 1), generator=gen)  # 3 ids: long matches happen
+        drafts = torch.randint(0, 3, (1, k), generator=gen)
+        expected = verify(argmax, None, drafts, torch.tensor([num]), torch.tensor([True]))
+        got = verify_greedy(drafts[0, :num].tolist(), argmax[0, : num + 1].tolist())
+        assert got == expected.token_ids[0]
 
 
 def test_rejection_sampling_preserves_the_target_distribution():
@@ -128,6 +141,35 @@ def test_switches_off_above_its_batch_size_and_overlaps_those_steps(tiny):
     llm = LLM(str(target), device="cpu", progress=False, async_scheduling=True, speculative=spec)
     assert _tokens(llm, prompts, params) == plain
     assert llm.engine.snapshot().spec_decode.num_drafts > 0
+
+
+def test_steps_without_proposals_overlap_below_the_switch_off(tiny):
+    """With async scheduling, a speculating engine waits only for the steps that verify: while
+    no n-gram matches, steps overlap (runner.launch); when one matches, the pipeline drains and
+    the step verifies (runner.execute). Greedy output never changes, alone or batched."""
+    target, _ = tiny
+    prompts = _prompts()
+    plain = _tokens(LLM(str(target), device="cpu", progress=False), prompts, GREEDY)
+    spec = SpeculativeConfig(prompt_lookup_min=1, prompt_lookup_max=2)
+    llm = LLM(str(target), device="cpu", progress=False, async_scheduling=True, speculative=spec)
+    runner, calls = llm.engine.runner, {"launch": 0, "verify": 0}
+    launch, execute = runner.launch, runner.execute
+
+    def counted_launch(schedule, prev):
+        calls["launch"] += 1
+        return launch(schedule, prev)
+
+    def counted_execute(schedule, grammars=None):
+        calls["verify"] += sum(bool(c.spec_token_ids) for c in schedule.chunks)
+        return execute(schedule, grammars)
+
+    runner.launch, runner.execute = counted_launch, counted_execute
+    assert _tokens(llm, prompts, GREEDY) == plain
+    assert [_tokens(llm, [p], GREEDY)[0] for p in prompts] == plain
+    stats = llm.engine.snapshot().spec_decode
+    assert calls["launch"] > 0 and calls["verify"] > 0 and stats.num_drafts == calls["verify"]
+    snap = llm.engine.snapshot()
+    assert snap.blocks.num_free == snap.blocks.num_blocks
 
 
 def test_sampling_distribution_is_unchanged_by_speculation(tiny):

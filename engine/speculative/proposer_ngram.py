@@ -36,6 +36,16 @@ class NgramProposer:
                 return tokens[start + n : start + n + k].tolist()
         return []
 
+    def matches(self, token_ids: list[int], skip_last: bool = False) -> bool:
+        """Whether `propose` would propose anything, on `token_ids` less its last token with
+        `skip_last` (a placeholder whose id is still on the device, async scheduling)."""
+        end = len(token_ids) - 1 if skip_last else len(token_ids)
+        if self.k <= 0 or end <= self.min_n:
+            return False
+        tokens = np.asarray(token_ids[max(end - _MAX_LOOKBACK, 0):end], dtype=np.int64)
+        return any(_latest_match(tokens, n) is not None
+                   for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1))
+
 
 def _latest_match(tokens: np.ndarray, n: int) -> int | None:
     """Start of the latest earlier occurrence of the last n tokens that has a token after it."""

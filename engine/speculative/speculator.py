@@ -10,11 +10,17 @@ already fills the device. A sequence speculates only when its draws need nothing
 does not apply: greedy or temperature / top-k / top-p / min-p, without penalties, logprobs,
 logit_bias, grammars or a seed (seeded draws are keyed per output position, which speculation
 would change); the others decode one token per step beside it.
+
+With async scheduling a step that has nothing to verify need not be synchronous: n-gram
+proposals come in runs (the output copies a stretch of its context, then writes its own), so
+the engine overlaps steps while no n-gram matches (`in_sight`), and a step whose `propose`
+found nothing runs asynchronously too. Only steps that verify wait for their tokens.
 """
 
 from __future__ import annotations
 
 from hearth.engine.outputs import RunnerOutput, ScheduleOutput
+from hearth.engine.scheduler import PLACEHOLDER_TOKEN_ID
 from hearth.engine.sequence import Sequence
 from hearth.engine.speculative.config import SpeculativeConfig
 from hearth.engine.speculative.proposer_ngram import NgramProposer
@@ -35,6 +41,26 @@ class Speculator:
     def wants(self, num_running: int) -> bool:
         """Whether this step speculates (the engine then runs it synchronously)."""
         return 0 < num_running <= self.config.disable_by_batch_size
+
+    def in_sight(self, running: list[Sequence]) -> bool:
+        """Whether the next step would likely verify a proposal, asked while a step is in flight
+        (async scheduling): n-gram proposals are looked up on the tokens already on the host
+        (the in-flight token left out), a draft model proposes every step. False lets the
+        engine keep overlapping steps; True drains the pipeline so the next step can propose on
+        the full context and verify synchronously."""
+        if self.draft is not None:
+            return True
+        for seq in running:
+            if _eligible(seq) and self._limit(seq) > 0:
+                tokens = seq.token_ids
+                if self.ngram.matches(tokens, skip_last=tokens[-1] == PLACEHOLDER_TOKEN_ID):
+                    return True
+        return False
+
+    @property
+    def has_proposals(self) -> bool:
+        """Whether the last `propose` gave any sequence tokens to verify."""
+        return bool(self._proposed)
 
     def propose(self, running: list[Sequence]) -> None:
         seqs = [s for s in running if _eligible(s)]

@@ -21,6 +21,7 @@ changes the speed of sampling, never its distribution.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,15 @@ def verify(
         drawn = _final_tokens(target_probs, safe_drafts, num_accepted, num_drafts, generator)
         final = torch.where(greedy, final, drawn)
     return _to_lists(safe_drafts, num_accepted, final)
+
+
+def verify_greedy(drafts: Sequence[int], argmax: list[int]) -> list[int]:
+    """Greedy verification on the host: the drafts while they equal the target's argmax, then
+    the argmax at the first mismatch (or after the last draft). argmax: len(drafts) + 1 ids."""
+    accepted = 0
+    while accepted < len(drafts) and drafts[accepted] == argmax[accepted]:
+        accepted += 1
+    return [*drafts[:accepted], argmax[accepted]]
 
 
 def verify_chunks(sampler: Sampler, logits: torch.Tensor,
