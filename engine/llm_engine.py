@@ -14,7 +14,9 @@ Async scheduling (`EngineConfig.async_scheduling`, on for CUDA) overlaps the CPU
 
 A sequence that stops at N (EOS, stop string) was already scheduled at N+1: its token from N+1 is
 discarded (update() skips finished sequences). Requests with penalties, logprobs or n > 1 need
-their tokens on the host before the next step: while any is live, steps run synchronously.
+their tokens on the host before the next step: while any is live, steps run synchronously. So
+do speculating steps (their proposals need the last token); steps of a speculating engine with
+no proposal to verify overlap as usual (engine/speculative/speculator.py, `in_sight`).
 
 A grammar request's matcher (engine/grammar.py) advances with each of its tokens here; a sequence
 whose grammar is complete finishes with "stop". Its bitmask row for step N+1 needs step N's token,
