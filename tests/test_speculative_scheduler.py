@@ -110,6 +110,32 @@ def test_ngram_proposals_are_accepted_and_output_is_unchanged():
     assert len(schedules) < 15  # ~4 tokens a step once the period repeats, not 30 steps
 
 
+def _reference_proposal(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+    """The n-gram lookup by its definition: for n from max_n down, every earlier window of n
+    tokens that has a token after it, compared with the last n; the latest match wins."""
+    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start : start + n] == tokens[-n:]:
+                return tokens[start + n : start + n + k]
+    return []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 5), max_size=60), st.integers(1, 4), st.integers(0, 4),
+       st.integers(1, 6), st.booleans())
+def test_ngram_lookup_matches_its_definition(tokens, min_n, extra, k, skip_last):
+    """The vectorised lookup (candidates where the last token recurs, extended backwards) gives
+    the definition's proposal; `matches` says whether there is one (on the tokens less the last
+    with skip_last, as while a step is in flight)."""
+    max_n = min_n + extra
+    ngram = NgramProposer(k, min_n, max_n)
+    expected = _reference_proposal(tokens, k, min_n, max_n) if len(tokens) > min_n else []
+    assert ngram.propose(tokens) == expected
+    seen = tokens[:-1] if skip_last and tokens else tokens
+    wanted = _reference_proposal(seen, k, min_n, max_n) if len(seen) > min_n else []
+    assert ngram.matches(tokens, skip_last=skip_last) == bool(wanted)
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.lists(st.integers(0, 40), max_size=5), min_size=1, max_size=20),
        st.integers(1, 30))
