@@ -123,7 +123,7 @@ def test_read_many_checks_each_file_and_touches_the_good_ones(tmp_path):
             assert digest not in store and not (store.dir / (digest.hex() + ".kv")).exists()
         else:
             assert bytes(outs[i]) == _payload(i) and digest in store
-    newest = [path.name for path in store._lru][-4:]  # the hits, in the order they were read
+    newest = [os.path.basename(p) for p in store._lru][-4:]  # the hits, in read order
     assert newest == [blocks[i][0].hex() + ".kv" for i in (5, 3, 2, 0)]
 
 

@@ -50,8 +50,12 @@ class DiskStore:
         self.budget_bytes = budget_bytes
         self._identity_digest = identity.digest  # a property that hashes: computed once
         self.dir = root / self._identity_digest.hex()
+        # Paths as str inside: a pathlib.Path per read (built, turned into a str for open(), hashed
+        # for the LRU) cost more GIL time than the read itself (1,040 hits of a 16k prefix on
+        # an H100 host: 16 threads at 8.4 GB/s against 19 GB/s for the bare read loop)
+        self._dir = str(self.dir)
         self._lock = threading.Lock()
-        self._lru: OrderedDict[Path, int] = OrderedDict()  # every identity's files, oldest first
+        self._lru: OrderedDict[str, int] = OrderedDict()  # every identity's files, oldest first
         self._mine: set[bytes] = set()  # digests of this identity's files
         self._num_bytes = 0
         self._writes: queue.Queue = queue.Queue(_MAX_PENDING_WRITES)
@@ -95,7 +99,7 @@ class DiskStore:
             return out if self.read_many([(digest, token_ids)], [out])[0] else None
         path = self._path(digest)
         try:
-            with path.open("rb") as f:
+            with open(path, "rb") as f:
                 payload = self._read_checked(f, digest, token_ids, out)
         except (OSError, ValueError) as e:
             self._reject(path, digest, e)
@@ -122,12 +126,12 @@ class DiskStore:
         self._touch_many(touched)
         return found
 
-    def _reject(self, path: Path, digest: bytes, error: Exception) -> None:
+    def _reject(self, path: str, digest: bytes, error: Exception) -> None:
         logger.warning("prefix cache: rejecting %s: %s", path, error)
         self.num_rejected += 1
         self._remove(path, digest)
 
-    def _read_into(self, path: Path, digest: bytes, token_ids: tuple[int, ...],
+    def _read_into(self, path: str, digest: bytes, token_ids: tuple[int, ...],
                    out: memoryview) -> None:
         """`_read_checked` for a known payload size (`out`'s) in one positional vectored read
         (header, token ids, payload, one byte past the end): few GIL round trips per file, so
@@ -149,8 +153,8 @@ class DiskStore:
             raise ValueError("header checksum mismatch")
         if identity != self._identity_digest or block != digest:
             raise ValueError("written for another model, dtype or block size")
-        if num_tokens != len(token_ids) or array("q", head[_HEADER.size + _CRC.size:]).tolist(
-                ) != list(token_ids):
+        if num_tokens != len(token_ids) or (
+                head[_HEADER.size + _CRC.size:] != array("q", token_ids).tobytes()):
             raise ValueError("token ids differ from the lookup's (truncated or a collision)")
         if payload_len != out.nbytes:
             raise ValueError(f"payload of {payload_len} bytes, expected {out.nbytes}")
@@ -232,14 +236,14 @@ class DiskStore:
             return
         data = self._encode(digest, token_ids, payload)
         path = self._path(digest)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = os.path.join(self._dir, f".{os.path.basename(path)}.tmp")
         try:
-            with tmp.open("wb") as f:
+            with open(tmp, "wb") as f:
                 for part in data:
                     f.write(part)
             os.replace(tmp, path)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            _unlink(tmp)
             self._on_write_error(e)
             return
         self._add(path, digest, sum(len(part) for part in data))
@@ -264,38 +268,39 @@ class DiskStore:
 
     # -- the index --------------------------------------------------------------------------
 
-    def _path(self, digest: bytes) -> Path:
-        return self.dir / (digest.hex() + _SUFFIX)
+    def _path(self, digest: bytes) -> str:
+        return f"{self._dir}{os.sep}{digest.hex()}{_SUFFIX}"
 
     def _scan(self) -> None:
         """List every identity's block files, oldest first; drop stale temporary files."""
         found = []
-        for sub in self.root.iterdir():
+        for sub in os.scandir(self.root):
             if not sub.is_dir():
                 continue
-            for path in sub.iterdir():
-                if path.name.startswith(".") and path.name.endswith(".tmp"):
-                    path.unlink(missing_ok=True)  # a write cut short by a crash
-                elif path.suffix == _SUFFIX:
-                    stat = path.stat()
-                    found.append((stat.st_mtime_ns, path, stat.st_size))
+            for entry in os.scandir(sub.path):
+                name = entry.name
+                if name.startswith(".") and name.endswith(".tmp"):
+                    _unlink(entry.path)  # a write cut short by a crash
+                elif name.endswith(_SUFFIX) and not name.startswith("."):
+                    stat = entry.stat()
+                    found.append((stat.st_mtime_ns, entry.path, stat.st_size))
         for _, path, size in sorted(found):
             self._lru[path] = size
             self._num_bytes += size
-            if path.parent == self.dir:
+            if os.path.dirname(path) == self._dir:
                 digest = _digest_of(path)
                 if digest is not None:
                     self._mine.add(digest)
         self._evict_to(self.budget_bytes)
 
-    def _add(self, path: Path, digest: bytes, size: int) -> None:
+    def _add(self, path: str, digest: bytes, size: int) -> None:
         with self._lock:
             self._lru[path] = size
             self._num_bytes += size
             self._mine.add(digest)
             self._evict_to(self.budget_bytes)
 
-    def _touch_many(self, paths: list[Path]) -> None:
+    def _touch_many(self, paths: list[str]) -> None:
         """Most recently used: now in the index, and in the files' mtime (what the next start's
         scan orders by) on the writer thread, in one queued item: a metadata write per read
         would queue the readers on the file system's journal while a long prefix loads."""
@@ -314,22 +319,22 @@ class DiskStore:
         except queue.Full:
             pass  # the order on disk ages a little; the index has it
 
-    def _remove(self, path: Path, digest: bytes) -> None:
+    def _remove(self, path: str, digest: bytes) -> None:
         with self._lock:
             self._num_bytes -= self._lru.pop(path, 0)
             self._mine.discard(digest)
-        path.unlink(missing_ok=True)
+        _unlink(path)
 
     def _evict_to(self, target_bytes: int) -> None:
         """Delete least recently used files until the total fits `target_bytes` (lock held)."""
         while self._lru and self._num_bytes > target_bytes:
             path, size = self._lru.popitem(last=False)
             self._num_bytes -= size
-            if path.parent == self.dir:
+            if os.path.dirname(path) == self._dir:
                 digest = _digest_of(path)
                 self._mine.discard(digest)
             try:
-                path.unlink(missing_ok=True)
+                _unlink(path)
             except OSError as e:
                 logger.warning("prefix cache: cannot delete %s: %s", path, e)
 
@@ -338,16 +343,24 @@ class DiskStore:
         return self._num_bytes
 
 
-def _utime(path: Path) -> None:
+def _unlink(path: str) -> None:
+    """os.unlink, a file already gone being fine (Path.unlink(missing_ok=True) for a str)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _utime(path: str) -> None:
     try:
         os.utime(path)
     except OSError:
         pass
 
 
-def _digest_of(path: Path) -> bytes | None:
+def _digest_of(path: str) -> bytes | None:
     try:
-        digest = bytes.fromhex(path.stem)
+        digest = bytes.fromhex(os.path.basename(path).removesuffix(_SUFFIX))
     except ValueError:
         return None
     return digest if len(digest) == DIGEST_SIZE else None
