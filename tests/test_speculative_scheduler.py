@@ -230,3 +230,32 @@ def test_ngram_proposer_uses_the_latest_longest_match():
     assert ngram.propose([5, 6, 7, 8]) == []
     assert ngram.propose([1, 2, 1, 2], max_tokens=1) == [1]
     assert ngram.propose([4, 4, 4, 4]) == [4]  # the latest match continues with one token
+
+
+def _decoding(token_ids: list[int], **params) -> Sequence:
+    """A sequence whose prompt is computed and whose next step decodes its last token."""
+    seq = Sequence(1, "r", token_ids, SamplingParams(temperature=0, **params))
+    seq.num_computed_tokens = len(token_ids) - 1
+    return seq
+
+
+def test_in_sight_looks_at_the_host_tokens_and_respects_the_limits():
+    """`in_sight` (asked while a step is in flight): an n-gram match on the tokens the host has,
+    the trailing placeholder left out; nothing when max_tokens leaves no room; a draft model
+    always proposes."""
+    from hearth.engine.scheduler import PLACEHOLDER_TOKEN_ID
+    from hearth.engine.speculative import SpeculativeConfig
+    from hearth.engine.speculative.speculator import Speculator
+
+    spec = Speculator(SpeculativeConfig(num_speculative_tokens=3), max_len=512)
+    copying = [5, 6, 7, 8, 9, 5, 6, 7]  # "6 7" recurs: a proposal of "8 9 5"
+    assert spec.in_sight([_decoding(copying)])
+    # the in-flight token is unknown: "7 <placeholder>" must not be looked up as "7 7"
+    assert spec.in_sight([_decoding(copying + [PLACEHOLDER_TOKEN_ID])])
+    assert not spec.in_sight([_decoding([5, 6, 7, 8, 9, PLACEHOLDER_TOKEN_ID])])
+    assert not spec.in_sight([_decoding([1, 2, 3, 4])])
+    # max_tokens reached: no room to verify anything
+    done = _decoding(copying, max_tokens=1)
+    done.num_prompt_tokens = len(copying) - 1
+    assert not spec.in_sight([done])
+    assert Speculator(SpeculativeConfig(num_speculative_tokens=3), 512, draft=object()).in_sight([])
