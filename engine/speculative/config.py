@@ -15,8 +15,9 @@ SPECULATIVE_METHODS = ("ngram", "draft")
 # go in tiles of 4: 4 rows cost 1.6x one row, 5 rows 3x, so K = 3 (1.60x against 1.28x with K = 4
 # in one run). Exact float32 on a CPU (sgemm) and a GPU: K = 4 (float32: 32.5 tok/s against 28.5).
 # n-gram proposals on a GPU: a verification costs about one replay whatever its rows, and the step
-# (synchronous) weighs more than the rows, so longer proposals pay: K = 8 1.40x, K = 4 1.10-1.15x,
-# K = 2 1.04x at batch 1 on an H100 (the default model, bf16). docs/benchmarks.md has the runs.
+# (synchronous) weighs more than the rows, so longer proposals pay: K = 8 1.98x, K = 4 1.66x at
+# batch 1 on an H100 (the default model, bf16, steps with nothing to verify overlapped; before
+# that 1.40x / 1.10-1.15x, and K = 2 1.04x). docs/benchmarks.md has the runs.
 DEFAULT_K = 4
 DEFAULT_K_CPU_16BIT = 3
 DEFAULT_K_CUDA_NGRAM = 8
