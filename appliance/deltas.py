@@ -59,6 +59,13 @@ class _Progress:
     prompt_token_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
 
+    def sample(self, index: int) -> SampleProgress:
+        """Sample `index`'s progress (made on first sight: an engine may report more samples
+        than `start` was told)."""
+        while index >= len(self.samples):
+            self.samples.append(SampleProgress())
+        return self.samples[index]
+
 
 class DeltaTracker:
     """Remembers how much of each request was delivered. Used by the engine thread only."""
@@ -97,10 +104,8 @@ class DeltaTracker:
                 progress.prompt_token_ids = delta.prompt_token_ids
                 progress.num_cached_tokens = delta.num_cached_tokens
             for sample in delta.samples:
-                while sample.index >= len(progress.samples):
-                    progress.samples.append(SampleProgress())
-                if sample.finish_reason is not None:
-                    progress.samples[sample.index].finished = True
+                if sample.finish_reason is not None:  # what `abort` needs to know
+                    progress.sample(sample.index).finished = True
             if delta.finished:
                 del self._requests[delta.request_id]
             kept.append(delta)
@@ -126,9 +131,7 @@ class DeltaTracker:
             progress.num_cached_tokens = output.num_cached_tokens
         samples = []
         for completion in output.outputs:
-            while completion.index >= len(progress.samples):
-                progress.samples.append(SampleProgress())
-            sample = progress.samples[completion.index]
+            sample = progress.sample(completion.index)
             if sample.finished:
                 continue
             delta = sample.advance(completion.index, completion.text, completion.token_ids, 0,
