@@ -23,7 +23,10 @@ engine thread's; with the engine process, the default on a GPU, that process's i
 --engine-process off|on` picks the mode). To see where a
 thread's time goes: HEARTH_PROFILE_ENGINE_THREAD=FILE (the server's engine loop under cProfile,
 on its thread or in the engine process, written at shutdown) and HEARTH_PROFILE_OFFLINE=FILE
-(the offline side's last run).
+(the offline side's last run). Both sides' engines also record every step
+(HEARTH_STEP_TRACE, engine/step_trace.py); the last table compares them per timed run: steps,
+mean batch, tokens per step, step time, time between steps, and the share of step time run
+below a full batch.
 """
 
 from __future__ import annotations
@@ -139,7 +142,7 @@ def offline_child(args: argparse.Namespace, server_args: list[str]) -> None:
 
     for batch in warmup_requests(args):
         generate(batch)
-    runs = []
+    runs, windows = [], []
     profile_to = os.environ.get("HEARTH_PROFILE_OFFLINE")  # the last run, under cProfile
     for run in range(args.runs):
         profiler = None
@@ -148,14 +151,16 @@ def offline_child(args: argparse.Namespace, server_args: list[str]) -> None:
 
             profiler = cProfile.Profile()
             profiler.enable()
+        window_start = time.monotonic()
         seconds, tokens = generate(requests_for(args, run))
+        windows.append((window_start, time.monotonic()))
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(profile_to)
         runs.append({"duration_s": seconds, "output_tokens": tokens,
                      "output_throughput": tokens / seconds})
         print(f"offline run {run}: {tokens / seconds:,.0f} output tok/s", file=sys.stderr)
-    args.offline_child.write_text(json.dumps({"runs": runs}))
+    args.offline_child.write_text(json.dumps({"runs": runs, "windows": windows}))
     llm.shutdown()
 
 
@@ -166,15 +171,17 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_offline(args: argparse.Namespace, server_args: list[str]) -> dict:
+def run_offline(args: argparse.Namespace, server_args: list[str], trace: str) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         argv = [sys.executable, __file__, "--offline-child", out.name,
                 *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                   if k in ("num_prompts", "input_len", "output_len", "max_concurrency",
                            "token_low", "token_high", "runs", "seed")],
                 "--", *server_args]
-        subprocess.run(argv, check=True)
-        return json.loads(Path(out.name).read_text())
+        subprocess.run(argv, check=True, env={**os.environ, "HEARTH_STEP_TRACE": trace})
+        result = json.loads(Path(out.name).read_text())
+    result["steps"] = step_summaries(trace, result["windows"])
+    return result
 
 
 def _get(url: str) -> bytes | None:
@@ -185,13 +192,14 @@ def _get(url: str) -> bytes | None:
         return None
 
 
-def run_served(args: argparse.Namespace, server_args: list[str]) -> dict:
+def run_served(args: argparse.Namespace, server_args: list[str], trace: str) -> dict:
     """The served side: `hearth serve --no-ui` in a child process, bench/serve.py's client."""
     base = f"http://127.0.0.1:{args.port}"
     cmd = [sys.executable, "-m", "hearth", "serve", "--no-ui", "--port", str(args.port),
            *server_args]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env={**os.environ,
-                                                                   "PYTHONUNBUFFERED": "1"})
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env={
+        **os.environ, "PYTHONUNBUFFERED": "1", "HEARTH_STEP_TRACE": trace})
+    windows: list[tuple[float, float]] = []
     try:
         t0 = time.perf_counter()
         while _get(base + "/health") is None:
@@ -209,8 +217,10 @@ def run_served(args: argparse.Namespace, server_args: list[str]) -> dict:
         client.max_concurrency = args.max_concurrency
         runs = []
         for run in range(args.runs):
+            window_start = time.monotonic()
             results, duration = serve_bench.run_in_processes(
                 client, model, requests_for(args, run), args.client_procs)
+            windows.append((window_start, time.monotonic()))
             summary = serve_bench.summarize(results, duration)
             for failure in [r for r in results if not r.ok][:3]:
                 print(f"failed: {failure.error}", file=sys.stderr)
@@ -220,13 +230,27 @@ def run_served(args: argparse.Namespace, server_args: list[str]) -> dict:
         threads = thread_cpu(server.pid)
         print("served: server threads' CPU seconds over its life: " + ", ".join(
             f"{name} {seconds:.1f}" for name, seconds in threads[:6]), file=sys.stderr)
-        return {"runs": runs, "thread_cpu_s": threads}
     finally:
         server.terminate()
         try:
             server.wait(60)
         except subprocess.TimeoutExpired:
             server.kill()
+    return {"runs": runs, "thread_cpu_s": threads, "steps": step_summaries(trace, windows)}
+
+
+def step_summaries(prefix: str, windows: list[tuple[float, float]]) -> list[dict]:
+    """Each timed run's engine steps (engine/step_trace.py: the engine process writes its trace
+    at exit; time.monotonic is one clock for every process of the machine)."""
+    from hearth.engine.step_trace import summarize
+
+    traces = [json.loads(path.read_text()) for path in Path(prefix).parent.glob(
+        Path(prefix).name + ".*.json")]
+    traces = [t for t in traces if t["summary"].get("steps")]
+    if not traces:
+        return []
+    columns = max(traces, key=lambda t: t["summary"]["steps"])
+    return [summarize(columns, tuple(window)) for window in windows]
 
 
 def thread_cpu(pid: int) -> list[tuple[str, float]]:
@@ -262,8 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory() as workdir:
         server_args = with_tokenizer(server_args, args.tokenizer, Path(workdir))
-        offline = run_offline(args, server_args) if args.side != "served" else {"runs": []}
-        served = run_served(args, server_args) if args.side != "offline" else {"runs": []}
+        trace = str(Path(workdir) / "steps")
+        offline = (run_offline(args, server_args, trace + "-offline") if args.side != "served"
+                   else {"runs": []})
+        served = (run_served(args, server_args, trace + "-served") if args.side != "offline"
+                  else {"runs": []})
     print(f"\nW7: {args.num_prompts} requests of {args.input_len} in / {args.output_len} out, "
           f"concurrency {args.max_concurrency}; serve flags: {' '.join(server_args)}")
     print(f"{'run':>4} | {'offline tok/s':>14} | {'served tok/s':>13} | {'served/offline':>14} | "
@@ -276,11 +303,27 @@ def main(argv: list[str] | None = None) -> int:
               f"{s.get('median_itl_ms', float('nan')):>10.2f} | "
               f"{s.get('p99_itl_ms', float('nan')):>10.2f} | "
               f"{s.get('median_ttft_ms', float('nan')):>11.1f} | {s.get('failed', '-')}")
+    print_steps({"offline": offline.get("steps", []), "served": served.get("steps", [])})
     if args.json:
         args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)},
                                          "server_args": server_args, "offline": offline,
                                          "served": served}, indent=1, default=str))
     return 0
+
+
+def print_steps(sides: dict[str, list[dict]]) -> None:
+    """Where the sides' engines differ: batch size, step time, time between steps."""
+    print(f"\n{'engine steps':>12} | {'run':>3} | {'steps':>6} | {'mean batch':>10} | "
+          f"{'tokens/step':>11} | {'step p50 ms':>11} | {'step p90 ms':>11} | "
+          f"{'between steps':>13} | below full batch")
+    for side, runs in sides.items():
+        for run, s in enumerate(runs):
+            if not s.get("steps"):
+                continue
+            print(f"{side:>12} | {run:>3} | {s['steps']:>6} | {s['mean_running']:>10.1f} | "
+                  f"{s['mean_tokens_per_step']:>11.1f} | {s['step_ms_p50']:>11.2f} | "
+                  f"{s['step_ms_p90']:>11.2f} | {s['between_steps_s'] / s['wall_s']:>13.1%} | "
+                  f"{s['share_of_step_time_below_full']:.1%} of step time")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from hearth.engine.sequence import FinishReason, Sequence
 from hearth.engine.snapshot import EngineSnapshot
 from hearth.engine.speculative.proposer_draft import DraftProposer, build_draft, check_draft
 from hearth.engine.speculative.speculator import Speculator
+from hearth.engine.step_trace import StepTrace
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class LLMEngine:
         self._snapshot: EngineSnapshot | None = None
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
+        self._trace = StepTrace.from_env()  # HEARTH_STEP_TRACE: benchmarks only
         self._num_finished = 0
         # step() returns RequestDeltas (only what changed) instead of RequestOutputs: set by the
         # server's engine loop (appliance/engine_loop.py); LLM.generate keeps the outputs
@@ -200,6 +202,8 @@ class LLMEngine:
         """One scheduler/runner/update round. `finished_only`: return only the requests that
         finished (offline generate reads nothing else, and a partial output costs O(tokens))."""
         with self._lock:
+            if self._trace is not None:
+                started, num_tokens = time.monotonic(), self._num_generation_tokens
             outputs = self._step(finished_only)
             if self.prefix_store is not None:
                 self.prefix_store.transfer()  # blocks registered by this step: write through
@@ -207,6 +211,9 @@ class LLMEngine:
             cached = self._snapshot
             if cached is None or now - cached.taken_at > _SNAPSHOT_REFRESH_S or not self._requests:
                 self._snapshot = self._build_snapshot()  # readers on other threads never wait
+            if self._trace is not None:
+                self._trace.record(started, self.scheduler.num_running,
+                                   self._num_generation_tokens - num_tokens)
             return outputs
 
     def _step(self, finished_only: bool) -> list[RequestOutput]:
@@ -388,6 +395,8 @@ class LLMEngine:
                 self._matchers.clear()
             if self.prefix_store is not None:
                 self.prefix_store.close()  # queued disk writes finish
+            if self._trace is not None:
+                self._trace.write(self.config.max_num_seqs)
         self.runner.shutdown()
 
     def check_health(self) -> None:
