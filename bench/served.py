@@ -315,7 +315,7 @@ def print_steps(sides: dict[str, list[dict]]) -> None:
     """Where the sides' engines differ: batch size, step time, time between steps."""
     print(f"\n{'engine steps':>12} | {'run':>3} | {'steps':>6} | {'mean batch':>10} | "
           f"{'tokens/step':>11} | {'step p50 ms':>11} | {'step p90 ms':>11} | "
-          f"{'between steps':>13} | below full batch")
+          f"{'between steps':>13} | {'below full':>10} | steps with prompt tokens")
     for side, runs in sides.items():
         for run, s in enumerate(runs):
             if not s.get("steps"):
@@ -323,7 +323,8 @@ def print_steps(sides: dict[str, list[dict]]) -> None:
             print(f"{side:>12} | {run:>3} | {s['steps']:>6} | {s['mean_running']:>10.1f} | "
                   f"{s['mean_tokens_per_step']:>11.1f} | {s['step_ms_p50']:>11.2f} | "
                   f"{s['step_ms_p90']:>11.2f} | {s['between_steps_s'] / s['wall_s']:>13.1%} | "
-                  f"{s['share_of_step_time_below_full']:.1%} of step time")
+                  f"{s['share_of_step_time_below_full']:>10.1%} | {s['prompt_steps']} "
+                  f"({s['prompt_steps_s'] / s['inside_steps_s']:.0%} of step time)")
 
 
 if __name__ == "__main__":

@@ -245,6 +245,8 @@ class LLMEngine:
 
     def _schedule(self) -> ScheduleOutput:
         schedule = self.scheduler.schedule()
+        if self._trace is not None:
+            self._trace.scheduled(schedule.num_batched_tokens, len(schedule.chunks))
         self._drop_matchers(schedule.preempted_seq_ids)  # rebuilt from their tokens when resumed
         if self.prefix_store is not None:
             self.prefix_store.transfer()  # evicted blocks out, tier hits in: before the forward

@@ -26,6 +26,9 @@ class StepTrace:
         self._end = array("d")
         self._running = array("l")
         self._tokens = array("l")
+        self._batched = array("l")  # tokens the step's forward computed (prompt chunks included)
+        self._chunks = array("l")  # sequences in that forward
+        self._scheduled = (0, 0)
         self._written = False
         atexit.register(self.write)
 
@@ -34,7 +37,14 @@ class StepTrace:
         prefix = os.environ.get("HEARTH_STEP_TRACE")
         return cls(Path(f"{prefix}.{os.getpid()}.json")) if prefix else None
 
+    def scheduled(self, num_batched_tokens: int, num_chunks: int) -> None:
+        """The forward this step launches (with async scheduling, the next step's)."""
+        self._scheduled = (num_batched_tokens, num_chunks)
+
     def record(self, start: float, num_running: int, num_tokens: int) -> None:
+        self._batched.append(self._scheduled[0])
+        self._chunks.append(self._scheduled[1])
+        self._scheduled = (0, 0)
         self._start.append(start)
         self._end.append(time.monotonic())
         self._running.append(num_running)
@@ -42,7 +52,8 @@ class StepTrace:
 
     def columns(self) -> dict:
         return {"start": list(self._start), "end": list(self._end),
-                "running": list(self._running), "tokens": list(self._tokens)}
+                "running": list(self._running), "tokens": list(self._tokens),
+                "batched": list(self._batched), "chunks": list(self._chunks)}
 
     def write(self, full_batch: int | None = None) -> None:
         if self._written:
@@ -57,12 +68,14 @@ def summarize(columns: dict, window: tuple[float, float] | None = None,
               full_batch: int | None = None) -> dict:
     """Totals over the steps that started inside `window` (monotonic seconds; all if None):
     wall time from the first step's start to the last one's end, time inside and between
-    steps, mean batch and tokens per step, step time percentiles, and the share of step time
-    run with fewer than `full_batch` sequences (default: the most seen)."""
-    rows = [(s, e, r, t) for s, e, r, t in zip(columns["start"], columns["end"],
-                                                columns["running"], columns["tokens"],
-                                                strict=True)
+    steps, mean batch and tokens per step, step time percentiles, the share of step time run
+    with fewer than `full_batch` sequences (default: the most seen), and the steps whose forward
+    held prompt tokens (mixed or prefill: no decode CUDA graph) with their time."""
+    keep = [i for i, s in enumerate(columns["start"])
             if window is None or window[0] <= s <= window[1]]
+    rows = [(columns["start"][i], columns["end"][i], columns["running"][i], columns["tokens"][i])
+            for i in keep]
+    prompt_steps = [i for i in keep if columns["batched"][i] > columns["chunks"][i]]
     n = len(rows)
     if n == 0:
         return {"steps": 0}
@@ -84,4 +97,6 @@ def summarize(columns: dict, window: tuple[float, float] | None = None,
         "step_ms_p90": 1e3 * durations[min(int(n * 0.9), n - 1)],
         "full_batch": full,
         "share_of_step_time_below_full": below / inside if inside else 0.0,
+        "prompt_steps": len(prompt_steps),
+        "prompt_steps_s": sum(columns["end"][i] - columns["start"][i] for i in prompt_steps),
     }
