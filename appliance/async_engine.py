@@ -24,6 +24,7 @@ import math
 import os
 import queue
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from enum import Enum
 from typing import Any, Protocol
@@ -186,11 +187,13 @@ class AsyncEngine:
 
     # ---- requests (event loop side) ----
 
-    def check_admission(self, num_requests: int = 1) -> None:
-        """Raise unless `num_requests` more requests may start now (all of them, or none)."""
+    def check_admission(self, num_requests: int = 1, key: str | None = None) -> None:
+        """Raise unless `num_requests` more requests may start now (all of them, or none).
+        `key`: the API key's name (its fair-share flow), see `_within_fair_part`."""
         if self._state is not EngineState.READY:
             raise EngineUnavailableError(self._unavailable_reason())
-        if len(self._streams) + num_requests > self.max_in_flight:
+        if (len(self._streams) + num_requests > self.max_in_flight
+                and not self._within_fair_part(key, num_requests)):
             if self._observer is not None:
                 self._observer.on_rejected()
             retry_after = min(60, max(1, math.ceil(self._mean_e2e_s)))
@@ -200,12 +203,23 @@ class AsyncEngine:
                 retry_after,
             )
 
+    def _within_fair_part(self, key: str | None, num_requests: int) -> bool:
+        """Over the in-flight limit, a named key still gets in while it holds less than an equal
+        part of the limit among the keys with requests in flight (up to twice the limit in
+        all): one key flooding the queue does not turn the other keys away with 429s."""
+        if key is None or len(self._streams) + num_requests > 2 * self.max_in_flight:
+            return False
+        held = Counter(stream.share_key for stream in self._streams.values())
+        keys = {name for name in held if name is not None} | {key}
+        return held[key] + num_requests <= self.max_in_flight // len(keys)
+
     def submit(self, request_id: str, request: PreparedRequest, priority: int = 0) -> RequestStream:
         """Start a request that `prepare` checked (engine/prepare.py)."""
-        self.check_admission(1)
+        self.check_admission(1, request.share_key)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = RequestStream(request_id, abort=lambda: self._forget(request_id))
+        stream.share_key = request.share_key
         self._streams[request_id] = stream
         self._commands.put(Add(request_id, request, priority))
         return stream

@@ -65,6 +65,7 @@ class RequestStream:
         self.last_token_time: float | None = None
         self.num_generation_tokens = 0
         self.num_prompt_tokens = 0
+        self.share_key: str | None = None  # the API key's name (admission's fair part)
         self.finish_reason: str | None = None  # of the last sample to finish
         self._abort = abort
         self._items: deque[RequestDelta | BaseException] = deque()

@@ -75,6 +75,28 @@ def test_gate_statuses(keyed):
     assert httpx.get(url + "health").status_code == 200  # open
 
 
+def test_a_named_key_cannot_jump_ahead_with_the_body_priority(keyed, monkeypatch):
+    """Priority comes before fair share: a negative `priority` in the body would put a key's
+    requests ahead of every other key's. Under a named key it counts as 0; the single
+    `--api-key` keeps it."""
+    server, keys, _, _ = keyed
+    engine = server.context.engine
+    seen = []
+    submit = engine.submit
+
+    def spy(request_id, request, priority=0):
+        seen.append((request.share_key, priority))
+        return submit(request_id, request, priority)
+
+    monkeypatch.setattr(engine, "submit", spy)
+    for key in (keys["spare"], "plain-admin"):
+        for priority in (-1000, 3):
+            answer = httpx.post(server.url + "v1/chat/completions",
+                                json={**CHAT, "priority": priority}, headers=_headers(key))
+            assert answer.status_code == 200
+    assert seen == [("spare", 0), ("spare", 3), ("default", -1000), ("default", 3)]
+
+
 def test_request_quota_gives_429_with_retry_after(keyed):
     server, keys, _, _ = keyed
     answers = [httpx.post(server.url + "v1/chat/completions", json=CHAT,
@@ -237,6 +259,39 @@ def test_light_key_finishes_while_heavy_key_floods(tmp_path, engine_process):
         light, pending = asyncio.run(scenario())
         assert all(status == 200 for _, status, _ in light)
         assert pending > 100  # the light key did not wait for the heavy key's queue
+
+
+def test_a_full_queue_still_admits_a_key_below_its_part(tmp_path):
+    """The in-flight limit (max_num_seqs + max_queued_requests) is shared: one key filling it
+    must not turn another key away. Over the limit, a key holding less than an equal part of
+    it among the keys in flight still gets in; the flooding key gets 429."""
+    path = tmp_path / "keys.toml"
+    keys = {"heavy": write_key(path, "heavy"), "light": write_key(path, "light")}
+    settings = Settings(api_keys_file=str(path), max_num_seqs=2, max_queued_requests=8,
+                        no_ui=True)
+    engine = FakeEngine(max_num_seqs=2, step_delay_s=0.005)
+    with running_server(settings, lambda: engine) as server:
+
+        async def scenario() -> tuple[list, list]:
+            limits = httpx.Limits(max_connections=100)
+            engine.paused.set()
+            async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as c:
+                flood = asyncio.gather(*(_stream(c, keys["heavy"], "heavy") for _ in range(30)))
+                deadline = time.monotonic() + 30
+                while server.context.engine.num_in_flight < 10 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.3)  # the rest of the flood has had its 429s
+                light = asyncio.gather(*(_stream(c, keys["light"], "light") for _ in range(7)))
+                while server.context.engine.num_in_flight < 15 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                engine.paused.clear()
+                return await flood, await light
+
+        heavy, light = asyncio.run(scenario())
+        assert Counter(status for _, status, _ in heavy) == {200: 10, 429: 20}
+        # light's equal part of the limit of 10 between two keys: 5 in, the 2 beyond it refused
+        assert Counter(status for _, status, _ in light) == {200: 5, 429: 2}
+        assert server.context.engine.num_in_flight == 0
 
 
 # -- TLS and SIGHUP in real use ------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from hearth.appliance.async_engine import AsyncEngine
 from hearth.appliance.auth.call import current_call
+from hearth.appliance.auth.keyring import SINGLE_KEY_NAME
 from hearth.appliance.deltas import RequestDelta, SampleDelta
 from hearth.appliance.protocol import APIError, UnknownFieldLog, bad_request
 from hearth.appliance.request_limits import check_request_limits
@@ -333,11 +334,16 @@ class Serving:
         self, request_id: str, requests: list[PreparedRequest], priority: int
     ) -> list[RequestStream]:
         """Start every request, or none (admission is all-or-nothing). Under an API key (the
-        gate's CallRecord), the requests join the key's fair-share flow at its priority."""
-        self.engine.check_admission(len(requests))
+        gate's CallRecord), the requests join the key's fair-share flow at its priority: under a
+        named key from the keys file, the body's `priority` may only lower the request's
+        precedence (a negative one counts as 0), so no client jumps ahead of its key's priority
+        and of the other keys. The single `--api-key` ("default") keeps the body's priority."""
         call = current_call.get()
+        self.engine.check_admission(len(requests), call.key if call is not None else None)
         if call is not None:
             requests = [replace(r, share_key=call.key, share_weight=call.weight) for r in requests]
+            if call.key != SINGLE_KEY_NAME:
+                priority = max(priority, 0)
             priority += call.priority
         streams = [
             self.engine.submit(f"{request_id}-{i}", request, priority)
