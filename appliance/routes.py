@@ -89,8 +89,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], Engine]) -> Fast
             allow_headers=["*"],
         )
     auth = context.auth
-    app.add_middleware(KeyGate, keyring=auth.keyring, quotas=auth.quotas, stats=auth.stats,
-                       audit=auth.audit, model_name=lambda: _model_name(context))
+    app.add_middleware(KeyGate, auth=auth, model_name=lambda: _model_name(context))
     hosts = allowed_host_names(settings.host, settings.allowed_hosts)
     app.add_middleware(HostOriginGuard, hosts=hosts, origins=settings.allowed_origins)
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_request_body_mib * (1 << 20)))

@@ -201,6 +201,15 @@ EOF
     say "wrote $ETC/hearth.env"
 }
 
+# 4a. An empty API keys file, made once: `hearth keys` keeps its owner, group and mode when it
+#     rewrites it, so keys added by root stay readable by the service (root:hearth, 0640 below).
+write_keys_file() {
+    [ -f "$ETC/keys.toml" ] && return
+    printf '# Hearth API keys: hearth keys --file %s add NAME (see docs/operations.md)\n' \
+        "$ETC/keys.toml" >"$ETC/keys.toml"
+    chmod 640 "$ETC/keys.toml"
+}
+
 # 4b. TLS: a self-signed certificate made here, or the operator's pair, in $ETC/tls; hearth.env
 #     gets the two HEARTH_SSL_* lines (also on an upgrade that asks for TLS).
 setup_tls() {
@@ -235,7 +244,7 @@ install_unit() {
             say "created system user $SERVICE_USER"
         fi
         chown -R "$SERVICE_USER:$SERVICE_USER" "$STATE"
-        chown "root:$SERVICE_USER" "$ETC/hearth.env"
+        chown "root:$SERVICE_USER" "$ETC/hearth.env" "$ETC/keys.toml"
         if [ -d "$ETC/tls" ]; then
             chown -R "root:$SERVICE_USER" "$ETC/tls"
             chmod 640 "$ETC/tls/key.pem"
@@ -288,6 +297,7 @@ verify_bundle
 install_venv
 install_models
 write_config
+write_keys_file
 setup_tls
 install_unit
 start_service

@@ -174,6 +174,12 @@ def test_offline_install_serve_upgrade_uninstall(bundle, tmp_path):
         assert f"http://127.0.0.1:{port}/" in first.stdout
         env_file = prefix / "etc/hearth/hearth.env"
         assert f"HEARTH_PORT={port}" in env_file.read_text()
+        keys_file = prefix / "etc/hearth/keys.toml"  # empty, 0640: `hearth keys` keeps the mode
+        assert keys_file.stat().st_mode & 0o777 == 0o640
+        added = subprocess.run([str(prefix / "opt/hearth/venv/bin/hearth"), "keys", "--file",
+                                str(keys_file), "add", "kiosk"], capture_output=True, text=True)
+        assert added.returncode == 0, added.stdout + added.stderr
+        assert keys_file.stat().st_mode & 0o777 == 0o640 and "kiosk" in keys_file.read_text()
         unit = (prefix / "etc/systemd/system/hearth.service").read_text()
         assert f"ExecStart={prefix}/opt/hearth/venv/bin/hearth serve" in unit
         assert f"ReadWritePaths={prefix}/var/lib/hearth" in unit

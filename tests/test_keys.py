@@ -98,6 +98,23 @@ def test_keys_cli_add_list_revoke(tmp_path, capsys):
     assert load_keys(path) == ()
 
 
+def test_keys_cli_keeps_a_good_file_and_its_mode(tmp_path, capsys):
+    """A bad value never replaces the file; a rewrite keeps the file's mode (and, as root, its
+    owner and group: the installer's root:hearth 0640 stays readable by the service)."""
+    path = tmp_path / "keys.toml"
+    assert main(["keys", "--file", str(path), "add", "kiosk"]) == 0
+    path.chmod(0o640)
+    before = path.read_text()
+    capsys.readouterr()
+    assert main(["keys", "--file", str(path), "add", "b", "--requests-per-minute", "0"]) == 1
+    error = capsys.readouterr().out
+    assert "requests_per_minute must be an integer >= 1" in error and ".tmp" not in error
+    assert path.read_text() == before and not (tmp_path / "keys.toml.tmp").exists()
+    assert main(["keys", "--file", str(path), "add", "other"]) == 0
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert [e.name for e in load_keys(path)] == ["kiosk", "other"]
+
+
 def test_keyring_rejects_and_reloads(tmp_path):
     path = tmp_path / "keys.toml"
     key = write_key(path)

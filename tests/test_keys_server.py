@@ -387,14 +387,55 @@ def test_ui_login_takes_a_named_key(tmp_path):
         wait_healthy(RunningServer(server.url, server, app.state.hearth, thread), 60)
         with httpx.Client(base_url=server.url, timeout=30) as client:
             assert client.get("/config").status_code == 401  # keys file alone: the UI is closed
-            wrong = client.post("/login", data={"username": "me", "password": key + "x"})
+            wrong = client.post("/login", data={"username": "kiosk", "password": key + "x"})
             assert wrong.status_code == 400
-            right = client.post("/login", data={"username": "me", "password": key})
+            # with a keys file the user name is the key's name: the session's chats are its
+            other = client.post("/login", data={"username": "me", "password": key})
+            assert other.status_code == 400
+            right = client.post("/login", data={"username": "kiosk", "password": key})
             assert right.status_code == 200 and client.get("/config").status_code == 200
     finally:
         server.should_exit = True
         thread.join(60)
         sock.close()
+
+
+def test_ui_chats_are_their_session_keys_calls(tmp_path):
+    """A UI chat is admitted, charged and audited as its login key's chat call: endpoints (403),
+    quotas (429), a key revoked since the login (401), one audit line with endpoint ui/chat."""
+    pytest.importorskip("gradio")
+    from hearth.ui.chat import ChatOptions, reply
+    from hearth.ui.conversation import Turn
+
+    path = tmp_path / "keys.toml"
+    write_key(path, "kiosk", endpoints=frozenset({"chat"}), requests_per_minute=1)
+    write_key(path, "lister", endpoints=frozenset({"models"}))
+    settings = Settings(api_keys_file=str(path), state_dir=str(tmp_path), no_ui=True)
+    options = ChatOptions("", 0.0, 1.0, 4)
+    with running_server(settings, lambda: FakeEngine(step_delay_s=0.001)) as server:
+
+        def chat(username: str) -> str:
+            async def last() -> str:
+                updates = [u async for u in reply(server.context, [Turn("user", "hi")], options,
+                                                  username)]
+                return updates[-1][0][-1].content
+
+            loop = server.context.engine._loop  # the server's event loop: the engine's home
+            return asyncio.run_coroutine_threadsafe(last(), loop).result(30)
+
+        assert "may not call" in chat("lister")
+        first = chat("kiosk")
+        assert first and "API key" not in first
+        assert "requests quota: 1 per minute; retry in" in chat("kiosk")
+        assert "no longer valid" in chat("nobody")
+        audit = _audit(tmp_path, server)
+        ui = [line for line in audit if line["endpoint"] == "ui/chat"]
+        assert [(line["key"], line["status"]) for line in ui] == [
+            ("lister", 403), ("kiosk", 200), ("kiosk", 429), (None, 401)]
+        assert ui[1]["completion_tokens"] > 0 and ui[1]["method"] == "UI"
+        text = httpx.get(server.url + "metrics").text
+        assert metric(text, 'vllm:key_requests_total{key="kiosk",status="200"}') == 1
+        assert server.context.auth.quotas.running().get("kiosk", 0) == 0
 
 
 def test_sighup_without_a_keys_file_keeps_serving():

@@ -3,6 +3,7 @@ a restart finds the prompt's blocks on disk and answers exactly as a recompute d
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pytest
@@ -118,6 +119,23 @@ def test_server_restart_keeps_the_prefix_cache(tmp_path):
         second_text, second_cached = ask(running)
     assert first_cached == 0 and second_cached > 500
     assert second_text == first_text
+
+    # Corrupt files (a flipped payload byte in each, and a stray file) and then an unusable
+    # directory: the server still starts, logs it and answers the same, never loading garbage.
+    for path in tmp_path.glob("*/*.kv"):
+        data = bytearray(path.read_bytes())
+        data[-10] ^= 0xFF
+        path.write_bytes(bytes(data))
+    next(tmp_path.glob("*/")).joinpath("ab" * 16 + ".kv").write_bytes(b"not a block")
+    with running_server(settings, engine_factory(settings)) as running:
+        third_text, third_cached = ask(running)
+    assert third_text == first_text and third_cached == 0
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory should be")
+    unusable = dataclasses.replace(settings, prefix_cache_dir=str(blocker))
+    with running_server(unusable, engine_factory(unusable)) as running:
+        fourth_text, _ = ask(running)
+    assert fourth_text == first_text
 
 
 @pytest.mark.gpu

@@ -87,7 +87,8 @@ def _sample_during_lifespan(app: FastAPI, readings: Readings, context: AppContex
 
 
 def _key_check(context: AppContext):  # noqa: ANN202 - gradio's auth callable, or None: no login
-    """Any key the API accepts (--api-key or one from the keys file) logs in."""
+    """Any key the API accepts logs in; with a keys file, the user name is the key's name
+    ("default" for --api-key): the session's chats are charged to that key (auth/wiring.py)."""
     if not context.auth.requires_key:
         return None
-    return lambda username, password: context.auth.accepts(password)
+    return lambda username, password: context.auth.login(username, password)

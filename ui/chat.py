@@ -26,6 +26,7 @@ import gradio as gr
 from hearth.appliance.serving import (
     ABORT,
     AppContext,
+    CallRecord,
     ChatCompletionRequest,
     ChatMessage,
     RequestStream,
@@ -53,12 +54,22 @@ Update = tuple[list[Turn], list[dict[str, str]]]
 
 
 async def reply(
-    context: AppContext, turns: list[Turn], options: ChatOptions
+    context: AppContext, turns: list[Turn], options: ChatOptions, username: str | None = None
 ) -> AsyncIterator[Update]:
-    """Stream the answer to `turns` (the last one is the user's) as (turns, display) updates."""
+    """Stream the answer to `turns` (the last one is the user's) as (turns, display) updates.
+    `username`: the session's login; with keys, the chat is that key's call (its endpoints,
+    quotas, fair share, counters and audit line: Auth.open_ui_call)."""
+    auth = context.auth
     try:
-        stream = _submit(context, turns, options)
+        call, entry = auth.open_ui_call(username, context.telemetry.model_name or None)
     except Exception as error:  # noqa: BLE001 - shown in the chat, the server goes on
+        yield _with_error(turns, error)
+        return
+    status = 200
+    try:
+        stream = _submit(context, turns, options, call)
+    except Exception as error:  # noqa: BLE001 - shown in the chat, the server goes on
+        auth.end(call, entry, api_error(error).status, "UI")
         yield _with_error(turns, error)
         return
     text, stats = "", None
@@ -73,13 +84,16 @@ async def reply(
             updated = [*turns, Turn("assistant", text, stats)]
             yield updated, display_messages(updated)
     except Exception as error:  # noqa: BLE001
+        status = api_error(error).status
         partial = [*turns, Turn("assistant", text, stats)] if text else turns
         yield _with_error(partial, error)
     finally:
         stream.close()  # aborts the request if Stop or Clear cancelled this task mid-stream
+        auth.end(call, entry, status, "UI")
 
 
-def _submit(context: AppContext, turns: list[Turn], options: ChatOptions) -> RequestStream:
+def _submit(context: AppContext, turns: list[Turn], options: ChatOptions,
+            call: CallRecord) -> RequestStream:
     request = ChatCompletionRequest(
         messages=[ChatMessage(**m) for m in model_messages(options.system_prompt, turns)],
         max_tokens=int(options.max_tokens),
@@ -87,7 +101,7 @@ def _submit(context: AppContext, turns: list[Turn], options: ChatOptions) -> Req
         top_p=float(options.top_p),
         response_format=response_format(options),
     )
-    _, stream = context.chat.submit(request, fit_max_tokens=True, origin="ui")
+    _, stream = context.chat.submit(request, fit_max_tokens=True, origin="ui", call=call)
     return stream
 
 
@@ -159,14 +173,15 @@ def build_chat_tab(context: AppContext) -> None:
                                      placeholder='{"type": "object", "properties": {...}}',
                                      elem_id="json-schema")
 
-    async def respond(text, history, system_prompt, temp, p, limit, as_json, schema):  # noqa: ANN001
+    async def respond(text, history, system_prompt, temp, p, limit, as_json, schema,  # noqa: ANN001
+                      request: gr.Request):
         if not text.strip():
             yield gr.skip(), gr.skip(), gr.skip()
             return
         history = [*history, Turn("user", text)]
         yield "", display_messages(history), history
         options = ChatOptions(system_prompt, temp, p, limit, bool(as_json), schema or "")
-        async for updated, shown in reply(context, history, options):
+        async for updated, shown in reply(context, history, options, request.username):
             yield gr.skip(), shown, updated
 
     inputs = [message, turns, system, temperature, top_p, max_tokens, json_output, json_schema]

@@ -6,7 +6,8 @@
     ─► when the response is sent: frees the slot, charges the tokens, counts, writes the audit line
 
 The serving layer fills the CallRecord (fair-share flow, token counts); the route itself knows
-nothing of keys. /health, /metrics, /version and the UI pass straight through.
+nothing of keys. /health, /metrics, /version and the UI pass straight through: the UI's chat
+opens and ends its calls itself through the same `admit` / `end` (ui/chat.py, Auth.ui_call).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any
 from hearth.appliance.auth.audit import AuditLog, prompt_of
 from hearth.appliance.auth.call import CallRecord, current_call
 from hearth.appliance.auth.key_stats import KeyStats
-from hearth.appliance.auth.keyring import Keyring
 from hearth.appliance.auth.keys import KeyEntry
 from hearth.appliance.auth.quotas import QuotaExceededError, Quotas
 from hearth.appliance.protocol import APIError
@@ -44,13 +44,10 @@ def guarded(path: str) -> bool:
 
 
 class KeyGate:
-    def __init__(self, app: Any, keyring: Keyring, quotas: Quotas, stats: KeyStats,
-                 audit: AuditLog | None, model_name: Callable[[], str | None]) -> None:
+    def __init__(self, app: Any, auth: Any, model_name: Callable[[], str | None]) -> None:
+        """`auth`: the server's Auth (auth/wiring.py): keyring, and the calls' admission and end."""
         self.app = app
-        self._keyring = keyring
-        self._quotas = quotas
-        self._stats = stats
-        self._audit = audit
+        self._auth = auth
         self._model_name = model_name
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -60,45 +57,29 @@ class KeyGate:
             return
         call = CallRecord(None, endpoint=path, model=self._model_name())
         try:
-            entry = await self._admit(scope, path, call)
+            entry = await self._authenticate(scope)
+            self._auth.admit(call, entry, _GROUPS.get(path))
         except APIError as error:
             await _send_error(scope, send, error)
-            self._log(scope, call, error.status)
+            self._auth.log(call, error.status, scope.get("method"))
             return
         await self._run(scope, receive, send, call, entry)
-
-    async def _admit(self, scope: dict, path: str, call: CallRecord) -> KeyEntry | None:
-        entry = await self._authenticate(scope)
-        if entry is None:
-            return None
-        call.key, call.weight, call.priority = entry.name, entry.weight, entry.priority
-        group = _GROUPS.get(path)
-        try:
-            if group is not None and not entry.allows(group):
-                raise APIError(403, f"API key {entry.name!r} may not call {path} (allowed: "
-                               f"{', '.join(sorted(entry.endpoints)) or 'nothing'})",
-                               type="permission_error", code="endpoint_not_allowed")
-            self._quotas.acquire(entry)
-        except APIError as error:
-            reason = error.reason if isinstance(error, QuotaExceededError) else "endpoint"
-            self._stats.rejected(entry.name, error.status, reason)
-            raise
-        self._stats.started(entry.name)
-        return entry
 
     async def _authenticate(self, scope: dict) -> KeyEntry | None:
         headers = dict(scope["headers"])
         authorization = headers.get(b"authorization", b"").decode("latin-1") or None
-        if self._keyring.keys_file is None:
-            return self._keyring.authenticate(authorization)  # no hashes to check: fast
+        keyring = self._auth.keyring
+        if keyring.keys_file is None:
+            return keyring.authenticate(authorization)  # no hashes to check: fast
         # scrypt takes tens of milliseconds the first time a key is seen: not on the event loop.
-        return await asyncio.to_thread(self._keyring.authenticate, authorization)
+        return await asyncio.to_thread(keyring.authenticate, authorization)
 
     async def _run(self, scope: dict, receive: Any, send: Any, call: CallRecord,
                    entry: KeyEntry | None) -> None:
         status = 500
         body = bytearray()
-        keep_body = self._audit is not None and self._audit.log_prompts
+        audit = self._auth.audit
+        keep_body = audit is not None and audit.log_prompts
 
         async def receive_and_keep() -> dict:
             message = await receive()
@@ -117,26 +98,54 @@ class KeyGate:
             await self.app(scope, receive_and_keep, send_and_watch)
         finally:
             current_call.reset(token)
-            num_tokens = call.num_prompt_tokens + call.num_completion_tokens
-            if entry is not None:
-                self._quotas.release(entry, num_tokens)
-                self._stats.finished(entry.name, status, call.num_prompt_tokens,
-                                     call.num_completion_tokens)
-            self._log(scope, call, status, bytes(body) if keep_body else None)
+            self._auth.end(call, entry, status, scope.get("method"),
+                           bytes(body) if keep_body else None)
 
-    def _log(self, scope: dict, call: CallRecord, status: int, body: bytes | None = None) -> None:
-        if self._audit is None:
-            return
-        entry: dict[str, Any] = {
-            "key": call.key, "method": scope.get("method"), "endpoint": call.endpoint,
-            "model": call.model, "status": status, "prompt_tokens": call.num_prompt_tokens,
-            "completion_tokens": call.num_completion_tokens,
-            "finish_reason": call.finish_reason,
-            "latency_s": round(time.monotonic() - call.start, 4),
-        }
-        if body is not None:
-            entry["prompt"] = prompt_of(body)
-        self._audit.write(entry)
+
+def admit(quotas: Quotas, stats: KeyStats, call: CallRecord, entry: KeyEntry | None,
+          group: str | None) -> None:
+    """Open `call` under `entry` (None: no keys configured): the endpoint group check (403),
+    a quota slot (429 with Retry-After), the key's counters. Raises APIError, counted."""
+    if entry is None:
+        return
+    call.key, call.weight, call.priority = entry.name, entry.weight, entry.priority
+    try:
+        if group is not None and not entry.allows(group):
+            raise APIError(403, f"API key {entry.name!r} may not call {call.endpoint} (allowed: "
+                           f"{', '.join(sorted(entry.endpoints)) or 'nothing'})",
+                           type="permission_error", code="endpoint_not_allowed")
+        quotas.acquire(entry)
+    except APIError as error:
+        reason = error.reason if isinstance(error, QuotaExceededError) else "endpoint"
+        stats.rejected(entry.name, error.status, reason)
+        raise
+    stats.started(entry.name)
+
+
+def end(quotas: Quotas, stats: KeyStats, audit: AuditLog | None, call: CallRecord,
+        entry: KeyEntry | None, status: int, method: str | None,
+        body: bytes | None = None) -> None:
+    """Close an admitted call: free its slot, charge its tokens, count it, write its audit line."""
+    if entry is not None:
+        quotas.release(entry, call.num_prompt_tokens + call.num_completion_tokens)
+        stats.finished(entry.name, status, call.num_prompt_tokens, call.num_completion_tokens)
+    log(audit, call, status, method, body)
+
+
+def log(audit: AuditLog | None, call: CallRecord, status: int, method: str | None,
+        body: bytes | None = None) -> None:
+    if audit is None:
+        return
+    line: dict[str, Any] = {
+        "key": call.key, "method": method, "endpoint": call.endpoint,
+        "model": call.model, "status": status, "prompt_tokens": call.num_prompt_tokens,
+        "completion_tokens": call.num_completion_tokens,
+        "finish_reason": call.finish_reason,
+        "latency_s": round(time.monotonic() - call.start, 4),
+    }
+    if body is not None:
+        line["prompt"] = prompt_of(body)
+    audit.write(line)
 
 
 async def _send_error(scope: dict, send: Any, error: APIError) -> None:

@@ -79,6 +79,14 @@ class Keyring:
             raise _unauthorized("incorrect API key provided")
         return entry
 
+    def entry_named(self, name: str) -> KeyEntry | None:
+        """The key called `name` now (None once revoked): the UI's session knows its key by the
+        name it logged in with."""
+        if name == SINGLE_KEY_NAME and self._single is not None:
+            return KeyEntry(SINGLE_KEY_NAME, SINGLE_KEY_NAME, "")
+        with self._lock:
+            return next((e for e in self._entries.values() if e.name == name), None)
+
     def _lookup(self, token: str) -> KeyEntry | None:
         tag = hmac.new(self._pepper, token.encode(), hashlib.sha256).digest()
         with self._lock:

@@ -8,6 +8,7 @@
 The UI imports only this package; the names below are what it may use.
 """
 
+from hearth.appliance.auth.call import CallRecord
 from hearth.appliance.deltas import ABORT, RequestDelta
 from hearth.appliance.protocol import ChatCompletionRequest, ChatMessage, bad_request
 from hearth.appliance.request_stream import RequestStream
@@ -19,7 +20,7 @@ from hearth.engine.snapshot import EngineSnapshot
 from hearth.engine.speculative.stats import SpecDecodeStats
 
 __all__ = [
-    "ABORT", "AppContext", "BlockSnapshot", "ChatCompletionRequest", "ChatMessage",
+    "ABORT", "AppContext", "BlockSnapshot", "CallRecord", "ChatCompletionRequest", "ChatMessage",
     "EngineSnapshot", "GpuSample", "HostSample", "RequestDelta", "RequestStream", "Serving",
     "SpecDecodeStats", "api_error", "bad_request", "build_context", "engine_gpu_indices",
 ]

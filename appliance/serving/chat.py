@@ -27,6 +27,7 @@ from typing import Any
 
 import hearth.appliance.serving.reasoning as reasoning
 import hearth.appliance.serving.tool_parsers as tool_parsers
+from hearth.appliance.auth.call import CallRecord, current_call
 from hearth.appliance.protocol import ChatCompletionRequest, bad_request
 from hearth.appliance.request_stream import RequestStream
 from hearth.appliance.serving.chat_output import MessageDelta, OutputPlan
@@ -181,11 +182,18 @@ class ChatServing:
     # ---- running ----
 
     def submit(
-        self, request: ChatCompletionRequest, fit_max_tokens: bool = False, origin: str = "chatcmpl"
+        self, request: ChatCompletionRequest, fit_max_tokens: bool = False,
+        origin: str = "chatcmpl", call: CallRecord | None = None,
     ) -> tuple[str, RequestStream]:
         """Check and start a chat completion: its id and its stream of raw deltas. The browser
-        UI's chat tab (origin "ui", as the monitor shows it) comes here."""
-        request_id, stream, _ = self._start(request, fit_max_tokens, origin)
+        UI's chat tab (origin "ui", as the monitor shows it) comes here, with `call`: its
+        session key's call (Auth.open_ui_call), as the gate sets it for an API call."""
+        token = current_call.set(call) if call is not None else None
+        try:
+            request_id, stream, _ = self._start(request, fit_max_tokens, origin)
+        finally:
+            if token is not None:
+                current_call.reset(token)
         return request_id, stream
 
     def _start(self, request: ChatCompletionRequest, fit_max_tokens: bool = False,

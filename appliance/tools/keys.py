@@ -4,8 +4,10 @@
     hearth keys list
     hearth keys revoke kiosk
 
-`add` prints the new key once: only its scrypt hash is stored. The file is rewritten atomically
-(readable by its owner only); a running server picks the change up on SIGHUP
+`add` prints the new key once: only its scrypt hash is stored. The file is rewritten atomically,
+checked before it replaces the old one, with the old file's owner, group and mode (a new file:
+readable by its writer only; the installer makes /etc/hearth/keys.toml root:hearth 0640, so the
+service can read what root writes there); a running server picks the change up on SIGHUP
 (`systemctl reload hearth`), without dropping the streams in progress.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import stat
 from pathlib import Path
 
 from hearth.appliance.auth.keys import (
@@ -98,14 +101,34 @@ def _list(entries: tuple[KeyEntry, ...]) -> None:
 
 
 def _save(path: Path, entries: tuple[KeyEntry, ...]) -> None:
-    """Write atomically: a server reloading mid-write sees the old file or the new one."""
+    """Write atomically (a server reloading mid-write sees the old file or the new one), and
+    only a file that reads back: a bad value leaves the old file as it was. The new file keeps
+    the old one's owner, group and mode, so `hearth keys` run as root leaves the file the
+    installer made (root:hearth, 0640) readable by the service."""
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        old = path.stat()
+    except FileNotFoundError:
+        old = None
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(dump_keys(entries))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(dump_keys(entries))
+        if old is not None:
+            try:
+                os.chown(tmp, old.st_uid, old.st_gid)
+            except PermissionError:
+                pass  # not root: the file stays its writer's
+            os.chmod(tmp, stat.S_IMODE(old.st_mode))
+        try:
+            load_keys(tmp)  # what we wrote must read back
+        except ValueError as error:
+            raise ValueError(str(error).replace(str(tmp), str(path))) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
-    load_keys(path)  # what we wrote must read back
 
 
 def _remind() -> None:
