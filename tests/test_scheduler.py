@@ -344,3 +344,29 @@ def test_scheduler_and_block_manager_import_no_torch():
             else:
                 continue
             assert not any(m.split(".")[0] == "torch" for m in modules), (name, modules)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    requests=st.lists(st.tuples(st.integers(1, 14), st.sampled_from([None, "a", "b", "c"]),
+                                st.integers(0, 1)), min_size=1, max_size=10),
+    weights=st.tuples(*[st.sampled_from([0.5, 1.0, 3.0])] * 3),
+    num_blocks=st.integers(8, 40),
+)
+def test_keyed_requests_under_pressure_keep_their_tokens(requests, weights, num_blocks):
+    """Fair share across keys, priorities and preemption together (the overload suite's fuzz):
+    every request finishes with the tokens of a roomy, unkeyed run; the budget and sequence
+    limit hold each step; no block is held afterwards (run_all)."""
+    def outputs(keyed: bool, blocks: int) -> list[list[int]]:
+        sched = make_scheduler(num_blocks=blocks, max_num_batched_tokens=16, max_num_seqs=3)
+        seqs = []
+        for i, (length, key, priority) in enumerate(requests):
+            seq = add(sched, prompt(length, start=3 * i), priority=priority, max_tokens=5)
+            if keyed and key is not None:
+                seq.share_key, seq.share_weight = key, weights["abc".index(key)]
+            seqs.append(seq)
+        run_all(sched, FakeRunner(4))
+        assert all(s.num_output_tokens == 5 for s in seqs)
+        return [s.output_token_ids for s in seqs]
+
+    assert outputs(True, num_blocks) == outputs(False, 200)
