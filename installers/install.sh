@@ -188,8 +188,8 @@ HEARTH_NO_UI=$no_ui
 HEARTH_STATE_DIR=$STATE
 # HEARTH_MODEL=smollm2-135m-instruct
 # HEARTH_API_KEY=change-me
-# Named keys with quotas: hearth keys --file $ETC/keys.toml add NAME; then set
-# HEARTH_API_KEYS_FILE=$ETC/keys.toml   (systemctl reload hearth re-reads it)
+# Named keys with quotas (the file exists, empty): hearth keys --file $ETC/keys.toml add NAME;
+# then set HEARTH_API_KEYS_FILE=$ETC/keys.toml   (systemctl reload hearth re-reads it)
 # HEARTH_DEVICE=auto
 # Caches (compiled kernels) go to the writable state directory.
 HOME=$STATE
