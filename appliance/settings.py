@@ -65,6 +65,7 @@ class Settings:
     prefix_cache_gib: float = 10.0  # the disk tier's size budget (LRU)
     kv_offload_gib: float = 0.0  # host RAM for blocks evicted from the device; 0: off
     max_queued_requests: int = 256  # requests admitted beyond max_num_seqs before 429
+    admission_hold_steps: int = 0  # new arrivals wait up to N decode steps for company
     max_request_body_mib: float = 8.0  # larger bodies: 413 unread (appliance/body_limit.py)
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers at all
     allowed_hosts: tuple[str, ...] = ()  # Host headers accepted besides localhost names
@@ -116,6 +117,7 @@ class Settings:
             prefix_cache_dir=self.prefix_cache_dir,
             prefix_cache_gib=self.prefix_cache_gib,
             kv_offload_gib=self.kv_offload_gib,
+            admission_hold_steps=self.admission_hold_steps,
         ))
         if self.data_parallel_size < 1:
             raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
@@ -364,6 +366,14 @@ _OPTIONS = (
         "max_queued_requests",
         _int,
         "requests that may wait beyond --max-num-seqs; past that, 429 with Retry-After",
+        metavar="N",
+    ),
+    _Option(
+        "admission_hold_steps",
+        _int,
+        "while the batch only decodes (a CUDA graph step), new requests wait up to N steps "
+        "for others to join them, so a trickle of arrivals does not make step after step an "
+        "eager mixed one (0: admit at once)",
         metavar="N",
     ),
     _Option(

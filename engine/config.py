@@ -28,12 +28,19 @@ class SchedulerConfig:
     # longrope models: the length past which a sequence's keys are recomputed with the long
     # factors (RopeConfig.regime_switch); None for every other model
     rope_switch: int | None = None
+    # While every running sequence decodes (a CUDA-graph step), new arrivals wait up to this
+    # many steps for company, so that a trickle of requests does not turn step after step into
+    # an eager mixed step (engine/scheduler.py, `_hold_admissions`). 0: admit at once.
+    admission_hold_steps: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        steps = self.admission_hold_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"admission_hold_steps must be an integer >= 0, got {steps!r}")
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ class EngineConfig:
     prefix_cache_dir: str | None = None
     prefix_cache_gib: float = 10.0
     kv_offload_gib: float = 0.0
+    admission_hold_steps: int = 0  # SchedulerConfig.admission_hold_steps
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "speculative", SpeculativeConfig.parse(self.speculative))
@@ -175,6 +183,7 @@ class EngineConfig:
             block_size=self.block_size,
             enable_chunked_prefill=self.enable_chunked_prefill,
             rope_switch=rope_switch,
+            admission_hold_steps=self.admission_hold_steps,
         )
 
 

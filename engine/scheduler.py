@@ -83,6 +83,8 @@ class Scheduler:
         self._num_preemptions = 0
         self._seq_ids = itertools.count()
         self.fair_share = FairShare()  # admission order across API keys
+        self._num_schedules = 0
+        self._held_since: int | None = None  # the schedule() that began holding admissions
 
     def next_seq_id(self) -> int:
         return next(self._seq_ids)
@@ -133,8 +135,9 @@ class Scheduler:
     def schedule(self) -> ScheduleOutput:
         out = ScheduleOutput(finished_seq_ids=self._finished_seq_ids)
         self._finished_seq_ids = []
+        self._num_schedules += 1
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
-        if not out.preempted_seq_ids:
+        if not out.preempted_seq_ids and not self._hold_admissions(out):
             self._schedule_waiting(out, budget)
         out.block_copies = self.block_manager.take_block_copies()
         return out
@@ -206,6 +209,27 @@ class Scheduler:
         self._num_preemptions += 1
         bisect.insort(self.waiting, seq, key=_order)
         out.preempted_seq_ids.append(seq.seq_id)
+
+    def _hold_admissions(self, out: ScheduleOutput) -> bool:
+        """Whether the waiting sequences sit this step out (`admission_hold_steps`): only while
+        the step so far is all decode rows (admitting would make it a mixed step, run eagerly
+        instead of as a CUDA graph), fewer are waiting than would fill an eighth of the batch
+        or the free slots, and for at most `admission_hold_steps` steps in a row. A trickle of
+        arrivals then joins in groups, one mixed step per group (TGI's max_waiting_tokens is
+        the same idea)."""
+        hold = self.config.admission_hold_steps
+        room = self.config.max_num_seqs - len(self.running)
+        if (hold == 0 or not self.waiting or not out.chunks
+                or len(out.chunks) != out.num_batched_tokens  # a prompt chunk runs already
+                or len(self.waiting) >= max(1, min(room, self.config.max_num_seqs // 8))):
+            self._held_since = None
+            return False
+        if self._held_since is None:
+            self._held_since = self._num_schedules
+        if self._num_schedules - self._held_since < hold:
+            return True
+        self._held_since = None
+        return False
 
     def _schedule_waiting(self, out: ScheduleOutput, budget: int) -> None:
         while self.waiting and budget > 0:

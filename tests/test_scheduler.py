@@ -370,3 +370,56 @@ def test_keyed_requests_under_pressure_keep_their_tokens(requests, weights, num_
         return [s.output_token_ids for s in seqs]
 
     assert outputs(True, num_blocks) == outputs(False, 200)
+
+
+def test_admission_hold_lets_a_trickle_join_a_decode_batch_in_groups():
+    """admission_hold_steps: a lone arrival waits while every running sequence decodes (a
+    graph step), at most N steps in a row; enough arrivals, or a step with a prompt chunk in it
+    already, admit at once; 0 admits at once as before."""
+    sched = make_scheduler(max_num_seqs=16, max_num_batched_tokens=64, admission_hold_steps=3)
+    runner = FakeRunner(4)
+    for i in range(4):
+        add(sched, prompt(5, start=i), max_tokens=30)
+    step(sched, runner)  # all four prefill together
+    late = add(sched, prompt(6, start=40), max_tokens=3)
+    held = [step(sched, runner)[0] for _ in range(3)]
+    assert all(late not in [c.seq for c in s.chunks] for s in held)
+    assert all(c.num_new_tokens == 1 for s in held for c in s.chunks)  # decode-only steps
+    schedule, _ = step(sched, runner)
+    assert late in [c.seq for c in schedule.chunks]  # admitted on the fourth step
+    # two arrivals fill an eighth of 16 slots: admitted with no wait
+    pair = [add(sched, prompt(6, start=50 + i), max_tokens=3) for i in range(2)]
+    schedule, _ = step(sched, runner)
+    assert all(seq in [c.seq for c in schedule.chunks] for seq in pair)
+    run_all(sched, runner)
+
+
+def test_admission_hold_never_holds_an_idle_engine():
+    sched = make_scheduler(admission_hold_steps=50)
+    seq = add(sched, prompt(5), max_tokens=2)
+    schedule, _ = step(sched, FakeRunner(4))
+    assert [c.seq for c in schedule.chunks] == [seq]
+
+
+@settings(max_examples=15, deadline=None)
+@given(lengths=st.lists(st.integers(1, 20), min_size=1, max_size=8), hold=st.integers(0, 6),
+       arrive_every=st.integers(1, 4))
+def test_admission_hold_keeps_tokens_and_finishes(lengths, hold, arrive_every):
+    """Arrivals spread over the steps, any hold: every request finishes with the tokens of an
+    unheld run (the hold only delays; run_all checks no block is left)."""
+    def outputs(hold_steps: int) -> list[list[int]]:
+        sched = make_scheduler(num_blocks=40, max_num_seqs=4, max_num_batched_tokens=16,
+                               admission_hold_steps=hold_steps)
+        runner, seqs, pending = FakeRunner(4), [], list(enumerate(lengths))
+        steps = 0
+        while pending or sched.has_unfinished:
+            if pending and steps % arrive_every == 0:
+                i, n = pending.pop(0)
+                seqs.append(add(sched, prompt(n, start=5 * i), max_tokens=4, arrival=float(i)))
+            if sched.has_unfinished:
+                step(sched, runner)
+            steps += 1
+            assert steps < 2000
+        return [s.output_token_ids for s in seqs]
+
+    assert outputs(hold) == outputs(0)
