@@ -7,7 +7,7 @@
 
 The serving layer fills the CallRecord (fair-share flow, token counts); the route itself knows
 nothing of keys. /health, /metrics, /version and the UI pass straight through: the UI's chat
-opens and ends its calls itself through the same `admit` / `end` (ui/chat.py, Auth.ui_call).
+opens and ends its calls itself through the same `admit` / `end` (ui/chat.py, Auth.open_ui_call).
 """
 
 from __future__ import annotations
