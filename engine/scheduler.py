@@ -213,15 +213,15 @@ class Scheduler:
     def _hold_admissions(self, out: ScheduleOutput) -> bool:
         """Whether the waiting sequences sit this step out (`admission_hold_steps`): only while
         the step so far is all decode rows (admitting would make it a mixed step, run eagerly
-        instead of as a CUDA graph), fewer are waiting than would fill an eighth of the batch
-        or the free slots, and for at most `admission_hold_steps` steps in a row. A trickle of
-        arrivals then joins in groups, one mixed step per group (TGI's max_waiting_tokens is
-        the same idea)."""
+        instead of as a CUDA graph), fewer are waiting than would fill an eighth of the batch,
+        and for at most `admission_hold_steps` steps in a row. A trickle of arrivals then joins
+        in groups, one mixed step per group (TGI's max_waiting_tokens is the same idea). The
+        free slots do not end the hold: in a full batch each finished request frees one slot,
+        and admitting into every one as it frees is exactly the trickle of mixed steps."""
         hold = self.config.admission_hold_steps
-        room = self.config.max_num_seqs - len(self.running)
         if (hold == 0 or not self.waiting or not out.chunks
                 or len(out.chunks) != out.num_batched_tokens  # a prompt chunk runs already
-                or len(self.waiting) >= max(1, min(room, self.config.max_num_seqs // 8))):
+                or len(self.waiting) >= max(1, self.config.max_num_seqs // 8)):
             self._held_since = None
             return False
         if self._held_since is None:

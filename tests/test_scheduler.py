@@ -394,6 +394,29 @@ def test_admission_hold_lets_a_trickle_join_a_decode_batch_in_groups():
     run_all(sched, runner)
 
 
+def test_admission_hold_gathers_arrivals_into_a_full_batch():
+    """A full batch frees one slot per finished request: the replacement still waits (up to N
+    steps, or until an eighth of the batch is waiting), so the freed slots fill in one mixed
+    step, not one mixed step per slot."""
+    sched = make_scheduler(num_blocks=512, max_num_seqs=32, max_num_batched_tokens=256,
+                           admission_hold_steps=4)
+    runner = FakeRunner(4)
+    long = [add(sched, prompt(4, start=i), max_tokens=40) for i in range(30)]
+    short = [add(sched, prompt(4, start=40 + i), max_tokens=2 + i) for i in range(2)]
+    step(sched, runner)  # 32 prefill together: the batch is full
+    mixed = 0
+    for i in range(6):
+        if i < 2:
+            add(sched, prompt(5, start=80 + i), max_tokens=30)  # a replacement per finish
+        schedule, _ = step(sched, runner)
+        mixed += schedule.num_batched_tokens != len(schedule.chunks)
+    assert all(s.is_finished for s in short)
+    assert mixed == 1  # both replacements joined in one step
+    assert len(sched.running) == 32 and not sched.waiting
+    del long
+    run_all(sched, runner)
+
+
 def test_admission_hold_never_holds_an_idle_engine():
     sched = make_scheduler(admission_hold_steps=50)
     seq = add(sched, prompt(5), max_tokens=2)
