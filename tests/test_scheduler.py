@@ -401,7 +401,8 @@ def test_admission_hold_gathers_arrivals_into_a_full_batch():
     sched = make_scheduler(num_blocks=512, max_num_seqs=32, max_num_batched_tokens=256,
                            admission_hold_steps=4)
     runner = FakeRunner(4)
-    long = [add(sched, prompt(4, start=i), max_tokens=40) for i in range(30)]
+    for i in range(30):
+        add(sched, prompt(4, start=i), max_tokens=40)
     short = [add(sched, prompt(4, start=40 + i), max_tokens=2 + i) for i in range(2)]
     step(sched, runner)  # 32 prefill together: the batch is full
     mixed = 0
@@ -413,7 +414,6 @@ def test_admission_hold_gathers_arrivals_into_a_full_batch():
     assert all(s.is_finished for s in short)
     assert mixed == 1  # both replacements joined in one step
     assert len(sched.running) == 32 and not sched.waiting
-    del long
     run_all(sched, runner)
 
 
