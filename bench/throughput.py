@@ -227,6 +227,8 @@ def run_hearth(w: Workload, args, async_scheduling: bool = True, fused: bool = T
               "num_kv_blocks": llm.engine.runner.num_blocks, **profile.summary()}
     if args.profile:
         result["kernels"] = profile_graph(llm.engine.runner, w)
+        if len(w.prompts) > 16:  # the run's tail: few sequences left, the fixed cost shows
+            result["kernels_batch16"] = profile_graph(llm.engine.runner, w, rows_hint=16)
     if len(outs) == 1:
         m = outs[0].metrics
         result["ms_per_token"] = 1e3 * (m.finished_time - m.first_token_time) / (num_out - 1)
@@ -238,13 +240,13 @@ def run_hearth(w: Workload, args, async_scheduling: bool = True, fused: bool = T
     return result
 
 
-def profile_graph(runner, w: Workload) -> list[tuple[str, float]]:
+def profile_graph(runner, w: Workload, rows_hint: int = 128) -> list[tuple[str, float]]:
     """Kernel time per replay of the decode graph at this workload's typical batch and context
     (random block tables, nothing written): where a decode step's GPU time goes."""
     from torch.profiler import ProfilerActivity, profile
 
     graphs = runner.graphs
-    batch = graphs.padded_size(min(len(w.prompts), 128))
+    batch = graphs.padded_size(min(len(w.prompts), rows_hint))
     ctx = min(2047, sum(len(p) for p in w.prompts) // len(w.prompts) + max(w.max_tokens) // 2)
     width = graphs.block_tables.shape[1]
     blocks = torch.randperm(runner.num_blocks, device="cuda")[: batch * width].int()
@@ -257,9 +259,13 @@ def profile_graph(runner, w: Workload) -> list[tuple[str, float]]:
         for _ in range(reps):
             graphs.graphs[batch].replay()
         torch.cuda.synchronize()
-    rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:10]
+    averages = prof.key_averages()
+    rows = sorted(averages, key=lambda e: -e.device_time_total)[:10]
     table = [(e.key[:60], e.device_time_total / reps / 1e3) for e in rows]  # ms per replay
-    print(f"  graph batch {batch}, context {ctx}: ms per replay by kernel", flush=True)
+    launches = sum(e.count for e in averages) / reps
+    total_ms = sum(e.device_time_total for e in averages) / reps / 1e3
+    print(f"  graph batch {batch}, context {ctx}: {launches:.0f} kernels, {total_ms:.3f} ms of "
+          f"kernel time per replay; by kernel:", flush=True)
     for name, ms in table:
         print(f"    {ms:7.3f}  {name}", flush=True)
     return table
