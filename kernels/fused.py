@@ -1,4 +1,5 @@
-"""Small fused kernels around attention: RMSNorm (+ residual add), rotary embedding, SiLU-and-mul.
+"""Small fused kernels around attention: RMSNorm (+ residual add), per-head q/k RMSNorm, rotary
+embedding, SiLU-and-mul.
 
 Each is memory bound: one program per token reads its row once and writes it once, computing in
 fp32. Numerics follow HF transformers: the residual sum is rounded to the activation dtype before it
@@ -97,6 +98,76 @@ def rms_norm_ref(
     out = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
     return out if residual is None else (out, h)
 
+
+
+# ------------------------------------------------------------------ per-head q/k RMSNorm (Qwen3)
+@triton.jit
+def _qk_rms_norm_kernel(
+    qkv_ptr, qw_ptr, kw_ptr, eps, stride_t,
+    NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+):
+    """One program per (token, head) of q then k: the head's row normalised in place, with the
+    arithmetic of _rms_norm_kernel (same block, same warps: the same bits as that kernel run on
+    the head's row)."""
+    pdl.launch_dependents(PDL, 1)
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < HEAD_DIM
+    if head < NUM_Q_HEADS:
+        w = tl.load(qw_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.load(kw_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    pdl.wait(PDL)  # above: the weights only (kernels/pdl.py)
+    ptr = qkv_ptr + token * stride_t + head * HEAD_DIM + cols
+    h = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    pdl.launch_dependents(PDL, 2)
+    inv_rms = tl.rsqrt(tl.sum(h * h, 0) / HEAD_DIM + eps)
+    tl.store(ptr, (h * inv_rms * w).to(qkv_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_qk_norm_args(qkv, num_heads, num_kv_heads, head_dim, q_weight, k_weight) -> None:
+    width = (num_heads + num_kv_heads) * head_dim
+    if qkv.dim() != 2 or qkv.shape[1] < width or qkv.dtype not in _DTYPES or qkv.stride(1) != 1:
+        raise ValueError(f"qkv must be 2-D (num_tokens, >= {width}) in {_DTYPES}, contiguous in "
+                         f"its last dimension; got {tuple(qkv.shape)} {qkv.dtype}")
+    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+        if w.shape != (head_dim,) or w.device != qkv.device:
+            raise ValueError(f"{name} must be ({head_dim},) on {qkv.device}, got "
+                             f"{tuple(w.shape)} on {w.device}")
+
+
+def qk_rms_norm_(
+    qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+    q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+) -> None:
+    """RMSNorm of every q head (columns [0, num_heads * head_dim)) and k head (the next
+    num_kv_heads * head_dim) of the projection's output qkv (num_tokens, width), in place: one
+    launch where the separate q and k norms took four (the strided heads were copied out
+    first)."""
+    _check_qk_norm_args(qkv, num_heads, num_kv_heads, head_dim, q_weight, k_weight)
+    if qkv.shape[0] == 0:
+        return
+    block = triton.next_power_of_2(head_dim)
+    _qk_rms_norm_kernel[(qkv.shape[0], num_heads + num_kv_heads)](
+        qkv, q_weight.contiguous(), k_weight.contiguous(), eps, qkv.stride(0),
+        NUM_Q_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK=block, num_warps=_warps(block),
+        **pdl.launch(qkv.device, small=True),
+    )
+
+
+def qk_rms_norm_ref(
+    qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+    q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+) -> None:
+    """Torch reference for qk_rms_norm_ (fp32 math, in place)."""
+    _check_qk_norm_args(qkv, num_heads, num_kv_heads, head_dim, q_weight, k_weight)
+    q_end, k_end = num_heads * head_dim, (num_heads + num_kv_heads) * head_dim
+    for lo, hi, heads, w in ((0, q_end, num_heads, q_weight), (q_end, k_end, num_kv_heads,
+                                                                k_weight)):
+        x = qkv[:, lo:hi].float().view(-1, heads, head_dim)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+        qkv[:, lo:hi] = x.view(qkv.shape[0], -1).to(qkv.dtype)
 
 # ----------------------------------------------------------------------------------------- Rotary
 @triton.jit

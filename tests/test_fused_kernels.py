@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from hearth.kernels.fused import (
+    qk_rms_norm_,
+    qk_rms_norm_ref,
     rms_norm,
     rms_norm_ref,
     rotary_embedding,
@@ -36,6 +38,35 @@ def test_rms_norm_matches_ref(dtype, with_residual):
     out = rms_norm(x, weight, 1e-5, residual)
     ref = rms_norm_ref(x, weight, 1e-5, residual)
     torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens", [1, 6])
+def test_qk_rms_norm_in_place_matches_ref_and_the_separate_norms(dtype, num_tokens):
+    """Qwen3's per-head q/k norms in one launch on the projection's output: the reference's
+    values, the same bits as rms_norm on each head's row, and v and nothing else touched."""
+    heads, kv_heads, head_dim = 4, 2, 64
+    qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=DEVICE)
+    qw, kw = torch.randn(head_dim, device=DEVICE), torch.randn(head_dim, device=DEVICE)
+    out, ref = qkv.clone(), qkv.clone()
+    qk_rms_norm_(out, heads, kv_heads, head_dim, qw, kw, 1e-6)
+    qk_rms_norm_ref(ref, heads, kv_heads, head_dim, qw, kw, 1e-6)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    q_end, k_end = heads * head_dim, (heads + kv_heads) * head_dim
+    separate_q = rms_norm(qkv[:, :q_end].reshape(-1, head_dim), qw, 1e-6)
+    separate_k = rms_norm(qkv[:, q_end:k_end].reshape(-1, head_dim), kw, 1e-6)
+    assert torch.equal(out[:, :q_end].reshape(-1, head_dim), separate_q)
+    assert torch.equal(out[:, q_end:k_end].reshape(-1, head_dim), separate_k)
+    assert torch.equal(out[:, k_end:], qkv[:, k_end:])
+
+
+def test_qk_rms_norm_rejects_bad_input():
+    qkv = torch.randn(3, 8 * 64, device=DEVICE)
+    w = torch.ones(64, device=DEVICE)
+    with pytest.raises(ValueError, match="qkv must be"):
+        qk_rms_norm_(qkv[:, :100], 4, 2, 64, w, w, 1e-6)
+    with pytest.raises(ValueError, match="k_weight"):
+        qk_rms_norm_(qkv, 4, 2, 64, w, torch.ones(32, device=DEVICE), 1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
