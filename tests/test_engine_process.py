@@ -188,3 +188,54 @@ def test_a_forced_exit_still_stops_the_engine_process():
     finally:
         server.kill()
         server.wait(10)
+
+
+def _deltas(n: int) -> list:
+    from hearth.engine.outputs import RequestDelta, SampleDelta
+
+    return [RequestDelta(f"r{i}", [SampleDelta(0, f" t{i}", [i])], [], i == n - 1, 0, float(i))
+            for i in range(n)]
+
+
+def test_the_outbox_sends_every_message_in_order_and_flushes_on_close():
+    """The engine process's writer thread: deltas encoded as the pipe carried them before, a
+    failure and a snapshot after them in the order they were queued, nothing lost at close."""
+    import multiprocessing
+
+    from hearth.appliance.engine_process import _encode, _Outbox
+
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    outbox = _Outbox(writer)
+    first, second = _deltas(3), _deltas(2)
+    outbox.put(("deltas", first))
+    outbox.put(("fail", "r9", ValueError("bad")))
+    outbox.put(("deltas", second))
+    outbox.put(("snapshot", {"taken_at": 1.0}))
+    outbox.close()
+    got = [reader.recv() for _ in range(4)]
+    assert got[0] == ("deltas", _encode(first))
+    assert got[1][:2] == ("fail", "r9") and str(got[1][2]) == "bad"
+    assert got[2] == ("deltas", _encode(second))
+    assert got[3] == ("snapshot", {"taken_at": 1.0})
+    assert not reader.poll(0.1)
+
+
+def test_the_outbox_reports_an_api_process_that_is_gone():
+    """A broken pipe ends the writer; the engine loop's next emit raises BrokenPipeError (its
+    way out, as when it wrote to the pipe itself), and close does not hang."""
+    import multiprocessing
+
+    import pytest
+
+    from hearth.appliance.engine_process import _Outbox
+
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    reader.close()
+    outbox = _Outbox(writer)
+    outbox.put(("deltas", _deltas(2)))
+    _wait(outbox.closed.is_set, 5)
+    with pytest.raises(BrokenPipeError):
+        outbox.put(("deltas", _deltas(1)))
+    started = time.monotonic()
+    outbox.close(timeout_s=2)
+    assert time.monotonic() - started < 1.5
