@@ -327,7 +327,14 @@ def main() -> None:
                         help="Hearth's KV cache: auto (bf16) or fp8 (e4m3)")
     parser.add_argument("--weights", choices=["bf16", "awq-int4"], default="bf16",
                         help="Hearth's decoder linears: bf16 or AWQ int4 g128 (dummy)")
+    parser.add_argument("--decode-programs-per-sm", type=int,
+                        help="decode attention's split target (kernels/paged_attention.py "
+                             "_PROGRAMS_PER_SM, default 2): a sweep, e.g. 2 then 6 in one call")
     args = parser.parse_args()
+    if args.decode_programs_per_sm is not None:
+        import hearth.kernels.paged_attention as paged_attention
+
+        paged_attention._PROGRAMS_PER_SM = args.decode_programs_per_sm
     bandwidth, flops = measure_ceilings()
     card = torch.cuda.get_device_name()
     print(f"{card}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s",

@@ -52,6 +52,10 @@ _LOG2E = 1.4426950408889634
 # One tile (64 tokens) a split at least: short splits fill the GPU at batch 1 (docs/benchmarks.md)
 _MIN_TOKENS_PER_SPLIT = 64
 _MAX_SPLITS = 16
+# Splits aim at this many (sequence, KV head, split) programs an SM. W1's steps of 32-63 long
+# sequences run at ≈ 60% of their floor with one split each (docs/benchmarks.md, W1): a module
+# setting so that bench/throughput.py --decode-programs-per-sm can sweep it.
+_PROGRAMS_PER_SM = 2
 
 
 @triton.jit
@@ -282,13 +286,14 @@ def _num_sms(device: torch.device) -> int:
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, num_sms: int) -> int:
-    """Enough splits for ~2 programs per SM, but each split keeps >= _MIN_TOKENS_PER_SPLIT tokens.
+    """Enough splits for ~_PROGRAMS_PER_SM programs an SM, but each split keeps >=
+    _MIN_TOKENS_PER_SPLIT tokens.
 
     max_context_len is an upper bound (block-table width * block_size) so that no host sync on
     context_lens is needed (CUDA graphs).
     """
     programs = num_seqs * num_kv_heads
-    wanted = math.ceil(2 * num_sms / max(programs, 1))
+    wanted = math.ceil(_PROGRAMS_PER_SM * num_sms / max(programs, 1))
     useful = math.ceil(max_context_len / _MIN_TOKENS_PER_SPLIT)
     return max(1, min(wanted, useful, _MAX_SPLITS))
 
