@@ -133,13 +133,28 @@ def _set_number(page, elem_id: str, value: float) -> None:
     box.press("Tab")  # gradio takes the value on blur
 
 
-def _send(page, message: str, max_tokens: int, temperature: float = 0.0) -> None:
+# Every length the last reply's text takes, recorded in the page as the DOM changes: polling from
+# here samples it and, on a busy machine, can miss a short answer's intermediate states.
+_WATCH_REPLY = """() => {
+    window.__replyLengths = [];
+    const chat = document.querySelector('#chatbot');
+    new MutationObserver(() => {
+        const bots = chat.querySelectorAll('[data-testid=bot]');
+        if (bots.length) window.__replyLengths.push(bots[bots.length - 1].innerText.length);
+    }).observe(chat, {childList: true, subtree: true, characterData: true});
+}"""
+
+
+def _send(page, message: str, max_tokens: int, temperature: float = 0.0,
+          watch: bool = False) -> None:
     _open_tab(page, "Chat")
     page.locator("#chat-clear").click()
     page.locator("#chatbot [data-testid=bot]").first.wait_for(state="detached")
     _set_number(page, "max-tokens", max_tokens)
     _set_number(page, "temperature", temperature)
     page.locator("#chat-input textarea").fill(message)
+    if watch:
+        page.evaluate(_WATCH_REPLY)
     page.locator("#chat-input textarea").press("Enter")
 
 
@@ -168,7 +183,7 @@ def _wait_engine_idle(server, timeout_s: float = 30) -> None:
 
 
 def test_chat_streams_an_answer(page, server):
-    _send(page, "What is the capital of France?", max_tokens=24)
+    _send(page, "What is the capital of France?", max_tokens=24, watch=True)
     reply = _reply(page)
     lengths = set()
     deadline = time.monotonic() + 60
@@ -178,7 +193,8 @@ def test_chat_streams_an_answer(page, server):
         time.sleep(0.03)
     answer, stats = text.rsplit("\n", 1)
     assert answer.strip(), "empty answer"
-    assert len(lengths - {0}) >= 2, f"the answer did not stream: lengths seen {sorted(lengths)}"
+    lengths |= set(page.evaluate("window.__replyLengths"))
+    assert len(lengths - {0}) >= 3, f"the answer did not stream: lengths seen {sorted(lengths)}"
     rate = re.search(r"TTFT [\d.]+ s · ([\d.]+) tok/s · (\d+) prompt tokens", stats)
     assert rate, stats
     measured["tokens_per_s"] = float(rate.group(1))
