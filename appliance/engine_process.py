@@ -329,13 +329,12 @@ def _engine_process_main(factory: Callable[[], Any], commands: Connection, outpu
                      exc_info=not isinstance(error, ValueError))
         outputs.send(("dead", _portable(error)))
         return
-    outbox = None
+    outbox = _Outbox(outputs)
     try:
-        outputs.send(("ready", engine.model_info))
+        outbox.put(("ready", engine.model_info))
         from hearth.appliance.gc_heap import freeze_heap
 
         freeze_heap()  # the loaded model's heap, out of every later collection's walk
-        outbox = _Outbox(outputs)
         loop = EngineLoop(
             _PipeCommands(commands),
             emit=lambda deltas: outbox.put(("deltas", deltas)),
@@ -349,15 +348,11 @@ def _engine_process_main(factory: Callable[[], Any], commands: Connection, outpu
     except BaseException as error:  # noqa: BLE001
         logger.critical("the engine process's loop died", exc_info=error)
         try:
-            if outbox is not None:
-                outbox.put(("dead", _portable(error)))  # after the deltas already queued
-            else:
-                outputs.send(("dead", _portable(error)))
+            outbox.put(("dead", _portable(error)))  # after the deltas already queued
         except OSError:
             pass
     finally:
-        if outbox is not None:
-            outbox.close()
+        outbox.close()
         try:
             engine.shutdown()
         except Exception:  # noqa: BLE001 - exiting anyway

@@ -22,6 +22,14 @@ def _warps(block: int) -> int:
 
 # ---------------------------------------------------------------------------------------- RMSNorm
 @triton.jit
+def _normalized(h, w, eps, N: tl.constexpr):
+    """h (fp32, a row of N values, zero-padded) / rms(h) * w: the arithmetic every RMSNorm kernel
+    here shares, so the fused q/k norm gives the plain norm's bits."""
+    inv_rms = tl.rsqrt(tl.sum(h * h, 0) / N + eps)
+    return h * inv_rms * w
+
+
+@triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, eps,
     stride_x, stride_r, stride_o, stride_nr,
@@ -40,11 +48,8 @@ def _rms_norm_kernel(
     pdl.launch_dependents(PDL, 2)
     if HAS_RESIDUAL:
         tl.store(new_res_ptr + row * stride_nr + cols, h, mask=mask)
-    h = h.to(tl.float32)
-    inv_rms = tl.rsqrt(tl.sum(h * h, 0) / HIDDEN + eps)
-    tl.store(
-        out_ptr + row * stride_o + cols, (h * inv_rms * w).to(out_ptr.dtype.element_ty), mask=mask
-    )
+    out = _normalized(h.to(tl.float32), w, eps, HIDDEN)
+    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_rows(name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
@@ -99,16 +104,14 @@ def rms_norm_ref(
     return out if residual is None else (out, h)
 
 
-
 # ------------------------------------------------------------------ per-head q/k RMSNorm (Qwen3)
 @triton.jit
 def _qk_rms_norm_kernel(
     qkv_ptr, qw_ptr, kw_ptr, eps, stride_t,
     NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
-    """One program per (token, head) of q then k: the head's row normalised in place, with the
-    arithmetic of _rms_norm_kernel (same block, same warps: the same bits as that kernel run on
-    the head's row)."""
+    """One program per (token, head) of q then k: the head's row normalised in place (same block,
+    warps and `_normalized` as _rms_norm_kernel: the same bits as that kernel on the head's row)."""
     pdl.launch_dependents(PDL, 1)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -122,8 +125,7 @@ def _qk_rms_norm_kernel(
     ptr = qkv_ptr + token * stride_t + head * HEAD_DIM + cols
     h = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     pdl.launch_dependents(PDL, 2)
-    inv_rms = tl.rsqrt(tl.sum(h * h, 0) / HEAD_DIM + eps)
-    tl.store(ptr, (h * inv_rms * w).to(qkv_ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr, _normalized(h, w, eps, HEAD_DIM).to(qkv_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_qk_norm_args(qkv, num_heads, num_kv_heads, head_dim, q_weight, k_weight) -> None:
@@ -160,14 +162,13 @@ def qk_rms_norm_ref(
     qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
     q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
 ) -> None:
-    """Torch reference for qk_rms_norm_ (fp32 math, in place)."""
+    """Torch reference for qk_rms_norm_ (rms_norm_ref on each head's row, in place)."""
     _check_qk_norm_args(qkv, num_heads, num_kv_heads, head_dim, q_weight, k_weight)
     q_end, k_end = num_heads * head_dim, (num_heads + num_kv_heads) * head_dim
-    for lo, hi, heads, w in ((0, q_end, num_heads, q_weight), (q_end, k_end, num_kv_heads,
-                                                                k_weight)):
-        x = qkv[:, lo:hi].float().view(-1, heads, head_dim)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.float()
-        qkv[:, lo:hi] = x.view(qkv.shape[0], -1).to(qkv.dtype)
+    for lo, hi, w in ((0, q_end, q_weight), (q_end, k_end, k_weight)):
+        rows = qkv[:, lo:hi].reshape(-1, head_dim)  # a copy: the heads are strided
+        qkv[:, lo:hi] = rms_norm_ref(rows, w, eps).view(qkv.shape[0], -1)
+
 
 # ----------------------------------------------------------------------------------------- Rotary
 @triton.jit

@@ -62,14 +62,14 @@ class Attention(nn.Module):
                 -1, heads, self.head_dim))
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         else:
-            if self.q_norm is not None and qkv.is_cuda:  # both norms in place, one launch
+            q = q.view(-1, self.num_heads, self.head_dim)  # (num_tokens, num_heads, head_dim)
+            k = k.view(-1, self.num_kv_heads, self.head_dim)  # (num_tokens, kv_heads, head_dim)
+            if self.q_norm is not None and qkv.is_cuda:  # in place on qkv, which q, k view
                 from hearth.kernels.fused import qk_rms_norm_
 
                 qk_rms_norm_(qkv, self.num_heads, self.num_kv_heads, self.head_dim,
                              self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
-            q = q.view(-1, self.num_heads, self.head_dim)  # (num_tokens, num_heads, head_dim)
-            k = k.view(-1, self.num_kv_heads, self.head_dim)  # (num_tokens, kv_heads, head_dim)
-            if self.q_norm is not None and not qkv.is_cuda:
+            elif self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             if not rotates:
                 q, k = self.rotary(positions, q, k)
