@@ -307,6 +307,23 @@ def run_transformers(w: Workload, args) -> dict:
     return result
 
 
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def _with_programs_per_sm(value: int, w: Workload, args) -> dict:
+    """One Hearth run with the decode attention's split target set (its graphs are captured
+    inside the run, so they take it)."""
+    import hearth.kernels.paged_attention as paged_attention
+
+    before = paged_attention._PROGRAMS_PER_SM
+    paged_attention._PROGRAMS_PER_SM = value
+    try:
+        return run_hearth(w, args, async_scheduling=True)
+    finally:
+        paged_attention._PROGRAMS_PER_SM = before
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workloads", nargs="+", choices=["W1", "W2", "W3", "W4"])
@@ -327,14 +344,12 @@ def main() -> None:
                         help="Hearth's KV cache: auto (bf16) or fp8 (e4m3)")
     parser.add_argument("--weights", choices=["bf16", "awq-int4"], default="bf16",
                         help="Hearth's decoder linears: bf16 or AWQ int4 g128 (dummy)")
-    parser.add_argument("--decode-programs-per-sm", type=int,
+    parser.add_argument("--decode-programs-per-sm", type=_int_list, default=[],
                         help="decode attention's split target (kernels/paged_attention.py "
-                             "_PROGRAMS_PER_SM, default 2): a sweep, e.g. 2 then 6 in one call")
+                             "_PROGRAMS_PER_SM, default 2), a comma list such as 2,6,2: "
+                             "one Hearth run of each workload a value, in this order, in "
+                             "place of the default run")
     args = parser.parse_args()
-    if args.decode_programs_per_sm is not None:
-        import hearth.kernels.paged_attention as paged_attention
-
-        paged_attention._PROGRAMS_PER_SM = args.decode_programs_per_sm
     bandwidth, flops = measure_ceilings()
     card = torch.cuda.get_device_name()
     print(f"{card}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s",
@@ -358,9 +373,14 @@ def main() -> None:
             entry["hearth_nopdl"] = run_hearth(w, args, async_scheduling=True, pdl_on=False)
             print(name, "hearth without PDL", json.dumps(entry["hearth_nopdl"]), flush=True)
         if (args.async_scheduling in ("on", "both") and args.fusions in ("on", "both")
-                and args.pdl in ("on", "both")):
+                and args.pdl in ("on", "both") and not args.decode_programs_per_sm):
             entry["hearth"] = run_hearth(w, args, async_scheduling=True)
             print(name, "hearth", json.dumps(entry["hearth"]), flush=True)
+        for i, pps in enumerate(args.decode_programs_per_sm):
+            key = f"hearth_pps{pps}" + (f"_{i}" if args.decode_programs_per_sm.count(pps) > 1
+                                        else "")
+            entry[key] = _with_programs_per_sm(pps, w, args)
+            print(name, key, json.dumps(entry[key]), flush=True)
         if not args.skip_hf:
             entry["transformers"] = run_transformers(w, args)
             print(name, "transformers", json.dumps(entry["transformers"]), flush=True)
@@ -380,6 +400,7 @@ def print_table(results: dict) -> None:
     for name, e in results["workloads"].items():
         suffixes = {"hearth_sync": " sync", "hearth_unfused": " base", "hearth_nopdl": " nopdl",
                     "hearth": ""}
+        suffixes.update({k: " " + k[len("hearth_"):] for k in e if k.startswith("hearth_pps")})
         for key, suffix in suffixes.items():
             if key in e:
                 _print_row(name + suffix, e, e[key])
