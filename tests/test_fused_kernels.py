@@ -42,10 +42,13 @@ def test_rms_norm_matches_ref(dtype, with_residual):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_tokens", [1, 6])
-def test_qk_rms_norm_in_place_matches_ref_and_the_separate_norms(dtype, num_tokens):
-    """Qwen3's per-head q/k norms in one launch on the projection's output: the reference's
-    values, the same bits as rms_norm on each head's row, and v and nothing else touched."""
-    heads, kv_heads, head_dim = 4, 2, 64
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 64), (16, 8, 128)])
+def test_qk_rms_norm_in_place_matches_ref_and_the_separate_norms(
+    dtype, num_tokens, heads, kv_heads, head_dim
+):
+    """Qwen3's per-head q/k norms in one launch on the projection's output (a tile of all the
+    token's heads, padded to a power of two): the reference's values, the same bits as rms_norm
+    on each head's row, and v and nothing else touched."""
     qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=DEVICE)
     qw, kw = torch.randn(head_dim, device=DEVICE), torch.randn(head_dim, device=DEVICE)
     out, ref = qkv.clone(), qkv.clone()
