@@ -57,7 +57,6 @@ logger = logging.getLogger("hearth.engine")
 
 _SNAPSHOT_TIMEOUT_S = 10.0  # a step (a long CPU prefill) may hold the answer this long
 _SNAPSHOT_SHARED_S = 0.02  # an answer this fresh serves the next reader too
-_OUTBOX_STEPS = 64  # steps of messages the engine process queues before it waits for the pipe
 
 
 def wanted(setting: str, device: str, num_gpus: int) -> bool:
@@ -264,50 +263,6 @@ def _portable(error: BaseException) -> BaseException:
         return cls(str(error))
 
 
-class _Outbox:
-    """The engine process's messages to the API process, written by a thread of their own.
-
-    Encoding a step's deltas and writing them to the pipe took ≈ 0.2-0.4 ms of the engine
-    thread's time between two steps at 256 requests (the served path's steps were 6% apart on
-    an H100, offline's 0.1%: docs/benchmarks.md, W7). Here that work overlaps the next step
-    (the engine thread waits for the GPU there, without the GIL). One queue for every kind of
-    message keeps their order; it holds at most `_OUTBOX_STEPS` messages, so an API process
-    that falls behind slows the engine down (as the pipe did) instead of filling memory."""
-
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
-        self._queue: queue.Queue[tuple | None] = queue.Queue(maxsize=_OUTBOX_STEPS)
-        self.closed = threading.Event()  # the pipe broke: the API process is gone
-        self._thread = threading.Thread(target=self._run, name="hearth-outbox", daemon=True)
-        self._thread.start()
-
-    def put(self, message: tuple) -> None:
-        if self.closed.is_set():
-            raise BrokenPipeError("the API process is gone")
-        self._queue.put(message)
-
-    def _run(self) -> None:
-        while (message := self._queue.get()) is not None:
-            if message[0] == "deltas":
-                message = ("deltas", _encode(message[1]))
-            try:
-                self._conn.send(message)
-            except (OSError, EOFError):
-                self.closed.set()
-                while self._queue.get() is not None:  # unblock put() until close()
-                    pass
-                return
-
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Send what is queued, then stop the thread."""
-        if self._thread.is_alive():
-            try:
-                self._queue.put(None, timeout=timeout_s)
-            except queue.Full:
-                return
-            self._thread.join(timeout_s)
-
-
 def _encode(deltas: list[RequestDelta]) -> list[tuple]:
     return [
         (d.request_id, d.finished, d.num_cached_tokens, d.time,
@@ -329,17 +284,16 @@ def _engine_process_main(factory: Callable[[], Any], commands: Connection, outpu
                      exc_info=not isinstance(error, ValueError))
         outputs.send(("dead", _portable(error)))
         return
-    outbox = _Outbox(outputs)
     try:
-        outbox.put(("ready", engine.model_info))
+        outputs.send(("ready", engine.model_info))
         from hearth.appliance.gc_heap import freeze_heap
 
         freeze_heap()  # the loaded model's heap, out of every later collection's walk
         loop = EngineLoop(
             _PipeCommands(commands),
-            emit=lambda deltas: outbox.put(("deltas", deltas)),
-            fail=lambda request_id, error: outbox.put(("fail", request_id, _portable(error))),
-            on_snapshot=lambda snapshot: outbox.put(("snapshot", snapshot)),
+            emit=lambda deltas: outputs.send(("deltas", _encode(deltas))),
+            fail=lambda request_id, error: outputs.send(("fail", request_id, _portable(error))),
+            on_snapshot=lambda snapshot: outputs.send(("snapshot", snapshot)),
             prepare=_compile_again(engine.model_info.grammars),
         )
         loop.run(engine)
@@ -348,11 +302,10 @@ def _engine_process_main(factory: Callable[[], Any], commands: Connection, outpu
     except BaseException as error:  # noqa: BLE001
         logger.critical("the engine process's loop died", exc_info=error)
         try:
-            outbox.put(("dead", _portable(error)))  # after the deltas already queued
+            outputs.send(("dead", _portable(error)))
         except OSError:
             pass
     finally:
-        outbox.close()
         try:
             engine.shutdown()
         except Exception:  # noqa: BLE001 - exiting anyway

@@ -47,8 +47,9 @@ def test_qk_rms_norm_in_place_matches_ref_and_the_separate_norms(
     dtype, num_tokens, heads, kv_heads, head_dim
 ):
     """Qwen3's per-head q/k norms in one launch on the projection's output (a tile of all the
-    token's heads, padded to a power of two): the reference's values, the same bits as rms_norm
-    on each head's row, and v and nothing else touched."""
+    token's heads, padded to a power of two): the reference's values, rms_norm's on each head's
+    row to the last bit or so (a tile's row sums in another order on a GPU), and v and nothing
+    else touched."""
     qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=DEVICE)
     qw, kw = torch.randn(head_dim, device=DEVICE), torch.randn(head_dim, device=DEVICE)
     out, ref = qkv.clone(), qkv.clone()
@@ -58,8 +59,9 @@ def test_qk_rms_norm_in_place_matches_ref_and_the_separate_norms(
     q_end, k_end = heads * head_dim, (heads + kv_heads) * head_dim
     separate_q = rms_norm(qkv[:, :q_end].reshape(-1, head_dim), qw, 1e-6)
     separate_k = rms_norm(qkv[:, q_end:k_end].reshape(-1, head_dim), kw, 1e-6)
-    assert torch.equal(out[:, :q_end].reshape(-1, head_dim), separate_q)
-    assert torch.equal(out[:, q_end:k_end].reshape(-1, head_dim), separate_k)
+    ulp = {torch.float32: {"atol": 1e-6, "rtol": 1e-6}, torch.bfloat16: {"atol": 0, "rtol": 8e-3}}
+    torch.testing.assert_close(out[:, :q_end].reshape(-1, head_dim), separate_q, **ulp[dtype])
+    torch.testing.assert_close(out[:, q_end:k_end].reshape(-1, head_dim), separate_k, **ulp[dtype])
     assert torch.equal(out[:, k_end:], qkv[:, k_end:])
 
 
