@@ -276,16 +276,22 @@ def test_a_full_queue_still_admits_a_key_below_its_part(tmp_path):
             limits = httpx.Limits(max_connections=100)
             engine.paused.set()
             async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as c:
-                flood = asyncio.gather(*(_stream(c, keys["heavy"], "heavy") for _ in range(30)))
+                flood = [asyncio.ensure_future(_stream(c, keys["heavy"], "heavy"))
+                         for _ in range(30)]
                 deadline = time.monotonic() + 30
-                while server.context.engine.num_in_flight < 10 and time.monotonic() < deadline:
+                # the engine is paused: the admitted streams wait, the refused ones are done
+                while ((server.context.engine.num_in_flight < 10
+                        or sum(task.done() for task in flood) < 20)
+                       and time.monotonic() < deadline):
                     await asyncio.sleep(0.02)
-                await asyncio.sleep(0.3)  # the rest of the flood has had its 429s
-                light = asyncio.gather(*(_stream(c, keys["light"], "light") for _ in range(7)))
-                while server.context.engine.num_in_flight < 15 and time.monotonic() < deadline:
+                light = [asyncio.ensure_future(_stream(c, keys["light"], "light"))
+                         for _ in range(7)]
+                while ((server.context.engine.num_in_flight < 15
+                        or sum(task.done() for task in light) < 2)
+                       and time.monotonic() < deadline):
                     await asyncio.sleep(0.02)
                 engine.paused.clear()
-                return await flood, await light
+                return await asyncio.gather(*flood), await asyncio.gather(*light)
 
         heavy, light = asyncio.run(scenario())
         assert Counter(status for _, status, _ in heavy) == {200: 10, 429: 20}
