@@ -64,13 +64,14 @@ class Attention(nn.Module):
         else:
             q = q.view(-1, self.num_heads, self.head_dim)  # (num_tokens, num_heads, head_dim)
             k = k.view(-1, self.num_kv_heads, self.head_dim)  # (num_tokens, kv_heads, head_dim)
-            if self.q_norm is not None and qkv.is_cuda:  # in place on qkv, which q, k view
-                from hearth.kernels.fused import qk_rms_norm_
+            if self.q_norm is not None:
+                if qkv.is_cuda:  # one launch, in place on qkv, which q and k view
+                    from hearth.kernels.fused import qk_rms_norm_
 
-                qk_rms_norm_(qkv, self.num_heads, self.num_kv_heads, self.head_dim,
-                             self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
-            elif self.q_norm is not None:
-                q, k = self.q_norm(q), self.k_norm(k)
+                    qk_rms_norm_(qkv, self.num_heads, self.num_kv_heads, self.head_dim,
+                                 self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+                else:
+                    q, k = self.q_norm(q), self.k_norm(k)
             if not rotates:
                 q, k = self.rotary(positions, q, k)
         rope = {"rope": (positions, self.rotary.cos_sin_cache)} if rotates else {}
