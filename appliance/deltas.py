@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hearth.engine.outputs import RequestDelta, RequestOutput, SampleDelta, SampleProgress
+from hearth.engine.request_state import TokenRow
 
 ABORT = "abort"
 
@@ -92,12 +93,20 @@ class DeltaTracker:
                 del self._requests[output.request_id]
         return deltas
 
-    def observe(self, deltas: list[RequestDelta]) -> list[RequestDelta]:
+    def observe(self, deltas: list[RequestDelta | TokenRow]) -> list[RequestDelta | TokenRow]:
         """Deltas an engine made itself (LLMEngine.emit_deltas): those of requests still
-        tracked, noting which samples finished (for `abort`) and forgetting finished requests."""
+        tracked, noting which samples finished (for `abort`) and forgetting finished requests.
+        A TokenRow (LLMEngine.emit_token_ids: one sample) is kept the same way."""
         kept = []
+        requests = self._requests
         for delta in deltas:
-            progress = self._requests.get(delta.request_id)
+            if type(delta) is tuple:  # a TokenRow: (request id, ids, finish reason, ...)
+                if delta[0] in requests:
+                    if delta[2] is not None:
+                        del requests[delta[0]]
+                    kept.append(delta)
+                continue
+            progress = requests.get(delta.request_id)
             if progress is None:  # aborted already, or not ours
                 continue
             if not progress.prompt_token_ids:
@@ -107,7 +116,7 @@ class DeltaTracker:
                 if sample.finish_reason is not None:  # what `abort` needs to know
                     progress.sample(sample.index).finished = True
             if delta.finished:
-                del self._requests[delta.request_id]
+                del requests[delta.request_id]
             kept.append(delta)
         return kept
 

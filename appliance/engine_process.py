@@ -9,17 +9,23 @@ served path"). In two processes each side has its own GIL and core.
     API process                                           engine process (spawned)
     AsyncEngine ── commands ─► sender thread ─► pipe ─►   EngineLoop: add / abort / snapshot,
                                                           engine.step(), DeltaTracker
-    _hand_over ◄── receiver thread ◄── pipe ◄──────────── one message per step: compact deltas
+    _hand_over ◄── receiver thread ◄── pipe ◄──────────── one message per step: compact deltas,
+                   (TextStreams: detokenize)                 token ids of the plain requests
 
-Messages from the engine process: ("ready", ModelInfo) once the model is loaded (the tokenizer and
-the grammar compiler travel pickled: the API process tokenizes and checks requests itself, as in
-one process), or ("dead", error) if loading or a step failed; then ("deltas", [...]) once per step
-(a delta is a plain tuple; the prompt's token ids stay in the API process, which sent them),
-("fail", request_id, error) for a request the engine refused, ("snapshot", EngineSnapshot) for
-each SnapshotRequest. A compiled grammar holds an llguidance matcher, which does not pickle: the
-request crosses without it and the engine process compiles the same spec again (cached there too).
-Times (a delta's `time`, a snapshot's `taken_at`) are the engine process's `time.monotonic()`, a
-clock the whole machine shares, so TTFT and inter-token gaps are measured as in one process.
+Messages from the engine process: ("ready", ModelInfo, whether it reports TokenRows) once the
+model is loaded (the tokenizer and the grammar compiler travel pickled: the API process tokenizes
+and checks requests itself, as in one process), or ("dead", error) if loading or a step failed;
+then ("step", time, [...], [...]) once per step: the deltas of requests with n > 1 or logprobs as
+plain tuples (the prompt's token ids stay in the API process, which sent them), and every other
+request's TokenRow, its new token ids alone, which the API process detokenizes
+(appliance/text_streams.py: the engine's host thread, which bounds the served rate, then spends
+no Python object per request on text; a stop string found there ends the request at once and
+aborts it in the engine); ("fail", request_id, error) for a request the engine refused,
+("snapshot", EngineSnapshot) for each SnapshotRequest. A compiled grammar holds an llguidance
+matcher, which does not pickle: the request crosses without it and the engine process compiles
+the same spec again (cached there too). Times (a delta's `time`, a snapshot's `taken_at`) are the
+engine process's `time.monotonic()`, a clock the whole machine shares, so TTFT and inter-token
+gaps are measured as in one process.
 
 The engine process ignores SIGINT, SIGTERM and SIGHUP (the API process drains, then sends Stop;
 it reloads its keys file on SIGHUP), and it dies with the API process (engine/child_process.py;
@@ -49,8 +55,10 @@ from typing import Any
 from hearth.appliance.deltas import RequestDelta, SampleDelta
 from hearth.appliance.engine_loop import Abort, Add, EngineLoop, SnapshotRequest, Stop
 from hearth.appliance.request_stream import RequestFailedError
+from hearth.appliance.text_streams import TextStreams
 from hearth.engine.child_process import guard_child_process
 from hearth.engine.prepare import ModelInfo, PreparedRequest
+from hearth.engine.request_state import TokenRow, reports_token_ids
 from hearth.engine.snapshot import EngineSnapshot
 
 logger = logging.getLogger("hearth.engine")
@@ -119,7 +127,8 @@ class EngineProcess:
         # first (atexit runs this before multiprocessing's own handler, registered earlier).
         atexit.register(self._stop_at_exit)
         self.model_info: ModelInfo | None = None
-        self._prompts: dict[str, list[int]] = {}
+        self._prompts: dict[str, list[int]] = {}  # requests whose deltas the engine makes
+        self._texts: TextStreams | None = None  # the others (`reports_token_ids`)
         self._snapshot: EngineSnapshot | None = None
         self._snapshot_at = -math.inf
         self._snapshot_lock = threading.Lock()
@@ -134,6 +143,8 @@ class EngineProcess:
         if message[0] == "dead":
             raise message[1]
         self.model_info = message[1]
+        if message[2]:  # the engine reports TokenRows (LLMEngine.emit_token_ids)
+            self._texts = TextStreams(self.model_info.tokenizer)
         return self.model_info
 
     # ---- commands (sender thread) ----
@@ -143,11 +154,17 @@ class EngineProcess:
         while True:
             command = self._commands.get()
             if isinstance(command, Add):
-                self._prompts[command.request_id] = command.request.token_ids
-                if command.request.grammar is not None:
-                    command = replace(command, request=replace(command.request, grammar=None))
+                request = command.request
+                if self._texts is not None and reports_token_ids(request.params):
+                    self._texts.start(command.request_id, request.token_ids, request.params)
+                else:
+                    self._prompts[command.request_id] = request.token_ids
+                if request.grammar is not None:
+                    command = replace(command, request=replace(request, grammar=None))
             elif isinstance(command, Abort) and not command.notify:
                 self._prompts.pop(command.request_id, None)
+                if self._texts is not None:
+                    self._texts.forget(command.request_id)
             try:
                 self._to_child.send(command)
             except (OSError, EOFError):
@@ -168,10 +185,12 @@ class EngineProcess:
                 self.process.join(5)
                 return None if self.process.exitcode == 0 else self._exited()
             kind = message[0]
-            if kind == "deltas":
-                on_deltas(self._decode(message[1]))
+            if kind == "step":
+                on_deltas(self._decode(*message[1:]))
             elif kind == "fail":
                 self._prompts.pop(message[1], None)
+                if self._texts is not None:
+                    self._texts.forget(message[1])
                 on_fail(message[1], message[2])
             elif kind == "snapshot":
                 self._snapshot, self._snapshot_at = message[1], time.monotonic()
@@ -180,13 +199,20 @@ class EngineProcess:
                 self.process.join(5)
                 return message[1]
 
-    def _decode(self, items: list[tuple]) -> list[RequestDelta]:
+    def _decode(self, now: float, items: list[tuple], rows: list[TokenRow]) -> list[RequestDelta]:
         prompts = self._prompts
         deltas = []
         for request_id, finished, num_cached, ended_at, samples in items:
             prompt = prompts.pop(request_id, []) if finished else prompts.get(request_id, [])
+            if self._texts is not None and request_id in self._texts:  # a plain request's abort
+                prompt = self._texts.forget(request_id).prompt_token_ids
             deltas.append(RequestDelta(request_id, [SampleDelta(*s) for s in samples], prompt,
                                        finished, num_cached, ended_at))
+        if rows:
+            texts, stopped = self._texts.deltas(rows, now)
+            deltas.extend(texts)
+            for request_id in stopped:  # ended by a stop string here: the engine still runs it
+                self._commands.put(Abort(request_id, notify=False))
         return deltas
 
     def snapshot(self) -> EngineSnapshot | None:
@@ -263,13 +289,18 @@ def _portable(error: BaseException) -> BaseException:
         return cls(str(error))
 
 
-def _encode(deltas: list[RequestDelta]) -> list[tuple]:
-    return [
-        (d.request_id, d.finished, d.num_cached_tokens, d.time,
-         [(s.index, s.text, s.token_ids, s.logprobs, s.finish_reason, s.stop_reason)
-          for s in d.samples])
-        for d in deltas
-    ]
+def _encode(deltas: list[RequestDelta | TokenRow]) -> tuple:
+    """A step's output as one pipe message: the deltas as plain tuples, the TokenRows as they
+    are."""
+    items, rows = [], []
+    for d in deltas:
+        if type(d) is tuple:
+            rows.append(d)
+        else:
+            items.append((d.request_id, d.finished, d.num_cached_tokens, d.time,
+                          [(s.index, s.text, s.token_ids, s.logprobs, s.finish_reason,
+                            s.stop_reason) for s in d.samples]))
+    return ("step", time.monotonic(), items, rows)
 
 
 def _engine_process_main(factory: Callable[[], Any], commands: Connection, outputs: Connection,
@@ -285,13 +316,16 @@ def _engine_process_main(factory: Callable[[], Any], commands: Connection, outpu
         outputs.send(("dead", _portable(error)))
         return
     try:
-        outputs.send(("ready", engine.model_info))
+        token_rows = hasattr(engine, "emit_token_ids")  # plain requests: text in the API process
+        if token_rows:
+            engine.emit_token_ids = True
+        outputs.send(("ready", engine.model_info, token_rows))
         from hearth.appliance.gc_heap import freeze_heap
 
         freeze_heap()  # the loaded model's heap, out of every later collection's walk
         loop = EngineLoop(
             _PipeCommands(commands),
-            emit=lambda deltas: outputs.send(("deltas", _encode(deltas))),
+            emit=lambda deltas: outputs.send(_encode(deltas)),
             fail=lambda request_id, error: outputs.send(("fail", request_id, _portable(error))),
             on_snapshot=lambda snapshot: outputs.send(("snapshot", snapshot)),
             prepare=_compile_again(engine.model_info.grammars),

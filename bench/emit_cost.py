@@ -9,6 +9,10 @@ encodes and pickles the step's deltas for the pipe. This script runs exactly tha
 one token each a step; the detokenizer's `add_token`, which offline runs too, is timed apart)
 and prints the median milliseconds a step of each part.
 
+Then the same steps as the engine process runs them now (LLMEngine.emit_token_ids): each request
+reports a TokenRow (its new ids, no text) and the API process detokenizes the rows
+(appliance/text_streams.py): the engine side's parts, and the API side's (unpickle, deltas) apart.
+
     python bench/emit_cost.py --gguf PATH_TO_THE_DEFAULT_MODEL.gguf --requests 232
 """
 
@@ -22,6 +26,7 @@ import time
 
 from hearth.appliance.deltas import DeltaTracker
 from hearth.appliance.engine_process import _encode
+from hearth.appliance.text_streams import TextStreams
 from hearth.engine.loader.gguf_file import read_gguf
 from hearth.engine.request_state import RequestState
 from hearth.engine.sampling_params import SamplingParams
@@ -37,16 +42,41 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=256)
     args = parser.parse_args()
     tokenizer = Tokenizer.from_gguf_metadata(read_gguf(args.gguf).metadata)
+    for ids_only in (False, True):
+        medians, size = _measure(args, tokenizer, ids_only)
+        parts = "  ".join(f"{name} {ms:.3f}" for name, ms in medians.items())
+        print(f"{'token rows' if ids_only else 'deltas':>10}: ms a step of {args.requests} "
+              f"requests (median of {args.steps - _skip(args)}): {parts}  ({size:,} bytes a "
+              "step on the pipe)")
+        engine_side = [ms for name, ms in medians.items() if not name.startswith("api ")
+                       and (ids_only or name != "add_token")]
+        what = "engine process" if ids_only else "served only, besides add_token"
+        print(f"{'':>10}  {what}: {sum(engine_side):.3f} ms a step"
+              + (f"; API process {medians['api unpickle'] + medians['api deltas']:.3f} ms"
+                 if ids_only else ""))
+
+
+def _skip(args: argparse.Namespace) -> int:
+    return min(20, args.steps // 10)  # the first steps warm the caches
+
+
+def _measure(args: argparse.Namespace, tokenizer: Tokenizer, ids_only: bool):
     rng = random.Random(0)
     params = SamplingParams(max_tokens=1_000_000, ignore_eos=True)
-    requests, tracker = [], DeltaTracker()
+    requests, tracker, texts = [], DeltaTracker(), TextStreams(tokenizer)
     for i in range(args.requests):
         prompt = [rng.randrange(100, 30_000) for _ in range(args.prompt_len)]
         seq = Sequence(i, f"r{i}", prompt, params)
         seq.status = SequenceStatus.RUNNING
-        requests.append((RequestState(f"r{i}", None, prompt, params, 0.0), seq))
+        request = RequestState(f"r{i}", None, prompt, params, 0.0)
+        request.ids_only = ids_only
+        requests.append((request, seq))
         tracker.start(f"r{i}", 1)
-    parts = {name: [] for name in ("add_token", "delta", "observe", "encode", "pickle")}
+        texts.start(f"r{i}", prompt, params)
+    names = ["add_token", "row" if ids_only else "delta", "observe", "encode", "pickle"]
+    if ids_only:
+        names += ["api unpickle", "api deltas"]
+    parts = {name: [] for name in names}
     size = 0
     for _ in range(args.steps):
         token = rng.randrange(100, 30_000)
@@ -56,24 +86,27 @@ def main() -> None:
             request.add_token(seq, None, tokenizer)
         marks.append(time.perf_counter())
         now = time.monotonic()
-        deltas = [d for d in (r.delta(r.finished, now) for r, _ in requests) if d is not None]
+        if ids_only:
+            deltas = [r.token_row() for r, _ in requests]
+        else:
+            deltas = [d for d in (r.delta(r.finished, now) for r, _ in requests) if d is not None]
         marks.append(time.perf_counter())
         kept = tracker.observe(deltas)
         marks.append(time.perf_counter())
-        encoded = _encode(kept)
+        message = _encode(kept)
         marks.append(time.perf_counter())
-        size = len(pickle.dumps(("deltas", encoded), protocol=pickle.HIGHEST_PROTOCOL))
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        size = len(data)
         marks.append(time.perf_counter())
+        if ids_only:
+            _, step_time, _, rows = pickle.loads(data)
+            marks.append(time.perf_counter())
+            texts.deltas(rows, step_time)
+            marks.append(time.perf_counter())
         for times, start, end in zip(parts.values(), marks, marks[1:]):
             times.append(1e3 * (end - start))
-    skip = min(20, args.steps // 10)  # the first steps warm the caches
-    medians = {name: statistics.median(times[skip:]) for name, times in parts.items()}
-    print(f"ms a step of {args.requests} requests (median of {args.steps - skip}): "
-          + "  ".join(f"{name} {ms:.3f}" for name, ms in medians.items())
-          + f"  ({size:,} bytes a step on the pipe)")
-    served_only = sum(ms for name, ms in medians.items() if name != "add_token")
-    print(f"served only (delta + observe + encode + pickle): {served_only:.3f} ms a step")
-
+    skip = _skip(args)
+    return {name: statistics.median(times[skip:]) for name, times in parts.items()}, size
 
 if __name__ == "__main__":
     main()

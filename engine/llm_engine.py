@@ -47,7 +47,7 @@ from hearth.engine.model_runner import InFlightSample, PendingSample
 from hearth.engine.outputs import RequestOutput, RunnerOutput, ScheduleOutput, TokenLogprob
 from hearth.engine.phase_timer import PhaseTimer
 from hearth.engine.prepare import ModelInfo, PreparedRequest, prepare
-from hearth.engine.request_state import RequestState
+from hearth.engine.request_state import RequestState, reports_token_ids
 from hearth.engine.sampling_params import SamplingParams
 from hearth.engine.scheduler import PLACEHOLDER_TOKEN_ID, Scheduler
 from hearth.engine.sequence import FinishReason, Sequence
@@ -133,6 +133,10 @@ class LLMEngine:
         # step() returns RequestDeltas (only what changed) instead of RequestOutputs: set by the
         # server's engine loop (appliance/engine_loop.py); LLM.generate keeps the outputs
         self.emit_deltas = False
+        # With emit_deltas, requests added from now on that `reports_token_ids` allows give a
+        # TokenRow instead of a RequestDelta, not detokenized here: set by the server's engine
+        # process, whose API process detokenizes them (appliance/text_streams.py)
+        self.emit_token_ids = False
         overlap = self.config.async_scheduling
         if overlap is None:  # tensor parallelism steps synchronously (engine/distributed/)
             overlap = self.runner.device.type == "cuda" and self.config.tensor_parallel_size == 1
@@ -171,6 +175,7 @@ class LLMEngine:
             now = time.monotonic()
             token_ids, params = request.token_ids, request.params
             req = RequestState(request_id, request.prompt, token_ids, params, now)
+            req.ids_only = self.emit_token_ids and reports_token_ids(params)
             seq = Sequence(self.scheduler.next_seq_id(), request_id, token_ids, params, priority,
                            arrival_time=now)
             seq.grammar = request.grammar
@@ -332,7 +337,8 @@ class LLMEngine:
             self.scheduler.finish(seq, FinishReason.STOP)  # the grammar is complete
 
     def _finish_output(self, req: RequestState, now: float | None = None):
-        """The request's RequestOutput, or with `now` (emit_deltas) its RequestDelta or None."""
+        """The request's RequestOutput, or with `now` (emit_deltas) its RequestDelta or None,
+        or an `ids_only` request's TokenRow."""
         finished = req.finished
         if finished:
             req.finished_time = time.monotonic()
@@ -341,7 +347,9 @@ class LLMEngine:
             self._grammar_request_ids.discard(req.request_id)
             self._num_finished += 1
             self._drop_matchers([seq.seq_id for seq in req.seqs.values()])
-        return req.output(finished) if now is None else req.delta(finished, now)
+        if now is None:
+            return req.output(finished)
+        return req.token_row() if req.ids_only else req.delta(finished, now)
 
     def _drop_matchers(self, seq_ids: list[int]) -> None:
         if self._matchers is not None and len(self._matchers) and seq_ids:

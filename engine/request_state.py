@@ -1,5 +1,11 @@
 """RequestState: what LLMEngine keeps of one request (its samples' sequences, detokenizers and
-logprobs) and the RequestOutput built from it after each step."""
+logprobs) and the RequestOutput built from it after each step.
+
+For the server's engine process a plain request (`reports_token_ids`: one sample, no logprobs)
+is not detokenized here: each step it reports a TokenRow, its new token ids and how it ended,
+and the API process detokenizes them and applies the stop strings (appliance/text_streams.py),
+as vLLM V1's front end does. That keeps a Python object per request per step off the engine's
+host thread, which bounds the served rate on a GPU (docs/benchmarks.md, W7)."""
 
 from __future__ import annotations
 
@@ -17,6 +23,16 @@ from hearth.engine.outputs import (
 from hearth.engine.sampling_params import SamplingParams
 from hearth.engine.sequence import Sequence
 
+# A plain request's step, for the caller to detokenize: (request id, new output token ids,
+# finish reason, stop token id that ended it, prompt tokens read from the prefix cache).
+TokenRow = tuple[str, list[int], str | None, int | None, int]
+
+
+def reports_token_ids(params: SamplingParams) -> bool:
+    """Whether a request can report TokenRows (LLMEngine.emit_token_ids): one sample, no
+    logprobs. The API process asks the same question of each request it sends."""
+    return params.n == 1 and params.logprobs is None
+
 
 @dataclass
 class RequestState:
@@ -31,6 +47,8 @@ class RequestState:
     num_cached_tokens: int = 0
     finished_time: float | None = None
     sent: dict[int, SampleProgress] = field(default_factory=dict)  # what `delta` handed out
+    ids_only: bool = False  # reports TokenRows: no detokenizer here (the module doc)
+    num_ids_sent: int = 0  # output tokens `token_row` handed out
 
     @property
     def finished(self) -> bool:
@@ -48,9 +66,13 @@ class RequestState:
         index = seq.sample_index
         if index not in self.seqs:
             self.seqs[index] = seq
+            self.num_cached_tokens = max(self.num_cached_tokens, seq.num_cached_tokens)
+            if self.ids_only:
+                return False
             self.detoks[index] = IncrementalDetokenizer(tokenizer, self.prompt_token_ids,
                                                         self.params)
-            self.num_cached_tokens = max(self.num_cached_tokens, seq.num_cached_tokens)
+        elif self.ids_only:
+            return False
         if logprobs:
             # A parent that just forked got n entries; its own is the first, children take theirs.
             self.logprobs.setdefault(index, []).append(logprobs[0])
@@ -107,6 +129,19 @@ class RequestState:
             return None
         return RequestDelta(self.request_id, samples, self.prompt_token_ids, finished,
                             self.num_cached_tokens, now)
+
+    def token_row(self) -> TokenRow:
+        """An `ids_only` request's output tokens since the last row, and how it ended."""
+        seq = self.seqs[0]
+        ids = seq.token_ids[seq.num_prompt_tokens + self.num_ids_sent :]
+        self.num_ids_sent += len(ids)
+        reason = stop = None
+        if seq.finish_reason is not None:
+            reason = seq.finish_reason.value
+            if (reason == "stop" and seq.num_tokens > seq.num_prompt_tokens
+                    and seq.last_token_id in self.params.stop_token_ids):
+                stop = seq.last_token_id
+        return (self.request_id, ids, reason, stop, self.num_cached_tokens)
 
     def _stop_reason(self, index: int, reason: str | None) -> str | int | None:
         seq, stop_reason = self.seqs[index], self.detoks[index].stop_reason

@@ -118,9 +118,26 @@ def _answers(settings: Settings) -> dict:
             response_format={"type": "json_schema",
                              "json_schema": {"name": "person", "schema": PERSON}},
         ).choices[0].message.content
+        # A stop string: found in the API process (appliance/text_streams.py), which ends the
+        # answer there and aborts the request in the engine (its blocks come back, below).
+        stopped = client.completions.create(
+            model=model, prompt="def fibonacci(n):", max_tokens=24, temperature=0,
+            stop=["fib", "\n\n"])
+        stopped_stream = [
+            (chunk.choices[0].text, chunk.choices[0].finish_reason)
+            for chunk in client.completions.create(
+                model=model, prompt="def fibonacci(n):", max_tokens=24, temperature=0,
+                stop=["fib", "\n\n"], stream=True) if chunk.choices]
+        sampled = [choice.text for choice in client.completions.create(  # n > 1: engine deltas
+            model=model, prompt="The sea is", max_tokens=8, temperature=0.8, seed=3, n=2,
+            logprobs=1).choices]
+        _wait(lambda: server.context.engine.snapshot().blocks.num_used == 0, timeout_s=10)
         metrics = httpx.get(server.url + "metrics").text
         snapshot = server.context.engine.snapshot()
         return {"chat": chat, "streamed": streamed, "person": person,
+                "stopped": (stopped.choices[0].text, stopped.choices[0].finish_reason,
+                            stopped.usage.completion_tokens),
+                "stopped_stream": stopped_stream, "sampled": sampled,
                 "kv_usage": metric(metrics, "vllm:kv_cache_usage_perc"),
                 "blocks_used": snapshot.blocks.num_used,
                 "prompt_tokens": metric(metrics, "vllm:prompt_tokens_total")}
@@ -132,6 +149,8 @@ def test_the_default_model_answers_the_same_through_the_engine_process():
     process = _answers(Settings(device="cpu", no_ui=True, max_model_len=512, kv_cache_gib=0.05,
                                 engine_process=True))
     assert process == thread
+    assert process["stopped"][1] == "stop" and "fib" not in process["stopped"][0]
+    assert process["stopped_stream"][-1][1] == "stop"
     person = json.loads(process["person"])
     assert set(person) == {"name", "age"} and isinstance(person["age"], int)
     assert process["kv_usage"] == 0.0 and process["blocks_used"] == 0
