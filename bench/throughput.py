@@ -346,7 +346,7 @@ def main() -> None:
                         help="Hearth's decoder linears: bf16 or AWQ int4 g128 (dummy)")
     parser.add_argument("--decode-programs-per-sm", type=_int_list, default=[],
                         help="decode attention's split target (kernels/paged_attention.py "
-                             "_PROGRAMS_PER_SM, default 2), a comma list such as 2,6,2: "
+                             "_PROGRAMS_PER_SM, default 8), a comma list such as 2,6,2: "
                              "one Hearth run of each workload a value, in this order, in "
                              "place of the default run")
     args = parser.parse_args()

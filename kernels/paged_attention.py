@@ -53,9 +53,10 @@ _LOG2E = 1.4426950408889634
 _MIN_TOKENS_PER_SPLIT = 64
 _MAX_SPLITS = 16
 # Splits aim at this many (sequence, KV head, split) programs an SM. W1's steps of 32-63 long
-# sequences run at ≈ 60% of their floor with one split each (docs/benchmarks.md, W1): a module
-# setting so that bench/throughput.py --decode-programs-per-sm can sweep it.
-_PROGRAMS_PER_SM = 2
+# sequences ran at ≈ 60% of their floor with one split each at 2; 8 gave W1 +1.1-3.6% on two
+# H100 hosts and W2 +0.6% (docs/benchmarks.md, "The decode split target"). A module setting so
+# that bench/throughput.py --decode-programs-per-sm can sweep it.
+_PROGRAMS_PER_SM = 8
 
 
 @triton.jit
