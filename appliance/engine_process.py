@@ -70,8 +70,8 @@ _SNAPSHOT_SHARED_S = 0.02  # an answer this fresh serves the next reader too
 def wanted(setting: str, device: str, num_gpus: int) -> bool:
     """Whether the engine runs in a process of its own (`--engine-process auto|on|off`). auto:
     on for a CUDA device, where many streams share a step and one GIL for engine and event loop
-    capped the served rate (W7 on an H100: 23.2k tok/s against 10.2k with the engine thread, 83%
-    of offline; docs/benchmarks.md), off on a CPU (not measured to pay there: a CPU box has few
+    capped the served rate (W7 on an H100: 21.4k tok/s, 96% of offline, against 10.2k with the
+    engine thread; docs/benchmarks.md), off on a CPU (not measured to pay there: a CPU box has few
     cores to give a second process). `num_gpus`: what NVML sees (the telemetry's GpuSampler)."""
     if setting != "auto":
         return setting == "on"
