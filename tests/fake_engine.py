@@ -7,6 +7,10 @@ per-sample `random.Random(seed + index)`, so seeded requests are reproducible. E
 Magic prompts: "__crash__" makes step() raise (the engine thread dies); "__add_fails__" makes
 add_request raise RuntimeError (one request fails); "__say:TEXT__" makes the greedy answer TEXT
 (then EOS), e.g. a recorded answer with tool calls or <think> blocks.
+
+Like LLMEngine it reports deltas when the server's loop asks (`emit_deltas`), and in the engine
+process (`emit_token_ids`) a plain request's new token ids alone (a TokenRow), which the API
+process detokenizes with the same FakeTokenizer (appliance/text_streams.py).
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+from hearth.appliance.deltas import DeltaTracker
 from hearth.engine.fair_share import FairShare
 from hearth.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
 from hearth.engine.prepare import ModelInfo, PreparedRequest, prepare
+from hearth.engine.request_state import reports_token_ids
 from hearth.engine.sampling_params import SamplingParams
 
 PHRASE = "the quick brown fox jumps over the lazy dog. "
@@ -113,6 +119,10 @@ class FakeEngine:
         self.shut_down = False
         self.fair_share = FairShare()
         self.paused = threading.Event()  # set: steps admit and run nothing (queue up a load first)
+        self.emit_deltas = False  # LLMEngine's switches (engine/llm_engine.py)
+        self.emit_token_ids = False
+        self._deltas = DeltaTracker()  # the deltas of requests that are not reported as rows
+        self._rows_sent: dict[str, int] = {}  # row requests: output tokens reported so far
 
     def add_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
@@ -148,11 +158,17 @@ class FakeEngine:
         with self._lock:
             self._waiting.append(queued)
             self._num_prompt_tokens += len(ids)
+            if self.emit_token_ids and reports_token_ids(params):
+                self._rows_sent[request_id] = 0
+            else:
+                self._deltas.start(request_id, params.n)
 
     def abort_request(self, request_id: str) -> None:
         with self._lock:
             self._waiting = [r for r in self._waiting if r.request_id != request_id]
             self._running = [r for r in self._running if r.request_id != request_id]
+            self._rows_sent.pop(request_id, None)
+            self._deltas.forget(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._waiting or self._running)
@@ -165,7 +181,21 @@ class FakeEngine:
             self._admit()
             outputs = [self._advance(r) for r in self._running]
             self._running = [r for r in self._running if not r.finished]
-        return outputs
+        if not self.emit_deltas:
+            return outputs
+        rows = [self._row(o) for o in outputs if o.request_id in self._rows_sent]
+        others = [o for o in outputs if o.request_id not in self._rows_sent]
+        return [*self._deltas.update(others, time.monotonic()), *rows]
+
+    def _row(self, output: RequestOutput) -> tuple:
+        """A TokenRow (engine/request_state.py): the new ids; the text is the API process's."""
+        [sample] = output.outputs
+        ids = sample.token_ids[self._rows_sent[output.request_id] :]
+        self._rows_sent[output.request_id] += len(ids)
+        if output.finished:
+            del self._rows_sent[output.request_id]
+        stop = sample.stop_reason if isinstance(sample.stop_reason, int) else None
+        return (output.request_id, ids, sample.finish_reason, stop, output.num_cached_tokens)
 
     def _admit(self) -> None:
         """The real scheduler's admission order: priority, then fair share across keys."""
