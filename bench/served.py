@@ -279,6 +279,17 @@ def thread_cpu(pid: int) -> list[tuple[str, float]]:
     return sorted(totals.items(), key=lambda item: -item[1])
 
 
+def http_stack() -> str:
+    """What uvicorn serves with here: httptools and uvloop come with uvicorn[standard], which the
+    lock installs; without them (a bare GPU image) it falls back to h11 and asyncio's loop, whose
+    per-chunk cost is higher. Served numbers are comparable only on the same stack."""
+    import importlib.util
+
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    return f"uvicorn http={http} loop={loop}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args, server_args = parse_args(argv)
     if args.offline_child:
@@ -292,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         served = (run_served(args, server_args, trace + "-served") if args.side != "offline"
                   else {"runs": []})
     print(f"\nW7: {args.num_prompts} requests of {args.input_len} in / {args.output_len} out, "
-          f"concurrency {args.max_concurrency}; serve flags: {' '.join(server_args)}")
+          f"concurrency {args.max_concurrency}; serve flags: {' '.join(server_args)}; "
+          f"{http_stack()}")
     print(f"{'run':>4} | {'offline tok/s':>14} | {'served tok/s':>13} | {'served/offline':>14} | "
           f"{'p50 ITL ms':>10} | {'p99 ITL ms':>10} | {'p50 TTFT ms':>11} | failed")
     for run in range(args.runs):
