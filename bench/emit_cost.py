@@ -72,7 +72,8 @@ def _measure(args: argparse.Namespace, tokenizer: Tokenizer, ids_only: bool):
         request.ids_only = ids_only
         requests.append((request, seq))
         tracker.start(f"r{i}", 1)
-        texts.start(f"r{i}", prompt, params)
+        if ids_only:
+            texts.start(f"r{i}", prompt, params)
     names = ["add_token", "row" if ids_only else "delta", "observe", "encode", "pickle"]
     if ids_only:
         names += ["api unpickle", "api deltas"]

@@ -67,11 +67,10 @@ class RequestState:
         if index not in self.seqs:
             self.seqs[index] = seq
             self.num_cached_tokens = max(self.num_cached_tokens, seq.num_cached_tokens)
-            if self.ids_only:
-                return False
-            self.detoks[index] = IncrementalDetokenizer(tokenizer, self.prompt_token_ids,
-                                                        self.params)
-        elif self.ids_only:
+            if not self.ids_only:
+                self.detoks[index] = IncrementalDetokenizer(tokenizer, self.prompt_token_ids,
+                                                            self.params)
+        if self.ids_only:  # one sample, no logprobs, detokenized by the caller
             return False
         if logprobs:
             # A parent that just forked got n entries; its own is the first, children take theirs.
@@ -135,20 +134,20 @@ class RequestState:
         seq = self.seqs[0]
         ids = seq.token_ids[seq.num_prompt_tokens + self.num_ids_sent :]
         self.num_ids_sent += len(ids)
-        reason = stop = None
-        if seq.finish_reason is not None:
-            reason = seq.finish_reason.value
-            if (reason == "stop" and seq.num_tokens > seq.num_prompt_tokens
-                    and seq.last_token_id in self.params.stop_token_ids):
-                stop = seq.last_token_id
-        return (self.request_id, ids, reason, stop, self.num_cached_tokens)
+        reason = seq.finish_reason.value if seq.finish_reason else None
+        return (self.request_id, ids, reason, self._stop_token(seq, reason),
+                self.num_cached_tokens)
 
     def _stop_reason(self, index: int, reason: str | None) -> str | int | None:
-        seq, stop_reason = self.seqs[index], self.detoks[index].stop_reason
-        if stop_reason is None and reason == "stop" and seq.output_token_ids:
+        stop_reason = self.detoks[index].stop_reason
+        return self._stop_token(self.seqs[index], reason) if stop_reason is None else stop_reason
+
+    def _stop_token(self, seq: Sequence, reason: str | None) -> int | None:
+        """The stop token id that ended `seq`, if one did."""
+        if reason == "stop" and seq.num_tokens > seq.num_prompt_tokens:
             last = seq.last_token_id
-            stop_reason = last if last in self.params.stop_token_ids else None
-        return stop_reason
+            return last if last in self.params.stop_token_ids else None
+        return None
 
     def _completion(self, index: int) -> CompletionOutput:
         seq, detok = self.seqs[index], self.detoks[index]
