@@ -117,12 +117,28 @@ def bench_llama_cpp(batch: int) -> tuple[float, float] | str | None:
     return prefill, decode
 
 
+def _precision(model: torch.nn.Module) -> str:
+    """What the built model runs in: its dtype, and its kept Q4 linears' GEMV input dtype."""
+    from hearth.engine.layers.linear import GGUFLinear
+
+    dtype = str(model.norm.weight.dtype).removeprefix("torch.")
+    kept = [m for m in model.modules() if isinstance(m, GGUFLinear) and m.int4 is not None]
+    if not kept:
+        return dtype
+    gemv = str(kept[0].gemv_dtype).removeprefix("torch.")
+    return f"{dtype} Q4_1 kept" + (f" ({gemv} GEMV)" if gemv != dtype else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--gguf-keep-quantized", action="store_true",
                         help="run the Q4_1 linears from their blocks (int4 GEMV in bf16)")
+    parser.add_argument("--cpu-default", action="store_true",
+                        help="what `hearth serve` picks on this CPU (--dtype auto with the CPU "
+                             "fast path, engine/cpu_precision.py); overrides --dtype and "
+                             "--gguf-keep-quantized")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--model", default=None, help="a model directory or .gguf (Hearth only)")
     args = parser.parse_args()
@@ -131,10 +147,12 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, commit {commit}, "
           f"{time.strftime('%Y-%m-%d')}")
-    llm = LLM(args.model, device="cpu", dtype=args.dtype, progress=False,
-              enable_prefix_caching=False, max_num_batched_tokens=2048,
-              gguf_keep_quantized=args.gguf_keep_quantized)
-    name = f"hearth {args.dtype}" + (" Q4_1 kept" if args.gguf_keep_quantized else "")
+    precision = dict(dtype=args.dtype, gguf_keep_quantized=args.gguf_keep_quantized)
+    if args.cpu_default:
+        precision = dict(dtype="auto", cpu_fast_path=True)
+    llm = LLM(args.model, device="cpu", progress=False, enable_prefix_caching=False,
+              max_num_batched_tokens=2048, **precision)
+    name = f"hearth {_precision(llm.engine.runner.model)}"
     if args.model:
         name += f" {Path(args.model).name}"
     bench_hearth(llm, 1)  # warm-up

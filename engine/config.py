@@ -69,6 +69,11 @@ class EngineConfig:
     # dtype "auto" on a CPU: bfloat16 + kept Q4 blocks where that is fast and close
     # (engine/cpu_precision.py). `hearth serve` turns it on; off here, the exact float32 path.
     cpu_fast_path: bool = False
+    # A float32 model on a CPU with kept Q4 blocks: the int4 GEMV and the int8 LM head take their
+    # inputs rounded to bf16, everything else (prompts' matmuls included) stays float32: the CPU
+    # default where bf16 matmuls are emulated (AVX2, engine/cpu_precision.py). False: float32 with
+    # kept blocks is the exact reference path.
+    cpu_bf16_gemv: bool = False
     kv_cache_dtype: str = "auto"  # fp8: half the bytes per cached token (engine/kv_cache.py)
     # Grammar-constrained decoding (engine/grammar.py). False: no grammar compiler and no grammar
     # hook in the step at all (bench/structured.py measures the hook's cost against this).

@@ -11,7 +11,13 @@ Its quality cost, measured on the shipped held-out text
 
 So when `EngineConfig.cpu_fast_path` is on (the server's default; the engine's own default stays
 exact, for the token-identity tests), `dtype="auto"` on a CPU becomes bfloat16 + kept blocks if:
-- the CPU has bf16 matrix instructions (AVX512-BF16 or AMX: otherwise bf16 is emulated, slower);
+- the CPU runs torch's int4 GEMV vectorised: AVX2 + FMA or better (int4mm_kernel.cpp; below that
+  a scalar loop that loses to float32). On a CPU with bf16 matrix instructions (AVX512-BF16,
+  AMX) prompts multiply in bf16; without them bf16 GEMMs are emulated (7x slower than float32 at
+  512 rows on an AVX2 EPYC), so prompts dequantize a layer into float32 and multiply there
+  (cpu_int4.linear). On that AVX2-only 2-core box batch-1 decode went 13.8-15.5 → 24.5-30.1
+  tok/s; prefill moved 423-439 → 307-474 tok/s (dequantizing a layer costs about 20% of a
+  512-token prompt's time there; docs/benchmarks.md);
 - the model is a GGUF whose linears are all Q4_0 / Q4_1 (other block types have no int4 GEMV on
   the CPU and would dequantize at every step).
 Anything else keeps float32. `--dtype float32` always gives the exact path.
@@ -24,12 +30,15 @@ import functools
 import logging
 from pathlib import Path
 
+import torch
+
 from hearth.engine.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
 INT4_GEMV_TYPES = frozenset({"Q4_0", "Q4_1"})
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+INT4_GEMV_FLAGS = (frozenset({"avx2", "fma"}), frozenset({"avx512f"}))  # any one set suffices
 
 
 @functools.cache
@@ -50,6 +59,12 @@ def cpu_has_bf16_matmul() -> bool:
     return bool(BF16_FLAGS & cpu_flags())
 
 
+def cpu_has_fast_int4_gemv() -> bool:
+    """AVX2 + FMA or AVX-512: torch's int4 GEMV has vectorised kernels there."""
+    flags = cpu_flags()
+    return cpu_has_bf16_matmul() or any(need <= flags for need in INT4_GEMV_FLAGS)
+
+
 def gguf_linear_types(path: str | Path) -> set[str]:
     """The block types of a GGUF's decoder linears (2-D `blk.*` weights)."""
     from hearth.engine.loader.gguf_file import read_gguf
@@ -65,14 +80,32 @@ def resolve_cpu_precision(config: EngineConfig, model_format: str, model_path: s
             or config.load_format == "dummy" or model_format != "gguf"
             or config.tensor_parallel_size > 1):
         return config
-    if not cpu_has_bf16_matmul():
-        logger.info("CPU without bf16 matrix instructions: float32 weights (the exact path)")
+    if not cpu_has_fast_int4_gemv():
+        logger.info("CPU without AVX2 + FMA: float32 weights (the exact path)")
         return config
     types = gguf_linear_types(model_path)
     if not types or not types <= INT4_GEMV_TYPES:
         logger.info("GGUF linears in %s: float32 weights (the CPU int4 GEMV takes Q4_0 / Q4_1)",
                     ", ".join(sorted(types)) or "no block type")
         return config
-    logger.info("CPU default: bfloat16 with the GGUF's %s blocks kept for the int4 GEMV (about "
-                "2x decode; --dtype float32 for the exact path)", "/".join(sorted(types)))
-    return dataclasses.replace(config, dtype="bfloat16", gguf_keep_quantized=True)
+    kinds = "/".join(sorted(types))
+    if cpu_has_bf16_matmul():
+        logger.info("CPU default: bfloat16 with the GGUF's %s blocks kept for the int4 GEMV (about "
+                    "2x decode; --dtype float32 for the exact path)", kinds)
+        return dataclasses.replace(config, dtype="bfloat16", gguf_keep_quantized=True)
+    logger.info("CPU default: float32 with the GGUF's %s blocks kept for the int4 GEMV on bf16 "
+                "inputs (no bf16 matrix instructions: everything else stays float32; about 1.8x "
+                "decode; --dtype float32 for the exact path)", kinds)
+    return dataclasses.replace(config, dtype="float32", gguf_keep_quantized=True,
+                               cpu_bf16_gemv=True)
+
+
+def precision_label(config: EngineConfig, dtype: torch.dtype) -> str:
+    """The model's dtype, and how kept GGUF blocks multiply (each gives other numbers): e.g.
+    "bfloat16+kept-blocks", "float32+kept-blocks+bf16-gemv"."""
+    name = str(dtype).removeprefix("torch.")
+    if config.gguf_keep_quantized:
+        name += "+kept-blocks"
+        if config.cpu_bf16_gemv and dtype == torch.float32:
+            name += "+bf16-gemv"
+    return name

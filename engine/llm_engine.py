@@ -100,7 +100,7 @@ class LLMEngine:
             sliding_window=self.model_config.kv_window,  # every layer windowed: blocks released
         )
         self.prefix_store = open_tiers(self.config, built.resolved, self.model_config,
-                                       self.runner.kv_caches, self.runner.dtype)
+                                       self.runner.kv_caches, built.precision)
         block_manager.tier = self.prefix_store  # host RAM / disk below the device cache
         eos = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
         self.scheduler = Scheduler(

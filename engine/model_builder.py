@@ -21,10 +21,11 @@ import torch
 from hearth.engine.attention import AttentionMetadata
 from hearth.engine.catalog import ResolvedModel, resolve_model, verify
 from hearth.engine.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig
-from hearth.engine.cpu_precision import resolve_cpu_precision
+from hearth.engine.cpu_precision import precision_label, resolve_cpu_precision
 from hearth.engine.cuda_graphs import MAX_VERIFY_ROWS
 from hearth.engine.fim import FimSpec, model_fim
 from hearth.engine.kv_cache import resolve_kv_cache_dtype
+from hearth.engine.layers.linear import GGUFLinear
 from hearth.engine.loader import LoadedSource, load_hf_config, load_model_source
 from hearth.engine.memory_check import (
     AUTO,
@@ -63,6 +64,9 @@ class BuiltModel:
     fim: FimSpec | None = None
     resolved: ResolvedModel | None = None  # where the files are (the KV tiers' model identity)
     speculative: SpeculativeConfig | None = None  # the config's, K filled in for the device
+    # what the weights multiply in, e.g. "float32+kept-blocks+bf16-gemv" (cpu_precision.label):
+    # part of the KV tiers' model identity, and of the build's log line
+    precision: str = ""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -107,9 +111,10 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
     dtype = resolve_dtype(config.dtype, device)
     if config.speculative is not None:  # K for this device and precision when none was given
         config = dataclasses.replace(config, speculative=config.speculative.for_device(
-            device.type, dtype == torch.float32))
+            device.type, dtype == torch.float32 and not config.cpu_bf16_gemv))
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype, device)  # before the weights
-    if config.gguf_keep_quantized and device.type == "cpu" and dtype == torch.float32:
+    if (config.gguf_keep_quantized and device.type == "cpu" and dtype == torch.float32
+            and not config.cpu_bf16_gemv):
         logger.warning(
             "gguf_keep_quantized on CPU in float32 keeps the exact reference path, which "
             "dequantizes every layer at every step (about 10x slower than float32 weights); "
@@ -136,10 +141,11 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
     else:
         runner = ModelRunner(model, runner_config, *runner_args, kv_cache_dtype=kv_dtype)
     timer.lap("KV cache and runner")
-    logger.info("built %s on %s in %s", source.name, device, timer.summary())
+    precision = precision_label(config, dtype)
+    logger.info("built %s on %s (%s) in %s", source.name, device, precision, timer.summary())
     return BuiltModel(source.name, source.tokenizer, full_config, max_model_len, runner,
                       source.quantization, _fim(resolved, source.tokenizer, full_config),
-                      resolved, config.speculative)
+                      resolved, config.speculative, precision)
 
 
 def _build_driver(config: EngineConfig, progress: bool) -> BuiltModel:
@@ -308,6 +314,12 @@ def _instantiate(source, config: EngineConfig, device, dtype, progress: bool) ->
         model = model.to_empty(device=device)
         model.tie_weights()  # to_empty gives each module its own tensor
         _rebuild_buffers(model, source.config, device)
+    gemv_dtype = None
+    if config.cpu_bf16_gemv and device.type == "cpu" and dtype == torch.float32:
+        gemv_dtype = torch.bfloat16  # before the weights: GGUFLinear packs them when filled
+        for module in model.modules():
+            if isinstance(module, GGUFLinear):
+                module.gemv_dtype = gemv_dtype
     if config.load_format == "dummy":
         model.init_dummy(config.seed)
     else:
@@ -315,7 +327,7 @@ def _instantiate(source, config: EngineConfig, device, dtype, progress: bool) ->
         with progress_bar(**bar_args) as bar:
             model.load_weights(_counted(source.weights(), bar))
         prepare_head = getattr(model, "prepare_cpu_head", None)
-        if prepare_head is not None and prepare_head():
+        if prepare_head is not None and prepare_head(gemv_dtype):
             logger.info("LM head: int8 rows for decode on the CPU (the file's head is %s)",
                         source.config.quantization.lm_head_type)
     return model.eval()

@@ -56,6 +56,44 @@ def test_matmul_matches_block_reference(qtype, m, dtype):
     assert (out.float() - ref).abs().max() < 0.02 * ref.abs().max()
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_prompt_rows_multiply_in_float32_without_bf16_matrix_instructions(monkeypatch,
+                                                                          native_bf16):
+    """Many rows dequantize the layer; without AVX512-BF16 / AMX the product runs in float32
+    (an emulated bf16 GEMM is ~7x slower there), with them in bf16. A few rows stay on the GEMV."""
+    monkeypatch.setattr(cpu_int4, "cpu_has_bf16_matmul", lambda: native_bf16)
+    gen = torch.Generator().manual_seed(5)
+    n, k = 192, 288
+    w = cpu_int4.pack_gguf(_random_blocks("Q4_1", n, k, gen), "Q4_1", k, torch.bfloat16)
+    x = torch.randn(40, k, generator=gen).to(torch.bfloat16)
+    if native_bf16:
+        want = torch.nn.functional.linear(x, cpu_int4.dequantize(w))
+    else:
+        want = (x.float() @ cpu_int4.dequantize(w, torch.float32).t()).to(torch.bfloat16)
+    out = cpu_int4.linear(x, w)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want)
+    assert torch.equal(cpu_int4.linear(x[:2], w), cpu_int4.matmul(x[:2], w))
+
+
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_float32_rows_on_a_bf16_packed_weight(m):
+    """EngineConfig.cpu_bf16_gemv: a float32 model's few rows take the GEMV rounded to bf16 and
+    come back in float32; many rows multiply the float32 dequantized layer."""
+    gen = torch.Generator().manual_seed(m)
+    n, k = 192, 288
+    raw = _random_blocks("Q4_1", n, k, gen)
+    w = cpu_int4.pack_gguf(raw, "Q4_1", k, torch.bfloat16)
+    x = torch.randn(m, k, generator=gen)
+    out = cpu_int4.linear(x, w)
+    assert out.dtype == torch.float32 and out.shape == (m, n)
+    if m <= 32:
+        assert torch.equal(out, cpu_int4.matmul(x.bfloat16(), w).float())
+    else:
+        assert torch.equal(out, x @ cpu_int4.dequantize(w, torch.float32).t())
+    ref = x @ gguf_blocks.dequantize(raw, "Q4_1", k).t()
+    assert (out - ref).abs().max() < 0.02 * ref.abs().max()
+
+
 def test_unsupported_shapes_and_dtypes_are_refused():
     assert not cpu_int4.supported("Q4_1", 96, 64, torch.bfloat16)  # rows not a multiple of 64
     assert not cpu_int4.supported("Q4_1", 128, 64, torch.float32)  # float32 stays exact

@@ -48,6 +48,36 @@ def test_matmul_matches_the_dequantized_product(dtype, rows):
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
+def test_logits_refine_the_top_of_each_row_in_float32():
+    """The kernel's bf16 logits round a near-tie to a tie; `logits` recomputes each row's top
+    REFINED from the int8 rows and float32 scales, and leaves the rest as the kernel gave them."""
+    gen = torch.Generator().manual_seed(3)
+    q = cpu_int8.quantize_rows(torch.randn(4000, 96, generator=gen) * 0.05, dtype=torch.bfloat16)
+    for x in (torch.randn(3, 96, generator=gen).bfloat16(), torch.randn(2, 96, generator=gen)):
+        coarse = cpu_int8.matmul(x, q).float()
+        out = cpu_int8.logits(x, q)
+        assert out.dtype == torch.float32 and out.shape == coarse.shape
+        exact = x.float() @ cpu_int8.dequantize_exact(q).T
+        top = coarse.topk(cpu_int8.REFINED, dim=1).indices
+        torch.testing.assert_close(out.gather(1, top), exact.gather(1, top), atol=1e-5,
+                                   rtol=1e-5)
+        rest = torch.ones_like(out, dtype=torch.bool).scatter_(1, top, False)
+        assert torch.equal(out[rest], coarse[rest])
+        # bf16 output rounds logits of this size to steps of 2^-7..2^-6; float32 resolves ties
+        assert (out.gather(1, top).diff(dim=1) != 0).all()
+
+
+def test_float32_activations_go_through_the_16_bit_kernel():
+    """EngineConfig.cpu_bf16_gemv: scales in bf16, a float32 row rounded to bf16 on the way in."""
+    gen = torch.Generator().manual_seed(4)
+    q = cpu_int8.quantize_rows(torch.randn(512, 64, generator=gen), dtype=torch.bfloat16)
+    assert q.scales.dtype == torch.bfloat16 and q.exact_scales.dtype == torch.float32
+    x = torch.randn(2, 64, generator=gen)
+    out = cpu_int8.matmul(x, q)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, cpu_int8.matmul(x.bfloat16(), q).float())
+
+
 def test_only_narrow_gguf_heads_and_16_bit_activations():
     assert cpu_int8.supported("Q8_0", torch.bfloat16)
     assert cpu_int8.supported("Q6_K", torch.float16)

@@ -50,8 +50,9 @@ def test_doctor_on_this_machine(free_port):
     assert checks["torch"][0] == "OK" and "2." in checks["torch"][1]
     _check_lock_line(checks["lock"])
     assert checks["cpu"][0] == "OK" and f"{os.cpu_count()} cores" in checks["cpu"][1]
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if " amx_bf16" in flags or " avx512_bf16" in flags:  # this machine: the fast path is named
+    from hearth.engine.cpu_precision import cpu_has_fast_int4_gemv
+
+    if cpu_has_fast_int4_gemv():  # this machine (AVX2 + FMA or better): the fast path is named
         assert "--dtype bfloat16 --gguf-keep-quantized" in checks["cpu"][1]
     import torch
 

@@ -32,7 +32,7 @@ class ModelIdentity:
     """Everything the bytes of a KV block depend on, besides its tokens."""
 
     weights_sha256: str  # of the weight files (or "dummy:<seed>:<config sha256>")
-    dtype: str  # compute dtype, e.g. "bfloat16"
+    dtype: str  # compute precision, e.g. "bfloat16", "float32+kept-blocks+bf16-gemv"
     kv_dtype: str  # cache dtype, e.g. "float8_e4m3fn"
     block_size: int
     num_layers: int

@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import torch
-
 from hearth.engine.catalog import ResolvedModel, model_files
 from hearth.engine.config import EngineConfig
 from hearth.engine.kv_cache import LayerKVCache
@@ -20,7 +18,7 @@ from hearth.engine.model_config import ModelConfig
 
 
 def open_tiers(config: EngineConfig, resolved: ResolvedModel | None, model_config: ModelConfig,
-               kv_caches: list[LayerKVCache], dtype: torch.dtype) -> PrefixStore | None:
+               kv_caches: list[LayerKVCache], precision: str) -> PrefixStore | None:
     if config.prefix_cache_dir is None and config.kv_offload_gib <= 0:
         return None
     cache_dir = Path(config.prefix_cache_dir) if config.prefix_cache_dir else None
@@ -30,7 +28,7 @@ def open_tiers(config: EngineConfig, resolved: ResolvedModel | None, model_confi
         weights = _weights_id(config, resolved, cache_dir)
     identity = ModelIdentity(
         weights_sha256=weights,
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=precision,
         kv_dtype=str(kv_caches[0].key.dtype).removeprefix("torch."),
         block_size=config.block_size,
         num_layers=model_config.num_layers,

@@ -284,7 +284,9 @@ class GGUFLinear(QuantizedLinear):
 
     On CPU in bf16/fp16, Q4_0/Q4_1 weights are repacked once for torch's int4 GEMV
     (engine/quantization/cpu_int4.py) and the raw bytes are released: decode reads 4-bit weights,
-    as llama.cpp does. In float32 the CPU path stays the exact reference (dequantize, F.linear).
+    as llama.cpp does. In float32 the CPU path stays the exact reference (dequantize, F.linear),
+    unless `gemv_dtype` is bf16 (EngineConfig.cpu_bf16_gemv): then the GEMV takes the rows
+    rounded to bf16, and prompts multiply the dequantized layer in float32.
     On CUDA, every type is repacked exactly into the int layout at load (gguf_blocks.to_int_layout:
     Q4_1 and Q4_K as q s + b) and runs on the int kernels (decode GEMV, int_mma, dequantized
     copy), much faster at decode than reading the blocks in place (kernels/quant/gguf_gemm.py;
@@ -296,6 +298,8 @@ class GGUFLinear(QuantizedLinear):
         super().__init__(in_features, out_features, bias)
         self.qtype = qtype
         self.act_dtype = torch.get_default_dtype()  # the model's dtype (set while building)
+        # the CPU int4 GEMV's input dtype: bf16 in a float32 model with EngineConfig.cpu_bf16_gemv
+        self.gemv_dtype = self.act_dtype
         self.int4: cpu_int4.Int4Weight | None = None
         self.register_buffer("qweight", torch.empty(
             out_features, gguf_blocks.row_bytes(qtype, in_features), dtype=torch.uint8))
@@ -323,9 +327,9 @@ class GGUFLinear(QuantizedLinear):
             self.qweight = torch.empty(0, dtype=torch.uint8, device=qweight.device)
             return
         if self.qweight.device.type != "cpu" or not cpu_int4.supported(
-                self.qtype, self.out_features, self.in_features, self.act_dtype):
+                self.qtype, self.out_features, self.in_features, self.gemv_dtype):
             return
-        self.int4 = cpu_int4.pack_gguf(self.qweight, self.qtype, self.in_features, self.act_dtype)
+        self.int4 = cpu_int4.pack_gguf(self.qweight, self.qtype, self.in_features, self.gemv_dtype)
         self.qweight = torch.empty(0, dtype=torch.uint8)  # the packed copy is the weight now
 
     @property
@@ -353,7 +357,7 @@ class GGUFLinear(QuantizedLinear):
         return gguf_blocks.dequantize(self.qweight, self.qtype, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int4 is not None and x.dtype == self.int4.scale_zero.dtype:
+        if self.int4 is not None and x.dtype == self.act_dtype:
             return self._rows(x, lambda rows: cpu_int4.linear(rows, self.int4))
         layout = self.int_layout
         if layout is None or not x.is_cuda:

@@ -176,20 +176,22 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.norm(hidden, residual)
         return hidden  # (num_tokens, hidden_size)
 
-    def prepare_cpu_head(self) -> bool:
-        """On a CPU with 16-bit activations and a GGUF head of 8 bits or fewer, an int8 copy
-        of the LM head for decode's few rows (engine/quantization/cpu_int8.py)."""
+    def prepare_cpu_head(self, gemv_dtype: torch.dtype | None = None) -> bool:
+        """On a CPU with 16-bit activations (or a 16-bit `gemv_dtype` under float32 ones,
+        EngineConfig.cpu_bf16_gemv) and a GGUF head of 8 bits or fewer, an int8 copy of the LM
+        head for decode's few rows (engine/quantization/cpu_int8.py)."""
         weight = self.lm_head.weight
         quant = self.config.quantization
+        dtype = gemv_dtype or weight.dtype
         if (weight.device.type != "cpu" or quant is None
-                or not cpu_int8.supported(quant.lm_head_type, weight.dtype)):
+                or not cpu_int8.supported(quant.lm_head_type, dtype)):
             return False
-        self.lm_head_int8 = cpu_int8.quantize_rows(weight.data)
+        self.lm_head_int8 = cpu_int8.quantize_rows(weight.data, dtype=dtype)
         return True
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head_int8 is not None and hidden.shape[0] <= cpu_int8.MAX_ROWS:
-            return cpu_int8.matmul(hidden, self.lm_head_int8)
+            return cpu_int8.logits(hidden, self.lm_head_int8)
         weight = self.lm_head.weight
         if hidden.shape[0] == 1 and not hidden.is_cuda and weight.dtype != torch.float32:
             # one row in bf16/fp16 on CPU: torch.mv's kernel reads the (vocab, hidden) weight

@@ -13,6 +13,15 @@ Per-row scales are coarser than Q8_0's per-32 scales, so this is a rounding, not
 blocks: its quality is held by tests/test_cpu_precision.py (held-out perplexity with every logit
 computed through this head stays within 1% of float32).
 
+The kernel returns bf16: logits of 15-20 land on steps of 0.06-0.125, so a near-tie of the
+model (two tokens 0.08 apart in float32) can round to an exact tie, and greedy decoding then
+takes the lower token id: on an AVX2 CPU the default model answered "What is the capital of
+France?" with "L'Étoile, la Cité, ..." instead of "The capital of France is Paris." So `logits`
+recomputes each row's top REFINED logits in float32 from the same int8 rows and float32 scales
+(a (REFINED, K) gather and dot product a row, about 0.1 ms at batch 1 with the top-k): greedy
+choices and the top of the distribution carry float32 precision; the long tail keeps bf16's,
+where it moves a probability by far less than sampling's noise.
+
 torch's kernel costs more per row than F.linear on the 16-bit weight (2.2 against 3.4 ms at M = 4,
 4.4 against 3.9 at M = 8, 8.9 against 5.0 at M = 16), but it serves every decode batch up to
 MAX_ROWS anyway: a row's logits from either kernel do not depend on the other rows, while
@@ -29,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 MAX_ROWS = 32  # as cpu_int4.linear's GEMV: decode batches up to this many rows are batch-invariant
+REFINED = 8  # each row's top logits recomputed in float32 (see above)
 _ACT_DTYPES = (torch.bfloat16, torch.float16)
 # GGUF's float types: an int8 copy would round what the file holds exactly. Every other type
 # is a quantized block format of 8 bits or fewer a weight, which an int8 copy reads no more of.
@@ -39,15 +49,17 @@ _FLOAT_TYPES = frozenset({"F64", "F32", "F16", "BF16"})
 class Int8Rows:
     weight: torch.Tensor  # (N, K) int8
     scales: torch.Tensor  # (N,) in the activation dtype
+    exact_scales: torch.Tensor  # (N,) float32, for the refined logits
 
 
 def supported(file_type: str | None, dtype: torch.dtype) -> bool:
-    """An 8-bit-or-narrower GGUF head, 16-bit activations, and torch's kernel present."""
+    """An 8-bit-or-narrower GGUF head, a 16-bit kernel dtype, and torch's kernel present."""
     return (file_type is not None and file_type not in _FLOAT_TYPES and dtype in _ACT_DTYPES
             and hasattr(torch, "_weight_int8pack_mm"))
 
 
-def quantize_rows(weight: torch.Tensor, chunk_rows: int = 2048) -> Int8Rows:
+def quantize_rows(weight: torch.Tensor, chunk_rows: int = 2048,
+                  dtype: torch.dtype | None = None) -> Int8Rows:
     """Absmax int8 per output row of a (N, K) float weight (rounded in float32), a chunk of rows
     at a time so each pass stays in cache (0.05 s for the default model's head, against 0.24-0.49
     s for whole-matrix passes: part of every cold start)."""
@@ -57,7 +69,7 @@ def quantize_rows(weight: torch.Tensor, chunk_rows: int = 2048) -> Int8Rows:
         stop = start + chunk_rows
         rows = torch.div(weight[start:stop].float(), scales[start:stop, None])  # a new tensor
         q[start:stop] = rows.round_().clamp_(-127, 127).to(torch.int8)
-    return Int8Rows(q, scales.to(weight.dtype))
+    return Int8Rows(q, scales.to(dtype or weight.dtype), scales)
 
 
 def dequantize(w: Int8Rows) -> torch.Tensor:
@@ -65,6 +77,24 @@ def dequantize(w: Int8Rows) -> torch.Tensor:
     return w.weight.float() * w.scales.float()[:, None]
 
 
+def dequantize_exact(w: Int8Rows) -> torch.Tensor:
+    """The weight `logits` refines with (float32 scales), in float32 (for tests)."""
+    return w.weight.float() * w.exact_scales[:, None]
+
+
 def matmul(x: torch.Tensor, w: Int8Rows) -> torch.Tensor:
-    """x (M, K) in the activation dtype -> (M, N)."""
+    """x (M, K) -> (M, N) in x's dtype; a float32 x goes through the kernel rounded to the
+    scales' 16-bit dtype (EngineConfig.cpu_bf16_gemv)."""
+    if x.dtype != w.scales.dtype:
+        return torch._weight_int8pack_mm(x.to(w.scales.dtype).contiguous(), w.weight,
+                                         w.scales).to(x.dtype)
     return torch._weight_int8pack_mm(x.contiguous(), w.weight, w.scales)
+
+
+def logits(x: torch.Tensor, w: Int8Rows) -> torch.Tensor:
+    """(M, N) float32 logits: the kernel's, with each row's top REFINED recomputed in float32."""
+    out = matmul(x, w).float()
+    top = out.topk(min(REFINED, out.shape[1]), dim=1).indices  # (M, R)
+    rows = w.weight[top].float()  # (M, R, K)
+    exact = torch.bmm(rows, x.float().unsqueeze(2)).squeeze(2) * w.exact_scales[top]
+    return out.scatter_(1, top, exact)
