@@ -307,9 +307,10 @@ _OPTIONS = (
             "router (least work, prefix-cache affinity): throughput for models that fit one card",
             metavar="N"),
     _Option("dtype", _choice(DTYPES), "weights and activations dtype. auto: bfloat16 on CUDA; on "
-            "a CPU with bf16 matrix instructions (AVX512-BF16, AMX) and a GGUF of Q4_0/Q4_1 "
-            "linears, bfloat16 with the blocks kept for the int4 GEMV (perplexity +0.4%%), else "
-            "float32. float32: the exact path"),
+            "a CPU with a GGUF of Q4_0/Q4_1 linears, the blocks kept for the int4 GEMV (about 2x "
+            "decode, perplexity +0.1-0.4%%): in bfloat16 with bf16 matrix instructions "
+            "(AVX512-BF16, AMX), in float32 with bf16 GEMV inputs on AVX2; else float32. "
+            "float32: the exact path"),
     _Option(
         "gguf_keep_quantized",
         _bool,

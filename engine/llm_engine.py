@@ -95,6 +95,7 @@ class LLMEngine:
         self.runner = built.runner
         self.device = str(self.runner.device)
         self.dtype = str(self.runner.dtype).removeprefix("torch.")
+        self.precision = built.precision or self.dtype  # e.g. float32+kept-blocks+bf16-gemv
         block_manager = BlockManager(
             built.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching,
             sliding_window=self.model_config.kv_window,  # every layer windowed: blocks released
@@ -387,7 +388,7 @@ class LLMEngine:
             num_requests_finished=self._num_finished,
             model_name=self.model_name,
             device=self.device,
-            dtype=self.dtype,
+            dtype=self.precision,
             max_model_len=self.model_info.max_model_len,
             taken_at=time.monotonic(),
             spec_decode=self._speculator.stats() if self._speculator else None,

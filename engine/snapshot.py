@@ -17,7 +17,7 @@ class EngineSnapshot:
     num_requests_finished: int
     model_name: str
     device: str
-    dtype: str
+    dtype: str  # what the weights multiply in (model_builder.BuiltModel.precision)
     max_model_len: int
     taken_at: float  # time.monotonic()
     spec_decode: SpecDecodeStats | None = None  # None: speculative decoding is off
