@@ -10,17 +10,17 @@ Its quality cost, measured on the shipped held-out text
 (tests/test_cpu_precision.py holds it under 1%).
 
 So when `EngineConfig.cpu_fast_path` is on (the server's default; the engine's own default stays
-exact, for the token-identity tests), `dtype="auto"` on a CPU becomes bfloat16 + kept blocks if:
-- the CPU runs torch's int4 GEMV vectorised: AVX2 + FMA or better (int4mm_kernel.cpp; below that
-  a scalar loop that loses to float32). On a CPU with bf16 matrix instructions (AVX512-BF16,
-  AMX) prompts multiply in bf16; without them bf16 GEMMs are emulated (7x slower than float32 at
-  512 rows on an AVX2 EPYC), so prompts dequantize a layer into float32 and multiply there
-  (cpu_int4.linear). On that AVX2-only 2-core box batch-1 decode went 13.8-15.5 → 24.5-30.1
-  tok/s; prefill moved 423-439 → 307-474 tok/s (dequantizing a layer costs about 20% of a
-  512-token prompt's time there; docs/benchmarks.md);
-- the model is a GGUF whose linears are all Q4_0 / Q4_1 (other block types have no int4 GEMV on
-  the CPU and would dequantize at every step).
-Anything else keeps float32. `--dtype float32` always gives the exact path.
+exact, for the token-identity tests), `dtype="auto"` on a CPU with a GGUF whose linears are all
+Q4_0 / Q4_1 (other block types have no int4 GEMV on the CPU) becomes:
+- with bf16 matrix instructions (AVX512-BF16, AMX): bfloat16 + kept blocks;
+- with AVX2 + FMA or AVX-512 but no native bf16: a float32 model with kept blocks whose int4
+  GEMVs and int8 head take bf16 inputs (`cpu_bf16_gemv`): torch's kernels are fast only with
+  bf16 inputs there, while every other bf16 op, prompts' GEMMs above all (7x slower than
+  float32), is emulated. On a 2-core AVX2 EPYC: batch-1 decode 1.6-1.8x float32 (33.7 against
+  18.5 tok/s), prefill within ~10%, perplexity +0.07%; above ~10 running sequences float32
+  decodes faster (86 against 66 tok/s at batch 16: the GEMV's cost grows with its rows);
+- below AVX2 (a scalar int4 loop) or on other architectures: float32.
+`--dtype float32` always gives the exact path. docs/benchmarks.md has the measurements.
 """
 
 from __future__ import annotations
