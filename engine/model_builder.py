@@ -64,7 +64,7 @@ class BuiltModel:
     fim: FimSpec | None = None
     resolved: ResolvedModel | None = None  # where the files are (the KV tiers' model identity)
     speculative: SpeculativeConfig | None = None  # the config's, K filled in for the device
-    # what the weights multiply in, e.g. "float32+kept-blocks+bf16-gemv" (cpu_precision.label):
+    # what the weights multiply in, e.g. "float32+kept-blocks+bf16-gemv" (precision_label):
     # part of the KV tiers' model identity, and of the build's log line
     precision: str = ""
 

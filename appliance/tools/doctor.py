@@ -170,23 +170,24 @@ def normalize(name: str) -> str:
 
 
 def _cpu(settings: Settings) -> Check:
-    """Cores, and how fast the CPU runs the fast path (bf16 + the int4 GEMV): natively with
-    AVX-512 BF16 or AMX, on AVX2 + FMA with prompts multiplied in float32, not at all below that.
-    That decides what `--dtype auto` picks there (engine/cpu_precision.py)."""
+    """Cores, and which fast path the CPU takes (engine/cpu_precision.py): bf16 + the int4 GEMV
+    with AVX-512 BF16 or AMX; a float32 model with the int4 GEMV on bf16 inputs with AVX2 + FMA;
+    none below that. That is what `--dtype auto` picks there."""
     from hearth.engine.cpu_precision import BF16_FLAGS, cpu_flags, cpu_has_fast_int4_gemv
 
     native = sorted(BF16_FLAGS & cpu_flags())
     fast = cpu_has_fast_int4_gemv()
     detail = f"{os.cpu_count()} cores, " + (
         f"native bf16 ({', '.join(native)})" if native
-        else "int4 GEMV on AVX2 (no native bf16: prompts multiply in float32)" if fast
-        else "no AVX2: float32 only on CPU")
-    if fast and settings.dtype == "auto":
+        else "AVX2, no native bf16" if fast else "no AVX2: float32 only on CPU")
+    if native and settings.dtype == "auto":
         detail += ("; --dtype auto runs a Q4_0/Q4_1 GGUF on it as --dtype bfloat16 "
                    "--gguf-keep-quantized (int4 GEMV)")
+    elif fast and settings.dtype == "auto":
+        detail += ("; --dtype auto runs a Q4_0/Q4_1 GGUF on it in float32 with its blocks kept "
+                   "for the int4 GEMV on bf16 inputs")
     elif fast and settings.dtype == "float32" and not settings.gguf_keep_quantized:
-        detail += ("; without a GPU, --dtype bfloat16 --gguf-keep-quantized decodes a Q4 GGUF "
-                   "~1.5-2x faster")
+        detail += "; without a GPU, --dtype auto decodes a Q4_0/Q4_1 GGUF ~1.5-2x faster"
     return Check("OK", "cpu", detail)
 
 
