@@ -117,18 +117,6 @@ def bench_llama_cpp(batch: int) -> tuple[float, float] | str | None:
     return prefill, decode
 
 
-def _precision(model: torch.nn.Module) -> str:
-    """What the built model runs in: its dtype, and its kept Q4 linears' GEMV input dtype."""
-    from hearth.engine.layers.linear import GGUFLinear
-
-    dtype = str(model.norm.weight.dtype).removeprefix("torch.")
-    kept = [m for m in model.modules() if isinstance(m, GGUFLinear) and m.int4 is not None]
-    if not kept:
-        return dtype
-    gemv = str(kept[0].gemv_dtype).removeprefix("torch.")
-    return f"{dtype} Q4_1 kept" + (f" ({gemv} GEMV)" if gemv != dtype else "")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="float32")
@@ -152,7 +140,7 @@ def main() -> None:
         precision = dict(dtype="auto", cpu_fast_path=True)
     llm = LLM(args.model, device="cpu", progress=False, enable_prefix_caching=False,
               max_num_batched_tokens=2048, **precision)
-    name = f"hearth {_precision(llm.engine.runner.model)}"
+    name = f"hearth {llm.engine.precision}"
     if args.model:
         name += f" {Path(args.model).name}"
     bench_hearth(llm, 1)  # warm-up

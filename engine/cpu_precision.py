@@ -100,12 +100,12 @@ def resolve_cpu_precision(config: EngineConfig, model_format: str, model_path: s
                                cpu_bf16_gemv=True)
 
 
-def precision_label(config: EngineConfig, dtype: torch.dtype) -> str:
+def precision_label(dtype: torch.dtype, kept_blocks: bool, gemv_dtype: torch.dtype | None) -> str:
     """The model's dtype, and how kept GGUF blocks multiply (each gives other numbers): e.g.
     "bfloat16+kept-blocks", "float32+kept-blocks+bf16-gemv"."""
     name = str(dtype).removeprefix("torch.")
-    if config.gguf_keep_quantized:
+    if kept_blocks:
         name += "+kept-blocks"
-        if config.cpu_bf16_gemv and dtype == torch.float32:
+        if gemv_dtype == torch.bfloat16:
             name += "+bf16-gemv"
     return name

@@ -95,7 +95,7 @@ class LLMEngine:
         self.runner = built.runner
         self.device = str(self.runner.device)
         self.dtype = str(self.runner.dtype).removeprefix("torch.")
-        self.precision = built.precision or self.dtype  # e.g. float32+kept-blocks+bf16-gemv
+        self.precision = built.precision  # e.g. float32+kept-blocks+bf16-gemv
         block_manager = BlockManager(
             built.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching,
             sliding_window=self.model_config.kv_window,  # every layer windowed: blocks released

@@ -109,12 +109,14 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # streams, events, graphs and pinned copies on this card
     dtype = resolve_dtype(config.dtype, device)
+    kept_float32 = config.gguf_keep_quantized and device.type == "cpu" and dtype == torch.float32
+    # the CPU int4 GEMV's input dtype in a float32 model (EngineConfig.cpu_bf16_gemv), else None
+    gemv_dtype = torch.bfloat16 if kept_float32 and config.cpu_bf16_gemv else None
     if config.speculative is not None:  # K for this device and precision when none was given
         config = dataclasses.replace(config, speculative=config.speculative.for_device(
-            device.type, dtype == torch.float32 and not config.cpu_bf16_gemv))
+            device.type, dtype == torch.float32 and gemv_dtype is None))
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype, device)  # before the weights
-    if (config.gguf_keep_quantized and device.type == "cpu" and dtype == torch.float32
-            and not config.cpu_bf16_gemv):
+    if kept_float32 and gemv_dtype is None:
         logger.warning(
             "gguf_keep_quantized on CPU in float32 keeps the exact reference path, which "
             "dequantizes every layer at every step (about 10x slower than float32 weights); "
@@ -123,7 +125,7 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
     check_fits(source.name, _memory_need(config, source, resolved, dtype, kv_dtype,
                                          max_model_len), _device_memory(device, config))
     try:
-        model = _instantiate(source, config, device, dtype, progress)
+        model = _instantiate(source, config, device, dtype, gemv_dtype, progress)
     except ValueError as e:  # name the file and the architecture with any loading error
         raise ValueError(f"{resolved.path} ({source.config.architecture}): {e}") from e
     timer.lap("weights")
@@ -141,7 +143,7 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
     else:
         runner = ModelRunner(model, runner_config, *runner_args, kv_cache_dtype=kv_dtype)
     timer.lap("KV cache and runner")
-    precision = precision_label(config, dtype)
+    precision = precision_label(dtype, config.gguf_keep_quantized, gemv_dtype)
     logger.info("built %s on %s (%s) in %s", source.name, device, precision, timer.summary())
     return BuiltModel(source.name, source.tokenizer, full_config, max_model_len, runner,
                       source.quantization, _fim(resolved, source.tokenizer, full_config),
@@ -297,7 +299,8 @@ class TokenIdTokenizer:
         return list(self.eos_token_ids)
 
 
-def _instantiate(source, config: EngineConfig, device, dtype, progress: bool) -> torch.nn.Module:
+def _instantiate(source, config: EngineConfig, device, dtype, gemv_dtype: torch.dtype | None,
+                 progress: bool) -> torch.nn.Module:
     cls = model_class(source.config)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -314,9 +317,7 @@ def _instantiate(source, config: EngineConfig, device, dtype, progress: bool) ->
         model = model.to_empty(device=device)
         model.tie_weights()  # to_empty gives each module its own tensor
         _rebuild_buffers(model, source.config, device)
-    gemv_dtype = None
-    if config.cpu_bf16_gemv and device.type == "cpu" and dtype == torch.float32:
-        gemv_dtype = torch.bfloat16  # before the weights: GGUFLinear packs them when filled
+    if gemv_dtype is not None:  # before the weights: GGUFLinear packs them when filled
         for module in model.modules():
             if isinstance(module, GGUFLinear):
                 module.gemv_dtype = gemv_dtype

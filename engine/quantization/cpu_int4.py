@@ -185,8 +185,6 @@ def linear(x: torch.Tensor, w: Int4Weight, gemv_max_rows: int = 32) -> torch.Ten
         if x.dtype != gemv_dtype:
             return matmul(x.to(gemv_dtype), w).to(x.dtype)
         return matmul(x, w)
-    if x.dtype == torch.float32:
-        return F.linear(x, dequantize(w, torch.float32))
-    if x.dtype == torch.bfloat16 and not cpu_has_bf16_matmul():
-        return F.linear(x.float(), dequantize(w, torch.float32)).to(x.dtype)
+    if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and not cpu_has_bf16_matmul()):
+        return F.linear(x.float(), dequantize(w, torch.float32)).to(x.dtype)  # no-ops in float32
     return F.linear(x, dequantize(w))
