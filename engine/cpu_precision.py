@@ -100,12 +100,15 @@ def resolve_cpu_precision(config: EngineConfig, model_format: str, model_path: s
                                cpu_bf16_gemv=True)
 
 
-def precision_label(dtype: torch.dtype, kept_blocks: bool, gemv_dtype: torch.dtype | None) -> str:
+def precision_label(dtype: torch.dtype, kept_blocks: bool, gemv_dtype: torch.dtype | None,
+                    native: bool = False) -> str:
     """The model's dtype, and how kept GGUF blocks multiply (each gives other numbers): e.g.
-    "bfloat16+kept-blocks", "float32+kept-blocks+bf16-gemv"."""
+    "bfloat16+kept-blocks", "float32+kept-blocks+bf16-gemv", "float32+kept-blocks+native"."""
     name = str(dtype).removeprefix("torch.")
     if kept_blocks:
         name += "+kept-blocks"
-        if gemv_dtype == torch.bfloat16:
+        if native:
+            name += "+native"
+        elif gemv_dtype == torch.bfloat16:
             name += "+bf16-gemv"
     return name

@@ -48,6 +48,7 @@ from hearth.engine.models.registry import model_class
 from hearth.engine.phase_timer import PhaseTimer
 from hearth.engine.progress import progress_bar
 from hearth.engine.speculative.config import SpeculativeConfig
+from hearth.kernels import cpu_native
 
 logger = logging.getLogger(__name__)
 _GIB = 1 << 30
@@ -110,13 +111,17 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
         torch.cuda.set_device(device)  # streams, events, graphs and pinned copies on this card
     dtype = resolve_dtype(config.dtype, device)
     kept_float32 = config.gguf_keep_quantized and device.type == "cpu" and dtype == torch.float32
-    # the CPU int4 GEMV's input dtype in a float32 model (EngineConfig.cpu_bf16_gemv), else None
-    gemv_dtype = torch.bfloat16 if kept_float32 and config.cpu_bf16_gemv else None
+    # the native CPU kernels multiply the kept blocks (EngineConfig.cpu_native)
+    native = kept_float32 and config.cpu_native and comm is None and cpu_native.available()
+    # the CPU int4 GEMV's input dtype in a float32 model (EngineConfig.cpu_bf16_gemv), else None;
+    # with the native kernels only the int8 LM head takes it
+    head_dtype = torch.bfloat16 if kept_float32 and config.cpu_bf16_gemv else None
+    gemv_dtype = None if native else head_dtype
     if config.speculative is not None:  # K for this device and precision when none was given
         config = dataclasses.replace(config, speculative=config.speculative.for_device(
             device.type, dtype == torch.float32 and gemv_dtype is None))
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype, device)  # before the weights
-    if kept_float32 and gemv_dtype is None:
+    if kept_float32 and gemv_dtype is None and not native:
         logger.warning(
             "gguf_keep_quantized on CPU in float32 keeps the exact reference path, which "
             "dequantizes every layer at every step (about 10x slower than float32 weights); "
@@ -125,7 +130,8 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
     check_fits(source.name, _memory_need(config, source, resolved, dtype, kv_dtype,
                                          max_model_len), _device_memory(device, config))
     try:
-        model = _instantiate(source, config, device, dtype, gemv_dtype, progress)
+        model = _instantiate(source, config, device, dtype, gemv_dtype, head_dtype, native,
+                             progress)
     except ValueError as e:  # name the file and the architecture with any loading error
         raise ValueError(f"{resolved.path} ({source.config.architecture}): {e}") from e
     timer.lap("weights")
@@ -143,7 +149,7 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
     else:
         runner = ModelRunner(model, runner_config, *runner_args, kv_cache_dtype=kv_dtype)
     timer.lap("KV cache and runner")
-    precision = precision_label(dtype, config.gguf_keep_quantized, gemv_dtype)
+    precision = precision_label(dtype, config.gguf_keep_quantized, gemv_dtype, native)
     logger.info("built %s on %s (%s) in %s", source.name, device, precision, timer.summary())
     return BuiltModel(source.name, source.tokenizer, full_config, max_model_len, runner,
                       source.quantization, _fim(resolved, source.tokenizer, full_config),
@@ -300,7 +306,7 @@ class TokenIdTokenizer:
 
 
 def _instantiate(source, config: EngineConfig, device, dtype, gemv_dtype: torch.dtype | None,
-                 progress: bool) -> torch.nn.Module:
+                 head_dtype: torch.dtype | None, native: bool, progress: bool) -> torch.nn.Module:
     cls = model_class(source.config)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -317,10 +323,11 @@ def _instantiate(source, config: EngineConfig, device, dtype, gemv_dtype: torch.
         model = model.to_empty(device=device)
         model.tie_weights()  # to_empty gives each module its own tensor
         _rebuild_buffers(model, source.config, device)
-    if gemv_dtype is not None:  # before the weights: GGUFLinear packs them when filled
+    if gemv_dtype is not None or native:  # before the weights: GGUFLinear packs them when filled
         for module in model.modules():
             if isinstance(module, GGUFLinear):
-                module.gemv_dtype = gemv_dtype
+                module.gemv_dtype = gemv_dtype or module.gemv_dtype
+                module.native = native
     if config.load_format == "dummy":
         model.init_dummy(config.seed)
     else:
@@ -328,9 +335,12 @@ def _instantiate(source, config: EngineConfig, device, dtype, gemv_dtype: torch.
         with progress_bar(**bar_args) as bar:
             model.load_weights(_counted(source.weights(), bar))
         prepare_head = getattr(model, "prepare_cpu_head", None)
-        if prepare_head is not None and prepare_head(gemv_dtype):
+        if prepare_head is not None and prepare_head(head_dtype):
             logger.info("LM head: int8 rows for decode on the CPU (the file's head is %s)",
                         source.config.quantization.lm_head_type)
+    prepare_native = getattr(model, "prepare_native_decode", None)
+    if native and prepare_native is not None and prepare_native():
+        logger.info("decode at batch 1: one native call a token (kernels/cpu_native.py)")
     return model.eval()
 
 

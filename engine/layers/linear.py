@@ -26,6 +26,7 @@ from hearth.engine.quantization.int_layout import (
     pack_factor,
     unpack,
 )
+from hearth.kernels import cpu_native
 
 
 def make_linear(in_features: int, out_features: int, bias: bool, quant: QuantConfig | None,
@@ -228,6 +229,8 @@ class IntQuantLinear(QuantizedLinear):
             setattr(self, name, torch.empty(0, dtype=getattr(self, name).dtype))
 
     def dequantized_weight(self) -> torch.Tensor:
+        if self.native_rows:
+            return cpu_native.q4_dequantize(self.qweight, self.qtype, self.in_features)
         if self.int4 is not None:
             return cpu_int4.dequantize(self.int4).float()
         if self.dense is not None:
@@ -300,6 +303,8 @@ class GGUFLinear(QuantizedLinear):
         self.act_dtype = torch.get_default_dtype()  # the model's dtype (set while building)
         # the CPU int4 GEMV's input dtype: bf16 in a float32 model with EngineConfig.cpu_bf16_gemv
         self.gemv_dtype = self.act_dtype
+        # a float32 CPU model with the native kernels (kernels/cpu_native.py): the raw Q4 rows stay
+        self.native = False
         self.int4: cpu_int4.Int4Weight | None = None
         self.register_buffer("qweight", torch.empty(
             out_features, gguf_blocks.row_bytes(qtype, in_features), dtype=torch.uint8))
@@ -326,11 +331,17 @@ class GGUFLinear(QuantizedLinear):
                 self.register_buffer(name, t, persistent=False)
             self.qweight = torch.empty(0, dtype=torch.uint8, device=qweight.device)
             return
-        if self.qweight.device.type != "cpu" or not cpu_int4.supported(
+        if self.qweight.device.type != "cpu" or self.native_rows or not cpu_int4.supported(
                 self.qtype, self.out_features, self.in_features, self.gemv_dtype):
             return
         self.int4 = cpu_int4.pack_gguf(self.qweight, self.qtype, self.in_features, self.gemv_dtype)
         self.qweight = torch.empty(0, dtype=torch.uint8)  # the packed copy is the weight now
+
+    @property
+    def native_rows(self) -> bool:
+        """Whether the native CPU kernels multiply the raw rows (EngineConfig.cpu_native)."""
+        return (self.native and self.qweight.device.type == "cpu"
+                and cpu_native.supported(self.qtype, self.in_features))
 
     @property
     def int_layout(self) -> tuple[torch.Tensor, ...] | None:
@@ -346,6 +357,8 @@ class GGUFLinear(QuantizedLinear):
         return self.int_layout is not None and gguf_blocks.INT_LAYOUT_TYPES[self.qtype][2]
 
     def dequantized_weight(self) -> torch.Tensor:
+        if self.native_rows:
+            return cpu_native.q4_dequantize(self.qweight, self.qtype, self.in_features)
         if self.int4 is not None:
             return cpu_int4.dequantize(self.int4).float()
         if self.int_layout is not None:
@@ -357,6 +370,8 @@ class GGUFLinear(QuantizedLinear):
         return gguf_blocks.dequantize(self.qweight, self.qtype, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native and x.dtype == torch.float32 and self.native_rows:
+            return self._rows(x, self._native_matmul)
         if self.int4 is not None and x.dtype == self.act_dtype:
             return self._rows(x, lambda rows: cpu_int4.linear(rows, self.int4))
         layout = self.int_layout
@@ -370,6 +385,13 @@ class GGUFLinear(QuantizedLinear):
             return self._frag_matmul(x, zeros, scales, group, counters, offset)
         return self._rows(x, lambda rows: int_quant_matmul(
             rows, qweight, zeros, scales, g_idx, bits, group, counters=counters, offset=offset))
+
+    def _native_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        """A few rows (decode, verification) through the native GEMV on the raw blocks; many
+        (prompts) through the layer dequantized, where compute rather than bytes dominates."""
+        if rows.shape[0] <= cpu_native.GEMV_MAX_ROWS:
+            return cpu_native.q4_matmul(rows, self.qweight, self.qtype, self.out_features)
+        return F.linear(rows, self.dequantized_weight())
 
     def init_dummy(self, gen: torch.Generator) -> None:
         """Random quants with small float16 scales (d, and m / dmin) in every block."""

@@ -141,6 +141,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = self.norm_class(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.lm_head_int8: cpu_int8.Int8Rows | None = None  # CPU decode, see prepare_cpu_head
+        self.native_decoder = None  # batch-1 CPU decode in one native call (prepare_native_decode)
         self.tie_weights()
 
     def make_rotaries(self) -> None:
@@ -168,6 +169,8 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         backend,
     ) -> torch.Tensor:
+        if self.native_decoder is not None and self.native_decoder.applies(meta):
+            return self.native_decoder(input_ids, positions, kv_caches, meta)
         hidden, residual = self.embed(input_ids), None
         for rotary in self.rotaries():
             rotary.prepare(positions, hidden.dtype)
@@ -188,6 +191,14 @@ class LlamaForCausalLM(nn.Module):
             return False
         self.lm_head_int8 = cpu_int8.quantize_rows(weight.data, dtype=dtype)
         return True
+
+    def prepare_native_decode(self) -> bool:
+        """After the weights: batch-1 decode tokens in one native call where this model takes
+        it (engine/models/native_decode.py)."""
+        from hearth.engine.models.native_decode import NativeDecoder
+
+        self.native_decoder = NativeDecoder.build(self)
+        return self.native_decoder is not None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head_int8 is not None and hidden.shape[0] <= cpu_int8.MAX_ROWS:

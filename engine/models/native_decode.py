@@ -1,0 +1,114 @@
+"""A decode token of a plain Llama decoder in one native call, on a CPU (kernels/cpu_native.py).
+
+At batch 1 the torch path of the default model is about 1,600 small ops a token, whose dispatch
+costs more than their arithmetic; `hearth_decode_one` runs the same forward (norms, fused qkv,
+rotary, the token's K/V into the paged cache, attention, o, SiLU-and-mul MLP, residuals, the
+final norm) over the GGUF's raw Q4 rows in float32.
+
+Taken only where it computes exactly what engine/models/llama.py would (up to float32 rounding):
+a float32 CPU model whose decoder linears are GGUF Q4_0 / Q4_1 kept raw (GGUFLinear.native_rows),
+no biases, no q/k norms, full neox rotary, no sliding window or soft-capping, RMSNorm, SiLU, a
+float32 KV cache. Steps with more than one sequence or more than one new token keep the torch
+path, whose linears use the same native GEMV."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from hearth.engine.attention import AttentionMetadata
+from hearth.engine.layers.activation import silu_and_mul
+from hearth.engine.layers.linear import GGUFLinear
+from hearth.engine.layers.norm import RMSNorm
+from hearth.kernels import cpu_native
+
+
+class NativeDecoder:
+    """Holds the per-layer pointers (weights now, KV caches when the runner's first step comes)
+    and runs one decode token."""
+
+    def __init__(self, model) -> None:
+        c = model.config
+        self.model = model
+        first = model.layers[0].self_attn
+        self.dims = cpu_native.Dims(
+            hidden=c.hidden_size, intermediate=c.intermediate_size, num_heads=first.num_heads,
+            num_kv_heads=first.num_kv_heads, head_dim=first.head_dim, block_size=0,
+            eps=model.layers[0].input_layernorm.eps, scale=first.scale)
+        self.rotary = first.rotary
+        self._caches: list | None = None  # the KV tensors the pointers below address
+        self._layers = (cpu_native.Layer * len(model.layers))()
+        for i, layer in enumerate(model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            entry = self._layers[i]
+            for name, linear in (("qkv", attn.qkv_proj), ("o", attn.o_proj),
+                                 ("gate_up", mlp.gate_up_proj), ("down", mlp.down_proj)):
+                setattr(entry, name, linear.qweight.data_ptr())
+                setattr(entry, f"{name}_type", cpu_native.QTYPES[linear.qtype])
+            entry.input_norm = layer.input_layernorm.weight.data_ptr()
+            entry.post_norm = layer.post_attention_layernorm.weight.data_ptr()
+        self.final_norm = model.norm.weight
+
+    @staticmethod
+    def build(model) -> NativeDecoder | None:
+        """A decoder for `model`, or None where the native forward would not compute what the
+        torch path computes (see the module docstring) or the library cannot be built."""
+        if not _eligible(model) or not cpu_native.available():
+            return None
+        return NativeDecoder(model)
+
+    def applies(self, meta: AttentionMetadata) -> bool:
+        return meta.num_seqs == 1 and meta.max_query_len == 1
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        self._bind(kv_caches)
+        res = self.model.embed(input_ids).contiguous()  # (1, hidden): becomes the output
+        cos, sin = self.rotary._cos_sin(positions)
+        cos, sin = cos.contiguous(), sin.contiguous()
+        table = meta.block_tables[0]
+        if table.dtype != torch.int32 or not table.is_contiguous():
+            table = table.to(torch.int32).contiguous()
+        cpu_native.load().hearth_decode_one(
+            self._layers, len(self._layers), ctypes.byref(self.dims), self.final_norm.data_ptr(),
+            res.data_ptr(), cos.data_ptr(), sin.data_ptr(), table.data_ptr(),
+            meta.seq_lens_cpu[0])
+        return res
+
+    def _bind(self, kv_caches) -> None:
+        """Point the layers at the runner's KV tensors (the same tensors every step)."""
+        if self._caches is not None and all(
+                a is b for a, b in zip(self._caches, kv_caches, strict=True)):
+            return
+        for entry, cache in zip(self._layers, kv_caches, strict=True):
+            key, value = cache.key, cache.value
+            if (key.dtype != torch.float32 or not key.is_contiguous()
+                    or not value.is_contiguous()):
+                raise ValueError("the native decode needs float32, contiguous KV caches")
+            entry.k_cache, entry.v_cache = key.data_ptr(), value.data_ptr()
+        self.dims.block_size = kv_caches[0].key.shape[1]
+        self._caches = list(kv_caches)
+
+
+def _eligible(model) -> bool:
+    from hearth.engine.models.llama import MLP, LlamaForCausalLM
+
+    if type(model) is not LlamaForCausalLM or type(model.norm) is not RMSNorm:
+        return False
+    if model.embed_tokens.weight.dtype != torch.float32 or model.embed_tokens.weight.is_cuda:
+        return False
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if (attn.q_norm is not None or attn.extra or attn.rotary is not model.rotary
+                or attn.rotary.is_partial or type(mlp) is not MLP
+                or mlp.act_and_mul is not silu_and_mul
+                or type(layer.input_layernorm) is not RMSNorm
+                or type(layer.post_attention_layernorm) is not RMSNorm
+                or layer.input_layernorm.eps != model.layers[0].input_layernorm.eps):
+            return False
+        for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            if (not isinstance(linear, GGUFLinear) or not linear.native_rows
+                    or linear.bias is not None):
+                return False
+    return model.norm.eps == model.layers[0].input_layernorm.eps

@@ -1,0 +1,183 @@
+"""Native CPU kernels for GGUF Q4_0 / Q4_1 weights (kernels/cpu_native.c), loaded with ctypes.
+
+Why native code: at batch 1 on a CPU the default model's decode step is about 1,600 small torch
+ops, and their dispatch cost more than the arithmetic (docs/benchmarks.md). The C file runs a
+whole decode token of a Llama-family model in one call, and reads llama.cpp's blocks in place with
+float32 activations (no bf16 rounding, unlike torch's int4 GEMV).
+
+The library is compiled on first use with the system C compiler (`$CC`, else `cc` / `gcc`; about
+1 s) into a cache keyed by the source, the compiler and the CPU's flags (`-march=native`), then
+reused: `$HEARTH_NATIVE_CACHE`, else `$XDG_CACHE_HOME/hearth/native` or `~/.cache/hearth/native`,
+else a folder under the system temp dir. Without a compiler, or with `HEARTH_NATIVE_CPU=0`, `load()`
+returns None and the engine keeps its torch paths. Every kernel has a torch reference in the
+tests (tests/test_cpu_native.py)."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_native.c")
+QTYPES = {"Q4_0": 0, "Q4_1": 1}
+BLOCK = 32
+# up to this many rows the GEMV reads the blocks in place; more (prompts) multiply the layer
+# dequantized into float32, where compute rather than weight bytes dominates
+GEMV_MAX_ROWS = 32
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+class Layer(ctypes.Structure):
+    """hearth_layer in cpu_native.c: one decoder layer's weights and KV cache."""
+
+    _fields_ = [("qkv", ctypes.c_void_p), ("o", ctypes.c_void_p), ("gate_up", ctypes.c_void_p),
+                ("down", ctypes.c_void_p), ("qkv_type", ctypes.c_int), ("o_type", ctypes.c_int),
+                ("gate_up_type", ctypes.c_int), ("down_type", ctypes.c_int),
+                ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+
+
+class Dims(ctypes.Structure):
+    """hearth_dims in cpu_native.c."""
+
+    _fields_ = [("hidden", ctypes.c_int64), ("intermediate", ctypes.c_int64),
+                ("num_heads", ctypes.c_int64), ("num_kv_heads", ctypes.c_int64),
+                ("head_dim", ctypes.c_int64), ("block_size", ctypes.c_int64),
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled library (built once per process, cached on disk), or None where it cannot
+    be built; the reason is logged once."""
+    with _lock:
+        if "lib" not in _state:
+            _state["lib"] = _load()
+        return _state["lib"]  # type: ignore[return-value]
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("HEARTH_NATIVE_CPU", "1") == "0":
+        logger.info("native CPU kernels off (HEARTH_NATIVE_CPU=0)")
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        logger.warning("no C compiler (cc / gcc): the native CPU kernels are off; decode on the "
+                       "CPU keeps torch's kernels (install gcc for about 2x decode)")
+        return None
+    try:
+        path = _build(cc)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as e:
+        logger.warning("native CPU kernels unavailable (%s); decode on the CPU keeps torch's "
+                       "kernels", e)
+        return None
+    _declare(lib)
+    lib.hearth_set_threads(torch.get_num_threads())
+    return lib
+
+
+def _build(cc: str) -> Path:
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(_FLAGS).encode(),
+                                     platform.machine().encode(), _cpu_flags()])).hexdigest()
+    for folder in _cache_dirs():
+        path = folder / f"cpu_native-{key[:20]}.so"
+        if path.exists():
+            return path
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+            os.close(fd)
+        except OSError:
+            continue  # not writable: the next candidate
+        try:
+            proc = subprocess.run([cc, *_FLAGS, "-o", tmp, str(SOURCE), "-lm"],
+                                  capture_output=True, text=True, timeout=120)
+            if proc.returncode != 0:
+                raise subprocess.SubprocessError(
+                    f"{cc} failed: {proc.stderr.strip()[-400:] or proc.returncode}")
+            os.replace(tmp, path)  # atomic: another process may build the same file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        logger.info("native CPU kernels built with %s into %s", cc, path)
+        return path
+    raise OSError("no writable cache folder for the native CPU kernels")
+
+
+def _cache_dirs() -> list[Path]:
+    if os.environ.get("HEARTH_NATIVE_CACHE"):
+        return [Path(os.environ["HEARTH_NATIVE_CACHE"])]
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    home = Path(xdg) if xdg else Path.home() / ".cache"
+    return [home / "hearth" / "native",
+            Path(tempfile.gettempdir()) / f"hearth-native-{os.getuid()}"]
+
+
+def _cpu_flags() -> bytes:
+    """The CPU's feature flags (-march=native builds for them: a copied cache on another CPU
+    must not load)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.encode()
+    except OSError:
+        pass
+    return platform.processor().encode()
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.hearth_set_threads.argtypes = [i32]
+    lib.hearth_q4_gemv_f32.argtypes = [i32, p, i64, i64, p, p]
+    lib.hearth_q4_matmul.argtypes = [i32, p, i64, i64, p, i64, p]
+    lib.hearth_q4_dequantize.argtypes = [i32, p, i64, i64, p]
+    lib.hearth_decode_one.argtypes = [ctypes.POINTER(Layer), i64, ctypes.POINTER(Dims), p, p,
+                                      p, p, p, i64]
+    lib.hearth_decode_one.restype = i32
+
+
+def supported(qtype: str, in_features: int) -> bool:
+    return qtype in QTYPES and in_features % BLOCK == 0
+
+
+def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: str,
+              out_features: int) -> torch.Tensor:
+    """x (M, K) float32 @ W^T → (M, N) float32, W the (N, row_bytes) raw Q4 rows."""
+    lib = load()
+    m, k = x.shape
+    x = x.contiguous()
+    y = torch.empty(m, out_features, dtype=torch.float32)
+    if m == 1:
+        lib.hearth_q4_gemv_f32(QTYPES[qtype], qweight.data_ptr(), out_features, k, x.data_ptr(),
+                               y.data_ptr())
+    else:
+        lib.hearth_q4_matmul(QTYPES[qtype], qweight.data_ptr(), out_features, k, x.data_ptr(), m,
+                             y.data_ptr())
+    return y
+
+
+def q4_dequantize(qweight: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor:
+    """The raw Q4 rows as float32 (N, K), rounded as gguf_blocks.dequantize rounds them."""
+    n = qweight.shape[0]
+    out = torch.empty(n, in_features, dtype=torch.float32)
+    load().hearth_q4_dequantize(QTYPES[qtype], qweight.data_ptr(), n, in_features, out.data_ptr())
+    return out
