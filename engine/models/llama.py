@@ -197,7 +197,9 @@ class LlamaForCausalLM(nn.Module):
         it (engine/models/native_decode.py)."""
         from hearth.engine.models.native_decode import NativeDecoder
 
-        self.native_decoder = NativeDecoder.build(self)
+        plain = type(self) is LlamaForCausalLM and all(type(layer.mlp) is MLP
+                                                       for layer in self.layers)
+        self.native_decoder = NativeDecoder.build(self) if plain else None
         return self.native_decoder is not None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

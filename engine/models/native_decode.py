@@ -59,7 +59,7 @@ class NativeDecoder:
         return NativeDecoder(model)
 
     def applies(self, meta: AttentionMetadata) -> bool:
-        return meta.num_seqs == 1 and meta.max_query_len == 1
+        return meta is not None and meta.num_seqs == 1 and meta.max_query_len == 1
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches,
                  meta: AttentionMetadata) -> torch.Tensor:
@@ -92,17 +92,16 @@ class NativeDecoder:
 
 
 def _eligible(model) -> bool:
-    from hearth.engine.models.llama import MLP, LlamaForCausalLM
-
-    if type(model) is not LlamaForCausalLM or type(model.norm) is not RMSNorm:
+    """The layers' side; the caller (LlamaForCausalLM.prepare_native_decode) checks that the
+    model is the plain Llama class with dense MLPs."""
+    if type(model.norm) is not RMSNorm:
         return False
     if model.embed_tokens.weight.dtype != torch.float32 or model.embed_tokens.weight.is_cuda:
         return False
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if (attn.q_norm is not None or attn.extra or attn.rotary is not model.rotary
-                or attn.rotary.is_partial or type(mlp) is not MLP
-                or mlp.act_and_mul is not silu_and_mul
+                or attn.rotary.is_partial or mlp.act_and_mul is not silu_and_mul
                 or type(layer.input_layernorm) is not RMSNorm
                 or type(layer.post_attention_layernorm) is not RMSNorm
                 or layer.input_layernorm.eps != model.layers[0].input_layernorm.eps):
