@@ -322,31 +322,105 @@ void hearth_q4_gemv_f32(int qtype, const uint8_t *w, int64_t n, int64_t k, const
     free(xsum);
 }
 
-/* softmax(q . k * scale) . v for one query head over positions 0..len-1 of the paged cache */
-static void attend(const float *q, const float *k_cache, const float *v_cache,
-                   const int32_t *table, int64_t len, int64_t kv_head, const hearth_dims *dm,
-                   float *scores, float *out) {
-    const int64_t dim = dm->head_dim, bsz = dm->block_size, kvh = dm->num_kv_heads;
-    float mx = -INFINITY;
-    for (int64_t t = 0; t < len; t++) {
-        const int64_t slot = (int64_t)table[t / bsz] * bsz + t % bsz;
-        const float s = dot(q, k_cache + (slot * kvh + kv_head) * dim, dim) * dm->scale;
-        scores[t] = s;
-        mx = s > mx ? s : mx;
+/* x[i] = exp(x[i] - m), returning their sum. AVX2: a Cephes-style polynomial (within 2 ulp
+ * of expf), eight at a time; the tail with expf. */
+#ifdef HEARTH_AVX2
+static inline __m256 exp256(__m256 x) {
+    const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.3365447504019f);
+    x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+static inline float exp_sub_sum(float *x, int64_t n, float m) {
+    int64_t i = 0;
+    float s = 0.0f;
+#ifdef HEARTH_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    const __m256 vm = _mm256_set1_ps(m);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm));
+        _mm256_storeu_ps(x + i, e);
+        acc = _mm256_add_ps(acc, e);
     }
-    float total = 0.0f;
-    for (int64_t t = 0; t < len; t++) {
-        scores[t] = expf(scores[t] - mx);
-        total += scores[t];
+    s = hsum(acc);
+#endif
+    for (; i < n; i++) {
+        x[i] = expf(x[i] - m);
+        s += x[i];
+    }
+    return s;
+}
+
+/* Attention of one decode token, split as flash-decoding does: task (kv head, chunk of keys)
+ * scores the GQA group's query heads against each key it loads once, and leaves each head's
+ * running max, sum of exp and unnormalised output in `part`; `combine` merges the chunks. */
+static void attend_chunk(const float *q, const float *k_cache, const float *v_cache,
+                         const int32_t *table, int64_t t0, int64_t t1, int64_t kv_head,
+                         int64_t group, const hearth_dims *dm, float *scores, float *part) {
+    const int64_t dim = dm->head_dim, bsz = dm->block_size, kvh = dm->num_kv_heads;
+    const int64_t n = t1 - t0, row = kvh * dim; /* floats from one key's row to the next */
+    float *mx = part, *sum = part + group, *acc = part + 2 * group; /* acc: (group, dim) */
+    for (int64_t j = 0; j < group; j++) {
+        mx[j] = -INFINITY;
+        sum[j] = 0.0f;
+    }
+    for (int64_t i = 0; i < group * dim; i++) acc[i] = 0.0f;
+    /* keys block by block: t0..t1 in runs of consecutive slots */
+    for (int64_t t = t0; t < t1;) {
+        const int64_t off = t % bsz, run = (bsz - off < t1 - t ? bsz - off : t1 - t);
+        const float *kv = k_cache + ((int64_t)table[t / bsz] * bsz + off) * row + kv_head * dim;
+        for (int64_t u = 0; u < run; u++, kv += row)
+            for (int64_t j = 0; j < group; j++) {
+                const float sc = dot(q + j * dim, kv, dim) * dm->scale;
+                scores[j * n + (t - t0) + u] = sc;
+                mx[j] = sc > mx[j] ? sc : mx[j];
+            }
+        t += run;
+    }
+    for (int64_t j = 0; j < group; j++) sum[j] = exp_sub_sum(scores + j * n, n, mx[j]);
+    for (int64_t t = t0; t < t1;) {
+        const int64_t off = t % bsz, run = (bsz - off < t1 - t ? bsz - off : t1 - t);
+        const float *vv = v_cache + ((int64_t)table[t / bsz] * bsz + off) * row + kv_head * dim;
+        for (int64_t u = 0; u < run; u++, vv += row)
+            for (int64_t j = 0; j < group; j++) {
+                const float p = scores[j * n + (t - t0) + u];
+                float *o = acc + j * dim;
+                for (int64_t i = 0; i < dim; i++) o[i] += p * vv[i];
+            }
+        t += run;
+    }
+}
+
+/* out (dim,) of query head j of a group from its chunks' partials */
+static void combine(const float *parts, int64_t chunks, int64_t group, int64_t j, int64_t dim,
+                    float *out) {
+    const int64_t stride = group * (dim + 2);
+    float m = -INFINITY, total = 0.0f;
+    for (int64_t c = 0; c < chunks; c++) m = parts[c * stride + j] > m ? parts[c * stride + j] : m;
+    for (int64_t i = 0; i < dim; i++) out[i] = 0.0f;
+    for (int64_t c = 0; c < chunks; c++) {
+        const float *p = parts + c * stride;
+        if (p[group + j] == 0.0f) continue; /* an empty chunk */
+        const float w = expf(p[j] - m);
+        total += w * p[group + j];
+        for (int64_t i = 0; i < dim; i++) out[i] += w * p[2 * group + j * dim + i];
     }
     const float inv = 1.0f / total;
-    for (int64_t i = 0; i < dim; i++) out[i] = 0.0f;
-    for (int64_t t = 0; t < len; t++) {
-        const int64_t slot = (int64_t)table[t / bsz] * bsz + t % bsz;
-        const float *vv = v_cache + (slot * kvh + kv_head) * dim;
-        const float p = scores[t] * inv;
-        for (int64_t i = 0; i < dim; i++) out[i] += p * vv[i];
-    }
+    for (int64_t i = 0; i < dim; i++) out[i] *= inv;
 }
 
 /* res (hidden,): in, the token's embedding; out, the final norm's output.
@@ -364,6 +438,16 @@ int hearth_decode_one(const hearth_layer *layers, int64_t num_layers, const hear
     float *tmp = (float *)malloc(sizeof(float) * (size_t)hd);
     float *xsum = (float *)malloc(sizeof(float) * (size_t)((inter > hd ? inter : hd) / QK + 1));
     float *scores = (float *)malloc(sizeof(float) * (size_t)(nh * len));
+#ifdef _OPENMP
+    const int64_t threads = omp_get_max_threads();
+#else
+    const int64_t threads = 1;
+#endif
+    /* key chunks a KV head: enough tasks for every thread twice over, none shorter than 32 keys */
+    int64_t chunks = (2 * threads + kvh - 1) / kvh;
+    if (chunks > (len + 31) / 32) chunks = (len + 31) / 32;
+    const int64_t span = (len + chunks - 1) / chunks;
+    float *parts = (float *)malloc(sizeof(float) * (size_t)(kvh * chunks * group * (dim + 2)));
     const int64_t pos = len - 1;
     const int64_t slot = (int64_t)table[pos / dm->block_size] * dm->block_size +
                          pos % dm->block_size;
@@ -381,9 +465,17 @@ int hearth_decode_one(const hearth_layer *layers, int64_t num_layers, const hear
                 memcpy(L->v_cache + slot * kvsz, buf + qsz + kvsz, sizeof(float) * (size_t)kvsz);
             }
 #pragma omp for schedule(static)
+            for (int64_t task = 0; task < kvh * chunks; task++) {
+                const int64_t kv_head = task / chunks, c = task % chunks;
+                const int64_t t0 = c * span, t1 = (c + 1) * span < len ? (c + 1) * span : len;
+                attend_chunk(buf + kv_head * group * dim, L->k_cache, L->v_cache, table, t0,
+                             t1 > t0 ? t1 : t0, kv_head, group, dm, scores + kv_head * group * len
+                             + group * t0, parts + task * group * (dim + 2));
+            }
+#pragma omp for schedule(static)
             for (int64_t head = 0; head < nh; head++)
-                attend(buf + head * dim, L->k_cache, L->v_cache, table, len, head / group, dm,
-                       scores + head * len, attn + head * dim);
+                combine(parts + (head / group) * chunks * group * (dim + 2), chunks, group,
+                        head % group, dim, attn + head * dim);
             gemv(L->o_type, L->o, hd, qsz, attn, tmp, xsum);
 #pragma omp single
             {
@@ -409,5 +501,6 @@ int hearth_decode_one(const hearth_layer *layers, int64_t num_layers, const hear
     free(tmp);
     free(xsum);
     free(scores);
+    free(parts);
     return 0;
 }
