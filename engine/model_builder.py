@@ -113,10 +113,9 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
     kept_float32 = config.gguf_keep_quantized and device.type == "cpu" and dtype == torch.float32
     # the native CPU kernels multiply the kept blocks (EngineConfig.cpu_native)
     native = kept_float32 and config.cpu_native and comm is None and cpu_native.available()
-    # the CPU int4 GEMV's input dtype in a float32 model (EngineConfig.cpu_bf16_gemv), else None;
-    # with the native kernels only the int8 LM head takes it
-    head_dtype = torch.bfloat16 if kept_float32 and config.cpu_bf16_gemv else None
-    gemv_dtype = None if native else head_dtype
+    # the CPU int4 GEMV's and int8 LM head's input dtype in a float32 model
+    # (EngineConfig.cpu_bf16_gemv), else None; the native kernels take float32
+    gemv_dtype = torch.bfloat16 if kept_float32 and config.cpu_bf16_gemv and not native else None
     if config.speculative is not None:  # K for this device and precision when none was given
         config = dataclasses.replace(config, speculative=config.speculative.for_device(
             device.type, dtype == torch.float32 and gemv_dtype is None))
@@ -130,8 +129,7 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
     check_fits(source.name, _memory_need(config, source, resolved, dtype, kv_dtype,
                                          max_model_len), _device_memory(device, config))
     try:
-        model = _instantiate(source, config, device, dtype, gemv_dtype, head_dtype, native,
-                             progress)
+        model = _instantiate(source, config, device, dtype, gemv_dtype, native, progress)
     except ValueError as e:  # name the file and the architecture with any loading error
         raise ValueError(f"{resolved.path} ({source.config.architecture}): {e}") from e
     timer.lap("weights")
@@ -306,7 +304,7 @@ class TokenIdTokenizer:
 
 
 def _instantiate(source, config: EngineConfig, device, dtype, gemv_dtype: torch.dtype | None,
-                 head_dtype: torch.dtype | None, native: bool, progress: bool) -> torch.nn.Module:
+                 native: bool, progress: bool) -> torch.nn.Module:
     cls = model_class(source.config)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -335,7 +333,7 @@ def _instantiate(source, config: EngineConfig, device, dtype, gemv_dtype: torch.
         with progress_bar(**bar_args) as bar:
             model.load_weights(_counted(source.weights(), bar))
         prepare_head = getattr(model, "prepare_cpu_head", None)
-        if prepare_head is not None and prepare_head(head_dtype):
+        if prepare_head is not None and prepare_head(gemv_dtype, native):
             logger.info("LM head: int8 rows for decode on the CPU (the file's head is %s)",
                         source.config.quantization.lm_head_type)
     prepare_native = getattr(model, "prepare_native_decode", None)

@@ -504,3 +504,57 @@ int hearth_decode_one(const hearth_layer *layers, int64_t num_layers, const hear
     free(parts);
     return 0;
 }
+
+/* ---- int8 rows (the LM head, engine/quantization/cpu_int8.py) ----
+ * y (m, n) = x (m, k) @ (W * scale[:, None])^T with W (n, k) int8 and x rounded to int8 per
+ * block of 32 (absmax / 127, as llama.cpp's Q8_0 activations): integer dot products a block.
+ * The caller refines each row's top logits in float32, so this rounding never picks a token. */
+static void quantize_q8(const float *x, int64_t count, int8_t *xq, float *xd) {
+    for (int64_t b = 0; b < count / QK; b++) {
+        const float *xb = x + b * QK;
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = fabsf(xb[j]) > amax ? fabsf(xb[j]) : amax;
+        const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        for (int j = 0; j < QK; j++) xq[b * QK + j] = (int8_t)lrintf(xb[j] * id);
+        xd[b] = d;
+    }
+}
+
+void hearth_i8_matmul(const int8_t *w, const float *scales, int64_t n, int64_t k, const float *x,
+                      int64_t m, float *y) {
+    const int64_t nb = k / QK;
+    int8_t *xq = (int8_t *)malloc((size_t)(m * k));
+    float *xd = (float *)malloc(sizeof(float) * (size_t)(m * nb));
+    quantize_q8(x, m * k, xq, xd);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        const int8_t *row = w + r * k;
+        for (int64_t i = 0; i < m; i++) {
+            const int8_t *xi = xq + i * k;
+            const float *di = xd + i * nb;
+#ifdef HEARTH_AVX2
+            __m256 acc = _mm256_setzero_ps();
+            const __m256i ones = _mm256_set1_epi16(1);
+            for (int64_t b = 0; b < nb; b++) {
+                const __m256i wv = _mm256_loadu_si256((const __m256i *)(row + b * QK));
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xi + b * QK));
+                /* |w| * (x with w's sign): maddubs takes unsigned x signed */
+                const __m256i p = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)), ones);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(di[b]), _mm256_cvtepi32_ps(p), acc);
+            }
+            y[i * n + r] = hsum(acc) * scales[r];
+#else
+            float acc = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                int32_t p = 0;
+                for (int j = 0; j < QK; j++) p += (int32_t)row[b * QK + j] * xi[b * QK + j];
+                acc += di[b] * (float)p;
+            }
+            y[i * n + r] = acc * scales[r];
+#endif
+        }
+    }
+    free(xq);
+    free(xd);
+}

@@ -150,6 +150,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.hearth_q4_gemv_f32.argtypes = [i32, p, i64, i64, p, p]
     lib.hearth_q4_matmul.argtypes = [i32, p, i64, i64, p, i64, p]
     lib.hearth_q4_dequantize.argtypes = [i32, p, i64, i64, p]
+    lib.hearth_i8_matmul.argtypes = [p, p, i64, i64, p, i64, p]
     lib.hearth_decode_one.argtypes = [ctypes.POINTER(Layer), i64, ctypes.POINTER(Dims), p, p,
                                       p, p, p, i64]
     lib.hearth_decode_one.restype = i32
@@ -181,3 +182,16 @@ def q4_dequantize(qweight: torch.Tensor, qtype: str, in_features: int) -> torch.
     out = torch.empty(n, in_features, dtype=torch.float32)
     load().hearth_q4_dequantize(QTYPES[qtype], qweight.data_ptr(), n, in_features, out.data_ptr())
     return out
+
+
+def i8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float32 @ (weight * scales[:, None])^T → (M, N) float32, weight (N, K) int8 and
+    scales (N,) float32, with x rounded to int8 per block of 32 (K a multiple of 32): the LM
+    head's approximate logits (engine/quantization/cpu_int8.py refines the top ones)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    x = x.float().contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    load().hearth_i8_matmul(weight.data_ptr(), scales.data_ptr(), n, k, x.data_ptr(), m,
+                            y.data_ptr())
+    return y

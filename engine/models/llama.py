@@ -23,6 +23,7 @@ from hearth.engine.layers.norm import RMSNorm
 from hearth.engine.layers.rotary import RotaryEmbedding
 from hearth.engine.model_config import ModelConfig
 from hearth.engine.quantization import cpu_int8
+from hearth.kernels import cpu_native
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -142,6 +143,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.lm_head_int8: cpu_int8.Int8Rows | None = None  # CPU decode, see prepare_cpu_head
         self.native_decoder = None  # batch-1 CPU decode in one native call (prepare_native_decode)
+        self._head_kernel = None  # the int8 head's kernel when not torch's (prepare_cpu_head)
         self.tie_weights()
 
     def make_rotaries(self) -> None:
@@ -179,15 +181,24 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.norm(hidden, residual)
         return hidden  # (num_tokens, hidden_size)
 
-    def prepare_cpu_head(self, gemv_dtype: torch.dtype | None = None) -> bool:
+    def prepare_cpu_head(self, gemv_dtype: torch.dtype | None = None,
+                         native: bool = False) -> bool:
         """On a CPU with 16-bit activations (or a 16-bit `gemv_dtype` under float32 ones,
         EngineConfig.cpu_bf16_gemv) and a GGUF head of 8 bits or fewer, an int8 copy of the LM
-        head for decode's few rows (engine/quantization/cpu_int8.py)."""
+        head for decode's few rows (engine/quantization/cpu_int8.py). `native` (a float32 model
+        with the native CPU kernels): the same int8 rows through kernels/cpu_native.py."""
         weight = self.lm_head.weight
         quant = self.config.quantization
+        if weight.device.type != "cpu" or quant is None:
+            return False
+        if (native and weight.dtype == torch.float32
+                and cpu_int8.supported(quant.lm_head_type, torch.bfloat16)
+                and weight.shape[1] % cpu_native.BLOCK == 0):
+            self.lm_head_int8 = cpu_int8.quantize_rows(weight.data, dtype=torch.float32)
+            self._head_kernel = cpu_native.i8_matmul
+            return True
         dtype = gemv_dtype or weight.dtype
-        if (weight.device.type != "cpu" or quant is None
-                or not cpu_int8.supported(quant.lm_head_type, dtype)):
+        if not cpu_int8.supported(quant.lm_head_type, dtype):
             return False
         self.lm_head_int8 = cpu_int8.quantize_rows(weight.data, dtype=dtype)
         return True
@@ -204,7 +215,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head_int8 is not None and hidden.shape[0] <= cpu_int8.MAX_ROWS:
-            return cpu_int8.logits(hidden, self.lm_head_int8)
+            return cpu_int8.logits(hidden, self.lm_head_int8, self._head_kernel)
         weight = self.lm_head.weight
         if hidden.shape[0] == 1 and not hidden.is_cuda and weight.dtype != torch.float32:
             # one row in bf16/fp16 on CPU: torch.mv's kernel reads the (vocab, hidden) weight

@@ -91,9 +91,11 @@ def matmul(x: torch.Tensor, w: Int8Rows) -> torch.Tensor:
     return torch._weight_int8pack_mm(x.contiguous(), w.weight, w.scales)
 
 
-def logits(x: torch.Tensor, w: Int8Rows) -> torch.Tensor:
-    """(M, N) float32 logits: the kernel's, with each row's top REFINED recomputed in float32."""
-    out = matmul(x, w).float()
+def logits(x: torch.Tensor, w: Int8Rows, kernel=None) -> torch.Tensor:
+    """(M, N) float32 logits: the kernel's, with each row's top REFINED recomputed in float32.
+    `kernel(x, weight, scales)`: another kernel for the approximate logits (float32 scales: the
+    native one, kernels/cpu_native.py), else torch's."""
+    out = (matmul(x, w) if kernel is None else kernel(x, w.weight, w.scales)).float()
     top = out.topk(min(REFINED, out.shape[1]), dim=1).indices  # (M, R)
     rows = w.weight[top].float()  # (M, R, K)
     exact = torch.bmm(rows, x.float().unsqueeze(2)).squeeze(2) * w.exact_scales[top]
