@@ -1,15 +1,18 @@
-"""A decode token of a plain Llama decoder in one native call, on a CPU (kernels/cpu_native.py).
+"""A decode step of a plain Llama decoder in one native call, on a CPU (kernels/cpu_native.py).
 
 At batch 1 the torch path of the default model is about 1,600 small ops a token, whose dispatch
-costs more than their arithmetic; `hearth_decode_one` runs the same forward (norms, fused qkv,
-rotary, the token's K/V into the paged cache, attention, o, SiLU-and-mul MLP, residuals, the
-final norm) over the GGUF's raw Q4 rows in float32.
+costs more than their arithmetic; `hearth_decode` runs the same forward (norms, fused qkv,
+rotary, the tokens' K/V into the paged cache, attention, o, SiLU-and-mul MLP, residuals, the
+final norm) over the GGUF's raw Q4 rows, for every decode step of up to GEMV_MAX_ROWS sequences.
+A sequence's numbers do not depend on the others in the step (the GEMVs prepare and multiply
+each row alone), so a greedy answer does not change with other users' traffic.
 
-Taken only where it computes exactly what engine/models/llama.py would (up to float32 rounding):
-a float32 CPU model whose decoder linears are GGUF Q4_0 / Q4_1 kept raw (GGUFLinear.native_rows),
-no biases, no q/k norms, full neox rotary, no sliding window or soft-capping, RMSNorm, SiLU, a
-float32 KV cache. Steps with more than one sequence or more than one new token keep the torch
-path, whose linears use the same native GEMV."""
+Taken only where it computes what engine/models/llama.py would (up to float32 rounding and the
+GEMVs' int16 inputs): a float32 CPU model whose decoder linears are GGUF Q4_0 / Q4_1 kept raw
+(GGUFLinear.native_rows), no biases, no q/k norms, full neox rotary, no sliding window or
+soft-capping, RMSNorm, SiLU, a float32 KV cache. Prompts and speculative verification (several
+tokens a sequence) keep the torch path, whose linears use the same native GEMV.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from hearth.kernels import cpu_native
 
 class NativeDecoder:
     """Holds the per-layer pointers (weights now, KV caches when the runner's first step comes)
-    and runs one decode token."""
+    and runs decode steps."""
 
     def __init__(self, model) -> None:
         c = model.config
@@ -59,21 +62,26 @@ class NativeDecoder:
         return NativeDecoder(model)
 
     def applies(self, meta: AttentionMetadata) -> bool:
-        return meta is not None and meta.num_seqs == 1 and meta.max_query_len == 1
+        return (meta is not None and meta.max_query_len == 1
+                and meta.num_seqs <= cpu_native.GEMV_MAX_ROWS)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches,
                  meta: AttentionMetadata) -> torch.Tensor:
         self._bind(kv_caches)
-        res = self.model.embed(input_ids).contiguous()  # (1, hidden): becomes the output
-        cos, sin = self.rotary._cos_sin(positions)
+        res = self.model.embed(input_ids).contiguous()  # (m, hidden): becomes the output
+        cos, sin = self.rotary._cos_sin(positions)  # (m, 1, head_dim) each
         cos, sin = cos.contiguous(), sin.contiguous()
-        table = meta.block_tables[0]
-        if table.dtype != torch.int32 or not table.is_contiguous():
-            table = table.to(torch.int32).contiguous()
-        cpu_native.load().hearth_decode_one(
+        tables = meta.block_tables
+        if tables.dtype != torch.int32 or tables.stride(1) != 1:
+            tables = tables.to(torch.int32).contiguous()
+        lens = torch.tensor(meta.seq_lens_cpu, dtype=torch.int64)
+        slots = meta.slot_mapping
+        if slots.dtype != torch.int64 or not slots.is_contiguous():
+            slots = slots.to(torch.int64).contiguous()
+        cpu_native.load().hearth_decode(
             self._layers, len(self._layers), ctypes.byref(self.dims), self.final_norm.data_ptr(),
-            res.data_ptr(), cos.data_ptr(), sin.data_ptr(), table.data_ptr(),
-            meta.seq_lens_cpu[0])
+            res.data_ptr(), cos.data_ptr(), sin.data_ptr(), tables.data_ptr(), tables.stride(0),
+            lens.data_ptr(), slots.data_ptr(), res.shape[0])
         return res
 
     def _bind(self, kv_caches) -> None:
