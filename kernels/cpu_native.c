@@ -33,6 +33,7 @@
 #endif
 
 #define QK 32
+#define KEY_CHUNK 128 /* keys an attention task (see hearth_decode) */
 
 static inline float f16_to_f32(const uint8_t *p) {
 #if defined(__F16C__)
@@ -472,21 +473,15 @@ int hearth_decode(const hearth_layer *layers, int64_t num_layers, const hearth_d
     const int64_t nh = dm->num_heads, kvh = dm->num_kv_heads, group = nh / kvh;
     const int64_t qsz = nh * dim, kvsz = kvh * dim, wide = hd > inter ? hd : inter;
     const int64_t big = (2 * inter > qsz + 2 * kvsz ? 2 * inter : qsz + 2 * kvsz);
-#ifdef _OPENMP
-    const int64_t threads = omp_get_max_threads();
-#else
-    const int64_t threads = 1;
-#endif
-    /* attention tasks: (sequence, KV head, chunk of keys); enough for every thread twice over,
-     * no chunk shorter than 32 keys */
+    /* attention tasks: (token, KV head, chunk of KEY_CHUNK keys). The chunks depend on the
+     * context length only, never on the thread count or the other tokens of the step: a token's
+     * output is the same bits alone, in a batch, or as a verified speculative token. */
     int64_t *chunks = (int64_t *)malloc(sizeof(int64_t) * (size_t)m);
     int64_t *first_task = (int64_t *)malloc(sizeof(int64_t) * (size_t)(m + 1));
     int64_t *score_at = (int64_t *)malloc(sizeof(int64_t) * (size_t)(m + 1));
     first_task[0] = score_at[0] = 0;
     for (int64_t i = 0; i < m; i++) {
-        int64_t c = (2 * threads + kvh * m - 1) / (kvh * m);
-        if (c > (lens[i] + 31) / 32) c = (lens[i] + 31) / 32;
-        chunks[i] = c < 1 ? 1 : c;
+        chunks[i] = lens[i] > 0 ? (lens[i] + KEY_CHUNK - 1) / KEY_CHUNK : 1;
         first_task[i + 1] = first_task[i] + kvh * chunks[i];
         score_at[i + 1] = score_at[i] + nh * lens[i];
     }
@@ -521,9 +516,9 @@ int hearth_decode(const hearth_layer *layers, int64_t num_layers, const hearth_d
                 int64_t i = 0;
                 while (first_task[i + 1] <= task) i++;
                 const int64_t local = task - first_task[i], len = lens[i], nc = chunks[i];
-                const int64_t kv_head = local / nc, c = local % nc, span = (len + nc - 1) / nc;
-                const int64_t t0 = c * span < len ? c * span : len;
-                const int64_t t1 = (c + 1) * span < len ? (c + 1) * span : len;
+                const int64_t kv_head = local / nc, c = local % nc;
+                const int64_t t0 = c * KEY_CHUNK < len ? c * KEY_CHUNK : len;
+                const int64_t t1 = (c + 1) * KEY_CHUNK < len ? (c + 1) * KEY_CHUNK : len;
                 attend_chunk(buf + i * big + kv_head * group * dim, L->k_cache, L->v_cache,
                              tables + i * table_stride, t0, t1, kv_head, group, dm,
                              scores + score_at[i] + kv_head * group * len + group * t0,

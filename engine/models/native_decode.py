@@ -3,15 +3,16 @@
 At batch 1 the torch path of the default model is about 1,600 small ops a token, whose dispatch
 costs more than their arithmetic; `hearth_decode` runs the same forward (norms, fused qkv,
 rotary, the tokens' K/V into the paged cache, attention, o, SiLU-and-mul MLP, residuals, the
-final norm) over the GGUF's raw Q4 rows, for every decode step of up to GEMV_MAX_ROWS sequences.
+final norm) over the GGUF's raw Q4 rows, for every step of up to GEMV_MAX_ROWS new tokens
+(decode, speculative verification, short prompts).
 A sequence's numbers do not depend on the others in the step (the GEMVs prepare and multiply
 each row alone), so a greedy answer does not change with other users' traffic.
 
 Taken only where it computes what engine/models/llama.py would (up to float32 rounding and the
 GEMVs' int16 inputs): a float32 CPU model whose decoder linears are GGUF Q4_0 / Q4_1 kept raw
 (GGUFLinear.native_rows), no biases, no q/k norms, full neox rotary, no sliding window or
-soft-capping, RMSNorm, SiLU, a float32 KV cache. Prompts and speculative verification (several
-tokens a sequence) keep the torch path, whose linears use the same native GEMV.
+soft-capping, RMSNorm, SiLU, a float32 KV cache. Steps of more than GEMV_MAX_ROWS new tokens
+(prompts) keep the torch path, whose linears multiply the layer dequantized.
 """
 
 from __future__ import annotations
@@ -62,19 +63,28 @@ class NativeDecoder:
         return NativeDecoder(model)
 
     def applies(self, meta: AttentionMetadata) -> bool:
-        return (meta is not None and meta.max_query_len == 1
-                and meta.num_seqs <= cpu_native.GEMV_MAX_ROWS)
+        """Steps of up to GEMV_MAX_ROWS new tokens: decode, speculative verification, short
+        prompts. Each token attends to its own sequence's positions up to itself."""
+        return meta is not None and len(meta.seq_lens_cpu) > 0 and (
+            sum(meta.query_lens_cpu) <= cpu_native.GEMV_MAX_ROWS)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches,
                  meta: AttentionMetadata) -> torch.Tensor:
         self._bind(kv_caches)
-        res = self.model.embed(input_ids).contiguous()  # (m, hidden): becomes the output
-        cos, sin = self.rotary._cos_sin(positions)  # (m, 1, head_dim) each
+        res = self.model.embed(input_ids).contiguous()  # (tokens, hidden): becomes the output
+        cos, sin = self.rotary._cos_sin(positions)  # (tokens, 1, head_dim) each
         cos, sin = cos.contiguous(), sin.contiguous()
         tables = meta.block_tables
+        if meta.max_query_len == 1:  # decode: one token a sequence
+            lens = meta.seq_lens_cpu
+        else:  # several tokens of a sequence: each sees the positions up to its own
+            counts = torch.tensor(meta.query_lens_cpu)
+            tables = tables[torch.repeat_interleave(torch.arange(len(counts)), counts)]
+            lens = [seq_len - q_len + 1 + j for q_len, seq_len
+                    in zip(meta.query_lens_cpu, meta.seq_lens_cpu) for j in range(q_len)]
         if tables.dtype != torch.int32 or tables.stride(1) != 1:
             tables = tables.to(torch.int32).contiguous()
-        lens = torch.tensor(meta.seq_lens_cpu, dtype=torch.int64)
+        lens = torch.tensor(lens, dtype=torch.int64)
         slots = meta.slot_mapping
         if slots.dtype != torch.int64 or not slots.is_contiguous():
             slots = slots.to(torch.int64).contiguous()
