@@ -228,3 +228,21 @@ def llama3_freq_factors(rope: dict, head_dim: int):
             smooth = (old / wavelen - low) / (high - low)
             factors.append(1 / ((1 - smooth) / factor + smooth))
     return torch.tensor(factors, dtype=torch.float32)
+
+
+def random_q4_blocks(qtype: str, n: int, k: int, gen):
+    """(n, row_bytes) uint8 Q4_0 / Q4_1 rows: random nibbles with realistic float16 headers
+    (d > 0 small; Q4_1's m ≈ -8 d)."""
+    import torch
+
+    from hearth.engine.quantization import gguf_blocks
+
+    raw = torch.randint(0, 256, (n, gguf_blocks.row_bytes(qtype, k)), dtype=torch.uint8,
+                        generator=gen)
+    blocks = raw.view(n, k // 32, gguf_blocks.BLOCKS[qtype][1])
+    d = torch.rand(n, k // 32, 1, generator=gen) * 0.02 + 0.001
+    blocks[..., 0:2] = d.half().view(torch.uint8)
+    if qtype == "Q4_1":
+        m = -8 * d * (0.8 + 0.4 * torch.rand(n, k // 32, 1, generator=gen))
+        blocks[..., 2:4] = m.half().view(torch.uint8)
+    return raw

@@ -7,30 +7,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_q4_blocks
 
 from hearth import LLM, SamplingParams
 from hearth.engine.layers.linear import GGUFLinear
 from hearth.engine.quantization import cpu_int4, gguf_blocks
 
 
-def _random_blocks(qtype: str, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Random nibbles with realistic float16 headers: d > 0 small; Q4_1's m ≈ -8 d."""
-    raw = torch.randint(0, 256, (n, gguf_blocks.row_bytes(qtype, k)), dtype=torch.uint8,
-                        generator=gen)
-    blocks = raw.view(n, k // 32, gguf_blocks.BLOCKS[qtype][1])
-    d = torch.rand(n, k // 32, 1, generator=gen) * 0.02 + 0.001
-    blocks[..., 0:2] = d.half().view(torch.uint8)
-    if qtype == "Q4_1":
-        m = -8 * d * (0.8 + 0.4 * torch.rand(n, k // 32, 1, generator=gen))
-        blocks[..., 2:4] = m.half().view(torch.uint8)
-    return raw
-
-
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
 @pytest.mark.parametrize("n,k", [(64, 32), (192, 96), (320, 576)])
 def test_pack_reads_back_the_blocks(qtype, n, k):
     gen = torch.Generator().manual_seed(n * 7 + k)
-    raw = _random_blocks(qtype, n, k, gen)
+    raw = random_q4_blocks(qtype, n, k, gen)
     w = cpu_int4.pack_gguf(raw, qtype, k, torch.bfloat16)
     blocks = raw.view(n, k // 32, -1)
     nibbles = gguf_blocks.nibbles(blocks[..., -16:].reshape(-1, 16), 16).reshape(n, k)
@@ -47,7 +35,7 @@ def test_pack_reads_back_the_blocks(qtype, n, k):
 def test_matmul_matches_block_reference(qtype, m, dtype):
     gen = torch.Generator().manual_seed(m)
     n, k = 192, 288
-    raw = _random_blocks(qtype, n, k, gen)
+    raw = random_q4_blocks(qtype, n, k, gen)
     w = cpu_int4.pack_gguf(raw, qtype, k, dtype)
     x = torch.randn(m, k, generator=gen)
     ref = x @ gguf_blocks.dequantize(raw, qtype, k).t()
@@ -64,7 +52,7 @@ def test_prompt_rows_multiply_in_float32_without_bf16_matrix_instructions(monkey
     monkeypatch.setattr(cpu_int4, "cpu_has_bf16_matmul", lambda: native_bf16)
     gen = torch.Generator().manual_seed(5)
     n, k = 192, 288
-    w = cpu_int4.pack_gguf(_random_blocks("Q4_1", n, k, gen), "Q4_1", k, torch.bfloat16)
+    w = cpu_int4.pack_gguf(random_q4_blocks("Q4_1", n, k, gen), "Q4_1", k, torch.bfloat16)
     x = torch.randn(40, k, generator=gen).to(torch.bfloat16)
     if native_bf16:
         want = torch.nn.functional.linear(x, cpu_int4.dequantize(w))
@@ -81,7 +69,7 @@ def test_float32_rows_on_a_bf16_packed_weight(m):
     come back in float32; many rows multiply the float32 dequantized layer."""
     gen = torch.Generator().manual_seed(m)
     n, k = 192, 288
-    raw = _random_blocks("Q4_1", n, k, gen)
+    raw = random_q4_blocks("Q4_1", n, k, gen)
     w = cpu_int4.pack_gguf(raw, "Q4_1", k, torch.bfloat16)
     x = torch.randn(m, k, generator=gen)
     out = cpu_int4.linear(x, w)

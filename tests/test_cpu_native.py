@@ -1,0 +1,210 @@
+"""The native CPU kernels (kernels/cpu_native.c through kernels/cpu_native.py) and the native
+decode step (engine/models/native_decode.py): each kernel against a torch reference on fresh random
+inputs (the AVX2 build and the portable C fallback), a row's numbers independent of the rows beside
+it, and the default model's greedy answers as the torch path gives them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from helpers import random_q4_blocks
+
+from hearth import LLM, SamplingParams
+from hearth.engine.quantization import cpu_int8, gguf_blocks
+from hearth.kernels import cpu_native
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None and not os.environ.get("CC"),
+    reason="no C compiler: the engine keeps torch's kernels (tested elsewhere)")
+
+
+@pytest.fixture(scope="module")
+def lib():
+    library = cpu_native.load()
+    assert library is not None, "a C compiler is here, so the native kernels must build"
+    return library
+
+
+@pytest.fixture(scope="module")
+def portable(tmp_path_factory):
+    """The same source built without AVX2 / FMA: the C fallback other CPUs run."""
+    import ctypes
+
+    out = tmp_path_factory.mktemp("portable") / "cpu_native_portable.so"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    flags = [f for f in cpu_native._FLAGS if f != "-march=native"]
+    subprocess.run([cc, *flags, "-mno-avx2", "-mno-fma", "-o", str(out), str(cpu_native.SOURCE),
+                    "-lm"], check=True, capture_output=True)
+    library = ctypes.CDLL(str(out))
+    cpu_native._declare(library)
+    assert library.hearth_native_avx2() == 0
+    return library
+
+
+def _with(library, fn, *args):
+    """Run a cpu_native wrapper against another build of the library."""
+    saved = cpu_native._state.get("lib")
+    cpu_native._state["lib"] = library
+    try:
+        return fn(*args)
+    finally:
+        cpu_native._state["lib"] = saved
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("n,k", [(64, 32), (192, 96), (320, 576), (576, 1536)])
+def test_q4_dequantize_is_the_block_reference(lib, qtype, n, k):
+    raw = random_q4_blocks(qtype, n, k, torch.Generator().manual_seed(n + k))
+    assert torch.equal(cpu_native.q4_dequantize(raw, qtype, k),
+                       gguf_blocks.dequantize(raw, qtype, k))
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
+def test_q4_matmul_matches_the_dequantized_product(lib, portable, build, qtype, m):
+    gen = torch.Generator().manual_seed(m * 31 + len(qtype))
+    n, k = 96, 576
+    raw = random_q4_blocks(qtype, n, k, gen)
+    x = torch.randn(m, k, generator=gen)
+    ref = x.double() @ gguf_blocks.dequantize(raw, qtype, k).double().t()
+    y = _with(lib if build == "native" else portable, cpu_native.q4_matmul, x, raw, qtype, n)
+    # the inputs are rounded to int16 per block of 32: a relative error of about 1e-5
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+def test_a_rows_result_does_not_depend_on_the_other_rows(lib):
+    """Batch invariance: a sequence's greedy answer must not change with other users' traffic."""
+    gen = torch.Generator().manual_seed(5)
+    raw = random_q4_blocks("Q4_1", 128, 576, gen)
+    x = torch.randn(9, 576, generator=gen)
+    together = cpu_native.q4_matmul(x, raw, "Q4_1", 128)
+    for i in range(9):
+        alone = cpu_native.q4_matmul(x[i : i + 1], raw, "Q4_1", 128)
+        assert torch.equal(alone, together[i : i + 1])
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_int8_rows_kernel_and_refined_logits(lib, portable, build, m):
+    gen = torch.Generator().manual_seed(m)
+    weight = torch.randn(4096, 576, generator=gen) * 0.05
+    rows = cpu_int8.quantize_rows(weight, dtype=torch.float32)
+    x = torch.randn(m, 576, generator=gen)
+    exact = x.double() @ cpu_int8.dequantize_exact(rows).double().t()
+    kernel = lib if build == "native" else portable
+    approx = _with(kernel, cpu_native.i8_matmul, x, rows.weight, rows.scales)
+    # x rounded to int8 per block of 32: about 1% of the logits' spread
+    assert ((approx.double() - exact).abs().max() / exact.abs().max()).item() < 0.02
+    logits = _with(kernel, cpu_int8.logits, x, rows, cpu_native.i8_matmul)
+    top = exact.topk(cpu_int8.REFINED, dim=1).indices
+    assert torch.allclose(logits.gather(1, top).double(), exact.gather(1, top), rtol=1e-5,
+                          atol=1e-5)  # the top logits in float32
+    assert torch.equal(logits.argmax(1), exact.argmax(1))
+
+
+def test_the_callers_denormal_mode_is_left_alone(lib):
+    """The decode flushes denormals inside its threads only (MXCSR restored)."""
+    llm = LLM(device="cpu", dtype="float32", gguf_keep_quantized=True, progress=False)
+    assert llm.engine.precision == "float32+kept-blocks+native"
+    llm.generate("Hello", SamplingParams(max_tokens=2), use_tqdm=False)
+    tiny = torch.tensor([1e-39]) * torch.tensor([1.0])
+    assert tiny.item() != 0.0
+
+
+@pytest.fixture(scope="module")
+def native_llm(lib):
+    llm = LLM(device="cpu", dtype="float32", gguf_keep_quantized=True, progress=False,
+              enable_prefix_caching=False)
+    assert llm.engine.precision == "float32+kept-blocks+native"
+    assert llm.engine.runner.model.native_decoder is not None
+    return llm
+
+
+CHATS = ["What is the capital of France?", "Write a haiku about the sea.",
+         "List three prime numbers.", "Explain gravity in one sentence."]
+
+
+def _answers(llm, prompts, max_tokens=32, **params):
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, **params)
+    return [o.outputs[0].text for o in llm.chat([[{"role": "user", "content": p}]
+                                                  for p in prompts], sp, use_tqdm=False)]
+
+
+def test_default_model_greedy_answers_match_the_torch_path(native_llm):
+    """The torch reference with the same kept blocks (each step dequantizes them): the native
+    decode gives the same greedy tokens."""
+    reference = LLM(device="cpu", dtype="float32", gguf_keep_quantized=True, cpu_native=False,
+                    progress=False, enable_prefix_caching=False)
+    assert reference.engine.precision == "float32+kept-blocks"
+    want = [_answers(reference, [p])[0] for p in CHATS[:2]]
+    assert [_answers(native_llm, [p])[0] for p in CHATS[:2]] == want
+    assert want[0].startswith("The capital of France is Paris")
+
+
+def test_decode_hidden_states_match_the_torch_forward(native_llm):
+    """One decode step's final hidden state through the native call and through the torch
+    layers (the same kept blocks, the same KV cache), on the default model."""
+    engine = native_llm.engine
+    model = engine.runner.model
+    captured = {}
+    forward = type(model).forward
+
+    def both(self, input_ids, positions, kv_caches, meta, backend):
+        decoder = self.native_decoder
+        if decoder is None or not decoder.applies(meta) or meta.max_query_len != 1:
+            return forward(self, input_ids, positions, kv_caches, meta, backend)
+        self.native_decoder = None
+        try:  # the torch path writes the same K/V into the same slots first
+            captured["torch"] = forward(self, input_ids, positions, kv_caches, meta, backend)
+        finally:
+            self.native_decoder = decoder
+        captured["native"] = decoder(input_ids, positions, kv_caches, meta)
+        return captured["native"]
+
+    model.forward = both.__get__(model)
+    try:
+        _answers(native_llm, CHATS[2:3], max_tokens=4)
+    finally:
+        del model.forward
+    diff = (captured["native"] - captured["torch"]).abs().max().item()
+    assert diff < 1e-3 * captured["torch"].abs().max().item(), diff
+
+
+def test_a_batch_gives_each_sequence_its_answer_alone(native_llm):
+    alone = [_answers(native_llm, [p])[0] for p in CHATS]
+    assert _answers(native_llm, CHATS) == alone
+
+
+def test_ngram_speculation_keeps_greedy_answers(lib):
+    """Verification rows run through the same native step as decode rows: identical tokens."""
+    prompt = ("Repeat this list exactly: apples, pears, plums, cherries, grapes, lemons, limes, "
+              "apples, pears, plums, cherries, grapes, lemons, limes.")
+    plain = LLM(device="cpu", dtype="float32", gguf_keep_quantized=True, progress=False)
+    spec = LLM(device="cpu", dtype="float32", gguf_keep_quantized=True, progress=False,
+               speculative="ngram")
+    want = _answers(plain, [prompt], max_tokens=40)
+    assert _answers(spec, [prompt], max_tokens=40) == want
+    assert spec.engine.snapshot().spec_decode is not None
+
+
+def test_without_the_library_the_engine_keeps_torchs_kernels(monkeypatch):
+    monkeypatch.setenv("HEARTH_NATIVE_CPU", "0")
+    assert cpu_native._load() is None
+    llm = LLM(device="cpu", dtype="float32", gguf_keep_quantized=True, cpu_native=False,
+              cpu_bf16_gemv=True, progress=False)
+    assert llm.engine.precision == "float32+kept-blocks+bf16-gemv"
+    assert llm.engine.runner.model.native_decoder is None
+
+
+def test_the_build_is_cached_by_source_and_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEARTH_NATIVE_CACHE", str(tmp_path))
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    first = cpu_native._build(cc)
+    mtime = first.stat().st_mtime_ns
+    assert cpu_native._build(cc) == first and first.stat().st_mtime_ns == mtime  # reused
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
