@@ -123,6 +123,22 @@ static void restore_denormals(unsigned int csr) {
 #endif
 }
 
+/* a . b over n floats (vectorised: the compiler may not reorder a float sum by itself) */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    float s = 0.0f;
+#ifdef HEARTH_AVX2
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    s = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
 /* ---- GEMV input: a row of x prepared once for every weight row ---- */
 
 typedef struct {
@@ -175,83 +191,105 @@ static inline void unpack(const uint8_t *qs, __m256i *lo, __m256i *hi) {
 }
 #endif
 
-/* one weight row (nb blocks) against prepared inputs: the dot product */
-static float row_dot(int qtype, const uint8_t *row, int64_t nb, const q_input *in) {
+/* ---- Native rows: a Q4_0 / Q4_1 row repacked once at load ----
+ * float d[nb], float m[nb], u8 qs[nb][16] (24 bytes a block against the file's 18 / 20): no
+ * float16 conversions in the GEMV, the m_b sum(x_b) term a vector dot product, and one format
+ * for both types (Q4_0: m = -8 d, exactly: q d - 8 d and (q - 8) d are the same float). */
+#define ROW_BYTES(nb) ((nb) * 24)
+
+void hearth_q4_repack(int qtype, const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
+    const int64_t nb = k / QK;
     const int bs = block_bytes(qtype);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        float *d = (float *)(out + r * ROW_BYTES(nb)), *m = d + nb;
+        uint8_t *qs = (uint8_t *)(m + nb);
+        for (int64_t b = 0; b < nb; b++)
+            memcpy(qs + b * 16, block_scales(qtype, w + (r * nb + b) * bs, &d[b], &m[b]), 16);
+    }
+}
+
+/* ds[b] = d[b] * (x's int16 scale of block b): each block's factor on its integer dot */
+static void block_factors(const float *d, const float *xs, int64_t nb, float *ds) {
+    int64_t b = 0;
+#ifdef HEARTH_AVX2
+    for (; b + 8 <= nb; b += 8)
+        _mm256_storeu_ps(ds + b, _mm256_mul_ps(_mm256_loadu_ps(d + b), _mm256_loadu_ps(xs + b)));
+#endif
+    for (; b < nb; b++) ds[b] = d[b] * xs[b];
+}
+
+/* one native row (nb blocks) against a prepared input: the dot product */
+static float row_dot(const uint8_t *row, int64_t nb, const q_input *in) {
+    const float *d = (const float *)row, *m = d + nb;
+    const uint8_t *qs = (const uint8_t *)(m + nb);
+    float ds[nb];
+    block_factors(d, in->scale, nb, ds);
+    const float mterm = dot(m, in->sum, nb);
 #ifdef HEARTH_AVX2
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    float m0 = 0.0f, m1 = 0.0f;
     int64_t b = 0;
     for (; b + 1 < nb; b += 2) { /* two chains */
-        float d0, mn0, d1, mn1;
         __m256i lo, hi;
-        unpack(block_scales(qtype, row + b * bs, &d0, &mn0), &lo, &hi);
-        a0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * in->scale[b]),
+        unpack(qs + b * 16, &lo, &hi);
+        a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(ds + b),
                              _mm256_cvtepi32_ps(block_dot(lo, hi, in->q + b * QK)), a0);
-        m0 += mn0 * in->sum[b];
-        unpack(block_scales(qtype, row + (b + 1) * bs, &d1, &mn1), &lo, &hi);
-        a1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * in->scale[b + 1]),
+        unpack(qs + (b + 1) * 16, &lo, &hi);
+        a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(ds + b + 1),
                              _mm256_cvtepi32_ps(block_dot(lo, hi, in->q + (b + 1) * QK)), a1);
-        m1 += mn1 * in->sum[b + 1];
     }
     if (b < nb) {
-        float d0, mn0;
         __m256i lo, hi;
-        unpack(block_scales(qtype, row + b * bs, &d0, &mn0), &lo, &hi);
-        a0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * in->scale[b]),
+        unpack(qs + b * 16, &lo, &hi);
+        a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(ds + b),
                              _mm256_cvtepi32_ps(block_dot(lo, hi, in->q + b * QK)), a0);
-        m0 += mn0 * in->sum[b];
     }
-    return hsum(_mm256_add_ps(a0, a1)) + m0 + m1;
+    return hsum(_mm256_add_ps(a0, a1)) + mterm;
 #else
-    float acc = 0.0f, accm = 0.0f;
+    float acc = 0.0f;
     for (int64_t b = 0; b < nb; b++) {
-        float d, mn;
-        const uint8_t *qs = block_scales(qtype, row + b * bs, &d, &mn);
+        const uint8_t *q = qs + b * 16;
         const int16_t *v = in->q + b * QK;
         int32_t p = 0;
-        for (int j = 0; j < 16; j++) p += (qs[j] & 15) * v[j] + (qs[j] >> 4) * v[j + 16];
-        acc += d * in->scale[b] * (float)p;
-        accm += mn * in->sum[b];
+        for (int j = 0; j < 16; j++) p += (q[j] & 15) * v[j] + (q[j] >> 4) * v[j + 16];
+        acc += ds[b] * (float)p;
     }
-    return acc + accm;
+    return acc + mterm;
 #endif
 }
 
 #ifdef HEARTH_AVX2
 /* row_dot for four prepared inputs at once, each block unpacked once for all four: the same
  * operations in the same order for each input as row_dot, so the same bits. */
-static void row_dot4(int qtype, const uint8_t *row, int64_t nb, const q_input *in, float *out) {
-    const int bs = block_bytes(qtype);
+static void row_dot4(const uint8_t *row, int64_t nb, const q_input *in, float *out) {
+    const float *d = (const float *)row, *m = d + nb;
+    const uint8_t *qs = (const uint8_t *)(m + nb);
+    float ds[4][nb], mterm[4];
     __m256 a[4][2];
-    float m[4][2];
     for (int i = 0; i < 4; i++) {
+        block_factors(d, in[i].scale, nb, ds[i]);
+        mterm[i] = dot(m, in[i].sum, nb);
         a[i][0] = a[i][1] = _mm256_setzero_ps();
-        m[i][0] = m[i][1] = 0.0f;
     }
     for (int64_t b = 0; b < nb; b++) {
         const int c = (int)(b & 1); /* row_dot's chain for block b */
-        float d, mn;
         __m256i lo, hi;
-        unpack(block_scales(qtype, row + b * bs, &d, &mn), &lo, &hi);
-        for (int i = 0; i < 4; i++) {
-            a[i][c] = _mm256_fmadd_ps(_mm256_set1_ps(d * in[i].scale[b]),
+        unpack(qs + b * 16, &lo, &hi);
+        for (int i = 0; i < 4; i++)
+            a[i][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(ds[i] + b),
                                       _mm256_cvtepi32_ps(block_dot(lo, hi, in[i].q + b * QK)),
                                       a[i][c]);
-            m[i][c] += mn * in[i].sum[b];
-        }
     }
-    for (int i = 0; i < 4; i++)
-        out[i] = hsum(_mm256_add_ps(a[i][0], a[i][1])) + m[i][0] + m[i][1];
+    for (int i = 0; i < 4; i++) out[i] = hsum(_mm256_add_ps(a[i][0], a[i][1])) + mterm[i];
 }
 #endif
 
-/* y (m, n), row stride ldy = x (m, k), row stride ldx, @ W^T inside a parallel region: the m
- * inputs prepared once (in: m of them), then the weight rows shared; each row of y is what
- * row_dot gives it alone. */
-static void mgemv(int qtype, const uint8_t *w, int64_t n, int64_t k, const float *x, int64_t ldx,
-                  float *y, int64_t ldy, q_input *in, int64_t m) {
-    const int64_t nb = k / QK, stride = nb * block_bytes(qtype);
+/* y (m, n), row stride ldy = x (m, k), row stride ldx, @ W^T inside a parallel region (W in
+ * native rows): the m inputs prepared once (in: m of them), then the weight rows shared; each
+ * row of y is what row_dot gives it alone. */
+static void mgemv(const uint8_t *w, int64_t n, int64_t k, const float *x, int64_t ldx, float *y,
+                  int64_t ldy, q_input *in, int64_t m) {
+    const int64_t nb = k / QK, stride = ROW_BYTES(nb);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < m; i++) input_prepare(x + i * ldx, k, &in[i]);
 #pragma omp for schedule(static)
@@ -260,50 +298,43 @@ static void mgemv(int qtype, const uint8_t *w, int64_t n, int64_t k, const float
 #ifdef HEARTH_AVX2
         for (; i + 4 <= m; i += 4) {
             float out[4];
-            row_dot4(qtype, w + r * stride, nb, in + i, out);
+            row_dot4(w + r * stride, nb, in + i, out);
             for (int j = 0; j < 4; j++) y[(i + j) * ldy + r] = out[j];
         }
 #endif
-        for (; i < m; i++) y[i * ldy + r] = row_dot(qtype, w + r * stride, nb, &in[i]);
+        for (; i < m; i++) y[i * ldy + r] = row_dot(w + r * stride, nb, &in[i]);
     }
 }
 
 /* ---- Entry points for the engine's linears (GGUFLinear.native_rows) ---- */
 
-/* y (m, n) = x (m, k) @ W^T, W (n, k) in Q4 blocks (k % 32 == 0). Each row of x is prepared
- * once; every weight row then meets all of them, so each row's result is the one it gets alone
+/* y (m, n) = x (m, k) @ W^T, W (n, k) in native rows (k % 32 == 0). Each row of x is prepared
+ * once; every weight row then meets all of them, and each row's result is the one it gets alone
  * (decode, verification and small batches give the same numbers for the same row). */
-void hearth_q4_matmul(int qtype, const uint8_t *w, int64_t n, int64_t k, const float *x,
-                      int64_t m, float *y) {
+void hearth_q4_matmul(const uint8_t *w, int64_t n, int64_t k, const float *x, int64_t m,
+                      float *y) {
     q_input *in = (q_input *)malloc(sizeof(q_input) * (size_t)m);
     for (int64_t i = 0; i < m; i++) in[i] = input_alloc(k);
 #pragma omp parallel
-    mgemv(qtype, w, n, k, x, k, y, n, in, m);
+    mgemv(w, n, k, x, k, y, n, in, m);
     for (int64_t i = 0; i < m; i++) input_free(&in[i]);
     free(in);
 }
 
-/* W (n, k) in float32 from its Q4 blocks, rounded as gguf_blocks.dequantize computes it:
- * Q4_0 (q - 8) d, Q4_1 q d + m (prompts multiply the layer dequantized). */
-void hearth_q4_dequantize(int qtype, const uint8_t *w, int64_t n, int64_t k, float *out) {
+/* W (n, k) in float32 from native rows: q d + m, as gguf_blocks.dequantize rounds the file's
+ * blocks (prompts multiply the layer dequantized). */
+void hearth_q4_dequantize(const uint8_t *w, int64_t n, int64_t k, float *out) {
     const int64_t nb = k / QK;
-    const int bs = block_bytes(qtype);
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < n; r++) {
+        const float *d = (const float *)(w + r * ROW_BYTES(nb)), *m = d + nb;
+        const uint8_t *qs = (const uint8_t *)(m + nb);
         for (int64_t b = 0; b < nb; b++) {
-            float d, mn;
-            const uint8_t *qs = block_scales(qtype, w + (r * nb + b) * bs, &d, &mn);
+            const uint8_t *q = qs + b * 16;
             float *o = out + r * k + b * QK;
-            if (qtype == 0) {
-                for (int j = 0; j < 16; j++) {
-                    o[j] = (float)((qs[j] & 15) - 8) * d;
-                    o[j + 16] = (float)((qs[j] >> 4) - 8) * d;
-                }
-            } else {
-                for (int j = 0; j < 16; j++) {
-                    o[j] = (float)(qs[j] & 15) * d + mn;
-                    o[j + 16] = (float)(qs[j] >> 4) * d + mn;
-                }
+            for (int j = 0; j < 16; j++) {
+                o[j] = (float)(q[j] & 15) * d[b] + m[b];
+                o[j + 16] = (float)(q[j] >> 4) * d[b] + m[b];
             }
         }
     }
@@ -316,8 +347,7 @@ void hearth_q4_dequantize(int qtype, const uint8_t *w, int64_t n, int64_t k, flo
  * h = rmsnorm(res); res += down(silu(gate) * up). Finally out = rmsnorm(res) with the last norm. */
 
 typedef struct {
-    const uint8_t *qkv, *o, *gate_up, *down; /* raw Q4 rows */
-    int qkv_type, o_type, gate_up_type, down_type; /* 0: Q4_0, 1: Q4_1 */
+    const uint8_t *qkv, *o, *gate_up, *down; /* native rows (hearth_q4_repack) */
     const float *input_norm, *post_norm; /* (hidden,) */
     float *k_cache, *v_cache; /* (num_blocks, block_size, kv_heads, head_dim) */
 } hearth_layer;
@@ -326,22 +356,6 @@ typedef struct {
     int64_t hidden, intermediate, num_heads, num_kv_heads, head_dim, block_size;
     float eps, scale;
 } hearth_dims;
-
-/* a . b over n floats (vectorised: the compiler may not reorder a float sum by itself) */
-static inline float dot(const float *a, const float *b, int64_t n) {
-    int64_t i = 0;
-    float s = 0.0f;
-#ifdef HEARTH_AVX2
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (; i + 16 <= n; i += 16) {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-    }
-    s = hsum(_mm256_add_ps(acc0, acc1));
-#endif
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
 
 static void rms_norm(const float *x, const float *w, float eps, int64_t n, float *out) {
     const float s = dot(x, x, n);
@@ -502,7 +516,7 @@ int hearth_decode(const hearth_layer *layers, int64_t num_layers, const hearth_d
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < m; i++)
                 rms_norm(res + i * hd, L->input_norm, dm->eps, hd, h + i * wide);
-            mgemv(L->qkv_type, L->qkv, qsz + 2 * kvsz, hd, h, wide, buf, big, in, m);
+            mgemv(L->qkv, qsz + 2 * kvsz, hd, h, wide, buf, big, in, m);
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < m; i++) {
                 float *row = buf + i * big;
@@ -530,20 +544,20 @@ int hearth_decode(const hearth_layer *layers, int64_t num_layers, const hearth_d
                 combine(parts + (first_task[i] + (head / group) * chunks[i]) * group * (dim + 2),
                         chunks[i], group, head % group, dim, attn + i * qsz + head * dim);
             }
-            mgemv(L->o_type, L->o, hd, qsz, attn, qsz, tmp, hd, in, m);
+            mgemv(L->o, hd, qsz, attn, qsz, tmp, hd, in, m);
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < m; i++) {
                 for (int64_t j = 0; j < hd; j++) res[i * hd + j] += tmp[i * hd + j];
                 rms_norm(res + i * hd, L->post_norm, dm->eps, hd, h + i * wide);
             }
-            mgemv(L->gate_up_type, L->gate_up, 2 * inter, hd, h, wide, buf, big, in, m);
+            mgemv(L->gate_up, 2 * inter, hd, h, wide, buf, big, in, m);
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < m; i++)
                 for (int64_t j = 0; j < inter; j++) {
                     const float g = buf[i * big + j];
                     h[i * wide + j] = g / (1.0f + expf(-g)) * buf[i * big + inter + j];
                 }
-            mgemv(L->down_type, L->down, hd, inter, h, wide, tmp, hd, in, m);
+            mgemv(L->down, hd, inter, h, wide, tmp, hd, in, m);
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < m; i++)
                 for (int64_t j = 0; j < hd; j++) res[i * hd + j] += tmp[i * hd + j];

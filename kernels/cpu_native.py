@@ -49,9 +49,8 @@ class Layer(ctypes.Structure):
     """hearth_layer in cpu_native.c: one decoder layer's weights and KV cache."""
 
     _fields_ = [("qkv", ctypes.c_void_p), ("o", ctypes.c_void_p), ("gate_up", ctypes.c_void_p),
-                ("down", ctypes.c_void_p), ("qkv_type", ctypes.c_int), ("o_type", ctypes.c_int),
-                ("gate_up_type", ctypes.c_int), ("down_type", ctypes.c_int),
-                ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
+                ("down", ctypes.c_void_p), ("input_norm", ctypes.c_void_p),
+                ("post_norm", ctypes.c_void_p),
                 ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
 
 
@@ -151,8 +150,9 @@ def _cpu_flags() -> bytes:
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.hearth_set_threads.argtypes = [i32]
-    lib.hearth_q4_matmul.argtypes = [i32, p, i64, i64, p, i64, p]
-    lib.hearth_q4_dequantize.argtypes = [i32, p, i64, i64, p]
+    lib.hearth_q4_repack.argtypes = [i32, p, i64, i64, p]
+    lib.hearth_q4_matmul.argtypes = [p, i64, i64, p, i64, p]
+    lib.hearth_q4_dequantize.argtypes = [p, i64, i64, p]
     lib.hearth_i8_matmul.argtypes = [p, p, i64, i64, p, i64, p]
     lib.hearth_decode.argtypes = [ctypes.POINTER(Layer), i64, ctypes.POINTER(Dims), p, p, p, p,
                                   p, i64, p, p, i64]
@@ -163,23 +163,31 @@ def supported(qtype: str, in_features: int) -> bool:
     return qtype in QTYPES and in_features % BLOCK == 0
 
 
-def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: str,
-              out_features: int) -> torch.Tensor:
-    """x (M, K) float32 @ W^T → (M, N) float32, W the (N, row_bytes) raw Q4 rows; x rounded to
-    int16 per block of 32 (see cpu_native.c). A row's result does not depend on the others."""
+def q4_repack(raw: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor:
+    """(N, row_bytes) raw Q4_0 / Q4_1 rows → (N, 24 * K / 32) native rows: float32 d and m of
+    every block, then the nibbles (the layout the kernels read; cpu_native.c)."""
+    n = raw.shape[0]
+    out = torch.empty(n, in_features // BLOCK * 24, dtype=torch.uint8)
+    load().hearth_q4_repack(QTYPES[qtype], raw.contiguous().data_ptr(), n, in_features,
+                            out.data_ptr())
+    return out
+
+
+def q4_matmul(x: torch.Tensor, rows: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x (M, K) float32 @ W^T → (M, N) float32, W in native rows (q4_repack); x rounded to int16
+    per block of 32 (see cpu_native.c). A row's result does not depend on the others."""
     m, k = x.shape
     x = x.contiguous()
     y = torch.empty(m, out_features, dtype=torch.float32)
-    load().hearth_q4_matmul(QTYPES[qtype], qweight.data_ptr(), out_features, k, x.data_ptr(), m,
-                            y.data_ptr())
+    load().hearth_q4_matmul(rows.data_ptr(), out_features, k, x.data_ptr(), m, y.data_ptr())
     return y
 
 
-def q4_dequantize(qweight: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor:
-    """The raw Q4 rows as float32 (N, K), rounded as gguf_blocks.dequantize rounds them."""
-    n = qweight.shape[0]
+def q4_dequantize(rows: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Native rows as float32 (N, K), rounded as gguf_blocks.dequantize rounds the file's."""
+    n = rows.shape[0]
     out = torch.empty(n, in_features, dtype=torch.float32)
-    load().hearth_q4_dequantize(QTYPES[qtype], qweight.data_ptr(), n, in_features, out.data_ptr())
+    load().hearth_q4_dequantize(rows.data_ptr(), n, in_features, out.data_ptr())
     return out
 
 

@@ -59,8 +59,9 @@ def _with(library, fn, *args):
 @pytest.mark.parametrize("n,k", [(64, 32), (192, 96), (320, 576), (576, 1536)])
 def test_q4_dequantize_is_the_block_reference(lib, qtype, n, k):
     raw = random_q4_blocks(qtype, n, k, torch.Generator().manual_seed(n + k))
-    assert torch.equal(cpu_native.q4_dequantize(raw, qtype, k),
-                       gguf_blocks.dequantize(raw, qtype, k))
+    rows = cpu_native.q4_repack(raw, qtype, k)
+    assert rows.shape == (n, k // 32 * 24)
+    assert torch.equal(cpu_native.q4_dequantize(rows, k), gguf_blocks.dequantize(raw, qtype, k))
 
 
 @pytest.mark.parametrize("build", ["native", "portable"])
@@ -72,7 +73,9 @@ def test_q4_matmul_matches_the_dequantized_product(lib, portable, build, qtype, 
     raw = random_q4_blocks(qtype, n, k, gen)
     x = torch.randn(m, k, generator=gen)
     ref = x.double() @ gguf_blocks.dequantize(raw, qtype, k).double().t()
-    y = _with(lib if build == "native" else portable, cpu_native.q4_matmul, x, raw, qtype, n)
+    kernel = lib if build == "native" else portable
+    rows = _with(kernel, cpu_native.q4_repack, raw, qtype, k)
+    y = _with(kernel, cpu_native.q4_matmul, x, rows, n)
     # the inputs are rounded to int16 per block of 32: a relative error of about 1e-5
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-4
 
@@ -80,11 +83,11 @@ def test_q4_matmul_matches_the_dequantized_product(lib, portable, build, qtype, 
 def test_a_rows_result_does_not_depend_on_the_other_rows(lib):
     """Batch invariance: a sequence's greedy answer must not change with other users' traffic."""
     gen = torch.Generator().manual_seed(5)
-    raw = random_q4_blocks("Q4_1", 128, 576, gen)
+    rows = cpu_native.q4_repack(random_q4_blocks("Q4_1", 128, 576, gen), "Q4_1", 576)
     x = torch.randn(9, 576, generator=gen)
-    together = cpu_native.q4_matmul(x, raw, "Q4_1", 128)
+    together = cpu_native.q4_matmul(x, rows, 128)
     for i in range(9):
-        alone = cpu_native.q4_matmul(x[i : i + 1], raw, "Q4_1", 128)
+        alone = cpu_native.q4_matmul(x[i : i + 1], rows, 128)
         assert torch.equal(alone, together[i : i + 1])
 
 

@@ -229,8 +229,6 @@ class IntQuantLinear(QuantizedLinear):
             setattr(self, name, torch.empty(0, dtype=getattr(self, name).dtype))
 
     def dequantized_weight(self) -> torch.Tensor:
-        if self.native_rows:
-            return cpu_native.q4_dequantize(self.qweight, self.qtype, self.in_features)
         if self.int4 is not None:
             return cpu_int4.dequantize(self.int4).float()
         if self.dense is not None:
@@ -303,7 +301,8 @@ class GGUFLinear(QuantizedLinear):
         self.act_dtype = torch.get_default_dtype()  # the model's dtype (set while building)
         # the CPU int4 GEMV's input dtype: bf16 in a float32 model with EngineConfig.cpu_bf16_gemv
         self.gemv_dtype = self.act_dtype
-        # a float32 CPU model with the native kernels (kernels/cpu_native.py): the raw Q4 rows stay
+        # a float32 CPU model with the native kernels (kernels/cpu_native.py): Q4 rows repacked
+        # for them at load
         self.native = False
         self.int4: cpu_int4.Int4Weight | None = None
         self.register_buffer("qweight", torch.empty(
@@ -331,7 +330,10 @@ class GGUFLinear(QuantizedLinear):
                 self.register_buffer(name, t, persistent=False)
             self.qweight = torch.empty(0, dtype=torch.uint8, device=qweight.device)
             return
-        if self.qweight.device.type != "cpu" or self.native_rows or not cpu_int4.supported(
+        if self.native_rows:  # the native kernels' layout (kernels/cpu_native.py)
+            self.qweight = cpu_native.q4_repack(self.qweight, self.qtype, self.in_features)
+            return
+        if self.qweight.device.type != "cpu" or not cpu_int4.supported(
                 self.qtype, self.out_features, self.in_features, self.gemv_dtype):
             return
         self.int4 = cpu_int4.pack_gguf(self.qweight, self.qtype, self.in_features, self.gemv_dtype)
@@ -339,7 +341,8 @@ class GGUFLinear(QuantizedLinear):
 
     @property
     def native_rows(self) -> bool:
-        """Whether the native CPU kernels multiply the raw rows (EngineConfig.cpu_native)."""
+        """Whether the native CPU kernels multiply this weight (EngineConfig.cpu_native): then
+        `qweight` holds the native rows (cpu_native.q4_repack) once the weights are in."""
         return (self.native and self.qweight.device.type == "cpu"
                 and cpu_native.supported(self.qtype, self.in_features))
 
@@ -358,7 +361,7 @@ class GGUFLinear(QuantizedLinear):
 
     def dequantized_weight(self) -> torch.Tensor:
         if self.native_rows:
-            return cpu_native.q4_dequantize(self.qweight, self.qtype, self.in_features)
+            return cpu_native.q4_dequantize(self.qweight, self.in_features)
         if self.int4 is not None:
             return cpu_int4.dequantize(self.int4).float()
         if self.int_layout is not None:
@@ -390,7 +393,7 @@ class GGUFLinear(QuantizedLinear):
         """A few rows (decode, verification) through the native GEMV on the raw blocks; many
         (prompts) through the layer dequantized, where compute rather than bytes dominates."""
         if rows.shape[0] <= cpu_native.GEMV_MAX_ROWS:
-            return cpu_native.q4_matmul(rows, self.qweight, self.qtype, self.out_features)
+            return cpu_native.q4_matmul(rows, self.qweight, self.out_features)
         return F.linear(rows, self.dequantized_weight())
 
     def init_dummy(self, gen: torch.Generator) -> None:

@@ -3,13 +3,13 @@
 At batch 1 the torch path of the default model is about 1,600 small ops a token, whose dispatch
 costs more than their arithmetic; `hearth_decode` runs the same forward (norms, fused qkv,
 rotary, the tokens' K/V into the paged cache, attention, o, SiLU-and-mul MLP, residuals, the
-final norm) over the GGUF's raw Q4 rows, for every step of up to GEMV_MAX_ROWS new tokens
-(decode, speculative verification, short prompts).
+final norm) over the GGUF's Q4 rows (repacked at load), for every step of up to GEMV_MAX_ROWS
+new tokens (decode, speculative verification, short prompts).
 A sequence's numbers do not depend on the others in the step (the GEMVs prepare and multiply
 each row alone), so a greedy answer does not change with other users' traffic.
 
 Taken only where it computes what engine/models/llama.py would (up to float32 rounding and the
-GEMVs' int16 inputs): a float32 CPU model whose decoder linears are GGUF Q4_0 / Q4_1 kept raw
+GEMVs' int16 inputs): a float32 CPU model whose decoder linears are GGUF Q4_0 / Q4_1 blocks kept
 (GGUFLinear.native_rows), no biases, no q/k norms, full neox rotary, no sliding window or
 soft-capping, RMSNorm, SiLU, a float32 KV cache. Steps of more than GEMV_MAX_ROWS new tokens
 (prompts) keep the torch path, whose linears multiply the layer dequantized.
@@ -48,8 +48,7 @@ class NativeDecoder:
             entry = self._layers[i]
             for name, linear in (("qkv", attn.qkv_proj), ("o", attn.o_proj),
                                  ("gate_up", mlp.gate_up_proj), ("down", mlp.down_proj)):
-                setattr(entry, name, linear.qweight.data_ptr())
-                setattr(entry, f"{name}_type", cpu_native.QTYPES[linear.qtype])
+                setattr(entry, name, linear.qweight.data_ptr())  # native rows
             entry.input_norm = layer.input_layernorm.weight.data_ptr()
             entry.post_norm = layer.post_attention_layernorm.weight.data_ptr()
         self.final_norm = model.norm.weight
