@@ -163,6 +163,30 @@ static void input_free(q_input *in) {
 static void input_prepare(const float *x, int64_t k, q_input *in) {
     for (int64_t b = 0; b < k / QK; b++) {
         const float *xb = x + b * QK;
+#ifdef HEARTH_AVX2
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        const __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
+        const __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
+        const __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0),
+                                                      _mm256_andnot_ps(sign, v1)),
+                                        _mm256_max_ps(_mm256_andnot_ps(sign, v2),
+                                                      _mm256_andnot_ps(sign, v3)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4);
+        const float s = hsum(_mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3)));
+        const float d = amax / 32767.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        const __m256 vid = _mm256_set1_ps(id);
+        /* round to nearest even, as lrintf; packs interleaves 128-bit lanes, permute restores */
+        const __m256i q01 = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v0, vid)),
+                                               _mm256_cvtps_epi32(_mm256_mul_ps(v1, vid)));
+        const __m256i q23 = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v2, vid)),
+                                               _mm256_cvtps_epi32(_mm256_mul_ps(v3, vid)));
+        _mm256_storeu_si256((__m256i *)(in->q + b * QK), _mm256_permute4x64_epi64(q01, 0xd8));
+        _mm256_storeu_si256((__m256i *)(in->q + b * QK + 16),
+                            _mm256_permute4x64_epi64(q23, 0xd8));
+#else
         float amax = 0.0f, s = 0.0f;
         for (int j = 0; j < QK; j++) {
             amax = fabsf(xb[j]) > amax ? fabsf(xb[j]) : amax;
@@ -170,6 +194,7 @@ static void input_prepare(const float *x, int64_t k, q_input *in) {
         }
         const float d = amax / 32767.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
         for (int j = 0; j < QK; j++) in->q[b * QK + j] = (int16_t)lrintf(xb[j] * id);
+#endif
         in->sum[b] = s;
         in->scale[b] = d;
     }
@@ -284,14 +309,12 @@ static void row_dot4(const uint8_t *row, int64_t nb, const q_input *in, float *o
 }
 #endif
 
-/* y (m, n), row stride ldy = x (m, k), row stride ldx, @ W^T inside a parallel region (W in
- * native rows): the m inputs prepared once (in: m of them), then the weight rows shared; each
- * row of y is what row_dot gives it alone. */
-static void mgemv(const uint8_t *w, int64_t n, int64_t k, const float *x, int64_t ldx, float *y,
-                  int64_t ldy, q_input *in, int64_t m) {
+/* y (m, n), row stride ldy = W (n, k, native rows) @ the m prepared inputs, inside a parallel
+ * region: the weight rows shared among the threads; each row of y is what row_dot gives it
+ * alone. */
+static void mgemv_rows(const uint8_t *w, int64_t n, int64_t k, float *y, int64_t ldy,
+                       const q_input *in, int64_t m) {
     const int64_t nb = k / QK, stride = ROW_BYTES(nb);
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < m; i++) input_prepare(x + i * ldx, k, &in[i]);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < n; r++) {
         int64_t i = 0;
@@ -316,7 +339,11 @@ void hearth_q4_matmul(const uint8_t *w, int64_t n, int64_t k, const float *x, in
     q_input *in = (q_input *)malloc(sizeof(q_input) * (size_t)m);
     for (int64_t i = 0; i < m; i++) in[i] = input_alloc(k);
 #pragma omp parallel
-    mgemv(w, n, k, x, k, y, n, in, m);
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < m; i++) input_prepare(x + i * k, k, &in[i]);
+        mgemv_rows(w, n, k, y, n, in, m);
+    }
     for (int64_t i = 0; i < m; i++) input_free(&in[i]);
     free(in);
 }
@@ -361,6 +388,11 @@ static void rms_norm(const float *x, const float *w, float eps, int64_t n, float
     const float s = dot(x, x, n);
     const float r = 1.0f / sqrtf(s / (float)n + eps);
     for (int64_t i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
+}
+
+/* x += y over n floats */
+static void add(float *x, const float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] += y[i];
 }
 
 /* x (heads, head_dim) rotated in place: x * cos + rotate_half(x) * sin, cos/sin (head_dim,) */
@@ -415,6 +447,21 @@ static inline float exp_sub_sum(float *x, int64_t n, float m) {
         s += x[i];
     }
     return s;
+}
+
+/* out = silu(gate) * up = gate / (1 + exp(-gate)) * up over n floats */
+static void silu_mul(const float *gate, const float *up, int64_t n, float *out) {
+    int64_t i = 0;
+#ifdef HEARTH_AVX2
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = exp256(_mm256_xor_ps(g, sign));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)),
+                                                _mm256_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
 /* Attention of one decode token, split as flash-decoding does: task (kv head, chunk of keys)
@@ -513,10 +560,14 @@ int hearth_decode(const hearth_layer *layers, int64_t num_layers, const hearth_d
         const unsigned int csr = flush_denormals();
         for (int64_t l = 0; l < num_layers; l++) {
             const hearth_layer *L = &layers[l];
+            /* each loop over the m tokens ends in the input the next GEMV reads (one barrier) */
 #pragma omp for schedule(static)
-            for (int64_t i = 0; i < m; i++)
+            for (int64_t i = 0; i < m; i++) {
+                if (l > 0) add(res + i * hd, tmp + i * hd, hd); /* the last layer's MLP */
                 rms_norm(res + i * hd, L->input_norm, dm->eps, hd, h + i * wide);
-            mgemv(L->qkv, qsz + 2 * kvsz, hd, h, wide, buf, big, in, m);
+                input_prepare(h + i * wide, hd, &in[i]);
+            }
+            mgemv_rows(L->qkv, qsz + 2 * kvsz, hd, buf, big, in, m);
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < m; i++) {
                 float *row = buf + i * big;
@@ -539,31 +590,31 @@ int hearth_decode(const hearth_layer *layers, int64_t num_layers, const hearth_d
                              parts + task * group * (dim + 2));
             }
 #pragma omp for schedule(static)
-            for (int64_t ih = 0; ih < m * nh; ih++) {
-                const int64_t i = ih / nh, head = ih % nh;
-                combine(parts + (first_task[i] + (head / group) * chunks[i]) * group * (dim + 2),
-                        chunks[i], group, head % group, dim, attn + i * qsz + head * dim);
+            for (int64_t i = 0; i < m; i++) {
+                for (int64_t head = 0; head < nh; head++)
+                    combine(parts + (first_task[i] + (head / group) * chunks[i]) * group *
+                            (dim + 2), chunks[i], group, head % group, dim,
+                            attn + i * qsz + head * dim);
+                input_prepare(attn + i * qsz, qsz, &in[i]);
             }
-            mgemv(L->o, hd, qsz, attn, qsz, tmp, hd, in, m);
+            mgemv_rows(L->o, hd, qsz, tmp, hd, in, m);
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < m; i++) {
-                for (int64_t j = 0; j < hd; j++) res[i * hd + j] += tmp[i * hd + j];
+                add(res + i * hd, tmp + i * hd, hd);
                 rms_norm(res + i * hd, L->post_norm, dm->eps, hd, h + i * wide);
+                input_prepare(h + i * wide, hd, &in[i]);
             }
-            mgemv(L->gate_up, 2 * inter, hd, h, wide, buf, big, in, m);
+            mgemv_rows(L->gate_up, 2 * inter, hd, buf, big, in, m);
 #pragma omp for schedule(static)
-            for (int64_t i = 0; i < m; i++)
-                for (int64_t j = 0; j < inter; j++) {
-                    const float g = buf[i * big + j];
-                    h[i * wide + j] = g / (1.0f + expf(-g)) * buf[i * big + inter + j];
-                }
-            mgemv(L->down, hd, inter, h, wide, tmp, hd, in, m);
-#pragma omp for schedule(static)
-            for (int64_t i = 0; i < m; i++)
-                for (int64_t j = 0; j < hd; j++) res[i * hd + j] += tmp[i * hd + j];
+            for (int64_t i = 0; i < m; i++) {
+                silu_mul(buf + i * big, buf + i * big + inter, inter, h + i * wide);
+                input_prepare(h + i * wide, inter, &in[i]);
+            }
+            mgemv_rows(L->down, hd, inter, tmp, hd, in, m);
         }
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < m; i++) {
+            add(res + i * hd, tmp + i * hd, hd); /* the last layer's MLP */
             rms_norm(res + i * hd, final_norm, dm->eps, hd, tmp + i * hd);
             memcpy(res + i * hd, tmp + i * hd, sizeof(float) * (size_t)hd);
         }
