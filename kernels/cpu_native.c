@@ -473,34 +473,73 @@ static void attend_chunk(const float *q, const float *k_cache, const float *v_ca
     const int64_t dim = dm->head_dim, bsz = dm->block_size, kvh = dm->num_kv_heads;
     const int64_t n = t1 - t0, row = kvh * dim; /* floats from one key's row to the next */
     float *mx = part, *sum = part + group, *acc = part + 2 * group; /* acc: (group, dim) */
-    for (int64_t j = 0; j < group; j++) {
-        mx[j] = -INFINITY;
-        sum[j] = 0.0f;
-    }
-    for (int64_t i = 0; i < group * dim; i++) acc[i] = 0.0f;
-    /* keys block by block: t0..t1 in runs of consecutive slots */
+#ifdef HEARTH_AVX2
+    const int vec = dim % 8 == 0 && dim <= 256 && group <= 8;
+#else
+    const int vec = 0;
+#endif
+    for (int64_t j = 0; j < group; j++) mx[j] = -INFINITY;
+    /* scores: each key's row loaded once for the group's query heads */
     for (int64_t t = t0; t < t1;) {
         const int64_t off = t % bsz, run = (bsz - off < t1 - t ? bsz - off : t1 - t);
         const float *kv = k_cache + ((int64_t)table[t / bsz] * bsz + off) * row + kv_head * dim;
-        for (int64_t u = 0; u < run; u++, kv += row)
-            for (int64_t j = 0; j < group; j++) {
-                const float sc = dot(q + j * dim, kv, dim) * dm->scale;
-                scores[j * n + (t - t0) + u] = sc;
-                mx[j] = sc > mx[j] ? sc : mx[j];
+        for (int64_t u = 0; u < run; u++, kv += row) {
+            float sc[8];
+#ifdef HEARTH_AVX2
+            if (vec) {
+                __m256 a[8];
+                for (int64_t j = 0; j < group; j++) a[j] = _mm256_setzero_ps();
+                for (int64_t d = 0; d < dim; d += 8) {
+                    const __m256 kd = _mm256_loadu_ps(kv + d);
+                    for (int64_t j = 0; j < group; j++)
+                        a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * dim + d), kd, a[j]);
+                }
+                for (int64_t j = 0; j < group; j++) sc[j] = hsum(a[j]);
             }
+#endif
+            for (int64_t j = 0; j < group; j++) {
+                const float s = (vec ? sc[j] : dot(q + j * dim, kv, dim)) * dm->scale;
+                scores[j * n + (t - t0) + u] = s;
+                mx[j] = s > mx[j] ? s : mx[j];
+            }
+        }
         t += run;
     }
     for (int64_t j = 0; j < group; j++) sum[j] = exp_sub_sum(scores + j * n, n, mx[j]);
-    for (int64_t t = t0; t < t1;) {
-        const int64_t off = t % bsz, run = (bsz - off < t1 - t ? bsz - off : t1 - t);
-        const float *vv = v_cache + ((int64_t)table[t / bsz] * bsz + off) * row + kv_head * dim;
-        for (int64_t u = 0; u < run; u++, vv += row)
-            for (int64_t j = 0; j < group; j++) {
-                const float p = scores[j * n + (t - t0) + u];
-                float *o = acc + j * dim;
-                for (int64_t i = 0; i < dim; i++) o[i] += p * vv[i];
+    /* the weighted sum of values: a head's output in registers across the keys */
+    for (int64_t j = 0; j < group; j++) {
+        float *o = acc + j * dim;
+        const float *p = scores + j * n;
+#ifdef HEARTH_AVX2
+        if (vec) {
+            __m256 a[32];
+            for (int64_t d = 0; d < dim / 8; d++) a[d] = _mm256_setzero_ps();
+            for (int64_t t = t0; t < t1;) {
+                const int64_t off = t % bsz, run = (bsz - off < t1 - t ? bsz - off : t1 - t);
+                const float *vv = v_cache + ((int64_t)table[t / bsz] * bsz + off) * row +
+                                  kv_head * dim;
+                for (int64_t u = 0; u < run; u++, vv += row) {
+                    const __m256 pw = _mm256_broadcast_ss(p + (t - t0) + u);
+                    for (int64_t d = 0; d < dim / 8; d++)
+                        a[d] = _mm256_fmadd_ps(pw, _mm256_loadu_ps(vv + d * 8), a[d]);
+                }
+                t += run;
             }
-        t += run;
+            for (int64_t d = 0; d < dim / 8; d++) _mm256_storeu_ps(o + d * 8, a[d]);
+            continue;
+        }
+#endif
+        for (int64_t i = 0; i < dim; i++) o[i] = 0.0f;
+        for (int64_t t = t0; t < t1;) {
+            const int64_t off = t % bsz, run = (bsz - off < t1 - t ? bsz - off : t1 - t);
+            const float *vv = v_cache + ((int64_t)table[t / bsz] * bsz + off) * row +
+                              kv_head * dim;
+            for (int64_t u = 0; u < run; u++, vv += row) {
+                const float w = p[(t - t0) + u];
+                for (int64_t i = 0; i < dim; i++) o[i] += w * vv[i];
+            }
+            t += run;
+        }
     }
 }
 
