@@ -726,3 +726,42 @@ void hearth_i8_matmul(const int8_t *w, const float *scales, int64_t n, int64_t k
     free(xq);
     free(xd);
 }
+
+/* The LM head's logits: hearth_i8_matmul's, then each row's top `refined` (at most 16)
+ * recomputed in float32 from the same int8 rows and scales, as cpu_int8.logits does with torch
+ * ops: greedy choices and the top of the distribution carry float32 precision. */
+void hearth_i8_logits(const int8_t *w, const float *scales, int64_t n, int64_t k, const float *x,
+                      int64_t m, float *y, int64_t refined) {
+    hearth_i8_matmul(w, scales, n, k, x, m, y);
+    if (refined > 16) refined = 16;
+    if (refined > n) refined = n;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < m; i++) {
+        float *yi = y + i * n;
+        int64_t idx[16];
+        float val[16];
+        for (int64_t r = 0; r < refined; r++) {
+            idx[r] = -1;
+            val[r] = -INFINITY;
+        }
+        for (int64_t r = 0; r < n; r++) { /* the top `refined`, ties to the lower index */
+            const float v = yi[r];
+            if (!(v > val[refined - 1])) continue;
+            int64_t at = refined - 1;
+            while (at > 0 && v > val[at - 1]) {
+                val[at] = val[at - 1];
+                idx[at] = idx[at - 1];
+                at--;
+            }
+            val[at] = v;
+            idx[at] = r;
+        }
+        for (int64_t r = 0; r < refined; r++) {
+            if (idx[r] < 0) continue;
+            const int8_t *row = w + idx[r] * k;
+            float s = 0.0f;
+            for (int64_t j = 0; j < k; j++) s += (float)row[j] * x[i * k + j];
+            yi[idx[r]] = s * scales[idx[r]];
+        }
+    }
+}

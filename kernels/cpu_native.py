@@ -154,6 +154,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.hearth_q4_matmul.argtypes = [p, i64, i64, p, i64, p]
     lib.hearth_q4_dequantize.argtypes = [p, i64, i64, p]
     lib.hearth_i8_matmul.argtypes = [p, p, i64, i64, p, i64, p]
+    lib.hearth_i8_logits.argtypes = [p, p, i64, i64, p, i64, p, i64]
     lib.hearth_decode.argtypes = [ctypes.POINTER(Layer), i64, ctypes.POINTER(Dims), p, p, p, p,
                                   p, i64, p, p, i64]
     lib.hearth_decode.restype = i32
@@ -201,4 +202,17 @@ def i8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> to
     y = torch.empty(m, n, dtype=torch.float32)
     load().hearth_i8_matmul(weight.data_ptr(), scales.data_ptr(), n, k, x.data_ptr(), m,
                             y.data_ptr())
+    return y
+
+
+def i8_logits(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+              refined: int) -> torch.Tensor:
+    """i8_matmul's logits with each row's top `refined` (at most 16) recomputed in float32 from
+    the same int8 rows: engine/quantization/cpu_int8.py's `logits` in one native call."""
+    m, k = x.shape
+    n = weight.shape[0]
+    x = x.float().contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    load().hearth_i8_logits(weight.data_ptr(), scales.data_ptr(), n, k, x.data_ptr(), m,
+                            y.data_ptr(), refined)
     return y

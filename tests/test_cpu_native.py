@@ -103,11 +103,14 @@ def test_int8_rows_kernel_and_refined_logits(lib, portable, build, m):
     approx = _with(kernel, cpu_native.i8_matmul, x, rows.weight, rows.scales)
     # x rounded to int8 per block of 32: about 1% of the logits' spread
     assert ((approx.double() - exact).abs().max() / exact.abs().max()).item() < 0.02
-    logits = _with(kernel, cpu_int8.logits, x, rows, cpu_native.i8_matmul)
+    logits = _with(kernel, cpu_native.i8_logits, x, rows.weight, rows.exact_scales,
+                   cpu_int8.REFINED)
     top = exact.topk(cpu_int8.REFINED, dim=1).indices
     assert torch.allclose(logits.gather(1, top).double(), exact.gather(1, top), rtol=1e-5,
                           atol=1e-5)  # the top logits in float32
     assert torch.equal(logits.argmax(1), exact.argmax(1))
+    rest = torch.ones_like(logits, dtype=torch.bool).scatter_(1, top, False)
+    assert torch.equal(logits[rest], approx[rest])  # the others: the kernel's
 
 
 def test_the_callers_denormal_mode_is_left_alone(lib):

@@ -195,7 +195,7 @@ class LlamaForCausalLM(nn.Module):
                 and cpu_int8.supported(quant.lm_head_type, torch.bfloat16)
                 and weight.shape[1] % cpu_native.BLOCK == 0):
             self.lm_head_int8 = cpu_int8.quantize_rows(weight.data, dtype=torch.float32)
-            self._head_kernel = cpu_native.i8_matmul
+            self._head_kernel = cpu_native.i8_logits
             return True
         dtype = gemv_dtype or weight.dtype
         if not cpu_int8.supported(quant.lm_head_type, dtype):
@@ -215,7 +215,10 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head_int8 is not None and hidden.shape[0] <= cpu_int8.MAX_ROWS:
-            return cpu_int8.logits(hidden, self.lm_head_int8, self._head_kernel)
+            if self._head_kernel is not None:  # the same logits in one native call
+                head = self.lm_head_int8
+                return self._head_kernel(hidden, head.weight, head.exact_scales, cpu_int8.REFINED)
+            return cpu_int8.logits(hidden, self.lm_head_int8)
         weight = self.lm_head.weight
         if hidden.shape[0] == 1 and not hidden.is_cuda and weight.dtype != torch.float32:
             # one row in bf16/fp16 on CPU: torch.mv's kernel reads the (vocab, hidden) weight

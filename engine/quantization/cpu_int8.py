@@ -91,11 +91,10 @@ def matmul(x: torch.Tensor, w: Int8Rows) -> torch.Tensor:
     return torch._weight_int8pack_mm(x.contiguous(), w.weight, w.scales)
 
 
-def logits(x: torch.Tensor, w: Int8Rows, kernel=None) -> torch.Tensor:
-    """(M, N) float32 logits: the kernel's, with each row's top REFINED recomputed in float32.
-    `kernel(x, weight, scales)`: another kernel for the approximate logits (float32 scales: the
-    native one, kernels/cpu_native.py), else torch's."""
-    out = (matmul(x, w) if kernel is None else kernel(x, w.weight, w.scales)).float()
+def logits(x: torch.Tensor, w: Int8Rows) -> torch.Tensor:
+    """(M, N) float32 logits: the kernel's, with each row's top REFINED recomputed in float32
+    (kernels/cpu_native.py's `i8_logits` does the same in one call for float32 scales)."""
+    out = matmul(x, w).float()
     top = out.topk(min(REFINED, out.shape[1]), dim=1).indices  # (M, R)
     rows = w.weight[top].float()  # (M, R, K)
     exact = torch.bmm(rows, x.float().unsqueeze(2)).squeeze(2) * w.exact_scales[top]
