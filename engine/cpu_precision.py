@@ -13,12 +13,13 @@ So when `EngineConfig.cpu_fast_path` is on (the server's default; the engine's o
 exact, for the token-identity tests), `dtype="auto"` on a CPU with a GGUF whose linears are all
 Q4_0 / Q4_1 (other block types have no int4 GEMV on the CPU) becomes:
 - with bf16 matrix instructions (AVX512-BF16, AMX): bfloat16 + kept blocks;
-- with AVX2 + FMA or AVX-512 but no native bf16: a float32 model with kept blocks whose int4
-  GEMVs and int8 head take bf16 inputs (`cpu_bf16_gemv`): torch's kernels are fast only with
-  bf16 inputs there, while every other bf16 op, prompts' GEMMs above all (7x slower than
-  float32), is emulated. On a 2-core AVX2 EPYC: batch-1 decode 1.6-1.8x float32 (33.7 against
-  18.5 tok/s), prefill within ~10%, perplexity +0.07%; above ~10 running sequences float32
-  decodes faster (86 against 66 tok/s at batch 16: the GEMV's cost grows with its rows);
+- with AVX2 + FMA or AVX-512 but no native bf16: a float32 model with kept blocks
+  (`cpu_bf16_gemv` set too). With a C compiler the model builder gives it the native CPU
+  kernels (kernels/cpu_native.py, EngineConfig.cpu_native): a decode step in one call, float32's
+  perplexity, batch-1 decode about 3.5x exact float32 on a 2-core AVX2 EPYC. Without one, its
+  int4 GEMVs and int8 head take bf16 inputs through torch's kernels, fast only with bf16 inputs
+  there, while every other bf16 op, prompts' GEMMs above all (7x slower than float32), is
+  emulated: batch-1 decode 1.6-1.8x float32, perplexity +0.07%;
 - below AVX2 (a scalar int4 loop) or on other architectures: float32.
 `--dtype float32` always gives the exact path. docs/benchmarks.md has the measurements.
 """
@@ -93,9 +94,9 @@ def resolve_cpu_precision(config: EngineConfig, model_format: str, model_path: s
         logger.info("CPU default: bfloat16 with the GGUF's %s blocks kept for the int4 GEMV (about "
                     "2x decode; --dtype float32 for the exact path)", kinds)
         return dataclasses.replace(config, dtype="bfloat16", gguf_keep_quantized=True)
-    logger.info("CPU default: float32 with the GGUF's %s blocks kept for the int4 GEMV on bf16 "
-                "inputs (no bf16 matrix instructions: everything else stays float32; about 1.8x "
-                "decode; --dtype float32 for the exact path)", kinds)
+    logger.info("CPU default: float32 with the GGUF's %s blocks kept (no bf16 matrix "
+                "instructions): the native CPU kernels where a C compiler builds them, else the "
+                "int4 GEMV on bf16 inputs; --dtype float32 for the exact path", kinds)
     return dataclasses.replace(config, dtype="float32", gguf_keep_quantized=True,
                                cpu_bf16_gemv=True)
 

@@ -118,7 +118,7 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
     gemv_dtype = torch.bfloat16 if kept_float32 and config.cpu_bf16_gemv and not native else None
     if config.speculative is not None:  # K for this device and precision when none was given
         config = dataclasses.replace(config, speculative=config.speculative.for_device(
-            device.type, dtype == torch.float32 and gemv_dtype is None))
+            device.type, dtype == torch.float32 and gemv_dtype is None and not native))
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype, device)  # before the weights
     if kept_float32 and gemv_dtype is None and not native:
         logger.warning(

@@ -5,8 +5,6 @@ it, and the default model's greedy answers as the torch path gives them."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 
 import pytest
@@ -17,9 +15,8 @@ from hearth import LLM, SamplingParams
 from hearth.engine.quantization import cpu_int8, gguf_blocks
 from hearth.kernels import cpu_native
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("cc") is None and shutil.which("gcc") is None and not os.environ.get("CC"),
-    reason="no C compiler: the engine keeps torch's kernels (tested elsewhere)")
+pytestmark = pytest.mark.skipif(cpu_native.compiler() is None,
+                                reason="no C compiler: the engine keeps torch's kernels")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +32,7 @@ def portable(tmp_path_factory):
     import ctypes
 
     out = tmp_path_factory.mktemp("portable") / "cpu_native_portable.so"
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = cpu_native.compiler()
     flags = [f for f in cpu_native._FLAGS if f != "-march=native"]
     subprocess.run([cc, *flags, "-mno-avx2", "-mno-fma", "-o", str(out), str(cpu_native.SOURCE),
                     "-lm"], check=True, capture_output=True)
@@ -209,8 +206,17 @@ def test_without_the_library_the_engine_keeps_torchs_kernels(monkeypatch):
 
 def test_the_build_is_cached_by_source_and_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("HEARTH_NATIVE_CACHE", str(tmp_path))
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = cpu_native.compiler()
     first = cpu_native._build(cc)
     mtime = first.stat().st_mtime_ns
     assert cpu_native._build(cc) == first and first.stat().st_mtime_ns == mtime  # reused
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+def test_a_cache_folder_others_can_write_is_not_used(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    monkeypatch.setenv("HEARTH_NATIVE_CACHE", str(shared))
+    with pytest.raises(OSError, match="no writable cache folder"):
+        cpu_native._build(cpu_native.compiler())

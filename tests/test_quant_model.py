@@ -160,23 +160,33 @@ def test_gptq_act_order_checkpoint(tiny, tmp_path):
 
 
 def test_default_model_kept_quantized_q4_1_same_tokens(caplog):
+    """Float32 weights, the kept blocks' reference path (dequantized at every step) and, where
+    a C compiler builds them, the native CPU kernels: the same greedy tokens."""
+    from hearth.kernels import cpu_native
+
     prompts = ["The capital of France is", "def fibonacci(n):"]
     outs = {}
     caplog.set_level(logging.WARNING, logger="hearth.engine.model_builder")
-    for keep in (False, True):
-        llm = LLM(device="cpu", dtype="float32", progress=False, gguf_keep_quantized=keep)
+    configs = {"float32": dict(gguf_keep_quantized=False),
+               "reference": dict(gguf_keep_quantized=True, cpu_native=False)}
+    if cpu_native.available():
+        configs["native"] = dict(gguf_keep_quantized=True)
+    for name, extra in configs.items():
+        llm = LLM(device="cpu", dtype="float32", progress=False, **extra)
         try:
             layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, GGUFLinear)]
+            keep = extra["gguf_keep_quantized"]
             assert len(layers) == (30 * 4 if keep else 0)  # qkv, o, gate_up, down per layer
             assert all(m.qtype == "Q4_1" for m in layers)
+            assert all(m.native_rows == (name == "native") for m in layers)
             ids = [llm.tokenizer.encode(p) for p in prompts]
             params = SamplingParams(temperature=0, max_tokens=6)
-            outs[keep] = [o.outputs[0].token_ids for o in llm.generate(ids, params,
+            outs[name] = [o.outputs[0].token_ids for o in llm.generate(ids, params,
                                                                        use_tqdm=False)]
         finally:
             llm.shutdown()
-    assert outs[True] == outs[False]
-    assert "dequantizes every layer at every step" in caplog.text  # the slow float32 path
+    assert all(out == outs["float32"] for out in outs.values()), outs
+    assert "dequantizes every layer at every step" in caplog.text  # the slow reference path
 
 
 def test_gptq_act_order_lowers_output_error():

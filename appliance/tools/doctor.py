@@ -171,9 +171,11 @@ def normalize(name: str) -> str:
 
 def _cpu(settings: Settings) -> Check:
     """Cores, and which fast path the CPU takes (engine/cpu_precision.py): bf16 + the int4 GEMV
-    with AVX-512 BF16 or AMX; a float32 model with the int4 GEMV on bf16 inputs with AVX2 + FMA;
-    none below that. That is what `--dtype auto` picks there."""
+    with AVX-512 BF16 or AMX; a float32 model with kept blocks with AVX2 + FMA (the native CPU
+    kernels where a C compiler is found, else the int4 GEMV on bf16 inputs); none below that.
+    That is what `--dtype auto` picks there."""
     from hearth.engine.cpu_precision import BF16_FLAGS, cpu_flags, cpu_has_fast_int4_gemv
+    from hearth.kernels import cpu_native
 
     native = sorted(BF16_FLAGS & cpu_flags())
     fast = cpu_has_fast_int4_gemv()
@@ -184,8 +186,11 @@ def _cpu(settings: Settings) -> Check:
         detail += ("; --dtype auto runs a Q4_0/Q4_1 GGUF on it as --dtype bfloat16 "
                    "--gguf-keep-quantized (int4 GEMV)")
     elif fast and settings.dtype == "auto":
-        detail += ("; --dtype auto runs a Q4_0/Q4_1 GGUF on it in float32 with its blocks kept "
-                   "for the int4 GEMV on bf16 inputs")
+        cc = cpu_native.compiler()
+        detail += ("; --dtype auto runs a Q4_0/Q4_1 GGUF on it in float32 with its blocks kept, "
+                   + (f"on the native CPU kernels (built with {cc})" if cc else
+                      "on the int4 GEMV with bf16 inputs: no C compiler for the native CPU "
+                      "kernels (install gcc: about 2.5x the decode speed)"))
     elif fast and settings.dtype == "float32" and not settings.gguf_keep_quantized:
         detail += "; without a GPU, --dtype auto decodes a Q4_0/Q4_1 GGUF ~1.5-2x faster"
     return Check("OK", "cpu", detail)

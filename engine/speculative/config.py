@@ -14,8 +14,9 @@ SPECULATIVE_METHODS = ("ngram", "draft")
 # int4 GEMV (the server's default there, engine/cpu_precision.py: torch's
 # _weight_int4pack_mm_for_cpu and the int8 LM head, in a bf16 model or on bf16 inputs in a
 # float32 one) rows go in tiles of 4: 4 rows cost 1.6x one row, 5 rows 3x, so K = 3 (1.60x
-# against 1.28x with K = 4 in one run). Exact float32 on a CPU (sgemm) and a GPU: K = 4
-# (float32: 32.5 tok/s against 28.5).
+# against 1.28x with K = 4 in one run). The native CPU kernels (float32, kernels/cpu_native.py)
+# take K = 3 too: their GEMV is compute-bound, a verification row costs nearly a decode row.
+# Exact float32 on a CPU (sgemm) and a GPU: K = 4 (float32: 32.5 tok/s against 28.5).
 # n-gram proposals on a GPU: a verification costs about one replay whatever its rows, and the step
 # (synchronous) weighs more than the rows, so longer proposals pay: K = 8 1.98x, K = 4 1.66x at
 # batch 1 on an H100 (the default model, bf16, steps with nothing to verify overlapped; before
@@ -63,7 +64,8 @@ class SpeculativeConfig:
 
     def for_device(self, device_type: str, float32: bool) -> SpeculativeConfig:
         """This config with K filled in when none was given (DEFAULT_K*, above): the device
-        ("cpu", "cuda") and whether the model runs exact float32 (no int4 GEMV)."""
+        ("cpu", "cuda") and whether the model runs exact float32 (neither the int4 GEMV nor the
+        native CPU kernels)."""
         if self.num_speculative_tokens is not None:
             return self
         if device_type == "cpu":
