@@ -338,7 +338,8 @@ def _instantiate(source, config: EngineConfig, device, dtype, gemv_dtype: torch.
                         source.config.quantization.lm_head_type)
     prepare_native = getattr(model, "prepare_native_decode", None)
     if native and prepare_native is not None and prepare_native():
-        logger.info("decode at batch 1: one native call a token (kernels/cpu_native.py)")
+        logger.info("decode steps of up to %d new tokens: one native call each "
+                    "(kernels/cpu_native.py)", cpu_native.GEMV_MAX_ROWS)
     return model.eval()
 
 

@@ -1,9 +1,9 @@
-/* Hearth's native CPU kernels: llama.cpp's Q4_0 / Q4_1 blocks read in place, and a whole decode
- * token of a Llama-family decoder in one call (engine/models/native_decode.py).
+/* Hearth's native CPU kernels: llama.cpp's Q4_0 / Q4_1 weights (repacked once at load), and a
+ * whole decode step of a Llama-family decoder in one call (engine/models/native_decode.py).
  *
  * Built on first use by kernels/cpu_native.py with the system C compiler (-O3 -march=native
- * -fopenmp) and loaded with ctypes; no Python or torch headers. The OpenMP runtime is the one
- * torch already loaded (same soname), so both share one thread pool.
+ * -fopenmp -ffp-contract=off) and loaded with ctypes; no Python or torch headers. The OpenMP
+ * runtime is the one torch already loaded (same soname), so both share one thread pool.
  *
  * Block layout (llama.cpp, ggml-common.h), 32 weights a block:
  *   Q4_0: f16 d, u8 qs[16]           w = (q - 8) d

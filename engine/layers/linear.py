@@ -285,9 +285,11 @@ class GGUFLinear(QuantizedLinear):
 
     On CPU in bf16/fp16, Q4_0/Q4_1 weights are repacked once for torch's int4 GEMV
     (engine/quantization/cpu_int4.py) and the raw bytes are released: decode reads 4-bit weights,
-    as llama.cpp does. In float32 the CPU path stays the exact reference (dequantize, F.linear),
-    unless `gemv_dtype` is bf16 (EngineConfig.cpu_bf16_gemv): then the GEMV takes the rows
-    rounded to bf16, and prompts multiply the dequantized layer in float32.
+    as llama.cpp does. In a float32 model with the native CPU kernels (`native`,
+    EngineConfig.cpu_native) they are repacked for those instead (kernels/cpu_native.py). Else
+    in float32 the CPU path stays the exact reference (dequantize, F.linear), unless
+    `gemv_dtype` is bf16 (EngineConfig.cpu_bf16_gemv): then the GEMV takes the rows rounded to
+    bf16, and prompts multiply the dequantized layer in float32.
     On CUDA, every type is repacked exactly into the int layout at load (gguf_blocks.to_int_layout:
     Q4_1 and Q4_K as q s + b) and runs on the int kernels (decode GEMV, int_mma, dequantized
     copy), much faster at decode than reading the blocks in place (kernels/quant/gguf_gemm.py;
@@ -373,7 +375,7 @@ class GGUFLinear(QuantizedLinear):
         return gguf_blocks.dequantize(self.qweight, self.qtype, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native and x.dtype == torch.float32 and self.native_rows:
+        if x.dtype == torch.float32 and self.native_rows:
             return self._rows(x, self._native_matmul)
         if self.int4 is not None and x.dtype == self.act_dtype:
             return self._rows(x, lambda rows: cpu_int4.linear(rows, self.int4))
@@ -390,7 +392,7 @@ class GGUFLinear(QuantizedLinear):
             rows, qweight, zeros, scales, g_idx, bits, group, counters=counters, offset=offset))
 
     def _native_matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        """A few rows (decode, verification) through the native GEMV on the raw blocks; many
+        """A few rows (decode, verification) through the native GEMV on the native rows; many
         (prompts) through the layer dequantized, where compute rather than bytes dominates."""
         if rows.shape[0] <= cpu_native.GEMV_MAX_ROWS:
             return cpu_native.q4_matmul(rows, self.qweight, self.out_features)

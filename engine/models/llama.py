@@ -142,7 +142,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = self.norm_class(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.lm_head_int8: cpu_int8.Int8Rows | None = None  # CPU decode, see prepare_cpu_head
-        self.native_decoder = None  # batch-1 CPU decode in one native call (prepare_native_decode)
+        self.native_decoder = None  # CPU steps of few tokens in one native call (see below)
         self._head_kernel = None  # the int8 head's kernel when not torch's (prepare_cpu_head)
         self.tie_weights()
 
@@ -191,7 +191,7 @@ class LlamaForCausalLM(nn.Module):
         quant = self.config.quantization
         if weight.device.type != "cpu" or quant is None:
             return False
-        if (native and weight.dtype == torch.float32
+        if (native and weight.dtype == torch.float32  # (bf16: asks only "8 bits or fewer?")
                 and cpu_int8.supported(quant.lm_head_type, torch.bfloat16)
                 and weight.shape[1] % cpu_native.BLOCK == 0):
             self.lm_head_int8 = cpu_int8.quantize_rows(weight.data, dtype=torch.float32)
@@ -204,8 +204,8 @@ class LlamaForCausalLM(nn.Module):
         return True
 
     def prepare_native_decode(self) -> bool:
-        """After the weights: batch-1 decode tokens in one native call where this model takes
-        it (engine/models/native_decode.py)."""
+        """After the weights: CPU steps of up to 32 new tokens (decode, verification, short
+        prompts) in one native call where this model takes it (engine/models/native_decode.py)."""
         from hearth.engine.models.native_decode import NativeDecoder
 
         plain = type(self) is LlamaForCausalLM and all(type(layer.mlp) is MLP

@@ -1,5 +1,7 @@
 """The LM head on a CPU at decode: 8-bit rows through torch's int8 weight-only GEMV
-(`_weight_int8pack_mm`), for a GGUF whose output matrix the file holds in 8 bits or fewer.
+(`_weight_int8pack_mm`), for a GGUF whose output matrix the file holds in 8 bits or fewer. A
+float32 model on the native CPU kernels takes the same rows (float32 scales) through
+kernels/cpu_native.py's `i8_logits`, which also refines the top logits as `logits` does here.
 
 At batch 1 the default model's tied LM head (49,152 x 576) is the largest single read of a decode
 step: 56.6 MB in bfloat16, 5.2-5.6 ms of a 20 ms token on a 2-core Zen 4 (torch.mv; F.linear 3.1
