@@ -16,7 +16,7 @@ Q4_0 / Q4_1 (other block types have no int4 GEMV on the CPU) becomes:
 - with AVX2 + FMA or AVX-512 but no native bf16: a float32 model with kept blocks
   (`cpu_bf16_gemv` set too). With a C compiler the model builder gives it the native CPU
   kernels (kernels/cpu_native.py, EngineConfig.cpu_native): a decode step in one call, float32's
-  perplexity, batch-1 decode about 3.5x exact float32 on a 2-core AVX2 EPYC. Without one, its
+  perplexity, batch-1 decode 3.5-6x exact float32 on a 2-core AVX2 EPYC. Without one, its
   int4 GEMVs and int8 head take bf16 inputs through torch's kernels, fast only with bf16 inputs
   there, while every other bf16 op, prompts' GEMMs above all (7x slower than float32), is
   emulated: batch-1 decode 1.6-1.8x float32, perplexity +0.07%;

@@ -88,7 +88,7 @@ def _load() -> ctypes.CDLL | None:
     cc = compiler()
     if cc is None:
         logger.warning("no C compiler (cc / gcc): the native CPU kernels are off; decode on the "
-                       "CPU keeps torch's kernels (install gcc: about 2.5x the decode speed)")
+                       "CPU keeps torch's kernels (install gcc: about 3x the decode speed)")
         return None
     try:
         path = _build(cc)

@@ -190,7 +190,7 @@ def _cpu(settings: Settings) -> Check:
         detail += ("; --dtype auto runs a Q4_0/Q4_1 GGUF on it in float32 with its blocks kept, "
                    + (f"on the native CPU kernels (built with {cc})" if cc else
                       "on the int4 GEMV with bf16 inputs: no C compiler for the native CPU "
-                      "kernels (install gcc: about 2.5x the decode speed)"))
+                      "kernels (install gcc: about 3x the decode speed)"))
     elif fast and settings.dtype == "float32" and not settings.gguf_keep_quantized:
         detail += "; without a GPU, --dtype auto decodes a Q4_0/Q4_1 GGUF ~1.5-2x faster"
     return Check("OK", "cpu", detail)
