@@ -74,8 +74,6 @@ static const uint8_t *block_scales(int qtype, const uint8_t *blk, float *d, floa
     return blk + 4;
 }
 
-int hearth_native_version(void) { return 2; }
-
 int hearth_native_avx2(void) {
 #ifdef HEARTH_AVX2
     return 1;

@@ -44,10 +44,12 @@ class RotaryEmbedding(nn.Module):
         The next `prepare` replaces them; layers use them only for this same `positions` object."""
         if positions.is_cuda:
             return
-        cos, sin = self._cos_sin(positions)
+        cos, sin = self.cos_sin(positions)
         self._prepared = (positions, cos.to(dtype), sin.to(dtype))
 
-    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (num_tokens, 1, rotary_dim) for these positions (the native decode reads them
+        too)."""
         cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)  # (num_tokens, head_dim // 2)
         cos = torch.cat([cos, cos], dim=-1).unsqueeze(1)  # (num_tokens, 1, head_dim)
         sin = torch.cat([sin, sin], dim=-1).unsqueeze(1)
@@ -77,7 +79,7 @@ class RotaryEmbedding(nn.Module):
         prepared = self._prepared
         if prepared is not None and prepared[0] is positions and prepared[1].dtype == dtype:
             return prepared[1], prepared[2]
-        return self._cos_sin(positions)
+        return self.cos_sin(positions)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,8 @@ class NativeDecoder:
             num_kv_heads=first.num_kv_heads, head_dim=first.head_dim, block_size=0,
             eps=model.layers[0].input_layernorm.eps, scale=first.scale)
         self.rotary = first.rotary
-        self._caches: list | None = None  # the KV tensors the pointers below address
+        self._caches: list | None = None  # the runner's KV list the pointers below address
+        self._decode = cpu_native.load().hearth_decode  # looked up once, not every step
         self._layers = (cpu_native.Layer * len(model.layers))()
         for i, layer in enumerate(model.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -71,7 +72,7 @@ class NativeDecoder:
                  meta: AttentionMetadata) -> torch.Tensor:
         self._bind(kv_caches)
         res = self.model.embed(input_ids).contiguous()  # (tokens, hidden): becomes the output
-        cos, sin = self.rotary._cos_sin(positions)  # (tokens, 1, head_dim) each
+        cos, sin = self.rotary.cos_sin(positions)  # (tokens, 1, head_dim) each
         cos, sin = cos.contiguous(), sin.contiguous()
         tables = meta.block_tables
         if meta.max_query_len == 1:  # decode: one token a sequence
@@ -87,7 +88,7 @@ class NativeDecoder:
         slots = meta.slot_mapping
         if slots.dtype != torch.int64 or not slots.is_contiguous():
             slots = slots.to(torch.int64).contiguous()
-        cpu_native.load().hearth_decode(
+        self._decode(
             self._layers, len(self._layers), ctypes.byref(self.dims), self.final_norm.data_ptr(),
             res.data_ptr(), cos.data_ptr(), sin.data_ptr(), tables.data_ptr(), tables.stride(0),
             lens.data_ptr(), slots.data_ptr(), res.shape[0])
@@ -95,8 +96,7 @@ class NativeDecoder:
 
     def _bind(self, kv_caches) -> None:
         """Point the layers at the runner's KV tensors (the same tensors every step)."""
-        if self._caches is not None and all(
-                a is b for a, b in zip(self._caches, kv_caches, strict=True)):
+        if kv_caches is self._caches:  # the runner passes its one list every step
             return
         for entry, cache in zip(self._layers, kv_caches, strict=True):
             key, value = cache.key, cache.value
@@ -105,7 +105,7 @@ class NativeDecoder:
                 raise ValueError("the native decode needs float32, contiguous KV caches")
             entry.k_cache, entry.v_cache = key.data_ptr(), value.data_ptr()
         self.dims.block_size = kv_caches[0].key.shape[1]
-        self._caches = list(kv_caches)
+        self._caches = kv_caches
 
 
 def _eligible(model) -> bool:
