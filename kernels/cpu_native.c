@@ -462,9 +462,97 @@ static void silu_mul(const float *gate, const float *up, int64_t n, float *out) 
     for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
+#ifdef HEARTH_AVX2
+/* Scores of 4 keys against jn (1..3) query heads of a GQA group: 4 jn independent accumulator
+ * chains, so the FMAs overlap instead of each key waiting on one chain of dim / 8 dependent
+ * FMAs (the single-key loop ran at ~40 cycles a key, latency-bound). q holds the jn heads'
+ * queries (jn, dim); out[j * ostride + u] = scale * q_j . k_u. Called with a constant jn, so
+ * the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void scores4(const float *q, int64_t dim,
+                                                          const float *const k[4], int jn,
+                                                          float scale, float *out,
+                                                          int64_t ostride) {
+    __m256 a[3][4];
+    for (int j = 0; j < jn; j++)
+        for (int u = 0; u < 4; u++) a[j][u] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 8) {
+        const __m256 k0 = _mm256_loadu_ps(k[0] + d), k1 = _mm256_loadu_ps(k[1] + d);
+        const __m256 k2 = _mm256_loadu_ps(k[2] + d), k3 = _mm256_loadu_ps(k[3] + d);
+        for (int j = 0; j < jn; j++) {
+            const __m256 qv = _mm256_loadu_ps(q + j * dim + d);
+            a[j][0] = _mm256_fmadd_ps(qv, k0, a[j][0]);
+            a[j][1] = _mm256_fmadd_ps(qv, k1, a[j][1]);
+            a[j][2] = _mm256_fmadd_ps(qv, k2, a[j][2]);
+            a[j][3] = _mm256_fmadd_ps(qv, k3, a[j][3]);
+        }
+    }
+    for (int j = 0; j < jn; j++) { /* the four horizontal sums at once */
+        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[j][0], a[j][1]),
+                                        _mm256_hadd_ps(a[j][2], a[j][3]));
+        const __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        _mm_storeu_ps(out + j * ostride, _mm_mul_ps(s, _mm_set1_ps(scale)));
+    }
+}
+
+/* o[0:64] = sum over the n keys of p[u] * v[at[u]][0:64]: eight accumulators with a constant
+ * count, so they stay in registers (an array indexed up to dim / 8 lived on the stack, and
+ * each FMA waited on a store and a load: ~50 cycles a key for three heads). */
+static inline void weigh_values8(const float *p, const float *v, const int64_t *at, int64_t n,
+                                 float *o) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
+           a7 = a0;
+    for (int64_t u = 0; u < n; u++) {
+        const float *r = v + at[u];
+        const __m256 w = _mm256_broadcast_ss(p + u);
+        a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r), a0);
+        a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r + 8), a1);
+        a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r + 16), a2);
+        a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r + 24), a3);
+        a4 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r + 32), a4);
+        a5 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r + 40), a5);
+        a6 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r + 48), a6);
+        a7 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r + 56), a7);
+    }
+    _mm256_storeu_ps(o, a0);
+    _mm256_storeu_ps(o + 8, a1);
+    _mm256_storeu_ps(o + 16, a2);
+    _mm256_storeu_ps(o + 24, a3);
+    _mm256_storeu_ps(o + 32, a4);
+    _mm256_storeu_ps(o + 40, a5);
+    _mm256_storeu_ps(o + 48, a6);
+    _mm256_storeu_ps(o + 56, a7);
+}
+
+/* the same for o[0:8] (head dims that are not a multiple of 64) */
+static inline void weigh_values1(const float *p, const float *v, const int64_t *at, int64_t n,
+                                 float *o) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t u = 0; u < n; u++)
+        a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + u), _mm256_loadu_ps(v + at[u]), a);
+    _mm256_storeu_ps(o, a);
+}
+
+static inline float max_of(const float *x, int64_t n) {
+    int64_t i = 0;
+    float m = -INFINITY;
+    if (n >= 8) {
+        __m256 v = _mm256_loadu_ps(x);
+        for (i = 8; i + 8 <= n; i += 8) v = _mm256_max_ps(v, _mm256_loadu_ps(x + i));
+        __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_max_ss(s, _mm_movehdup_ps(s));
+        m = _mm_cvtss_f32(s);
+    }
+    for (; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+#endif
+
 /* Attention of one decode token, split as flash-decoding does: task (kv head, chunk of keys)
- * scores the GQA group's query heads against each key it loads once, and leaves each head's
- * running max, sum of exp and unnormalised output in `part`; `combine` merges the chunks. */
+ * scores the GQA group's query heads against each key it loads, and leaves each head's
+ * running max, sum of exp and unnormalised output in `part`; `combine` merges the chunks.
+ * A token's scores depend on its own context length only (the 4-key groups start at t0), so
+ * its output is the same bits alone, in a batch, or as a verified speculative token. */
 static void attend_chunk(const float *q, const float *k_cache, const float *v_cache,
                          const int32_t *table, int64_t t0, int64_t t1, int64_t kv_head,
                          int64_t group, const hearth_dims *dm, float *scores, float *part) {
@@ -476,32 +564,41 @@ static void attend_chunk(const float *q, const float *k_cache, const float *v_ca
 #else
     const int vec = 0;
 #endif
-    for (int64_t j = 0; j < group; j++) mx[j] = -INFINITY;
-    /* scores: each key's row loaded once for the group's query heads */
+    /* each key's row offset in the caches, walking the block table a block at a time (a
+     * division a key cost as much as the key's dot products) */
+    int64_t at[KEY_CHUNK];
     for (int64_t t = t0; t < t1;) {
         const int64_t off = t % bsz, run = (bsz - off < t1 - t ? bsz - off : t1 - t);
-        const float *kv = k_cache + ((int64_t)table[t / bsz] * bsz + off) * row + kv_head * dim;
-        for (int64_t u = 0; u < run; u++, kv += row) {
-            float sc[8];
+        const int64_t base = ((int64_t)table[t / bsz] * bsz + off) * row + kv_head * dim;
+        for (int64_t u = 0; u < run; u++) at[t - t0 + u] = base + u * row;
+        t += run;
+    }
+    int64_t u = 0;
 #ifdef HEARTH_AVX2
-            if (vec) {
-                __m256 a[8];
-                for (int64_t j = 0; j < group; j++) a[j] = _mm256_setzero_ps();
-                for (int64_t d = 0; d < dim; d += 8) {
-                    const __m256 kd = _mm256_loadu_ps(kv + d);
-                    for (int64_t j = 0; j < group; j++)
-                        a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * dim + d), kd, a[j]);
-                }
-                for (int64_t j = 0; j < group; j++) sc[j] = hsum(a[j]);
-            }
-#endif
-            for (int64_t j = 0; j < group; j++) {
-                const float s = (vec ? sc[j] : dot(q + j * dim, kv, dim)) * dm->scale;
-                scores[j * n + (t - t0) + u] = s;
-                mx[j] = s > mx[j] ? s : mx[j];
+    if (vec) {
+        for (; u + 4 <= n; u += 4) {
+            const float *const k[4] = {k_cache + at[u], k_cache + at[u + 1], k_cache + at[u + 2],
+                                       k_cache + at[u + 3]};
+            for (int64_t j = 0; j < group; j += 3) {
+                const float *qj = q + j * dim;
+                float *oj = scores + j * n + u;
+                if (group - j >= 3) scores4(qj, dim, k, 3, dm->scale, oj, n);
+                else if (group - j == 2) scores4(qj, dim, k, 2, dm->scale, oj, n);
+                else scores4(qj, dim, k, 1, dm->scale, oj, n);
             }
         }
-        t += run;
+    }
+#endif
+    for (; u < n; u++)
+        for (int64_t j = 0; j < group; j++)
+            scores[j * n + u] = dot(q + j * dim, k_cache + at[u], dim) * dm->scale;
+    for (int64_t j = 0; j < group; j++) {
+#ifdef HEARTH_AVX2
+        mx[j] = max_of(scores + j * n, n);
+#else
+        mx[j] = -INFINITY;
+        for (int64_t u = 0; u < n; u++) mx[j] = fmaxf(mx[j], scores[j * n + u]);
+#endif
     }
     for (int64_t j = 0; j < group; j++) sum[j] = exp_sub_sum(scores + j * n, n, mx[j]);
     /* the weighted sum of values: a head's output in registers across the keys */
@@ -510,33 +607,16 @@ static void attend_chunk(const float *q, const float *k_cache, const float *v_ca
         const float *p = scores + j * n;
 #ifdef HEARTH_AVX2
         if (vec) {
-            __m256 a[32];
-            for (int64_t d = 0; d < dim / 8; d++) a[d] = _mm256_setzero_ps();
-            for (int64_t t = t0; t < t1;) {
-                const int64_t off = t % bsz, run = (bsz - off < t1 - t ? bsz - off : t1 - t);
-                const float *vv = v_cache + ((int64_t)table[t / bsz] * bsz + off) * row +
-                                  kv_head * dim;
-                for (int64_t u = 0; u < run; u++, vv += row) {
-                    const __m256 pw = _mm256_broadcast_ss(p + (t - t0) + u);
-                    for (int64_t d = 0; d < dim / 8; d++)
-                        a[d] = _mm256_fmadd_ps(pw, _mm256_loadu_ps(vv + d * 8), a[d]);
-                }
-                t += run;
-            }
-            for (int64_t d = 0; d < dim / 8; d++) _mm256_storeu_ps(o + d * 8, a[d]);
+            int64_t d = 0;
+            for (; d + 64 <= dim; d += 64) weigh_values8(p, v_cache + d, at, n, o + d);
+            for (; d < dim; d += 8) weigh_values1(p, v_cache + d, at, n, o + d);
             continue;
         }
 #endif
         for (int64_t i = 0; i < dim; i++) o[i] = 0.0f;
-        for (int64_t t = t0; t < t1;) {
-            const int64_t off = t % bsz, run = (bsz - off < t1 - t ? bsz - off : t1 - t);
-            const float *vv = v_cache + ((int64_t)table[t / bsz] * bsz + off) * row +
-                              kv_head * dim;
-            for (int64_t u = 0; u < run; u++, vv += row) {
-                const float w = p[(t - t0) + u];
-                for (int64_t i = 0; i < dim; i++) o[i] += w * vv[i];
-            }
-            t += run;
+        for (int64_t u = 0; u < n; u++) {
+            const float *vv = v_cache + at[u];
+            for (int64_t i = 0; i < dim; i++) o[i] += p[u] * vv[i];
         }
     }
 }
