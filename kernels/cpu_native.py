@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_native.c")
 QTYPES = {"Q4_0": 0, "Q4_1": 1}
 BLOCK = 32
+ROW_BLOCK_BYTES = 20  # a native row's bytes a block: float16 d and m, 16 bytes of nibbles
 # up to this many rows the GEMV reads the blocks in place; more (prompts) multiply the layer
 # dequantized into float32, where compute rather than weight bytes dominates
 GEMV_MAX_ROWS = 32
@@ -164,6 +165,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.hearth_set_threads.argtypes = [i32]
     lib.hearth_q4_repack.argtypes = [i32, p, i64, i64, p]
+    lib.hearth_q4_repack.restype = i64
     lib.hearth_q4_matmul.argtypes = [p, i64, i64, p, i64, p]
     lib.hearth_q4_dequantize.argtypes = [p, i64, i64, p]
     lib.hearth_i8_matmul.argtypes = [p, p, i64, i64, p, i64, p]
@@ -178,12 +180,15 @@ def supported(qtype: str, in_features: int) -> bool:
 
 
 def q4_repack(raw: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor:
-    """(N, row_bytes) raw Q4_0 / Q4_1 rows → (N, 24 * K / 32) native rows: float32 d and m of
+    """(N, row_bytes) raw Q4_0 / Q4_1 rows → (N, 20 * K / 32) native rows: float16 d and m of
     every block, then the nibbles (the layout the kernels read; cpu_native.c)."""
     n = raw.shape[0]
-    out = torch.empty(n, in_features // BLOCK * 24, dtype=torch.uint8)
-    load().hearth_q4_repack(QTYPES[qtype], raw.contiguous().data_ptr(), n, in_features,
-                            out.data_ptr())
+    out = torch.empty(n, in_features // BLOCK * ROW_BLOCK_BYTES, dtype=torch.uint8)
+    bad = load().hearth_q4_repack(QTYPES[qtype], raw.contiguous().data_ptr(), n, in_features,
+                                  out.data_ptr())
+    if bad:
+        raise ValueError(f"{bad} Q4_0 blocks have a scale above 8188, which the native CPU "
+                         "kernels cannot hold; set HEARTH_NATIVE_CPU=0 to load this file")
     return out
 
 

@@ -61,8 +61,28 @@ def _with(library, fn, *args):
 def test_q4_dequantize_is_the_block_reference(lib, qtype, n, k):
     raw = random_q4_blocks(qtype, n, k, torch.Generator().manual_seed(n + k))
     rows = cpu_native.q4_repack(raw, qtype, k)
-    assert rows.shape == (n, k // 32 * 24)
+    assert rows.shape == (n, k // 32 * cpu_native.ROW_BLOCK_BYTES)
     assert torch.equal(cpu_native.q4_dequantize(rows, k), gguf_blocks.dequantize(raw, qtype, k))
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
+def test_q4_0_rows_keep_extreme_scales_exactly(lib, portable, build):
+    """Native rows hold Q4_0's m = -8 d as a float16: exact for subnormal and large d alike."""
+    library = lib if build == "native" else portable
+    d = torch.tensor([6e-8, 3e-6, 6.1e-5, 0.5, 1000.0, 8188.0]).half()  # subnormal .. largest
+    raw = random_q4_blocks("Q4_0", len(d), 32, torch.Generator().manual_seed(1))
+    raw[:, 0:2] = d.view(len(d), 1).view(torch.uint8)
+    rows = _with(library, cpu_native.q4_repack, raw, "Q4_0", 32)
+    assert torch.equal(_with(library, cpu_native.q4_dequantize, rows, 32),
+                       gguf_blocks.dequantize(raw, "Q4_0", 32))
+
+
+def test_q4_0_scale_beyond_float16_is_a_clear_error(lib):
+    raw = random_q4_blocks("Q4_0", 2, 64, torch.Generator().manual_seed(2))
+    raw[1, 0:2] = torch.tensor([9000.0]).half().view(torch.uint8)  # -8 d = -72000
+    with pytest.raises(ValueError, match="1 Q4_0 blocks have a scale above 8188.*"
+                                         "HEARTH_NATIVE_CPU=0"):
+        cpu_native.q4_repack(raw, "Q4_0", 64)
 
 
 @pytest.mark.parametrize("build", ["native", "portable"])
