@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -129,6 +130,10 @@ def main() -> None:
                              "--gguf-keep-quantized")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--model", default=None, help="a model directory or .gguf (Hearth only)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate Hearth and llama.cpp this many times at each batch (a "
+                             "neighbour's load on a shared host then falls on both alike) and "
+                             "print the median decode ratio")
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
@@ -145,21 +150,28 @@ def main() -> None:
         name += f" {Path(args.model).name}"
     bench_hearth(llm, 1)  # warm-up
     rows = []
+    ratios: dict[int, list[float]] = {}
     for batch in args.batch:
-        rows.append((name, batch, *bench_hearth(llm, batch)))
-        if args.model:
-            continue  # the others run the default model's GGUF
-        if not args.skip_transformers:
-            rows.append(("transformers float32", batch, *bench_transformers(batch)))
-        cpp = bench_llama_cpp(batch)
-        if isinstance(cpp, str):
-            print(f"llama.cpp {cpp}")
-        elif cpp:
-            rows.append(("llama.cpp Q4_1", batch, *cpp))
+        for _ in range(args.rounds):
+            ours = bench_hearth(llm, batch)
+            rows.append((name, batch, *ours))
+            if args.model:
+                continue  # the others run the default model's GGUF
+            if not args.skip_transformers:
+                rows.append(("transformers float32", batch, *bench_transformers(batch)))
+            cpp = bench_llama_cpp(batch)
+            if isinstance(cpp, str):
+                print(f"llama.cpp {cpp}")
+            elif cpp:
+                rows.append(("llama.cpp Q4_1", batch, *cpp))
+                ratios.setdefault(batch, []).append(ours[1] / cpp[1])
     print("| backend | batch | prefill tok/s | decode tok/s |")
     print("|---|---|---|---|")
     for name, batch, prefill, decode in rows:
         print(f"| {name} | {batch} | {prefill:.0f} | {decode:.1f} |")
+    for batch, r in ratios.items():
+        print(f"decode against llama.cpp at batch {batch}: median {statistics.median(r):.2f}x "
+              f"over {len(r)} rounds (each {', '.join(f'{x:.2f}' for x in r)})")
 
 
 if __name__ == "__main__":
