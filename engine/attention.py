@@ -81,6 +81,7 @@ class TorchAttention:
                 ks, vs = k[start : start + q_len], v[start : start + q_len]
             else:
                 ks, vs = _context(k_cache, v_cache, meta, s, seq_len, first)
+                ks, vs = ks.to(q.dtype), vs.to(q.dtype)  # a float16 cache under float32
             out[start : start + q_len] = _attend(qs, ks, vs, scores, seq_len - q_len,
                                                  first if q_len != seq_len else 0)
             start += q_len
@@ -112,8 +113,10 @@ def write_kv_torch(
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     flat_k = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
     flat_v = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
-    flat_k.index_copy_(0, slot_mapping, k)
-    flat_v.index_copy_(0, slot_mapping, v)
+    # a cache of another dtype (float16 under the native CPU kernels' float32 model) rounds the
+    # new K/V to nearest, as the native step's writes do
+    flat_k.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    flat_v.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def _context(
@@ -253,6 +256,7 @@ def _decode_batched(
         tables = meta.block_tables[:, :num_blocks]
         ks = _gather_blocks(k_cache, tables).flatten(1, 2)[:, :max_len].transpose(1, 2)
         vs = _gather_blocks(v_cache, tables).flatten(1, 2)[:, :max_len].transpose(1, 2)
+    ks, vs = ks.to(q.dtype), vs.to(q.dtype)  # a float16 cache under a float32 model
     qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # (S, Hkv, G, D)
     out = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=_padding_mask(meta, q.dtype),
                                          scale=scores.scale)
@@ -273,6 +277,7 @@ def _decode_windowed(
     # (S, Hkv, L, D) from position `first` on
     ks = _gather_blocks(k_cache, tables).flatten(1, 2)[:, :length].transpose(1, 2)
     vs = _gather_blocks(v_cache, tables).flatten(1, 2)[:, :length].transpose(1, 2)
+    ks, vs = ks.to(q.dtype), vs.to(q.dtype)
     q_pos = meta.seq_lens.to(torch.int64)[:, None] - 1  # (S, 1)
     k_pos = torch.arange(first, meta.max_seq_len, device=q.device)[None, :]  # (1, L)
     visible = k_pos <= q_pos

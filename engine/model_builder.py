@@ -52,6 +52,9 @@ from hearth.kernels import cpu_native
 
 logger = logging.getLogger(__name__)
 _GIB = 1 << 30
+# The KV cache of the native CPU kernels' model under kv_cache_dtype "auto": float16, as
+# llama.cpp keeps it (attention reads half the bytes; held-out perplexity in docs/benchmarks.md).
+NATIVE_KV_DTYPE = torch.float16
 
 
 @dataclass
@@ -120,6 +123,8 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
         config = dataclasses.replace(config, speculative=config.speculative.for_device(
             device.type, dtype == torch.float32 and gemv_dtype is None and not native))
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype, device)  # before the weights
+    if native and config.kv_cache_dtype == "auto":
+        kv_dtype = NATIVE_KV_DTYPE
     if kept_float32 and gemv_dtype is None and not native:
         logger.warning(
             "gguf_keep_quantized on CPU in float32 keeps the exact reference path, which "

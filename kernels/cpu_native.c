@@ -61,17 +61,34 @@ static inline float f16_to_f32(const uint8_t *p) {
     return f;
 }
 
-/* x as float16 bits where x is exactly a float16 value (Q4_0's m = -8 d, with d a float16);
- * returns -1 where it is not (|x| > 65504: d > 8188, weights of ~1e5 no model has). */
-static int32_t f32_to_f16_exact(float x) {
+/* x as float16 bits, rounded to nearest even (as torch's .half() and vcvtps2ph round) */
+static uint16_t f32_to_f16(float x) {
     uint32_t bits;
     memcpy(&bits, &x, 4);
-    const uint32_t sign = (bits >> 16) & 0x8000, man = bits & 0x7fffff;
-    const int32_t e = (int32_t)((bits >> 23) & 0xff) - 127;
-    if ((bits & 0x7fffffff) == 0) return (int32_t)sign;
-    if (e > 15) return -1;
-    if (e >= -14) return (int32_t)(sign | (uint32_t)(e + 15) << 10 | man >> 13);
-    return (int32_t)(sign | (man | 0x800000) >> (13 - 14 - e)); /* subnormal */
+    const uint32_t sign = (bits >> 16) & 0x8000, ax = bits & 0x7fffffff;
+    if (ax >= 0x7f800000) return (uint16_t)(sign | 0x7c00 | (ax > 0x7f800000 ? 0x200 : 0));
+    if (ax >= 0x477ff000) return (uint16_t)(sign | 0x7c00); /* rounds to 65520 or more: inf */
+    if (ax < 0x33000000) return (uint16_t)sign; /* below 2^-25: zero */
+    uint32_t h, rem, half;
+    if (ax < 0x38800000) { /* below 2^-14: a subnormal float16, k 2^-24 */
+        const uint32_t shift = 126 - (ax >> 23), m = (ax & 0x7fffff) | 0x800000;
+        h = m >> shift;
+        rem = m & ((1u << shift) - 1);
+        half = 1u << (shift - 1);
+    } else { /* rebias the exponent; a carry out of the mantissa moves it up, as it should */
+        h = (ax - 0x38000000) >> 13;
+        rem = ax & 0x1fff;
+        half = 0x1000;
+    }
+    if (rem > half || (rem == half && (h & 1))) h++;
+    return (uint16_t)(sign | h);
+}
+
+/* x as float16 bits where x is exactly a float16 value (Q4_0's m = -8 d, with d a float16);
+ * -1 where it is not (|x| > 65504: d > 8188, weights of ~1e5 no model has). */
+static int32_t f32_to_f16_exact(float x) {
+    const uint16_t h = f32_to_f16(x);
+    return f16_to_f32((const uint8_t *)&h) == x ? (int32_t)h : -1;
 }
 
 static int block_bytes(int qtype) { return qtype == 0 ? 18 : 20; }
@@ -411,13 +428,38 @@ void hearth_q4_dequantize(const uint8_t *w, int64_t n, int64_t k, float *out) {
 typedef struct {
     const uint8_t *qkv, *o, *gate_up, *down; /* native rows (hearth_q4_repack) */
     const float *input_norm, *post_norm; /* (hidden,) */
-    float *k_cache, *v_cache; /* (num_blocks, block_size, kv_heads, head_dim) */
+    void *k_cache, *v_cache; /* (num_blocks, block_size, kv_heads, head_dim), float32 or 16 */
 } hearth_layer;
 
 typedef struct {
     int64_t hidden, intermediate, num_heads, num_kv_heads, head_dim, block_size;
+    int64_t kv_half; /* 1: the caches hold float16 (llama.cpp's default), 0: float32 */
     float eps, scale;
 } hearth_dims;
+
+/* n floats into float16 (round to nearest even) */
+static void store_half(const float *x, int64_t n, uint16_t *out) {
+    int64_t i = 0;
+#ifdef HEARTH_AVX2
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(out + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; i++) out[i] = f32_to_f16(x[i]);
+}
+
+/* store_half for the tests (the K/V writes' rounding against torch's) */
+void hearth_f32_to_f16(const float *x, int64_t n, uint16_t *out) { store_half(x, n, out); }
+
+/* n float16 values as floats */
+static void load_half(const uint16_t *h, int64_t n, float *out) {
+    int64_t i = 0;
+#ifdef HEARTH_AVX2
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+    for (; i < n; i++) out[i] = f16_to_f32((const uint8_t *)(h + i));
+}
 
 static void rms_norm(const float *x, const float *w, float eps, int64_t n, float *out) {
     const float s = dot(x, x, n);
@@ -590,9 +632,10 @@ static inline float max_of(const float *x, int64_t n) {
  * running max, sum of exp and unnormalised output in `part`; `combine` merges the chunks.
  * A token's scores depend on its own context length only (the 4-key groups start at t0), so
  * its output is the same bits alone, in a batch, or as a verified speculative token. */
-static void attend_chunk(const float *q, const float *k_cache, const float *v_cache,
+static void attend_chunk(const float *q, const void *k_base, const void *v_base,
                          const int32_t *table, int64_t t0, int64_t t1, int64_t kv_head,
-                         int64_t group, const hearth_dims *dm, float *scores, float *part) {
+                         int64_t group, const hearth_dims *dm, float *scores, float *part,
+                         float *scratch) {
     const int64_t dim = dm->head_dim, bsz = dm->block_size, kvh = dm->num_kv_heads;
     const int64_t n = t1 - t0, row = kvh * dim; /* floats from one key's row to the next */
     float *mx = part, *sum = part + group, *acc = part + 2 * group; /* acc: (group, dim) */
@@ -610,6 +653,17 @@ static void attend_chunk(const float *q, const float *k_cache, const float *v_ca
         const int64_t base = ((int64_t)table[t / bsz] * bsz + off) * row + kv_head * dim;
         for (int64_t u = 0; u < run; u++) at[t - t0 + u] = base + u * row;
         t += run;
+    }
+    const float *k_cache = (const float *)k_base, *v_cache = (const float *)v_base;
+    if (dm->kv_half) { /* the chunk's keys and values as floats, once (scratch: 2 n dim) */
+        float *ks = scratch, *vs = scratch + KEY_CHUNK * dim;
+        for (int64_t u = 0; u < n; u++) {
+            load_half((const uint16_t *)k_base + at[u], dim, ks + u * dim);
+            load_half((const uint16_t *)v_base + at[u], dim, vs + u * dim);
+            at[u] = u * dim;
+        }
+        k_cache = ks;
+        v_cache = vs;
     }
     int64_t u = 0;
 #ifdef HEARTH_AVX2
@@ -713,6 +767,9 @@ int hearth_decode(const hearth_layer *layers, int64_t num_layers, const hearth_d
 #pragma omp parallel
     {
         const unsigned int csr = flush_denormals();
+        /* a thread's float copy of one chunk's float16 keys and values */
+        float *scratch =
+            dm->kv_half ? (float *)malloc(sizeof(float) * (size_t)(2 * KEY_CHUNK * dim)) : NULL;
         for (int64_t l = 0; l < num_layers; l++) {
             const hearth_layer *L = &layers[l];
             /* each loop over the m tokens ends in the input the next GEMV reads (one barrier) */
@@ -727,9 +784,15 @@ int hearth_decode(const hearth_layer *layers, int64_t num_layers, const hearth_d
             for (int64_t i = 0; i < m; i++) {
                 float *row = buf + i * big;
                 rotate(row, nh + kvh, dim, cos + i * dim, sin + i * dim); /* q, k heads adjacent */
-                memcpy(L->k_cache + slots[i] * kvsz, row + qsz, sizeof(float) * (size_t)kvsz);
-                memcpy(L->v_cache + slots[i] * kvsz, row + qsz + kvsz,
-                       sizeof(float) * (size_t)kvsz);
+                if (dm->kv_half) {
+                    store_half(row + qsz, kvsz, (uint16_t *)L->k_cache + slots[i] * kvsz);
+                    store_half(row + qsz + kvsz, kvsz, (uint16_t *)L->v_cache + slots[i] * kvsz);
+                } else {
+                    memcpy((float *)L->k_cache + slots[i] * kvsz, row + qsz,
+                           sizeof(float) * (size_t)kvsz);
+                    memcpy((float *)L->v_cache + slots[i] * kvsz, row + qsz + kvsz,
+                           sizeof(float) * (size_t)kvsz);
+                }
             }
 #pragma omp for schedule(dynamic)
             for (int64_t task = 0; task < tasks; task++) {
@@ -742,7 +805,7 @@ int hearth_decode(const hearth_layer *layers, int64_t num_layers, const hearth_d
                 attend_chunk(buf + i * big + kv_head * group * dim, L->k_cache, L->v_cache,
                              tables + i * table_stride, t0, t1, kv_head, group, dm,
                              scores + score_at[i] + kv_head * group * len + group * t0,
-                             parts + task * group * (dim + 2));
+                             parts + task * group * (dim + 2), scratch);
             }
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < m; i++) {
@@ -773,6 +836,7 @@ int hearth_decode(const hearth_layer *layers, int64_t num_layers, const hearth_d
             rms_norm(res + i * hd, final_norm, dm->eps, hd, tmp + i * hd);
             memcpy(res + i * hd, tmp + i * hd, sizeof(float) * (size_t)hd);
         }
+        free(scratch);
         restore_denormals(csr);
     }
     for (int64_t i = 0; i < m; i++) input_free(&in[i]);

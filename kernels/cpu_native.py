@@ -61,7 +61,7 @@ class Dims(ctypes.Structure):
     _fields_ = [("hidden", ctypes.c_int64), ("intermediate", ctypes.c_int64),
                 ("num_heads", ctypes.c_int64), ("num_kv_heads", ctypes.c_int64),
                 ("head_dim", ctypes.c_int64), ("block_size", ctypes.c_int64),
-                ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+                ("kv_half", ctypes.c_int64), ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
 
 
 def load() -> ctypes.CDLL | None:
@@ -167,6 +167,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.hearth_q4_repack.argtypes = [i32, p, i64, i64, p]
     lib.hearth_q4_repack.restype = i64
     lib.hearth_q4_matmul.argtypes = [p, i64, i64, p, i64, p]
+    lib.hearth_f32_to_f16.argtypes = [p, i64, p]
     lib.hearth_q4_dequantize.argtypes = [p, i64, i64, p]
     lib.hearth_i8_matmul.argtypes = [p, p, i64, i64, p, i64, p]
     lib.hearth_i8_logits.argtypes = [p, p, i64, i64, p, i64, p, i64]

@@ -77,6 +77,33 @@ def test_q4_0_rows_keep_extreme_scales_exactly(lib, portable, build):
                        gguf_blocks.dequantize(raw, "Q4_0", 32))
 
 
+@pytest.mark.parametrize("build", ["native", "portable"])
+def test_float16_kv_writes_round_as_torch_does(lib, portable, build):
+    """The native step's K/V writes into a float16 cache: round to nearest even, as torch's
+    .half() rounds the torch path's writes (subnormals, ties, overflow, inf and nan included)."""
+    library = lib if build == "native" else portable
+    gen = torch.Generator().manual_seed(3)
+    edge = torch.tensor([0.0, -0.0, 1.0, 65504.0, 65519.0, 65520.0, -70000.0, 6e-8, 2.98e-8,
+                         2.9802322387695312e-08, 5.960464477539063e-08, 1e-9, 6.1e-5,
+                         1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, float("inf"), -float("inf"),
+                         float("nan")])
+    x = torch.cat([edge, torch.randn(999, generator=gen) * 10.0 ** torch.randint(
+        -8, 5, (999,), generator=gen)])
+    out = torch.empty(len(x), dtype=torch.int16)
+    library.hearth_f32_to_f16(x.data_ptr(), len(x), out.data_ptr())
+    want = x.half()
+    got = out.view(torch.float16)
+    same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())
+    assert bool(same.all()), x[~same]
+
+
+def test_the_native_model_keeps_a_float16_kv_cache(native_llm):
+    caches = native_llm.engine.runner.kv_caches
+    assert {c.key.dtype for c in caches} == {torch.float16}
+    _answers(native_llm, CHATS[:1], max_tokens=2)  # the first step binds the caches
+    assert native_llm.engine.runner.model.native_decoder.dims.kv_half == 1
+
+
 def test_q4_0_scale_beyond_float16_is_a_clear_error(lib):
     raw = random_q4_blocks("Q4_0", 2, 64, torch.Generator().manual_seed(2))
     raw[1, 0:2] = torch.tensor([9000.0]).half().view(torch.uint8)  # -8 d = -72000

@@ -11,8 +11,10 @@ each row alone), so a greedy answer does not change with other users' traffic.
 Taken only where it computes what engine/models/llama.py would (up to float32 rounding and the
 GEMVs' int16 inputs): a float32 CPU model whose decoder linears are GGUF Q4_0 / Q4_1 blocks kept
 (GGUFLinear.native_rows), no biases, no q/k norms, full neox rotary, no sliding window or
-soft-capping, RMSNorm, SiLU, a float32 KV cache. Steps of more than GEMV_MAX_ROWS new tokens
-(prompts) keep the torch path, whose linears multiply the layer dequantized.
+soft-capping, RMSNorm, SiLU. The KV cache is float16 (model_builder picks it for this path, as
+llama.cpp does: half the bytes attention reads) or float32. Steps of more than GEMV_MAX_ROWS new
+tokens (prompts) keep the torch path, whose linears multiply the layer dequantized and whose
+attention casts the float16 cache (engine/attention.py).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class NativeDecoder:
         first = model.layers[0].self_attn
         self.dims = cpu_native.Dims(
             hidden=c.hidden_size, intermediate=c.intermediate_size, num_heads=first.num_heads,
-            num_kv_heads=first.num_kv_heads, head_dim=first.head_dim, block_size=0,
+            num_kv_heads=first.num_kv_heads, head_dim=first.head_dim, block_size=0, kv_half=0,
             eps=model.layers[0].input_layernorm.eps, scale=first.scale)
         self.rotary = first.rotary
         self._caches: list | None = None  # the runner's KV list the pointers below address
@@ -98,13 +100,17 @@ class NativeDecoder:
         """Point the layers at the runner's KV tensors (the same tensors every step)."""
         if kv_caches is self._caches:  # the runner passes its one list every step
             return
+        dtype = kv_caches[0].key.dtype
         for entry, cache in zip(self._layers, kv_caches, strict=True):
             key, value = cache.key, cache.value
-            if (key.dtype != torch.float32 or not key.is_contiguous()
+            if (key.dtype not in (torch.float16, torch.float32) or key.dtype != dtype
+                    or value.dtype != dtype or not key.is_contiguous()
                     or not value.is_contiguous()):
-                raise ValueError("the native decode needs float32, contiguous KV caches")
+                raise ValueError("the native decode needs contiguous float16 or float32 KV "
+                                 "caches, one dtype for every layer")
             entry.k_cache, entry.v_cache = key.data_ptr(), value.data_ptr()
         self.dims.block_size = kv_caches[0].key.shape[1]
+        self.dims.kv_half = int(dtype == torch.float16)
         self._caches = kv_caches
 
 
