@@ -348,14 +348,29 @@ static void row_dot4(const uint8_t *row, int64_t nb, const q_input *in, float *o
         mterm[i] = dot_h(m, in[i].sum, nb);
         a[i][0] = a[i][1] = _mm256_setzero_ps();
     }
-    for (int64_t b = 0; b < nb; b++) {
-        const int c = (int)(b & 1); /* row_dot's chain for block b */
-        __m256i lo, hi;
+    /* row_dot's two chains: even blocks into a[i][0], odd ones into a[i][1], a last odd block
+     * into a[i][0]. The chain is a constant index, so the accumulators stay in registers (with
+     * b & 1 as the index they lived on the stack: a store and a load on every FMA's path). */
+    int64_t b = 0;
+    __m256i lo, hi;
+    for (; b + 1 < nb; b += 2) {
         unpack(qs + b * 16, &lo, &hi);
         for (int i = 0; i < 4; i++)
-            a[i][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(ds[i] + b),
+            a[i][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(ds[i] + b),
                                       _mm256_cvtepi32_ps(block_dot(lo, hi, in[i].q + b * QK)),
-                                      a[i][c]);
+                                      a[i][0]);
+        unpack(qs + (b + 1) * 16, &lo, &hi);
+        for (int i = 0; i < 4; i++)
+            a[i][1] = _mm256_fmadd_ps(
+                _mm256_broadcast_ss(ds[i] + b + 1),
+                _mm256_cvtepi32_ps(block_dot(lo, hi, in[i].q + (b + 1) * QK)), a[i][1]);
+    }
+    if (b < nb) {
+        unpack(qs + b * 16, &lo, &hi);
+        for (int i = 0; i < 4; i++)
+            a[i][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(ds[i] + b),
+                                      _mm256_cvtepi32_ps(block_dot(lo, hi, in[i].q + b * QK)),
+                                      a[i][0]);
     }
     for (int i = 0; i < 4; i++) out[i] = hsum(_mm256_add_ps(a[i][0], a[i][1])) + mterm[i];
 }
