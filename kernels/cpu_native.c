@@ -506,16 +506,6 @@ static void store_half(const float *x, int64_t n, uint16_t *out) {
 /* store_half for the tests (the K/V writes' rounding against torch's) */
 void hearth_f32_to_f16(const float *x, int64_t n, uint16_t *out) { store_half(x, n, out); }
 
-/* n float16 values as floats */
-static void load_half(const uint16_t *h, int64_t n, float *out) {
-    int64_t i = 0;
-#ifdef HEARTH_AVX2
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
-#endif
-    for (; i < n; i++) out[i] = f16_to_f32((const uint8_t *)(h + i));
-}
-
 static void rms_norm(const float *x, const float *w, float eps, int64_t n, float *out) {
     const float s = dot(x, x, n);
     const float r = 1.0f / sqrtf(s / (float)n + eps);
@@ -597,21 +587,27 @@ static void silu_mul(const float *gate, const float *up, int64_t n, float *out) 
 }
 
 #ifdef HEARTH_AVX2
-/* Scores of 4 keys against jn (1..3) query heads of a GQA group: 4 jn independent accumulator
- * chains, so the FMAs overlap instead of each key waiting on one chain of dim / 8 dependent
- * FMAs (the single-key loop ran at ~40 cycles a key, latency-bound). q holds the jn heads'
- * queries (jn, dim); out[j * ostride + u] = scale * q_j . k_u. Called with a constant jn, so
- * the accumulators stay in registers. */
+/* 8 K/V values at element e of a cache row, float32 or float16 (a constant at each call) */
+static inline __attribute__((always_inline)) __m256 kv_load(const void *base, int64_t e,
+                                                            int half) {
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + e)))
+                : _mm256_loadu_ps((const float *)base + e);
+}
+
+/* Scores of 4 keys (element offsets at[0..3] in the cache) against jn (1..3) query heads of a
+ * GQA group: 4 jn independent accumulator chains, each key's 8 values loaded (and converted)
+ * once for the jn heads. q holds the heads' queries (jn, dim); out[j * ostride + u] =
+ * scale * q_j . k_u. Called with constant jn and half, so the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void scores4(const float *q, int64_t dim,
-                                                          const float *const k[4], int jn,
-                                                          float scale, float *out,
-                                                          int64_t ostride) {
+                                                          const void *k, const int64_t *at,
+                                                          int half, int jn, float scale,
+                                                          float *out, int64_t ostride) {
     __m256 a[3][4];
     for (int j = 0; j < jn; j++)
         for (int u = 0; u < 4; u++) a[j][u] = _mm256_setzero_ps();
     for (int64_t d = 0; d < dim; d += 8) {
-        const __m256 k0 = _mm256_loadu_ps(k[0] + d), k1 = _mm256_loadu_ps(k[1] + d);
-        const __m256 k2 = _mm256_loadu_ps(k[2] + d), k3 = _mm256_loadu_ps(k[3] + d);
+        const __m256 k0 = kv_load(k, at[0] + d, half), k1 = kv_load(k, at[1] + d, half);
+        const __m256 k2 = kv_load(k, at[2] + d, half), k3 = kv_load(k, at[3] + d, half);
         for (int j = 0; j < jn; j++) {
             const __m256 qv = _mm256_loadu_ps(q + j * dim + d);
             a[j][0] = _mm256_fmadd_ps(qv, k0, a[j][0]);
@@ -628,42 +624,40 @@ static inline __attribute__((always_inline)) void scores4(const float *q, int64_
     }
 }
 
-/* o[0:64] = sum over the n keys of p[u] * v[at[u]][0:64]: eight accumulators with a constant
- * count, so they stay in registers (an array indexed up to dim / 8 lived on the stack, and
- * each FMA waited on a store and a load: ~50 cycles a key for three heads). */
-static inline void weigh_values8(const float *p, const float *v, const int64_t *at, int64_t n,
-                                 float *o) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
-           a7 = a0;
+/* o_j[d0 : d0 + 32] = sum over the n keys of p_j[u] v_u[d0 : d0 + 32], for jn (1..3) heads of a
+ * group at once: each value row read (and converted) once for the group, 4 jn accumulators in
+ * registers (constant jn and half). p_j = p + j * n, o_j = o + j * dim. */
+static inline __attribute__((always_inline)) void values32(const float *p, const void *v,
+                                                           const int64_t *at, int64_t n,
+                                                           int64_t d0, int half, int jn,
+                                                           float *o, int64_t dim) {
+    __m256 a[3][4];
+    for (int j = 0; j < jn; j++)
+        for (int i = 0; i < 4; i++) a[j][i] = _mm256_setzero_ps();
     for (int64_t u = 0; u < n; u++) {
-        const float *r = v + at[u];
-        const __m256 w = _mm256_broadcast_ss(p + u);
-        a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r), a0);
-        a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r + 8), a1);
-        a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r + 16), a2);
-        a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r + 24), a3);
-        a4 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r + 32), a4);
-        a5 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r + 40), a5);
-        a6 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r + 48), a6);
-        a7 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r + 56), a7);
+        const int64_t e = at[u] + d0;
+        const __m256 v0 = kv_load(v, e, half), v1 = kv_load(v, e + 8, half);
+        const __m256 v2 = kv_load(v, e + 16, half), v3 = kv_load(v, e + 24, half);
+        for (int j = 0; j < jn; j++) {
+            const __m256 w = _mm256_broadcast_ss(p + j * n + u);
+            a[j][0] = _mm256_fmadd_ps(w, v0, a[j][0]);
+            a[j][1] = _mm256_fmadd_ps(w, v1, a[j][1]);
+            a[j][2] = _mm256_fmadd_ps(w, v2, a[j][2]);
+            a[j][3] = _mm256_fmadd_ps(w, v3, a[j][3]);
+        }
     }
-    _mm256_storeu_ps(o, a0);
-    _mm256_storeu_ps(o + 8, a1);
-    _mm256_storeu_ps(o + 16, a2);
-    _mm256_storeu_ps(o + 24, a3);
-    _mm256_storeu_ps(o + 32, a4);
-    _mm256_storeu_ps(o + 40, a5);
-    _mm256_storeu_ps(o + 48, a6);
-    _mm256_storeu_ps(o + 56, a7);
+    for (int j = 0; j < jn; j++)
+        for (int i = 0; i < 4; i++) _mm256_storeu_ps(o + j * dim + d0 + 8 * i, a[j][i]);
 }
 
-/* the same for o[0:8] (head dims that are not a multiple of 64) */
-static inline void weigh_values1(const float *p, const float *v, const int64_t *at, int64_t n,
-                                 float *o) {
+/* the same for 8 values at d0 and one head (head dims that are not a multiple of 32) */
+static inline __attribute__((always_inline)) void values8(const float *p, const void *v,
+                                                          const int64_t *at, int64_t n,
+                                                          int64_t d0, int half, float *o) {
     __m256 a = _mm256_setzero_ps();
     for (int64_t u = 0; u < n; u++)
-        a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + u), _mm256_loadu_ps(v + at[u]), a);
-    _mm256_storeu_ps(o, a);
+        a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + u), kv_load(v, at[u] + d0, half), a);
+    _mm256_storeu_ps(o + d0, a);
 }
 
 static inline float max_of(const float *x, int64_t n) {
@@ -680,27 +674,65 @@ static inline float max_of(const float *x, int64_t n) {
     for (; i < n; i++) m = x[i] > m ? x[i] : m;
     return m;
 }
+
+/* the scores of a chunk: every 4 keys through scores4 (constant jn and half) */
+static inline __attribute__((always_inline)) void chunk_scores(const float *q, const void *k,
+                                                               const int64_t *at, int64_t n4,
+                                                               int64_t n, int64_t group,
+                                                               int64_t dim, int half,
+                                                               float scale, float *scores) {
+    for (int64_t u = 0; u < n4; u += 4)
+        for (int64_t j = 0; j < group; j += 3) {
+            const int left = (int)(group - j);
+            float *out = scores + j * n + u;
+            if (left >= 3) scores4(q + j * dim, dim, k, at + u, half, 3, scale, out, n);
+            else if (left == 2) scores4(q + j * dim, dim, k, at + u, half, 2, scale, out, n);
+            else scores4(q + j * dim, dim, k, at + u, half, 1, scale, out, n);
+        }
+}
+
+/* the weighted values of a chunk: 32 dims at a time for up to 3 heads, then 8 (constants) */
+static inline __attribute__((always_inline)) void chunk_values(const float *p, const void *v,
+                                                               const int64_t *at, int64_t n,
+                                                               int64_t group, int64_t dim,
+                                                               int half, float *acc) {
+    for (int64_t j = 0; j < group; j += 3) {
+        const int left = (int)(group - j);
+        const float *pj = p + j * n;
+        float *oj = acc + j * dim;
+        int64_t d = 0;
+        for (; d + 32 <= dim; d += 32) {
+            if (left >= 3) values32(pj, v, at, n, d, half, 3, oj, dim);
+            else if (left == 2) values32(pj, v, at, n, d, half, 2, oj, dim);
+            else values32(pj, v, at, n, d, half, 1, oj, dim);
+        }
+        for (; d < dim; d += 8)
+            for (int jj = 0; jj < (left < 3 ? left : 3); jj++)
+                values8(pj + jj * n, v, at, n, d, half, oj + jj * dim);
+    }
+}
 #endif
+
+/* a K/V cache value as a float */
+static inline float kv_at(const void *base, int64_t e, int half) {
+    return half ? f16_to_f32((const uint8_t *)((const uint16_t *)base + e))
+                : ((const float *)base)[e];
+}
 
 /* Attention of one decode token, split as flash-decoding does: task (kv head, chunk of keys)
  * scores the GQA group's query heads against each key it loads, and leaves each head's
  * running max, sum of exp and unnormalised output in `part`; `combine` merges the chunks.
- * A token's scores depend on its own context length only (the 4-key groups start at t0), so
- * its output is the same bits alone, in a batch, or as a verified speculative token. */
-static void attend_chunk(const float *q, const void *k_base, const void *v_base,
+ * The cache holds float32 or float16 (dm->kv_half), converted as it is read. A token's scores
+ * depend on its own context length only (the 4-key groups start at t0), so its output is the
+ * same bits alone, in a batch, or as a verified speculative token. */
+static void attend_chunk(const float *q, const void *k_cache, const void *v_cache,
                          const int32_t *table, int64_t t0, int64_t t1, int64_t kv_head,
-                         int64_t group, const hearth_dims *dm, float *scores, float *part,
-                         float *scratch) {
+                         int64_t group, const hearth_dims *dm, float *scores, float *part) {
     const int64_t dim = dm->head_dim, bsz = dm->block_size, kvh = dm->num_kv_heads;
-    const int64_t n = t1 - t0, row = kvh * dim; /* floats from one key's row to the next */
+    const int64_t n = t1 - t0, row = kvh * dim; /* elements from one key's row to the next */
+    const int half = (int)dm->kv_half;
     float *mx = part, *sum = part + group, *acc = part + 2 * group; /* acc: (group, dim) */
-#ifdef HEARTH_AVX2
-    const int vec = dim % 8 == 0 && dim <= 256 && group <= 8;
-#else
-    const int vec = 0;
-    (void)vec;
-#endif
-    /* each key's row offset in the caches, walking the block table a block at a time (a
+    /* each key's element offset in the caches, walking the block table a block at a time (a
      * division a key cost as much as the key's dot products) */
     int64_t at[KEY_CHUNK];
     for (int64_t t = t0; t < t1;) {
@@ -709,62 +741,47 @@ static void attend_chunk(const float *q, const void *k_base, const void *v_base,
         for (int64_t u = 0; u < run; u++) at[t - t0 + u] = base + u * row;
         t += run;
     }
-    const float *k_cache = (const float *)k_base, *v_cache = (const float *)v_base;
-    if (dm->kv_half) { /* the chunk's keys and values as floats, once (scratch: 2 n dim) */
-        float *ks = scratch, *vs = scratch + KEY_CHUNK * dim;
-        for (int64_t u = 0; u < n; u++) {
-            load_half((const uint16_t *)k_base + at[u], dim, ks + u * dim);
-            load_half((const uint16_t *)v_base + at[u], dim, vs + u * dim);
-            at[u] = u * dim;
-        }
-        k_cache = ks;
-        v_cache = vs;
-    }
     int64_t u = 0;
 #ifdef HEARTH_AVX2
+    const int vec = dim % 8 == 0 && dim <= 256;
     if (vec) {
-        for (; u + 4 <= n; u += 4) {
-            const float *const k[4] = {k_cache + at[u], k_cache + at[u + 1], k_cache + at[u + 2],
-                                       k_cache + at[u + 3]};
-            for (int64_t j = 0; j < group; j += 3) {
-                const float *qj = q + j * dim;
-                float *oj = scores + j * n + u;
-                if (group - j >= 3) scores4(qj, dim, k, 3, dm->scale, oj, n);
-                else if (group - j == 2) scores4(qj, dim, k, 2, dm->scale, oj, n);
-                else scores4(qj, dim, k, 1, dm->scale, oj, n);
-            }
-        }
+        u = n / 4 * 4;
+        if (half) chunk_scores(q, k_cache, at, u, n, group, dim, 1, dm->scale, scores);
+        else chunk_scores(q, k_cache, at, u, n, group, dim, 0, dm->scale, scores);
     }
+#else
+    const int vec = 0;
 #endif
-    for (; u < n; u++)
-        for (int64_t j = 0; j < group; j++)
-            scores[j * n + u] = dot(q + j * dim, k_cache + at[u], dim) * dm->scale;
+    for (; u < n; u++) /* the last keys of a context (and other CPUs): one at a time */
+        for (int64_t j = 0; j < group; j++) {
+            float s = 0.0f;
+            for (int64_t i = 0; i < dim; i++)
+                s += q[j * dim + i] * kv_at(k_cache, at[u] + i, half);
+            scores[j * n + u] = s * dm->scale;
+        }
     for (int64_t j = 0; j < group; j++) {
 #ifdef HEARTH_AVX2
         mx[j] = max_of(scores + j * n, n);
 #else
         mx[j] = -INFINITY;
-        for (int64_t u = 0; u < n; u++) mx[j] = fmaxf(mx[j], scores[j * n + u]);
+        for (int64_t i = 0; i < n; i++) mx[j] = fmaxf(mx[j], scores[j * n + i]);
 #endif
     }
     for (int64_t j = 0; j < group; j++) sum[j] = exp_sub_sum(scores + j * n, n, mx[j]);
-    /* the weighted sum of values: a head's output in registers across the keys */
+#ifdef HEARTH_AVX2
+    if (vec) {
+        if (half) chunk_values(scores, v_cache, at, n, group, dim, 1, acc);
+        else chunk_values(scores, v_cache, at, n, group, dim, 0, acc);
+        return;
+    }
+#endif
+    (void)vec;
     for (int64_t j = 0; j < group; j++) {
         float *o = acc + j * dim;
         const float *p = scores + j * n;
-#ifdef HEARTH_AVX2
-        if (vec) {
-            int64_t d = 0;
-            for (; d + 64 <= dim; d += 64) weigh_values8(p, v_cache + d, at, n, o + d);
-            for (; d < dim; d += 8) weigh_values1(p, v_cache + d, at, n, o + d);
-            continue;
-        }
-#endif
         for (int64_t i = 0; i < dim; i++) o[i] = 0.0f;
-        for (int64_t u = 0; u < n; u++) {
-            const float *vv = v_cache + at[u];
-            for (int64_t i = 0; i < dim; i++) o[i] += p[u] * vv[i];
-        }
+        for (int64_t w = 0; w < n; w++)
+            for (int64_t i = 0; i < dim; i++) o[i] += p[w] * kv_at(v_cache, at[w] + i, half);
     }
 }
 
@@ -822,9 +839,6 @@ int hearth_decode(const hearth_layer *layers, int64_t num_layers, const hearth_d
 #pragma omp parallel
     {
         const unsigned int csr = flush_denormals();
-        /* a thread's float copy of one chunk's float16 keys and values */
-        float *scratch =
-            dm->kv_half ? (float *)malloc(sizeof(float) * (size_t)(2 * KEY_CHUNK * dim)) : NULL;
         for (int64_t l = 0; l < num_layers; l++) {
             const hearth_layer *L = &layers[l];
             /* each loop over the m tokens ends in the input the next GEMV reads (one barrier) */
@@ -860,7 +874,7 @@ int hearth_decode(const hearth_layer *layers, int64_t num_layers, const hearth_d
                 attend_chunk(buf + i * big + kv_head * group * dim, L->k_cache, L->v_cache,
                              tables + i * table_stride, t0, t1, kv_head, group, dm,
                              scores + score_at[i] + kv_head * group * len + group * t0,
-                             parts + task * group * (dim + 2), scratch);
+                             parts + task * group * (dim + 2));
             }
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < m; i++) {
@@ -891,7 +905,6 @@ int hearth_decode(const hearth_layer *layers, int64_t num_layers, const hearth_d
             rms_norm(res + i * hd, final_norm, dm->eps, hd, tmp + i * hd);
             memcpy(res + i * hd, tmp + i * hd, sizeof(float) * (size_t)hd);
         }
-        free(scratch);
         restore_denormals(csr);
     }
     for (int64_t i = 0; i < m; i++) input_free(&in[i]);
