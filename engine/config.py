@@ -75,10 +75,10 @@ class EngineConfig:
     # kept blocks is the exact reference path.
     cpu_bf16_gemv: bool = False
     # A float32 CPU model with kept Q4_0 / Q4_1 blocks: the native kernels (kernels/cpu_native.py,
-    # built with the system C compiler on first use) multiply the raw blocks in float32, and a
-    # batch-1 decode token of a plain Llama decoder runs in one native call. Takes precedence over
-    # cpu_bf16_gemv for the linears (the int8 LM head keeps its bf16 inputs). Off, or without a
-    # C compiler: torch's kernels as above.
+    # built with the system C compiler on first use) multiply the repacked blocks, a step of up to
+    # 32 new tokens of a plain Llama decoder runs in one native call, the int8 LM head's rows
+    # too, and the KV cache is float16 (kv_cache_dtype "auto"). Takes precedence over
+    # cpu_bf16_gemv. Off, or without a C compiler: torch's kernels as above.
     cpu_native: bool = True
     kv_cache_dtype: str = "auto"  # fp8: half the bytes per cached token (engine/kv_cache.py)
     # Grammar-constrained decoding (engine/grammar.py). False: no grammar compiler and no grammar

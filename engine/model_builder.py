@@ -52,8 +52,10 @@ from hearth.kernels import cpu_native
 
 logger = logging.getLogger(__name__)
 _GIB = 1 << 30
-# The KV cache of the native CPU kernels' model under kv_cache_dtype "auto": float16, as
-# llama.cpp keeps it (attention reads half the bytes; held-out perplexity in docs/benchmarks.md).
+# The KV cache of a model whose decode steps run in the native CPU kernels' one call
+# (engine/models/native_decode.py), under kv_cache_dtype "auto": float16, as llama.cpp keeps it
+# (attention reads half the bytes; held-out perplexity in docs/benchmarks.md). Models the native
+# step does not cover keep the model dtype (their torch attention would cast it every step).
 NATIVE_KV_DTYPE = torch.float16
 
 
@@ -123,8 +125,6 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
         config = dataclasses.replace(config, speculative=config.speculative.for_device(
             device.type, dtype == torch.float32 and gemv_dtype is None and not native))
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype, device)  # before the weights
-    if native and config.kv_cache_dtype == "auto":
-        kv_dtype = NATIVE_KV_DTYPE
     if kept_float32 and gemv_dtype is None and not native:
         logger.warning(
             "gguf_keep_quantized on CPU in float32 keeps the exact reference path, which "
@@ -138,6 +138,9 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
     except ValueError as e:  # name the file and the architecture with any loading error
         raise ValueError(f"{resolved.path} ({source.config.architecture}): {e}") from e
     timer.lap("weights")
+    if (native and config.kv_cache_dtype == "auto"
+            and getattr(model, "native_decoder", None) is not None):
+        kv_dtype = NATIVE_KV_DTYPE  # the memory check above counted float32: an upper bound
     limits = _limits(config, max_model_len, comm is not None)
     if comm is not None:
         model = sharded_build.wrap_model(model, share, comm)

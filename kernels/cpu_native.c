@@ -13,10 +13,13 @@
  *   sum over blocks b of d_b (q_b . x_b) + m_b sum(x_b).
  *
  * Activations: each block of 32 inputs is rounded to int16 (absmax / 32767, a relative error
- * below 2e-5, against bf16's 4e-3), so q_b . x_b is two integer multiply-adds (vpmaddwd) instead
- * of four int-to-float conversions and four float multiplies; the sums of x and the scales stay
- * float32. Held-out perplexity of the default model: 16.9267 against float32's 16.9263
- * (docs/benchmarks.md). int8 activations (llama.cpp's Q8) were as fast and cost +3.7%.
+ * below 2e-5, against bf16's 4e-3), so q_b . x_b is an exact integer (byte multiply-adds, see
+ * "GEMV input") instead of int-to-float conversions and float multiplies; the sums of x and the
+ * scales stay float32. Held-out perplexity of the default model: 16.9265 against float32's
+ * 16.9263 (docs/benchmarks.md). int8 activations (llama.cpp's Q8) cost +3.7%.
+ *
+ * The decode step's KV cache is float16 (llama.cpp's default; model_builder.NATIVE_KV_DTYPE) or
+ * float32: written rounded to nearest even, converted to float32 as attention reads it.
  */
 #include <math.h>
 #include <stdint.h>
