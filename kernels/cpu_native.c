@@ -360,7 +360,7 @@ static inline __attribute__((always_inline)) void pair_dot(__m256i lo4, __m256i 
     const __m256i t = _mm256_add_epi32(_mm256_madd_epi16(ph, _mm256_set1_epi16(256)),
                                        _mm256_madd_epi16(pl, _mm256_set1_epi16(1)));
     const __m256 f = _mm256_permutevar8x32_ps(
-        _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd((const double *)(ds + b)))),
+        _mm256_castps128_ps256(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(ds + b)))),
         _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
     *acc = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(t), *acc);
 }
