@@ -95,7 +95,8 @@ def resolve_cpu_precision(config: EngineConfig, model_format: str, model_path: s
                     "2x decode; --dtype float32 for the exact path)", kinds)
         return dataclasses.replace(config, dtype="bfloat16", gguf_keep_quantized=True)
     logger.info("CPU default: float32 with the GGUF's %s blocks kept (no bf16 matrix "
-                "instructions): the native CPU kernels where a C compiler builds them, else the "
+                "instructions): the native CPU kernels (built with the C compiler, or the wheel's "
+                "prebuilt AVX2 build), else the "
                 "int4 GEMV on bf16 inputs; --dtype float32 for the exact path", kinds)
     return dataclasses.replace(config, dtype="float32", gguf_keep_quantized=True,
                                cpu_bf16_gemv=True)

@@ -96,6 +96,13 @@ static int32_t f32_to_f16_exact(float x) {
 
 static int block_bytes(int qtype) { return qtype == 0 ? 18 : 20; }
 
+/* the sha256 of this file a prebuilt library was compiled from (kernels/cpu_native.py passes it;
+ * empty in the builds made on the user's machine, which the cache keys by source instead) */
+#ifndef HEARTH_SOURCE_SHA256
+#define HEARTH_SOURCE_SHA256 ""
+#endif
+const char *hearth_native_source(void) { return HEARTH_SOURCE_SHA256; }
+
 int hearth_native_avx2(void) {
 #ifdef HEARTH_AVX2
     return 1;

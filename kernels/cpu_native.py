@@ -10,9 +10,12 @@ needs bf16 inputs, 4e-3).
 The library is compiled on first use with the system C compiler (`$CC`, else `cc` / `gcc`; about
 1 s) into a cache keyed by the source, the compiler and the CPU's flags (`-march=native`), then
 reused: `$HEARTH_NATIVE_CACHE`, else `$XDG_CACHE_HOME/hearth/native` or `~/.cache/hearth/native`,
-else a folder under the system temp dir. Without a compiler, or with `HEARTH_NATIVE_CPU=0`, `load()`
-returns None and the engine keeps its torch paths. Every kernel has a torch reference in the
-tests (tests/test_cpu_native.py)."""
+else a folder under the system temp dir. Where no compiler is found (a python:3.11-slim container,
+a minimal air-gapped host), the wheel's prebuilt AVX2 build (`PREBUILT`, compiled by `hearth
+bundle` with `build_prebuilt`) is loaded on a CPU with AVX2 + FMA + F16C when it was compiled from
+this very source. Otherwise, or with `HEARTH_NATIVE_CPU=0`, `load()` returns None and the engine
+keeps its torch paths. Every kernel has a torch reference in the tests
+(tests/test_cpu_native.py)."""
 
 from __future__ import annotations
 
@@ -41,6 +44,12 @@ GEMV_MAX_ROWS = 32
 # -ffp-contract=off: a row computes the same bits through every entry point (batch invariance)
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC",
           "-std=gnu11"]
+# The prebuilt library: x86-64 with the instructions the AVX2 kernels use, nothing newer, so that
+# every such CPU runs it (a build on the machine itself may use more: -march=native).
+PREBUILT = SOURCE.with_name("cpu_native_prebuilt.so")
+PREBUILT_CPU_FLAGS = frozenset({"avx2", "fma", "f16c"})
+_PREBUILT_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-shared",
+                   "-fPIC", "-std=gnu11"]
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -87,20 +96,71 @@ def _load() -> ctypes.CDLL | None:
         logger.info("native CPU kernels off (HEARTH_NATIVE_CPU=0)")
         return None
     cc = compiler()
-    if cc is None:
-        logger.warning("no C compiler (cc / gcc): the native CPU kernels are off; decode on the "
-                       "CPU keeps torch's kernels (install gcc: about 3x the decode speed)")
-        return None
-    try:
-        path = _build(cc)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as e:
+    lib, why = None, "no C compiler (cc / gcc)"
+    if cc is not None:
+        try:
+            lib = ctypes.CDLL(str(_build(cc)))
+        except (OSError, subprocess.SubprocessError) as e:
+            why = str(e)
+    if lib is None:
+        lib = _prebuilt()
+        if lib is not None:
+            logger.info("native CPU kernels: the prebuilt AVX2 build %s (%s)", PREBUILT, why)
+    if lib is None:
         logger.warning("native CPU kernels unavailable (%s); decode on the CPU keeps torch's "
-                       "kernels", e)
+                       "kernels (install gcc: about 3x the decode speed)", why)
         return None
     _declare(lib)
     lib.hearth_set_threads(torch.get_num_threads())
     return lib
+
+
+def _source_sha256() -> str:
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()
+
+
+def prebuilt_fits() -> bool:
+    """PREBUILT is here and this CPU runs it (x86-64 with AVX2, FMA and F16C)."""
+    flags = set(_cpu_flags().decode(errors="replace").partition(":")[2].split())
+    return (PREBUILT.is_file() and platform.machine() in ("x86_64", "AMD64")
+            and PREBUILT_CPU_FLAGS <= flags)
+
+
+def _prebuilt() -> ctypes.CDLL | None:
+    """PREBUILT where this CPU runs it and it was compiled from this source, else None."""
+    if not prebuilt_fits():
+        return None
+    try:
+        lib = ctypes.CDLL(str(PREBUILT))
+        lib.hearth_native_source.restype = ctypes.c_char_p
+        built_from = lib.hearth_native_source().decode()
+    except (OSError, AttributeError) as e:
+        logger.warning("the prebuilt native CPU kernels %s do not load: %s", PREBUILT, e)
+        return None
+    if built_from != _source_sha256():
+        logger.warning("the prebuilt native CPU kernels %s were built from another cpu_native.c "
+                       "(sha256 %s); not used", PREBUILT, built_from[:12] or "unknown")
+        return None
+    return lib
+
+
+def build_prebuilt(out: Path, cc: str | None = None) -> Path:
+    """Compile the prebuilt AVX2 library into `out` (`hearth bundle` puts it in the wheel, for
+    hosts with no C compiler). ValueError off x86-64 or without a compiler; SubprocessError if
+    the compiler fails."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        raise ValueError(f"the prebuilt native CPU kernels are x86-64 AVX2 code; this machine is "
+                         f"{platform.machine()}")
+    cc = cc or compiler()
+    if cc is None:
+        raise ValueError("no C compiler (cc / gcc) to build the prebuilt native CPU kernels")
+    proc = subprocess.run([cc, *_PREBUILT_FLAGS, f'-DHEARTH_SOURCE_SHA256="{_source_sha256()}"',
+                           "-o", str(out), str(SOURCE), "-lm"],
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise subprocess.SubprocessError(
+            f"{cc} failed: {proc.stderr.strip()[-400:] or proc.returncode}")
+    return out
 
 
 def _build(cc: str) -> Path:

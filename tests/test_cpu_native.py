@@ -255,6 +255,47 @@ def test_without_the_library_the_engine_keeps_torchs_kernels(monkeypatch):
     assert llm.engine.runner.model.native_decoder is None
 
 
+@pytest.fixture
+def prebuilt(tmp_path, monkeypatch):
+    """A prebuilt AVX2 library as `hearth bundle` puts it in the wheel, at cpu_native.PREBUILT;
+    the loaded library is forgotten before and after."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the prebuilt kernels are x86-64 AVX2 code")
+    path = cpu_native.build_prebuilt(tmp_path / "cpu_native_prebuilt.so")
+    monkeypatch.setattr(cpu_native, "PREBUILT", path)
+    monkeypatch.delitem(cpu_native._state, "lib", raising=False)
+    return path
+
+
+def test_without_a_compiler_the_prebuilt_build_runs(prebuilt, monkeypatch):
+    if not cpu_native.prebuilt_fits():
+        pytest.skip("this CPU lacks AVX2, FMA or F16C")
+    monkeypatch.setattr(cpu_native, "compiler", lambda: None)
+    library = cpu_native.load()
+    assert library is not None and library._name == str(prebuilt)
+    assert library.hearth_native_source() == cpu_native._source_sha256().encode()
+    raw = random_q4_blocks("Q4_1", 64, 96, torch.Generator().manual_seed(4))
+    rows = cpu_native.q4_repack(raw, "Q4_1", 96)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(5))
+    want = x @ gguf_blocks.dequantize(raw, "Q4_1", 96).T
+    torch.testing.assert_close(cpu_native.q4_matmul(x, rows, 64), want, rtol=1e-3, atol=1e-3)
+
+
+def test_a_prebuilt_build_of_another_source_is_not_loaded(prebuilt, monkeypatch):
+    monkeypatch.setattr(cpu_native, "compiler", lambda: None)
+    monkeypatch.setattr(cpu_native, "_source_sha256", lambda: "0" * 64)
+    assert cpu_native.load() is None
+
+
+def test_a_cpu_without_avx2_does_not_take_the_prebuilt_build(prebuilt, monkeypatch):
+    monkeypatch.setattr(cpu_native, "compiler", lambda: None)
+    monkeypatch.setattr(cpu_native, "_cpu_flags", lambda: b"flags\t\t: fpu sse sse2 avx")
+    assert not cpu_native.prebuilt_fits()
+    assert cpu_native.load() is None
+
+
 def test_the_build_is_cached_by_source_and_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("HEARTH_NATIVE_CACHE", str(tmp_path))
     cc = cpu_native.compiler()

@@ -80,7 +80,22 @@ def test_every_module_and_the_package_data_are_in_the_wheel(wheel):
         for name in files
     }
     assert {"hearth/models.toml", *(f"hearth/{lock}" for lock in LOCK_FILES.values())} <= data
-    assert data - names == set()
+    assert data - names - {PREBUILT} == set()  # the prebuilt kernels: where the builder can
+
+
+PREBUILT = "hearth/kernels/cpu_native_prebuilt.so"
+
+
+def test_the_wheel_carries_the_prebuilt_native_cpu_kernels(wheel):
+    """Built by `hearth bundle` on an x86-64 machine with a C compiler, for hosts with none (the
+    container image): kernels/cpu_native.py loads it there."""
+    import platform
+
+    from hearth.kernels import cpu_native
+
+    if platform.machine() not in ("x86_64", "AMD64") or cpu_native.compiler() is None:
+        pytest.skip("the prebuilt AVX2 kernels are built on x86-64 with a C compiler")
+    assert PREBUILT in _names(wheel)
 
 
 _FROM_OUTSIDE = textwrap.dedent("""

@@ -170,12 +170,31 @@ def _hash_tree(root: Path) -> dict[str, str]:
 
 
 def build_wheel(wheels: Path, src: Path) -> Path:
-    """Hearth's wheel, built into `wheels` from a copy of the checkout made at `src`."""
+    """Hearth's wheel, built into `wheels` from a copy of the checkout made at `src`, with the
+    prebuilt native CPU kernels in it where this machine can build them."""
     shutil.copytree(_REPO, src, ignore=shutil.ignore_patterns(*_NOT_IN_WHEEL))
+    _prebuild_native(src)
     # Building with the setuptools at hand needs no index; otherwise pip fetches one.
     isolation = ["--no-build-isolation"] if _has_setuptools() else []
     _pip("wheel", "--no-deps", *isolation, "-w", str(wheels), str(src))
     return next(wheels.glob("hearth-*.whl"))
+
+
+def _prebuild_native(src: Path) -> None:
+    """kernels/cpu_native_prebuilt.so in the copy: the AVX2 build of the native CPU kernels that
+    hosts without a C compiler load (the container image's python:3.11-slim has none). Off
+    x86-64 or without a compiler here, the wheel goes without it and such hosts keep torch's
+    kernels."""
+    from hearth.kernels import cpu_native
+
+    out = src / "kernels" / cpu_native.PREBUILT.name
+    try:
+        cpu_native.build_prebuilt(out)
+    except (ValueError, OSError, subprocess.SubprocessError) as e:
+        print(f"  no prebuilt native CPU kernels in the wheel ({e}): hosts without a C compiler "
+              "will keep torch's kernels", flush=True)
+        return
+    print(f"  prebuilt native CPU kernels (AVX2) in the wheel: {out.name}", flush=True)
 
 
 def _has_setuptools() -> bool:

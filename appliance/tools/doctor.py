@@ -189,6 +189,8 @@ def _cpu(settings: Settings) -> Check:
         cc = cpu_native.compiler()
         detail += ("; --dtype auto runs a Q4_0/Q4_1 GGUF on it in float32 with its blocks kept, "
                    + (f"on the native CPU kernels (built with {cc})" if cc else
+                      "on the native CPU kernels (the wheel's prebuilt AVX2 build; no C "
+                      "compiler here)" if cpu_native.prebuilt_fits() else
                       "on the int4 GEMV with bf16 inputs: no C compiler for the native CPU "
                       "kernels (install gcc: about 3x the decode speed)"))
     elif fast and settings.dtype == "float32" and not settings.gguf_keep_quantized:
