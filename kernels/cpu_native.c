@@ -150,38 +150,42 @@ static void restore_denormals(unsigned int csr) {
 #endif
 }
 
-/* a . b over n floats (vectorised: the compiler may not reorder a float sum by itself) */
-static inline float dot(const float *a, const float *b, int64_t n) {
+#ifdef HEARTH_AVX2
+/* 8 values at element e of float32 or float16 data (half: a constant at each call), as floats */
+static inline __attribute__((always_inline)) __m256 load8(const void *base, int64_t e, int half) {
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + e)))
+                : _mm256_loadu_ps((const float *)base + e);
+}
+#endif
+
+/* a value of float32 or float16 data, as a float */
+static inline float value_at(const void *base, int64_t e, int half) {
+    return half ? f16_to_f32((const uint8_t *)((const uint16_t *)base + e))
+                : ((const float *)base)[e];
+}
+
+/* a . b over n floats, a float32 or float16 (vectorised: the compiler may not reorder a float
+ * sum by itself); the same operations in the same order for either */
+static inline __attribute__((always_inline)) float dot_of(const void *a, int half,
+                                                          const float *b, int64_t n) {
     int64_t i = 0;
     float s = 0.0f;
 #ifdef HEARTH_AVX2
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     for (; i + 16 <= n; i += 16) {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+        acc0 = _mm256_fmadd_ps(load8(a, i, half), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(load8(a, i + 8, half), _mm256_loadu_ps(b + i + 8), acc1);
     }
     s = hsum(_mm256_add_ps(acc0, acc1));
 #endif
-    for (; i < n; i++) s += a[i] * b[i];
+    for (; i < n; i++) s += value_at(a, i, half) * b[i];
     return s;
 }
 
-/* dot with a as float16: the same operations in the same order on the same float values */
+static inline float dot(const float *a, const float *b, int64_t n) { return dot_of(a, 0, b, n); }
+
 static inline float dot_h(const uint16_t *a, const float *b, int64_t n) {
-    int64_t i = 0;
-    float s = 0.0f;
-#ifdef HEARTH_AVX2
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (; i + 16 <= n; i += 16) {
-        acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a + i))),
-                               _mm256_loadu_ps(b + i), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a + i + 8))),
-                               _mm256_loadu_ps(b + i + 8), acc1);
-    }
-    s = hsum(_mm256_add_ps(acc0, acc1));
-#endif
-    for (; i < n; i++) s += f16_to_f32((const uint8_t *)(a + i)) * b[i];
-    return s;
+    return dot_of(a, 1, b, n);
 }
 
 /* ---- GEMV input: a row of x prepared once for every weight row ----
@@ -597,13 +601,6 @@ static void silu_mul(const float *gate, const float *up, int64_t n, float *out) 
 }
 
 #ifdef HEARTH_AVX2
-/* 8 K/V values at element e of a cache row, float32 or float16 (a constant at each call) */
-static inline __attribute__((always_inline)) __m256 kv_load(const void *base, int64_t e,
-                                                            int half) {
-    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + e)))
-                : _mm256_loadu_ps((const float *)base + e);
-}
-
 /* Scores of 4 keys (element offsets at[0..3] in the cache) against jn (1..3) query heads of a
  * GQA group: 4 jn independent accumulator chains, each key's 8 values loaded (and converted)
  * once for the jn heads. q holds the heads' queries (jn, dim); out[j * ostride + u] =
@@ -616,8 +613,8 @@ static inline __attribute__((always_inline)) void scores4(const float *q, int64_
     for (int j = 0; j < jn; j++)
         for (int u = 0; u < 4; u++) a[j][u] = _mm256_setzero_ps();
     for (int64_t d = 0; d < dim; d += 8) {
-        const __m256 k0 = kv_load(k, at[0] + d, half), k1 = kv_load(k, at[1] + d, half);
-        const __m256 k2 = kv_load(k, at[2] + d, half), k3 = kv_load(k, at[3] + d, half);
+        const __m256 k0 = load8(k, at[0] + d, half), k1 = load8(k, at[1] + d, half);
+        const __m256 k2 = load8(k, at[2] + d, half), k3 = load8(k, at[3] + d, half);
         for (int j = 0; j < jn; j++) {
             const __m256 qv = _mm256_loadu_ps(q + j * dim + d);
             a[j][0] = _mm256_fmadd_ps(qv, k0, a[j][0]);
@@ -646,8 +643,8 @@ static inline __attribute__((always_inline)) void values32(const float *p, const
         for (int i = 0; i < 4; i++) a[j][i] = _mm256_setzero_ps();
     for (int64_t u = 0; u < n; u++) {
         const int64_t e = at[u] + d0;
-        const __m256 v0 = kv_load(v, e, half), v1 = kv_load(v, e + 8, half);
-        const __m256 v2 = kv_load(v, e + 16, half), v3 = kv_load(v, e + 24, half);
+        const __m256 v0 = load8(v, e, half), v1 = load8(v, e + 8, half);
+        const __m256 v2 = load8(v, e + 16, half), v3 = load8(v, e + 24, half);
         for (int j = 0; j < jn; j++) {
             const __m256 w = _mm256_broadcast_ss(p + j * n + u);
             a[j][0] = _mm256_fmadd_ps(w, v0, a[j][0]);
@@ -666,7 +663,7 @@ static inline __attribute__((always_inline)) void values8(const float *p, const 
                                                           int64_t d0, int half, float *o) {
     __m256 a = _mm256_setzero_ps();
     for (int64_t u = 0; u < n; u++)
-        a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + u), kv_load(v, at[u] + d0, half), a);
+        a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + u), load8(v, at[u] + d0, half), a);
     _mm256_storeu_ps(o + d0, a);
 }
 
@@ -723,12 +720,6 @@ static inline __attribute__((always_inline)) void chunk_values(const float *p, c
 }
 #endif
 
-/* a K/V cache value as a float */
-static inline float kv_at(const void *base, int64_t e, int half) {
-    return half ? f16_to_f32((const uint8_t *)((const uint16_t *)base + e))
-                : ((const float *)base)[e];
-}
-
 /* Attention of one decode token, split as flash-decoding does: task (kv head, chunk of keys)
  * scores the GQA group's query heads against each key it loads, and leaves each head's
  * running max, sum of exp and unnormalised output in `part`; `combine` merges the chunks.
@@ -766,7 +757,7 @@ static void attend_chunk(const float *q, const void *k_cache, const void *v_cach
         for (int64_t j = 0; j < group; j++) {
             float s = 0.0f;
             for (int64_t i = 0; i < dim; i++)
-                s += q[j * dim + i] * kv_at(k_cache, at[u] + i, half);
+                s += q[j * dim + i] * value_at(k_cache, at[u] + i, half);
             scores[j * n + u] = s * dm->scale;
         }
     for (int64_t j = 0; j < group; j++) {
@@ -791,7 +782,7 @@ static void attend_chunk(const float *q, const void *k_cache, const void *v_cach
         const float *p = scores + j * n;
         for (int64_t i = 0; i < dim; i++) o[i] = 0.0f;
         for (int64_t w = 0; w < n; w++)
-            for (int64_t i = 0; i < dim; i++) o[i] += p[w] * kv_at(v_cache, at[w] + i, half);
+            for (int64_t i = 0; i < dim; i++) o[i] += p[w] * value_at(v_cache, at[w] + i, half);
     }
 }
 
