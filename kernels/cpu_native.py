@@ -108,7 +108,8 @@ def _load() -> ctypes.CDLL | None:
             logger.info("native CPU kernels: the prebuilt AVX2 build %s (%s)", PREBUILT, why)
     if lib is None:
         logger.warning("native CPU kernels unavailable (%s); decode on the CPU keeps torch's "
-                       "kernels (install gcc: about 3x the decode speed)", why)
+                       "kernels%s", why, " (install gcc: about 3x the decode speed)"
+                       if cc is None else "")
         return None
     _declare(lib)
     lib.hearth_set_threads(torch.get_num_threads())
