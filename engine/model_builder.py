@@ -156,7 +156,9 @@ def build_model(config: EngineConfig, progress: bool = True, comm=None) -> Built
         runner = ModelRunner(model, runner_config, *runner_args, kv_cache_dtype=kv_dtype)
     timer.lap("KV cache and runner")
     precision = precision_label(dtype, config.gguf_keep_quantized, gemv_dtype, native)
-    logger.info("built %s on %s (%s) in %s", source.name, device, precision, timer.summary())
+    kv_note = "" if kv_dtype == dtype else f", KV cache {str(kv_dtype).removeprefix('torch.')}"
+    logger.info("built %s on %s (%s%s) in %s", source.name, device, precision, kv_note,
+                timer.summary())
     return BuiltModel(source.name, source.tokenizer, full_config, max_model_len, runner,
                       source.quantization, _fim(resolved, source.tokenizer, full_config),
                       resolved, config.speculative, precision)
