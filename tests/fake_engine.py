@@ -119,6 +119,9 @@ class FakeEngine:
         self.shut_down = False
         self.fair_share = FairShare()
         self.paused = threading.Event()  # set: steps admit and run nothing (queue up a load first)
+        # the share key of every finished request, in finishing order: fair-sharing tests read
+        # the engine's order, which a loaded machine's client-side timing would blur
+        self.finished_keys: list[str | None] = []
         self.emit_deltas = False  # LLMEngine's switches (engine/llm_engine.py)
         self.emit_token_ids = False
         self._deltas = DeltaTracker()  # the deltas of requests that are not reported as rows
@@ -180,6 +183,7 @@ class FakeEngine:
         with self._lock:
             self._admit()
             outputs = [self._advance(r) for r in self._running]
+            self.finished_keys.extend(r.share_key for r in self._running if r.finished)
             self._running = [r for r in self._running if not r.finished]
         if not self.emit_deltas:
             return outputs

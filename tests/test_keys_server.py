@@ -222,9 +222,11 @@ def test_three_keys_under_overload_share_by_weight_and_quota(tmp_path):
         assert statuses[("heavy", 200)] == 100 and statuses[("double", 200)] == 100
         assert statuses[("metered", 200)] == 20 and statuses[("metered", 429)] == 80
         # While both were busy, "double" got twice the tokens of "heavy": when its last request
-        # ended, about half of heavy's had.
-        double_end = max(t for name, status, t in results if name == "double")
-        heavy_done = sum(1 for name, _, t in results if name == "heavy" and t <= double_end)
+        # ended, about half of heavy's had. Counted in the engine's finishing order (the clients'
+        # clocks on a loaded machine read completions late and in bursts: 68 was seen once).
+        order = engine.finished_keys
+        double_end = max(i for i, key in enumerate(order) if key == "double")
+        heavy_done = sum(1 for key in order[:double_end] if key == "heavy")
         assert heavy_done == pytest.approx(50, rel=0.10)
         # Nothing is held afterwards.
         assert server.context.engine.num_in_flight == 0
